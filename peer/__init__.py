@@ -1,0 +1,1 @@
+"""Serverless peer-to-peer federated learning over MQTT: the peer program."""

@@ -1,0 +1,238 @@
+"""Settings: one dataclass, filled from command-line flags, then environment variables, then defaults.
+
+Containers set FL_* environment variables; people type flags. A flag beats its variable. Every value is validated
+here, so the rest of the program can trust `Settings`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10")
+PARTITIONS = ("iid", "uniform", "random-equal", "random-sizes", "skewed", "dirichlet", "shards")
+PEER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the program cannot use; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_host: str = "localhost"
+    broker_port: int = 1883
+    peer_id: str = ""
+    min_peers: int = 5
+    trainers: int = 3
+    min_solutions: int = 2
+    max_rounds: int = 10
+    target_accuracy: float = 0.99
+    dataset: str = "mnist"
+    data_dir: Path | None = None
+    shard: int = 0
+    num_shards: int = 1
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 42
+    train_samples: int | None = None
+    test_samples: int | None = None
+    epochs: int = 1
+    batch_size: int = 32
+    run_dir: Path = Path("runs/latest")
+    topic_prefix: str = "sd"
+    keepalive: int = 5
+    heartbeat: float = 1.0
+    election_window: float = 1.0
+    round_deadline: float = 60.0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+
+    @property
+    def broker(self) -> str:
+        return f"{self.broker_host}:{self.broker_port}"
+
+    @property
+    def shard_label(self) -> str:
+        return f"{self.shard}/{self.num_shards}"
+
+    def public_dict(self) -> dict:
+        """Every setting, as JSON-ready values, without the password (for run.json and logs)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "password":
+                value = "***" if value else None
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = value
+        out["broker"] = self.broker
+        out["shard"] = self.shard_label
+        del out["broker_host"], out["broker_port"], out["num_shards"]
+        return out
+
+
+# --- parsers: each turns user text into a value or raises SettingsError with the reason -----------------------------
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = text.strip(), "1883"
+    if not host:
+        raise SettingsError(f"broker {text!r}: expected HOST:PORT, e.g. localhost:1883")
+    try:
+        number = int(port)
+    except ValueError:
+        raise SettingsError(f"broker {text!r}: port {port!r} is not a number (expected HOST:PORT)") from None
+    if not 1 <= number <= 65535:
+        raise SettingsError(f"broker {text!r}: port must be 1..65535")
+    return host, number
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise SettingsError(f"shard {text!r}: expected K/N, e.g. 0/5 (K counts from 0)")
+    k, n = int(match[1]), int(match[2])
+    if n < 1 or k >= n:
+        raise SettingsError(f"shard {text!r}: need 0 <= K < N (K counts from 0)")
+    return k, n
+
+
+def _int(name: str, low: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise SettingsError(f"{name}: {text!r} is not a whole number") from None
+        if low is not None and value < low:
+            raise SettingsError(f"{name}: must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _float(name: str, low: float | None = None, high: float | None = None, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise SettingsError(f"{name}: {text!r} is not a number") from None
+        if value != value:
+            raise SettingsError(f"{name}: NaN is not allowed")
+        if low is not None and (value <= low if low_open else value < low):
+            raise SettingsError(f"{name}: must be {'above' if low_open else 'at least'} {low}, got {value}")
+        if high is not None and value > high:
+            raise SettingsError(f"{name}: must be at most {high}, got {value}")
+        return value
+    return parse
+
+
+def _choice(name: str, choices: tuple[str, ...]):
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise SettingsError(f"{name}: {text!r} is not one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _peer_id(text: str) -> str:
+    if not PEER_ID_PATTERN.fullmatch(text):
+        raise SettingsError(f"peer id {text!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def _prefix(text: str) -> str:
+    if not TOPIC_PREFIX_PATTERN.fullmatch(text):
+        raise SettingsError(f"topic prefix {text!r}: use letters, digits, '.', '_', '-' and '/' between levels")
+    return text
+
+
+# (flag, env var, field(s), parser, help). The table is the single source of the user-facing names.
+OPTIONS = [
+    ("--broker", "FL_BROKER", ("broker_host", "broker_port"), parse_broker, "MQTT broker as HOST:PORT (default localhost:1883)"),
+    ("--peer-id", "FL_PEER_ID", "peer_id", _peer_id, "this peer's unique id (default: random, e.g. peer-3f9a2c)"),
+    ("--min-peers", "FL_MIN_PEERS", "min_peers", _int("min-peers", 2), "peers present before the first election (default 5)"),
+    ("--trainers", "FL_TRAINERS", "trainers", _int("trainers", 1), "trainers chosen per round (default 3)"),
+    ("--min-solutions", "FL_MIN_SOLUTIONS", "min_solutions", _int("min-solutions", 1),
+     "solutions a round needs to close at its deadline (default 2, capped at the trainers chosen)"),
+    ("--max-rounds", "FL_MAX_ROUNDS", "max_rounds", _int("max-rounds", 1), "round limit (default 10)"),
+    ("--target-accuracy", "FL_TARGET_ACCURACY", "target_accuracy", _float("target-accuracy", 0.0, 1.0),
+     "stop when the global accuracy reaches this (default 0.99)"),
+    ("--dataset", "FL_DATASET", "dataset", _choice("dataset", DATASETS), "mnist | fashion-mnist | cifar10 (default mnist)"),
+    ("--data-dir", "FL_DATA_DIR", "data_dir", Path, "folder of IDX files (default: the Keras download cache; "
+     "fashion-mnist also looks in /usr/share/datasets/fashion-mnist)"),
+    ("--shard", "FL_SHARD", ("shard", "num_shards"), parse_shard, "this peer's partition K/N of train and test data, K from 0 (default 0/1)"),
+    ("--partition", "FL_PARTITION", "partition", _choice("partition", PARTITIONS), "how data is split among peers (default iid)"),
+    ("--alpha", "FL_ALPHA", "alpha", _float("alpha", 0.0, low_open=True), "Dirichlet concentration for --partition dirichlet (default 0.5)"),
+    ("--seed", "FL_SEED", "seed", _int("seed", 0), "seed of the data partition (default 42; all peers must agree)"),
+    ("--train-samples", "FL_TRAIN_SAMPLES", "train_samples", _int("train-samples", 1), "cap on this peer's training samples"),
+    ("--test-samples", "FL_TEST_SAMPLES", "test_samples", _int("test-samples", 1), "cap on this peer's test samples"),
+    ("--epochs", "FL_EPOCHS", "epochs", _int("epochs", 1), "local epochs per round (default 1)"),
+    ("--batch-size", "FL_BATCH_SIZE", "batch_size", _int("batch-size", 1), "local batch size (default 32)"),
+    ("--run-dir", "FL_RUN_DIR", "run_dir", Path, "folder for the run's records (default runs/latest)"),
+    ("--topic-prefix", "FL_TOPIC_PREFIX", "topic_prefix", _prefix, "MQTT topic prefix (default sd)"),
+    ("--keepalive", "FL_KEEPALIVE", "keepalive", _int("keepalive", 1), "MQTT keepalive in seconds; a hung peer is declared gone after 1.5x (default 5)"),
+    ("--heartbeat", "FL_HEARTBEAT", "heartbeat", _float("heartbeat", 0.05), "controller heartbeat interval in seconds; 3 missed = controller silent (default 1)"),
+    ("--election-window", "FL_ELECTION_WINDOW", "election_window", _float("election-window", 0.05), "seconds votes are collected before a claim (default 1)"),
+    ("--round-deadline", "FL_ROUND_DEADLINE", "round_deadline", _float("round-deadline", 0.5), "seconds a round waits for solutions or evaluations (default 60)"),
+    ("--username", "FL_USERNAME", "username", str, "broker user name"),
+    ("--password", "FL_PASSWORD", "password", str, "broker password (prefer the FL_PASSWORD variable)"),
+    ("--log-level", "FL_LOG_LEVEL", "log_level", _choice("log-level", ("debug", "info", "warning", "error")), "debug | info | warning | error (default info)"),
+]
+
+ENV_NAMES = frozenset(env for _, env, _, _, _ in OPTIONS)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # exit 2 with the usage line, as argparse does, but name the fix
+        self.print_usage()
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help` for every setting)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m peer",
+        description="A federated-learning peer. Start several against one MQTT broker: they elect a controller "
+                    "and train together. Every flag also reads an environment variable (shown in brackets).",
+    )
+    for flag, env, _, _, text in OPTIONS:
+        parser.add_argument(flag, dest=_dest(flag), metavar=env.removeprefix("FL_"), help=f"{text} [{env}]")
+    return parser
+
+
+def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Flags, then FL_* variables, then defaults. Raises SettingsError naming the flag or variable at fault."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values: dict = {}
+    for flag, env, fields, parse, _ in OPTIONS:
+        text, source = getattr(args, _dest(flag)), flag
+        if text is None:
+            text, source = environ.get(env), env
+        if text is None or text == "":
+            continue
+        try:
+            parsed = parse(text)
+        except SettingsError as err:
+            raise SettingsError(f"{source}: {err}") from None
+        if isinstance(fields, tuple):
+            values.update(zip(fields, parsed))
+        else:
+            values[fields] = parsed
+    if not values.get("peer_id"):
+        values["peer_id"] = f"peer-{secrets.token_hex(3)}"
+    settings = Settings(**values)
+    if not settings.username and settings.password:
+        raise SettingsError("--password given without --username")
+    return settings

@@ -1,0 +1,205 @@
+"""This peer's shard of a dataset: found on disk, partitioned, and only the shard's rows loaded.
+
+Sources, in order: a folder of pre-split shards (`scripts/split_dataset.py` output, has manifest.json); a folder of
+IDX files (`--data-dir`, or Debian's /usr/share/datasets/fashion-mnist, or the Keras cache's fashion-mnist folder);
+the Keras download cache / download (mnist.npz, cifar10). A folder holding only the 10,000-image test files (t10k-*)
+is split into train and test (80/20, seeded), so MNIST's test set alone can run a federation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Settings
+from .idx import IdxError, read_idx, read_idx_rows
+from .partition import PartitionError, class_histogram, partition
+
+log = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_NAMES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+TEST_ONLY_FRACTION = 0.2
+SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+HOW_TO_GET = {
+    "mnist": "MNIST: put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+             "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from the MNIST site in a folder and pass "
+             "--data-dir FOLDER, or let Keras download it once (needs internet; cached as "
+             "$KERAS_HOME/datasets/mnist.npz, default ~/.keras).",
+    "fashion-mnist": "Fashion-MNIST: `sudo apt-get install dataset-fashion-mnist` (installs the IDX files in "
+                     "/usr/share/datasets/fashion-mnist, found automatically), or pass --data-dir with the four "
+                     "IDX files, or let Keras download it once (needs internet).",
+    "cifar10": "CIFAR-10: let Keras download it once (needs internet; cached in $KERAS_HOME/datasets/"
+               "cifar-10-batches-py, default ~/.keras).",
+}
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be found or read; the message says how to get it."""
+
+
+@dataclass
+class Shard:
+    dataset: str
+    x_train: np.ndarray      # float32 in [0, 1], (n, H, W, C)
+    y_train: np.ndarray      # int64 labels
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    source: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def describe(self, settings: Settings) -> dict:
+        """The data.json record: what this peer holds (never the data itself)."""
+        return {
+            "peer": settings.peer_id, "dataset": self.dataset, "shard": settings.shard_label,
+            "partition": settings.partition, "seed": settings.seed, "source": self.source,
+            "num_classes": self.num_classes,
+            "train_samples": int(len(self.y_train)), "test_samples": int(len(self.y_test)),
+            "train_classes": class_histogram(self.y_train, self.num_classes),
+            "test_classes": class_histogram(self.y_test, self.num_classes),
+        }
+
+
+def keras_cache() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+
+
+def _idx_file(folder: Path, key: str) -> Path | None:
+    for name in (IDX_NAMES[key] + ".gz", IDX_NAMES[key]):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _missing(settings: Settings, what: str) -> DatasetError:
+    return DatasetError(f"dataset {settings.dataset!r}: {what}.\nHow to get it: {HOW_TO_GET[settings.dataset]}")
+
+
+def _cap(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """At most `limit` of the indices, drawn at random so the shard's class mix is kept."""
+    if limit is None or len(indices) <= limit:
+        return indices
+    chosen = np.random.default_rng(seed).choice(len(indices), size=limit, replace=False)
+    return np.sort(indices[chosen])
+
+
+def _pick(labels: np.ndarray, settings: Settings, num_classes: int, limit: int | None) -> np.ndarray:
+    parts = partition(labels, settings.num_shards, settings.partition, seed=settings.seed,
+                      alpha=settings.alpha, num_classes=num_classes)
+    return _cap(parts[settings.shard], limit, settings.seed + settings.shard)
+
+
+def _finish(settings: Settings, source: str, x_train, y_train, x_test, y_test, num_classes: int) -> Shard:
+    shape = SHAPES[settings.dataset]
+
+    def prepare(x):
+        return (np.asarray(x, dtype=np.float32) / 255.0).reshape((-1, *shape))
+
+    shard = Shard(settings.dataset, prepare(x_train), np.asarray(y_train, np.int64).ravel(),
+                  prepare(x_test), np.asarray(y_test, np.int64).ravel(), num_classes, source)
+    if len(shard.y_train) == 0 or len(shard.y_test) == 0:
+        raise DatasetError(f"shard {settings.shard_label} of {settings.dataset} ({settings.partition}) is empty "
+                           f"({len(shard.y_train)} train, {len(shard.y_test)} test samples): use fewer peers or "
+                           "another partition")
+    return shard
+
+
+def _from_idx(settings: Settings, folder: Path) -> Shard:
+    files = {key: _idx_file(folder, key) for key in IDX_NAMES}
+    if files["test_images"] is None or files["test_labels"] is None:
+        expected = ", ".join(f"{name}[.gz]" for name in IDX_NAMES.values())
+        raise _missing(settings, f"no IDX files in {folder} (expected {expected})")
+    num_classes = 10
+    if files["train_images"] and files["train_labels"]:
+        train_labels, test_labels = read_idx(files["train_labels"]), read_idx(files["test_labels"])
+        train_rows = _pick(train_labels, settings, num_classes, settings.train_samples)
+        test_rows = _pick(test_labels, settings, num_classes, settings.test_samples)
+        return _finish(settings, str(folder),
+                       read_idx_rows(files["train_images"], train_rows), train_labels[train_rows],
+                       read_idx_rows(files["test_images"], test_rows), test_labels[test_rows], num_classes)
+    # Only the test set: hold out a seeded fifth of it as test data, partition both parts alike.
+    labels = read_idx(files["test_labels"])
+    order = np.random.default_rng(settings.seed).permutation(len(labels))
+    cut = int(len(labels) * (1 - TEST_ONLY_FRACTION))
+    train_pool, test_pool = np.sort(order[:cut]), np.sort(order[cut:])
+    train_rows = train_pool[_pick(labels[train_pool], settings, num_classes, settings.train_samples)]
+    test_rows = test_pool[_pick(labels[test_pool], settings, num_classes, settings.test_samples)]
+    images = files["test_images"]
+    log.info("only the test files are in %s: %d of its samples train, %d test", folder, cut, len(labels) - cut)
+    return _finish(settings, f"{folder} (test set split {1 - TEST_ONLY_FRACTION:.0%}/{TEST_ONLY_FRACTION:.0%})",
+                   read_idx_rows(images, train_rows), labels[train_rows],
+                   read_idx_rows(images, test_rows), labels[test_rows], num_classes)
+
+
+def _from_split(settings: Settings, folder: Path) -> Shard:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if manifest.get("num_shards") != settings.num_shards:
+            raise DatasetError(f"{folder} was split into {manifest.get('num_shards')} shards, but this peer has "
+                               f"--shard {settings.shard_label}")
+        if manifest.get("dataset") not in (None, settings.dataset):
+            raise DatasetError(f"{folder} holds {manifest.get('dataset')}, not {settings.dataset}")
+        entry = next(s for s in manifest["shards"] if s["shard"] == settings.shard)
+        with np.load(folder / entry["file"], allow_pickle=False) as data:
+            arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except DatasetError:
+        raise
+    except (OSError, ValueError, KeyError, StopIteration, TypeError) as err:
+        raise DatasetError(f"{folder}: cannot read the split shard {settings.shard} ({err}); run "
+                           "`python -m scripts.split_dataset` again") from None
+    train = _cap(np.arange(len(arrays["y_train"])), settings.train_samples, settings.seed)
+    test = _cap(np.arange(len(arrays["y_test"])), settings.test_samples, settings.seed)
+    return _finish(settings, str(folder), arrays["x_train"][train], arrays["y_train"][train],
+                   arrays["x_test"][test], arrays["y_test"][test], int(manifest.get("num_classes", 10)))
+
+
+def _from_keras(settings: Settings) -> Shard:
+    cache_npz = keras_cache() / "mnist.npz"
+    try:
+        if settings.dataset == "mnist" and cache_npz.is_file():
+            with np.load(cache_npz, allow_pickle=False) as data:
+                (xa, ya), (xb, yb) = (data["x_train"], data["y_train"]), (data["x_test"], data["y_test"])
+        else:
+            from keras import datasets  # imported here: it costs seconds and is needed only on this path
+            loader = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist,
+                      "cifar10": datasets.cifar10}[settings.dataset]
+            (xa, ya), (xb, yb) = loader.load_data()
+    except Exception as err:  # the download raises many kinds (URLError, OSError, HTTP errors, bad archives)
+        raise _missing(settings, f"not in the Keras cache ({keras_cache()}) and the download failed: "
+                                 f"{type(err).__name__}: {err}") from None
+    ya, yb = np.asarray(ya).ravel(), np.asarray(yb).ravel()
+    train = _pick(ya, settings, 10, settings.train_samples)
+    test = _pick(yb, settings, 10, settings.test_samples)
+    return _finish(settings, f"keras ({keras_cache()})", xa[train], ya[train], xb[test], yb[test], 10)
+
+
+def load_shard(settings: Settings) -> Shard:
+    try:
+        if settings.data_dir is not None:
+            folder = Path(settings.data_dir)
+            if not folder.is_dir():
+                raise _missing(settings, f"--data-dir {folder} is not a folder")
+            if (folder / "manifest.json").is_file():
+                return _from_split(settings, folder)
+            return _from_idx(settings, folder)
+        if settings.dataset == "fashion-mnist":
+            for folder in (DEBIAN_FASHION_MNIST, keras_cache() / "fashion-mnist"):
+                if _idx_file(folder, "test_labels"):
+                    return _from_idx(settings, folder)
+        return _from_keras(settings)
+    except (IdxError, PartitionError) as err:
+        raise DatasetError(f"dataset {settings.dataset!r}: {err}") from None

@@ -1,0 +1,240 @@
+"""Who is the controller: a pure state machine (no I/O, no clock, no threads), so every interleaving can be tested.
+
+The peer feeds it what it hears (votes, claims, signs of a live controller, peers coming and going) and the time;
+it answers with actions for the peer to carry out (cast a vote, send a claim, take office, follow, step down).
+
+How a term is decided
+- Every message carries a term; anything of a lower term than ours is stale and ignored.
+- A peer that needs an election (first start with enough peers, controller lost or silent, no claim came) moves to
+  term + 1 and votes with a random number. A peer that sees a vote of a higher term joins that term and votes too.
+- After `window` seconds a peer looks at the votes it has of live peers. If its own is the best by
+  (latest global round, vote, peer id), it sends a claim. The round comes first so a peer that missed the last
+  aggregation cannot win and lose a finished round; among equals, the highest vote wins, ties broken by id.
+- The first claim of a term that arrives decides the term; later claims of that term are ignored. Votes and claims
+  share one MQTT topic, and the broker delivers one topic's messages to every subscriber in one order, so every peer
+  sees the same first claim. A claimer takes office only when its own claim comes back as that first claim: it
+  never acts on a term it might not have won.
+- No claim within `window + claim_timeout` (the best voter died): next term. A controller heard from in a term we
+  already decided for somebody else (possible only if a broker reorders): next term, so one controller remains.
+"""
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+
+
+class Role(str, enum.Enum):
+    WAITING = "waiting"        # no controller known yet, not enough peers for the first election
+    VOTING = "voting"
+    CONTROLLER = "controller"
+    FOLLOWER = "follower"
+
+
+@dataclass(frozen=True)
+class ElectionTimings:
+    window: float = 1.0             # votes are collected this long before the best voter claims
+    claim_timeout: float = 3.0      # after the window, wait this long for a claim before the next term
+    heartbeat_timeout: float = 3.0  # a controller unheard for this long is silent (hung, or cut off)
+    join_grace: float = 2.5         # a new peer listens this long for a running controller before electing
+
+    @classmethod
+    def from_heartbeat(cls, heartbeat: float, window: float) -> "ElectionTimings":
+        return cls(window=window, claim_timeout=max(3 * window, 3 * heartbeat),
+                   heartbeat_timeout=3 * heartbeat, join_grace=max(2.5 * heartbeat, window))
+
+
+# --- actions ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CastVote:
+    term: int
+    vote: float
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SendClaim:
+    term: int
+    vote: float
+    round: int
+    reason: str
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TakeOffice:
+    term: int
+    reason: str
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FollowController:
+    term: int
+    controller: str
+
+
+@dataclass(frozen=True)
+class StepDown:
+    term: int       # the term this peer was controller of
+    reason: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something worth one log line (e.g. why nothing happens)."""
+    text: str
+
+
+Action = CastVote | SendClaim | TakeOffice | FollowController | StepDown | Note
+
+
+@dataclass
+class Election:
+    me: str
+    min_peers: int
+    timings: ElectionTimings
+    rng: random.Random
+    started_at: float
+    term: int = 0
+    role: Role = Role.WAITING
+    controller: str | None = None
+    round: int = 0                              # latest global round this peer holds
+    live: set[str] = field(default_factory=set)
+    votes: dict[str, tuple[int, float]] = field(default_factory=dict)   # this term's: peer -> (round, vote)
+    reason: str = "start"
+    voted_at: float = 0.0
+    claimed: bool = False
+    last_heard: float = 0.0                     # last sign of life of the controller
+    _last_note: str = ""
+
+    def __post_init__(self):
+        self.live.add(self.me)
+
+    # --- inputs -------------------------------------------------------------------------------------------------------
+
+    def is_stale(self, term: int) -> bool:
+        return term < self.term
+
+    def progress(self, round_: int) -> None:
+        """This peer now holds the global model of `round_`."""
+        self.round = max(self.round, round_)
+
+    def peer_up(self, peer: str, now: float) -> list[Action]:
+        self.live.add(peer)
+        return []
+
+    def peer_down(self, peer: str, now: float) -> list[Action]:
+        if peer == self.me:
+            return []
+        self.live.discard(peer)
+        if self.role is Role.FOLLOWER and peer == self.controller:
+            return self._new_term(now, "controller-lost")
+        if self.role is Role.VOTING:
+            self.votes.pop(peer, None)  # so the next best voter claims at the window instead of waiting it out
+        return []
+
+    def on_vote(self, term: int, peer: str, vote: float, round_: int, reason: str, now: float) -> list[Action]:
+        if term < self.term or term == 0:
+            return []
+        actions: list[Action] = []
+        if term > self.term:
+            actions = self._enter_term(term, reason, now)
+        if self.role is Role.VOTING:
+            self.live.add(peer)
+            self.votes[peer] = (round_, vote)
+        return actions
+
+    def on_claim(self, term: int, peer: str, reason: str, members: tuple[str, ...], now: float) -> list[Action]:
+        if term < self.term or term == 0:
+            return []
+        if term > self.term:
+            actions = self._leave_office("a higher term was claimed") + self._set_term(term, reason)
+            return actions + self._decide(peer, members, now)
+        if self.role is Role.VOTING:
+            return self._decide(peer, members, now)
+        return []  # the term is decided: the first claim won, this one came second
+
+    def on_controller_seen(self, term: int, controller: str, now: float) -> list[Action]:
+        """A live message from a controller (heartbeat, training order, aggregation, metrics, finish)."""
+        if term < self.term or term == 0:
+            return []
+        if controller == self.me and self.role is not Role.CONTROLLER:
+            return []  # an echo of an earlier life of this id (restarted peer): not ours to act on
+        if term > self.term:
+            actions = self._leave_office("a higher term is running") + self._set_term(term, "joined")
+            return actions + self._decide(controller, (), now)
+        if self.role is Role.VOTING:
+            return self._decide(controller, (), now)
+        if controller == self.controller:
+            self.last_heard = now
+            return []
+        # Two controllers in one term: only if messages were reordered. A new term leaves exactly one.
+        return self._new_term(now, "conflict")
+
+    def tick(self, now: float) -> list[Action]:
+        t = self.timings
+        if self.role is Role.WAITING:
+            if now - self.started_at < t.join_grace:
+                return []
+            if len(self.live) >= self.min_peers:
+                return self._new_term(now, "start")
+            return self._note(f"waiting for peers: {len(self.live)} of {self.min_peers} present before the first election")
+        if self.role is Role.VOTING:
+            if now - self.voted_at >= t.window + t.claim_timeout:
+                return self._new_term(now, "no-claim")
+            if not self.claimed and now - self.voted_at >= t.window and self.best_voter() == self.me:
+                self.claimed = True
+                round_, vote = self.votes[self.me]
+                return [SendClaim(self.term, vote, round_, self.reason, tuple(sorted(self.votes)))]
+            return []
+        if self.role is Role.FOLLOWER and now - self.last_heard >= t.heartbeat_timeout:
+            return self._new_term(now, "controller-silent")
+        return []
+
+    # --- queries ------------------------------------------------------------------------------------------------------
+
+    def best_voter(self) -> str | None:
+        ballots = [(r, v, p) for p, (r, v) in self.votes.items() if p in self.live]
+        return max(ballots)[2] if ballots else None
+
+    # --- transitions --------------------------------------------------------------------------------------------------
+
+    def _new_term(self, now: float, reason: str) -> list[Action]:
+        return self._enter_term(self.term + 1, reason, now)
+
+    def _enter_term(self, term: int, reason: str, now: float) -> list[Action]:
+        actions = self._leave_office(f"term {term} began ({reason})") + self._set_term(term, reason)
+        self.role = Role.VOTING
+        vote = self.rng.random()
+        self.votes[self.me] = (self.round, vote)
+        self.voted_at = now
+        return actions + [CastVote(term, vote, self.round, reason)]
+
+    def _set_term(self, term: int, reason: str) -> list[Action]:
+        self.term, self.reason = term, reason
+        self.controller, self.votes, self.claimed = None, {}, False
+        self._last_note = ""
+        return []
+
+    def _leave_office(self, why: str) -> list[Action]:
+        if self.role is Role.CONTROLLER:
+            self.role = Role.VOTING
+            return [StepDown(self.term, why)]
+        return []
+
+    def _decide(self, controller: str, members: tuple[str, ...], now: float) -> list[Action]:
+        self.controller, self.last_heard = controller, now
+        if controller == self.me:
+            self.role = Role.CONTROLLER
+            return [TakeOffice(self.term, self.reason, members or tuple(sorted(self.live)))]
+        self.role = Role.FOLLOWER
+        return [FollowController(self.term, controller)]
+
+    def _note(self, text: str) -> list[Action]:
+        if text == self._last_note:
+            return []
+        self._last_note = text
+        return [Note(text)]

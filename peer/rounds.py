@@ -1,0 +1,176 @@
+"""The controller's bookkeeping of a round, as pure functions and small state objects (no I/O, no clock).
+
+FedAvg and the sample-weighted global metric live here, with the rules that say when a round's solutions or
+evaluations are complete, when a round closes with a quorum at its deadline, and when it must be repeated.
+"""
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:
+    """Average each tensor over the solutions, weighting each solution by its sample count (McMahan et al.)."""
+    if not solutions:
+        raise ValueError("fedavg needs at least one solution")
+    total = sum(samples for _, samples in solutions)
+    if total <= 0:
+        raise ValueError("fedavg needs a positive total sample count")
+    shapes = [tuple(t.shape for t in weights) for weights, _ in solutions]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("fedavg: solutions have different tensor shapes")
+    averaged = []
+    for index in range(len(shapes[0])):
+        acc = np.zeros(shapes[0][index], dtype=np.float64)
+        for weights, samples in solutions:
+            acc += np.asarray(weights[index], dtype=np.float64) * (samples / total)
+        averaged.append(acc.astype(np.float32))
+    return averaged
+
+
+def weighted_mean(values: Iterable[tuple[float, int]]) -> float | None:
+    """Mean of the values weighted by their counts; None when there is nothing to weigh."""
+    pairs = [(v, n) for v, n in values if n > 0]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+def choose_trainers(candidates: Iterable[str], count: int, rng: random.Random) -> tuple[str, ...]:
+    """`count` distinct peers chosen at random (fewer if fewer are available), in a stable order for logs."""
+    pool = sorted(set(candidates))
+    return tuple(sorted(rng.sample(pool, min(count, len(pool)))))
+
+
+class RoundOutcome(str, enum.Enum):
+    WAIT = "wait"
+    CLOSE = "close"      # aggregate what arrived
+    RETRY = "retry"      # too few solutions: choose trainers again and repeat the round
+
+
+@dataclass
+class SolutionCollector:
+    """Solutions for one attempt of one round of one term."""
+    term: int
+    round: int
+    attempt: int
+    trainers: tuple[str, ...]
+    quorum: int
+    deadline: float
+    received: dict[str, tuple[list[np.ndarray], int]] = field(default_factory=dict)
+    lost: set[str] = field(default_factory=set)
+
+    def offer(self, term: int, round_: int, attempt: int, peer: str, weights: list[np.ndarray], samples: int) -> str | None:
+        """Accept a solution, or say why not (a reason for the log)."""
+        if (term, round_, attempt) != (self.term, self.round, self.attempt):
+            return f"it is for term {term} round {round_} attempt {attempt}, not {self.term}/{self.round}/{self.attempt}"
+        if peer not in self.trainers:
+            return f"{peer} was not chosen"
+        if peer in self.received:
+            return f"{peer} already sent one"
+        if samples <= 0:
+            return "it reports no samples"
+        self.received[peer] = (weights, samples)
+        return None
+
+    def trainer_lost(self, peer: str) -> None:
+        if peer in self.trainers and peer not in self.received:
+            self.lost.add(peer)
+
+    @property
+    def outstanding(self) -> set[str]:
+        return set(self.trainers) - set(self.received) - self.lost
+
+    def outcome(self, now: float) -> RoundOutcome:
+        if len(self.received) == len(self.trainers):
+            return RoundOutcome.CLOSE
+        if now < self.deadline and self.outstanding:
+            return RoundOutcome.WAIT
+        return RoundOutcome.CLOSE if len(self.received) >= self.quorum else RoundOutcome.RETRY
+
+    def aggregate(self) -> list[np.ndarray]:
+        return fedavg([self.received[p] for p in sorted(self.received)])
+
+
+@dataclass
+class EvaluationCollector:
+    """Every live peer's evaluation of one global model; done when all expected peers answered, left, or the
+    deadline passed."""
+    term: int
+    round: int
+    expected: set[str]
+    deadline: float
+    received: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # peer -> (accuracy, loss, samples)
+
+    def offer(self, term: int, round_: int, peer: str, accuracy: float, loss: float, samples: int) -> str | None:
+        if (term, round_) != (self.term, self.round):
+            return f"it is for term {term} round {round_}, not {self.term}/{self.round}"
+        if peer in self.received:
+            return f"{peer} already sent one"
+        self.received[peer] = (accuracy, loss, samples)
+        return None
+
+    def peer_lost(self, peer: str) -> None:
+        self.expected.discard(peer)
+
+    def done(self, now: float) -> bool:
+        return self.expected <= set(self.received) or now >= self.deadline
+
+    def result(self) -> tuple[float, float, int] | None:
+        """(accuracy, loss, samples), sample-weighted over the evaluations received; None if none arrived."""
+        evaluations = list(self.received.values())
+        accuracy = weighted_mean((a, n) for a, _, n in evaluations)
+        if accuracy is None:
+            return None
+        loss = weighted_mean((l, n) for _, l, n in evaluations)
+        return accuracy, loss, sum(n for _, _, n in evaluations)
+
+
+@dataclass
+class GlobalModel:
+    round: int
+    term: int
+    weights: list[np.ndarray]
+    trainers: tuple[str, ...] = ()     # whose solutions were averaged into it
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    term: int
+    accuracy: float
+    loss: float
+    bytes: int
+
+
+@dataclass
+class ModelStore:
+    """What every peer keeps so that any of them can take over as controller: the latest global model and the
+    metrics of every finished round."""
+    latest: GlobalModel | None = None
+    finished: dict[int, RoundSummary] = field(default_factory=dict)
+    run_started: float | None = None
+
+    def offer(self, round_: int, term: int, weights: list[np.ndarray], trainers: tuple[str, ...] = ()) -> bool:
+        """Keep the model if it is newer than ours (a later round, or the same round re-published in a later term)."""
+        if self.latest and (round_, term) < (self.latest.round, self.latest.term):
+            return False
+        self.latest = GlobalModel(round_, term, weights, tuple(trainers))
+        return True
+
+    def finish_round(self, summary: RoundSummary, run_started: float | None = None) -> None:
+        self.finished[summary.round] = summary
+        if self.run_started is None:
+            self.run_started = run_started
+
+    @property
+    def last_finished(self) -> RoundSummary | None:
+        return self.finished[max(self.finished)] if self.finished else None
+
+    @property
+    def needs_evaluation(self) -> bool:
+        """The latest model's round has no metrics yet (its controller died between aggregation and metrics)."""
+        return self.latest is not None and self.latest.round not in self.finished

@@ -1,0 +1,117 @@
+"""The MQTT adapter: the one module that talks to paho-mqtt.
+
+paho runs its network loop in its own thread and calls our callbacks there. An exception in a callback kills that
+thread silently, and waiting in one deadlocks it, so the callbacks only put events on a queue; the peer's worker
+does everything else. paho reconnects by itself (the broker restarted, the network blipped); after each connect we
+subscribe again and tell the worker, which announces the peer again.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger(__name__)
+
+# Refusals that retrying cannot fix (MQTT v5 reason codes): bad credentials, not authorised, banned.
+FATAL_REFUSALS = {134, 135, 138, 140}
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    retained: bool
+
+
+@dataclass(frozen=True)
+class Connected:
+    pass
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+    fatal: bool
+
+
+def _expiry(packet_type: int, seconds: int | None) -> Properties | None:
+    if not seconds:
+        return None
+    props = Properties(packet_type)
+    props.MessageExpiryInterval = seconds
+    return props
+
+
+class MqttTransport:
+    def __init__(self, host: str, port: int, client_id: str, subscription: str, events: queue.Queue,
+                 keepalive: int = 5, username: str | None = None, password: str | None = None):
+        self.host, self.port, self.keepalive = host, port, keepalive
+        self.subscription, self.events = subscription, events
+        self.bytes_published = 0
+        self._connected = threading.Event()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # --- paho callbacks (paho's thread: hand over, never block, never raise) ----------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self.events.put(Refused(str(reason_code), reason_code.value in FATAL_REFUSALS))
+            return
+        client.subscribe(self.subscription, qos=1)
+        self._connected.set()
+        self.events.put(Connected())
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._connected.clear()
+        self.events.put(Disconnected(str(reason_code)))
+
+    def _on_message(self, client, userdata, message):
+        self.events.put(Inbound(message.topic, bytes(message.payload), bool(message.retain)))
+
+    # --- used by the peer's worker ----------------------------------------------------------------------------------
+
+    def start(self, will_topic: str, will_payload: bytes, will_expiry: int | None = None) -> None:
+        """Connect in the background (retrying until the broker answers) with a retained Last Will."""
+        self.client.will_set(will_topic, will_payload, qos=1, retain=True,
+                             properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry))
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+        self.client.loop_start()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, expiry: int | None = None):
+        self.bytes_published += len(payload)
+        return self.client.publish(topic, payload, qos=1, retain=retain,
+                                   properties=_expiry(PacketTypes.PUBLISH, expiry))
+
+    def close(self, last: list[tuple[str, bytes, bool]] = (), timeout: float = 5.0) -> None:
+        """Publish the last messages, wait (bounded) until the broker has them, and disconnect cleanly, which
+        tells the broker not to send the Last Will."""
+        infos = [self.publish(topic, payload, retain) for topic, payload, retain in last] if self.connected else []
+        for info in infos:
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass  # not connected any more: nothing more can be delivered
+        self.client.disconnect()
+        self.client.loop_stop()

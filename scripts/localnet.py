@@ -1,0 +1,245 @@
+"""A whole federation on this machine, without Docker: a real mosquitto on a free port and N peer processes.
+
+Used by `./up.sh --local`, the end-to-end tests, the benchmarks and the experiment script, so all of them run the
+network the same way.
+
+    python -m scripts.localnet --peers 5 --run-dir runs/demo -- --dataset fashion-mnist --max-rounds 3
+
+Peers are `peer-1`..`peer-N` on shards `0/N`..`N-1/N`; their logs go to `RUN_DIR/peers/<id>/peer.log` and, prefixed
+with the id, to this terminal. Ctrl-C (or SIGTERM) stops every process it started; none is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Broker:
+    """A real mosquitto process on 127.0.0.1 with the project's local configuration and a port of its own."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None):
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._dir = Path(tempfile.mkdtemp(prefix="fl-broker-"))
+        self.conf = self._dir / "mosquitto.conf"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _write_conf(self) -> None:
+        lines = LOCAL_CONF.read_text().splitlines()
+        lines = [f"listener {self.port} 127.0.0.1" if line.startswith("listener ") else line for line in lines]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> "Broker":
+        binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        if not binary:
+            raise SystemExit("mosquitto is not installed: `sudo apt-get install mosquitto` (Debian/Ubuntu)")
+        self._write_conf()
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        if not wait_for_port(self.port, 10):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start listening on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, pause: float = 0.5) -> None:
+        self.stop()
+        time.sleep(pause)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalNetwork:
+    """N peer processes against one broker. Every process it starts, it stops."""
+
+    def __init__(self, run_dir: Path, peers: int = 5, peer_args: list[str] | tuple = (), broker: Broker | None = None,
+                 env: dict | None = None, echo: bool = False, python: str = sys.executable,
+                 broker_port: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.count, self.peer_args = peers, list(peer_args)
+        self.broker = broker
+        self.owns_broker = broker is None
+        self.broker_port = broker_port
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
+        self.echo, self.python = echo, python
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._threads: list[threading.Thread] = []
+        self._print_lock = threading.Lock()
+
+    @staticmethod
+    def peer_id(index: int) -> str:
+        return f"peer-{index + 1}"
+
+    def start(self) -> "LocalNetwork":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.broker is None:
+            self.broker = Broker(self.broker_port, log_path=self.run_dir / "broker.log").start()
+        for index in range(self.count):
+            self.start_peer(self.peer_id(index), shard=f"{index}/{self.count}")
+        return self
+
+    def start_peer(self, peer_id: str, shard: str, extra_args: list[str] = ()) -> subprocess.Popen:
+        log_path = self.run_dir / "peers" / peer_id / "peer.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [self.python, "-m", "peer", "--broker", self.broker.address, "--peer-id", peer_id, "--shard", shard,
+               "--run-dir", str(self.run_dir), *self.peer_args, *extra_args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[peer_id] = proc
+        thread = threading.Thread(target=self._pump, args=(peer_id, proc, log_path), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return proc
+
+    def _pump(self, peer_id: str, proc: subprocess.Popen, log_path: Path) -> None:
+        with open(log_path, "ab") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if self.echo:
+                    with self._print_lock:
+                        sys.stdout.write(f"{peer_id:>8} | {line.decode(errors='replace')}")
+                        sys.stdout.flush()
+
+    def signal(self, peer_id: str, sig: int) -> None:
+        proc = self.procs[peer_id]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    def running(self) -> list[str]:
+        return [pid for pid, proc in self.procs.items() if proc.poll() is None]
+
+    def wait(self, timeout: float) -> dict[str, int | None]:
+        """Wait until every peer has exited or the timeout passes; the exit codes (None: still running)."""
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for thread in self._threads:
+            thread.join(timeout=1)
+        return {peer_id: proc.poll() for peer_id, proc in self.procs.items()}
+
+    def stop(self) -> None:
+        """SIGCONT (a stopped peer cannot die of SIGTERM), SIGTERM, then SIGKILL whatever is left."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                for sig in (signal.SIGCONT, signal.SIGTERM):
+                    try:
+                        proc.send_signal(sig)
+                    except ProcessLookupError:
+                        pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.owns_broker and self.broker:
+            self.broker.close()
+
+    def peer_log(self, peer_id: str) -> str:
+        path = self.run_dir / "peers" / peer_id / "peer.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    peer_args: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, peer_args = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(prog="python -m scripts.localnet",
+                                     description="Run a broker and N peers as local processes (no Docker). "
+                                                 "Flags after -- go to every peer (see python -m peer --help).")
+    parser.add_argument("--peers", type=int, default=5, help="number of peers (default 5)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/latest"), help="records folder (default runs/latest)")
+    parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
+    parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
+    parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
+    args = parser.parse_args(argv)
+    if args.peers < 1:
+        parser.error("--peers must be at least 1")
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    net = LocalNetwork(args.run_dir, args.peers, peer_args, echo=not args.quiet, broker_port=args.port)
+    try:
+        net.start()
+        print(f"localnet: broker {net.broker.address}, {args.peers} peers, records in {args.run_dir}", flush=True)
+        codes = net.wait(args.timeout or float("inf"))
+    except KeyboardInterrupt:
+        print("\nlocalnet: stopping every peer and the broker", flush=True)
+        net.stop()
+        return 130
+    net.stop()
+    failed = {peer: code for peer, code in codes.items() if code != 0}
+    print(f"localnet: records in {args.run_dir}; draw the graphs with: python -m graphs {args.run_dir}", flush=True)
+    if failed:
+        print(f"localnet: peers that did not exit 0: {failed}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
