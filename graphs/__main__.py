@@ -1,0 +1,41 @@
+"""`python -m graphs RUN_DIR [--out DIR]`: draws the run's pictures, prints one line per file written.
+
+Exit status: 0 when at least one picture was written, 2 when the run dir is missing or holds nothing drawable.
+Skipped rows and pictures are reported on stderr so that stdout stays a plain list of files for other tools.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import matplotlib
+
+# before anything imports pyplot: a headless run (container, CI) has no display for an interactive backend
+matplotlib.use("Agg")
+
+from graphs.draw import GRAPHS_DIR, draw_all  # noqa: E402  (the backend has to be chosen first)
+from graphs.records import RunDirError  # noqa: E402
+
+EXIT_NO_RECORDS = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m graphs", description="Draw the pictures of a run dir.")
+    parser.add_argument("run_dir", help="the run dir (see docs/RECORDS.md)")
+    parser.add_argument("--out", help=f"where to write the PNG files (default: RUN_DIR/{GRAPHS_DIR})")
+    arguments = parser.parse_args(argv)
+    try:
+        written = draw_all(arguments.run_dir, arguments.out)
+    except RunDirError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NO_RECORDS
+    if not written:
+        print(f"error: nothing could be drawn from {arguments.run_dir}", file=sys.stderr)
+        return EXIT_NO_RECORDS
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
