@@ -102,7 +102,7 @@ class Controller:
     def tick(self, now: float) -> None:
         if now >= self.next_heartbeat and not self.finished:
             self.next_heartbeat = now + self.settings.heartbeat
-            self.send(Heartbeat(self.term, self.me, self.round, self.phase))
+            self.send(Heartbeat(self.term, self.me, self.round, self.phase), retain=True)
         self._advance(now)
 
     # --- rounds -------------------------------------------------------------------------------------------------------

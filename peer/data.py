@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Settings
 from .idx import IdxError, read_idx, read_idx_rows
-from .partition import PartitionError, class_histogram, partition
+from .partition import PartitionError, class_histogram, partition, split_train_test
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,11 @@ def _from_idx(settings: Settings, folder: Path) -> Shard:
         return _finish(settings, str(folder),
                        read_idx_rows(files["train_images"], train_rows), train_labels[train_rows],
                        read_idx_rows(files["test_images"], test_rows), test_labels[test_rows], num_classes)
-    # Only the test set: hold out a seeded fifth of it as test data, partition both parts alike.
+    # Only the test set: hold out a stratified, seeded fifth of it as test data (as scripts/split_dataset.py does),
+    # then partition both parts alike.
     labels = read_idx(files["test_labels"])
-    order = np.random.default_rng(settings.seed).permutation(len(labels))
-    cut = int(len(labels) * (1 - TEST_ONLY_FRACTION))
-    train_pool, test_pool = np.sort(order[:cut]), np.sort(order[cut:])
+    train_pool, test_pool = split_train_test(labels, TEST_ONLY_FRACTION, seed=settings.seed)
+    cut = len(train_pool)
     train_rows = train_pool[_pick(labels[train_pool], settings, num_classes, settings.train_samples)]
     test_rows = test_pool[_pick(labels[test_pool], settings, num_classes, settings.test_samples)]
     images = files["test_images"]

@@ -122,6 +122,23 @@ class Election:
         """This peer now holds the global model of `round_`."""
         self.round = max(self.round, round_)
 
+    def on_retained(self, term: int, controller: str, now: float) -> list[Action]:
+        """The broker's retained claim or heartbeat, delivered when this peer subscribes: who led most recently.
+
+        A peer that joins after a term was claimed never saw the claim go by; without this it could be drawn into
+        that decided term by a late vote and claim it a second time. Adopting the retained decision keeps it out.
+        If the controller named is dead, its silence starts the next term as usual. A retained message naming this
+        peer is from an earlier life of its id: it only tells which terms are used up."""
+        if term == 0 or term < self.term:
+            return []
+        if controller == self.me:
+            if self.role is Role.WAITING:
+                self.term = max(self.term, term)
+            return []
+        if term > self.term or self.role in (Role.WAITING, Role.VOTING):
+            return self.on_controller_seen(term, controller, now)
+        return []
+
     def peer_up(self, peer: str, now: float) -> list[Action]:
         self.live.add(peer)
         return []
@@ -153,7 +170,7 @@ class Election:
         if term > self.term:
             actions = self._leave_office("a higher term was claimed") + self._set_term(term, reason)
             return actions + self._decide(peer, members, now)
-        if self.role is Role.VOTING:
+        if self.role in (Role.VOTING, Role.WAITING):
             return self._decide(peer, members, now)
         return []  # the term is decided: the first claim won, this one came second
 
@@ -166,7 +183,7 @@ class Election:
         if term > self.term:
             actions = self._leave_office("a higher term is running") + self._set_term(term, "joined")
             return actions + self._decide(controller, (), now)
-        if self.role is Role.VOTING:
+        if self.role in (Role.VOTING, Role.WAITING):
             return self._decide(controller, (), now)
         if controller == self.controller:
             self.last_heard = now

@@ -128,7 +128,12 @@ class Peer:
             self.runner.stop()
             self._write_status()
             # Clearing our retained presence (empty payload) says "gone" without leaving a record on the broker.
-            self.transport.close(last=[(self.topics.presence(self.me), b"", True)])
+            last = [(self.topics.presence(self.me), b"", True)]
+            if self.controller and self.controller.finished:
+                # The run is over: leave no leader or model behind for the next run on this broker (the retained
+                # Finish stays a minute for peers that reconnect late, then expires).
+                last += [(self.topics.of(kind), b"", True) for kind in (Claim, Heartbeat, Aggregation)]
+            self.transport.close(last=last)
         return self.exit_code
 
     def tick(self, now: float) -> None:
@@ -190,6 +195,9 @@ class Peer:
                 self.controller.next_heartbeat = 0.0   # tell the newcomer at once who leads
         elif isinstance(message, Vote):
             self.apply(e.on_vote(message.term, message.peer, message.vote, message.round, message.reason, now), now)
+        elif isinstance(message, (Claim, Heartbeat)) and retained:
+            leader = message.peer if isinstance(message, Claim) else message.controller
+            self.apply(e.on_retained(message.term, leader, now), now)
         elif isinstance(message, Claim):
             self.apply(e.on_claim(message.term, message.peer, message.reason, message.members, now), now)
         elif isinstance(message, Aggregation) and retained:
@@ -242,7 +250,9 @@ class Peer:
                 self.send(Vote(action.term, self.me, action.vote, action.round, action.reason))
             elif isinstance(action, SendClaim):
                 self.log.info("term %d: best vote is mine; claiming", action.term)
-                self.send(Claim(action.term, self.me, action.vote, action.round, action.reason, action.members))
+                # Retained, so that a peer subscribing later learns the decision it did not see go by.
+                self.send(Claim(action.term, self.me, action.vote, action.round, action.reason, action.members),
+                          retain=True)
             elif isinstance(action, TakeOffice):
                 self.controller = Controller(self.settings, action.term, action.reason, e.live, self.store,
                                              self.records, self.learner, self.send, self.log, self.rng)
