@@ -1,0 +1,153 @@
+"""Rerun elections by killing peers: find the current controller (or any peer) of a running network and signal it.
+
+    python -m scripts.chaos --run-dir runs/demo status
+    python -m scripts.chaos --run-dir runs/demo kill controller            # SIGKILL the current controller
+    python -m scripts.chaos --run-dir runs/demo kill random --signal STOP  # hang a random peer
+    python -m scripts.chaos --run-dir runs/demo kill peer-3 --signal CONT
+    python -m scripts.chaos --run-dir runs/demo which controller           # print its id only (for containers)
+
+It reads the peers' `peers/<id>/status.json` (docs/RECORDS.md), so it needs nothing but the run dir and the
+standard library; local peers are signalled by pid, and every signal sent is appended to `chaos.csv`. For peers in
+containers, `./up.sh kill ...` asks `which` for the id and lets docker compose deliver the signal.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
+ACTIONS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}
+
+
+class ChaosError(RuntimeError):
+    pass
+
+
+def read_statuses(run_dir: Path) -> dict[str, dict]:
+    statuses = {}
+    for path in sorted((run_dir / "peers").glob("*/status.json")):
+        try:
+            statuses[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being rewritten or torn by a kill: the next read will have it
+    return statuses
+
+
+def alive(status: dict) -> bool:
+    """The peer's process exists (same machine) and is not a zombie."""
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def live_statuses(run_dir: Path, local: bool = True) -> dict[str, dict]:
+    statuses = read_statuses(run_dir)
+    return {peer: s for peer, s in statuses.items() if s.get("role") != "finished" and (not local or alive(s))}
+
+
+def current_controller(statuses: dict[str, dict]) -> str | None:
+    """The controller of the highest term any live peer knows, as the peers themselves report it."""
+    best = None
+    for peer, s in statuses.items():
+        if s.get("role") == "controller" and (best is None or s.get("term", 0) > statuses[best].get("term", 0)):
+            best = peer
+    return best
+
+
+def choose(target: str, statuses: dict[str, dict], rng: random.Random | None = None) -> str:
+    if not statuses:
+        raise ChaosError("no live peer found (is the network running, and is this its run dir?)")
+    if target == "controller":
+        peer = current_controller(statuses)
+        if peer is None:
+            raise ChaosError("no controller right now (an election may be under way); try again in a second")
+        return peer
+    if target == "random":
+        return (rng or random).choice(sorted(statuses))
+    if target not in statuses:
+        raise ChaosError(f"no live peer {target!r}; live peers: {', '.join(sorted(statuses))}")
+    return target
+
+
+def record(run_dir: Path, action: str, peer: str, sig: str) -> None:
+    path = run_dir / "chaos.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        if new:
+            writer.writerow(["time", "action", "peer", "signal"])
+        writer.writerow([f"{time.time():.6f}", action, peer, sig])
+
+
+def kill(run_dir: Path, target: str, sig: str = "KILL") -> tuple[str, int]:
+    """Signal the chosen local peer; returns (peer id, pid)."""
+    statuses = live_statuses(run_dir) if sig != "CONT" else {p: s for p, s in read_statuses(run_dir).items() if alive(s)}
+    peer = choose(target, statuses)
+    pid = statuses[peer]["pid"]
+    os.kill(pid, SIGNALS[sig])
+    record(run_dir, ACTIONS[sig], peer, sig)
+    return peer, pid
+
+
+def format_status(run_dir: Path) -> str:
+    statuses = read_statuses(run_dir)
+    if not statuses:
+        return f"no peers have reported in {run_dir}"
+    controller = current_controller({p: s for p, s in statuses.items() if alive(s)} or statuses)
+    lines = [f"controller: {controller or '(none right now)'}"]
+    if controller:
+        s = statuses[controller]
+        lines.append(f"term {s.get('term')}, round {s.get('round')}, last accuracy "
+                     f"{'n/a' if s.get('accuracy') is None else format(s['accuracy'], '.4f')}")
+    lines.append(f"{'peer':<12} {'role':<11} {'term':>4} {'round':>5}  process")
+    for peer, s in sorted(statuses.items()):
+        state = "running" if alive(s) else "gone"
+        lines.append(f"{peer:<12} {s.get('role', '?'):<11} {s.get('term', '?'):>4} {s.get('round', '?'):>5}  {state}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="the running network's run dir")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="who is controller, term, round, last accuracy, every peer's role")
+    k = sub.add_parser("kill", help="signal a peer: controller | random | PEER_ID")
+    k.add_argument("target")
+    k.add_argument("--signal", default="KILL", type=str.upper, choices=sorted(SIGNALS))
+    w = sub.add_parser("which", help="print the id of: controller | random | PEER_ID (no signal sent)")
+    w.add_argument("target")
+    args = parser.parse_args(argv)
+    if not args.run_dir.is_dir():
+        parser.exit(2, f"python -m scripts.chaos: error: run dir {args.run_dir} does not exist\n")
+    try:
+        if args.command == "status":
+            print(format_status(args.run_dir))
+        elif args.command == "which":
+            print(choose(args.target, live_statuses(args.run_dir, local=False)))
+        else:
+            peer, pid = kill(args.run_dir, args.target, args.signal)
+            print(f"sent SIG{args.signal} to {peer} (pid {pid})")
+    except (ChaosError, ProcessLookupError, PermissionError) as err:
+        print(f"python -m scripts.chaos: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
