@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import secrets
@@ -105,7 +106,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _int(name: str, low: int | None = None):
+def _int(name: str, low: int | None = None, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -113,6 +114,8 @@ def _int(name: str, low: int | None = None):
             raise SettingsError(f"{name}: {text!r} is not a whole number") from None
         if low is not None and value < low:
             raise SettingsError(f"{name}: must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise SettingsError(f"{name}: must be at most {high}, got {value}")
         return value
     return parse
 
@@ -123,8 +126,8 @@ def _float(name: str, low: float | None = None, high: float | None = None, low_o
             value = float(text)
         except ValueError:
             raise SettingsError(f"{name}: {text!r} is not a number") from None
-        if value != value:
-            raise SettingsError(f"{name}: NaN is not allowed")
+        if not math.isfinite(value):
+            raise SettingsError(f"{name}: must be a finite number, got {text!r}")
         if low is not None and (value <= low if low_open else value < low):
             raise SettingsError(f"{name}: must be {'above' if low_open else 'at least'} {low}, got {value}")
         if high is not None and value > high:
@@ -178,7 +181,7 @@ OPTIONS = [
     ("--batch-size", "FL_BATCH_SIZE", "batch_size", _int("batch-size", 1), "local batch size (default 32)"),
     ("--run-dir", "FL_RUN_DIR", "run_dir", Path, "folder for the run's records (default runs/latest)"),
     ("--topic-prefix", "FL_TOPIC_PREFIX", "topic_prefix", _prefix, "MQTT topic prefix (default sd)"),
-    ("--keepalive", "FL_KEEPALIVE", "keepalive", _int("keepalive", 1), "MQTT keepalive in seconds; a hung peer is declared gone after 1.5x (default 5)"),
+    ("--keepalive", "FL_KEEPALIVE", "keepalive", _int("keepalive", 1, 65535), "MQTT keepalive in seconds; a hung peer is declared gone after 1.5x (default 5)"),
     ("--heartbeat", "FL_HEARTBEAT", "heartbeat", _float("heartbeat", 0.05), "controller heartbeat interval in seconds; 3 missed = controller silent (default 1)"),
     ("--election-window", "FL_ELECTION_WINDOW", "election_window", _float("election-window", 0.05), "seconds votes are collected before a claim (default 1)"),
     ("--round-deadline", "FL_ROUND_DEADLINE", "round_deadline", _float("round-deadline", 0.5), "seconds a round waits for solutions or evaluations (default 60)"),

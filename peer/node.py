@@ -204,6 +204,7 @@ class Peer:
             # Delivered because we subscribed: the model a late joiner starts from, not a live order.
             if self.store.offer(message.round, message.term, message.weights, message.trainers):
                 e.progress(message.round)
+                self.log.info("holding the global model of round %d (retained by the broker)", message.round)
         elif isinstance(message, (Heartbeat, Training, Aggregation, Metrics, Finish)):
             self.from_controller(message, now)
         elif isinstance(message, (Solution, Evaluation)):

@@ -46,9 +46,9 @@ class WeightCodec:
     def encode(tensors: list[np.ndarray]) -> bytes:
         parts = [struct.pack("<I", len(tensors))]
         for tensor in tensors:
-            array = np.ascontiguousarray(tensor, dtype="<f4")
+            array = np.asarray(tensor, dtype="<f4")   # not ascontiguousarray: it turns a scalar into shape (1,)
             parts.append(struct.pack(f"<B{array.ndim}I", array.ndim, *array.shape))
-            parts.append(array.tobytes())
+            parts.append(array.tobytes(order="C"))
         return b"".join(parts)
 
     @staticmethod
@@ -110,7 +110,10 @@ def _count(value, name: str, low: int = 0) -> int:
 
 def _number(value, name: str, low: float | None = None, high: float | None = None) -> float:
     _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name}: expected a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ProtocolError(f"{name}: too large") from None
     _check(math.isfinite(value), f"{name}: not finite")
     _check(low is None or value >= low, f"{name}: below {low}")
     _check(high is None or value <= high, f"{name}: above {high}")
@@ -351,12 +354,14 @@ def decode(short_topic: str, payload: bytes) -> Message:
         raw_header = payload
     try:
         body = json.loads(bytes(raw_header).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProtocolError(f"not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:   # bad UTF-8 or JSON, a 5000-digit number, "[[[[..." nesting
+        raise ProtocolError(f"not valid JSON: {str(err)[:200]}") from None
     _check(isinstance(body, dict), "expected a JSON object")
-    _check(body.get("v") == PROTOCOL_VERSION, f"protocol version {body.get('v')!r} is not {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(body.get("type"))
-    _check(cls is not None, f"unknown message type {body.get('type')!r}")
+    version, kind = body.get("v"), body.get("type")
+    _check(type(version) is int and version == PROTOCOL_VERSION,
+           f"protocol version {str(version)[:20]} is not {PROTOCOL_VERSION}")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    _check(cls is not None, f"unknown message type {str(kind)[:40]!r}")
     _check(cls.TOPIC == short_topic, f"a {cls.TYPE} message does not belong on topic {short_topic!r}")
     _check(cls.CARRIES_WEIGHTS == (weights is not None),
            f"a {cls.TYPE} message {'needs' if cls.CARRIES_WEIGHTS else 'cannot carry'} weights")
@@ -367,7 +372,7 @@ def decode(short_topic: str, payload: bytes) -> Message:
             continue
         _check(f.name in body, f"{cls.TYPE}: missing field {f.name!r}")
         values[f.name] = _FIELD_RULES[f.name](body[f.name], f"{cls.TYPE}.{f.name}")
-    extra = set(body) - {f.name for f in fields(cls)} - {"v", "type"}
+    extra = set(body) - {f.name for f in fields(cls) if f.name != "weights"} - {"v", "type"}
     _check(not extra, f"{cls.TYPE}: unexpected fields {sorted(extra)}")
     return cls(**values)
 

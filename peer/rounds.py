@@ -105,6 +105,9 @@ class EvaluationCollector:
     deadline: float
     received: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # peer -> (accuracy, loss, samples)
 
+    def __post_init__(self):
+        self.expected = set(self.expected)   # ours to shrink as peers leave, not the caller's
+
     def offer(self, term: int, round_: int, peer: str, accuracy: float, loss: float, samples: int) -> str | None:
         if (term, round_) != (self.term, self.round):
             return f"it is for term {term} round {round_}, not {self.term}/{self.round}"
