@@ -106,9 +106,10 @@ class LocalNetwork:
 
     def __init__(self, run_dir: Path, peers: int = 5, peer_args: list[str] | tuple = (), broker: Broker | None = None,
                  env: dict | None = None, echo: bool = False, python: str = sys.executable,
-                 broker_port: int | None = None):
+                 broker_port: int | None = None, num_shards: int | None = None):
         self.run_dir = Path(run_dir)
         self.count, self.peer_args = peers, list(peer_args)
+        self.num_shards = num_shards or peers     # more shards than peers leaves room for peers that join later
         self.broker = broker
         self.owns_broker = broker is None
         self.broker_port = broker_port
@@ -128,7 +129,7 @@ class LocalNetwork:
         if self.broker is None:
             self.broker = Broker(self.broker_port, log_path=self.run_dir / "broker.log").start()
         for index in range(self.count):
-            self.start_peer(self.peer_id(index), shard=f"{index}/{self.count}")
+            self.start_peer(self.peer_id(index), shard=f"{index}/{self.num_shards}")
         return self
 
     def start_peer(self, peer_id: str, shard: str, extra_args: list[str] = ()) -> subprocess.Popen:
