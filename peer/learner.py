@@ -17,6 +17,9 @@ def _keras():
     """Import Keras with TensorFlow kept small: several peers share two cores, so one thread each."""
     global _configured
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # oneDNN's start-up notice bypasses TF_CPP_MIN_LOG_LEVEL and would break the one-line-per-event logs; its
+    # speed-up on models this small is within noise. Set TF_ENABLE_ONEDNN_OPTS=1 to have it anyway.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import tensorflow as tf
