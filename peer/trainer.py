@@ -51,8 +51,11 @@ class JobRunner:
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let the job in progress end, then the thread: TensorFlow torn down mid-job by interpreter exit aborts
+        the process ("FATAL: exception not rethrown") instead of exiting with our code."""
         self.jobs.put(None)
+        self.thread.join(timeout)
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from graphs import RunDirError, global_series, load_run, plot_comparison
 from peer.config import PARTITIONS, SettingsError, build_parser, load_settings
-from scripts.localnet import LocalNetwork
+from scripts.localnet import LocalNetwork, split_peer_args
 
 DEFAULT_PARTITIONS = "iid,dirichlet:0.5,skewed"
 DEFAULT_ALPHA = 0.5
@@ -160,10 +160,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Partition], list[str]]:
-    peer_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, peer_args = argv[:split], argv[split + 1:]
+    argv, peer_args = split_peer_args(argv)
     parser = make_parser()
     args = parser.parse_args(argv)
     try:

@@ -11,6 +11,7 @@ with the id, to this terminal. Ctrl-C (or SIGTERM) stops every process it starte
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shutil
 import signal
@@ -202,12 +203,17 @@ class LocalNetwork:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_peer_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the script's own arguments, the peer flags after `--`) of a command line that runs peers."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    peer_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, peer_args = argv[:split], argv[split + 1:]
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, peer_args = split_peer_args(argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.localnet",
                                      description="Run a broker and N peers as local processes (no Docker). "
                                                  "Flags after -- go to every peer (see python -m peer --help).")
@@ -234,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         net.stop()
         return 130
     net.stop()
-    failed = {peer: code for peer, code in codes.items() if code != 0}
+    # Peers killed on purpose (python -m scripts.chaos, ./up.sh kill) are not failures of the run.
+    chaos_log = args.run_dir / "chaos.csv"
+    killed = set()
+    if chaos_log.exists():
+        with open(chaos_log, newline="") as f:
+            killed = {row["peer"] for row in csv.DictReader(f) if row.get("action") == "kill"}
+    failed = {peer: code for peer, code in codes.items() if code != 0 and not (peer in killed and code and code < 0)}
     print(f"localnet: records in {args.run_dir}; draw the graphs with: python -m graphs {args.run_dir}", flush=True)
     if failed:
         print(f"localnet: peers that did not exit 0: {failed}", flush=True)

@@ -1,0 +1,136 @@
+"""Failover benchmark: kill the controller at random moments and measure how long training stops.
+
+    python -m scripts.bench_failover [--kills 20] [--peers 5] [-- extra peer flags]
+
+Runs a local network (scripts/localnet.py: real mosquitto, real peers) on small Fashion-MNIST shards with a round
+limit it never reaches. Each time, after a random pause, it SIGKILLs the current controller (scripts/chaos.py), and
+measures
+- election: from the kill to the new controller taking office (elections.csv), and
+- failover: from the kill to the first training order of the new controller (its log),
+then restarts the killed peer under the same id so the network keeps its size (with `--signal STOP` the controller
+hangs instead, is noticed by its missing heartbeats, and gets SIGCONT afterwards). Prints every kill and the median
+and max. A benchmark, not a test: it prints figures and asserts nothing about them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from scripts import chaos
+from scripts.localnet import LocalNetwork, split_peer_args
+
+DEFAULT_PEER_ARGS = ["--dataset", "fashion-mnist", "--train-samples", "300", "--test-samples", "100",
+                     "--max-rounds", "100000", "--target-accuracy", "1.0", "--round-deadline", "30"]
+ORDER = re.compile(r"^(\S+ \S+) INFO\s+peer=(\S+) role=controller term=(\d+) round=\d+ \| round \d+(?: attempt \d+)?: "
+                   r"training order", re.M)
+
+
+def log_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def first_order_after(net: LocalNetwork, after: float, not_by: str) -> float | None:
+    times = []
+    for peer in net.procs:
+        if peer == not_by:
+            continue
+        for match in ORDER.finditer(net.peer_log(peer)):
+            when = log_time(match[1])
+            if when > after:
+                times.append(when)
+    return min(times) if times else None
+
+
+def election_after(run_dir: Path, after: float) -> float | None:
+    path = run_dir / "elections.csv"
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        times = [float(row["time"]) for row in csv.DictReader(f) if float(row["time"]) > after]
+    return min(times) if times else None
+
+
+def wait_for(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, extra = split_peer_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_failover", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=20, help="controller kills to measure (default 20)")
+    parser.add_argument("--peers", type=int, default=5, help="network size (default 5)")
+    parser.add_argument("--pause", type=float, nargs=2, default=(1.0, 5.0), metavar=("MIN", "MAX"),
+                        help="random pause before each kill, seconds (default 1 5)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random pauses")
+    parser.add_argument("--signal", choices=("KILL", "STOP"), default="KILL", type=str.upper,
+                        help="KILL (the broker sends its Last Will at once) or STOP (a hang: only heartbeats tell)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="records folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    if args.kills < 1 or args.peers < 3:
+        parser.error("need --kills >= 1 and --peers >= 3 (a controller and a trainer must survive each kill)")
+    rng = random.Random(args.seed)
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fl-bench-")) / "run"
+    peer_args = [*DEFAULT_PEER_ARGS, "--min-peers", str(args.peers), *extra]
+    print(f"bench_failover: {args.peers} peers, {args.kills} kills, records in {run_dir}", flush=True)
+    print(f"peer flags: {' '.join(peer_args)}", flush=True)
+
+    failovers, elections = [], []
+    with LocalNetwork(run_dir, args.peers, peer_args) as net:
+        if not wait_for(lambda: (run_dir / "rounds.csv").exists(), 180):
+            print("bench_failover: the network never finished a round", file=sys.stderr)
+            return 1
+        for index in range(1, args.kills + 1):
+            time.sleep(rng.uniform(*args.pause))
+            victim = wait_for(lambda: chaos.current_controller(chaos.live_statuses(run_dir)), 60)
+            if victim is None:
+                print("bench_failover: no controller for 60 s", file=sys.stderr)
+                return 1
+            killed_at = time.time()
+            net.signal(victim, chaos.SIGNALS[args.signal])
+            chaos.record(run_dir, chaos.ACTIONS[args.signal], victim, args.signal)
+            ordered = wait_for(lambda: first_order_after(net, killed_at, victim), 60)
+            elected = election_after(run_dir, killed_at)
+            if ordered is None:
+                print(f"kill {index:>2}: {victim}: no training order within 60 s", file=sys.stderr)
+                return 1
+            failovers.append(ordered - killed_at)
+            if elected is not None:
+                elections.append(elected - killed_at)
+            print(f"kill {index:>2}: {victim:<8} election {elected - killed_at if elected else float('nan'):6.2f} s"
+                  f"   failover {ordered - killed_at:6.2f} s", flush=True)
+            if args.signal == "STOP":
+                net.signal(victim, chaos.SIGNALS["CONT"])
+                chaos.record(run_dir, "cont", victim, "CONT")
+            else:
+                net.procs[victim].wait(10)
+                shard = f"{int(victim.split('-')[1]) - 1}/{args.peers}"
+                net.start_peer(victim, shard)   # the same id comes back, as a user restarting it would
+            # let it rejoin before the next kill, so every kill meets a full network
+            wait_for(lambda: chaos.read_statuses(run_dir).get(victim, {}).get("role") == "trainer"
+                     and chaos.alive(chaos.read_statuses(run_dir)[victim]), 120)
+
+    print()
+    for name, values in (("election (kill -> new controller in office)", elections),
+                         ("failover (kill -> next training order)", failovers)):
+        if values:
+            print(f"{name}: n={len(values)}  median {statistics.median(values):.2f} s  "
+                  f"mean {statistics.mean(values):.2f} s  max {max(values):.2f} s  min {min(values):.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
