@@ -567,9 +567,11 @@ cmd_status() {
 	done
 	local dir
 	dir="$(control_run_dir)"
-	chaos --run-dir "$dir" status
-	if [ "$(last_get mode)" = docker ] && [ "$(last_get run_dir)" = "$dir" ] && docker_ready; then
-		(cd "$ROOT" && dc ps -a)
+	if [ "$(last_get mode)" = docker ] && [ "$(last_get run_dir)" = "$dir" ]; then
+		chaos --run-dir "$dir" status --containers
+		if docker_ready; then (cd "$ROOT" && dc ps -a); fi
+	else
+		chaos --run-dir "$dir" status
 	fi
 }
 

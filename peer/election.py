@@ -191,6 +191,17 @@ class Election:
         # Two controllers in one term: only if messages were reordered. A new term leaves exactly one.
         return self._new_term(now, "conflict")
 
+    def resumed(self, now: float) -> list[Action]:
+        """This peer's loop was frozen for longer than a heartbeat timeout (SIGSTOP, a swapped-out host): what it
+        is about to hear is stale, and the clock has run past every timer. A controller must assume it was replaced
+        and must not act on deadlines that passed while it was away: it steps down into a new term (if the others
+        already elected one, it simply follows it). Anyone else gives the messages now arriving a fresh timeout
+        before judging the controller silent."""
+        if self.role is Role.CONTROLLER:
+            return self._new_term(now, "controller-stalled")
+        self.last_heard = self.voted_at = now
+        return []
+
     def tick(self, now: float) -> list[Action]:
         t = self.timings
         if self.role is Role.WAITING:
@@ -208,6 +219,9 @@ class Election:
                 return [SendClaim(self.term, vote, round_, self.reason, tuple(sorted(self.votes)))]
             return []
         if self.role is Role.FOLLOWER and now - self.last_heard >= t.heartbeat_timeout:
+            # Silent counts as gone until it speaks again (it announces itself when it notices its own freeze), so
+            # the next controller neither waits for it nor picks it as a trainer.
+            self.live.discard(self.controller)
             return self._new_term(now, "controller-silent")
         return []
 

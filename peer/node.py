@@ -74,6 +74,7 @@ class Peer:
         self.controller: Controller | None = None
         self.exit_code: int | None = None
         self._status: tuple = ()
+        self._last_tick = time.monotonic()
 
     # --- state shown in logs and status.json ----------------------------------------------------------------------------
 
@@ -137,6 +138,12 @@ class Peer:
         return self.exit_code
 
     def tick(self, now: float) -> None:
+        stalled_for = now - self._last_tick
+        self._last_tick = now
+        if stalled_for > self.election.timings.heartbeat_timeout:
+            self.log.warning("this peer was frozen for %.1fs (stopped, or the host stalled)", stalled_for)
+            self.apply(self.election.resumed(now), now)
+            self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))   # "I am back"
         self.apply(self.election.tick(now), now)
         if self.controller:
             self.controller.tick(now)

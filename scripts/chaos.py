@@ -105,11 +105,14 @@ def kill(run_dir: Path, target: str, sig: str = "KILL") -> tuple[str, int]:
     return peer, pid
 
 
-def format_status(run_dir: Path) -> str:
+def format_status(run_dir: Path, check_pids: bool = True) -> str:
+    """The network as its peers report it. `check_pids=False` for peers in containers, whose pids mean nothing
+    on the host."""
     statuses = read_statuses(run_dir)
     if not statuses:
         return f"no peers have reported in {run_dir}"
-    controller = current_controller({p: s for p, s in statuses.items() if alive(s)} or statuses)
+    running = {p: s for p, s in statuses.items() if not check_pids or alive(s)}
+    controller = current_controller({p: s for p, s in running.items() if s.get("role") != "finished"} or statuses)
     lines = [f"controller: {controller or '(none right now)'}"]
     if controller:
         s = statuses[controller]
@@ -117,7 +120,7 @@ def format_status(run_dir: Path) -> str:
                      f"{'n/a' if s.get('accuracy') is None else format(s['accuracy'], '.4f')}")
     lines.append(f"{'peer':<12} {'role':<11} {'term':>4} {'round':>5}  process")
     for peer, s in sorted(statuses.items()):
-        state = "running" if alive(s) else "gone"
+        state = ("running" if peer in running else "gone") if check_pids else "(in a container)"
         lines.append(f"{peer:<12} {s.get('role', '?'):<11} {s.get('term', '?'):>4} {s.get('round', '?'):>5}  {state}")
     return "\n".join(lines)
 
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="the running network's run dir")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="who is controller, term, round, last accuracy, every peer's role")
+    st = sub.add_parser("status", help="who is controller, term, round, last accuracy, every peer's role")
+    st.add_argument("--containers", action="store_true", help="peers run in containers: do not look up their pids")
     k = sub.add_parser("kill", help="signal a peer: controller | random | PEER_ID")
     k.add_argument("target")
     k.add_argument("--signal", default="KILL", type=str.upper, choices=sorted(SIGNALS))
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"python -m scripts.chaos: error: run dir {args.run_dir} does not exist\n")
     try:
         if args.command == "status":
-            print(format_status(args.run_dir))
+            print(format_status(args.run_dir, check_pids=not args.containers))
         elif args.command == "which":
             print(choose(args.target, live_statuses(args.run_dir, local=False)))
         else:

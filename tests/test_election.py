@@ -90,6 +90,7 @@ def test_controller_lost_or_silent_starts_the_next_term():
     assert e.tick(4.9) == []
     [vote] = e.tick(5.0)                                    # 3 s after the last heartbeat
     assert vote.term == 2 and vote.reason == "controller-silent"
+    assert "b" not in e.live                                # silent counts as gone until it speaks again
     e.on_claim(2, "c", "controller-silent", (), 6)
     [vote] = e.peer_down("c", 7)
     assert vote.term == 3 and vote.reason == "controller-lost"
@@ -125,6 +126,24 @@ def test_two_controllers_in_one_term_resolve_into_a_new_term():
     e.on_claim(1, "a", "start", (), 0)
     actions = e.on_controller_seen(1, "b", 1)
     assert isinstance(actions[0], StepDown) and actions[1].term == 2 and actions[1].reason == "conflict"
+
+
+def test_a_controller_resumed_after_a_freeze_steps_down_into_a_new_term():
+    e = machine(min_peers=2)
+    e.on_claim(1, "a", "start", (), 0)
+    actions = e.resumed(10)
+    assert isinstance(actions[0], StepDown) and actions[1].term == 2 and actions[1].reason == "controller-stalled"
+    # the others had already elected term 2: the resumed peer follows it
+    assert e.on_claim(2, "b", "controller-silent", (), 10.1) == [FollowController(2, "b")]
+
+
+def test_a_follower_resumed_after_a_freeze_waits_a_full_timeout_before_judging_the_controller():
+    e = machine(min_peers=2)
+    e.on_claim(1, "b", "start", (), 0)
+    assert e.resumed(10) == []
+    assert e.tick(10.1) == []                      # not "controller-silent" on the stale clock
+    e.on_controller_seen(1, "b", 10.2)             # the queued heartbeats arrive
+    assert e.tick(12) == []
 
 
 def test_an_echo_of_an_earlier_life_of_this_id_is_not_obeyed():
