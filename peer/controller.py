@@ -138,7 +138,8 @@ class Controller:
         trainers = choose_trainers(candidates, self.settings.trainers, self.rng)
         quorum = min(self.settings.min_solutions, len(trainers))
         self.solutions = SolutionCollector(self.term, self.round, self.attempt, trainers, quorum,
-                                           now + self.settings.round_deadline)
+                                           now + self.settings.round_deadline,
+                                           shapes=tuple(w.shape for w in self.store.latest.weights))
         self.evaluations = None
         self.phase = "training"
         self.round_bytes += self.send(Training(self.term, self.me, self.round, self.attempt, trainers,
@@ -191,14 +192,16 @@ class Controller:
         accuracy, loss, samples = result
         round_, trainers = collector.round, self.store.latest.trainers
         duration = now - self.round_started if round_ > 0 and self.round_started else 0.0
-        self.send(Metrics(self.term, self.me, round_, accuracy, loss, samples, trainers, duration, self.round_bytes,
-                          self.store.run_started))
-        summary = RoundSummary(round_, self.term, accuracy, loss, self.round_bytes)
-        self.store.finish_round(summary)
+        # The row first: killed between the two, the round is evaluated again by the next controller and recorded
+        # twice (the later row counts); the other way round, it would be finished for everyone and never recorded.
         if round_ > 0:
             self.records.round(round=round_, term=self.term, controller=self.me, trainers=trainers,
                                accuracy=accuracy, loss=loss, duration_s=duration, bytes_sent=self.round_bytes,
                                finished_at=time.time())
+        self.send(Metrics(self.term, self.me, round_, accuracy, loss, samples, trainers, duration, self.round_bytes,
+                          self.store.run_started))
+        summary = RoundSummary(round_, self.term, accuracy, loss, self.round_bytes)
+        self.store.finish_round(summary)
         self.log.info("round %d: global accuracy %.4f, loss %.4f over %d test samples from %d peers%s", round_,
                       accuracy, loss, samples, len(collector.received),
                       f", {duration:.1f}s, {self.round_bytes} bytes" if round_ > 0 else " (initial model)")

@@ -156,11 +156,11 @@ class Election:
     def on_vote(self, term: int, peer: str, vote: float, round_: int, reason: str, now: float) -> list[Action]:
         if term < self.term or term == 0:
             return []
+        self.live.add(peer)   # a vote of a current term is a sign of life, even one too late to count
         actions: list[Action] = []
         if term > self.term:
             actions = self._enter_term(term, reason, now)
         if self.role is Role.VOTING:
-            self.live.add(peer)
             self.votes[peer] = (round_, vote)
         return actions
 
@@ -219,9 +219,6 @@ class Election:
                 return [SendClaim(self.term, vote, round_, self.reason, tuple(sorted(self.votes)))]
             return []
         if self.role is Role.FOLLOWER and now - self.last_heard >= t.heartbeat_timeout:
-            # Silent counts as gone until it speaks again (it announces itself when it notices its own freeze), so
-            # the next controller neither waits for it nor picks it as a trainer.
-            self.live.discard(self.controller)
             return self._new_term(now, "controller-silent")
         return []
 
@@ -237,6 +234,10 @@ class Election:
         return self._enter_term(self.term + 1, reason, now)
 
     def _enter_term(self, term: int, reason: str, now: float) -> list[Action]:
+        if reason == "controller-silent" and self.controller != self.me:
+            # Silent counts as gone until it speaks again (a peer that stepped down or thawed announces itself),
+            # so the next controller neither waits for its evaluation nor picks it as a trainer.
+            self.live.discard(self.controller)
         actions = self._leave_office(f"term {term} began ({reason})") + self._set_term(term, reason)
         self.role = Role.VOTING
         vote = self.rng.random()

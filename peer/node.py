@@ -142,8 +142,10 @@ class Peer:
         self._last_tick = now
         if stalled_for > self.election.timings.heartbeat_timeout:
             self.log.warning("this peer was frozen for %.1fs (stopped, or the host stalled)", stalled_for)
-            self.apply(self.election.resumed(now), now)
-            self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))   # "I am back"
+            actions = self.election.resumed(now)
+            self.apply(actions, now)
+            if not actions:   # (a controller stepping down announces itself anyway)
+                self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))   # "I am back"
         self.apply(self.election.tick(now), now)
         if self.controller:
             self.controller.tick(now)
@@ -212,6 +214,10 @@ class Peer:
             if self.store.offer(message.round, message.term, message.weights, message.trainers):
                 e.progress(message.round)
                 self.log.info("holding the global model of round %d (retained by the broker)", message.round)
+        elif isinstance(message, Finish) and retained and e.term == 0:
+            # A peer that never saw this run: the finish is an earlier run's (within its minute of expiry) on a
+            # broker being reused. It ends runs it belongs to, not the next one.
+            self.log.info("ignoring the retained finish of an earlier run (term %d)", message.term)
         elif isinstance(message, (Heartbeat, Training, Aggregation, Metrics, Finish)):
             self.from_controller(message, now)
         elif isinstance(message, (Solution, Evaluation)):
@@ -271,6 +277,8 @@ class Peer:
                 self.log.warning("stepping down as controller of term %d: %s", action.term, action.reason)
                 self.controller.step_down()
                 self.controller = None
+                # The others may have counted us gone while we were silent: say we are here, as a peer now.
+                self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))
             elif isinstance(action, Note):
                 self.log.info("%s", action.text)
 

@@ -23,7 +23,7 @@ PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_TENSOR_DIMS = 8
-MAX_WEIGHT_BYTES = 64 * 1024 * 1024
+MAX_WEIGHT_BYTES = 16 * 1024 * 1024   # the brokers' message_size_limit (broker/*.conf) is the same
 
 
 class ProtocolError(ValueError):

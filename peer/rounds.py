@@ -60,6 +60,7 @@ class SolutionCollector:
     trainers: tuple[str, ...]
     quorum: int
     deadline: float
+    shapes: tuple[tuple[int, ...], ...] | None = None   # the global model's tensor shapes, when known
     received: dict[str, tuple[list[np.ndarray], int]] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)
 
@@ -73,6 +74,8 @@ class SolutionCollector:
             return f"{peer} already sent one"
         if samples <= 0:
             return "it reports no samples"
+        if self.shapes is not None and tuple(tuple(w.shape) for w in weights) != self.shapes:
+            return "its tensors do not have the global model's shapes"
         self.received[peer] = (weights, samples)
         return None
 

@@ -75,7 +75,6 @@ class Trainer:
     def __init__(self, settings: Settings, records: RunRecords, runner: JobRunner,
                  send: Callable[..., int], log: logging.Logger):
         self.me, self.records, self.runner, self.send, self.log = settings.peer_id, records, runner, send, log
-        self.evaluated: set[tuple[int, int]] = set()     # (term, round) already evaluated
         self.last_accuracy: float | None = None
 
     def on_training(self, message: Training) -> None:
@@ -85,10 +84,8 @@ class Trainer:
         self.runner.submit(Job("fit", message.term, message.round, message.attempt, message.weights))
 
     def on_aggregation(self, message: Aggregation) -> None:
-        key = (message.term, message.round)
-        if key in self.evaluated:
-            return
-        self.evaluated.add(key)
+        # Every live publication is evaluated, a re-publication too: the controller re-publishes a model only
+        # when it still lacks evaluations of it (retained copies never reach this method).
         self.runner.submit(Job("evaluate", message.term, message.round, 1, message.weights))
 
     def on_job_done(self, done: JobDone, current_term: int) -> None:

@@ -60,6 +60,7 @@ class MqttTransport:
         self.subscription, self.events = subscription, events
         self.bytes_published = 0
         self._connected = threading.Event()
+        self._disconnected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
         if username:
@@ -81,6 +82,7 @@ class MqttTransport:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
+        self._disconnected.set()
         self.events.put(Disconnected(str(reason_code)))
 
     def _on_message(self, client, userdata, message):
@@ -113,5 +115,10 @@ class MqttTransport:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass  # not connected any more: nothing more can be delivered
-        self.client.disconnect()
+        if self.connected:
+            self._disconnected.clear()
+            self.client.disconnect()
+            # Stopping the loop before paho has sent DISCONNECT would drop the connection instead, and the broker
+            # would then publish our Last Will ("offline") after we cleared our presence.
+            self._disconnected.wait(timeout)
         self.client.loop_stop()

@@ -17,6 +17,7 @@ import argparse
 import csv
 import random
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_failover: {args.peers} peers, {args.kills} kills, records in {run_dir}", flush=True)
     print(f"peer flags: {' '.join(peer_args)}", flush=True)
 
+    def interrupted(signum, frame):   # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
     failovers, elections = [], []
     with LocalNetwork(run_dir, args.peers, peer_args) as net:
         if not wait_for(lambda: (run_dir / "rounds.csv").exists(), 180):

@@ -112,6 +112,18 @@ def test_the_deadline_closes_with_a_quorum_or_repeats_the_round_with_new_trainer
     assert agg.round == 1 and np.allclose(agg.weights[0], 2) and len(agg.trainers) == 2
 
 
+def test_a_solution_whose_tensors_do_not_fit_the_model_is_refused_not_fatal(tmp_path):
+    c, sent = make(tmp_path)
+    c.take_office(tuple(PEERS), 0)
+    evaluate_all(c, sent, 0, 0)
+    training = of(sent, Training)[-1]
+    c.on_message(Solution(1, 1, 1, training.trainers[0], 10, 0.1, [np.zeros((3, 3), np.float32)]), 1, 1)
+    assert c.solutions.received == {}
+    for peer in training.trainers:
+        c.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1)), 1, 2)
+    assert of(sent, Aggregation)[-1].round == 1
+
+
 def test_a_lost_trainer_closes_the_round_without_waiting_for_the_deadline(tmp_path):
     c, sent = make(tmp_path)
     c.take_office(tuple(PEERS), 0)
