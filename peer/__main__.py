@@ -9,6 +9,14 @@ from .config import SettingsError, build_parser, load_settings
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        return _main(argv)
+    except KeyboardInterrupt:   # Ctrl-C while the dataset or TensorFlow is still loading: no traceback
+        print("python -m peer: stopped", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
         settings = load_settings(argv)
     except SettingsError as err:
         build_parser().print_usage(sys.stderr)
