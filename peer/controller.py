@@ -64,9 +64,6 @@ class Controller:
             self.log.info("resuming after round %d", latest.round)
             self._after_round(self.store.finished[latest.round], now)
 
-    def step_down(self) -> None:
-        self.phase = "stepped-down"
-
     # --- inputs -------------------------------------------------------------------------------------------------------
 
     def on_message(self, message: Message, size: int, now: float) -> None:

@@ -275,7 +275,6 @@ class Peer:
                 self.log.info("term %d: controller is %s", action.term, action.controller)
             elif isinstance(action, StepDown):
                 self.log.warning("stepping down as controller of term %d: %s", action.term, action.reason)
-                self.controller.step_down()
                 self.controller = None
                 # The others may have counted us gone while we were silent: say we are here, as a peer now.
                 self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))

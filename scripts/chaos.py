@@ -13,7 +13,6 @@ containers, `./up.sh kill ...` asks `which` for the id and lets docker compose d
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -21,6 +20,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from peer.records import CHAOS_COLUMNS, append_row   # stdlib-only module: chaos still runs on a bare host python
 
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
 ACTIONS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}
@@ -86,13 +87,7 @@ def choose(target: str, statuses: dict[str, dict], rng: random.Random | None = N
 
 
 def record(run_dir: Path, action: str, peer: str, sig: str) -> None:
-    path = run_dir / "chaos.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as out:
-        writer = csv.writer(out, lineterminator="\n")
-        if new:
-            writer.writerow(["time", "action", "peer", "signal"])
-        writer.writerow([f"{time.time():.6f}", action, peer, sig])
+    append_row(run_dir / "chaos.csv", CHAOS_COLUMNS, {"time": time.time(), "action": action, "peer": peer, "signal": sig})
 
 
 def kill(run_dir: Path, target: str, sig: str = "KILL") -> tuple[str, int]:
