@@ -67,9 +67,13 @@ class Controller:
     # --- inputs -------------------------------------------------------------------------------------------------------
 
     def on_message(self, message: Message, size: int, now: float) -> None:
-        if isinstance(message, Solution) and self.solutions and self.phase == "training":
-            why_not = self.solutions.offer(message.term, message.round, message.attempt, message.peer,
-                                           message.weights, message.samples)
+        if isinstance(message, Solution):
+            if self.solutions and self.phase == "training":
+                why_not = self.solutions.offer(message.term, message.round, message.attempt, message.peer,
+                                               message.weights, message.samples)
+            else:   # a late one (a thawed or slow trainer): say so, as for any other refused solution
+                why_not = (f"it is for term {message.term} round {message.round} attempt {message.attempt}, and "
+                           f"no round is collecting solutions ({self.phase})")
             if why_not:
                 self.log.info("ignored a solution from %s: %s", message.peer, why_not)
                 return
