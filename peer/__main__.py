@@ -26,9 +26,10 @@ def _main(argv: list[str] | None) -> int:
     # Imported after the settings are valid: a typo in a flag should not wait for TensorFlow.
     from .data import DatasetError, load_shard
     from .learner import Learner
-    from .node import Peer
+    from .node import Peer, configure_logging
     from .records import RunRecords
 
+    configure_logging(settings.peer_id, settings.log_level)   # before the dataset: its loader has things to say
     try:
         shard = load_shard(settings)
     except DatasetError as err:

@@ -1,110 +1,177 @@
-"""The controller role: runs rounds for one term. It never trains.
+"""The controller role as a pure machine: it runs the rounds of one term and never trains.
 
 A round: choose trainers among the live peers, send them the global model (Training), collect their Solutions,
 average them (FedAvg), publish the new global model (Aggregation, retained), collect every peer's Evaluation of it,
-publish the round's Metrics and record the row. Then the next round, or the Finish.
+record the round and publish its Metrics. Then the next round, or the Finish.
 
-A new controller resumes from the latest global model it holds: if that model's metrics were never published (the
-old controller died in between), it evaluates that round first; otherwise it trains the next one. So no finished
+Like the election, it does no I/O and reads no clock: messages, peers coming and going and ticks go in with `now`
+(monotonic seconds), and every method returns the actions (`peer.actions`) for the node to carry out. Wall-clock
+times in the records are `now + wall_offset`, the offset handed in when the term starts.
+
+A new controller resumes from the latest global model its peer holds: if that model's metrics were never published
+(the old controller died in between), it evaluates that round first; otherwise it trains the next one. So no finished
 round is lost and none is counted twice.
 """
 from __future__ import annotations
 
-import logging
+import enum
+import functools
 import random
-import time
-from collections.abc import Callable
+from collections.abc import Iterable
 
+import numpy as np
+
+from .actions import (Action, AdoptModel, Exit, FinishRound, Log, Print, Publish, RecordElection, RecordRound,
+                      RecordRun, SaveModel)
 from .config import Settings
-from .learner import Learner
-from .protocol import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
-from .records import RunRecords
-from .rounds import (EvaluationCollector, ModelStore, RoundOutcome, RoundSummary, SolutionCollector,
+from .protocol import (Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training,
+                       encoded_size)
+from .rounds import (EvaluationCollector, GlobalModel, ModelStore, RoundOutcome, RoundSummary, SolutionCollector,
                      choose_trainers)
 
 FINISH_EXPIRY_S = 60   # the retained Finish reaches peers reconnecting just after the end, then expires
+EXIT_OK = 0
 
-Send = Callable[..., int]   # send(message, retain=False, expiry=None) -> payload bytes
+
+class Phase(str, enum.Enum):
+    STARTING = "starting"
+    TRAINING = "training"              # a training order is out; collecting solutions
+    EVALUATING = "evaluating"          # a global model is out; collecting evaluations
+    WAITING_PEERS = "waiting-peers"    # too few peers for the next step; resumes when one comes
+    FINISHED = "finished"
+
+
+def _emits(method):
+    """Public inputs collect what the machine decides into a fresh list and return it."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs) -> list[Action]:
+        self._out = []
+        method(self, *args, **kwargs)
+        out, self._out = self._out, []
+        return out
+    return wrapper
 
 
 class Controller:
-    def __init__(self, settings: Settings, term: int, reason: str, live: set[str], store: ModelStore,
-                 records: RunRecords, learner: Learner, send: Send, log: logging.Logger, rng: random.Random):
-        self.settings, self.me, self.term = settings, settings.peer_id, term
-        self.live, self.store, self.records, self.learner = live, store, records, learner
-        self.send, self.log, self.rng = send, log, rng
-        self.phase = "starting"
-        self.round = store.latest.round if store.latest else 0
+    def __init__(self, settings: Settings, term: int, reason: str, members: tuple[str, ...], live: Iterable[str],
+                 memory: ModelStore, rng: random.Random, wall_offset: float = 0.0,
+                 initial_weights: list[np.ndarray] | None = None):
+        """`memory` is what this peer knows of the run when it takes office (read here, never written: the node
+        owns it); `initial_weights` start a run that has no global model yet."""
+        self.settings, self.me, self.term, self.reason = settings, settings.peer_id, term, reason
+        self.members, self.rng, self.wall_offset = members, rng, wall_offset
+        self.live = set(live) | {self.me}          # its own set, kept current by peer_up / peer_down
+        self.model = memory.latest
+        if self.model is None and initial_weights is None:
+            raise ValueError("a controller without a global model needs initial weights")
+        self.initial_weights = initial_weights
+        self.history: dict[int, RoundSummary] = dict(memory.finished)
+        self.run_started = memory.run_started
+        self.phase = Phase.STARTING
+        self.round = self.model.round if self.model else 0
         self.solutions: SolutionCollector | None = None
         self.evaluations: EvaluationCollector | None = None
         self.attempt = 0
-        self.round_started = 0.0
+        self.round_started: float | None = None
         self.round_bytes = 0
         self.waiting_for = ""          # why nothing happens (too few peers); logged once per change
         self.next_heartbeat = 0.0
-        self.finished = False
-        self.reason = reason
+        self._out: list[Action] = []
 
-    # --- life cycle ---------------------------------------------------------------------------------------------------
-
-    def take_office(self, members: tuple[str, ...], now: float) -> None:
-        self.records.election(self.term, self.me, self.reason, members)
-        self.log.info("controller of term %d (%s), members %s", self.term, self.reason, ",".join(members))
-        if self.store.run_started is None:
-            self.store.run_started = time.time()
-        latest = self.store.latest
-        if latest is None:
-            self.store.offer(0, self.term, self.learner.initial_weights())
-            self.log.info("no global model yet: starting from a fresh model (round 0)")
-            self._publish_model(now)
-        elif self.store.needs_evaluation:
-            self.log.info("resuming: round %d was aggregated but its metrics were lost; evaluating it again", latest.round)
-            self._publish_model(now)
-        else:
-            self.log.info("resuming after round %d", latest.round)
-            self._after_round(self.store.finished[latest.round], now)
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
 
     # --- inputs -------------------------------------------------------------------------------------------------------
 
+    @_emits
+    def take_office(self, now: float) -> None:
+        self._emit(RecordElection(self.term, self.me, self.reason, self.members))
+        self._log(f"controller of term {self.term} ({self.reason}), members {','.join(self.members)}")
+        if self.run_started is None:
+            self.run_started = self._wall(now)
+        if self.model is None:
+            self._adopt(GlobalModel(0, self.term, self.initial_weights))
+            self._log("no global model yet: starting from a fresh model (round 0)")
+            self._publish_model(now)
+        elif self.model.round not in self.history:
+            self._log(f"resuming: round {self.model.round} was aggregated but its metrics were lost; evaluating it "
+                      "again")
+            self._publish_model(now)
+        else:
+            self._log(f"resuming after round {self.model.round}")
+            self._after_round(self.history[self.model.round], now)
+
+    @_emits
     def on_message(self, message: Message, size: int, now: float) -> None:
+        """A solution or an evaluation of this term (`size`: its payload bytes, counted in the round's traffic)."""
         if isinstance(message, Solution):
-            if self.solutions and self.phase == "training":
+            if self.solutions and self.phase is Phase.TRAINING:
                 why_not = self.solutions.offer(message.term, message.round, message.attempt, message.peer,
                                                message.weights, message.samples)
             else:   # a late one (a thawed or slow trainer): say so, as for any other refused solution
                 why_not = (f"it is for term {message.term} round {message.round} attempt {message.attempt}, and "
-                           f"no round is collecting solutions ({self.phase})")
+                           f"no round is collecting solutions ({self.phase.value})")
             if why_not:
-                self.log.info("ignored a solution from %s: %s", message.peer, why_not)
+                self._log(f"ignored a solution from {message.peer}: {why_not}")
                 return
             self.round_bytes += size
-            self.log.info("solution from %s (%d samples, loss %.4f), %d of %d", message.peer, message.samples,
-                          message.loss, len(self.solutions.received), len(self.solutions.trainers))
-        elif isinstance(message, Evaluation) and self.evaluations and self.phase == "evaluating":
+            self._log(f"solution from {message.peer} ({message.samples} samples, loss {message.loss:.4f}), "
+                      f"{len(self.solutions.received)} of {len(self.solutions.trainers)}")
+        elif isinstance(message, Evaluation) and self.evaluations and self.phase is Phase.EVALUATING:
             why_not = self.evaluations.offer(message.term, message.round, message.peer, message.accuracy,
                                              message.loss, message.samples)
             if why_not:
-                self.log.debug("ignored an evaluation from %s: %s", message.peer, why_not)
+                self._log(f"ignored an evaluation from {message.peer}: {why_not}", "debug")
                 return
             self.round_bytes += size
         self._advance(now)
 
+    @_emits
     def peer_up(self, peer: str, now: float) -> None:
-        if self.phase == "waiting-peers":
+        if peer == self.me:
+            return
+        if peer not in self.live:
+            self._log(f"{peer} joined")
+        self.live.add(peer)
+        self.next_heartbeat = now   # tell the newcomer at once who leads
+        if self.phase is Phase.WAITING_PEERS:
             self._resume_waiting(now)
 
+    @_emits
     def peer_down(self, peer: str, now: float) -> None:
+        self.live.discard(peer)
         if self.solutions:
             self.solutions.trainer_lost(peer)
         if self.evaluations:
             self.evaluations.peer_lost(peer)
         self._advance(now)
 
+    @_emits
     def tick(self, now: float) -> None:
         if now >= self.next_heartbeat and not self.finished:
             self.next_heartbeat = now + self.settings.heartbeat
-            self.send(Heartbeat(self.term, self.me, self.round, self.phase), retain=True)
+            self._publish(Heartbeat(self.term, self.me, self.round, self.phase.value), retain=True)
         self._advance(now)
+
+    # --- output helpers -----------------------------------------------------------------------------------------------
+
+    def _emit(self, *actions: Action) -> None:
+        self._out.extend(actions)
+
+    def _log(self, text: str, level: str = "info") -> None:
+        self._out.append(Log(text, level))
+
+    def _publish(self, message: Message, retain: bool = False, expiry: int | None = None) -> int:
+        self._out.append(Publish(message, retain, expiry))
+        return encoded_size(message)
+
+    def _adopt(self, model: GlobalModel) -> None:
+        self.model = model
+        self._out.append(AdoptModel(model))
+
+    def _wall(self, now: float) -> float:
+        return now + self.wall_offset
 
     # --- rounds -------------------------------------------------------------------------------------------------------
 
@@ -112,10 +179,10 @@ class Controller:
         return self.live - {self.me}
 
     def _wait_for_peers(self, why: str) -> None:
-        self.phase = "waiting-peers"
+        self.phase = Phase.WAITING_PEERS
         if why != self.waiting_for:
             self.waiting_for = why
-            self.log.warning("waiting: %s", why)
+            self._log(f"waiting: {why}", "warning")
 
     def _resume_waiting(self, now: float) -> None:
         if not self._others():
@@ -135,107 +202,108 @@ class Controller:
         if not retry:
             self.attempt, self.round_started, self.round_bytes = 0, now, 0
         self.attempt += 1
-        self.round = self.store.latest.round + 1
+        self.round = self.model.round + 1
         trainers = choose_trainers(candidates, self.settings.trainers, self.rng)
         quorum = min(self.settings.min_solutions, len(trainers))
         self.solutions = SolutionCollector(self.term, self.round, self.attempt, trainers, quorum,
                                            now + self.settings.round_deadline,
-                                           shapes=tuple(w.shape for w in self.store.latest.weights))
+                                           shapes=tuple(w.shape for w in self.model.weights))
         self.evaluations = None
-        self.phase = "training"
-        self.round_bytes += self.send(Training(self.term, self.me, self.round, self.attempt, trainers,
-                                               self.store.latest.weights))
-        self.log.info("round %d%s: training order to %s (quorum %d)", self.round,
-                      f" attempt {self.attempt}" if self.attempt > 1 else "", ",".join(trainers), quorum)
+        self.phase = Phase.TRAINING
+        self.round_bytes += self._publish(Training(self.term, self.me, self.round, self.attempt, trainers,
+                                                   self.model.weights))
+        self._log(f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
+                  f"{','.join(trainers)} (quorum {quorum})")
 
     def _publish_model(self, now: float) -> None:
         """Publish the latest global model and collect every live peer's evaluation of it."""
-        latest = self.store.latest
-        self.round = latest.round
+        model = self.model
+        self.round = model.round
         self.solutions = None
-        self.evaluations = EvaluationCollector(self.term, latest.round, self._others(),
+        self.evaluations = EvaluationCollector(self.term, model.round, self._others(),
                                                now + self.settings.round_deadline)
-        self.round_bytes += self.send(Aggregation(self.term, self.me, latest.round, latest.trainers, latest.weights),
-                                      retain=True)
+        self.round_bytes += self._publish(Aggregation(self.term, self.me, model.round, model.trainers,
+                                                      model.weights), retain=True)
         if not self._others():
-            return self._wait_for_peers(f"no peer is live to evaluate the model of round {latest.round}")
-        self.phase = "evaluating"
+            return self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}")
+        self.phase = Phase.EVALUATING
 
     def _advance(self, now: float) -> None:
-        if self.phase == "training" and self.solutions:
+        if self.phase is Phase.TRAINING and self.solutions:
             outcome = self.solutions.outcome(now)
             if outcome is RoundOutcome.RETRY:
-                self.log.warning("round %d attempt %d: %d of %d solutions (quorum %d) by the deadline or with the "
-                                 "rest gone; choosing trainers again", self.round, self.attempt,
-                                 len(self.solutions.received), len(self.solutions.trainers), self.solutions.quorum)
+                self._log(f"round {self.round} attempt {self.attempt}: {len(self.solutions.received)} of "
+                          f"{len(self.solutions.trainers)} solutions (quorum {self.solutions.quorum}) by the deadline "
+                          "or with the rest gone; choosing trainers again", "warning")
                 self._start_training(now, retry=True)
             elif outcome is RoundOutcome.CLOSE:
                 self._aggregate(now)
-        elif self.phase == "evaluating" and self.evaluations and self.evaluations.done(now):
+        elif self.phase is Phase.EVALUATING and self.evaluations and self.evaluations.done(now):
             self._close_evaluation(now)
 
     def _aggregate(self, now: float) -> None:
         collector = self.solutions
         used = tuple(sorted(collector.received))
         missing = sorted(set(collector.trainers) - set(used))
-        weights = collector.aggregate()
-        self.store.offer(self.round, self.term, weights, used)
-        self.log.info("round %d: FedAvg of %d solutions from %s%s", self.round, len(used), ",".join(used),
-                      f" (closed without {','.join(missing)})" if missing else "")
+        self._adopt(GlobalModel(self.round, self.term, collector.aggregate(), used))
+        without = f" (closed without {','.join(missing)})" if missing else ""
+        self._log(f"round {self.round}: FedAvg of {len(used)} solutions from {','.join(used)}{without}")
         self._publish_model(now)
 
     def _close_evaluation(self, now: float) -> None:
         collector, self.evaluations = self.evaluations, None
         result = collector.result()
         if result is None:
-            self.log.warning("round %d: no evaluation arrived; publishing the model again", collector.round)
+            self._log(f"round {collector.round}: no evaluation arrived; publishing the model again", "warning")
             return self._publish_model(now)
         accuracy, loss, samples = result
-        round_, trainers = collector.round, self.store.latest.trainers
-        duration = now - self.round_started if round_ > 0 and self.round_started else 0.0
+        round_, trainers = collector.round, self.model.trainers
+        trained_here = round_ > 0 and self.round_started is not None
+        duration = now - self.round_started if trained_here else 0.0
         # The row first: killed between the two, the round is evaluated again by the next controller and recorded
         # twice (the later row counts); the other way round, it would be finished for everyone and never recorded.
         if round_ > 0:
-            self.records.round(round=round_, term=self.term, controller=self.me, trainers=trainers,
-                               accuracy=accuracy, loss=loss, duration_s=duration, bytes_sent=self.round_bytes,
-                               finished_at=time.time())
-        self.send(Metrics(self.term, self.me, round_, accuracy, loss, samples, trainers, duration, self.round_bytes,
-                          self.store.run_started))
+            self._emit(RecordRound(dict(
+                round=round_, term=self.term, controller=self.me, trainers=trainers, accuracy=accuracy, loss=loss,
+                duration_s=duration, bytes_sent=self.round_bytes, finished_at=self._wall(now),
+                started_at=self._wall(self.round_started) if trained_here else None)))
+        self._publish(Metrics(self.term, self.me, round_, accuracy, loss, samples, trainers, duration,
+                              self.round_bytes, self.run_started))
         summary = RoundSummary(round_, self.term, accuracy, loss, self.round_bytes)
-        self.store.finish_round(summary)
-        self.log.info("round %d: global accuracy %.4f, loss %.4f over %d test samples from %d peers%s", round_,
-                      accuracy, loss, samples, len(collector.received),
-                      f", {duration:.1f}s, {self.round_bytes} bytes" if round_ > 0 else " (initial model)")
+        self.history[round_] = summary
+        self._emit(FinishRound(summary, self.run_started))
+        self._log(f"round {round_}: global accuracy {accuracy:.4f}, loss {loss:.4f} over {samples} test samples "
+                  f"from {len(collector.received)} peers"
+                  + (f", {duration:.1f}s, {self.round_bytes} bytes" if round_ > 0 else " (initial model)"))
         self._after_round(summary, now)
 
     def _after_round(self, summary: RoundSummary, now: float) -> None:
         if summary.round >= self.settings.max_rounds:
-            return self._finish("max-rounds", summary)
+            return self._finish("max-rounds", summary, now)
         if summary.round > 0 and summary.accuracy >= self.settings.target_accuracy:
-            return self._finish("target-accuracy", summary)
+            return self._finish("target-accuracy", summary, now)
         self._start_training(now)
 
-    def _finish(self, reason: str, summary: RoundSummary) -> None:
-        self.phase, self.finished = "finished", True
-        latest = self.store.latest
-        self.learner.save(latest.weights, self.records.model_path)
-        outcome = self.outcome(reason, summary)
-        self.records.run({"settings": self.settings.public_dict(), "outcome": outcome})
-        self.send(Finish(self.term, self.me, summary.round, reason, summary.accuracy), retain=True,
-                  expiry=FINISH_EXPIRY_S)
-        self.log.info("finished (%s) after round %d: accuracy %.4f", reason, summary.round, summary.accuracy)
-        print(format_summary(outcome), flush=True)
+    def _finish(self, reason: str, summary: RoundSummary, now: float) -> None:
+        self.phase = Phase.FINISHED
+        outcome = self.outcome(reason, summary, now)
+        self._emit(SaveModel(self.model.weights), RecordRun({"settings": self.settings.public_dict(),
+                                                             "outcome": outcome}))
+        self._publish(Finish(self.term, self.me, summary.round, reason, summary.accuracy), retain=True,
+                      expiry=FINISH_EXPIRY_S)
+        self._log(f"finished ({reason}) after round {summary.round}: accuracy {summary.accuracy:.4f}")
+        self._emit(Print(format_summary(outcome)), Exit(EXIT_OK))
 
-    def outcome(self, reason: str, summary: RoundSummary) -> dict:
-        initial = self.store.finished.get(0)
-        started = self.store.run_started or time.time()
+    def outcome(self, reason: str, summary: RoundSummary, now: float) -> dict:
+        initial = self.history.get(0)
+        started = self.run_started if self.run_started is not None else self._wall(now)
         return {
             "reason": reason, "rounds": summary.round,
             "initial_accuracy": initial.accuracy if initial else None,
             "final_accuracy": summary.accuracy, "final_loss": summary.loss,
-            "duration_s": round(time.time() - started, 3),
-            "bytes_sent": sum(s.bytes for s in self.store.finished.values()),
-            "terms": self.term, "controller": self.me, "finished_at": time.time(),
+            "duration_s": round(self._wall(now) - started, 3),
+            "bytes_sent": sum(s.bytes for s in self.history.values()),
+            "terms": self.term, "controller": self.me, "finished_at": self._wall(now),
         }
 
 

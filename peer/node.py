@@ -1,9 +1,12 @@
-"""The peer: one event loop that ties the parts together.
+"""The peer: one event loop, and the one place where decisions become deeds.
 
-Events come from one queue: MQTT messages and connection changes (from the transport's thread), finished learning
-jobs (from the learner's thread). The loop decodes each message with the protocol module, feeds the election state
-machine, carries out its actions, and hands the rest to the current role: the controller, or the trainer that every
-other peer is. Between events it ticks the election (timeouts) and the controller (heartbeat, deadlines).
+Events come from one queue: MQTT messages and connection changes (from the transport's thread) and finished
+learning jobs (from the learner thread). Each message is decoded (`protocol`), admitted or refused (`admission`), and
+handed to the machine it is for: the election, then the controller (while this peer leads a term) or the follower
+(every other peer). Between events the loop ticks the election and the controller with the time.
+
+The machines are pure; everything they decide comes back as actions, and `carry_out` is where those happen:
+publishing, records, learning jobs, the model store (this module is its only writer), the final model, the exit.
 """
 from __future__ import annotations
 
@@ -13,41 +16,54 @@ import queue
 import random
 import time
 
+from .actions import (AdoptModel, Exit, FinishRound, JobDone, Log, Print, Publish, RecordElection, RecordEvaluation,
+                      RecordRound, RecordRun, SaveModel, StartJob)
+from .admission import Refused, Route, View, admit, entitled
 from .config import Settings
 from .controller import Controller
 from .election import (CastVote, Election, ElectionTimings, FollowController, Note, Role, SendClaim, StepDown,
                        TakeOffice)
+from .follower import Follower
+from .jobs import JobRunner
 from .learner import Learner
-from .protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Message, Metrics, Presence,
-                       ProtocolError, Solution, Topics, Training, Vote, decode, encode)
+from .protocol import (Aggregation, Claim, Heartbeat, Init, Message, Presence, ProtocolError, Topics, Vote, decode,
+                       encode)
 from .records import RunRecords
-from .rounds import ModelStore, RoundSummary
-from .trainer import Job, JobDone, JobRunner, Trainer
-from .transport import Connected, Disconnected, Inbound, MqttTransport, Refused
+from .rounds import ModelStore
+from .transport import Connected, Disconnected, Inbound, MqttTransport, Refused as ConnectionRefused
 
 TICK_S = 0.05
-EXIT_OK, EXIT_REFUSED = 0, 3
+EXIT_REFUSED = 3
 PRESENCE_EXPIRY_S = 3600   # a dead peer's "offline" will does not linger on a long-lived broker forever
+LOG_FORMAT = "%(asctime)s %(levelname)-7s peer=%(peer)s role=%(role)s term=%(term)s round=%(round)s " \
+             "phase=%(phase)s | %(message)s"
 
 
 class _LogContext(logging.Filter):
-    """Stamps every log line with the peer's id, role, term and round, so one line tells the whole state."""
+    """Stamps every log line with the peer's id, role, term, round and phase, so one line tells the whole state.
+    Installed before the dataset loads (the peer does not exist yet: role `starting`)."""
 
-    def __init__(self, peer: "Peer"):
+    def __init__(self, peer_id: str):
         super().__init__()
-        self.peer = peer
+        self.peer_id = peer_id
+        self.peer: Peer | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.peer, record.role = self.peer.me, self.peer.role_name
-        record.term, record.round = self.peer.election.term, self.peer.current_round
+        peer = self.peer
+        record.peer = self.peer_id
+        if peer is None:
+            record.role, record.term, record.round, record.phase = "starting", 0, 0, "-"
+        else:
+            record.role, record.term, record.round = peer.role_name, peer.election.term, peer.current_round
+            record.phase = peer.phase or "-"
         return True
 
 
-def configure_logging(peer: "Peer", level: str) -> logging.Logger:
+def configure_logging(peer_id: str, level: str) -> logging.Logger:
+    context = _LogContext(peer_id)
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)-7s peer=%(peer)s role=%(role)s term=%(term)s round=%(round)s | %(message)s"))
-    handler.addFilter(_LogContext(peer))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(context)
     log = logging.getLogger("peer")
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
@@ -55,8 +71,17 @@ def configure_logging(peer: "Peer", level: str) -> logging.Logger:
     return log
 
 
+def _attach_to_log(log: logging.Logger, peer: "Peer") -> None:
+    for handler in log.handlers:
+        for context in handler.filters:
+            if isinstance(context, _LogContext):
+                context.peer = peer
+
+
 class Peer:
-    def __init__(self, settings: Settings, learner: Learner, rng: random.Random | None = None):
+    def __init__(self, settings: Settings, learner: Learner, rng: random.Random | None = None,
+                 transport=None, runner=None):
+        """`transport` and `runner` default to the real MQTT adapter and learner thread; tests hand in fakes."""
         self.settings, self.me, self.learner = settings, settings.peer_id, learner
         self.rng = rng or random.Random()
         self.topics = Topics(settings.topic_prefix)
@@ -64,14 +89,18 @@ class Peer:
         self.election = Election(self.me, settings.min_peers,
                                  ElectionTimings.from_heartbeat(settings.heartbeat, settings.election_window),
                                  self.rng, started_at=time.monotonic())
-        self.store = ModelStore()
-        self.records = RunRecords(settings.run_dir, self.me)
-        self.log = configure_logging(self, settings.log_level)
-        self.transport = MqttTransport(settings.broker_host, settings.broker_port, self.me, self.topics.subscription,
-                                       self.events, settings.keepalive, settings.username, settings.password)
-        self.runner = JobRunner(learner, self.events, self._job_wanted, self.log)
-        self.trainer = Trainer(settings, self.records, self.runner, self.send, self.log)
+        self.store = ModelStore()          # written here only, by carrying out AdoptModel and FinishRound
+        self.follower = Follower(self.me, self.store)
         self.controller: Controller | None = None
+        self.records = RunRecords(settings.run_dir, self.me)
+        self.log = logging.getLogger("peer")
+        if not self.log.handlers:
+            configure_logging(self.me, settings.log_level)
+        _attach_to_log(self.log, self)
+        self.transport = transport or MqttTransport(
+            settings.broker_host, settings.broker_port, self.me, self.topics.subscription, self.events,
+            settings.keepalive, settings.username, settings.password)
+        self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
         self.exit_code: int | None = None
         self._status: tuple = ()
         self._last_tick = time.monotonic()
@@ -90,21 +119,23 @@ class Peer:
             return self.controller.round
         return self.store.latest.round if self.store.latest else 0
 
+    @property
+    def phase(self) -> str | None:
+        """The round's phase: the controller's own, or as the controller's last heartbeat told a follower."""
+        return self.controller.phase.value if self.controller else self.follower.phase
+
+    def _view(self) -> View:
+        e = self.election
+        return View(self.me, e.term, e.role, e.controller)
+
     def _write_status(self) -> None:
         last = self.store.last_finished
-        state = (self.role_name, self.election.term, self.current_round, self.election.controller,
+        state = (self.role_name, self.election.term, self.current_round, self.phase, self.election.controller,
                  last.accuracy if last else None)
         if state != self._status:
             self._status = state
-            self.records.status(peer=self.me, role=state[0], term=state[1], round=state[2], controller=state[3],
-                                accuracy=state[4])
-
-    # --- output ---------------------------------------------------------------------------------------------------------
-
-    def send(self, message: Message, retain: bool = False, expiry: int | None = None) -> int:
-        payload = encode(message)
-        self.transport.publish(self.topics.of(message), payload, retain=retain, expiry=expiry)
-        return len(payload)
+            self.records.status(peer=self.me, role=state[0], term=state[1], round=state[2], phase=state[3],
+                                controller=state[4], accuracy=state[5])
 
     # --- main loop ------------------------------------------------------------------------------------------------------
 
@@ -128,14 +159,17 @@ class Peer:
         finally:
             self.runner.stop()
             self._write_status()
-            # Clearing our retained presence (empty payload) says "gone" without leaving a record on the broker.
-            last = [(self.topics.presence(self.me), b"", True)]
-            if self.controller and self.controller.finished:
-                # The run is over: leave no leader or model behind for the next run on this broker (the retained
-                # Finish stays a minute for peers that reconnect late, then expires).
-                last += [(self.topics.of(kind), b"", True) for kind in (Claim, Heartbeat, Aggregation)]
-            self.transport.close(last=last)
+            self.transport.close(last=self._last_words())
         return self.exit_code
+
+    def _last_words(self) -> list[tuple[str, bytes, bool]]:
+        # Clearing our retained presence (empty payload) says "gone" without leaving a record on the broker.
+        last = [(self.topics.presence(self.me), b"", True)]
+        if self.controller and self.controller.finished:
+            # The run is over: leave no leader or model behind for the next run on this broker (the retained
+            # Finish stays a minute for peers that reconnect late, then expires).
+            last += [(self.topics.of(kind), b"", True) for kind in (Claim, Heartbeat, Aggregation)]
+        return last
 
     def tick(self, now: float) -> None:
         stalled_for = now - self._last_tick
@@ -143,31 +177,31 @@ class Peer:
         if stalled_for > self.election.timings.heartbeat_timeout:
             self.log.warning("this peer was frozen for %.1fs (stopped, or the host stalled)", stalled_for)
             actions = self.election.resumed(now)
-            self.apply(actions, now)
+            self.carry_out(actions, now)
             if not actions:   # (a controller stepping down announces itself anyway)
-                self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))   # "I am back"
-        self.apply(self.election.tick(now), now)
+                self._announce()   # "I am back"
+        self.carry_out(self.election.tick(now), now)
         if self.controller:
-            self.controller.tick(now)
-            if self.controller.finished:
-                self.exit_code = EXIT_OK
+            self.carry_out(self.controller.tick(now), now)
 
     def handle(self, event, now: float) -> None:
         if isinstance(event, Inbound):
             self.on_inbound(event, now)
         elif isinstance(event, JobDone):
-            self.trainer.on_job_done(event, self.election.term)
+            self.carry_out(self.follower.on_job_done(event, self.election.term), now)
         elif isinstance(event, Connected):
             self.log.info("connected to broker %s", self.settings.broker)
             self.send(Presence(self.me, "online"), retain=True)
-            self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))
+            self._announce()
         elif isinstance(event, Disconnected):
             self.log.warning("disconnected from broker (%s); reconnecting", event.reason)
-        elif isinstance(event, Refused):
+        elif isinstance(event, ConnectionRefused):
             self.log.error("broker refused the connection: %s%s", event.reason,
                            " (check --username/--password and the broker's ACL)" if event.fatal else "")
             if event.fatal:
                 self.exit_code = EXIT_REFUSED
+
+    # --- inbound: decode, admit, route ----------------------------------------------------------------------------------
 
     def on_inbound(self, event: Inbound, now: float) -> None:
         short = self.topics.short(event.topic)
@@ -179,86 +213,75 @@ class Peer:
             return
         try:
             message = decode(short, event.payload)
-            if short == "presence" and event.topic != self.topics.presence(message.peer):
-                raise ProtocolError(f"presence of {message.peer} on another peer's topic")
         except ProtocolError as err:
             self.log.warning("dropped a malformed message on %s (%d bytes): %s", event.topic, len(event.payload), err)
             return
-        self.dispatch(message, len(event.payload), event.retained, now)
+        verdict = admit(message, event.topic, event.retained, self._view(), self.topics)
+        if isinstance(verdict, Refused):
+            self._refused(verdict)
+            return
+        self.route(verdict, message, len(event.payload), now)
 
-    def dispatch(self, message: Message, size: int, retained: bool, now: float) -> None:
+    def route(self, route: Route, message: Message, size: int, now: float) -> None:
         e = self.election
-        if isinstance(message, Presence):
+        if route is Route.PRESENCE:
             if message.status == "online":
-                self.apply(e.peer_up(message.peer, now), now)
+                self.peer_up(message.peer, now)
             elif message.peer == self.me:
                 if self.transport.connected:   # the broker thought us dead (we hung); we are back
                     self.send(Presence(self.me, "online"), retain=True)
             else:
                 self.peer_gone(message.peer, now)
-        elif isinstance(message, Init):
-            self.apply(e.peer_up(message.peer, now), now)
-            if self.controller and message.peer != self.me:
-                self.log.info("%s joined", message.peer)
-                self.controller.peer_up(message.peer, now)
-                self.controller.next_heartbeat = 0.0   # tell the newcomer at once who leads
-        elif isinstance(message, Vote):
-            self.apply(e.on_vote(message.term, message.peer, message.vote, message.round, message.reason, now), now)
-        elif isinstance(message, (Claim, Heartbeat)) and retained:
+        elif route is Route.ANNOUNCE:
+            self.peer_up(message.peer, now)
+        elif route is Route.BALLOT:
+            self.carry_out(e.on_vote(message.term, message.peer, message.vote, message.round, message.reason, now), now)
+        elif route is Route.CLAIM:
+            self.carry_out(e.on_claim(message.term, message.peer, message.reason, message.members, now), now)
+        elif route is Route.RETAINED_LEADER:
             leader = message.peer if isinstance(message, Claim) else message.controller
-            self.apply(e.on_retained(message.term, leader, now), now)
-        elif isinstance(message, Claim):
-            self.apply(e.on_claim(message.term, message.peer, message.reason, message.members, now), now)
-        elif isinstance(message, Aggregation) and retained:
-            # Delivered because we subscribed: the model a late joiner starts from, not a live order.
-            if self.store.offer(message.round, message.term, message.weights, message.trainers):
-                e.progress(message.round)
-                self.log.info("holding the global model of round %d (retained by the broker)", message.round)
-        elif isinstance(message, Finish) and retained and e.term == 0:
-            # A peer that never saw this run: the finish is an earlier run's (within its minute of expiry) on a
-            # broker being reused. It ends runs it belongs to, not the next one.
-            self.log.info("ignoring the retained finish of an earlier run (term %d)", message.term)
-        elif isinstance(message, (Heartbeat, Training, Aggregation, Metrics, Finish)):
-            self.from_controller(message, now)
-        elif isinstance(message, (Solution, Evaluation)):
-            if self.controller and message.term == e.term:
-                self.controller.on_message(message, size, now)
+            self.carry_out(e.on_retained(message.term, leader, now), now)
+        elif route is Route.RETAINED_MODEL:
+            self.carry_out(self.follower.on_retained_model(message), now)
+        elif route is Route.FROM_CONTROLLER:
+            self.carry_out(e.on_controller_seen(message.term, message.controller, now), now)
+            refusal = entitled(message, self._view())
+            if refusal:
+                self._refused(refusal)
+            else:
+                self.carry_out(self.follower.on_controller(message), now)
+        elif route is Route.TO_CONTROLLER:
+            if self.controller:
+                self.carry_out(self.controller.on_message(message, size, now), now)
 
-    def from_controller(self, message, now: float) -> None:
-        e = self.election
-        if e.is_stale(message.term):
-            self.log.debug("ignored a %s of stale term %d from %s", message.TYPE, message.term, message.controller)
-            return
-        self.apply(e.on_controller_seen(message.term, message.controller, now), now)
-        if e.is_stale(message.term) or (self.controller and message.controller != self.me):
-            return
-        if isinstance(message, Training) and not self.controller:
-            self.trainer.on_training(message)
-        elif isinstance(message, Aggregation):
-            if self.store.offer(message.round, message.term, message.weights, message.trainers):
-                e.progress(message.round)
-            if not self.controller:
-                self.trainer.on_aggregation(message)
-        elif isinstance(message, Metrics):
-            self.store.finish_round(RoundSummary(message.round, message.term, message.accuracy, message.loss,
-                                                 message.bytes), message.run_started)
-        elif isinstance(message, Finish) and not self.controller:
-            self.log.info("finish received from %s (%s) after round %d: accuracy %.4f", message.controller,
-                          message.reason, message.round, message.accuracy)
-            self.exit_code = EXIT_OK
+    def peer_up(self, peer: str, now: float) -> None:
+        self.carry_out(self.election.peer_up(peer, now), now)
+        if self.controller:
+            self.carry_out(self.controller.peer_up(peer, now), now)
 
     def peer_gone(self, peer: str, now: float) -> None:
         if peer == self.me or peer not in self.election.live:
             return
         self.log.info("%s is gone", peer)
-        self.apply(self.election.peer_down(peer, now), now)
+        self.carry_out(self.election.peer_down(peer, now), now)
         if self.controller:
-            self.controller.peer_down(peer, now)
+            self.carry_out(self.controller.peer_down(peer, now), now)
 
-    def apply(self, actions, now: float) -> None:
-        """Carry out what the election decided."""
-        e = self.election
+    def _refused(self, refusal: Refused) -> None:
+        self.log.log(logging.getLevelName(refusal.level.upper()), "%s", refusal.reason)
+
+    # --- carrying out ---------------------------------------------------------------------------------------------------
+
+    def send(self, message: Message, retain: bool = False, expiry: int | None = None) -> None:
+        self.transport.publish(self.topics.of(message), encode(message), retain=retain, expiry=expiry)
+
+    def _announce(self) -> None:
+        self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))
+
+    def carry_out(self, actions, now: float) -> None:
+        """Do what the machines decided, in the order they decided it."""
         for action in actions:
+            # --- the election's decisions
             if isinstance(action, CastVote):
                 self.log.info("election for term %d (%s): voting %.4f", action.term, action.reason, action.vote)
                 self.send(Vote(action.term, self.me, action.vote, action.round, action.reason))
@@ -268,18 +291,54 @@ class Peer:
                 self.send(Claim(action.term, self.me, action.vote, action.round, action.reason, action.members),
                           retain=True)
             elif isinstance(action, TakeOffice):
-                self.controller = Controller(self.settings, action.term, action.reason, e.live, self.store,
-                                             self.records, self.learner, self.send, self.log, self.rng)
-                self.controller.take_office(action.members, now)
+                self.take_office(action, now)
             elif isinstance(action, FollowController):
                 self.log.info("term %d: controller is %s", action.term, action.controller)
             elif isinstance(action, StepDown):
                 self.log.warning("stepping down as controller of term %d: %s", action.term, action.reason)
                 self.controller = None
                 # The others may have counted us gone while we were silent: say we are here, as a peer now.
-                self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))
+                self._announce()
             elif isinstance(action, Note):
                 self.log.info("%s", action.text)
+            # --- the roles' decisions
+            elif isinstance(action, Publish):
+                self.send(action.message, action.retain, action.expiry)
+            elif isinstance(action, Log):
+                self.log.log(logging.getLevelName(action.level.upper()), "%s", action.text)
+            elif isinstance(action, StartJob):
+                self.runner.submit(action)
+            elif isinstance(action, AdoptModel):
+                model = action.model
+                if self.store.offer(model.round, model.term, model.weights, model.trainers):
+                    self.election.progress(model.round)
+                    if action.note:
+                        self.log.info("holding the global model of round %d (%s)", model.round, action.note)
+            elif isinstance(action, FinishRound):
+                self.store.finish_round(action.summary, action.run_started)
+            elif isinstance(action, RecordRound):
+                self.records.round(**action.row)
+            elif isinstance(action, RecordElection):
+                self.records.election(action.term, action.controller, action.reason, action.members)
+            elif isinstance(action, RecordEvaluation):
+                self.records.evaluation(action.round, action.term, action.accuracy, action.loss, action.samples)
+            elif isinstance(action, RecordRun):
+                self.records.run(action.summary)
+            elif isinstance(action, SaveModel):
+                self.learner.save(action.weights, self.records.model_path)
+            elif isinstance(action, Print):
+                print(action.text, flush=True)
+            elif isinstance(action, Exit):
+                self.exit_code = action.code
+            else:
+                raise TypeError(f"no way to carry out {action!r}")
 
-    def _job_wanted(self, job: Job) -> bool:
+    def take_office(self, action: TakeOffice, now: float) -> None:
+        initial = self.learner.initial_weights() if self.store.latest is None else None
+        self.controller = Controller(self.settings, action.term, action.reason, action.members, self.election.live,
+                                     self.store, self.rng, wall_offset=time.time() - time.monotonic(),
+                                     initial_weights=initial)
+        self.carry_out(self.controller.take_office(now), now)
+
+    def _job_wanted(self, job: StartJob) -> bool:
         return job.term == self.election.term and self.exit_code is None

@@ -52,6 +52,11 @@ class WeightCodec:
         return b"".join(parts)
 
     @staticmethod
+    def size(tensors: list[np.ndarray]) -> int:
+        """len(encode(tensors)), without encoding them."""
+        return 4 + sum(1 + 4 * np.ndim(t) + 4 * int(np.size(t)) for t in tensors)
+
+    @staticmethod
     def decode(data: bytes | memoryview) -> list[np.ndarray]:
         view = memoryview(data)
         if len(view) > MAX_WEIGHT_BYTES:
@@ -334,6 +339,15 @@ def encode(message: Message) -> bytes:
         return header
     weights = WeightCodec.encode(message.weights)
     return _FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(header)) + header + weights
+
+
+def encoded_size(message: Message) -> int:
+    """len(encode(message)) without serialising the weights: what a message costs on the wire, for the round's byte
+    count, at the price of its small JSON header."""
+    header = len(json.dumps(message.header(), separators=(",", ":")).encode())
+    if not message.CARRIES_WEIGHTS:
+        return header
+    return _FRAME_HEAD.size + header + WeightCodec.size(message.weights)
 
 
 def decode(short_topic: str, payload: bytes) -> Message:

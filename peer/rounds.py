@@ -135,7 +135,7 @@ class EvaluationCollector:
         return accuracy, loss, sum(n for _, _, n in evaluations)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GlobalModel:
     round: int
     term: int
@@ -160,9 +160,14 @@ class ModelStore:
     finished: dict[int, RoundSummary] = field(default_factory=dict)
     run_started: float | None = None
 
+    def is_newer(self, round_: int, term: int) -> bool:
+        """A model of (round_, term) is newer than ours: a later round, or the same round re-published in a later
+        term (or the same one again)."""
+        return self.latest is None or (round_, term) >= (self.latest.round, self.latest.term)
+
     def offer(self, round_: int, term: int, weights: list[np.ndarray], trainers: tuple[str, ...] = ()) -> bool:
-        """Keep the model if it is newer than ours (a later round, or the same round re-published in a later term)."""
-        if self.latest and (round_, term) < (self.latest.round, self.latest.term):
+        """Keep the model if it is newer than ours."""
+        if not self.is_newer(round_, term):
             return False
         self.latest = GlobalModel(round_, term, weights, tuple(trainers))
         return True
@@ -175,8 +180,3 @@ class ModelStore:
     @property
     def last_finished(self) -> RoundSummary | None:
         return self.finished[max(self.finished)] if self.finished else None
-
-    @property
-    def needs_evaluation(self) -> bool:
-        """The latest model's round has no metrics yet (its controller died between aggregation and metrics)."""
-        return self.latest is not None and self.latest.round not in self.finished

@@ -324,7 +324,7 @@ def summary(round_, term=1, accuracy=0.5):
 
 def test_store_keeps_newer_rounds():
     store = ModelStore()
-    assert store.latest is None and not store.needs_evaluation
+    assert store.latest is None
     assert store.offer(1, 1, W, ("a",))
     assert store.offer(2, 1, [f32(2, 2)], ("b", "c"))
     assert isinstance(store.latest, GlobalModel)
@@ -363,21 +363,17 @@ def test_store_trainers_become_a_tuple():
     assert store.latest.trainers == ("a", "b")
 
 
-def test_needs_evaluation_and_last_finished():
+def test_last_finished():
     store = ModelStore()
     assert store.last_finished is None
     store.offer(1, 1, W)
-    assert store.needs_evaluation
     store.finish_round(summary(1), run_started=1000.0)
-    assert not store.needs_evaluation
     assert store.last_finished.round == 1
     store.offer(2, 1, W)
-    assert store.needs_evaluation
     store.finish_round(summary(3))
     store.finish_round(summary(2))
     # The latest finished round, not the last one reported.
     assert store.last_finished.round == 3
-    assert store.needs_evaluation is False
 
 
 def test_run_started_is_set_once():

@@ -1,0 +1,116 @@
+"""What the pure machines ask the peer to do: the controller and the follower return lists of these, and `node.py`
+carries them out (it is the only module that publishes, writes records, starts learning jobs, saves the model, prints
+or exits). The election has its own, more specific actions (`peer.election`), which the node turns into messages.
+At the end, `JobDone`: the one event that comes back from carrying an action out (a learning job's result).
+
+Reading a machine's output is reading its behaviour: a test asserts on these values, not on side effects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .protocol import Message
+from .rounds import GlobalModel, RoundSummary
+
+
+@dataclass(frozen=True)
+class Publish:
+    message: Message
+    retain: bool = False
+    expiry: int | None = None     # seconds the broker keeps it (retained messages that must not outlive the run)
+
+
+@dataclass(frozen=True)
+class Log:
+    """One log line; the node stamps it with the peer's id, role, term, round and phase."""
+    text: str
+    level: str = "info"           # debug | info | warning | error
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """Fit or evaluate these weights on the learner thread; the result comes back as a `jobs.JobDone` event."""
+    kind: str                     # "fit" | "evaluate"
+    term: int
+    round: int
+    attempt: int
+    weights: list[np.ndarray] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AdoptModel:
+    """This peer now holds this global model (the node writes it into the model store: its only writer)."""
+    model: GlobalModel
+    note: str = ""                # why, for the log ("retained by the broker"); empty: nothing to say
+
+
+@dataclass(frozen=True)
+class FinishRound:
+    """The round's metrics are known: remember them (model store) so any peer can resume the run."""
+    summary: RoundSummary
+    run_started: float | None = None
+
+
+@dataclass(frozen=True)
+class RecordRound:
+    """A rounds.csv row (columns: docs/RECORDS.md)."""
+    row: dict
+
+
+@dataclass(frozen=True)
+class RecordElection:
+    term: int
+    controller: str
+    reason: str
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RecordEvaluation:
+    round: int
+    term: int
+    accuracy: float
+    loss: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class RecordRun:
+    """run.json: the settings and the outcome of a finished run."""
+    summary: dict
+
+
+@dataclass(frozen=True)
+class SaveModel:
+    """Save these weights as the run's final Keras model (model.keras)."""
+    weights: list[np.ndarray] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Print:
+    """Text for the person at the terminal (stdout), e.g. the run summary table."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    """This peer is done: the node leaves the loop with this exit code."""
+    code: int
+
+
+Action = (Publish | Log | StartJob | AdoptModel | FinishRound | RecordRound | RecordElection | RecordEvaluation
+          | RecordRun | SaveModel | Print | Exit)
+
+
+# --- what comes back to the machines -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobDone:
+    """A learning job ended (posted by the learner thread): `result` is (weights, samples, loss) for a fit and
+    (accuracy, loss, samples) for an evaluation; `error` says why there is none."""
+    job: StartJob
+    result: tuple | None
+    error: str | None
+    seconds: float

@@ -1,0 +1,95 @@
+"""Whether a decoded message is acted on, and by whom: pure rules, one function per question, no I/O.
+
+The node asks `admit` of every message that decoded cleanly. The answer is a `Route` (which machine hears it) or
+`Refused` (why not, for one log line). Messages of the controller go through the election first (a higher term makes
+this peer follow it); `entitled` then says whether this peer acts on that message at all.
+
+The rules, in the order they apply:
+- a presence on another peer's topic is a forgery (the Last Will of a peer arrives on its own topic);
+- presence, announcements (init) and ballots (vote, claim) always reach the election;
+- retained messages are history, not orders: a retained claim or heartbeat says who led most recently, a retained
+  aggregation is the model a late joiner starts from, and a retained finish seen before this peer knew any term is
+  an earlier run's (it ends the run it belongs to, not the next one);
+- a controller's message of a term older than ours is stale; one that names this peer as its controller is our own
+  echo (or an earlier life of this id, restarted): the controller acts on what it decides, not on what comes back;
+- solutions and evaluations are for the controller of their term, and only it hears them;
+- after the election has seen a controller's message, only a follower of that very controller in that very term
+  acts on it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .election import Role
+from .protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Message, Metrics, Presence, Solution,
+                       Topics, Training, Vote)
+
+CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish)
+
+
+class Route(str, enum.Enum):
+    PRESENCE = "presence"                # a peer is online or gone: election and controller
+    ANNOUNCE = "announce"                # a peer (re)joined (init): election and controller
+    BALLOT = "ballot"                    # a vote: election
+    CLAIM = "claim"                      # a live claim: election
+    RETAINED_LEADER = "retained-leader"  # a retained claim or heartbeat: election
+    RETAINED_MODEL = "retained-model"    # a retained aggregation: follower (the model to start from)
+    FROM_CONTROLLER = "from-controller"  # heartbeat, training, aggregation, metrics, finish: election, then follower
+    TO_CONTROLLER = "to-controller"      # solution, evaluation: the controller of that term
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+    level: str = "debug"     # how loud the log line is: a forgery is a warning, a stale message routine
+
+
+@dataclass(frozen=True)
+class View:
+    """What the rules need to know of this peer, as the election has it now."""
+    me: str
+    term: int
+    role: Role
+    controller: str | None
+
+
+def admit(message: Message, topic: str, retained: bool, view: View, topics: Topics) -> Route | Refused:
+    if isinstance(message, Presence):
+        if topic != topics.presence(message.peer):
+            return Refused(f"presence of {message.peer} on another peer's topic ({topic})", "warning")
+        return Route.PRESENCE
+    if isinstance(message, Init):
+        return Route.ANNOUNCE
+    if isinstance(message, Vote):
+        return Route.BALLOT
+    if isinstance(message, (Claim, Heartbeat)) and retained:
+        return Route.RETAINED_LEADER
+    if isinstance(message, Claim):
+        return Route.CLAIM
+    if isinstance(message, Aggregation) and retained:
+        return Route.RETAINED_MODEL
+    if isinstance(message, Finish) and retained and view.term == 0:
+        return Refused(f"ignoring the retained finish of an earlier run (term {message.term})", "info")
+    if isinstance(message, CONTROLLER_MESSAGES):
+        if message.term < view.term:
+            return Refused(f"ignored a {message.TYPE} of stale term {message.term} from {message.controller}")
+        if message.controller == view.me:
+            return Refused(f"ignored a {message.TYPE} naming this peer as controller of term {message.term} "
+                           "(our own echo, or an earlier life of this id)")
+        return Route.FROM_CONTROLLER
+    if isinstance(message, (Solution, Evaluation)):
+        if view.role is not Role.CONTROLLER or message.term != view.term:
+            return Refused(f"ignored a {message.TYPE} of term {message.term} from {message.peer}: not the "
+                           f"controller of that term")
+        return Route.TO_CONTROLLER
+    return Refused(f"no rule admits a {message.TYPE}", "warning")
+
+
+def entitled(message: Message, view: View) -> Refused | None:
+    """After the election has seen a controller's message: None if this peer acts on it (it follows that controller
+    in that term), else why not."""
+    if view.role is not Role.FOLLOWER or (message.term, message.controller) != (view.term, view.controller):
+        return Refused(f"ignored a {message.TYPE} of term {message.term} from {message.controller}: this peer is "
+                       f"{view.role.value} of term {view.term} (controller {view.controller})")
+    return None

@@ -1,0 +1,71 @@
+"""The follower as a pure machine: what it does with each of the controller's messages and each finished job."""
+from __future__ import annotations
+
+import numpy as np
+
+from peer.actions import AdoptModel, Exit, FinishRound, JobDone, Log, Publish, RecordEvaluation, StartJob
+from peer.follower import Follower
+from peer.protocol import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training
+from peer.rounds import GlobalModel, ModelStore
+
+W = [np.ones(2, np.float32)]
+
+
+def kinds(actions):
+    return [type(a.message).__name__ if isinstance(a, Publish) else type(a).__name__ for a in actions]
+
+
+def test_chosen_it_fits_not_chosen_it_waits():
+    f = Follower("me", ModelStore())
+    assert f.on_controller(Training(1, "c", 2, 1, ("p2",), W)) == []
+    log, job = f.on_controller(Training(1, "c", 2, 3, ("me", "p2"), W))
+    assert isinstance(log, Log) and "chosen to train (attempt 3)" in log.text
+    assert (job.kind, job.term, job.round, job.attempt) == ("fit", 1, 2, 3)
+
+
+def test_a_live_aggregation_is_adopted_when_newer_and_always_evaluated():
+    memory = ModelStore()
+    adopt, evaluate = f_actions = Follower("me", memory).on_controller(Aggregation(2, "c", 4, ("p2",), W))
+    assert adopt == AdoptModel(GlobalModel(4, 2, W, ("p2",)))
+    assert isinstance(evaluate, StartJob) and (evaluate.kind, evaluate.round) == ("evaluate", 4)
+    memory.offer(5, 2, W)
+    assert kinds(Follower("me", memory).on_controller(Aggregation(2, "c", 4, (), W))) == ["StartJob"]
+    assert memory.latest.round == 5          # the machine reads the store, never writes it
+
+
+def test_a_retained_aggregation_is_held_not_evaluated():
+    [adopt] = Follower("me", ModelStore()).on_retained_model(Aggregation(2, "c", 4, (), W))
+    assert adopt.note == "retained by the broker"
+
+
+def test_metrics_finish_the_round_and_heartbeats_tell_the_phase():
+    f = Follower("me", ModelStore())
+    [finish] = f.on_controller(Metrics(2, "c", 4, 0.8, 0.5, 100, ("p2",), 1.5, 999, 77.0))
+    assert isinstance(finish, FinishRound) and finish.summary.accuracy == 0.8 and finish.run_started == 77.0
+    assert f.on_controller(Heartbeat(2, "c", 4, "training")) == [] and f.phase == "training"
+
+
+def test_the_finish_ends_the_peer():
+    log, exit_ = Follower("me", ModelStore()).on_controller(Finish(2, "c", 4, "max-rounds", 0.8))
+    assert exit_ == Exit(0) and "finish received from c (max-rounds) after round 4" in log.text
+
+
+def test_a_finished_fit_becomes_a_solution_unless_its_term_is_over():
+    f = Follower("me", ModelStore())
+    job = StartJob("fit", 2, 4, 1, W)
+    out = f.on_job_done(JobDone(job, ([np.zeros(2, np.float32)], 300, 0.25), None, 1.0), current_term=2)
+    assert kinds(out) == ["Solution", "Log"]
+    solution = out[0].message
+    assert isinstance(solution, Solution) and (solution.term, solution.round, solution.samples) == (2, 4, 300)
+    [late] = f.on_job_done(JobDone(job, (W, 300, 0.25), None, 1.0), current_term=3)
+    assert "solution dropped" in late.text
+
+
+def test_a_finished_evaluation_is_recorded_and_reported_and_a_failed_job_logged():
+    f = Follower("me", ModelStore())
+    out = f.on_job_done(JobDone(StartJob("evaluate", 2, 4, 1, W), (0.75, 0.5, 200), None, 0.2), current_term=3)
+    assert kinds(out) == ["RecordEvaluation", "Evaluation", "Log"]
+    assert out[0] == RecordEvaluation(4, 2, 0.75, 0.5, 200)
+    assert out[1].message == Evaluation(2, 4, "me", 0.75, 0.5, 200)
+    [error] = f.on_job_done(JobDone(StartJob("fit", 2, 4, 1, W), None, "ValueError: boom", 0.1), current_term=2)
+    assert error.level == "error" and "fit failed: ValueError: boom" in error.text

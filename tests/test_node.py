@@ -1,0 +1,297 @@
+"""The node (the event loop that carries the machines' actions out) with a fake transport and a fake learner: no
+broker, no TensorFlow, no threads. The fake transport loops every publication back to the peer, as a broker does to
+a subscriber of `sd/#`; the other peers' messages are handed in by the test.
+
+A whole round as controller and as follower, a failover, refused messages, the finish."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+
+from peer.actions import JobDone, StartJob
+from peer.config import Settings
+from peer.node import Peer
+from peer.protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, Solution,
+                           Topics, Training, Vote, decode, encode)
+from peer.transport import Inbound
+from tests.netutil import read_csv
+
+TOPICS = Topics("sd")
+
+
+def weights(value: float):
+    return [np.full((2, 2), value, np.float32), np.full(3, value, np.float32)]
+
+
+class FakeTransport:
+    def __init__(self):
+        self.published: list[tuple[str, bytes, bool]] = []
+        self.connected = True
+        self.events = None          # the peer's queue, for the loop-back
+
+    def start(self, will_topic, will_payload, will_expiry=None):
+        pass
+
+    def publish(self, topic, payload, retain=False, expiry=None):
+        self.published.append((topic, payload, retain))
+        self.events.put(Inbound(topic, payload, False))
+
+    def close(self, last=(), timeout=5.0):
+        self.closed_with = list(last)
+
+    def messages(self, kind):
+        short = kind.TOPIC
+        return [decode(short if short != "presence" else "presence", p) for t, p, _ in self.published
+                if TOPICS.short(t) == short and p and isinstance(decode(TOPICS.short(t), p), kind)]
+
+
+class FakeRunner:
+    def __init__(self):
+        self.jobs: list[StartJob] = []
+
+    def submit(self, job):
+        self.jobs.append(job)
+
+    def stop(self, timeout=30.0):
+        pass
+
+
+class FakeLearner:
+    def __init__(self):
+        self.saved = []
+
+    def initial_weights(self):
+        return weights(0)
+
+    def save(self, weights_, path):
+        self.saved.append(path)
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record):
+        self.lines.append((record.levelname, record.getMessage()))
+
+    def having(self, text):
+        return [line for line in self.lines if text in line[1]]
+
+
+@pytest.fixture
+def lines():
+    handler, log = Lines(), logging.getLogger("peer")
+    level, log.level = log.level, logging.DEBUG
+    log.addHandler(handler)
+    yield handler
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+def make_peer(tmp_path, me="p1", **overrides) -> tuple[Peer, FakeTransport, FakeRunner, FakeLearner]:
+    options = dict(peer_id=me, min_peers=2, trainers=1, min_solutions=1, max_rounds=1, target_accuracy=0.99,
+                   heartbeat=0.5, election_window=0.5, round_deadline=10.0, run_dir=tmp_path)
+    options.update(overrides)
+    transport, runner, learner = FakeTransport(), FakeRunner(), FakeLearner()
+    peer = Peer(Settings(**options), learner, rng=random.Random(1), transport=transport, runner=runner)
+    transport.events = peer.events
+    return peer, transport, runner, learner
+
+
+class Clock:
+    def __init__(self, peer: Peer):
+        self.now = peer.election.started_at
+        peer._last_tick = self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+def pump(peer: Peer, now: float) -> None:
+    """Handle every queued event (loop-backs included), then tick once, as the loop does."""
+    while not peer.events.empty():
+        peer.handle(peer.events.get(), now)
+    peer.tick(now)
+    while not peer.events.empty():
+        peer.handle(peer.events.get(), now)
+    peer._write_status()
+
+
+def deliver(peer: Peer, message, now: float, retained: bool = False, topic: str | None = None) -> None:
+    peer.handle(Inbound(topic or TOPICS.of(message), encode(message), retained), now)
+    pump(peer, now)
+
+
+def run_until(peer: Peer, clock: Clock, done, seconds: float = 10.0, step: float = 0.1) -> None:
+    for _ in range(int(seconds / step)):
+        pump(peer, clock.advance(step))
+        if done():
+            return
+    raise AssertionError("condition not reached")
+
+
+def follow(peer, clock, controller="c", term=1):
+    """Make `peer` a follower of `controller` in `term` (its heartbeat tells who leads)."""
+    deliver(peer, Presence(controller, "online"), clock.now)
+    deliver(peer, Heartbeat(term, controller, 0, "evaluating"), clock.now)
+    assert (peer.election.term, peer.election.controller) == (term, controller)
+
+
+# --- as follower --------------------------------------------------------------------------------------------------------
+
+def test_a_follower_evaluates_trains_and_remembers_a_whole_round(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    assert lines.having("term 1: controller is c")
+    deliver(peer, Aggregation(1, "c", 0, (), weights(0)), clock.now)
+    [evaluate] = runner.jobs
+    assert (evaluate.kind, evaluate.round) == ("evaluate", 0) and peer.store.latest.round == 0
+    peer.handle(JobDone(evaluate, (0.25, 2.0, 100), None, 0.1), clock.now)
+    [evaluation] = transport.messages(Evaluation)
+    assert (evaluation.round, evaluation.accuracy, evaluation.peer) == (0, 0.25, "p1")
+    assert read_csv(tmp_path / "peers" / "p1" / "evaluations.csv")[0]["accuracy"] == "0.250000"
+    deliver(peer, Metrics(1, "c", 0, 0.25, 2.0, 100, (), 0.0, 10, 123.0), clock.now)
+    assert peer.store.finished[0].accuracy == 0.25 and peer.store.run_started == 123.0
+
+    deliver(peer, Training(1, "c", 1, 1, ("p2",), weights(0)), clock.now)
+    assert len(runner.jobs) == 1                                   # not chosen: nothing to do
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    fit = runner.jobs[-1]
+    assert (fit.kind, fit.round, fit.attempt) == ("fit", 1, 1)
+    assert lines.having("round 1: chosen to train (attempt 1)")
+    peer.handle(JobDone(fit, (weights(3), 500, 0.5), None, 1.0), clock.now)
+    [solution] = transport.messages(Solution)
+    assert (solution.round, solution.samples, solution.peer) == (1, 500, "p1")
+    np.testing.assert_array_equal(solution.weights[0], weights(3)[0])
+
+    deliver(peer, Heartbeat(1, "c", 1, "evaluating"), clock.now)
+    deliver(peer, Aggregation(1, "c", 1, ("p1",), weights(3)), clock.now)
+    assert peer.store.latest.round == 1 and peer.election.round == 1 and runner.jobs[-1].kind == "evaluate"
+    status = json.loads((tmp_path / "peers" / "p1" / "status.json").read_text())
+    assert (status["role"], status["term"], status["round"], status["phase"], status["controller"]) == \
+        ("trainer", 1, 1, "evaluating", "c")
+
+
+def test_a_follower_exits_on_the_finish_of_its_run_but_not_on_an_earlier_runs_retained_one(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    deliver(peer, Finish(4, "old", 7, "max-rounds", 0.9), clock.now, retained=True)
+    assert peer.exit_code is None and lines.having("retained finish of an earlier run (term 4)")
+    follow(peer, clock)
+    deliver(peer, Finish(1, "c", 1, "max-rounds", 0.8), clock.now)
+    assert peer.exit_code == 0 and lines.having("finish received from c (max-rounds) after round 1")
+
+
+def test_a_late_joiner_holds_the_retained_model_without_evaluating_it(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    deliver(peer, Aggregation(1, "c", 4, ("p2",), weights(4)), clock.now, retained=True)
+    assert peer.store.latest.round == 4 and runner.jobs == []
+    assert peer.election.round == 4          # its vote will say it holds round 4
+    assert lines.having("holding the global model of round 4 (retained by the broker)")
+
+
+# --- as controller -------------------------------------------------------------------------------------------------------
+
+def test_a_lone_pair_elects_this_peer_and_it_runs_a_whole_round_to_the_finish(tmp_path, lines):
+    peer, transport, runner, learner = make_peer(tmp_path, me="c")
+    clock = Clock(peer)
+    deliver(peer, Presence("p1", "online"), clock.now)
+    # After the join grace it votes; p1 votes lower; the window passes; it claims; its claim comes back first.
+    run_until(peer, clock, lambda: transport.messages(Vote))
+    deliver(peer, Vote(1, "p1", 0.0, 0, "start"), clock.now)
+    run_until(peer, clock, lambda: peer.controller is not None)
+    [claim] = [(t, r) for t, p, r in transport.published if TOPICS.short(t) == "election" and b'"claim"' in p]
+    assert claim == ("sd/election", True)            # retained: a peer joining later learns the decision
+    assert read_csv(tmp_path / "elections.csv")[0]["controller"] == "c"
+    [agg0] = transport.messages(Aggregation)
+    assert agg0.round == 0 and peer.store.latest.round == 0
+    # Its own aggregation came back from the broker: refused as its own echo, not adopted or evaluated twice.
+    assert lines.having("ignored a aggregation naming this peer as controller of term 1") and runner.jobs == []
+    deliver(peer, Evaluation(1, 0, "p1", 0.2, 2.0, 100), clock.now)
+    [training] = transport.messages(Training)
+    assert training.trainers == ("p1",) and peer.store.finished[0].accuracy == 0.2
+    deliver(peer, Solution(1, 1, 1, "p1", 500, 0.4, weights(2)), clock.now)
+    assert transport.messages(Aggregation)[-1].round == 1 and peer.store.latest.round == 1
+    deliver(peer, Evaluation(1, 1, "p1", 0.6, 1.0, 100), clock.now)
+    [finish] = transport.messages(Finish)
+    assert (finish.round, finish.reason, finish.accuracy) == (1, "max-rounds", 0.6)
+    assert peer.exit_code == 0 and learner.saved == [tmp_path / "model.keras"]
+    assert json.loads((tmp_path / "run.json").read_text())["outcome"]["final_accuracy"] == 0.6
+    assert [r["round"] for r in read_csv(tmp_path / "rounds.csv")] == ["1"]
+    # Leaving, a finished controller clears its presence and the retained leader and model for the next run.
+    assert peer._last_words() == [("sd/presence/c", b"", True), ("sd/election", b"", True),
+                                  ("sd/heartbeat", b"", True), ("sd/aggregation", b"", True)]
+
+
+def test_failover_the_controller_is_lost_and_this_peer_resumes_from_the_model_it_holds(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path, max_rounds=5)
+    clock = Clock(peer)
+    follow(peer, clock)
+    deliver(peer, Presence("p2", "online"), clock.now)
+    deliver(peer, Aggregation(1, "c", 2, ("p2",), weights(2)), clock.now)
+    deliver(peer, Metrics(1, "c", 2, 0.7, 1.0, 100, ("p2",), 1.0, 10, 50.0), clock.now)
+    # The controller's Last Will: a new term; this peer votes; p2 votes lower; this peer claims and takes office.
+    deliver(peer, Presence("c", "offline"), clock.now)
+    [vote] = transport.messages(Vote)
+    assert vote.term == 2 and vote.reason == "controller-lost" and vote.round == 2
+    deliver(peer, Vote(2, "p2", 0.0, 2, "controller-lost"), clock.now)
+    run_until(peer, clock, lambda: peer.controller is not None)
+    assert lines.having("controller of term 2 (controller-lost)")
+    [training] = transport.messages(Training)
+    assert (training.term, training.round, training.trainers) == (2, 3, ("p2",))   # round 2 was finished: go on
+    np.testing.assert_array_equal(training.weights[0], weights(2)[0])
+    assert "c" not in peer.controller.live
+
+
+def test_a_controller_steps_down_when_a_higher_term_is_claimed(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path, me="c")
+    clock = Clock(peer)
+    deliver(peer, Presence("p1", "online"), clock.now)
+    run_until(peer, clock, lambda: transport.messages(Vote))
+    run_until(peer, clock, lambda: peer.controller is not None)
+    deliver(peer, Claim(5, "p1", 0.9, 0, "conflict", ("c", "p1")), clock.now)
+    assert peer.controller is None and peer.election.controller == "p1"
+    assert lines.having("stepping down as controller of term 1")
+    assert transport.messages(Init)[-1].term == 5            # it says it is here, as a peer now
+
+
+# --- refused --------------------------------------------------------------------------------------------------------------
+
+def test_refused_messages_are_logged_and_change_nothing(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock, term=3)
+    before = len(transport.published)
+    # a presence forged on another peer's topic
+    deliver(peer, Presence("c", "offline"), clock.now, topic="sd/presence/p9")
+    assert peer.election.controller == "c" and lines.having("presence of c on another peer's topic")[0][0] == "WARNING"
+    # a controller message of a stale term
+    deliver(peer, Training(2, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    # a solution, when this peer is no controller
+    deliver(peer, Solution(3, 1, 1, "p2", 10, 0.1, weights(0)), clock.now)
+    # a malformed payload
+    peer.handle(Inbound("sd/training", b"\x00garbage", False), clock.now)
+    assert runner.jobs == [] and len(transport.published) == before
+    assert lines.having("stale term 2") and lines.having("not the controller of that term")
+    assert lines.having("dropped a malformed message on sd/training")
+
+
+def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    fit = runner.jobs[-1]
+    assert peer._job_wanted(fit)
+    deliver(peer, Heartbeat(2, "c2", 0, "training"), clock.now)     # a new term began meanwhile
+    assert not peer._job_wanted(fit)
+    peer.handle(JobDone(fit, (weights(1), 10, 0.1), None, 1.0), clock.now)
+    assert transport.messages(Solution) == [] and lines.having("term 1 is over; solution dropped")
