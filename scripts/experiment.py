@@ -29,20 +29,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from graphs import plot_comparison
-from peer.config import SettingsError, build_parser, load_settings
-from peer.partition import SCHEMES
+from peer.config import SettingsError, build_parser, load_settings, number
+from peer.data import DEFAULT_SEED
+from peer.partition import DEFAULT_ALPHA, SCHEMES
 from peer.records import RunDirError, global_series, load_run
 from scripts.localnet import LocalNetwork, split_peer_args
 
 DEFAULT_PARTITIONS = "iid,dirichlet:0.5,skewed"
-DEFAULT_ALPHA = 0.5
+positive_number = number(0, low_open=True)
 DEFAULT_TIMEOUT = 900.0
 COMPARISON_PNG = "comparison.png"
 COMPARISON_CSV = "comparison.csv"
 SUMMARY_JSON = "summary.json"
 
 # Before the user's peer flags, so theirs win (the peer's argparse keeps the last value of a flag).
-BASE_PEER_ARGS = ["--dataset", "fashion-mnist", "--target-accuracy", "1.0", "--seed", "42"]
+BASE_PEER_ARGS = ["--dataset", "fashion-mnist", "--target-accuracy", "1.0", "--seed", str(DEFAULT_SEED)]
 # Set per run by LocalNetwork or by this script; a user value would silently break the comparison or the launcher.
 RESERVED_PEER_FLAGS = {
     "broker": "LocalNetwork starts its own broker",
@@ -110,11 +111,9 @@ def parse_partitions(text: str) -> list[Partition]:
             alpha = DEFAULT_ALPHA
             if sep:
                 try:
-                    alpha = float(alpha_text)
-                except ValueError:
-                    raise UsageError(f"{item!r}: alpha {alpha_text!r} is not a number") from None
-                if not (math.isfinite(alpha) and alpha > 0):
-                    raise UsageError(f"{item!r}: alpha must be a positive number")
+                    alpha = positive_number(alpha_text)
+                except SettingsError as error:
+                    raise UsageError(f"{item!r}: alpha {error}") from None
         elif sep:
             raise UsageError(f"{item!r}: only dirichlet takes a parameter (dirichlet:ALPHA)")
         partition = Partition(name, alpha)

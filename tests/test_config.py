@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from peer.config import ENV_NAMES, OPTIONS, PEER_ID_PATTERN, Settings, SettingsError, load_settings
+from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings
+from peer.protocol import PEER_ID_PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
 
