@@ -28,7 +28,7 @@ if TYPE_CHECKING:   # config imports this module's dataset facts; Settings is on
 
 log = logging.getLogger(__name__)
 
-# --- the datasets: what they are and where they come from (config and scripts/split_dataset.py use these) ---------------
+# --- the datasets: what they are and where they come from (config and scripts/split_dataset.py use these) -------------
 
 SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 DATASETS = tuple(SHAPES)
@@ -56,13 +56,12 @@ def split_shard_file(shard: int | str) -> str:
 _LABELS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 # (ways open to any reader of IDX files, the Keras download only the peer has)
 _WAYS = {
-    "mnist": (["put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-               "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from the MNIST site in a folder and pass "
-               "--data-dir FOLDER"],
+    "mnist": ([f"put the four IDX files ({', '.join(name + '.gz' for name in IDX_NAMES.values())}) from the MNIST "
+               "site in a folder and pass --data-dir FOLDER"],
               "let Keras download it once (needs internet; cached as $KERAS_HOME/datasets/mnist.npz, default "
               "~/.keras)"),
-    "fashion-mnist": ([f"`sudo apt-get install dataset-fashion-mnist` (installs the IDX files in {DEBIAN_FASHION_MNIST}, "
-                       "where the peer finds them without --data-dir)",
+    "fashion-mnist": (["`sudo apt-get install dataset-fashion-mnist` (installs the IDX files in "
+                       f"{DEBIAN_FASHION_MNIST}, where the peer finds them without --data-dir)",
                        "pass --data-dir with the four IDX files"],
                       "let Keras download it once (needs internet)"),
     "cifar10": ([], "let Keras download it once (needs internet; cached in $KERAS_HOME/datasets/cifar-10-batches-py, "

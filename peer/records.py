@@ -44,7 +44,7 @@ def peer_dir(run_dir: str | Path, peer: str) -> Path:
     return Path(run_dir) / PEERS_DIR / peer
 
 
-# --- rows: one dataclass per CSV file, its fields are the file's columns in order ---------------------------------------
+# --- rows: one dataclass per CSV file, its fields are the file's columns in order -------------------------------------
 
 @dataclass(frozen=True)
 class RoundRecord:
