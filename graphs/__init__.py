@@ -7,13 +7,13 @@ Files written (fixed names, other tools rely on them):
     round_durations.png       duration per round, bars coloured by term
     election_timeline.png     who was controller when, chaos kills/stops and the run's end marked
     class_distribution.png    each peer's train class histogram
+
+The records are read with peer.records (`load_run`, `global_series`), the one home of the run dir's format.
 """
 from graphs.draw import (ACCURACY_ALL_PEERS, CLASS_DISTRIBUTION, ELECTION_TIMELINE, GLOBAL_ACCURACY_LOSS,
                          ROUND_DURATIONS, NoRecordsError, draw_all, peer_accuracy_file, plot_comparison)
-from graphs.records import RunDirError, RunRecords, global_series, load_run
 
 __all__ = [
     "ACCURACY_ALL_PEERS", "CLASS_DISTRIBUTION", "ELECTION_TIMELINE", "GLOBAL_ACCURACY_LOSS", "ROUND_DURATIONS",
-    "NoRecordsError", "RunDirError", "RunRecords", "draw_all", "global_series", "load_run", "peer_accuracy_file",
-    "plot_comparison",
+    "NoRecordsError", "draw_all", "peer_accuracy_file", "plot_comparison",
 ]

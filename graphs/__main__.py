@@ -8,13 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import matplotlib
-
-# before anything imports pyplot: a headless run (container, CI) has no display for an interactive backend
-matplotlib.use("Agg")
-
-from graphs.draw import GRAPHS_DIR, draw_all  # noqa: E402  (the backend has to be chosen first)
-from graphs.records import RunDirError  # noqa: E402
+from graphs.draw import GRAPHS_DIR, draw_all  # draws on Agg canvases itself: no display needed, no backend to pick
+from peer.records import RunDirError
 
 EXIT_NO_RECORDS = 2
 

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from graphs.records import (GlobalPoint, RunDirError, RunRecords, global_series, load_run, natural_key)
+from peer.records import GlobalPoint, RunDirError, RunHistory, global_series, load_run, natural_key
 
 DPI = 110
 GRAPHS_DIR = "graphs"
@@ -78,9 +78,9 @@ def _term_colours(terms: Iterable[int]) -> dict[int, str]:
     return {term: f"C{index % 10}" for index, term in enumerate(ordered)}
 
 
-def _run_label(records: RunRecords) -> str:
-    settings = records.summary.settings if records.summary else {}
-    data = next((p.data for p in records.peers.values() if p.data), None)
+def _run_label(history: RunHistory) -> str:
+    settings = history.summary.settings if history.summary else {}
+    data = next((p.data for p in history.peers.values() if p.data), None)
     dataset = settings.get("dataset") or (data.dataset if data else "")
     partition = settings.get("partition") or (data.partition if data else "")
     parts = [str(part) for part in (dataset, partition) if part]
@@ -100,8 +100,8 @@ def _global_accuracy_line(axis, points: list[GlobalPoint], **style) -> None:
                   markersize=9, markerfacecolor="white", markeredgecolor=style.get("color", "black"))
 
 
-def draw_peer_accuracy(records: RunRecords, peer: str, out_dir: Path) -> Path:
-    evaluations = records.peers[peer].evaluations if peer in records.peers else []
+def draw_peer_accuracy(history: RunHistory, peer: str, out_dir: Path) -> Path:
+    evaluations = history.peers[peer].evaluations if peer in history.peers else []
     if not evaluations:
         raise Skip(f"peer {peer} has no rows in evaluations.csv")
     figure = _new_figure(8, 4.5)
@@ -109,7 +109,7 @@ def draw_peer_accuracy(records: RunRecords, peer: str, out_dir: Path) -> Path:
     rounds = [e.round for e in evaluations]
     accuracy_axis.plot(rounds, [e.accuracy for e in evaluations], marker="o", color="tab:blue", linewidth=2,
                        label=f"{peer} accuracy")
-    _global_accuracy_line(accuracy_axis, global_series(records), color="grey", linestyle=":", linewidth=1.5)
+    _global_accuracy_line(accuracy_axis, global_series(history), color="grey", linestyle=":", linewidth=1.5)
     _accuracy_axis(accuracy_axis, [e.accuracy for e in evaluations])
     _integer_rounds(accuracy_axis)
     loss_axis = accuracy_axis.twinx()
@@ -120,15 +120,15 @@ def draw_peer_accuracy(records: RunRecords, peer: str, out_dir: Path) -> Path:
     handles, labels = accuracy_axis.get_legend_handles_labels()
     loss_handles, loss_labels = loss_axis.get_legend_handles_labels()
     loss_axis.legend(handles + loss_handles, labels + loss_labels, loc="center right", fontsize="small")
-    data = records.peers[peer].data
+    data = history.peers[peer].data
     detail = f", shard {data.shard}, {data.test_samples} test samples" if data and data.shard else ""
     accuracy_axis.set_title(f"{peer}: its evaluation of the global model{detail}")
     return _save(figure, out_dir / peer_accuracy_file(peer))
 
 
-def draw_all_peers_accuracy(records: RunRecords, out_dir: Path) -> Path:
-    peers = [p for p in records.peers.values() if p.evaluations]
-    points = global_series(records)
+def draw_all_peers_accuracy(history: RunHistory, out_dir: Path) -> Path:
+    peers = [p for p in history.peers.values() if p.evaluations]
+    points = global_series(history)
     if not peers and not any(p.accuracy is not None for p in points):
         raise Skip("no peer evaluations and no global accuracy")
     figure = _new_figure(9, 5.5)
@@ -140,12 +140,12 @@ def draw_all_peers_accuracy(records: RunRecords, out_dir: Path) -> Path:
     _accuracy_axis(axis, [e.accuracy for p in peers for e in p.evaluations] + [p.accuracy for p in points])
     _integer_rounds(axis)
     axis.legend(loc="lower right", fontsize="small", ncol=2 if len(peers) > 8 else 1)
-    axis.set_title(f"Accuracy of the global model on each peer's test shard{_run_label(records)}")
+    axis.set_title(f"Accuracy of the global model on each peer's test shard{_run_label(history)}")
     return _save(figure, out_dir / ACCURACY_ALL_PEERS)
 
 
-def draw_global_accuracy_loss(records: RunRecords, out_dir: Path) -> Path:
-    points = global_series(records)
+def draw_global_accuracy_loss(history: RunHistory, out_dir: Path) -> Path:
+    points = global_series(history)
     with_accuracy = [p for p in points if p.accuracy is not None]
     with_loss = [p for p in points if p.loss is not None]
     if not with_accuracy and not with_loss:
@@ -153,7 +153,7 @@ def draw_global_accuracy_loss(records: RunRecords, out_dir: Path) -> Path:
     figure = _new_figure(8, 6.5)
     accuracy_axis, loss_axis = figure.subplots(2, 1, sharex=True)
     _global_accuracy_line(accuracy_axis, points, color="tab:blue", linewidth=2.5, marker="o")
-    target = records.summary.target_accuracy if records.summary else None
+    target = history.summary.target_accuracy if history.summary else None
     if target is not None:
         accuracy_axis.axhline(target, color="tab:green", linestyle="--", linewidth=1.5,
                               label=f"target {target:.0%}" if target <= 1 else f"target {target:g}")
@@ -164,7 +164,7 @@ def draw_global_accuracy_loss(records: RunRecords, out_dir: Path) -> Path:
                                ha="center", fontsize="small")
     _accuracy_axis(accuracy_axis, [p.accuracy for p in points] + ([target] if target is not None else []))
     accuracy_axis.legend(loc="lower right", fontsize="small")
-    accuracy_axis.set_title(f"Global accuracy and loss per round{_run_label(records)}")
+    accuracy_axis.set_title(f"Global accuracy and loss per round{_run_label(history)}")
     loss_axis.plot([p.round for p in with_loss], [p.loss for p in with_loss], color="tab:red", linewidth=2.5,
                    marker="s", label="global loss (sample-weighted)")
     loss_axis.set_ylabel("loss")
@@ -175,18 +175,18 @@ def draw_global_accuracy_loss(records: RunRecords, out_dir: Path) -> Path:
     return _save(figure, out_dir / GLOBAL_ACCURACY_LOSS)
 
 
-def draw_round_durations(records: RunRecords, out_dir: Path) -> Path:
-    if not records.rounds:
+def draw_round_durations(history: RunHistory, out_dir: Path) -> Path:
+    if not history.rounds:
         raise Skip("no rows in rounds.csv")
-    colours = _term_colours([r.term for r in records.rounds] + [e.term for e in records.elections])
-    controllers = records.controller_of_term()
-    figure = _new_figure(max(7.0, 0.45 * len(records.rounds) + 4), 4.5)
+    colours = _term_colours([r.term for r in history.rounds] + [e.term for e in history.elections])
+    controllers = history.controller_of_term()
+    figure = _new_figure(max(7.0, 0.45 * len(history.rounds) + 4), 4.5)
     axis = figure.add_subplot()
-    for term in sorted({r.term for r in records.rounds}):
-        rounds = [r for r in records.rounds if r.term == term]
+    for term in sorted({r.term for r in history.rounds}):
+        rounds = [r for r in history.rounds if r.term == term]
         bars = axis.bar([r.round for r in rounds], [r.duration_s for r in rounds], color=colours[term],
                         edgecolor="black", linewidth=0.5, label=f"term {term}, controller {controllers[term]}")
-        if len(records.rounds) <= 30:
+        if len(history.rounds) <= 30:
             axis.bar_label(bars, fmt="%.1f s", fontsize="x-small", padding=2)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("round")
@@ -198,24 +198,24 @@ def draw_round_durations(records: RunRecords, out_dir: Path) -> Path:
     return _save(figure, out_dir / ROUND_DURATIONS)
 
 
-def _last_known_time(records: RunRecords) -> float | None:
-    times = [r.finished_at for r in records.rounds] + [c.time for c in records.chaos]
-    times += [e.time for p in records.peers.values() for e in p.evaluations]
-    times += [e.time for e in records.elections]
+def _last_known_time(history: RunHistory) -> float | None:
+    times = [r.finished_at for r in history.rounds] + [c.time for c in history.chaos]
+    times += [e.time for p in history.peers.values() for e in p.evaluations]
+    times += [e.time for e in history.elections]
     finite = [t for t in times if math.isfinite(t)]
     return max(finite) if finite else None
 
 
-def draw_election_timeline(records: RunRecords, out_dir: Path) -> Path:
-    elections = [e for e in records.elections if math.isfinite(e.time)]
+def draw_election_timeline(history: RunHistory, out_dir: Path) -> Path:
+    elections = [e for e in history.elections if math.isfinite(e.time)]
     if not elections:
         raise Skip("no rows in elections.csv")
     start = elections[0].time
-    finished_at = records.summary.finished_at if records.summary else None
-    end = finished_at if finished_at is not None else _last_known_time(records)
+    finished_at = history.summary.finished_at if history.summary else None
+    end = finished_at if finished_at is not None else _last_known_time(history)
     controllers = sorted({e.controller for e in elections}, key=natural_key)
     row_of = {controller: index for index, controller in enumerate(controllers)}
-    colours = _term_colours([e.term for e in elections] + [r.term for r in records.rounds])
+    colours = _term_colours([e.term for e in elections] + [r.term for r in history.rounds])
 
     figure = _new_figure(11, max(3.8, 1.2 + 0.8 * len(controllers)))
     axis = figure.add_subplot()
@@ -231,7 +231,7 @@ def draw_election_timeline(records: RunRecords, out_dir: Path) -> Path:
         axis.text(election.time - start + width / 2, row, f"term {election.term}: {election.reason}{members}",
                   ha="center", va="center", fontsize="small", clip_on=True,
                   bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.5})
-    finished_rounds = [r for r in records.rounds if r.controller in row_of and math.isfinite(r.finished_at)]
+    finished_rounds = [r for r in history.rounds if r.controller in row_of and math.isfinite(r.finished_at)]
     if finished_rounds:
         axis.plot([r.finished_at - start for r in finished_rounds], [row_of[r.controller] + 0.38
                                                                      for r in finished_rounds],
@@ -240,7 +240,7 @@ def draw_election_timeline(records: RunRecords, out_dir: Path) -> Path:
             axis.annotate(f"r{r.round}", (r.finished_at - start, row_of[r.controller] + 0.38),
                           textcoords="offset points", xytext=(0, 6), ha="center", fontsize="x-small")
     labelled_actions: set[str] = set()
-    for event in records.chaos:
+    for event in history.chaos:
         colour = CHAOS_COLOURS.get(event.action, "dimgrey")
         label = None if event.action in labelled_actions else f"chaos: {event.action}"
         labelled_actions.add(event.action)
@@ -254,7 +254,7 @@ def draw_election_timeline(records: RunRecords, out_dir: Path) -> Path:
             axis.plot(event.time - start, row_of[event.peer], marker="X", color=colour, markersize=11,
                       markeredgecolor="black")
     if finished_at is not None:
-        reason = records.summary.outcome.get("reason") if records.summary else None
+        reason = history.summary.outcome.get("reason") if history.summary else None
         axis.axvline(finished_at - start, color="black", linestyle="--", linewidth=1.5,
                      label=f"run finished ({reason})" if reason else "run finished")
     axis.set_yticks(range(len(controllers)), controllers)
@@ -276,8 +276,8 @@ def _class_colours(count: int) -> list:
     return [colormap(index / max(count - 1, 1)) if name == "viridis" else colormap(index) for index in range(count)]
 
 
-def draw_class_distribution(records: RunRecords, out_dir: Path) -> Path:
-    shards = [p.data for p in records.peers.values() if p.data and p.data.train_classes]
+def draw_class_distribution(history: RunHistory, out_dir: Path) -> Path:
+    shards = [p.data for p in history.peers.values() if p.data and p.data.train_classes]
     if not shards:
         raise Skip("no peers/<id>/data.json with train_classes")
     num_classes = max(max(d.num_classes, len(d.train_classes)) for d in shards)
@@ -313,7 +313,7 @@ def draw_class_distribution(records: RunRecords, out_dir: Path) -> Path:
                                color="white" if value > 0.6 * peak else "black")
     figure.colorbar(image, ax=heat_axis, label="train samples")
     heat_axis.set_title("Train class histogram per peer")
-    figure.suptitle(f"Class distribution of the peers' train shards{_run_label(records)}")
+    figure.suptitle(f"Class distribution of the peers' train shards{_run_label(history)}")
     return _save(figure, out_dir / CLASS_DISTRIBUTION)
 
 
@@ -348,26 +348,26 @@ def draw_all(run_dir: str | Path, out_dir: str | Path | None = None, *,
     """Draws every picture the run's records allow into out_dir (default RUN_DIR/graphs); returns the files written.
 
     What cannot be drawn is skipped, and skipped rows and pictures are reported one line each through notify
-    (default: stderr). Raises RunDirError when run_dir does not exist, NoRecordsError when it holds no records.
+    (default: stderr). Raises RunDirError when run_dir does not exist, NoRecordsError when it holds no history.
     """
     notify = notify or _print_to_stderr
-    records = load_run(run_dir)
-    for warning in records.warnings:
+    history = load_run(run_dir)
+    for warning in history.warnings:
         notify(f"warning: {warning}")
-    if records.is_empty:
-        raise NoRecordsError(f"run dir {records.run_dir} holds no records (no rounds.csv, elections.csv, run.json, "
+    if history.is_empty:
+        raise NoRecordsError(f"run dir {history.run_dir} holds no records (no rounds.csv, elections.csv, run.json, "
                              f"chaos.csv or peers/<id>/ files)")
-    out_dir = Path(out_dir) if out_dir is not None else records.run_dir / GRAPHS_DIR
+    out_dir = Path(out_dir) if out_dir is not None else history.run_dir / GRAPHS_DIR
 
     drawings: list[tuple[str, Callable[[], Path]]] = [
-        (peer_accuracy_file(peer), lambda peer=peer: draw_peer_accuracy(records, peer, out_dir))
-        for peer in records.peers]
+        (peer_accuracy_file(peer), lambda peer=peer: draw_peer_accuracy(history, peer, out_dir))
+        for peer in history.peers]
     drawings += [
-        (ACCURACY_ALL_PEERS, lambda: draw_all_peers_accuracy(records, out_dir)),
-        (GLOBAL_ACCURACY_LOSS, lambda: draw_global_accuracy_loss(records, out_dir)),
-        (ROUND_DURATIONS, lambda: draw_round_durations(records, out_dir)),
-        (ELECTION_TIMELINE, lambda: draw_election_timeline(records, out_dir)),
-        (CLASS_DISTRIBUTION, lambda: draw_class_distribution(records, out_dir)),
+        (ACCURACY_ALL_PEERS, lambda: draw_all_peers_accuracy(history, out_dir)),
+        (GLOBAL_ACCURACY_LOSS, lambda: draw_global_accuracy_loss(history, out_dir)),
+        (ROUND_DURATIONS, lambda: draw_round_durations(history, out_dir)),
+        (ELECTION_TIMELINE, lambda: draw_election_timeline(history, out_dir)),
+        (CLASS_DISTRIBUTION, lambda: draw_class_distribution(history, out_dir)),
     ]
     written: list[Path] = []
     for name, drawing in drawings:

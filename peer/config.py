@@ -14,9 +14,11 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10")
-PARTITIONS = ("iid", "uniform", "random-equal", "random-sizes", "skewed", "dirichlet", "shards")
-PEER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Fast imports only (numpy at most): a bad flag must be reported before TensorFlow would have loaded.
+from .data import DATASETS, DEFAULT_SEED
+from .partition import DEFAULT_ALPHA, SCHEMES
+from .protocol import PEER_ID_PATTERN
+
 TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
@@ -39,8 +41,8 @@ class Settings:
     shard: int = 0
     num_shards: int = 1
     partition: str = "iid"
-    alpha: float = 0.5
-    seed: int = 42
+    alpha: float = DEFAULT_ALPHA
+    seed: int = DEFAULT_SEED
     train_samples: int | None = None
     test_samples: int | None = None
     epochs: int = 1
@@ -106,41 +108,60 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _int(name: str, low: int | None = None, high: int | None = None):
+def whole_number(low: int | None = None, high: int | None = None):
+    """A parser of a whole number within [low, high]; SettingsError says what is wrong (the caller names the
+    setting)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise SettingsError(f"{name}: {text!r} is not a whole number") from None
+            raise SettingsError(f"{text!r} is not a whole number") from None
         if low is not None and value < low:
-            raise SettingsError(f"{name}: must be at least {low}, got {value}")
+            raise SettingsError(f"must not be negative, got {value}" if low == 0
+                                else f"must be at least {low}, got {value}")
         if high is not None and value > high:
-            raise SettingsError(f"{name}: must be at most {high}, got {value}")
+            raise SettingsError(f"must be at most {high}, got {value}")
         return value
     return parse
 
 
-def _float(name: str, low: float | None = None, high: float | None = None, low_open: bool = False):
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False):
+    """A parser of a finite number within low..high (an open end excluded); SettingsError says what is wrong."""
+    def inside(value: float) -> bool:
+        above = low is None or (value > low if low_open else value >= low)
+        below = high is None or (value < high if high_open else value <= high)
+        return above and below
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise SettingsError(f"{name}: {text!r} is not a number") from None
+            raise SettingsError(f"{text!r} is not a number") from None
         if not math.isfinite(value):
-            raise SettingsError(f"{name}: must be a finite number, got {text!r}")
-        if low is not None and (value <= low if low_open else value < low):
-            raise SettingsError(f"{name}: must be {'above' if low_open else 'at least'} {low}, got {value}")
-        if high is not None and value > high:
-            raise SettingsError(f"{name}: must be at most {high}, got {value}")
+            raise SettingsError(f"must be a finite number, got {text!r}")
+        if not inside(value):
+            raise SettingsError(f"must be {_range(low, high, low_open, high_open)}, got {value:g}")
         return value
     return parse
 
 
-def _choice(name: str, choices: tuple[str, ...]):
+def _range(low, high, low_open, high_open) -> str:
+    if low is not None and high is not None:
+        excluded = [f"{end:g}" for end, is_open in ((low, low_open), (high, high_open)) if is_open]
+        return f"between {low:g} and {high:g}" + (f", {' and '.join(excluded)} excluded" if excluded else "")
+    if low is not None:
+        if low_open:
+            return "a positive number" if low == 0 else f"above {low:g}"
+        return f"at least {low:g}"
+    return f"below {high:g}" if high_open else f"at most {high:g}"
+
+
+def _choice(choices: tuple[str, ...]):
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in choices:
-            raise SettingsError(f"{name}: {text!r} is not one of {', '.join(choices)}")
+            raise SettingsError(f"{text!r} is not one of {', '.join(choices)}")
         return value
     return parse
 
@@ -161,33 +182,33 @@ def _prefix(text: str) -> str:
 OPTIONS = [
     ("--broker", "FL_BROKER", ("broker_host", "broker_port"), parse_broker, "MQTT broker as HOST:PORT (default localhost:1883)"),
     ("--peer-id", "FL_PEER_ID", "peer_id", _peer_id, "this peer's unique id (default: random, e.g. peer-3f9a2c)"),
-    ("--min-peers", "FL_MIN_PEERS", "min_peers", _int("min-peers", 2), "peers present before the first election (default 5)"),
-    ("--trainers", "FL_TRAINERS", "trainers", _int("trainers", 1), "trainers chosen per round (default 3)"),
-    ("--min-solutions", "FL_MIN_SOLUTIONS", "min_solutions", _int("min-solutions", 1),
+    ("--min-peers", "FL_MIN_PEERS", "min_peers", whole_number(2), "peers present before the first election (default 5)"),
+    ("--trainers", "FL_TRAINERS", "trainers", whole_number(1), "trainers chosen per round (default 3)"),
+    ("--min-solutions", "FL_MIN_SOLUTIONS", "min_solutions", whole_number(1),
      "solutions a round needs to close at its deadline (default 2, capped at the trainers chosen)"),
-    ("--max-rounds", "FL_MAX_ROUNDS", "max_rounds", _int("max-rounds", 1), "round limit (default 10)"),
-    ("--target-accuracy", "FL_TARGET_ACCURACY", "target_accuracy", _float("target-accuracy", 0.0, 1.0),
+    ("--max-rounds", "FL_MAX_ROUNDS", "max_rounds", whole_number(1), "round limit (default 10)"),
+    ("--target-accuracy", "FL_TARGET_ACCURACY", "target_accuracy", number(0.0, 1.0),
      "stop when the global accuracy reaches this (default 0.99)"),
-    ("--dataset", "FL_DATASET", "dataset", _choice("dataset", DATASETS), "mnist | fashion-mnist | cifar10 (default mnist)"),
+    ("--dataset", "FL_DATASET", "dataset", _choice(DATASETS), f"{' | '.join(DATASETS)} (default mnist)"),
     ("--data-dir", "FL_DATA_DIR", "data_dir", Path, "folder of IDX files (default: the Keras download cache; "
      "fashion-mnist also looks in /usr/share/datasets/fashion-mnist)"),
     ("--shard", "FL_SHARD", ("shard", "num_shards"), parse_shard, "this peer's partition K/N of train and test data, K from 0 (default 0/1)"),
-    ("--partition", "FL_PARTITION", "partition", _choice("partition", PARTITIONS), "how data is split among peers (default iid)"),
-    ("--alpha", "FL_ALPHA", "alpha", _float("alpha", 0.0, low_open=True), "Dirichlet concentration for --partition dirichlet (default 0.5)"),
-    ("--seed", "FL_SEED", "seed", _int("seed", 0), "seed of the data partition (default 42; all peers must agree)"),
-    ("--train-samples", "FL_TRAIN_SAMPLES", "train_samples", _int("train-samples", 1), "cap on this peer's training samples"),
-    ("--test-samples", "FL_TEST_SAMPLES", "test_samples", _int("test-samples", 1), "cap on this peer's test samples"),
-    ("--epochs", "FL_EPOCHS", "epochs", _int("epochs", 1), "local epochs per round (default 1)"),
-    ("--batch-size", "FL_BATCH_SIZE", "batch_size", _int("batch-size", 1), "local batch size (default 32)"),
+    ("--partition", "FL_PARTITION", "partition", _choice(SCHEMES), "how data is split among peers (default iid)"),
+    ("--alpha", "FL_ALPHA", "alpha", number(0.0, low_open=True), f"Dirichlet concentration for --partition dirichlet (default {DEFAULT_ALPHA})"),
+    ("--seed", "FL_SEED", "seed", whole_number(0), f"seed of the data partition (default {DEFAULT_SEED}; all peers must agree)"),
+    ("--train-samples", "FL_TRAIN_SAMPLES", "train_samples", whole_number(1), "cap on this peer's training samples"),
+    ("--test-samples", "FL_TEST_SAMPLES", "test_samples", whole_number(1), "cap on this peer's test samples"),
+    ("--epochs", "FL_EPOCHS", "epochs", whole_number(1), "local epochs per round (default 1)"),
+    ("--batch-size", "FL_BATCH_SIZE", "batch_size", whole_number(1), "local batch size (default 32)"),
     ("--run-dir", "FL_RUN_DIR", "run_dir", Path, "folder for the run's records (default runs/latest)"),
     ("--topic-prefix", "FL_TOPIC_PREFIX", "topic_prefix", _prefix, "MQTT topic prefix (default sd)"),
-    ("--keepalive", "FL_KEEPALIVE", "keepalive", _int("keepalive", 1, 65535), "MQTT keepalive in seconds; a hung peer is declared gone after 1.5x (default 5)"),
-    ("--heartbeat", "FL_HEARTBEAT", "heartbeat", _float("heartbeat", 0.05), "controller heartbeat interval in seconds; 3 missed = controller silent (default 1)"),
-    ("--election-window", "FL_ELECTION_WINDOW", "election_window", _float("election-window", 0.05), "seconds votes are collected before a claim (default 1)"),
-    ("--round-deadline", "FL_ROUND_DEADLINE", "round_deadline", _float("round-deadline", 0.5), "seconds a round waits for solutions or evaluations (default 60)"),
+    ("--keepalive", "FL_KEEPALIVE", "keepalive", whole_number(1, 65535), "MQTT keepalive in seconds; a hung peer is declared gone after 1.5x (default 5)"),
+    ("--heartbeat", "FL_HEARTBEAT", "heartbeat", number(0.05), "controller heartbeat interval in seconds; 3 missed = controller silent (default 1)"),
+    ("--election-window", "FL_ELECTION_WINDOW", "election_window", number(0.05), "seconds votes are collected before a claim (default 1)"),
+    ("--round-deadline", "FL_ROUND_DEADLINE", "round_deadline", number(0.5), "seconds a round waits for solutions or evaluations (default 60)"),
     ("--username", "FL_USERNAME", "username", str, "broker user name"),
     ("--password", "FL_PASSWORD", "password", str, "broker password (prefer the FL_PASSWORD variable)"),
-    ("--log-level", "FL_LOG_LEVEL", "log_level", _choice("log-level", ("debug", "info", "warning", "error")), "debug | info | warning | error (default info)"),
+    ("--log-level", "FL_LOG_LEVEL", "log_level", _choice(("debug", "info", "warning", "error")), "debug | info | warning | error (default info)"),
 ]
 
 ENV_NAMES = frozenset(env for _, env, _, _, _ in OPTIONS)

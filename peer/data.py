@@ -4,6 +4,10 @@ Sources, in order: a folder of pre-split shards (`scripts/split_dataset.py` outp
 IDX files (`--data-dir`, or Debian's /usr/share/datasets/fashion-mnist, or the Keras cache's fashion-mnist folder);
 the Keras download cache / download (mnist.npz, cifar10). A folder holding only the 10,000-image test files (t10k-*)
 is split into train and test (80/20, seeded), so MNIST's test set alone can run a federation.
+
+Also the one home of the dataset facts the settings and scripts/split_dataset.py share: names, shapes, class counts,
+the IDX file names, how to get each dataset, the error for a missing one and the default seed (partition schemes:
+peer.partition.SCHEMES).
 """
 from __future__ import annotations
 
@@ -12,14 +16,26 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import Settings
 from .idx import IdxError, read_idx, read_idx_rows
 from .partition import PartitionError, class_histogram, partition, split_train_test
 
+if TYPE_CHECKING:   # config imports this module's dataset facts; Settings is only an annotation here
+    from .config import Settings
+
 log = logging.getLogger(__name__)
+
+# --- the datasets: what they are and where they come from (config and scripts/split_dataset.py use these) -------------
+
+SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+DATASETS = tuple(SHAPES)
+NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
+IDX_DATASETS = ("mnist", "fashion-mnist")    # published as IDX files, so they can be read (and pre-split) from a folder
+DEFAULT_SEED = 42                            # of the partition and of the test-only split; all peers must agree
+TEST_ONLY_FRACTION = 0.2                     # held out for test when a folder has only the t10k files
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = {
@@ -28,20 +44,49 @@ IDX_NAMES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-TEST_ONLY_FRACTION = 0.2
-SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+# A pre-split folder (written by scripts/split_dataset.py): the manifest, and one .npz of these arrays per shard.
+SPLIT_MANIFEST = "manifest.json"
+SPLIT_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
-HOW_TO_GET = {
-    "mnist": "MNIST: put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-             "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from the MNIST site in a folder and pass "
-             "--data-dir FOLDER, or let Keras download it once (needs internet; cached as "
-             "$KERAS_HOME/datasets/mnist.npz, default ~/.keras).",
-    "fashion-mnist": "Fashion-MNIST: `sudo apt-get install dataset-fashion-mnist` (installs the IDX files in "
-                     "/usr/share/datasets/fashion-mnist, found automatically), or pass --data-dir with the four "
-                     "IDX files, or let Keras download it once (needs internet).",
-    "cifar10": "CIFAR-10: let Keras download it once (needs internet; cached in $KERAS_HOME/datasets/"
-               "cifar-10-batches-py, default ~/.keras).",
+
+def split_shard_file(shard: int | str) -> str:
+    return f"shard-{shard}.npz"
+
+
+_LABELS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+# (ways open to any reader of IDX files, the Keras download only the peer has)
+_WAYS = {
+    "mnist": ([f"put the four IDX files ({', '.join(name + '.gz' for name in IDX_NAMES.values())}) from the MNIST "
+               "site in a folder and pass --data-dir FOLDER"],
+              "let Keras download it once (needs internet; cached as $KERAS_HOME/datasets/mnist.npz, default "
+              "~/.keras)"),
+    "fashion-mnist": (["`sudo apt-get install dataset-fashion-mnist` (installs the IDX files in "
+                       f"{DEBIAN_FASHION_MNIST}, where the peer finds them without --data-dir)",
+                       "pass --data-dir with the four IDX files"],
+                      "let Keras download it once (needs internet)"),
+    "cifar10": ([], "let Keras download it once (needs internet; cached in $KERAS_HOME/datasets/cifar-10-batches-py, "
+                    "default ~/.keras)"),
 }
+
+
+def how_to_get(dataset: str, *, keras: bool = True) -> str:
+    """How to get the dataset, in one sentence; `keras=False` for a reader of IDX folders only (split_dataset)."""
+    folder_ways, download = _WAYS[dataset]
+    ways = [*folder_ways, download] if keras or not folder_ways else folder_ways
+    return f"{_LABELS[dataset]}: {', or '.join(ways)}."
+
+
+def expected_idx_files() -> str:
+    names = ", ".join(f"{name}[.gz]" for name in IDX_NAMES.values())
+    return f"{names} (or only the two t10k-* files, whose samples are then split into train and test)"
+
+
+def find_idx_files(folder: Path) -> dict[str, Path | None]:
+    """Each of IDX_NAMES' files in the folder, compressed or not; None for a file that is not there."""
+    found: dict[str, Path | None] = {}
+    for key, name in IDX_NAMES.items():
+        found[key] = next((folder / n for n in (name + ".gz", name) if (folder / n).is_file()), None)
+    return found
 
 
 class DatasetError(RuntimeError):
@@ -57,10 +102,6 @@ class Shard:
     y_test: np.ndarray
     num_classes: int
     source: str
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
 
     def describe(self, settings: Settings) -> dict:
         """The data.json record: what this peer holds (never the data itself)."""
@@ -78,15 +119,8 @@ def keras_cache() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
 
 
-def _idx_file(folder: Path, key: str) -> Path | None:
-    for name in (IDX_NAMES[key] + ".gz", IDX_NAMES[key]):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
 def _missing(settings: Settings, what: str) -> DatasetError:
-    return DatasetError(f"dataset {settings.dataset!r}: {what}.\nHow to get it: {HOW_TO_GET[settings.dataset]}")
+    return DatasetError(f"dataset {settings.dataset!r}: {what}.\nHow to get it: {how_to_get(settings.dataset)}")
 
 
 def _cap(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
@@ -119,11 +153,10 @@ def _finish(settings: Settings, source: str, x_train, y_train, x_test, y_test, n
 
 
 def _from_idx(settings: Settings, folder: Path) -> Shard:
-    files = {key: _idx_file(folder, key) for key in IDX_NAMES}
+    files = find_idx_files(folder)
     if files["test_images"] is None or files["test_labels"] is None:
-        expected = ", ".join(f"{name}[.gz]" for name in IDX_NAMES.values())
-        raise _missing(settings, f"no IDX files in {folder} (expected {expected})")
-    num_classes = 10
+        raise _missing(settings, f"no IDX files in {folder}; expected {expected_idx_files()}")
+    num_classes = NUM_CLASSES[settings.dataset]
     if files["train_images"] and files["train_labels"]:
         train_labels, test_labels = read_idx(files["train_labels"]), read_idx(files["test_labels"])
         train_rows = _pick(train_labels, settings, num_classes, settings.train_samples)
@@ -147,7 +180,7 @@ def _from_idx(settings: Settings, folder: Path) -> Shard:
 
 def _from_split(settings: Settings, folder: Path) -> Shard:
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / SPLIT_MANIFEST).read_text())
         if manifest.get("num_shards") != settings.num_shards:
             raise DatasetError(f"{folder} was split into {manifest.get('num_shards')} shards, but this peer has "
                                f"--shard {settings.shard_label}")
@@ -155,7 +188,7 @@ def _from_split(settings: Settings, folder: Path) -> Shard:
             raise DatasetError(f"{folder} holds {manifest.get('dataset')}, not {settings.dataset}")
         entry = next(s for s in manifest["shards"] if s["shard"] == settings.shard)
         with np.load(folder / entry["file"], allow_pickle=False) as data:
-            arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            arrays = {k: data[k] for k in SPLIT_ARRAYS}
     except DatasetError:
         raise
     except (OSError, ValueError, KeyError, StopIteration, TypeError) as err:
@@ -164,7 +197,8 @@ def _from_split(settings: Settings, folder: Path) -> Shard:
     train = _cap(np.arange(len(arrays["y_train"])), settings.train_samples, settings.seed)
     test = _cap(np.arange(len(arrays["y_test"])), settings.test_samples, settings.seed)
     return _finish(settings, str(folder), arrays["x_train"][train], arrays["y_train"][train],
-                   arrays["x_test"][test], arrays["y_test"][test], int(manifest.get("num_classes", 10)))
+                   arrays["x_test"][test], arrays["y_test"][test],
+                   int(manifest.get("num_classes", NUM_CLASSES[settings.dataset])))
 
 
 def _from_keras(settings: Settings) -> Shard:
@@ -182,9 +216,10 @@ def _from_keras(settings: Settings) -> Shard:
         raise _missing(settings, f"not in the Keras cache ({keras_cache()}) and the download failed: "
                                  f"{type(err).__name__}: {err}") from None
     ya, yb = np.asarray(ya).ravel(), np.asarray(yb).ravel()
-    train = _pick(ya, settings, 10, settings.train_samples)
-    test = _pick(yb, settings, 10, settings.test_samples)
-    return _finish(settings, f"keras ({keras_cache()})", xa[train], ya[train], xb[test], yb[test], 10)
+    num_classes = NUM_CLASSES[settings.dataset]
+    train = _pick(ya, settings, num_classes, settings.train_samples)
+    test = _pick(yb, settings, num_classes, settings.test_samples)
+    return _finish(settings, f"keras ({keras_cache()})", xa[train], ya[train], xb[test], yb[test], num_classes)
 
 
 def load_shard(settings: Settings) -> Shard:
@@ -193,12 +228,12 @@ def load_shard(settings: Settings) -> Shard:
             folder = Path(settings.data_dir)
             if not folder.is_dir():
                 raise _missing(settings, f"--data-dir {folder} is not a folder")
-            if (folder / "manifest.json").is_file():
+            if (folder / SPLIT_MANIFEST).is_file():
                 return _from_split(settings, folder)
             return _from_idx(settings, folder)
         if settings.dataset == "fashion-mnist":
             for folder in (DEBIAN_FASHION_MNIST, keras_cache() / "fashion-mnist"):
-                if _idx_file(folder, "test_labels"):
+                if find_idx_files(folder)["test_labels"]:
                     return _from_idx(settings, folder)
         return _from_keras(settings)
     except (IdxError, PartitionError) as err:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 SCHEMES = ("iid", "uniform", "random-equal", "random-sizes", "skewed", "dirichlet", "shards")
+DEFAULT_ALPHA = 0.5
 
 SKEWED_MAJOR_CLASSES = 2
 SKEWED_MAJOR_SHARE = 0.8
@@ -50,7 +51,7 @@ class PartitionError(ValueError):
 
 
 def partition(labels: np.ndarray, num_parts: int, scheme: str = "iid", *, seed: int = 0,
-              alpha: float = 0.5, num_classes: int | None = None) -> list[np.ndarray]:
+              alpha: float = DEFAULT_ALPHA, num_classes: int | None = None) -> list[np.ndarray]:
     """num_parts disjoint, sorted int64 index arrays into `labels` (see the module docstring for the schemes)."""
     labels, num_classes = _check(labels, num_parts, scheme, seed, alpha, num_classes)
     # Two independent streams: the plan must not shift when the number of samples (and so the number of
@@ -68,16 +69,6 @@ def partition(labels: np.ndarray, num_parts: int, scheme: str = "iid", *, seed: 
         counts = plan(np.bincount(labels, minlength=num_classes))
         parts = _fill_quotas(labels, counts, num_classes, sample_rng)
     return _ensure_nonempty([np.sort(np.asarray(p, dtype=np.int64)) for p in parts], labels)
-
-
-def shard_indices(labels: np.ndarray, shard: int, num_parts: int, scheme: str = "iid", *, seed: int = 0,
-                  alpha: float = 0.5, num_classes: int | None = None) -> np.ndarray:
-    """partition(...)[shard], with a clear PartitionError for a bad shard number."""
-    if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)):
-        raise PartitionError(f"shard must be an integer, got {shard!r}")
-    if isinstance(num_parts, (int, np.integer)) and num_parts >= 1 and not 0 <= shard < num_parts:
-        raise PartitionError(f"shard {shard} does not exist: with {num_parts} parts the shard is 0..{num_parts - 1}")
-    return partition(labels, num_parts, scheme, seed=seed, alpha=alpha, num_classes=num_classes)[shard]
 
 
 def class_histogram(labels: np.ndarray, num_classes: int) -> list[int]:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
 
-from .config import PEER_ID_PATTERN
-
 PROTOCOL_VERSION = 1
+# What a peer id looks like: it travels in every message and names a topic level and a folder of the run dir.
+PEER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_TENSOR_DIMS = 8
@@ -301,7 +302,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Init, Presence, Vote, Claim, Heartbeat, Training, Solution, Aggregation, Evaluation,
                               Metrics, Finish)
 }
-TOPICS = sorted({cls.TOPIC for cls in MESSAGE_TYPES.values()})
 
 
 class Topics:

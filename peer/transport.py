@@ -7,7 +7,6 @@ subscribe again and tell the worker, which announces the peer again.
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-log = logging.getLogger(__name__)
 
 # Refusals that retrying cannot fix (MQTT v5 reason codes): bad credentials, not authorised, banned.
 FATAL_REFUSALS = {134, 135, 138, 140}
@@ -58,7 +55,6 @@ class MqttTransport:
                  keepalive: int = 5, username: str | None = None, password: str | None = None):
         self.host, self.port, self.keepalive = host, port, keepalive
         self.subscription, self.events = subscription, events
-        self.bytes_published = 0
         self._connected = threading.Event()
         self._disconnected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -102,7 +98,6 @@ class MqttTransport:
         return self._connected.is_set()
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, expiry: int | None = None):
-        self.bytes_published += len(payload)
         return self.client.publish(topic, payload, qos=1, retain=retain,
                                    properties=_expiry(PacketTypes.PUBLISH, expiry))
 

@@ -4,9 +4,10 @@
 
 Runs a local network (scripts/localnet.py: real mosquitto, real peers) on small Fashion-MNIST shards with a round
 limit it never reaches. Each time, after a random pause, it SIGKILLs the current controller (scripts/chaos.py), and
-measures
+measures from the run's records (peer.records)
 - election: from the kill to the new controller taking office (elections.csv), and
-- failover: from the kill to the first training order of the new controller (its log),
+- failover: from the kill to the first training order of the new controller (`started_at` of the first round a
+  later term finished, rounds.csv; so each kill waits for that round to finish),
 then restarts the killed peer under the same id so the network keeps its size (with `--signal STOP` the controller
 hangs instead, is noticed by its missing heartbeats, and gets SIGCONT afterwards). Prints every kill and the median
 and max. A benchmark, not a test: it prints figures and asserts nothing about them.
@@ -14,49 +15,59 @@ and max. A benchmark, not a test: it prints figures and asserts nothing about th
 from __future__ import annotations
 
 import argparse
-import csv
 import random
-import re
 import signal
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
+from peer.records import RunHistory, load_run, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
 
 DEFAULT_PEER_ARGS = ["--dataset", "fashion-mnist", "--train-samples", "300", "--test-samples", "100",
                      "--max-rounds", "100000", "--target-accuracy", "1.0", "--round-deadline", "30"]
-ORDER = re.compile(r"^(\S+ \S+) INFO\s+peer=(\S+) role=controller term=(\d+) round=\d+ \| round \d+(?: attempt \d+)?: "
-                   r"training order", re.M)
+MEASURE_TIMEOUT_S = 120   # a new controller's first round: the election, then up to one --round-deadline
 
 
-def log_time(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+@dataclass(frozen=True)
+class Failover:
+    """One controller kill as the records tell it; a time the records do not hold yet is None."""
+    peer: str
+    killed_at: float
+    term: int | None          # the term the killed peer led
+    elected_at: float | None  # the next controller took office (elections.csv)
+    resumed_at: float | None  # the next controller's first training order (rounds.csv started_at)
+
+    @property
+    def election_s(self) -> float | None:
+        return None if self.elected_at is None else self.elected_at - self.killed_at
+
+    @property
+    def failover_s(self) -> float | None:
+        return None if self.resumed_at is None else self.resumed_at - self.killed_at
 
 
-def first_order_after(net: LocalNetwork, after: float, not_by: str) -> float | None:
-    times = []
-    for peer in net.procs:
-        if peer == not_by:
-            continue
-        for match in ORDER.finditer(net.peer_log(peer)):
-            when = log_time(match[1])
-            if when > after:
-                times.append(when)
-    return min(times) if times else None
+def measure(history: RunHistory, peer: str, killed_at: float) -> Failover:
+    """What followed the kill of `peer` at `killed_at`: the term it led then (its latest election before the kill,
+    else the term in office), the first election of a later term and the first training order of a later term."""
+    before = [e for e in history.elections if e.time <= killed_at]
+    led = [e.term for e in before if e.controller == peer]
+    term = max(led) if led else max((e.term for e in before), default=None)
+    if term is None:
+        return Failover(peer, killed_at, None, None, None)
+    elected = [e.time for e in history.elections if e.term > term]
+    orders = [r.started_at for r in history.rounds if r.term > term and r.started_at is not None]
+    return Failover(peer, killed_at, term, min(elected, default=None), min(orders, default=None))
 
 
-def election_after(run_dir: Path, after: float) -> float | None:
-    path = run_dir / "elections.csv"
-    if not path.exists():
-        return None
-    with open(path, newline="") as f:
-        times = [float(row["time"]) for row in csv.DictReader(f) if float(row["time"]) > after]
-    return min(times) if times else None
+def resumed(run_dir: Path, peer: str, killed_at: float) -> Failover | None:
+    """The kill's measurement once the records hold the new controller's first training order, else None."""
+    failover = measure(load_run(run_dir), peer, killed_at)
+    return failover if failover.resumed_at is not None else None
 
 
 def wait_for(predicate, timeout: float):
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     failovers, elections = [], []
     with LocalNetwork(run_dir, args.peers, peer_args) as net:
-        if not wait_for(lambda: (run_dir / "rounds.csv").exists(), 180):
+        if not wait_for(lambda: read_rounds(run_dir), 180):
             print("bench_failover: the network never finished a round", file=sys.stderr)
             return 1
         for index in range(1, args.kills + 1):
@@ -106,17 +117,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             killed_at = time.time()
             net.signal(victim, chaos.SIGNALS[args.signal])
-            chaos.record(run_dir, chaos.ACTIONS[args.signal], victim, args.signal)
-            ordered = wait_for(lambda: first_order_after(net, killed_at, victim), 60)
-            elected = election_after(run_dir, killed_at)
-            if ordered is None:
-                print(f"kill {index:>2}: {victim}: no training order within 60 s", file=sys.stderr)
+            chaos.record(run_dir, chaos.ACTIONS[args.signal], victim, args.signal, at=killed_at)
+            measured = wait_for(lambda: resumed(run_dir, victim, killed_at), MEASURE_TIMEOUT_S)
+            if measured is None:
+                print(f"kill {index:>2}: {victim}: no round of a later term within {MEASURE_TIMEOUT_S} s",
+                      file=sys.stderr)
                 return 1
-            failovers.append(ordered - killed_at)
-            if elected is not None:
-                elections.append(elected - killed_at)
-            print(f"kill {index:>2}: {victim:<8} election {elected - killed_at if elected else float('nan'):6.2f} s"
-                  f"   failover {ordered - killed_at:6.2f} s", flush=True)
+            failovers.append(measured.failover_s)
+            if measured.election_s is not None:
+                elections.append(measured.election_s)
+            election = measured.election_s if measured.election_s is not None else float("nan")
+            print(f"kill {index:>2}: {victim:<8} election {election:6.2f} s   failover {measured.failover_s:6.2f} s",
+                  flush=True)
             if args.signal == "STOP":
                 net.signal(victim, chaos.SIGNALS["CONT"])
                 chaos.record(run_dir, "cont", victim, "CONT")

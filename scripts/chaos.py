@@ -13,15 +13,14 @@ containers, `./up.sh kill ...` asks `which` for the id and lets docker compose d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
 import sys
-import time
 from pathlib import Path
 
-from peer.records import CHAOS_COLUMNS, append_row   # stdlib-only module: chaos still runs on a bare host python
+# stdlib-only module: chaos still runs on a bare host python. read_statuses is part of this script's API.
+from peer.records import read_statuses, record_chaos
 
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
 ACTIONS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}
@@ -29,16 +28,6 @@ ACTIONS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}
 
 class ChaosError(RuntimeError):
     pass
-
-
-def read_statuses(run_dir: Path) -> dict[str, dict]:
-    statuses = {}
-    for path in sorted((run_dir / "peers").glob("*/status.json")):
-        try:
-            statuses[path.parent.name] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # being rewritten or torn by a kill: the next read will have it
-    return statuses
 
 
 def alive(status: dict) -> bool:
@@ -86,8 +75,9 @@ def choose(target: str, statuses: dict[str, dict], rng: random.Random | None = N
     return target
 
 
-def record(run_dir: Path, action: str, peer: str, sig: str) -> None:
-    append_row(run_dir / "chaos.csv", CHAOS_COLUMNS, {"time": time.time(), "action": action, "peer": peer, "signal": sig})
+def record(run_dir: Path, action: str, peer: str, sig: str, at: float | None = None) -> float:
+    """Append the signal to chaos.csv; `at` is when it was sent (default: now). Returns the time recorded."""
+    return record_chaos(run_dir, action, peer, sig, at=at)
 
 
 def kill(run_dir: Path, target: str, sig: str = "KILL") -> tuple[str, int]:

@@ -28,19 +28,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from graphs import RunDirError, global_series, load_run, plot_comparison
-from peer.config import PARTITIONS, SettingsError, build_parser, load_settings
+from graphs import plot_comparison
+from peer.config import SettingsError, build_parser, load_settings, number
+from peer.data import DEFAULT_SEED
+from peer.partition import DEFAULT_ALPHA, SCHEMES
+from peer.records import RunDirError, global_series, load_run
 from scripts.localnet import LocalNetwork, split_peer_args
 
 DEFAULT_PARTITIONS = "iid,dirichlet:0.5,skewed"
-DEFAULT_ALPHA = 0.5
+positive_number = number(0, low_open=True)
 DEFAULT_TIMEOUT = 900.0
 COMPARISON_PNG = "comparison.png"
 COMPARISON_CSV = "comparison.csv"
 SUMMARY_JSON = "summary.json"
 
 # Before the user's peer flags, so theirs win (the peer's argparse keeps the last value of a flag).
-BASE_PEER_ARGS = ["--dataset", "fashion-mnist", "--target-accuracy", "1.0", "--seed", "42"]
+BASE_PEER_ARGS = ["--dataset", "fashion-mnist", "--target-accuracy", "1.0", "--seed", str(DEFAULT_SEED)]
 # Set per run by LocalNetwork or by this script; a user value would silently break the comparison or the launcher.
 RESERVED_PEER_FLAGS = {
     "broker": "LocalNetwork starts its own broker",
@@ -100,19 +103,17 @@ def parse_partitions(text: str) -> list[Partition]:
             raise UsageError(f"--partitions {text!r} has an empty item (a stray comma?)")
         name, sep, alpha_text = item.partition(":")
         name = name.strip().lower()
-        if name not in PARTITIONS:
-            raise UsageError(f"unknown partition {name!r} in --partitions; choose from {', '.join(PARTITIONS)} "
+        if name not in SCHEMES:
+            raise UsageError(f"unknown partition {name!r} in --partitions; choose from {', '.join(SCHEMES)} "
                              "(dirichlet takes an alpha: dirichlet:0.5)")
         alpha: float | None = None
         if name == "dirichlet":
             alpha = DEFAULT_ALPHA
             if sep:
                 try:
-                    alpha = float(alpha_text)
-                except ValueError:
-                    raise UsageError(f"{item!r}: alpha {alpha_text!r} is not a number") from None
-                if not (math.isfinite(alpha) and alpha > 0):
-                    raise UsageError(f"{item!r}: alpha must be a positive number")
+                    alpha = positive_number(alpha_text)
+                except SettingsError as error:
+                    raise UsageError(f"{item!r}: alpha {error}") from None
         elif sep:
             raise UsageError(f"{item!r}: only dirichlet takes a parameter (dirichlet:ALPHA)")
         partition = Partition(name, alpha)
@@ -149,7 +150,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="folder for the runs and the comparison (default runs/experiment)")
     parser.add_argument("--partitions", default=DEFAULT_PARTITIONS,
                         help=f"comma-separated partitions, dirichlet as dirichlet:ALPHA (default {DEFAULT_PARTITIONS}); "
-                             f"known: {', '.join(PARTITIONS)}")
+                             f"known: {', '.join(SCHEMES)}")
     parser.add_argument("--peers", type=int, default=5, help="peers per run (default 5)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (default 5)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -193,12 +194,12 @@ def _finite(value) -> float | None:
 def read_outcome(result: RunResult) -> None:
     """Fill the result from the run's records; whatever a broken run left is still worth plotting."""
     try:
-        records = load_run(result.run_dir)
+        history = load_run(result.run_dir)
     except RunDirError:
         return
-    result.accuracy = [(p.round, p.accuracy) for p in global_series(records)
+    result.accuracy = [(p.round, p.accuracy) for p in global_series(history)
                        if p.accuracy is not None and math.isfinite(p.accuracy)]
-    outcome = records.summary.outcome if records.summary else {}
+    outcome = history.summary.outcome if history.summary else {}
     by_round = dict(result.accuracy)
     result.initial_accuracy = _finite(outcome.get("initial_accuracy"))
     if result.initial_accuracy is None:
@@ -209,7 +210,7 @@ def read_outcome(result: RunResult) -> None:
     # rounds.csv holds rounded values and run.json full ones; the table, CSV and graph should show the same number
     result.final_accuracy = by_round[max(trained)] if trained else _finite(outcome.get("final_accuracy"))
     result.duration_s = _finite(outcome.get("duration_s"))
-    if records.summary is None and result.ok:
+    if history.summary is None and result.ok:
         result.ok, result.error = False, "every peer exited 0 but no run.json was written"
 
 

@@ -5,13 +5,13 @@ network the same way.
 
     python -m scripts.localnet --peers 5 --run-dir runs/demo -- --dataset fashion-mnist --max-rounds 3
 
-Peers are `peer-1`..`peer-N` on shards `0/N`..`N-1/N`; their logs go to `RUN_DIR/peers/<id>/peer.log` and, prefixed
-with the id, to this terminal. Ctrl-C (or SIGTERM) stops every process it started; none is left behind.
+Peers are `peer-1`..`peer-N` on shards `0/N`..`N-1/N` and, unless the peer flags say otherwise, wait for all N
+before the first election (`--min-peers N`); their logs go to `RUN_DIR/peers/<id>/peer.log` and, prefixed with the
+id, to this terminal. Ctrl-C (or SIGTERM) stops every process it started; none is left behind.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import signal
@@ -22,6 +22,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from peer.records import PEER_LOG_FILE, peer_dir, read_chaos
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
@@ -134,7 +136,7 @@ class LocalNetwork:
         return self
 
     def start_peer(self, peer_id: str, shard: str, extra_args: list[str] = ()) -> subprocess.Popen:
-        log_path = self.run_dir / "peers" / peer_id / "peer.log"
+        log_path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [self.python, "-m", "peer", "--broker", self.broker.address, "--peer-id", peer_id, "--shard", shard,
                "--run-dir", str(self.run_dir), *self.peer_args, *extra_args]
@@ -193,7 +195,7 @@ class LocalNetwork:
             self.broker.close()
 
     def peer_log(self, peer_id: str) -> str:
-        path = self.run_dir / "peers" / peer_id / "peer.log"
+        path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
         return path.read_text(errors="replace") if path.exists() else ""
 
     def __enter__(self):
@@ -212,12 +214,22 @@ def split_peer_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return argv[:split], argv[split + 1:]
 
 
+def with_min_peers(peer_args: list[str], peers: int, environ=os.environ) -> list[str]:
+    """The peer flags, `--min-peers N` first so that the first election waits for all N peers. Put before them, it
+    loses to a --min-peers among them (a peer keeps the last value of a flag); left out when FL_MIN_PEERS is set,
+    which the flag would beat. A single peer gets no default: --min-peers must be at least 2."""
+    if peers < 2 or environ.get("FL_MIN_PEERS"):
+        return list(peer_args)
+    return ["--min-peers", str(peers), *peer_args]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, peer_args = split_peer_args(argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.localnet",
                                      description="Run a broker and N peers as local processes (no Docker). "
                                                  "Flags after -- go to every peer (see python -m peer --help).")
-    parser.add_argument("--peers", type=int, default=5, help="number of peers (default 5)")
+    parser.add_argument("--peers", type=int, default=5,
+                        help="number of peers (default 5); the peers' --min-peers defaults to it")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/latest"), help="records folder (default runs/latest)")
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
@@ -230,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    net = LocalNetwork(args.run_dir, args.peers, peer_args, echo=not args.quiet, broker_port=args.port)
+    net = LocalNetwork(args.run_dir, args.peers, with_min_peers(peer_args, args.peers), echo=not args.quiet,
+                       broker_port=args.port)
     try:
         net.start()
         print(f"localnet: broker {net.broker.address}, {args.peers} peers, records in {args.run_dir}", flush=True)
@@ -241,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     net.stop()
     # Peers killed on purpose (python -m scripts.chaos, ./up.sh kill) are not failures of the run.
-    chaos_log = args.run_dir / "chaos.csv"
-    killed = set()
-    if chaos_log.exists():
-        with open(chaos_log, newline="") as f:
-            killed = {row["peer"] for row in csv.DictReader(f) if row.get("action") == "kill"}
+    killed = {event.peer for event in read_chaos(args.run_dir) if event.action == "kill"}
     failed = {peer: code for peer, code in codes.items() if code != 0 and not (peer in killed and code and code < 0)}
     print(f"localnet: records in {args.run_dir}; draw the graphs with: python -m graphs {args.run_dir}", flush=True)
     if failed:

@@ -19,44 +19,26 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from peer.config import SettingsError, number, whole_number
+from peer.data import (DEFAULT_SEED, IDX_DATASETS, IDX_NAMES, NUM_CLASSES, SHAPES, SPLIT_ARRAYS, SPLIT_MANIFEST,
+                       TEST_ONLY_FRACTION, DatasetError, expected_idx_files, find_idx_files, how_to_get,
+                       split_shard_file)
 from peer.idx import IdxError, read_idx
-from peer.partition import SCHEMES, PartitionError, class_histogram, partition, split_train_test
+from peer.partition import DEFAULT_ALPHA, SCHEMES, PartitionError, class_histogram, partition, split_train_test
 
-DATASETS = {"mnist": 10, "fashion-mnist": 10}
-IMAGE_SHAPE = (28, 28)
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-HOW_TO_GET = {
-    "mnist": "MNIST: download the four official MNIST IDX files (http://yann.lecun.com/exdb/mnist/) into the folder",
-    "fashion-mnist": "Fashion-MNIST: `sudo apt-get install dataset-fashion-mnist` installs them to "
-                     "/usr/share/datasets/fashion-mnist",
-}
-
-
-class DatasetError(Exception):
-    """The data folder does not hold a usable dataset; the message says what is expected."""
-
-
-def _find(data_dir: Path, name: str) -> Path | None:
-    for candidate in (data_dir / name, data_dir / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+SPLITS = {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels")}   # keys of IDX_NAMES
 
 
 def _expected_files_message(dataset: str, data_dir: Path, problem: str) -> str:
-    names = ", ".join(f"{n}[.gz]" for pair in FILES.values() for n in pair)
-    return (f"{problem}\n  expected in {data_dir}: {names}\n"
-            f"  (or only the two t10k-* files, which are then split into train and test)\n"
-            f"  {HOW_TO_GET[dataset]}")
+    return f"{problem}\n  expected in {data_dir}: {expected_idx_files()}\n  {how_to_get(dataset, keras=False)}"
 
 
-def _read_pair(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_pair(images_path: Path, labels_path: Path, dataset: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-        raise DatasetError(f"{images_path}: expected images of shape (n, 28, 28), found {images.shape}")
+    num_classes, image_shape = NUM_CLASSES[dataset], SHAPES[dataset][:2]
+    if images.ndim != 3 or images.shape[1:] != image_shape:
+        raise DatasetError(f"{images_path}: expected images of shape (n, {', '.join(map(str, image_shape))}), "
+                           f"found {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DatasetError(f"{labels_path}: {labels.shape} labels do not match {len(images)} images")
     if labels.size and labels.max() >= num_classes:
@@ -66,34 +48,35 @@ def _read_pair(images_path: Path, labels_path: Path, num_classes: int) -> tuple[
 
 def load_dataset(dataset: str, data_dir: Path, *, seed: int, test_fraction: float):
     """(x_train, y_train, x_test, y_test, source, note); note is a one-line remark or None."""
-    num_classes = DATASETS[dataset]
     if not data_dir.is_dir():
         raise DatasetError(_expected_files_message(dataset, data_dir, f"data directory {data_dir} does not exist"))
-    found = {split: [_find(data_dir, name) for name in names] for split, names in FILES.items()}
+    files = find_idx_files(data_dir)
+    found = {split: [files[key] for key in keys] for split, keys in SPLITS.items()}
     complete = {split: all(paths) for split, paths in found.items()}
     if complete["train"] and complete["test"]:
-        x_train, y_train = _read_pair(*found["train"], num_classes)
-        x_test, y_test = _read_pair(*found["test"], num_classes)
+        x_train, y_train = _read_pair(*found["train"], dataset)
+        x_test, y_test = _read_pair(*found["test"], dataset)
         return x_train, y_train, x_test, y_test, f"train and t10k IDX files in {data_dir}", None
     if complete["test"] and not any(found["train"]):
-        images, labels = _read_pair(*found["test"], num_classes)
+        images, labels = _read_pair(*found["test"], dataset)
         train_rows, test_rows = split_train_test(labels, test_fraction, seed=seed)
         source = (f"t10k IDX files in {data_dir}, split {len(train_rows)} train / {len(test_rows)} test "
                   f"(stratified, test fraction {test_fraction}, seed {seed})")
         note = (f"only the t10k files are in {data_dir}: using its {len(labels)} samples as "
                 f"{len(train_rows)} train / {len(test_rows)} test")
         return images[train_rows], labels[train_rows], images[test_rows], labels[test_rows], source, note
-    missing = [name for split, names in FILES.items() for name, path in zip(names, found[split]) if path is None]
+    missing = [IDX_NAMES[key] for key, path in files.items() if path is None]
     raise DatasetError(_expected_files_message(dataset, data_dir, f"missing in {data_dir}: {', '.join(missing)}"))
 
 
 def split_dataset(dataset: str, data_dir: str | Path, peers: int, out_dir: str | Path, *, partition_scheme: str = "iid",
-                  seed: int = 0, alpha: float = 0.5, test_fraction: float = 0.2, log=print) -> dict:
+                  seed: int = DEFAULT_SEED, alpha: float = DEFAULT_ALPHA, test_fraction: float = TEST_ONLY_FRACTION,
+                  log=print) -> dict:
     """Write OUT/shard-K.npz for K in 0..peers-1 and OUT/manifest.json; return the manifest."""
-    if dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset not in IDX_DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(IDX_DATASETS)}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    num_classes = DATASETS[dataset]
+    num_classes = NUM_CLASSES[dataset]
     x_train, y_train, x_test, y_test, source, note = load_dataset(dataset, data_dir, seed=seed,
                                                                   test_fraction=test_fraction)
     if note:
@@ -105,10 +88,10 @@ def split_dataset(dataset: str, data_dir: str | Path, peers: int, out_dir: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
     for shard, (train_rows, test_rows) in enumerate(zip(train_parts, test_parts)):
-        file_name = f"shard-{shard}.npz"
-        np.savez_compressed(out_dir / file_name,
-                            x_train=x_train[train_rows], y_train=y_train[train_rows].astype(np.uint8),
-                            x_test=x_test[test_rows], y_test=y_test[test_rows].astype(np.uint8))
+        file_name = split_shard_file(shard)
+        arrays = (x_train[train_rows], y_train[train_rows].astype(np.uint8),
+                  x_test[test_rows], y_test[test_rows].astype(np.uint8))
+        np.savez_compressed(out_dir / file_name, **dict(zip(SPLIT_ARRAYS, arrays)))
         shards.append({
             "shard": shard, "file": file_name,
             "train_samples": int(len(train_rows)), "test_samples": int(len(test_rows)),
@@ -117,8 +100,8 @@ def split_dataset(dataset: str, data_dir: str | Path, peers: int, out_dir: str |
         })
     manifest = {"dataset": dataset, "num_shards": peers, "partition": partition_scheme, "seed": seed,
                 "alpha": alpha, "num_classes": num_classes, "source": source, "shards": shards}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    stale = sorted(p.name for p in out_dir.glob("shard-*.npz")
+    (out_dir / SPLIT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    stale = sorted(p.name for p in out_dir.glob(split_shard_file("*"))
                    if p.name not in {s["file"] for s in shards})
     if stale:
         log(f"note: {out_dir} also holds {', '.join(stale)} from an earlier split; manifest.json does not list them")
@@ -133,41 +116,15 @@ def format_table(manifest: dict) -> str:
     return "\n".join(rows)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def _argument(parse):
+    """A parser of peer.config as an argparse type: argparse prints an ArgumentTypeError's message (a ValueError's
+    it replaces by "invalid value")."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except SettingsError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,17 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="split_dataset",
         description="Write one shard file per peer (shard-K.npz) and a manifest.json for a partition of "
                     "MNIST or Fashion-MNIST.")
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--dataset", required=True, choices=IDX_DATASETS)
     parser.add_argument("--data-dir", required=True, type=Path,
                         help="folder with the IDX files (train-*/t10k-*, optionally .gz)")
-    parser.add_argument("--peers", required=True, type=_positive_int, help="number of shards")
+    parser.add_argument("--peers", required=True, type=_argument(whole_number(1)), help="number of shards")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--partition", default="iid", choices=SCHEMES, help="partition scheme (default: iid)")
-    parser.add_argument("--seed", default=0, type=_non_negative_int, help="seed of the partition (default: 0)")
-    parser.add_argument("--alpha", default=0.5, type=_positive_float,
-                        help="Dirichlet concentration for --partition dirichlet; smaller is more uneven (default: 0.5)")
-    parser.add_argument("--test-fraction", default=0.2, type=_fraction,
-                        help="share held out for test when the folder has only the t10k files (default: 0.2)")
+    parser.add_argument("--seed", default=DEFAULT_SEED, type=_argument(whole_number(0)),
+                        help=f"seed of the partition, the peers' default too (default: {DEFAULT_SEED})")
+    parser.add_argument("--alpha", default=DEFAULT_ALPHA, type=_argument(number(0, low_open=True)),
+                        help="Dirichlet concentration for --partition dirichlet; smaller is more uneven "
+                             f"(default: {DEFAULT_ALPHA})")
+    parser.add_argument("--test-fraction", default=TEST_ONLY_FRACTION,
+                        type=_argument(number(0, 1, low_open=True, high_open=True)),
+                        help="share held out for test when the folder has only the t10k files "
+                             f"(default: {TEST_ONLY_FRACTION}, as the peer does)")
     return parser
 
 

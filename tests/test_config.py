@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from peer.config import ENV_NAMES, OPTIONS, PEER_ID_PATTERN, Settings, SettingsError, load_settings
+from peer import data, partition
+from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings, number, whole_number
+from peer.protocol import PEER_ID_PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +103,32 @@ def test_defaults():
     assert (s.username, s.password) == (None, None)
     assert s.log_level.lower() == "info"
     assert PEER_ID_PATTERN.fullmatch(s.peer_id) and s.peer_id.startswith("peer-")
+
+
+def test_dataset_facts_come_from_data_and_partition():
+    assert (Settings().seed, Settings().alpha) == (data.DEFAULT_SEED, partition.DEFAULT_ALPHA)
+    for name in data.DATASETS:
+        assert load_settings([f"--dataset={name}"], {}).dataset == name
+    for scheme in partition.SCHEMES:
+        assert load_settings([f"--partition={scheme}"], {}).partition == scheme
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (whole_number(1), "x", "'x' is not a whole number"),
+    (whole_number(1), "0", "must be at least 1, got 0"),
+    (whole_number(0), "-3", "must not be negative, got -3"),
+    (whole_number(1, 9), "10", "must be at most 9, got 10"),
+    (number(), "x", "'x' is not a number"),
+    (number(), "nan", "must be a finite number, got 'nan'"),
+    (number(0, low_open=True), "0", "must be a positive number, got 0"),
+    (number(0.05), "0.01", "must be at least 0.05, got 0.01"),
+    (number(0, 1), "1.5", "must be between 0 and 1, got 1.5"),
+    (number(0, 1, low_open=True, high_open=True), "1", "must be between 0 and 1, 0 and 1 excluded, got 1"),
+])
+def test_the_public_number_parsers_say_what_is_wrong(parse, text, message):
+    with pytest.raises(SettingsError) as err:
+        parse(text)
+    assert str(err.value) == message
 
 
 def test_random_peer_id_differs_between_calls():

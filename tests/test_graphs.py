@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from graphs import draw_all, global_series, load_run, plot_comparison
+from graphs import draw_all, plot_comparison
 from graphs.__main__ import main
+from peer.records import global_series, load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_RUN = Path(__file__).resolve().parent / "fixtures" / "run_sample"

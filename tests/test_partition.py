@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from peer.partition import (
-    SCHEMES, PartitionError, class_histogram, partition, shard_indices, split_train_test,
+    SCHEMES, PartitionError, class_histogram, partition, split_train_test,
 )
 
 NUM_CLASSES = 10
@@ -53,13 +53,6 @@ def test_same_seed_same_parts_other_seed_other_parts(scheme):
     other = partition(TRAIN, 5, scheme, seed=12)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
-
-
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_shard_indices_is_that_part_of_the_partition(scheme):
-    parts = partition(TRAIN, 4, scheme, seed=5, alpha=0.3)
-    for shard in range(4):
-        assert np.array_equal(shard_indices(TRAIN, shard, 4, scheme, seed=5, alpha=0.3), parts[shard])
 
 
 @pytest.mark.parametrize("scheme", ["random-equal", "random-sizes", "skewed", "dirichlet", "shards", "uniform"])
@@ -204,12 +197,6 @@ def test_bad_number_of_parts(num_parts, message):
 def test_alpha_must_be_positive(alpha):
     with pytest.raises(PartitionError, match="alpha"):
         partition(TRAIN, 3, "dirichlet", alpha=alpha)
-
-
-@pytest.mark.parametrize("shard", [-1, 3, 17])
-def test_bad_shard_number(shard):
-    with pytest.raises(PartitionError, match=r"shard .* 0\.\.2"):
-        shard_indices(TRAIN, shard, 3)
 
 
 @pytest.mark.parametrize("kwargs,message", [

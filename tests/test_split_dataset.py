@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.split_dataset import main, split_dataset
+from peer.data import DEFAULT_SEED, DatasetError, expected_idx_files, how_to_get
+from scripts.split_dataset import build_parser, main, split_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = Path("/work/shared/data/mnist")
@@ -100,6 +101,22 @@ def test_incomplete_data_dir_names_the_missing_files(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "missing" in error and "t10k-images-idx3-ubyte" in error and "MNIST" in error
     assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_errors_say_how_to_get_the_data_as_the_peer_does(tmp_path, dataset):
+    with pytest.raises(DatasetError) as error:      # peer.data's error type, caught by the peer and by main alike
+        split_dataset(dataset, tmp_path / "nothing", 2, tmp_path / "out")
+    message = str(error.value)
+    assert expected_idx_files() in message
+    # the peer's own sentence, less the Keras download that only the peer can do
+    assert how_to_get(dataset, keras=False) in message and "Keras" not in message
+    assert how_to_get(dataset).startswith(how_to_get(dataset, keras=False)[:-1])
+
+
+def test_the_default_seed_is_the_peers():
+    args = build_parser().parse_args(["--dataset", "mnist", "--data-dir", "d", "--peers", "2", "--out", "o"])
+    assert args.seed == DEFAULT_SEED == 42
 
 
 def test_more_peers_than_samples_is_an_error(tmp_path, capsys):
