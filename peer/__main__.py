@@ -27,7 +27,7 @@ def _main(argv: list[str] | None) -> int:
     from .data import DatasetError, load_shard
     from .learner import Learner
     from .node import Peer, configure_logging
-    from .records import RunRecords
+    from .records import RunRecorder
 
     configure_logging(settings.peer_id, settings.log_level)   # before the dataset: its loader has things to say
     try:
@@ -35,7 +35,7 @@ def _main(argv: list[str] | None) -> int:
     except DatasetError as err:
         print(f"python -m peer: error: {err}", file=sys.stderr)
         return 2
-    RunRecords(settings.run_dir, settings.peer_id).data(shard.describe(settings))
+    RunRecorder(settings.run_dir, settings.peer_id).data(shard.describe(settings))
     learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed)
     learner.prepare()
 

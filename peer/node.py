@@ -28,7 +28,7 @@ from .jobs import JobRunner
 from .learner import Learner
 from .protocol import (Aggregation, Claim, Heartbeat, Init, Message, Presence, ProtocolError, Topics, Vote, decode,
                        encode)
-from .records import RunRecords
+from .records import RunRecorder
 from .rounds import ModelStore
 from .transport import Connected, Disconnected, Inbound, MqttTransport, Refused as ConnectionRefused
 
@@ -92,7 +92,7 @@ class Peer:
         self.store = ModelStore()          # written here only, by carrying out AdoptModel and FinishRound
         self.follower = Follower(self.me, self.store)
         self.controller: Controller | None = None
-        self.records = RunRecords(settings.run_dir, self.me)
+        self.records = RunRecorder(settings.run_dir, self.me)
         self.log = logging.getLogger("peer")
         if not self.log.handlers:
             configure_logging(self.me, settings.log_level)

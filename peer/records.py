@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from .metrics import weighted_mean
+
 # --- names ------------------------------------------------------------------------------------------------------------
 
 ROUNDS_FILE = "rounds.csv"
@@ -172,10 +174,6 @@ class RunRecorder:
     def model_path(self) -> Path:
         return self.run_dir / MODEL_FILE
 
-
-# Transitional: node.py, controller.py, trainer.py, __main__.py and tests/test_controller.py still import the old
-# name. Remove once they import RunRecorder.
-RunRecords = RunRecorder
 
 
 def record_chaos(run_dir: str | Path, action: str, peer: str, signal: str, *, at: float | None = None) -> float:
@@ -486,14 +484,6 @@ def load_run(run_dir: str | Path) -> RunHistory:
 
 
 # --- the global metric ------------------------------------------------------------------------------------------------
-
-def weighted_mean(values: Iterable[tuple[float, int]]) -> float | None:
-    """Mean of the values weighted by their counts (pairs with a count <= 0 are left out); None when there is
-    nothing to weigh. The global accuracy and loss of rounds.csv are this mean of the peers' evaluations."""
-    pairs = [(v, n) for v, n in values if n > 0]
-    total = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / total if total else None
-
 
 @dataclass(frozen=True)
 class GlobalPoint:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .metrics import weighted_mean
+
 
 def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:
     """Average each tensor over the solutions, weighting each solution by its sample count (McMahan et al.)."""
@@ -30,13 +32,6 @@ def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.nda
             acc += np.asarray(weights[index], dtype=np.float64) * (samples / total)
         averaged.append(acc.astype(np.float32))
     return averaged
-
-
-def weighted_mean(values: Iterable[tuple[float, int]]) -> float | None:
-    """Mean of the values weighted by their counts; None when there is nothing to weigh."""
-    pairs = [(v, n) for v, n in values if n > 0]
-    total = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / total if total else None
 
 
 def choose_trainers(candidates: Iterable[str], count: int, rng: random.Random) -> tuple[str, ...]:
