@@ -9,7 +9,8 @@
    number, when `max_samples` is given and names no cap for its peer, or when its peer sent more than one (all
    copies go: we cannot tell which one is real).
 2. Sample clamp. A claimed sample count above the peer's cap (what it announced when it joined) is lowered to the
-   cap; otherwise one trainer claiming 2**53-1 samples outweighs everyone in FedAvg.
+   cap; otherwise one trainer claiming 2**53-1 samples outweighs everyone in FedAvg. `max_samples=None` uses the
+   claims as they are (then only the norm bound limits what a liar moves).
 3. Norm bound, on updates (solution minus the global model the round started from): the size of a step is what
    tells a poisoned solution from an honest one, not the size of the weights. The bound is adaptive:
    `max(clip_floor, clip_multiplier * lower median of this round's update norms)`, default 3x. The lower median
@@ -21,17 +22,20 @@
    `clip_multiplier=None` turns clipping off.
 4. The rule, chosen by name from `STRATEGIES`: `fedavg` (default; sample-weighted mean, McMahan et al. 2017),
    `median` (coordinate-wise, unweighted), `trimmed-mean` (coordinate-wise, unweighted, `trim_fraction` of the
-   values cut at each end) and `krum` (Blanchard et al. 2017: the one solution closest to its n-f-2 nearest
-   neighbours). Every rule is translation-equivariant (rule(x - g) = rule(x) - g), so it runs on the (clipped)
-   weights and the step it takes is the same as on updates; running on weights keeps `fedavg` bit-identical to the
-   old `rounds.fedavg` whenever nothing was clipped or clamped. Only `fedavg` uses sample counts: a median, a
+   values cut at each end, default 0.2: one of 3 to 9, two of 10 to 14; see trim_count) and `krum` (Blanchard et
+   al. 2017: the one solution closest to its n-f-2 nearest neighbours, f = `byzantine`, by default the most that
+   n tolerates; too large an f is lowered, and of 1 or 2 solutions it takes the smaller update). Every rule is
+   translation-equivariant (rule(x - g) = rule(x) - g), so it runs on the (clipped) weights and the step it takes
+   is the same as on updates; running on weights keeps `fedavg` bit-identical to the old `rounds.fedavg` whenever
+   nothing was clipped or clamped. Only `fedavg` uses sample counts: a median, a
    trimmed mean or Krum that weighted by a claimed count would hand the attacker back the lever they remove.
 5. Refusal. `AggregationRefused` (one-line reason, the suspects, the rejections) is raised when no solution is
    usable, when the aggregate has NaN or infinity (in float32), when its update norm exceeds `refuse_multiplier`
-   (100) times the round's median update norm, or `max_growth` (1000) times the global model's own norm (at least
-   1). With clipping on, the first cannot happen to fedavg, trimmed-mean or krum (a mean or a choice of clipped
-   updates is no larger than the bound); the checks are the last line when clipping is off, and the only defence
-   when every solution of the round is bad (e.g. the only one), which no relative bound can see.
+   (100) times the round's lower-median update norm, or `max_growth` (1000) times the global model's own norm
+   (counted as at least 1). With clipping on, no rule reaches the relative limit (a mean or a choice of clipped
+   updates is no larger than the bound, 3x the median; a coordinate-wise median at most sqrt(n) times it): that
+   check is the last line when clipping is off. The limit on growth is the only defence when every solution of
+   the round is bad (e.g. the only one), which no relative bound can see.
 
 The controller logs `AggregationResult.describe()` after a round and `str(refusal)` on a refusal, then retries the
 round with other trainers, preferably not the refusal's suspects.
@@ -222,7 +226,7 @@ AGGREGATIONS = tuple(STRATEGIES)   # the names `--aggregation` accepts; the firs
 
 # --- results and refusals -------------------------------------------------------------------------------------------
 
-class Solution(NamedTuple):
+class Contribution(NamedTuple):
     """One trainer's solution; a plain (peer, weights, samples) tuple works as well."""
     peer: str
     weights: Sequence[np.ndarray]

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from peer import rounds
 from peer.aggregation import (
-    AGGREGATIONS, STRATEGIES, AggregationRefused, AggregationResult, Aggregator, Solution, aggregate,
+    AGGREGATIONS, STRATEGIES, AggregationRefused, AggregationResult, Aggregator, Contribution, aggregate,
     default_byzantine, fedavg, krum_scores, krum_select, median_rule, squared_distances, trim_count,
     trimmed_mean_rule, update_norm,
 )
@@ -243,7 +243,8 @@ def test_no_usable_solution_is_a_refusal_naming_every_reason():
 
 def test_arrival_order_does_not_matter():
     rng = np.random.default_rng(5)
-    solutions = [(p, [rng.normal(size=s).astype(np.float32) for s in SHAPES], int(rng.integers(1, 99))) for p in "qwert"]
+    solutions = [(p, [rng.normal(size=s).astype(np.float32) for s in SHAPES], int(rng.integers(1, 99)))
+                 for p in "qwert"]
     for strategy in AGGREGATIONS:
         first = aggregate(zeros(), solutions, strategy)
         again = aggregate(zeros(), solutions[::-1], strategy)
@@ -267,8 +268,8 @@ def test_output_is_float32_in_the_global_shapes_and_inputs_are_untouched(strateg
         np.testing.assert_array_equal(w, 1)
 
 
-def test_solution_named_tuple_is_accepted():
-    result = aggregate([f32(0)], [Solution("a", [f32(1)], 1), Solution("b", [f32(3)], 1)])
+def test_contribution_named_tuple_is_accepted():
+    result = aggregate([f32(0)], [Contribution("a", [f32(1)], 1), Contribution("b", [f32(3)], 1)])
     np.testing.assert_array_equal(result.weights[0], [2])
 
 
