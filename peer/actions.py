@@ -94,6 +94,18 @@ class Print:
     text: str
 
 
+# Exit codes of `python -m peer`, in one place.
+EXIT_OK = 0            # the run finished (or had finished before this peer came)
+EXIT_USAGE = 2         # a bad setting, a missing dataset, an unwritable run dir: said in one line at start
+EXIT_REFUSED = 3       # the broker refused the login
+EXIT_GAVE_UP = 4       # waited --wait-timeout for peers, or no peer could evaluate the model: the run cannot go on
+EXIT_DUPLICATE = 5     # another process already runs with this peer id
+
+# Finish reasons that mean the run failed (its peers exit EXIT_GAVE_UP); the others (max-rounds, target-accuracy)
+# are a run that ended as asked.
+GIVE_UP_REASONS = ("too-few-peers", "no-evaluations")
+
+
 @dataclass(frozen=True)
 class Exit:
     """This peer is done: the node leaves the loop with this exit code."""

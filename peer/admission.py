@@ -6,7 +6,10 @@ this peer follow it); `entitled` then says whether this peer acts on that messag
 
 The rules, in the order they apply:
 - a presence on another peer's topic is a forgery (the Last Will of a peer arrives on its own topic);
-- presence, announcements (init) and ballots (vote, claim) always reach the election;
+- presence and announcements (init) always reach the election;
+- a term can only move forward by a bounded step: never to the last encodable term, and (for a peer in a run) never
+  more than MAX_TERM_STEP past its own, so no single message can strand the federation in a term it cannot leave;
+- ballots (vote, claim) reach the election;
 - retained messages are history, not orders: a retained claim or heartbeat says who led most recently, a retained
   aggregation is the model a late joiner starts from, and a retained finish seen before this peer knew any term is
   an earlier run's (it ends the run it belongs to, not the next one);
@@ -22,10 +25,12 @@ import enum
 from dataclasses import dataclass
 
 from .election import Role
-from .protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Message, Metrics, Presence, Solution,
-                       Topics, Training, Vote)
+from .protocol import (MAX_TERM, Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Message, Metrics, Presence,
+                       Solution, Topics, Training, Vote)
 
 CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish)
+TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)      # messages that can move this peer to a later term
+MAX_TERM_STEP = 1000   # a term further ahead of ours than this is no election we could have missed
 
 
 class Route(str, enum.Enum):
@@ -61,6 +66,8 @@ def admit(message: Message, topic: str, retained: bool, view: View, topics: Topi
         return Route.PRESENCE
     if isinstance(message, Init):
         return Route.ANNOUNCE
+    if isinstance(message, TERM_MESSAGES) and (jump := _term_jump(message.term, view.term)):
+        return jump
     if isinstance(message, Vote):
         return Route.BALLOT
     if isinstance(message, (Claim, Heartbeat)) and retained:
@@ -84,6 +91,19 @@ def admit(message: Message, topic: str, retained: bool, view: View, topics: Topi
                            f"controller of that term")
         return Route.TO_CONTROLLER
     return Refused(f"no rule admits a {message.TYPE}", "warning")
+
+
+def _term_jump(term: int, ours: int) -> Refused | None:
+    """Terms move forward one election at a time: a term past the last one (whose successor could not be encoded),
+    or further ahead of ours than any run of missed elections explains, is refused, so that one message cannot
+    move the federation to a term from which it can never elect again. A peer that knows no term yet (it just
+    started) takes the term of the run it joins, however far that run has come."""
+    if term >= MAX_TERM:
+        return Refused(f"ignored term {term}: the last usable term is {MAX_TERM - 1}", "warning")
+    if ours > 0 and term > ours + MAX_TERM_STEP:
+        return Refused(f"ignored term {term}: {term - ours} terms ahead of ours ({ours}), more than the "
+                       f"{MAX_TERM_STEP} elections any peer could have missed", "warning")
+    return None
 
 
 def entitled(message: Message, view: View) -> Refused | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Fast imports only (numpy at most): a bad flag must be reported before TensorFlow would have loaded.
+from .aggregation import AGGREGATIONS
 from .data import DATASETS, DEFAULT_SEED
 from .partition import DEFAULT_ALPHA, SCHEMES
 from .protocol import PEER_ID_PATTERN
@@ -53,6 +54,8 @@ class Settings:
     heartbeat: float = 1.0
     election_window: float = 1.0
     round_deadline: float = 60.0
+    aggregation: str = "fedavg"
+    wait_timeout: float = 600.0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
@@ -206,6 +209,12 @@ OPTIONS = [
     ("--heartbeat", "FL_HEARTBEAT", "heartbeat", number(0.05), "controller heartbeat interval in seconds; 3 missed = controller silent (default 1)"),
     ("--election-window", "FL_ELECTION_WINDOW", "election_window", number(0.05), "seconds votes are collected before a claim (default 1)"),
     ("--round-deadline", "FL_ROUND_DEADLINE", "round_deadline", number(0.5), "seconds a round waits for solutions or evaluations (default 60)"),
+    ("--aggregation", "FL_AGGREGATION", "aggregation", _choice(AGGREGATIONS),
+     f"how solutions become the global model: {' | '.join(AGGREGATIONS)} (default fedavg; the others resist "
+     "trainers that lie, see docs/SECURITY.md)"),
+    ("--wait-timeout", "FL_WAIT_TIMEOUT", "wait_timeout", number(1.0),
+     "seconds a peer waits for enough peers (before the first election, or as controller) before it gives up "
+     "with exit code 4 (default 600)"),
     ("--username", "FL_USERNAME", "username", str, "broker user name"),
     ("--password", "FL_PASSWORD", "password", str, "broker password (prefer the FL_PASSWORD variable)"),
     ("--log-level", "FL_LOG_LEVEL", "log_level", _choice(("debug", "info", "warning", "error")), "debug | info | warning | error (default info)"),

@@ -17,12 +17,13 @@ from __future__ import annotations
 import enum
 import functools
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .actions import (Action, AdoptModel, Exit, FinishRound, Log, Print, Publish, RecordElection, RecordRound,
-                      RecordRun, SaveModel)
+from .actions import (EXIT_GAVE_UP, EXIT_OK, Action, AdoptModel, Exit, FinishRound, Log, Print, Publish,
+                      RecordElection, RecordRound, RecordRun, SaveModel)
+from .aggregation import AggregationRefused, Aggregator
 from .config import Settings
 from .protocol import (Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training,
                        encoded_size)
@@ -30,7 +31,7 @@ from .rounds import (EvaluationCollector, GlobalModel, ModelStore, RoundOutcome,
                      choose_trainers)
 
 FINISH_EXPIRY_S = 60   # the retained Finish reaches peers reconnecting just after the end, then expires
-EXIT_OK = 0
+MAX_REPUBLISH = 3      # a model nobody evaluates is published this many more times, then the run gives up
 
 
 class Phase(str, enum.Enum):
@@ -55,12 +56,17 @@ def _emits(method):
 class Controller:
     def __init__(self, settings: Settings, term: int, reason: str, members: tuple[str, ...], live: Iterable[str],
                  memory: ModelStore, rng: random.Random, wall_offset: float = 0.0,
-                 initial_weights: list[np.ndarray] | None = None):
+                 initial_weights: list[np.ndarray] | None = None,
+                 announced: Mapping[str, tuple[int, int]] | None = None):
         """`memory` is what this peer knows of the run when it takes office (read here, never written: the node
-        owns it); `initial_weights` start a run that has no global model yet."""
+        owns it); `initial_weights` start a run that has no global model yet; `announced` holds each peer's
+        (train, test) sample counts from its init, the most it may declare."""
         self.settings, self.me, self.term, self.reason = settings, settings.peer_id, term, reason
         self.members, self.rng, self.wall_offset = members, rng, wall_offset
         self.live = set(live) | {self.me}          # its own set, kept current by peer_up / peer_down
+        self.announced: dict[str, tuple[int, int]] = dict(announced or {})
+        self.aggregator = Aggregator(settings.aggregation)
+        self.suspects: set[str] = set()            # trainers whose solutions broke a limit this term: chosen last
         self.model = memory.latest
         if self.model is None and initial_weights is None:
             raise ValueError("a controller without a global model needs initial weights")
@@ -75,6 +81,8 @@ class Controller:
         self.round_started: float | None = None
         self.round_bytes = 0
         self.waiting_for = ""          # why nothing happens (too few peers); logged once per change
+        self.waiting_since: float | None = None
+        self.republished = 0           # publications of the current model that brought no evaluation
         self.next_heartbeat = 0.0
         self._out: list[Action] = []
 
@@ -120,7 +128,7 @@ class Controller:
                       f"{len(self.solutions.received)} of {len(self.solutions.trainers)}")
         elif isinstance(message, Evaluation) and self.evaluations and self.phase is Phase.EVALUATING:
             why_not = self.evaluations.offer(message.term, message.round, message.peer, message.accuracy,
-                                             message.loss, message.samples)
+                                             message.loss, message.samples, cap=self._cap(message.peer, test=True))
             if why_not:
                 self._log(f"ignored an evaluation from {message.peer}: {why_not}", "debug")
                 return
@@ -128,9 +136,12 @@ class Controller:
         self._advance(now)
 
     @_emits
-    def peer_up(self, peer: str, now: float) -> None:
+    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> None:
+        """A peer is online (`samples`: the (train, test) counts its init announced, when this came from one)."""
         if peer == self.me:
             return
+        if samples is not None:
+            self.announced[peer] = samples
         if peer not in self.live:
             self._log(f"{peer} joined")
         self.live.add(peer)
@@ -148,10 +159,28 @@ class Controller:
         self._advance(now)
 
     @_emits
+    def reconnected(self, now: float) -> None:
+        """Back on the broker after losing it: what was published meanwhile may be lost (an order, a solution, an
+        evaluation), so the current order goes out again at once; trainers answer it from what they already did."""
+        self.next_heartbeat = now
+        if self.phase is Phase.TRAINING and self.solutions:
+            self._log(f"round {self.round}: reconnected; sending the training order again")
+            self.round_bytes += self._publish(Training(self.term, self.me, self.round, self.attempt,
+                                                       self.solutions.trainers, self.model.weights))
+        elif self.phase is Phase.EVALUATING and self.evaluations:
+            self._log(f"round {self.round}: reconnected; publishing the model again")
+            self.round_bytes += self._publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers,
+                                                          self.model.weights), retain=True)
+
+    @_emits
     def tick(self, now: float) -> None:
         if now >= self.next_heartbeat and not self.finished:
             self.next_heartbeat = now + self.settings.heartbeat
             self._publish(Heartbeat(self.term, self.me, self.round, self.phase.value), retain=True)
+        if (self.phase is Phase.WAITING_PEERS and self.waiting_since is not None
+                and now - self.waiting_since >= self.settings.wait_timeout):
+            return self._give_up("too-few-peers", f"waited {now - self.waiting_since:.0f}s (--wait-timeout): "
+                                                  f"{self.waiting_for}", now)
         self._advance(now)
 
     # --- output helpers -----------------------------------------------------------------------------------------------
@@ -173,12 +202,18 @@ class Controller:
     def _wall(self, now: float) -> float:
         return now + self.wall_offset
 
+    def _cap(self, peer: str, test: bool = False) -> int | None:
+        announced = self.announced.get(peer)
+        return None if announced is None else announced[1 if test else 0]
+
     # --- rounds -------------------------------------------------------------------------------------------------------
 
     def _others(self) -> set[str]:
         return self.live - {self.me}
 
-    def _wait_for_peers(self, why: str) -> None:
+    def _wait_for_peers(self, why: str, now: float) -> None:
+        if self.phase is not Phase.WAITING_PEERS:
+            self.waiting_since = now
         self.phase = Phase.WAITING_PEERS
         if why != self.waiting_for:
             self.waiting_for = why
@@ -187,7 +222,7 @@ class Controller:
     def _resume_waiting(self, now: float) -> None:
         if not self._others():
             return
-        self.waiting_for = ""
+        self.waiting_for, self.waiting_since = "", None
         if self.evaluations is not None:
             self._publish_model(now)
         else:
@@ -198,12 +233,12 @@ class Controller:
         if not candidates:
             self.solutions = None
             return self._wait_for_peers("too few peers for a round: it needs a controller and at least one "
-                                        f"trainer, and only {self.me} is live")
+                                        f"trainer, and only {self.me} is live", now)
         if not retry:
             self.attempt, self.round_started, self.round_bytes = 0, now, 0
         self.attempt += 1
         self.round = self.model.round + 1
-        trainers = choose_trainers(candidates, self.settings.trainers, self.rng)
+        trainers = choose_trainers(self._preferred(candidates), self.settings.trainers, self.rng)
         quorum = min(self.settings.min_solutions, len(trainers))
         self.solutions = SolutionCollector(self.term, self.round, self.attempt, trainers, quorum,
                                            now + self.settings.round_deadline,
@@ -215,6 +250,12 @@ class Controller:
         self._log(f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
                   f"{','.join(trainers)} (quorum {quorum})")
 
+    def _preferred(self, candidates: set[str]) -> set[str]:
+        """Trainers whose sample counts are known (so their weight is bounded) and that broke no limit this term;
+        if that leaves nobody, everyone: a round with a doubtful trainer beats no round."""
+        trusted = {p for p in candidates if p not in self.suspects and (p in self.announced or not self.announced)}
+        return trusted or candidates
+
     def _publish_model(self, now: float) -> None:
         """Publish the latest global model and collect every live peer's evaluation of it."""
         model = self.model
@@ -225,7 +266,7 @@ class Controller:
         self.round_bytes += self._publish(Aggregation(self.term, self.me, model.round, model.trainers,
                                                       model.weights), retain=True)
         if not self._others():
-            return self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}")
+            return self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}", now)
         self.phase = Phase.EVALUATING
 
     def _advance(self, now: float) -> None:
@@ -243,19 +284,40 @@ class Controller:
 
     def _aggregate(self, now: float) -> None:
         collector = self.solutions
-        used = tuple(sorted(collector.received))
-        missing = sorted(set(collector.trainers) - set(used))
-        self._adopt(GlobalModel(self.round, self.term, collector.aggregate(), used))
+        caps = {peer: self._cap(peer) for peer in collector.received if peer in self.announced}
+        try:
+            result = self.aggregator.aggregate(self.model.weights, collector.contributions(),
+                                               max_samples=caps if len(caps) == len(collector.received) else None)
+        except AggregationRefused as refused:
+            # A poisoned or diverging round never becomes the model: repeat it, choosing other trainers first.
+            self.suspects |= set(refused.suspects)
+            self._log(f"round {self.round} attempt {self.attempt}: aggregation refused: {refused}; choosing "
+                      "trainers again", "warning")
+            return self._start_training(now, retry=True)
+        used = tuple(result.used)
+        missing = sorted(set(collector.trainers) - set(collector.received))
+        if result.rejected or result.clipped or result.clamped:
+            self.suspects |= set(result.rejected) | set(result.clipped) | set(result.clamped)
+            self._log(f"round {self.round}: {result.describe()}", "warning")
+        self._adopt(GlobalModel(self.round, self.term, result.weights, used))
         without = f" (closed without {','.join(missing)})" if missing else ""
-        self._log(f"round {self.round}: FedAvg of {len(used)} solutions from {','.join(used)}{without}")
+        name = "FedAvg" if result.strategy == "fedavg" else result.strategy
+        self._log(f"round {self.round}: {name} of {len(used)} solutions from {','.join(used)}{without}")
+        self.republished = 0
         self._publish_model(now)
 
     def _close_evaluation(self, now: float) -> None:
         collector, self.evaluations = self.evaluations, None
         result = collector.result()
         if result is None:
-            self._log(f"round {collector.round}: no evaluation arrived; publishing the model again", "warning")
+            if self.republished >= MAX_REPUBLISH:
+                return self._give_up("no-evaluations", f"the model of round {collector.round} was published "
+                                     f"{self.republished + 1} times and no peer evaluated it", now)
+            self.republished += 1
+            self._log(f"round {collector.round}: no evaluation arrived; publishing the model again "
+                      f"({self.republished} of {MAX_REPUBLISH})", "warning")
             return self._publish_model(now)
+        self.republished = 0
         accuracy, loss, samples = result
         round_, trainers = collector.round, self.model.trainers
         trained_here = round_ > 0 and self.round_started is not None
@@ -284,23 +346,32 @@ class Controller:
             return self._finish("target-accuracy", summary, now)
         self._start_training(now)
 
-    def _finish(self, reason: str, summary: RoundSummary, now: float) -> None:
+    def _finish(self, reason: str, summary: RoundSummary | None, now: float, code: int = EXIT_OK) -> None:
+        """The end of the run, for everyone: the model saved, run.json written, the Finish published (retained), the
+        summary printed, this peer's exit. A failed disk write does not stop the rest (the node logs it)."""
         self.phase = Phase.FINISHED
         outcome = self.outcome(reason, summary, now)
-        self._emit(SaveModel(self.model.weights), RecordRun({"settings": self.settings.public_dict(),
-                                                             "outcome": outcome}))
-        self._publish(Finish(self.term, self.me, summary.round, reason, summary.accuracy), retain=True,
-                      expiry=FINISH_EXPIRY_S)
-        self._log(f"finished ({reason}) after round {summary.round}: accuracy {summary.accuracy:.4f}")
-        self._emit(Print(format_summary(outcome)), Exit(EXIT_OK))
+        if self.model is not None:
+            self._emit(SaveModel(self.model.weights))
+        self._emit(RecordRun({"settings": self.settings.public_dict(), "outcome": outcome}))
+        self._publish(Finish(self.term, self.me, summary.round if summary else 0, reason,
+                             summary.accuracy if summary else 0.0), retain=True, expiry=FINISH_EXPIRY_S)
+        if code == EXIT_OK:
+            self._log(f"finished ({reason}) after round {summary.round}: accuracy {summary.accuracy:.4f}")
+        self._emit(Print(format_summary(outcome)), Exit(code))
 
-    def outcome(self, reason: str, summary: RoundSummary, now: float) -> dict:
+    def _give_up(self, reason: str, why: str, now: float) -> None:
+        self._log(f"giving up the run: {why}", "error")
+        self._finish(reason, self.history[max(self.history)] if self.history else None, now, EXIT_GAVE_UP)
+
+    def outcome(self, reason: str, summary: RoundSummary | None, now: float) -> dict:
         initial = self.history.get(0)
         started = self.run_started if self.run_started is not None else self._wall(now)
         return {
-            "reason": reason, "rounds": summary.round,
+            "reason": reason, "rounds": summary.round if summary else 0,
             "initial_accuracy": initial.accuracy if initial else None,
-            "final_accuracy": summary.accuracy, "final_loss": summary.loss,
+            "final_accuracy": summary.accuracy if summary else None,
+            "final_loss": summary.loss if summary else None,
             "duration_s": round(self._wall(now) - started, 3),
             "bytes_sent": sum(s.bytes for s in self.history.values()),
             "terms": self.term, "controller": self.me, "finished_at": self._wall(now),
@@ -310,7 +381,8 @@ class Controller:
 def format_summary(outcome: dict) -> str:
     rows = [("rounds", outcome["rounds"]), ("stopped by", outcome["reason"]),
             ("initial accuracy", _pct(outcome["initial_accuracy"])), ("final accuracy", _pct(outcome["final_accuracy"])),
-            ("final loss", f"{outcome['final_loss']:.4f}"), ("time", f"{outcome['duration_s']:.1f} s"),
+            ("final loss", "n/a" if outcome["final_loss"] is None else f"{outcome['final_loss']:.4f}"),
+            ("time", f"{outcome['duration_s']:.1f} s"),
             ("bytes", f"{outcome['bytes_sent']:,}"), ("terms", outcome["terms"]), ("controller", outcome["controller"])]
     width = max(len(k) for k, _ in rows)
     lines = ["run summary", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows]

@@ -37,11 +37,14 @@ class ElectionTimings:
     claim_timeout: float = 3.0      # after the window, wait this long for a claim before the next term
     heartbeat_timeout: float = 3.0  # a controller unheard for this long is silent (hung, or cut off)
     join_grace: float = 2.5         # a new peer listens this long for a running controller before electing
+    give_up_after: float = float("inf")   # waiting this long for enough peers to start, the peer gives up
 
     @classmethod
-    def from_heartbeat(cls, heartbeat: float, window: float) -> "ElectionTimings":
+    def from_heartbeat(cls, heartbeat: float, window: float,
+                       give_up_after: float = float("inf")) -> "ElectionTimings":
         return cls(window=window, claim_timeout=max(3 * window, 3 * heartbeat),
-                   heartbeat_timeout=3 * heartbeat, join_grace=max(2.5 * heartbeat, window))
+                   heartbeat_timeout=3 * heartbeat, join_grace=max(2.5 * heartbeat, window),
+                   give_up_after=give_up_after)
 
 
 # --- actions ----------------------------------------------------------------------------------------------------------
@@ -88,7 +91,13 @@ class Note:
     text: str
 
 
-Action = CastVote | SendClaim | TakeOffice | FollowController | StepDown | Note
+@dataclass(frozen=True)
+class GiveUp:
+    """Not enough peers came to start a run within `give_up_after`: waiting longer would wait forever."""
+    text: str
+
+
+Action = CastVote | SendClaim | TakeOffice | FollowController | StepDown | Note | GiveUp
 
 
 @dataclass
@@ -209,6 +218,9 @@ class Election:
                 return []
             if len(self.live) >= self.min_peers:
                 return self._new_term(now, "start")
+            if now - self.started_at >= t.give_up_after:
+                return [GiveUp(f"only {len(self.live)} of {self.min_peers} peers came within {t.give_up_after:.0f}s "
+                               "(--wait-timeout); is every peer on this broker, with the same --topic-prefix?")]
             return self._note(f"waiting for peers: {len(self.live)} of {self.min_peers} present before the first election")
         if self.role is Role.VOTING:
             if now - self.voted_at >= t.window + t.claim_timeout:

@@ -10,17 +10,23 @@ model is an action the node carries out.
 """
 from __future__ import annotations
 
-from .actions import (Action, AdoptModel, Exit, FinishRound, JobDone, Log, Publish, RecordEvaluation, StartJob)
+from .actions import (EXIT_GAVE_UP, EXIT_OK, GIVE_UP_REASONS, Action, AdoptModel, Exit, FinishRound, JobDone, Log,
+                      Publish, RecordEvaluation, StartJob)
 from .protocol import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
 from .rounds import GlobalModel, ModelStore, RoundSummary
 
-EXIT_OK = 0
-
 
 class Follower:
-    def __init__(self, me: str, memory: ModelStore):
-        self.me, self.memory = me, memory
+    def __init__(self, me: str, memory: ModelStore, shapes: tuple[tuple[int, ...], ...] | None = None):
+        """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused."""
+        self.me, self.memory, self.shapes = me, memory, shapes
         self.phase: str | None = None          # the controller's phase, as its last heartbeat told it
+        # What this peer last did for an order, by (term, round, attempt) and (term, round): a repeated order
+        # (the controller re-sends after a broker outage) is answered from it instead of being done twice.
+        self.fitting: tuple[int, int, int] | None = None
+        self.solution: Solution | None = None
+        self.evaluating: tuple[int, int] | None = None
+        self.evaluation: Evaluation | None = None
 
     def on_controller(self, message: Message) -> list[Action]:
         """A live message of the current term's controller."""
@@ -30,25 +36,52 @@ class Follower:
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
+            if misfit := self._misfit(message):
+                return misfit
+            key = (message.term, message.round, message.attempt)
+            if key == self.fitting:
+                if self.solution is not None and (self.solution.term, self.solution.round,
+                                                  self.solution.attempt) == key:
+                    return [Publish(self.solution),
+                            Log(f"round {message.round}: the order came again; sending my solution again")]
+                return [Log(f"round {message.round}: the order came again; still training", "debug")]
+            self.fitting = key
             return [Log(f"round {message.round}: chosen to train (attempt {message.attempt})"),
                     StartJob("fit", message.term, message.round, message.attempt, message.weights)]
         if isinstance(message, Aggregation):
-            # Every live publication is evaluated, a re-publication too: the controller re-publishes a model only
-            # when it still lacks evaluations of it (retained copies come through `on_retained_model`).
+            if misfit := self._misfit(message):
+                return misfit
+            # Every live publication of a model this peer has not evaluated is evaluated (the controller
+            # re-publishes a model when it lacks evaluations, e.g. in a new term); a model it has evaluated already
+            # gets the same answer again. Retained copies come through `on_retained_model`.
+            key = (message.term, message.round)
+            if key == self.evaluating:
+                if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == key:
+                    return [Publish(self.evaluation)]
+                return []
+            self.evaluating = key
             return [*self._adopt(message),
                     StartJob("evaluate", message.term, message.round, 1, message.weights)]
         if isinstance(message, Metrics):
             summary = RoundSummary(message.round, message.term, message.accuracy, message.loss, message.bytes)
             return [FinishRound(summary, message.run_started)]
         if isinstance(message, Finish):
+            failed = message.reason in GIVE_UP_REASONS
             return [Log(f"finish received from {message.controller} ({message.reason}) after round {message.round}: "
-                        f"accuracy {message.accuracy:.4f}"), Exit(EXIT_OK)]
+                        f"accuracy {message.accuracy:.4f}", "error" if failed else "info"),
+                    Exit(EXIT_GAVE_UP if failed else EXIT_OK)]
         return []
 
     def on_retained_model(self, message: Aggregation) -> list[Action]:
         """The broker's retained aggregation, delivered when this peer subscribed: the model a late joiner starts
         from, not an order to evaluate it."""
-        return self._adopt(message, note="retained by the broker")
+        return self._misfit(message) or self._adopt(message, note="retained by the broker")
+
+    def reconnected(self, current_term: int) -> list[Action]:
+        """Back on the broker: what this peer sent while it was gone may be lost, so its answers of this term go
+        out again (the controller ignores what it already has)."""
+        return [Publish(answer) for answer in (self.solution, self.evaluation)
+                if answer is not None and answer.term == current_term]
 
     def on_job_done(self, done: JobDone, current_term: int) -> list[Action]:
         job = done.job
@@ -58,14 +91,26 @@ class Follower:
             weights, samples, loss = done.result
             if job.term != current_term:
                 return [Log(f"round {job.round}: training done but term {job.term} is over; solution dropped")]
-            return [Publish(Solution(job.term, job.round, job.attempt, self.me, samples, loss, weights)),
+            self.solution = Solution(job.term, job.round, job.attempt, self.me, samples, loss, weights)
+            return [Publish(self.solution),
                     Log(f"round {job.round}: trained {samples} samples in {done.seconds:.1f}s (loss {loss:.4f}), "
                         "solution sent")]
         accuracy, loss, samples = done.result
+        self.evaluation = Evaluation(job.term, job.round, self.me, accuracy, loss, samples)
         return [RecordEvaluation(job.round, job.term, accuracy, loss, samples),
-                Publish(Evaluation(job.term, job.round, self.me, accuracy, loss, samples)),
+                Publish(self.evaluation),
                 Log(f"round {job.round}: global model scores accuracy {accuracy:.4f}, loss {loss:.4f} on my "
                     f"{samples} test samples")]
+
+    def _misfit(self, message: Training | Aggregation) -> list[Action]:
+        """[one warning] if the message's model does not fit this peer's model, else []."""
+        shapes = tuple(tuple(w.shape) for w in message.weights)
+        if self.shapes is None or shapes == self.shapes:
+            return []
+        return [Log(f"refused the {message.TYPE} of round {message.round} from {message.controller}: its model "
+                    f"({len(shapes)} tensors) does not fit this peer's ({len(self.shapes)} tensors"
+                    f"{', other shapes' if len(shapes) == len(self.shapes) else ''}); is every peer running the "
+                    "same --dataset and model?", "warning")]
 
     def _adopt(self, message: Aggregation, note: str = "") -> list[Action]:
         if not self.memory.is_newer(message.round, message.term):

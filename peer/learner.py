@@ -65,6 +65,10 @@ class Learner:
                 self._model = build_model(self.dataset, self.shard.num_classes if self.shard else 10, self.seed)
                 self._initial = self._weights()
 
+    def sample_counts(self) -> tuple[int, int]:
+        """(train, test) samples of this peer's shard: announced to the others, the most it may declare."""
+        return (int(len(self.shard.y_train)), int(len(self.shard.y_test))) if self.shard else (0, 0)
+
     def _weights(self) -> list[np.ndarray]:
         return [np.asarray(w, np.float32) for w in self._model.get_weights()]
 

@@ -16,13 +16,13 @@ import queue
 import random
 import time
 
-from .actions import (AdoptModel, Exit, FinishRound, JobDone, Log, Print, Publish, RecordElection, RecordEvaluation,
-                      RecordRound, RecordRun, SaveModel, StartJob)
+from .actions import (EXIT_GAVE_UP, EXIT_REFUSED, AdoptModel, Exit, FinishRound, JobDone, Log, Print, Publish,
+                      RecordElection, RecordEvaluation, RecordRound, RecordRun, SaveModel, StartJob)
 from .admission import Refused, Route, View, admit, entitled
 from .config import Settings
 from .controller import Controller
-from .election import (CastVote, Election, ElectionTimings, FollowController, Note, Role, SendClaim, StepDown,
-                       TakeOffice)
+from .election import (CastVote, Election, ElectionTimings, FollowController, GiveUp, Note, Role, SendClaim,
+                       StepDown, TakeOffice)
 from .follower import Follower
 from .jobs import JobRunner
 from .learner import Learner
@@ -33,8 +33,8 @@ from .rounds import ModelStore
 from .transport import Connected, Disconnected, Inbound, MqttTransport, Refused as ConnectionRefused
 
 TICK_S = 0.05
-EXIT_REFUSED = 3
 PRESENCE_EXPIRY_S = 3600   # a dead peer's "offline" will does not linger on a long-lived broker forever
+QUIET_S = 10.0             # the same kind of warning (a malformed message, a failed write) at most once per this
 LOG_FORMAT = "%(asctime)s %(levelname)-7s peer=%(peer)s role=%(role)s term=%(term)s round=%(round)s " \
              "phase=%(phase)s | %(message)s"
 
@@ -71,6 +71,25 @@ def configure_logging(peer_id: str, level: str) -> logging.Logger:
     return log
 
 
+class Quota:
+    """One log line per kind of trouble per QUIET_S, with the count of those it kept quiet: a flood of bad messages
+    (or a full disk) must not flood the log."""
+
+    def __init__(self, log: logging.Logger, clock=time.monotonic):
+        self.log, self.clock = log, clock
+        self.last: dict[str, float] = {}
+        self.quiet: dict[str, int] = {}
+
+    def warn(self, kind: str, level: int, text: str, *args) -> None:
+        now = self.clock()
+        if now - self.last.get(kind, -QUIET_S) < QUIET_S:
+            self.quiet[kind] = self.quiet.get(kind, 0) + 1
+            return
+        self.last[kind] = now
+        kept = self.quiet.pop(kind, 0)
+        self.log.log(level, text + (f" ({kept} more like it in the last {QUIET_S:.0f}s)" if kept else ""), *args)
+
+
 def _attach_to_log(log: logging.Logger, peer: "Peer") -> None:
     for handler in log.handlers:
         for context in handler.filters:
@@ -87,11 +106,16 @@ class Peer:
         self.topics = Topics(settings.topic_prefix)
         self.events: queue.Queue = queue.Queue()
         self.election = Election(self.me, settings.min_peers,
-                                 ElectionTimings.from_heartbeat(settings.heartbeat, settings.election_window),
+                                 ElectionTimings.from_heartbeat(settings.heartbeat, settings.election_window,
+                                                                settings.wait_timeout),
                                  self.rng, started_at=time.monotonic())
         self.store = ModelStore()          # written here only, by carrying out AdoptModel and FinishRound
-        self.follower = Follower(self.me, self.store)
+        self.samples = learner.sample_counts()
+        self.follower = Follower(self.me, self.store, tuple(tuple(w.shape) for w in learner.initial_weights()))
         self.controller: Controller | None = None
+        # What each peer announced (init): (pid, train samples, test samples). A controller bounds declared sample
+        # counts by it; a newcomer (or a new process under a known id) is answered with our own init.
+        self.announced: dict[str, tuple[int, int, int]] = {}
         self.records = RunRecorder(settings.run_dir, self.me)
         self.log = logging.getLogger("peer")
         if not self.log.handlers:
@@ -102,6 +126,7 @@ class Peer:
             settings.keepalive, settings.username, settings.password)
         self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
         self.exit_code: int | None = None
+        self.quota = Quota(self.log)
         self._status: tuple = ()
         self._last_tick = time.monotonic()
 
@@ -134,8 +159,8 @@ class Peer:
                  last.accuracy if last else None)
         if state != self._status:
             self._status = state
-            self.records.status(peer=self.me, role=state[0], term=state[1], round=state[2], phase=state[3],
-                                controller=state[4], accuracy=state[5])
+            self._write("status.json", self.records.status, peer=self.me, role=state[0], term=state[1],
+                        round=state[2], phase=state[3], controller=state[4], accuracy=state[5])
 
     # --- main loop ------------------------------------------------------------------------------------------------------
 
@@ -193,6 +218,11 @@ class Peer:
             self.log.info("connected to broker %s", self.settings.broker)
             self.send(Presence(self.me, "online"), retain=True)
             self._announce()
+            # What went out while the broker was away may be lost: the controller's order, our answers to it.
+            if self.controller:
+                self.carry_out(self.controller.reconnected(now), now)
+            else:
+                self.carry_out(self.follower.reconnected(self.election.term), now)
         elif isinstance(event, Disconnected):
             self.log.warning("disconnected from broker (%s); reconnecting", event.reason)
         elif isinstance(event, ConnectionRefused):
@@ -214,7 +244,8 @@ class Peer:
         try:
             message = decode(short, event.payload)
         except ProtocolError as err:
-            self.log.warning("dropped a malformed message on %s (%d bytes): %s", event.topic, len(event.payload), err)
+            self.quota.warn(f"malformed:{short}", logging.WARNING, "dropped a malformed message on %s (%d bytes): %s",
+                            event.topic, len(event.payload), err)
             return
         verdict = admit(message, event.topic, event.retained, self._view(), self.topics)
         if isinstance(verdict, Refused):
@@ -233,7 +264,11 @@ class Peer:
             else:
                 self.peer_gone(message.peer, now)
         elif route is Route.ANNOUNCE:
-            self.peer_up(message.peer, now)
+            known = self.announced.get(message.peer)
+            self.announced[message.peer] = (message.pid, message.train_samples, message.test_samples)
+            self.peer_up(message.peer, now, (message.train_samples, message.test_samples))
+            if message.peer != self.me and (known is None or known[0] != message.pid):
+                self._announce()   # a newcomer learns who is here, and what each holds, from the answers
         elif route is Route.BALLOT:
             self.carry_out(e.on_vote(message.term, message.peer, message.vote, message.round, message.reason, now), now)
         elif route is Route.CLAIM:
@@ -254,10 +289,10 @@ class Peer:
             if self.controller:
                 self.carry_out(self.controller.on_message(message, size, now), now)
 
-    def peer_up(self, peer: str, now: float) -> None:
+    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> None:
         self.carry_out(self.election.peer_up(peer, now), now)
         if self.controller:
-            self.carry_out(self.controller.peer_up(peer, now), now)
+            self.carry_out(self.controller.peer_up(peer, now, samples), now)
 
     def peer_gone(self, peer: str, now: float) -> None:
         if peer == self.me or peer not in self.election.live:
@@ -268,7 +303,11 @@ class Peer:
             self.carry_out(self.controller.peer_down(peer, now), now)
 
     def _refused(self, refusal: Refused) -> None:
-        self.log.log(logging.getLevelName(refusal.level.upper()), "%s", refusal.reason)
+        level = logging.getLevelName(refusal.level.upper())
+        if level >= logging.WARNING:
+            self.quota.warn(f"refused:{refusal.reason[:40]}", level, "%s", refusal.reason)
+        else:
+            self.log.log(level, "%s", refusal.reason)
 
     # --- carrying out ---------------------------------------------------------------------------------------------------
 
@@ -276,7 +315,15 @@ class Peer:
         self.transport.publish(self.topics.of(message), encode(message), retain=retain, expiry=expiry)
 
     def _announce(self) -> None:
-        self.send(Init(self.me, self.election.term, self.current_round, os.getpid()))
+        self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples))
+
+    def _write(self, what: str, write, *args, **kwargs) -> None:
+        """A record written, or the failure logged: a full or read-only disk never stops the training."""
+        try:
+            write(*args, **kwargs)
+        except OSError as err:
+            self.quota.warn(f"write:{what}", logging.ERROR, "could not write %s (%s); the run goes on without it",
+                            what, err)
 
     def carry_out(self, actions, now: float) -> None:
         """Do what the machines decided, in the order they decided it."""
@@ -301,6 +348,9 @@ class Peer:
                 self._announce()
             elif isinstance(action, Note):
                 self.log.info("%s", action.text)
+            elif isinstance(action, GiveUp):
+                self.log.error("giving up: %s", action.text)
+                self.exit_code = EXIT_GAVE_UP
             # --- the roles' decisions
             elif isinstance(action, Publish):
                 self.send(action.message, action.retain, action.expiry)
@@ -317,15 +367,17 @@ class Peer:
             elif isinstance(action, FinishRound):
                 self.store.finish_round(action.summary, action.run_started)
             elif isinstance(action, RecordRound):
-                self.records.round(**action.row)
+                self._write("rounds.csv", self.records.round, **action.row)
             elif isinstance(action, RecordElection):
-                self.records.election(action.term, action.controller, action.reason, action.members)
+                self._write("elections.csv", self.records.election, action.term, action.controller, action.reason,
+                            action.members)
             elif isinstance(action, RecordEvaluation):
-                self.records.evaluation(action.round, action.term, action.accuracy, action.loss, action.samples)
+                self._write("evaluations.csv", self.records.evaluation, action.round, action.term, action.accuracy,
+                            action.loss, action.samples)
             elif isinstance(action, RecordRun):
-                self.records.run(action.summary)
+                self._write("run.json", self.records.run, action.summary)
             elif isinstance(action, SaveModel):
-                self.learner.save(action.weights, self.records.model_path)
+                self._write("model.keras", self.learner.save, action.weights, self.records.model_path)
             elif isinstance(action, Print):
                 print(action.text, flush=True)
             elif isinstance(action, Exit):
@@ -337,7 +389,8 @@ class Peer:
         initial = self.learner.initial_weights() if self.store.latest is None else None
         self.controller = Controller(self.settings, action.term, action.reason, action.members, self.election.live,
                                      self.store, self.rng, wall_offset=time.time() - time.monotonic(),
-                                     initial_weights=initial)
+                                     initial_weights=initial,
+                                     announced={p: (train, test) for p, (_, train, test) in self.announced.items()})
         self.carry_out(self.controller.take_office(now), now)
 
     def _job_wanted(self, job: StartJob) -> bool:

@@ -24,6 +24,7 @@ PEER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_TENSOR_DIMS = 8
+MAX_TERM = 2**31 - 1                  # terms beyond cannot be encoded; the election never reaches them
 MAX_WEIGHT_BYTES = 16 * 1024 * 1024   # the brokers' message_size_limit (broker/*.conf) is the same
 
 
@@ -114,6 +115,11 @@ def _count(value, name: str, low: int = 0) -> int:
     return value
 
 
+def _bounded(value: int, name: str, high: int) -> int:
+    _check(value <= high, f"{name}: above {high}")
+    return value
+
+
 def _number(value, name: str, low: float | None = None, high: float | None = None) -> float:
     _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name}: expected a number")
     try:
@@ -142,7 +148,7 @@ def _peer_list(value, name: str) -> tuple[str, ...]:
 _FIELD_RULES = {
     "peer": _peer_id,
     "controller": _peer_id,
-    "term": _count,
+    "term": lambda v, n: _bounded(_count(v, n), n, MAX_TERM),
     "round": _count,
     "attempt": lambda v, n: _count(v, n, 1),
     "vote": lambda v, n: _number(v, n, 0.0, 1.0),
@@ -158,6 +164,8 @@ _FIELD_RULES = {
     "trainers": _peer_list,
     "members": _peer_list,
     "pid": _count,
+    "train_samples": _count,
+    "test_samples": _count,
 }
 
 
@@ -177,12 +185,15 @@ class Message:
 
 @dataclass(frozen=True)
 class Init(Message):
-    """A peer announces itself (on start and after every reconnect)."""
+    """A peer announces itself (on start, after every reconnect, and to every newcomer): its train and test sample
+    counts bound what it may later declare in a solution or an evaluation."""
     TYPE = "init"; TOPIC = "init"
     peer: str
     term: int
     round: int
     pid: int
+    train_samples: int
+    test_samples: int
 
 
 @dataclass(frozen=True)

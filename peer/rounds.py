@@ -1,7 +1,8 @@
 """The controller's bookkeeping of a round, as pure functions and small state objects (no I/O, no clock).
 
-FedAvg and the sample-weighted global metric live here, with the rules that say when a round's solutions or
-evaluations are complete, when a round closes with a quorum at its deadline, and when it must be repeated.
+The rules that say when a round's solutions or evaluations are complete, when a round closes with a quorum at its
+deadline, and when it must be repeated; the sample-weighted global metric; and the model store every peer keeps.
+How solutions become a model is `peer.aggregation`'s.
 """
 from __future__ import annotations
 
@@ -13,25 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metrics import weighted_mean
-
-
-def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:
-    """Average each tensor over the solutions, weighting each solution by its sample count (McMahan et al.)."""
-    if not solutions:
-        raise ValueError("fedavg needs at least one solution")
-    total = sum(samples for _, samples in solutions)
-    if total <= 0:
-        raise ValueError("fedavg needs a positive total sample count")
-    shapes = [tuple(t.shape for t in weights) for weights, _ in solutions]
-    if any(s != shapes[0] for s in shapes):
-        raise ValueError("fedavg: solutions have different tensor shapes")
-    averaged = []
-    for index in range(len(shapes[0])):
-        acc = np.zeros(shapes[0][index], dtype=np.float64)
-        for weights, samples in solutions:
-            acc += np.asarray(weights[index], dtype=np.float64) * (samples / total)
-        averaged.append(acc.astype(np.float32))
-    return averaged
 
 
 def choose_trainers(candidates: Iterable[str], count: int, rng: random.Random) -> tuple[str, ...]:
@@ -89,8 +71,9 @@ class SolutionCollector:
             return RoundOutcome.WAIT
         return RoundOutcome.CLOSE if len(self.received) >= self.quorum else RoundOutcome.RETRY
 
-    def aggregate(self) -> list[np.ndarray]:
-        return fedavg([self.received[p] for p in sorted(self.received)])
+    def contributions(self) -> list[tuple[str, list[np.ndarray], int]]:
+        """(peer, weights, samples) of every solution received, in peer order: what the aggregation takes."""
+        return [(peer, *self.received[peer]) for peer in sorted(self.received)]
 
 
 @dataclass
@@ -106,12 +89,17 @@ class EvaluationCollector:
     def __post_init__(self):
         self.expected = set(self.expected)   # ours to shrink as peers leave, not the caller's
 
-    def offer(self, term: int, round_: int, peer: str, accuracy: float, loss: float, samples: int) -> str | None:
+    def offer(self, term: int, round_: int, peer: str, accuracy: float, loss: float, samples: int,
+              cap: int | None = None) -> str | None:
+        """Accept an evaluation of a peer this round waits for, once; `cap` (the test samples the peer announced)
+        bounds the weight it declares, so no peer can outweigh the rest by claiming more than it holds."""
         if (term, round_) != (self.term, self.round):
             return f"it is for term {term} round {round_}, not {self.term}/{self.round}"
+        if peer not in self.expected:
+            return f"{peer} is not a member this round waits for"
         if peer in self.received:
             return f"{peer} already sent one"
-        self.received[peer] = (accuracy, loss, samples)
+        self.received[peer] = (accuracy, loss, samples if cap is None else min(samples, cap))
         return None
 
     def peer_lost(self, peer: str) -> None:

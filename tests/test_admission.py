@@ -31,7 +31,7 @@ def test_a_presence_on_another_peers_topic_is_a_forgery():
 
 
 def test_announcements_and_ballots_reach_the_election():
-    assert verdict(Init("p2", 0, 0, 1)) is Route.ANNOUNCE
+    assert verdict(Init("p2", 0, 0, 1, 600, 200)) is Route.ANNOUNCE
     assert verdict(Vote(4, "p2", 0.5, 0, "start")) is Route.BALLOT
     assert verdict(Claim(4, "p2", 0.5, 0, "start", ())) is Route.CLAIM
 
@@ -95,7 +95,7 @@ ids = st.sampled_from(["me", "c", "p2", "x"])
 terms = st.integers(0, 6)
 messages = st.one_of(
     st.builds(Presence, ids, st.sampled_from(["online", "offline"])),
-    st.builds(Init, ids, terms, terms, st.just(1)),
+    st.builds(Init, ids, terms, terms, st.just(1), st.just(600), st.just(200)),
     st.builds(Vote, terms, ids, st.floats(0, 1), terms, st.just("r")),
     st.builds(Claim, terms, ids, st.floats(0, 1), terms, st.just("r"), st.just(())),
     st.builds(Heartbeat, terms, ids, terms, st.just("p")),
@@ -125,3 +125,17 @@ def test_fuzz_every_verdict_respects_who_may_hear_what(message, view, retained, 
         assert topic == TOPICS.presence(message.peer)
     if result in (Route.RETAINED_LEADER, Route.RETAINED_MODEL):
         assert retained
+
+
+def test_a_term_can_only_move_forward_by_a_bounded_step_never_to_the_last_one():
+    from peer.admission import MAX_TERM_STEP
+    from peer.protocol import MAX_TERM
+    for message in (Vote(MAX_TERM, "p2", 0.5, 0, "x"), Claim(MAX_TERM, "p2", 0.5, 0, "x", ()),
+                    Heartbeat(MAX_TERM, "c", 1, "x")):
+        assert "last usable term" in verdict(message, NEW).reason
+    far = 3 + MAX_TERM_STEP + 1
+    for message in (Vote(far, "p2", 0.5, 0, "x"), Training(far, "c", 1, 1, ("me",), W)):
+        refused = verdict(message)
+        assert isinstance(refused, Refused) and refused.level == "warning" and "ahead of ours" in refused.reason
+    assert verdict(Vote(3 + MAX_TERM_STEP, "p2", 0.5, 0, "x")) is Route.BALLOT
+    assert verdict(Heartbeat(MAX_TERM - 1, "c", 1, "x"), NEW) is Route.FROM_CONTROLLER   # a newcomer joins any run

@@ -41,6 +41,8 @@ SAMPLES = {
     "--heartbeat": [("0.05", {"heartbeat": 0.05}), ("2.5", {"heartbeat": 2.5})],
     "--election-window": [("0.2", {"election_window": 0.2}), ("3", {"election_window": 3.0})],
     "--round-deadline": [("0.5", {"round_deadline": 0.5}), ("600", {"round_deadline": 600.0})],
+    "--aggregation": [("median", {"aggregation": "median"}), ("Trimmed-Mean", {"aggregation": "trimmed-mean"})],
+    "--wait-timeout": [("1", {"wait_timeout": 1.0}), ("3600", {"wait_timeout": 3600.0})],
     "--username": [("alice", {"username": "alice"}), ("bob", {"username": "bob"})],
     "--password": [("s3cret", {"password": "s3cret"}), ("p w", {"password": "p w"})],
     "--log-level": [("DEBUG", {"log_level": "debug"}), ("warning", {"log_level": "warning"})],
@@ -221,6 +223,7 @@ BAD = [
     ("--keepalive", "0"), ("--keepalive", "abc"), ("--keepalive", "1.5"),
     ("--heartbeat", "0.01"), ("--heartbeat", "abc"), ("--heartbeat", "nan"),
     ("--election-window", "0"), ("--round-deadline", "0.1"), ("--round-deadline", "-5"),
+    ("--aggregation", "mean"), ("--wait-timeout", "0"), ("--wait-timeout", "inf"),
     ("--log-level", "verbose"),
 ]
 

@@ -15,7 +15,8 @@ from peer.actions import (AdoptModel, Exit, FinishRound, Log, Print, Publish, Re
 from peer.config import Settings
 from peer.controller import FINISH_EXPIRY_S, Controller, Phase
 from peer.protocol import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training, encode
-from peer.rounds import GlobalModel, ModelStore, RoundSummary, fedavg
+from peer.aggregation import fedavg
+from peer.rounds import GlobalModel, ModelStore, RoundSummary
 
 PEERS = {"c", "p1", "p2", "p3", "p4"}
 WALL = 1_000_000.0     # wall clock = now + WALL
@@ -28,7 +29,7 @@ def weights(value: float):
 class Run:
     """A controller and everything it has decided so far (each input's actions appended, in order)."""
 
-    def __init__(self, memory=None, live=None, term=1, **overrides):
+    def __init__(self, memory=None, live=None, term=1, announced=None, **overrides):
         options = dict(peer_id="c", trainers=3, min_solutions=2, max_rounds=3, target_accuracy=0.99,
                        round_deadline=10.0)
         options.update(overrides)
@@ -36,7 +37,7 @@ class Run:
         self.c = Controller(Settings(**options), term=term,
                             reason="start", members=tuple(sorted(live or PEERS)), live=set(live or PEERS),
                             memory=memory, rng=random.Random(0), wall_offset=WALL,
-                            initial_weights=weights(0) if memory.latest is None else None)
+                            initial_weights=weights(0) if memory.latest is None else None, announced=announced)
         self.actions: list = []
 
     def __getattr__(self, name):
@@ -94,11 +95,11 @@ def test_every_action_of_a_round_in_order():
     training = r.sent(Training)[-1]
     for peer in training.trainers[:2]:
         r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1)), 500, 2)
-    closing = r.on_message(Solution(1, 1, 1, training.trainers[2], 10, 0.1, weights(4)), 500, 3)
+    closing = r.on_message(Solution(1, 1, 1, training.trainers[2], 10, 0.1, weights(1.5)), 500, 3)
     kinds = [type(a).__name__ if not isinstance(a, Publish) else type(a.message).__name__ for a in closing]
     assert kinds == ["Log", "AdoptModel", "Log", "Aggregation"]     # solution noted, model adopted, FedAvg, publish
     agg = closing[3]
-    assert agg.retain and np.allclose(agg.message.weights[0], 2.0)
+    assert agg.retain and np.allclose(agg.message.weights[0], 3.5 / 3)
     assert closing[1].model == GlobalModel(1, 1, agg.message.weights, tuple(sorted(training.trainers)))
     evaluations = sorted(r.c.evaluations.expected)
     for peer in evaluations[:-1]:
@@ -279,3 +280,87 @@ def test_property_only_current_solutions_of_chosen_trainers_are_ever_averaged(ev
         assert set(agg.trainers) == set(accepted)
     else:
         assert aggregations == []
+
+
+# --- trust: what a lying, diverging or absent peer cannot do ---------------------------------------------------------
+
+ANNOUNCED = {p: (500, 100) for p in PEERS}
+
+
+def test_a_poisoned_solution_is_clipped_and_its_trainer_chosen_last():
+    r = Run(announced=ANNOUNCED, max_rounds=5)
+    r.take_office(0)
+    r.evaluate_all(0, 0)
+    training = r.sent(Training)[-1]
+    liar = training.trainers[0]
+    for peer in training.trainers:
+        r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1e30 if peer == liar else 0.1)), 1, 1)
+    agg = r.sent(Aggregation)[-1]
+    assert agg.round == 1 and all(np.isfinite(w).all() and np.abs(w).max() < 1 for w in agg.weights)
+    assert liar in r.c.suspects and r.logs("clipped")
+    r.evaluate_all(1, 2)
+    assert liar not in r.sent(Training)[-1].trainers        # 4 candidates, 3 chosen: the suspect is left out
+
+
+def test_a_refused_aggregate_repeats_the_round_with_other_trainers():
+    r = Run(announced=ANNOUNCED, trainers=1, min_solutions=1)
+    r.take_office(0)
+    r.evaluate_all(0, 0)
+    [first] = r.sent(Training)[-1].trainers
+    r.on_message(Solution(1, 1, 1, first, 10, 0.1, weights(1e30)), 1, 1)   # alone: nothing to clip it against
+    retry = r.sent(Training)[-1]
+    assert (retry.round, retry.attempt) == (1, 2) and retry.trainers != (first,)
+    assert r.logs("aggregation refused") and r.sent(Aggregation)[-1].round == 0
+    r.on_message(Solution(1, 1, 2, retry.trainers[0], 10, 0.1, weights(0.2)), 1, 2)
+    assert r.sent(Aggregation)[-1].round == 1
+
+
+def test_declared_sample_counts_are_bounded_by_what_each_peer_announced():
+    r = Run(announced={p: (10, 100) for p in PEERS})
+    r.take_office(0)
+    r.evaluate_all(0, 0)
+    training = r.sent(Training)[-1]
+    big, *rest = training.trainers
+    r.on_message(Solution(1, 1, 1, big, 2**53 - 1, 0.1, weights(0.25)), 1, 1)
+    for peer in rest:
+        r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(0.1)), 1, 1)
+    assert np.allclose(r.sent(Aggregation)[-1].weights[0], 0.15)       # an equal third, not all of it
+    # evaluations: a non-member is not heard; a member's weight is what it announced
+    r.on_message(Evaluation(1, 1, "intruder", 1.0, 0.0, 2**53 - 1), 1, 2)
+    for peer in sorted(r.c.evaluations.expected):
+        r.on_message(Evaluation(1, 1, peer, 1.0 if peer == big else 0.0, 1.0, 2**53 - 1 if peer == big else 100),
+                     1, 2)
+    assert r.sent(Metrics)[-1].accuracy == 0.25                        # 100 of 400 samples, not ~1.0
+
+
+def test_a_model_nobody_evaluates_is_published_a_bounded_number_of_times_then_the_run_gives_up():
+    r = Run(round_deadline=1.0)
+    r.take_office(0)
+    for now in range(1, 10):
+        r.tick(now)
+    assert len(r.sent(Aggregation)) == 4                      # the first and MAX_REPUBLISH (3) more
+    [finish] = r.sent(Finish)
+    assert finish.reason == "no-evaluations" and r.actions[-1] == Exit(4) and r.c.finished
+    assert r.logs("giving up the run")[0].level == "error"
+    assert r.of(RecordRun)[0].summary["outcome"]["final_accuracy"] is None
+
+
+def test_a_controller_waiting_for_peers_gives_up_after_the_wait_timeout():
+    r = Run(live={"c", "p1"}, wait_timeout=30.0)
+    r.take_office(0)
+    r.evaluate_all(0, 0)
+    r.peer_down("p1", 1)
+    r.tick(30.0)
+    assert not r.c.finished
+    r.tick(31.5)
+    assert r.sent(Finish)[0].reason == "too-few-peers" and r.actions[-1] == Exit(4)
+
+
+def test_after_a_reconnect_the_current_order_goes_out_again():
+    r = Run()
+    r.take_office(0)
+    assert [a.message.round for a in r.reconnected(1) if isinstance(a, Publish)] == [0]   # evaluating: the model
+    r.evaluate_all(0, 1)
+    order = r.sent(Training)[-1]
+    again = [a.message for a in r.reconnected(2) if isinstance(a, Publish)]
+    assert again == [order]                                   # the same order: trainers answer it from their cache

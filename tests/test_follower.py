@@ -69,3 +69,48 @@ def test_a_finished_evaluation_is_recorded_and_reported_and_a_failed_job_logged(
     assert out[1].message == Evaluation(2, 4, "me", 0.75, 0.5, 200)
     [error] = f.on_job_done(JobDone(StartJob("fit", 2, 4, 1, W), None, "ValueError: boom", 0.1), current_term=2)
     assert error.level == "error" and "fit failed: ValueError: boom" in error.text
+
+
+def test_a_repeated_order_is_answered_from_what_was_done_not_done_twice():
+    f = Follower("me", ModelStore())
+    order = Training(1, "c", 2, 1, ("me",), W)
+    assert kinds(f.on_controller(order)) == ["Log", "StartJob"]
+    assert kinds(f.on_controller(order)) == ["Log"]                     # still training: nothing new
+    f.on_job_done(JobDone(StartJob("fit", 1, 2, 1, W), (W, 30, 0.5), None, 1.0), current_term=1)
+    again = f.on_controller(order)
+    assert kinds(again) == ["Solution", "Log"] and again[0].message.samples == 30
+    assert kinds(f.on_controller(Training(1, "c", 2, 2, ("me",), W))) == ["Log", "StartJob"]   # a new attempt
+
+
+def test_a_repeated_model_is_answered_with_the_evaluation_already_made():
+    f = Follower("me", ModelStore())
+    model = Aggregation(1, "c", 2, (), W)
+    assert kinds(f.on_controller(model)) == ["AdoptModel", "StartJob"]
+    assert f.on_controller(model) == []                                 # evaluating: nothing new
+    f.on_job_done(JobDone(StartJob("evaluate", 1, 2, 1, W), (0.5, 1.0, 10), None, 0.1), current_term=1)
+    assert kinds(f.on_controller(model)) == ["Evaluation"]
+    assert kinds(f.on_controller(Aggregation(2, "c2", 2, (), W))) == ["AdoptModel", "StartJob"]   # a new term's
+
+
+def test_after_a_reconnect_answers_of_this_term_go_out_again():
+    f = Follower("me", ModelStore())
+    assert f.reconnected(1) == []
+    f.on_job_done(JobDone(StartJob("fit", 1, 2, 1, W), (W, 30, 0.5), None, 1.0), current_term=1)
+    f.on_job_done(JobDone(StartJob("evaluate", 1, 1, 1, W), (0.5, 1.0, 10), None, 0.1), current_term=1)
+    assert kinds(f.reconnected(1)) == ["Solution", "Evaluation"]
+    assert f.reconnected(2) == []                                       # a later term does not want them
+
+
+def test_a_model_that_does_not_fit_this_peers_is_refused_in_one_line():
+    f = Follower("me", ModelStore(), shapes=((2,),))
+    other = [np.ones((3, 3), np.float32)]
+    for out in (f.on_controller(Aggregation(1, "c", 1, (), other)), f.on_retained_model(Aggregation(1, "c", 1, (), other)),
+                f.on_controller(Training(1, "c", 1, 1, ("me",), other))):
+        [warning] = out
+        assert warning.level == "warning" and "does not fit this peer's" in warning.text
+    assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]
+
+
+def test_a_finish_that_gives_the_run_up_ends_the_peer_with_exit_4():
+    log, exit_ = Follower("me", ModelStore()).on_controller(Finish(2, "c", 4, "no-evaluations", 0.0))
+    assert exit_ == Exit(4) and log.level == "error"

@@ -67,6 +67,9 @@ class FakeLearner:
     def initial_weights(self):
         return weights(0)
 
+    def sample_counts(self):
+        return (500, 100)
+
     def save(self, weights_, path):
         self.saved.append(path)
 
@@ -295,3 +298,61 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
     assert not peer._job_wanted(fit)
     peer.handle(JobDone(fit, (weights(1), 10, 0.1), None, 1.0), clock.now)
     assert transport.messages(Solution) == [] and lines.having("term 1 is over; solution dropped")
+
+
+# --- trust and robustness ---------------------------------------------------------------------------------------------
+
+def test_a_newcomer_is_answered_with_this_peers_init_once_per_process(tmp_path):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90), clock.now)
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90), clock.now)            # the same process again: no answer
+    deliver(peer, Init("p7", 0, 0, 222, 400, 90), clock.now)            # restarted: answered again
+    mine = [m for m in transport.messages(Init) if m.peer == "p1"]
+    assert len(mine) == 2 and (mine[0].train_samples, mine[0].test_samples) == (500, 100)
+    assert peer.announced["p7"] == (222, 400, 90)
+
+
+def test_with_too_few_peers_the_peer_gives_up_after_the_wait_timeout(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path, min_peers=3, wait_timeout=2.0)
+    clock = Clock(peer)
+    run_until(peer, clock, lambda: peer.exit_code is not None, seconds=5)
+    assert peer.exit_code == 4 and lines.having("giving up: only 1 of 3 peers came within 2s")
+
+
+def test_a_failing_disk_is_logged_once_and_the_run_goes_on(tmp_path, lines, monkeypatch):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(peer.records, "evaluation", full)
+    for round_ in (0, 1):
+        deliver(peer, Aggregation(1, "c", round_, (), weights(round_)), clock.now)
+        peer.handle(JobDone(runner.jobs[-1], (0.5, 1.0, 10), None, 0.1), clock.now)
+    assert [m.round for m in transport.messages(Evaluation)] == [0, 1]        # reported all the same
+    errors = lines.having("could not write evaluations.csv")
+    assert len(errors) == 1 and "No space left" in errors[0][1] and errors[0][0] == "ERROR"
+
+
+def test_malformed_messages_are_logged_at_most_once_per_quiet_period(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    for _ in range(50):
+        peer.handle(Inbound("sd/heartbeat", b"{not json", False), clock.now)
+    assert len(lines.having("dropped a malformed message")) == 1
+    peer.quota.last = {k: v - 11 for k, v in peer.quota.last.items()}      # the quiet period has passed
+    peer.handle(Inbound("sd/heartbeat", b"{not json", False), clock.now)
+    assert lines.having("(49 more like it in the last 10s)")
+
+
+def test_after_a_reconnect_a_follower_sends_its_answers_again(tmp_path):
+    from peer.transport import Connected
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    peer.handle(JobDone(runner.jobs[-1], (weights(1), 500, 0.5), None, 1.0), clock.now)
+    peer.handle(Connected(), clock.now)
+    assert len(transport.messages(Solution)) == 2

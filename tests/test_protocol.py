@@ -43,7 +43,7 @@ def small_weights():
 
 # One valid instance of every message type.
 SAMPLES = [
-    Init(peer="peer-1", term=0, round=0, pid=4321),
+    Init(peer="peer-1", term=0, round=0, pid=4321, train_samples=600, test_samples=200),
     Presence(peer="peer-1", status="online"),
     Presence(peer="peer_2.b", status="offline"),
     Vote(term=3, peer="peer-2", vote=0.625, round=4, reason="controller silent"),
@@ -253,7 +253,7 @@ def test_float_fields_accept_json_integers():
 def test_boundary_values_are_accepted():
     message = Evaluation(term=0, round=0, peer="x" * 64, accuracy=0.0, loss=0.0, samples=0)
     assert_same_message(decode("evaluation", encode(message)), message)
-    message = Vote(term=2**53 - 1, peer="A.b_c-9", vote=1.0, round=0, reason="r" * 200)
+    message = Vote(term=2**31 - 1, peer="A.b_c-9", vote=1.0, round=0, reason="r" * 200)
     assert_same_message(decode("election", encode(message)), message)
     message = Claim(term=1, peer="p", vote=0.0, round=1, reason="", members=())
     assert_same_message(decode("election", encode(message)), message)
@@ -393,7 +393,8 @@ NOT_PEER_LISTS = ["peer-1", None, 5, {"peer-1": 1}, ["peer-1", "peer-1"], ["bad 
 
 BAD_VALUES = {
     "peer": NOT_PEER_IDS, "controller": NOT_PEER_IDS,
-    "term": NOT_COUNTS, "round": NOT_COUNTS, "samples": NOT_COUNTS, "bytes": NOT_COUNTS, "pid": NOT_COUNTS,
+    "term": NOT_COUNTS + [2**31], "round": NOT_COUNTS, "samples": NOT_COUNTS, "bytes": NOT_COUNTS,
+    "pid": NOT_COUNTS, "train_samples": NOT_COUNTS, "test_samples": NOT_COUNTS,
     "attempt": NOT_COUNTS + [0],
     "vote": NOT_UNIT, "accuracy": NOT_UNIT,
     "loss": NOT_NON_NEGATIVE, "duration_s": NOT_NON_NEGATIVE, "run_started": NOT_NON_NEGATIVE,

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from peer.aggregation import fedavg
 from peer.rounds import (
     EvaluationCollector, GlobalModel, ModelStore, RoundOutcome, RoundSummary, SolutionCollector, choose_trainers,
-    fedavg, weighted_mean,
+    weighted_mean,
 )
 
 
@@ -252,11 +253,12 @@ def test_losing_a_trainer_that_already_answered_changes_nothing():
     assert c.outcome(now=0.0) is RoundOutcome.CLOSE
 
 
-def test_collector_aggregate_is_fedavg_of_received():
+def test_collector_contributions_are_every_received_solution_in_peer_order():
     c = collector()
     c.offer(2, 5, 1, "b", [f32(3, 4)], 3)
     c.offer(2, 5, 1, "a", [f32(1, 2)], 1)
-    np.testing.assert_allclose(c.aggregate()[0], [2.5, 3.5], atol=1e-7)
+    assert [(p, n) for p, _, n in c.contributions()] == [("a", 1), ("b", 3)]
+    np.testing.assert_allclose(fedavg([(w, n) for _, w, n in c.contributions()])[0], [2.5, 3.5], atol=1e-7)
 
 
 # --- EvaluationCollector ----------------------------------------------------------------------------------------------
@@ -296,6 +298,14 @@ def test_evaluation_rejects_stale_and_duplicates():
     assert e.offer(1, 3, "a", 0.9, 0.3, 10) is None
     assert "already" in e.offer(1, 3, "a", 0.1, 9.0, 1000)
     assert e.received == {"a": (0.9, 0.3, 10)}
+
+
+def test_evaluation_only_from_a_member_the_round_waits_for_and_its_weight_bounded_by_what_it_announced():
+    e = evaluations()
+    assert "not a member" in e.offer(1, 3, "intruder", 1.0, 0.0, 2**53 - 1)
+    assert e.offer(1, 3, "b", 1.0, 0.0, 2**53 - 1, cap=200) is None
+    assert e.offer(1, 3, "c", 0.5, 1.0, 100, cap=200) is None
+    assert e.received["b"] == (1.0, 0.0, 200) and e.result()[0] == pytest.approx((200 + 50) / 300)
 
 
 def test_evaluation_result_is_sample_weighted():
