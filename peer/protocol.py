@@ -2,28 +2,35 @@
 
 Both roles import this module and nothing else builds a payload. See docs/PROTOCOL.md for the reader's version.
 
-Control messages are UTF-8 JSON objects with a "type" field. Messages that carry a model (training, solution,
-aggregation) are a binary frame: a small fixed header, the same JSON object, then the weights in `WeightCodec`'s
-format. Decoding never trusts the sender: every field is type- and range-checked, and anything off raises
-`ProtocolError` (the peer logs it in one line and drops the message).
+A message's body: control messages are UTF-8 JSON objects with a "type" field. Messages that carry a model
+(training, solution, aggregation) are a binary frame: a small fixed header, the same JSON object, then the weights in
+`WeightCodec`'s format. Decoding never trusts the sender: every field is type- and range-checked, and anything off
+raises `ProtocolError` (the peer logs it in one line and drops the message). Encoding refuses the same things, so a
+peer never sends what its peers would drop.
+
+Every message is published on `<prefix>/<run_id>/<kind>/<sender>` (`Topics`).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
 
-from .config import PEER_ID_PATTERN
+from .config import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_TENSOR_DIMS = 8
 MAX_WEIGHT_BYTES = 16 * 1024 * 1024   # the brokers' message_size_limit (broker/*.conf) is the same
+MAX_TERM = 2**31 - 1                  # the highest term: encode and decode refuse more
+_MAX_COUNT = 2**53 - 1                # the largest integer a JSON reader in any language reads exactly
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ProtocolError(ValueError):
@@ -44,12 +51,44 @@ class WeightCodec:
 
     @staticmethod
     def encode(tensors: list[np.ndarray]) -> bytes:
-        parts = [struct.pack("<I", len(tensors))]
-        for tensor in tensors:
-            array = np.asarray(tensor, dtype="<f4")   # not ascontiguousarray: it turns a scalar into shape (1,)
+        """Any tensors, unchecked (tests build bad payloads with it); `encode(message)` checks them first."""
+        # not ascontiguousarray: it turns a scalar into shape (1,)
+        return WeightCodec._pack([np.asarray(tensor, dtype="<f4") for tensor in tensors])
+
+    @staticmethod
+    def _pack(arrays: list[np.ndarray]) -> bytes:
+        return b"".join(WeightCodec._parts(arrays))
+
+    @staticmethod
+    def _parts(arrays: list[np.ndarray]) -> list:
+        """The encoding in pieces, for one b"".join: the values are views of C-ordered data, not copies."""
+        parts = [struct.pack("<I", len(arrays))]
+        for array in arrays:
             parts.append(struct.pack(f"<B{array.ndim}I", array.ndim, *array.shape))
-            parts.append(array.tobytes(order="C"))
-        return b"".join(parts)
+            parts.append(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+        return parts
+
+    @staticmethod
+    def checked(tensors) -> list[np.ndarray]:
+        """The tensors as little-endian float32 arrays, or ProtocolError for anything `decode` would refuse: more than
+        MAX_TENSORS tensors or MAX_TENSOR_DIMS dimensions, more than MAX_WEIGHT_BYTES in all, NaN or infinity
+        (also a float64 value too large for float32)."""
+        try:
+            with np.errstate(over="ignore"):   # a float64 beyond float32 becomes infinity, refused below
+                arrays = [np.asarray(tensor, dtype="<f4") for tensor in tensors]
+        except (TypeError, ValueError) as err:   # not a list of tensors, ragged lists, strings
+            raise ProtocolError(f"weights: not a list of float tensors ({str(err)[:100]})") from None
+        _check(len(arrays) <= MAX_TENSORS, f"weights: {len(arrays)} tensors exceeds the limit of {MAX_TENSORS}")
+        size = 4
+        for index, array in enumerate(arrays):
+            _check(array.ndim <= MAX_TENSOR_DIMS,
+                   f"weights: tensor {index}: {array.ndim} dimensions exceeds {MAX_TENSOR_DIMS}")
+            _check(all(dim < 2**32 for dim in array.shape), f"weights: tensor {index}: a dimension exceeds 2^32 - 1")
+            size += 1 + 4 * array.ndim + 4 * array.size
+        _check(size <= MAX_WEIGHT_BYTES, f"weights: {size} bytes exceeds the {MAX_WEIGHT_BYTES}-byte limit")
+        for index, array in enumerate(arrays):
+            _check(bool(np.isfinite(array).all()), f"weights: tensor {index}: contains NaN or infinity")
+        return arrays
 
     @staticmethod
     def size(tensors: list[np.ndarray]) -> int:
@@ -108,8 +147,9 @@ def _peer_id(value, name: str) -> str:
     return value
 
 
-def _count(value, name: str, low: int = 0) -> int:
-    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value < 2**53, f"{name}: expected an integer >= {low}")
+def _count(value, name: str, low: int = 0, high: int = _MAX_COUNT) -> int:
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           f"{name}: expected an integer from {low} to {high}")
     return value
 
 
@@ -141,7 +181,7 @@ def _peer_list(value, name: str) -> tuple[str, ...]:
 _FIELD_RULES = {
     "peer": _peer_id,
     "controller": _peer_id,
-    "term": _count,
+    "term": lambda v, n: _count(v, n, 0, MAX_TERM),
     "round": _count,
     "attempt": lambda v, n: _count(v, n, 1),
     "vote": lambda v, n: _number(v, n, 0.0, 1.0),
@@ -163,8 +203,14 @@ _FIELD_RULES = {
 @dataclass(frozen=True)
 class Message:
     TYPE: ClassVar[str]
-    TOPIC: ClassVar[str]          # topic under the prefix
+    TOPIC: ClassVar[str]          # the topic's kind level: <prefix>/<run_id>/<TOPIC>/<sender>
+    SENDER: ClassVar[str]         # the field that names the peer sending it
     CARRIES_WEIGHTS: ClassVar[bool] = False
+
+    @property
+    def sender(self) -> str:
+        """The id of the peer that sends this message: the last level of its topic."""
+        return getattr(self, self.SENDER)
 
     def header(self) -> dict:
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weights"}
@@ -177,7 +223,7 @@ class Message:
 @dataclass(frozen=True)
 class Init(Message):
     """A peer announces itself (on start and after every reconnect)."""
-    TYPE = "init"; TOPIC = "init"
+    TYPE = "init"; TOPIC = "init"; SENDER = "peer"
     peer: str
     term: int
     round: int
@@ -187,7 +233,7 @@ class Init(Message):
 @dataclass(frozen=True)
 class Presence(Message):
     """Retained on presence/<peer>; the broker publishes the offline one as the peer's Last Will."""
-    TYPE = "presence"; TOPIC = "presence"
+    TYPE = "presence"; TOPIC = "presence"; SENDER = "peer"
     peer: str
     status: str
 
@@ -196,7 +242,7 @@ class Presence(Message):
 class Vote(Message):
     """A ballot for `term`. The best (round, vote, peer) among the votes a peer has seen is its candidate;
     `round` is the voter's latest global model, so a peer that missed an aggregation cannot win."""
-    TYPE = "vote"; TOPIC = "election"
+    TYPE = "vote"; TOPIC = "election"; SENDER = "peer"
     term: int
     peer: str
     vote: float
@@ -207,7 +253,7 @@ class Vote(Message):
 @dataclass(frozen=True)
 class Claim(Message):
     """`peer` believes it won `term`. The first claim of a term that the broker delivers decides it for everyone."""
-    TYPE = "claim"; TOPIC = "election"
+    TYPE = "claim"; TOPIC = "election"; SENDER = "peer"
     term: int
     peer: str
     vote: float
@@ -218,7 +264,7 @@ class Claim(Message):
 
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    TYPE = "heartbeat"; TOPIC = "heartbeat"
+    TYPE = "heartbeat"; TOPIC = "heartbeat"; SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -228,7 +274,7 @@ class Heartbeat(Message):
 @dataclass(frozen=True)
 class Training(Message):
     """Controller to trainers: fit these global weights (the model of round-1) and send back a solution."""
-    TYPE = "training"; TOPIC = "training"; CARRIES_WEIGHTS = True
+    TYPE = "training"; TOPIC = "training"; SENDER = "controller"; CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
@@ -239,7 +285,7 @@ class Training(Message):
 
 @dataclass(frozen=True)
 class Solution(Message):
-    TYPE = "solution"; TOPIC = "solution"; CARRIES_WEIGHTS = True
+    TYPE = "solution"; TOPIC = "solution"; SENDER = "peer"; CARRIES_WEIGHTS = True
     term: int
     round: int
     attempt: int
@@ -252,7 +298,7 @@ class Solution(Message):
 @dataclass(frozen=True)
 class Aggregation(Message):
     """The new global model (retained, so a peer that joins late starts from it)."""
-    TYPE = "aggregation"; TOPIC = "aggregation"; CARRIES_WEIGHTS = True
+    TYPE = "aggregation"; TOPIC = "aggregation"; SENDER = "controller"; CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
@@ -262,7 +308,7 @@ class Aggregation(Message):
 
 @dataclass(frozen=True)
 class Evaluation(Message):
-    TYPE = "evaluation"; TOPIC = "evaluation"
+    TYPE = "evaluation"; TOPIC = "evaluation"; SENDER = "peer"
     term: int
     round: int
     peer: str
@@ -274,7 +320,7 @@ class Evaluation(Message):
 @dataclass(frozen=True)
 class Metrics(Message):
     """The round's global metric (sample-weighted mean of the evaluations); the round is finished."""
-    TYPE = "metrics"; TOPIC = "metrics"
+    TYPE = "metrics"; TOPIC = "metrics"; SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -289,7 +335,7 @@ class Metrics(Message):
 
 @dataclass(frozen=True)
 class Finish(Message):
-    TYPE = "finish"; TOPIC = "finish"
+    TYPE = "finish"; TOPIC = "finish"; SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -304,89 +350,145 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 TOPICS = sorted({cls.TOPIC for cls in MESSAGE_TYPES.values()})
 
 
+_KINDS = frozenset(TOPICS)
+
+
+def valid_run_id(text) -> bool:
+    """Whether `text` can be a run id: 1 to 64 of A-Z a-z 0-9 _ . - (one topic level, no wildcard)."""
+    return isinstance(text, str) and RUN_ID_PATTERN.fullmatch(text) is not None
+
+
+def _valid_peer_id(text) -> bool:
+    return isinstance(text, str) and PEER_ID_PATTERN.fullmatch(text) is not None
+
+
 class Topics:
-    """Full topic names under a prefix."""
+    """Topic names of one run: every message is published on `<prefix>/<run_id>/<kind>/<sender>`, where kind is its
+    class's TOPIC and sender the id of the peer publishing it (`Message.sender`). A broker ACL can then let each peer
+    publish only topics that name itself, and a receiver holds every message to the sender its topic names."""
 
-    def __init__(self, prefix: str = "sd"):
-        self.prefix = prefix
+    def __init__(self, prefix: str = "sd", run_id: str = "default"):
+        if not isinstance(prefix, str) or TOPIC_PREFIX_PATTERN.fullmatch(prefix) is None:
+            raise ValueError(f"topic prefix {prefix!r}: use letters, digits, '.', '_', '-' and '/' between levels")
+        if not valid_run_id(run_id):
+            raise ValueError(f"run id {run_id!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+        self.prefix, self.run_id = prefix, run_id
+        self._head = f"{prefix}/{run_id}/"
 
-    def of(self, message: Message | type[Message]) -> str:
-        if message.TOPIC == "presence":
-            return self.presence(message.peer)
-        return f"{self.prefix}/{message.TOPIC}"
+    def __repr__(self) -> str:
+        return f"Topics({self.prefix!r}, {self.run_id!r})"
+
+    def topic(self, kind: str, sender: str) -> str:
+        """The topic `sender` publishes messages of `kind` (a TOPIC: election, heartbeat, ...) on."""
+        if kind not in _KINDS:
+            raise ValueError(f"unknown message kind {kind!r} (one of {', '.join(TOPICS)})")
+        if not _valid_peer_id(sender):
+            raise ValueError(f"sender {sender!r} is not a valid peer id")
+        return self._head + kind + "/" + sender
+
+    def of(self, message: Message) -> str:
+        """The topic `message` is published on."""
+        if isinstance(message, type) or not isinstance(message, Message):
+            raise TypeError(f"Topics.of needs a message, not {message!r}; for a kind use topic(kind, sender)")
+        return self.topic(message.TOPIC, message.sender)
 
     def presence(self, peer: str) -> str:
-        return f"{self.prefix}/presence/{peer}"
+        return self.topic("presence", peer)
 
     @property
     def subscription(self) -> str:
-        return f"{self.prefix}/#"
+        """Everything of this run, and nothing of another run under the same prefix."""
+        return f"{self.prefix}/{self.run_id}/#"
 
-    def short(self, topic: str) -> str | None:
-        """The topic's name under the prefix ('presence' for presence/<id>), or None if it is not ours."""
-        head = self.prefix + "/"
-        if not topic.startswith(head):
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """(kind, sender) of a topic of this prefix and run; None for any other topic: another prefix or run, more
+        or fewer levels, an unknown kind, a sender that is not a valid peer id."""
+        if not isinstance(topic, str) or not topic.startswith(self._head):
             return None
-        rest = topic[len(head):]
-        return "presence" if rest.startswith("presence/") else rest
+        kind, slash, sender = topic[len(self._head):].partition("/")
+        if not slash or kind not in _KINDS or not _valid_peer_id(sender):   # a peer id has no "/"
+            return None
+        return kind, sender
 
 
 # --- encode / decode --------------------------------------------------------------------------------------------------
 
+def _json(header: dict) -> bytes:
+    return json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+
+
 def encode(message: Message) -> bytes:
-    header = json.dumps(message.header(), separators=(",", ":")).encode()
+    """The message's body: JSON, or a frame for a message that carries weights.
+
+    Refuses (ProtocolError) whatever `decode` would refuse: a field against its rule (a NaN loss, a negative count,
+    a term above MAX_TERM, a bad peer id, an over-long reason), a JSON header over MAX_CONTROL_BYTES, and weights
+    that are non-finite or beyond the tensor limits (`WeightCodec.checked`). A peer never sends what others drop."""
+    header = message.header()
+    for name, value in header.items():
+        if name not in ("v", "type"):
+            _FIELD_RULES[name](value, f"{message.TYPE}.{name}")
+    raw = _json(header)
+    _check(len(raw) <= MAX_CONTROL_BYTES,
+           f"{message.TYPE}: a JSON header of {len(raw)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
     if not message.CARRIES_WEIGHTS:
-        return header
-    weights = WeightCodec.encode(message.weights)
-    return _FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(header)) + header + weights
+        return raw
+    arrays = WeightCodec.checked(message.weights)
+    return b"".join([_FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(raw)), raw, *WeightCodec._parts(arrays)])
 
 
 def encoded_size(message: Message) -> int:
-    """len(encode(message)) without serialising the weights: what a message costs on the wire, for the round's byte
-    count, at the price of its small JSON header."""
-    header = len(json.dumps(message.header(), separators=(",", ":")).encode())
+    """len(encode(message)) without serialising the weights: what a message's body costs, for the round's byte
+    count, at the price of its small JSON header. """
+    header = len(_json(message.header()))
     if not message.CARRIES_WEIGHTS:
         return header
     return _FRAME_HEAD.size + header + WeightCodec.size(message.weights)
 
 
-def decode(short_topic: str, payload: bytes) -> Message:
-    """Parse and validate one payload received on `short_topic` (the topic under the prefix)."""
-    weights = None
-    if payload[:4] == FRAME_MAGIC:
-        if len(payload) < _FRAME_HEAD.size:
+def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Message:
+    """Parse and validate one message body received on a topic of `kind` (the topic's kind level, see `Topics.parse`).
+
+    With `sender` (the topic's sender level), the message must name that peer as its sender (`Message.sender`): one
+    published on another peer's topic is refused. The JSON header is checked before the weights are read."""
+    view = memoryview(body)
+    weights_view = None
+    if bytes(view[:4]) == FRAME_MAGIC:
+        if len(view) < _FRAME_HEAD.size:
             raise ProtocolError("frame: truncated header")
-        _, version, header_len = _FRAME_HEAD.unpack_from(payload)
+        _, version, header_len = _FRAME_HEAD.unpack_from(view)
         _check(version == PROTOCOL_VERSION, f"frame: version {version} is not {PROTOCOL_VERSION}")
         _check(header_len <= MAX_CONTROL_BYTES, "frame: header too large")
         start = _FRAME_HEAD.size
-        _check(start + header_len <= len(payload), "frame: truncated JSON header")
-        raw_header = payload[start:start + header_len]
-        weights = WeightCodec.decode(memoryview(payload)[start + header_len:])
+        _check(start + header_len <= len(view), "frame: truncated JSON header")
+        raw_header = view[start:start + header_len]
+        weights_view = view[start + header_len:]
     else:
-        _check(len(payload) <= MAX_CONTROL_BYTES, f"control message of {len(payload)} bytes is too large")
-        raw_header = payload
+        _check(len(view) <= MAX_CONTROL_BYTES, f"control message of {len(view)} bytes is too large")
+        raw_header = view
     try:
-        body = json.loads(bytes(raw_header).decode("utf-8"))
+        header = json.loads(raw_header.tobytes().decode("utf-8"))
     except (ValueError, RecursionError) as err:   # bad UTF-8 or JSON, a 5000-digit number, "[[[[..." nesting
         raise ProtocolError(f"not valid JSON: {str(err)[:200]}") from None
-    _check(isinstance(body, dict), "expected a JSON object")
-    version, kind = body.get("v"), body.get("type")
+    _check(isinstance(header, dict), "expected a JSON object")
+    version, type_ = header.get("v"), header.get("type")
     _check(type(version) is int and version == PROTOCOL_VERSION,
            f"protocol version {str(version)[:20]} is not {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    _check(cls is not None, f"unknown message type {str(kind)[:40]!r}")
-    _check(cls.TOPIC == short_topic, f"a {cls.TYPE} message does not belong on topic {short_topic!r}")
-    _check(cls.CARRIES_WEIGHTS == (weights is not None),
+    cls = MESSAGE_TYPES.get(type_) if isinstance(type_, str) else None
+    _check(cls is not None, f"unknown message type {str(type_)[:40]!r}")
+    _check(cls.TOPIC == kind, f"a {cls.TYPE} message does not belong on topic {str(kind)[:80]!r}")
+    _check(cls.CARRIES_WEIGHTS == (weights_view is not None),
            f"a {cls.TYPE} message {'needs' if cls.CARRIES_WEIGHTS else 'cannot carry'} weights")
     values = {}
     for f in fields(cls):
         if f.name == "weights":
-            values["weights"] = weights
             continue
-        _check(f.name in body, f"{cls.TYPE}: missing field {f.name!r}")
-        values[f.name] = _FIELD_RULES[f.name](body[f.name], f"{cls.TYPE}.{f.name}")
-    extra = set(body) - {f.name for f in fields(cls) if f.name != "weights"} - {"v", "type"}
+        _check(f.name in header, f"{cls.TYPE}: missing field {f.name!r}")
+        values[f.name] = _FIELD_RULES[f.name](header[f.name], f"{cls.TYPE}.{f.name}")
+    extra = set(header) - {f.name for f in fields(cls) if f.name != "weights"} - {"v", "type"}
     _check(not extra, f"{cls.TYPE}: unexpected fields {sorted(extra)}")
+    claimed = values[cls.SENDER]
+    _check(sender is None or claimed == sender,
+           f"a {cls.TYPE} claims to be {claimed} but was published as {str(sender)[:80]}")
+    if weights_view is not None:
+        values["weights"] = WeightCodec.decode(weights_view)
     return cls(**values)
-
