@@ -1,4 +1,4 @@
-"""The wire protocol: topics, message types, encoding, and decoding that validates.
+"""The wire protocol: topics, message types, encoding, decoding that validates, and the envelope that seals it.
 
 Both roles import this module and nothing else builds a payload. See docs/PROTOCOL.md for the reader's version.
 
@@ -8,15 +8,23 @@ A message's body: control messages are UTF-8 JSON objects with a "type" field. M
 raises `ProtocolError` (the peer logs it in one line and drops the message). Encoding refuses the same things, so a
 peer never sends what its peers would drop.
 
-Every message is published on `<prefix>/<run_id>/<kind>/<sender>` (`Topics`).
+On the wire every body travels in an envelope (`Seal`): a fixed head with the sender's incarnation, sequence number
+and clock, the body, and, when the federation has a secret, an HMAC-SHA256 over the topic and all of that. Every
+message is published on `<prefix>/<run_id>/<kind>/<sender>` (`Topics`), and the MAC covers the topic, so a payload
+cannot be moved to another kind, run or sender.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
+import secrets
 import struct
+import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -438,7 +446,7 @@ def encode(message: Message) -> bytes:
 
 def encoded_size(message: Message) -> int:
     """len(encode(message)) without serialising the weights: what a message's body costs, for the round's byte
-    count, at the price of its small JSON header. """
+    count, at the price of its small JSON header. The envelope adds a fixed `Seal.overhead` (`sealed_size`)."""
     header = len(_json(message.header()))
     if not message.CARRIES_WEIGHTS:
         return header
@@ -492,3 +500,173 @@ def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Me
     if weights_view is not None:
         values["weights"] = WeightCodec.decode(weights_view)
     return cls(**values)
+
+
+# --- the envelope -----------------------------------------------------------------------------------------------------
+
+# Every payload on the wire: a fixed head, the body (`encode(message)`), and with a federation secret a MAC.
+#   magic, envelope version, flags, reserved u16, incarnation u64, seq u64, sent_at f64 (little-endian, 32 bytes)
+ENVELOPE_MAGIC = b"SDEN"
+ENVELOPE_VERSION = 1
+_ENVELOPE_HEAD = struct.Struct("<4sBBHQQd")
+FLAG_MAC = 0x01                      # bit 0 of flags: a MAC follows the body; the other bits are reserved (zero)
+MAC_BYTES = 32                       # HMAC-SHA256
+ENVELOPE_OVERHEAD_OPEN = _ENVELOPE_HEAD.size               # 32
+ENVELOPE_OVERHEAD_SEALED = _ENVELOPE_HEAD.size + MAC_BYTES  # 64
+MIN_SECRET_BYTES = 16
+_KEY_LABEL = b"sdfl federation key v1"
+_U64 = 2**64 - 1
+
+
+def sealed_size(body_len: int, sealed: bool) -> int:
+    """The length of an envelope holding a body of `body_len` bytes, with (sealed) or without a MAC."""
+    return body_len + (ENVELOPE_OVERHEAD_SEALED if sealed else ENVELOPE_OVERHEAD_OPEN)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Which life of its sender sent a payload, its place in that life, and when: from the envelope's head (under
+    the MAC when sealed).
+
+    incarnation: identifies the sending process's life; a later life of the same peer id has a larger one
+                 (`new_incarnation`). seq: that process's message counter. sent_at: its wall clock (Unix seconds)."""
+    incarnation: int
+    seq: int
+    sent_at: float
+
+    def __post_init__(self):
+        for name in ("incarnation", "seq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U64:
+                raise ValueError(f"stamp {name}: expected an integer from 0 to 2^64 - 1, not {value!r}")
+        if not isinstance(self.sent_at, (int, float)) or isinstance(self.sent_at, bool) \
+                or not math.isfinite(self.sent_at):
+            raise ValueError(f"stamp sent_at: expected a finite number, not {self.sent_at!r}")
+
+
+def new_incarnation(now_ns: int | None = None) -> int:
+    """A process's incarnation: microseconds of wall time (from `now_ns`, default now) shifted left 12 bits, plus 12
+    random bits. A life started a microsecond or more later has a larger one (unless the wall clock went back); two
+    processes started in the same microsecond differ with probability 4095/4096. Fits a u64 until the year 2112."""
+    micros = (time.time_ns() if now_ns is None else now_ns) // 1000
+    return ((micros << 12) | secrets.randbits(12)) & _U64
+
+
+class Stamper:
+    """The stamps of one process: one incarnation, seq 1, 2, 3, ... and sent_at from `clock` (wall time)."""
+
+    def __init__(self, incarnation: int | None = None, clock=time.time):
+        self.incarnation = new_incarnation() if incarnation is None else incarnation
+        self.clock = clock
+        self.seq = 0                  # the last one handed out
+
+    def next(self) -> Stamp:
+        self.seq += 1
+        return Stamp(self.incarnation, self.seq, float(self.clock()))
+
+
+def _topic_bytes(topic) -> bytes | None:
+    """The topic as the MAC covers it, or None if it cannot be a topic (not a str, no UTF-8, a NUL character)."""
+    if not isinstance(topic, str) or "\x00" in topic:
+        return None
+    try:
+        return topic.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate
+        return None
+
+
+class Seal:
+    """Seals message bodies into envelopes and opens them, with the federation secret or, with None, in open mode.
+
+    The MAC key is derived from the secret (HMAC-SHA256(secret, "sdfl federation key v1")); the secret itself is
+    not kept. A Seal with a secret opens only payloads sealed with the same secret for the same topic; a Seal
+    without one opens only unsealed payloads. Opening raises ProtocolError and nothing else for any payload."""
+
+    def __init__(self, secret: bytes | None):
+        if secret is None:
+            self._key = None
+            return
+        if not isinstance(secret, (bytes, bytearray, memoryview)):
+            raise TypeError(f"the federation secret must be bytes, not {type(secret).__name__}")
+        secret = bytes(secret)
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"the federation secret has {len(secret)} bytes; it needs at least {MIN_SECRET_BYTES}")
+        self._key = hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
+
+    @classmethod
+    def from_file(cls, path) -> "Seal":
+        """A Seal with the secret in the file at `path`, trailing CR and LF bytes stripped. ValueError naming the
+        file if it cannot be read, is empty, or holds fewer than MIN_SECRET_BYTES bytes."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise ValueError(f"secret file {path}: cannot read it ({err.strerror or err})") from None
+        secret = data.rstrip(b"\r\n")
+        if not secret:
+            raise ValueError(f"secret file {path} is empty")
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"secret file {path}: the secret has {len(secret)} bytes; it needs at least "
+                             f"{MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32 > {path}`)")
+        return cls(secret)
+
+    def __repr__(self) -> str:   # never the key
+        return f"Seal({'sealed' if self.sealed else 'open'})"
+
+    @property
+    def sealed(self) -> bool:
+        """Whether this Seal has a federation secret (signs what it seals, and demands a signature)."""
+        return self._key is not None
+
+    @property
+    def overhead(self) -> int:
+        """Bytes an envelope adds to a body: ENVELOPE_OVERHEAD_SEALED or ENVELOPE_OVERHEAD_OPEN."""
+        return ENVELOPE_OVERHEAD_SEALED if self.sealed else ENVELOPE_OVERHEAD_OPEN
+
+    def _mac(self, topic: bytes, *chunks) -> bytes:
+        mac = hmac.new(self._key, topic, hashlib.sha256)
+        mac.update(b"\x00")
+        for chunk in chunks:
+            mac.update(chunk)
+        return mac.digest()
+
+    def seal(self, topic: str, body: bytes, stamp: Stamp) -> bytes:
+        """The payload to publish on `topic`: envelope head, `body`, and the MAC if this Seal has a secret. The body is
+        copied once (into the result) and hashed in place."""
+        if not isinstance(stamp, Stamp):
+            raise TypeError(f"expected a Stamp, not {type(stamp).__name__}")
+        topic_bytes = _topic_bytes(topic)
+        if topic_bytes is None:
+            raise ValueError(f"cannot seal for topic {topic!r}: not a UTF-8 string without NUL")
+        flags = FLAG_MAC if self.sealed else 0
+        head = _ENVELOPE_HEAD.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, flags, 0, stamp.incarnation, stamp.seq,
+                                   float(stamp.sent_at))
+        if not self.sealed:
+            return b"".join((head, body))
+        return b"".join((head, body, self._mac(topic_bytes, head, body)))
+
+    def open(self, topic: str, payload: bytes | memoryview) -> tuple[memoryview, Stamp]:
+        """The body (a memoryview into `payload`, not a copy) and the stamp of a payload received on `topic`.
+        ProtocolError if it is not a well-formed envelope, or not sealed the way this Seal demands, or its MAC does
+        not match this secret and this topic."""
+        view = memoryview(payload).cast("B")
+        head_size = _ENVELOPE_HEAD.size
+        _check(len(view) >= head_size, f"envelope: truncated ({len(view)} bytes, the head alone is {head_size})")
+        magic, version, flags, reserved, incarnation, seq, sent_at = _ENVELOPE_HEAD.unpack_from(view)
+        _check(magic == ENVELOPE_MAGIC, f"envelope: no {ENVELOPE_MAGIC.decode()} magic (a peer of an older version, "
+                                        "or not a peer)")
+        _check(version == ENVELOPE_VERSION, f"envelope: version {version} is not {ENVELOPE_VERSION}")
+        _check(flags & ~FLAG_MAC == 0, f"envelope: unknown flags 0x{flags:02x}")
+        _check(reserved == 0, "envelope: reserved bits are set")
+        _check(math.isfinite(sent_at), "envelope: sent_at is not finite")
+        stamp = Stamp(incarnation, seq, sent_at)
+        has_mac = bool(flags & FLAG_MAC)
+        if not self.sealed:
+            _check(not has_mac, "sealed with a federation secret; this peer has none: pass --secret-file")
+            return view[head_size:], stamp
+        _check(has_mac, "not sealed with the federation secret")
+        end = len(view) - MAC_BYTES
+        _check(end >= head_size, f"envelope: truncated ({len(view)} bytes, no room for the MAC)")
+        topic_bytes = _topic_bytes(topic)
+        _check(topic_bytes is not None, "envelope: the topic is not a UTF-8 string without NUL")
+        _check(hmac.compare_digest(self._mac(topic_bytes, view[:end]), view[end:]), "bad signature")
+        return view[head_size:end], stamp
