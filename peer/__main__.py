@@ -1,6 +1,7 @@
 """`python -m peer`: read the settings, load this peer's shard, join the federation."""
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 
@@ -29,26 +30,68 @@ def _main(argv: list[str] | None) -> int:
     from .node import Peer, configure_logging
     from .records import RunRecorder
 
+    try:
+        recorder = RunRecorder(settings.run_dir, settings.peer_id)
+        recorder.check_writable()
+    except OSError as err:
+        return _error(f"the run dir {settings.run_dir} is not writable ({err.strerror or err}): pass --run-dir with a "
+                      "folder this user can write")
+    try:
+        resume = _resume(settings) if settings.resume else None
+    except ValueError as err:
+        return _error(str(err))
+    if resume:
+        settings = dataclasses.replace(settings, run_id=resume.run_id)
+
     configure_logging(settings.peer_id, settings.log_level)   # before the dataset: its loader has things to say
     try:
         shard = load_shard(settings)
     except DatasetError as err:
-        print(f"python -m peer: error: {err}", file=sys.stderr)
-        return 2
-    RunRecorder(settings.run_dir, settings.peer_id).data(shard.describe(settings))
+        return _error(str(err))
+    recorder.data(shard.describe(settings))
     learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed)
     learner.prepare()
+    if resume and [w.shape for w in resume.model.weights] != [w.shape for w in learner.initial_weights()]:
+        return _error(f"--resume: the checkpoint's model in {settings.run_dir} does not fit this peer's model (is it "
+                      "the same --dataset?)")
 
     def stop(signum, frame):  # SIGTERM (docker stop, launcher shutdown): leave cleanly, as Ctrl-C does
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    peer = Peer(settings, learner)
+    peer = Peer(settings, learner, resume=resume)
     try:
         return peer.run()
     except KeyboardInterrupt:
         peer.log.info("stopped by signal")
         return 130
+
+
+def _error(text: str) -> int:
+    print(f"python -m peer: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _resume(settings):
+    """The checkpoint in the run dir as the peer holds a run; ValueError saying why it cannot be used."""
+    from .node import resumed
+    from .protocol import ProtocolError
+    from .records import CheckpointError, read_checkpoint
+
+    try:
+        checkpoint = read_checkpoint(settings.run_dir)
+    except CheckpointError as err:
+        raise ValueError(f"--resume: {err}") from None
+    if checkpoint is None:
+        raise ValueError(f"--resume: no checkpoint in {settings.run_dir} (a run writes one after every finished "
+                         "round; pass the run dir of the run to go on with)")
+    if settings.run_id not in ("default", checkpoint.run_id):
+        raise ValueError(f"--resume: the checkpoint in {settings.run_dir} is of run {checkpoint.run_id}, not "
+                         f"{settings.run_id} (leave --run-id out to go on with it)")
+    try:
+        return resumed(checkpoint)
+    except (ProtocolError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"--resume: the checkpoint in {settings.run_dir} is damaged ({err})") from None
 
 
 if __name__ == "__main__":

@@ -83,6 +83,14 @@ class RecordRun:
 
 
 @dataclass(frozen=True)
+class SaveCheckpoint:
+    """The run's state after a finished round (checkpoint/ in the run dir), from which `--resume` goes on."""
+    model: GlobalModel
+    rounds: tuple[RoundSummary, ...]
+    run_started: float | None
+
+
+@dataclass(frozen=True)
 class SaveModel:
     """Save these weights as the run's final Keras model (model.keras)."""
     weights: list[np.ndarray] = field(repr=False)
@@ -113,7 +121,7 @@ class Exit:
 
 
 Action = (Publish | Log | StartJob | AdoptModel | FinishRound | RecordRound | RecordElection | RecordEvaluation
-          | RecordRun | SaveModel | Print | Exit)
+          | RecordRun | SaveCheckpoint | SaveModel | Print | Exit)
 
 
 # --- what comes back to the machines -----------------------------------------------------------------------------------

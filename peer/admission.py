@@ -4,15 +4,19 @@ The node asks `admit` of every message that decoded cleanly. The answer is a `Ro
 `Refused` (why not, for one log line). Messages of the controller go through the election first (a higher term makes
 this peer follow it); `entitled` then says whether this peer acts on that message at all.
 
+Before these rules, the node has opened the envelope (signed with the federation secret, and published on the
+topic of the peer it names: `protocol.decode`) and asked the `ReplayGuard` whether it is fresh.
+
 The rules, in the order they apply:
-- a presence on another peer's topic is a forgery (the Last Will of a peer arrives on its own topic);
+- only presence, claims, heartbeats, aggregations and finishes are ever published retained: another kind that comes
+  retained (an order lying in wait on the broker for every newcomer) is refused;
 - presence and announcements (init) always reach the election;
 - a term can only move forward by a bounded step: never to the last encodable term, and (for a peer in a run) never
   more than MAX_TERM_STEP past its own, so no single message can strand the federation in a term it cannot leave;
 - ballots (vote, claim) reach the election;
 - retained messages are history, not orders: a retained claim or heartbeat says who led most recently, a retained
-  aggregation is the model a late joiner starts from, and a retained finish seen before this peer knew any term is
-  an earlier run's (it ends the run it belongs to, not the next one);
+  aggregation is the model a late joiner starts from, and a retained finish says this run is over (topics are per
+  run, so it is this run's);
 - a controller's message of a term older than ours is stale; one that names this peer as its controller is our own
   echo (or an earlier life of this id, restarted): the controller acts on what it decides, not on what comes back;
 - solutions and evaluations are for the controller of their term, and only it hears them;
@@ -22,19 +26,22 @@ The rules, in the order they apply:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .election import Role
 from .protocol import (MAX_TERM, Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Message, Metrics, Presence,
-                       Solution, Topics, Training, Vote)
+                       Solution, Stamp, Training, Vote)
 
 CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish)
 TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)      # messages that can move this peer to a later term
+RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, Finish)   # the only messages a peer publishes retained
 MAX_TERM_STEP = 1000   # a term further ahead of ours than this is no election we could have missed
+MAX_AGE_S = 120.0      # a live message sent longer ago than this (its sender's clock against ours) is a replay
 
 
 class Route(str, enum.Enum):
     PRESENCE = "presence"                # a peer is online or gone: election and controller
+    RUN_FINISHED = "run-finished"        # a retained finish: this run is over (this peer came, or came back, late)
     ANNOUNCE = "announce"                # a peer (re)joined (init): election and controller
     BALLOT = "ballot"                    # a vote: election
     CLAIM = "claim"                      # a live claim: election
@@ -59,10 +66,42 @@ class View:
     controller: str | None
 
 
-def admit(message: Message, topic: str, retained: bool, view: View, topics: Topics) -> Route | Refused:
+@dataclass
+class ReplayGuard:
+    """Whether a signed message is fresh: not a copy of one already seen, not from an earlier life of its sender,
+    not a live message sent long ago. Every envelope carries its sender's (incarnation, seq, sent_at); a later life
+    of a peer has a larger incarnation, and its seq grows with every message.
+
+    Presence is exempt from the order and the age: the broker publishes a Last Will, signed when its peer
+    connected, only when the peer dies. Retained messages are history (delivered when this peer subscribes): they
+    are exempt from the age, not from the order. Our own messages are the node's to judge (echo or duplicate id)."""
+    me: str
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict)   # sender -> (incarnation, highest seq)
+
+    def check(self, kind: str, sender: str, stamp: Stamp, retained: bool, wall_now: float) -> Refused | None:
+        if sender == self.me:
+            return None
+        incarnation, seq = self.seen.get(sender, (0, 0))
+        if stamp.incarnation < incarnation:
+            return Refused(f"ignored a {kind} from an earlier life of {sender}")
+        if kind == "presence":
+            if stamp.incarnation > incarnation:
+                self.seen[sender] = (stamp.incarnation, 0)
+            return None
+        if not retained and abs(wall_now - stamp.sent_at) > MAX_AGE_S:
+            return Refused(f"ignored a {kind} from {sender} sent {wall_now - stamp.sent_at:.0f}s ago by its clock: "
+                           f"a replay, or clocks more than {MAX_AGE_S:.0f}s apart", "warning")
+        if stamp.incarnation == incarnation and stamp.seq <= seq:
+            return Refused(f"ignored a copy of {sender}'s message {stamp.seq} (a duplicate or a replay)")
+        self.seen[sender] = (stamp.incarnation, stamp.seq)
+        return None
+
+
+def admit(message: Message, retained: bool, view: View) -> Route | Refused:
+    if retained and not isinstance(message, RETAINED_KINDS):
+        return Refused(f"ignored a retained {message.TYPE} from {message.sender}: no peer publishes one retained "
+                       "(left on the broker by hand, or planted)", "warning")
     if isinstance(message, Presence):
-        if topic != topics.presence(message.peer):
-            return Refused(f"presence of {message.peer} on another peer's topic ({topic})", "warning")
         return Route.PRESENCE
     if isinstance(message, Init):
         return Route.ANNOUNCE
@@ -76,8 +115,8 @@ def admit(message: Message, topic: str, retained: bool, view: View, topics: Topi
         return Route.CLAIM
     if isinstance(message, Aggregation) and retained:
         return Route.RETAINED_MODEL
-    if isinstance(message, Finish) and retained and view.term == 0:
-        return Refused(f"ignoring the retained finish of an earlier run (term {message.term})", "info")
+    if isinstance(message, Finish) and retained:
+        return Route.RUN_FINISHED
     if isinstance(message, CONTROLLER_MESSAGES):
         if message.term < view.term:
             return Refused(f"ignored a {message.TYPE} of stale term {message.term} from {message.controller}")

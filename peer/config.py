@@ -18,9 +18,7 @@ from pathlib import Path
 from .aggregation import AGGREGATIONS
 from .data import DATASETS, DEFAULT_SEED
 from .partition import DEFAULT_ALPHA, SCHEMES
-from .protocol import PEER_ID_PATTERN
-
-TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+from .protocol import MIN_SECRET_BYTES, PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, read_secret_file, valid_run_id
 
 
 class SettingsError(ValueError):
@@ -56,6 +54,10 @@ class Settings:
     round_deadline: float = 60.0
     aggregation: str = "fedavg"
     wait_timeout: float = 600.0
+    run_id: str = "default"
+    resume: bool = False
+    secret_file: Path | None = None
+    secret: bytes | None = field(default=None, repr=False)   # from --secret-file or FL_SECRET; never logged
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
@@ -73,7 +75,7 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "password":
+            if f.name in ("password", "secret"):
                 value = "***" if value else None
             elif isinstance(value, Path):
                 value = str(value)
@@ -175,6 +177,22 @@ def _peer_id(text: str) -> str:
     return text
 
 
+def _run_id(text: str) -> str:
+    if not valid_run_id(text):
+        raise SettingsError(f"run id {text!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def _switch(text: str) -> bool:
+    """A yes/no setting: the flag alone means yes; its variable takes 1/0, true/false, yes/no."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{text!r} is not yes or no (1/0, true/false, yes/no)")
+
+
 def _prefix(text: str) -> str:
     if not TOPIC_PREFIX_PATTERN.fullmatch(text):
         raise SettingsError(f"topic prefix {text!r}: use letters, digits, '.', '_', '-' and '/' between levels")
@@ -215,6 +233,16 @@ OPTIONS = [
     ("--wait-timeout", "FL_WAIT_TIMEOUT", "wait_timeout", number(1.0),
      "seconds a peer waits for enough peers (before the first election, or as controller) before it gives up "
      "with exit code 4 (default 600)"),
+    ("--run-id", "FL_RUN_ID", "run_id", _run_id,
+     "the run this peer belongs to: its messages travel under it, so runs on one broker never mix, and a peer "
+     "started for a run that has finished exits 0 saying so (default: default; the launchers make a new one per run)"),
+    ("--resume", "FL_RESUME", "resume", _switch,
+     "go on with the run whose checkpoint is in --run-dir (written after every finished round): its run id, model "
+     "and round numbering carry on"),
+    ("--secret-file", "FL_SECRET_FILE", "secret_file", Path,
+     f"file holding the federation secret (at least {MIN_SECRET_BYTES} bytes): every message is signed with it and "
+     "unsigned or wrongly signed ones are ignored. Or set FL_SECRET to the secret itself. Without one, any client "
+     "of the broker can speak for the federation (see docs/SECURITY.md)"),
     ("--username", "FL_USERNAME", "username", str, "broker user name"),
     ("--password", "FL_PASSWORD", "password", str, "broker password (prefer the FL_PASSWORD variable)"),
     ("--log-level", "FL_LOG_LEVEL", "log_level", _choice(("debug", "info", "warning", "error")), "debug | info | warning | error (default info)"),
@@ -239,9 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="A federated-learning peer. Start several against one MQTT broker: they elect a controller "
                     "and train together. Every flag also reads an environment variable (shown in brackets).",
     )
-    for flag, env, _, _, text in OPTIONS:
-        parser.add_argument(flag, dest=_dest(flag), metavar=env.removeprefix("FL_"), help=f"{text} [{env}]")
+    for flag, env, _, parse, text in OPTIONS:
+        if parse is _switch:
+            parser.add_argument(flag, dest=_dest(flag), action="store_const", const="yes", help=f"{text} [{env}]")
+        else:
+            parser.add_argument(flag, dest=_dest(flag), metavar=env.removeprefix("FL_"), help=f"{text} [{env}]")
     return parser
+
+
+def _secret(path: Path | None, text: str | None) -> bytes | None:
+    """The federation secret: the file's, or FL_SECRET's (never a flag: a command line is visible to every user)."""
+    if path is not None and text is not None:
+        raise SettingsError("both --secret-file and FL_SECRET are set: give the secret one way")
+    if path is not None:
+        try:
+            return read_secret_file(path)
+        except ValueError as err:
+            raise SettingsError(f"--secret-file: {err}") from None
+    if text is not None:
+        if len(text.encode()) < MIN_SECRET_BYTES:
+            raise SettingsError(f"FL_SECRET: the secret has {len(text.encode())} bytes; it needs at least "
+                                f"{MIN_SECRET_BYTES}")
+        return text.encode()
+    return None
 
 
 def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -265,6 +313,7 @@ def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None 
             values[fields] = parsed
     if not values.get("peer_id"):
         values["peer_id"] = f"peer-{secrets.token_hex(3)}"
+    values["secret"] = _secret(values.get("secret_file"), environ.get("FL_SECRET") or None)
     settings = Settings(**values)
     if not settings.username and settings.password:
         raise SettingsError("--password given without --username")

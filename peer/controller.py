@@ -22,15 +22,15 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .actions import (EXIT_GAVE_UP, EXIT_OK, Action, AdoptModel, Exit, FinishRound, Log, Print, Publish,
-                      RecordElection, RecordRound, RecordRun, SaveModel)
+                      RecordElection, RecordRound, RecordRun, SaveCheckpoint, SaveModel)
 from .aggregation import AggregationRefused, Aggregator
 from .config import Settings
 from .protocol import (Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training,
-                       encoded_size)
+                       encoded_size, sealed_size)
 from .rounds import (EvaluationCollector, GlobalModel, ModelStore, RoundOutcome, RoundSummary, SolutionCollector,
                      choose_trainers)
 
-FINISH_EXPIRY_S = 60   # the retained Finish reaches peers reconnecting just after the end, then expires
+FINISH_EXPIRY_S = 24 * 3600   # the retained Finish tells a peer (re)started for this run that it is over
 MAX_REPUBLISH = 3      # a model nobody evaluates is published this many more times, then the run gives up
 
 
@@ -192,8 +192,9 @@ class Controller:
         self._out.append(Log(text, level))
 
     def _publish(self, message: Message, retain: bool = False, expiry: int | None = None) -> int:
+        """Publish, and say how many bytes it puts on the wire (the round's traffic counts them)."""
         self._out.append(Publish(message, retain, expiry))
-        return encoded_size(message)
+        return sealed_size(encoded_size(message), self.settings.secret is not None)
 
     def _adopt(self, model: GlobalModel) -> None:
         self.model = model
@@ -333,7 +334,8 @@ class Controller:
                               self.round_bytes, self.run_started))
         summary = RoundSummary(round_, self.term, accuracy, loss, self.round_bytes)
         self.history[round_] = summary
-        self._emit(FinishRound(summary, self.run_started))
+        self._emit(FinishRound(summary, self.run_started),
+                   SaveCheckpoint(self.model, tuple(self.history[r] for r in sorted(self.history)), self.run_started))
         self._log(f"round {round_}: global accuracy {accuracy:.4f}, loss {loss:.4f} over {samples} test samples "
                   f"from {len(collector.received)} peers"
                   + (f", {duration:.1f}s, {self.round_bytes} bytes" if round_ > 0 else " (initial model)"))

@@ -124,6 +124,11 @@ class Election:
 
     # --- inputs -------------------------------------------------------------------------------------------------------
 
+    def restore(self, term: int, round_: int) -> None:
+        """Going on with a run from its checkpoint: its terms up to `term` are used, and this peer holds `round_`."""
+        if self.role is Role.WAITING:
+            self.term, self.round = max(self.term, term), max(self.round, round_)
+
     def is_stale(self, term: int) -> bool:
         return term < self.term
 

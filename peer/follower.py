@@ -72,6 +72,14 @@ class Follower:
                     Exit(EXIT_GAVE_UP if failed else EXIT_OK)]
         return []
 
+    def on_finished_run(self, message: Finish) -> list[Action]:
+        """The broker's retained finish: this run ended before this peer came (or came back)."""
+        failed = message.reason in GIVE_UP_REASONS
+        return [Log(f"this run is over: {message.controller} ended it ({message.reason}) after round {message.round}"
+                    f" with accuracy {message.accuracy:.4f}; nothing to do here (a new run needs a new --run-id)",
+                    "error" if failed else "info"),
+                Exit(EXIT_GAVE_UP if failed else EXIT_OK)]
+
     def on_retained_model(self, message: Aggregation) -> list[Action]:
         """The broker's retained aggregation, delivered when this peer subscribed: the model a late joiner starts
         from, not an order to evaluate it."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from dataclasses import dataclass
 import random
 import time
 
-from .actions import (EXIT_GAVE_UP, EXIT_REFUSED, AdoptModel, Exit, FinishRound, JobDone, Log, Print, Publish,
-                      RecordElection, RecordEvaluation, RecordRound, RecordRun, SaveModel, StartJob)
-from .admission import Refused, Route, View, admit, entitled
+from .actions import (EXIT_DUPLICATE, EXIT_GAVE_UP, EXIT_REFUSED, AdoptModel, Exit, FinishRound, JobDone, Log,
+                      Print, Publish, RecordElection, RecordEvaluation, RecordRound, RecordRun, SaveCheckpoint,
+                      SaveModel, StartJob)
+from .admission import Refused, ReplayGuard, Route, View, admit, entitled
 from .config import Settings
 from .controller import Controller
 from .election import (CastVote, Election, ElectionTimings, FollowController, GiveUp, Note, Role, SendClaim,
@@ -26,10 +28,10 @@ from .election import (CastVote, Election, ElectionTimings, FollowController, Gi
 from .follower import Follower
 from .jobs import JobRunner
 from .learner import Learner
-from .protocol import (Aggregation, Claim, Heartbeat, Init, Message, Presence, ProtocolError, Topics, Vote, decode,
+from .protocol import (Claim, Init, Message, Presence, ProtocolError, Seal, Stamper, Topics, Vote, WeightCodec, decode,
                        encode)
-from .records import RunRecorder
-from .rounds import ModelStore
+from .records import Checkpoint, RunRecorder
+from .rounds import GlobalModel, ModelStore, RoundSummary
 from .transport import Connected, Disconnected, Inbound, MqttTransport, Refused as ConnectionRefused
 
 TICK_S = 0.05
@@ -99,11 +101,14 @@ def _attach_to_log(log: logging.Logger, peer: "Peer") -> None:
 
 class Peer:
     def __init__(self, settings: Settings, learner: Learner, rng: random.Random | None = None,
-                 transport=None, runner=None):
-        """`transport` and `runner` default to the real MQTT adapter and learner thread; tests hand in fakes."""
+                 transport=None, runner=None, resume: "Resumed | None" = None):
+        """`transport` and `runner` default to the real MQTT adapter and learner thread; tests hand in fakes.
+        `resume`: the run's state from its checkpoint, to go on from."""
         self.settings, self.me, self.learner = settings, settings.peer_id, learner
         self.rng = rng or random.Random()
-        self.topics = Topics(settings.topic_prefix)
+        self.topics = Topics(settings.topic_prefix, settings.run_id)
+        self.seal, self.stamper = Seal(settings.secret), Stamper()
+        self.guard = ReplayGuard(self.me)
         self.events: queue.Queue = queue.Queue()
         self.election = Election(self.me, settings.min_peers,
                                  ElectionTimings.from_heartbeat(settings.heartbeat, settings.election_window,
@@ -121,10 +126,17 @@ class Peer:
         if not self.log.handlers:
             configure_logging(self.me, settings.log_level)
         _attach_to_log(self.log, self)
+        # The client id is ours alone (a random suffix): nobody can take our session over by guessing it. A broker
+        # with a login per peer replaces it with the login (use_username_as_clientid).
         self.transport = transport or MqttTransport(
-            settings.broker_host, settings.broker_port, self.me, self.topics.subscription, self.events,
-            settings.keepalive, settings.username, settings.password)
+            settings.broker_host, settings.broker_port, f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
+            self.topics.subscription, self.events, settings.keepalive, settings.username, settings.password)
         self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
+        if resume:
+            self.store.offer(resume.model.round, resume.model.term, resume.model.weights, resume.model.trainers)
+            for summary in resume.rounds:
+                self.store.finish_round(summary, resume.run_started)
+            self.election.restore(resume.model.term, resume.model.round)
         self.exit_code: int | None = None
         self.quota = Quota(self.log)
         self._status: tuple = ()
@@ -165,10 +177,13 @@ class Peer:
     # --- main loop ------------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.log.info("starting: broker %s, shard %s, waiting for %d peers", self.settings.broker,
-                      self.settings.shard_label, self.settings.min_peers)
-        will = encode(Presence(self.me, "offline"))
-        self.transport.start(self.topics.presence(self.me), will, will_expiry=PRESENCE_EXPIRY_S)
+        self.log.info("starting: broker %s, run %s, shard %s, waiting for %d peers", self.settings.broker,
+                      self.settings.run_id, self.settings.shard_label, self.settings.min_peers)
+        if not self.seal.sealed:
+            self.log.warning("no federation secret (--secret-file or FL_SECRET): any client of this broker can speak "
+                             "for the federation; see docs/SECURITY.md")
+        self.transport.start(self.topics.presence(self.me), self._sealed(Presence(self.me, "offline")),
+                             will_expiry=PRESENCE_EXPIRY_S)
         try:
             while self.exit_code is None:
                 try:
@@ -188,12 +203,14 @@ class Peer:
         return self.exit_code
 
     def _last_words(self) -> list[tuple[str, bytes, bool]]:
-        # Clearing our retained presence (empty payload) says "gone" without leaving a record on the broker.
-        last = [(self.topics.presence(self.me), b"", True)]
+        # A signed "offline" tells the others we left (an empty payload could come from anyone, so nobody acts on
+        # one); then our retained presence is cleared, leaving no record on the broker.
+        presence = self.topics.presence(self.me)
+        last = [(presence, self._sealed(Presence(self.me, "offline")), False), (presence, b"", True)]
         if self.controller and self.controller.finished:
-            # The run is over: leave no leader or model behind for the next run on this broker (the retained
-            # Finish stays a minute for peers that reconnect late, then expires).
-            last += [(self.topics.of(kind), b"", True) for kind in (Claim, Heartbeat, Aggregation)]
+            # The run is over: its leader and model need not stay on the broker (the retained Finish does, for
+            # peers that come back to this run later).
+            last += [(self.topics.topic(kind, self.me), b"", True) for kind in ("election", "heartbeat", "aggregation")]
         return last
 
     def tick(self, now: float) -> None:
@@ -234,20 +251,24 @@ class Peer:
     # --- inbound: decode, admit, route ----------------------------------------------------------------------------------
 
     def on_inbound(self, event: Inbound, now: float) -> None:
-        short = self.topics.short(event.topic)
-        if short is None:
+        parsed = self.topics.parse(event.topic)
+        if parsed is None or not event.payload:   # not ours; or a cleared retained slot, which anyone can send
             return
-        if not event.payload:   # a cleared retained message
-            if short == "presence":
-                self.peer_gone(event.topic.rsplit("/", 1)[-1], now)
-            return
+        kind, sender = parsed
         try:
-            message = decode(short, event.payload)
+            body, stamp = self.seal.open(event.topic, event.payload)
+            message = decode(kind, body, sender=sender)
         except ProtocolError as err:
-            self.quota.warn(f"malformed:{short}", logging.WARNING, "dropped a malformed message on %s (%d bytes): %s",
+            self.quota.warn(f"malformed:{kind}", logging.WARNING, "dropped a malformed message on %s (%d bytes): %s",
                             event.topic, len(event.payload), err)
             return
-        verdict = admit(message, event.topic, event.retained, self._view(), self.topics)
+        if sender == self.me and stamp.incarnation != self.stamper.incarnation and kind == "init" \
+                and not event.retained:
+            return self._same_id(message, stamp.incarnation)
+        refusal = self.guard.check(kind, sender, stamp, event.retained, time.time())
+        if refusal:
+            return self._refused(refusal)
+        verdict = admit(message, event.retained, self._view())
         if isinstance(verdict, Refused):
             self._refused(verdict)
             return
@@ -278,6 +299,8 @@ class Peer:
             self.carry_out(e.on_retained(message.term, leader, now), now)
         elif route is Route.RETAINED_MODEL:
             self.carry_out(self.follower.on_retained_model(message), now)
+        elif route is Route.RUN_FINISHED:
+            self.carry_out(self.follower.on_finished_run(message), now)
         elif route is Route.FROM_CONTROLLER:
             self.carry_out(e.on_controller_seen(message.term, message.controller, now), now)
             refusal = entitled(message, self._view())
@@ -288,6 +311,18 @@ class Peer:
         elif route is Route.TO_CONTROLLER:
             if self.controller:
                 self.carry_out(self.controller.on_message(message, size, now), now)
+
+    def _same_id(self, message: Init, incarnation: int) -> None:
+        """Another process announced itself with our peer id: two peers cannot share one. The one started later
+        leaves; the earlier one answers with its own init, so the later one learns it is the later one."""
+        if incarnation > self.stamper.incarnation:
+            self.quota.warn("same-id", logging.WARNING, "another process (pid %d) started with this peer id %s; it "
+                            "started later and will exit", message.pid, self.me)
+            self._announce()
+        else:
+            self.log.error("another process (pid %d) already runs as peer %s; this one exits: give every peer its "
+                           "own --peer-id", message.pid, self.me)
+            self.exit_code = EXIT_DUPLICATE
 
     def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> None:
         self.carry_out(self.election.peer_up(peer, now), now)
@@ -312,7 +347,10 @@ class Peer:
     # --- carrying out ---------------------------------------------------------------------------------------------------
 
     def send(self, message: Message, retain: bool = False, expiry: int | None = None) -> None:
-        self.transport.publish(self.topics.of(message), encode(message), retain=retain, expiry=expiry)
+        self.transport.publish(self.topics.of(message), self._sealed(message), retain=retain, expiry=expiry)
+
+    def _sealed(self, message: Message) -> bytes:
+        return self.seal.seal(self.topics.of(message), encode(message), self.stamper.next())
 
     def _announce(self) -> None:
         self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples))
@@ -376,6 +414,9 @@ class Peer:
                             action.loss, action.samples)
             elif isinstance(action, RecordRun):
                 self._write("run.json", self.records.run, action.summary)
+            elif isinstance(action, SaveCheckpoint):
+                self._write("the checkpoint", self.records.checkpoint, checkpoint_state(self.settings.run_id, action),
+                            WeightCodec.encode(action.model.weights))
             elif isinstance(action, SaveModel):
                 self._write("model.keras", self.learner.save, action.weights, self.records.model_path)
             elif isinstance(action, Print):
@@ -395,3 +436,33 @@ class Peer:
 
     def _job_wanted(self, job: StartJob) -> bool:
         return job.term == self.election.term and self.exit_code is None
+
+
+# --- checkpoints: the run dir's format is peer.records'; the weights are the wire's -----------------------------------
+
+@dataclass(frozen=True)
+class Resumed:
+    """A run's state read back from its checkpoint."""
+    run_id: str
+    model: GlobalModel
+    rounds: tuple[RoundSummary, ...]
+    run_started: float | None
+
+
+def checkpoint_state(run_id: str, action: SaveCheckpoint) -> dict:
+    model = action.model
+    return {"run_id": run_id, "round": model.round, "term": model.term, "trainers": list(model.trainers),
+            "run_started": action.run_started,
+            "rounds": [{"round": r.round, "term": r.term, "accuracy": r.accuracy, "loss": r.loss, "bytes": r.bytes}
+                       for r in action.rounds]}
+
+
+def resumed(checkpoint: Checkpoint) -> Resumed:
+    """The checkpoint as the peer holds a run: ProtocolError if its weights are damaged, KeyError/TypeError/ValueError
+    if a round is."""
+    weights = WeightCodec.decode(checkpoint.weights)
+    rounds = tuple(RoundSummary(int(r["round"]), int(r["term"]), float(r["accuracy"]), float(r["loss"]),
+                                int(r["bytes"])) for r in checkpoint.rounds)
+    return Resumed(checkpoint.run_id, GlobalModel(checkpoint.round, checkpoint.term, weights,
+                                                  tuple(checkpoint.trainers)), rounds, checkpoint.run_started)
+

@@ -1,19 +1,30 @@
-"""The wire protocol: topics, message types, encoding, and decoding that validates.
+"""The wire protocol: topics, message types, encoding, decoding that validates, and the envelope that seals it.
 
 Both roles import this module and nothing else builds a payload. See docs/PROTOCOL.md for the reader's version.
 
-Control messages are UTF-8 JSON objects with a "type" field. Messages that carry a model (training, solution,
-aggregation) are a binary frame: a small fixed header, the same JSON object, then the weights in `WeightCodec`'s
-format. Decoding never trusts the sender: every field is type- and range-checked, and anything off raises
-`ProtocolError` (the peer logs it in one line and drops the message).
+A message's body: control messages are UTF-8 JSON objects with a "type" field. Messages that carry a model
+(training, solution, aggregation) are a binary frame: a small fixed header, the same JSON object, then the weights in
+`WeightCodec`'s format. Decoding never trusts the sender: every field is type- and range-checked, and anything off
+raises `ProtocolError` (the peer logs it in one line and drops the message). Encoding refuses the same things, so a
+peer never sends what its peers would drop.
+
+On the wire every body travels in an envelope (`Seal`): a fixed head with the sender's incarnation, sequence number
+and clock, the body, and, when the federation has a secret, an HMAC-SHA256 over the topic and all of that. Every
+message is published on `<prefix>/<run_id>/<kind>/<sender>` (`Topics`), and the MAC covers the topic, so a payload
+cannot be moved to another kind, run or sender.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
+import secrets
 import struct
+import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -21,11 +32,15 @@ import numpy as np
 PROTOCOL_VERSION = 1
 # What a peer id looks like: it travels in every message and names a topic level and a folder of the run dir.
 PEER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# The topic prefix: one or more levels of the same characters (it starts every topic of the federation).
+TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_TENSOR_DIMS = 8
-MAX_TERM = 2**31 - 1                  # terms beyond cannot be encoded; the election never reaches them
 MAX_WEIGHT_BYTES = 16 * 1024 * 1024   # the brokers' message_size_limit (broker/*.conf) is the same
+MAX_TERM = 2**31 - 1                  # the highest term: encode and decode refuse more
+_MAX_COUNT = 2**53 - 1                # the largest integer a JSON reader in any language reads exactly
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ProtocolError(ValueError):
@@ -46,12 +61,44 @@ class WeightCodec:
 
     @staticmethod
     def encode(tensors: list[np.ndarray]) -> bytes:
-        parts = [struct.pack("<I", len(tensors))]
-        for tensor in tensors:
-            array = np.asarray(tensor, dtype="<f4")   # not ascontiguousarray: it turns a scalar into shape (1,)
+        """Any tensors, unchecked (tests build bad payloads with it); `encode(message)` checks them first."""
+        # not ascontiguousarray: it turns a scalar into shape (1,)
+        return WeightCodec._pack([np.asarray(tensor, dtype="<f4") for tensor in tensors])
+
+    @staticmethod
+    def _pack(arrays: list[np.ndarray]) -> bytes:
+        return b"".join(WeightCodec._parts(arrays))
+
+    @staticmethod
+    def _parts(arrays: list[np.ndarray]) -> list:
+        """The encoding in pieces, for one b"".join: the values are views of C-ordered data, not copies."""
+        parts = [struct.pack("<I", len(arrays))]
+        for array in arrays:
             parts.append(struct.pack(f"<B{array.ndim}I", array.ndim, *array.shape))
-            parts.append(array.tobytes(order="C"))
-        return b"".join(parts)
+            parts.append(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+        return parts
+
+    @staticmethod
+    def checked(tensors) -> list[np.ndarray]:
+        """The tensors as little-endian float32 arrays, or ProtocolError for anything `decode` would refuse: more than
+        MAX_TENSORS tensors or MAX_TENSOR_DIMS dimensions, more than MAX_WEIGHT_BYTES in all, NaN or infinity
+        (also a float64 value too large for float32)."""
+        try:
+            with np.errstate(over="ignore"):   # a float64 beyond float32 becomes infinity, refused below
+                arrays = [np.asarray(tensor, dtype="<f4") for tensor in tensors]
+        except (TypeError, ValueError) as err:   # not a list of tensors, ragged lists, strings
+            raise ProtocolError(f"weights: not a list of float tensors ({str(err)[:100]})") from None
+        _check(len(arrays) <= MAX_TENSORS, f"weights: {len(arrays)} tensors exceeds the limit of {MAX_TENSORS}")
+        size = 4
+        for index, array in enumerate(arrays):
+            _check(array.ndim <= MAX_TENSOR_DIMS,
+                   f"weights: tensor {index}: {array.ndim} dimensions exceeds {MAX_TENSOR_DIMS}")
+            _check(all(dim < 2**32 for dim in array.shape), f"weights: tensor {index}: a dimension exceeds 2^32 - 1")
+            size += 1 + 4 * array.ndim + 4 * array.size
+        _check(size <= MAX_WEIGHT_BYTES, f"weights: {size} bytes exceeds the {MAX_WEIGHT_BYTES}-byte limit")
+        for index, array in enumerate(arrays):
+            _check(bool(np.isfinite(array).all()), f"weights: tensor {index}: contains NaN or infinity")
+        return arrays
 
     @staticmethod
     def size(tensors: list[np.ndarray]) -> int:
@@ -110,13 +157,9 @@ def _peer_id(value, name: str) -> str:
     return value
 
 
-def _count(value, name: str, low: int = 0) -> int:
-    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value < 2**53, f"{name}: expected an integer >= {low}")
-    return value
-
-
-def _bounded(value: int, name: str, high: int) -> int:
-    _check(value <= high, f"{name}: above {high}")
+def _count(value, name: str, low: int = 0, high: int = _MAX_COUNT) -> int:
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           f"{name}: expected an integer from {low} to {high}")
     return value
 
 
@@ -148,7 +191,7 @@ def _peer_list(value, name: str) -> tuple[str, ...]:
 _FIELD_RULES = {
     "peer": _peer_id,
     "controller": _peer_id,
-    "term": lambda v, n: _bounded(_count(v, n), n, MAX_TERM),
+    "term": lambda v, n: _count(v, n, 0, MAX_TERM),
     "round": _count,
     "attempt": lambda v, n: _count(v, n, 1),
     "vote": lambda v, n: _number(v, n, 0.0, 1.0),
@@ -172,8 +215,14 @@ _FIELD_RULES = {
 @dataclass(frozen=True)
 class Message:
     TYPE: ClassVar[str]
-    TOPIC: ClassVar[str]          # topic under the prefix
+    TOPIC: ClassVar[str]          # the topic's kind level: <prefix>/<run_id>/<TOPIC>/<sender>
+    SENDER: ClassVar[str]         # the field that names the peer sending it
     CARRIES_WEIGHTS: ClassVar[bool] = False
+
+    @property
+    def sender(self) -> str:
+        """The id of the peer that sends this message: the last level of its topic."""
+        return getattr(self, self.SENDER)
 
     def header(self) -> dict:
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weights"}
@@ -187,7 +236,7 @@ class Message:
 class Init(Message):
     """A peer announces itself (on start, after every reconnect, and to every newcomer): its train and test sample
     counts bound what it may later declare in a solution or an evaluation."""
-    TYPE = "init"; TOPIC = "init"
+    TYPE = "init"; TOPIC = "init"; SENDER = "peer"
     peer: str
     term: int
     round: int
@@ -199,7 +248,7 @@ class Init(Message):
 @dataclass(frozen=True)
 class Presence(Message):
     """Retained on presence/<peer>; the broker publishes the offline one as the peer's Last Will."""
-    TYPE = "presence"; TOPIC = "presence"
+    TYPE = "presence"; TOPIC = "presence"; SENDER = "peer"
     peer: str
     status: str
 
@@ -208,7 +257,7 @@ class Presence(Message):
 class Vote(Message):
     """A ballot for `term`. The best (round, vote, peer) among the votes a peer has seen is its candidate;
     `round` is the voter's latest global model, so a peer that missed an aggregation cannot win."""
-    TYPE = "vote"; TOPIC = "election"
+    TYPE = "vote"; TOPIC = "election"; SENDER = "peer"
     term: int
     peer: str
     vote: float
@@ -219,7 +268,7 @@ class Vote(Message):
 @dataclass(frozen=True)
 class Claim(Message):
     """`peer` believes it won `term`. The first claim of a term that the broker delivers decides it for everyone."""
-    TYPE = "claim"; TOPIC = "election"
+    TYPE = "claim"; TOPIC = "election"; SENDER = "peer"
     term: int
     peer: str
     vote: float
@@ -230,7 +279,7 @@ class Claim(Message):
 
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    TYPE = "heartbeat"; TOPIC = "heartbeat"
+    TYPE = "heartbeat"; TOPIC = "heartbeat"; SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -240,7 +289,7 @@ class Heartbeat(Message):
 @dataclass(frozen=True)
 class Training(Message):
     """Controller to trainers: fit these global weights (the model of round-1) and send back a solution."""
-    TYPE = "training"; TOPIC = "training"; CARRIES_WEIGHTS = True
+    TYPE = "training"; TOPIC = "training"; SENDER = "controller"; CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
@@ -251,7 +300,7 @@ class Training(Message):
 
 @dataclass(frozen=True)
 class Solution(Message):
-    TYPE = "solution"; TOPIC = "solution"; CARRIES_WEIGHTS = True
+    TYPE = "solution"; TOPIC = "solution"; SENDER = "peer"; CARRIES_WEIGHTS = True
     term: int
     round: int
     attempt: int
@@ -264,7 +313,7 @@ class Solution(Message):
 @dataclass(frozen=True)
 class Aggregation(Message):
     """The new global model (retained, so a peer that joins late starts from it)."""
-    TYPE = "aggregation"; TOPIC = "aggregation"; CARRIES_WEIGHTS = True
+    TYPE = "aggregation"; TOPIC = "aggregation"; SENDER = "controller"; CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
@@ -274,7 +323,7 @@ class Aggregation(Message):
 
 @dataclass(frozen=True)
 class Evaluation(Message):
-    TYPE = "evaluation"; TOPIC = "evaluation"
+    TYPE = "evaluation"; TOPIC = "evaluation"; SENDER = "peer"
     term: int
     round: int
     peer: str
@@ -286,7 +335,7 @@ class Evaluation(Message):
 @dataclass(frozen=True)
 class Metrics(Message):
     """The round's global metric (sample-weighted mean of the evaluations); the round is finished."""
-    TYPE = "metrics"; TOPIC = "metrics"
+    TYPE = "metrics"; TOPIC = "metrics"; SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -301,7 +350,7 @@ class Metrics(Message):
 
 @dataclass(frozen=True)
 class Finish(Message):
-    TYPE = "finish"; TOPIC = "finish"
+    TYPE = "finish"; TOPIC = "finish"; SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -315,89 +364,325 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
+_KINDS = frozenset(cls.TOPIC for cls in MESSAGE_TYPES.values())   # the kind level of every topic
+
+
+def new_run_id() -> str:
+    """A fresh run id, readable and unique enough: the start time and a random tail (e.g. 20261124-081502-3fa9c1)."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def valid_run_id(text) -> bool:
+    """Whether `text` can be a run id: 1 to 64 of A-Z a-z 0-9 _ . - (one topic level, no wildcard)."""
+    return isinstance(text, str) and RUN_ID_PATTERN.fullmatch(text) is not None
+
+
+def _valid_peer_id(text) -> bool:
+    return isinstance(text, str) and PEER_ID_PATTERN.fullmatch(text) is not None
+
+
 class Topics:
-    """Full topic names under a prefix."""
+    """Topic names of one run: every message is published on `<prefix>/<run_id>/<kind>/<sender>`, where kind is its
+    class's TOPIC and sender the id of the peer publishing it (`Message.sender`). A broker ACL can then let each peer
+    publish only topics that name itself, and a receiver holds every message to the sender its topic names."""
 
-    def __init__(self, prefix: str = "sd"):
-        self.prefix = prefix
+    def __init__(self, prefix: str = "sd", run_id: str = "default"):
+        if not isinstance(prefix, str) or TOPIC_PREFIX_PATTERN.fullmatch(prefix) is None:
+            raise ValueError(f"topic prefix {prefix!r}: use letters, digits, '.', '_', '-' and '/' between levels")
+        if not valid_run_id(run_id):
+            raise ValueError(f"run id {run_id!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+        self.prefix, self.run_id = prefix, run_id
+        self._head = f"{prefix}/{run_id}/"
 
-    def of(self, message: Message | type[Message]) -> str:
-        if message.TOPIC == "presence":
-            return self.presence(message.peer)
-        return f"{self.prefix}/{message.TOPIC}"
+    def __repr__(self) -> str:
+        return f"Topics({self.prefix!r}, {self.run_id!r})"
+
+    def topic(self, kind: str, sender: str) -> str:
+        """The topic `sender` publishes messages of `kind` (a TOPIC: election, heartbeat, ...) on."""
+        if kind not in _KINDS:
+            raise ValueError(f"unknown message kind {kind!r} (one of {', '.join(sorted(_KINDS))})")
+        if not _valid_peer_id(sender):
+            raise ValueError(f"sender {sender!r} is not a valid peer id")
+        return self._head + kind + "/" + sender
+
+    def of(self, message: Message) -> str:
+        """The topic `message` is published on."""
+        if isinstance(message, type) or not isinstance(message, Message):
+            raise TypeError(f"Topics.of needs a message, not {message!r}; for a kind use topic(kind, sender)")
+        return self.topic(message.TOPIC, message.sender)
 
     def presence(self, peer: str) -> str:
-        return f"{self.prefix}/presence/{peer}"
+        return self.topic("presence", peer)
 
     @property
     def subscription(self) -> str:
-        return f"{self.prefix}/#"
+        """Everything of this run, and nothing of another run under the same prefix."""
+        return f"{self.prefix}/{self.run_id}/#"
 
-    def short(self, topic: str) -> str | None:
-        """The topic's name under the prefix ('presence' for presence/<id>), or None if it is not ours."""
-        head = self.prefix + "/"
-        if not topic.startswith(head):
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """(kind, sender) of a topic of this prefix and run; None for any other topic: another prefix or run, more
+        or fewer levels, an unknown kind, a sender that is not a valid peer id."""
+        if not isinstance(topic, str) or not topic.startswith(self._head):
             return None
-        rest = topic[len(head):]
-        return "presence" if rest.startswith("presence/") else rest
+        kind, slash, sender = topic[len(self._head):].partition("/")
+        if not slash or kind not in _KINDS or not _valid_peer_id(sender):   # a peer id has no "/"
+            return None
+        return kind, sender
 
 
 # --- encode / decode --------------------------------------------------------------------------------------------------
 
+def _json(header: dict) -> bytes:
+    return json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+
+
 def encode(message: Message) -> bytes:
-    header = json.dumps(message.header(), separators=(",", ":")).encode()
+    """The message's body: JSON, or a frame for a message that carries weights.
+
+    Refuses (ProtocolError) whatever `decode` would refuse: a field against its rule (a NaN loss, a negative count,
+    a term above MAX_TERM, a bad peer id, an over-long reason), a JSON header over MAX_CONTROL_BYTES, and weights
+    that are non-finite or beyond the tensor limits (`WeightCodec.checked`). A peer never sends what others drop."""
+    header = message.header()
+    for name, value in header.items():
+        if name not in ("v", "type"):
+            _FIELD_RULES[name](value, f"{message.TYPE}.{name}")
+    raw = _json(header)
+    _check(len(raw) <= MAX_CONTROL_BYTES,
+           f"{message.TYPE}: a JSON header of {len(raw)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
     if not message.CARRIES_WEIGHTS:
-        return header
-    weights = WeightCodec.encode(message.weights)
-    return _FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(header)) + header + weights
+        return raw
+    arrays = WeightCodec.checked(message.weights)
+    return b"".join([_FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(raw)), raw, *WeightCodec._parts(arrays)])
 
 
 def encoded_size(message: Message) -> int:
-    """len(encode(message)) without serialising the weights: what a message costs on the wire, for the round's byte
-    count, at the price of its small JSON header."""
-    header = len(json.dumps(message.header(), separators=(",", ":")).encode())
+    """len(encode(message)) without serialising the weights: what a message's body costs, for the round's byte
+    count, at the price of its small JSON header. The envelope adds a fixed `Seal.overhead` (`sealed_size`)."""
+    header = len(_json(message.header()))
     if not message.CARRIES_WEIGHTS:
         return header
     return _FRAME_HEAD.size + header + WeightCodec.size(message.weights)
 
 
-def decode(short_topic: str, payload: bytes) -> Message:
-    """Parse and validate one payload received on `short_topic` (the topic under the prefix)."""
-    weights = None
-    if payload[:4] == FRAME_MAGIC:
-        if len(payload) < _FRAME_HEAD.size:
+def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Message:
+    """Parse and validate one message body received on a topic of `kind` (the topic's kind level, see `Topics.parse`).
+
+    With `sender` (the topic's sender level), the message must name that peer as its sender (`Message.sender`): one
+    published on another peer's topic is refused. The JSON header is checked before the weights are read."""
+    view = memoryview(body)
+    weights_view = None
+    if bytes(view[:4]) == FRAME_MAGIC:
+        if len(view) < _FRAME_HEAD.size:
             raise ProtocolError("frame: truncated header")
-        _, version, header_len = _FRAME_HEAD.unpack_from(payload)
+        _, version, header_len = _FRAME_HEAD.unpack_from(view)
         _check(version == PROTOCOL_VERSION, f"frame: version {version} is not {PROTOCOL_VERSION}")
         _check(header_len <= MAX_CONTROL_BYTES, "frame: header too large")
         start = _FRAME_HEAD.size
-        _check(start + header_len <= len(payload), "frame: truncated JSON header")
-        raw_header = payload[start:start + header_len]
-        weights = WeightCodec.decode(memoryview(payload)[start + header_len:])
+        _check(start + header_len <= len(view), "frame: truncated JSON header")
+        raw_header = view[start:start + header_len]
+        weights_view = view[start + header_len:]
     else:
-        _check(len(payload) <= MAX_CONTROL_BYTES, f"control message of {len(payload)} bytes is too large")
-        raw_header = payload
+        _check(len(view) <= MAX_CONTROL_BYTES, f"control message of {len(view)} bytes is too large")
+        raw_header = view
     try:
-        body = json.loads(bytes(raw_header).decode("utf-8"))
+        header = json.loads(raw_header.tobytes().decode("utf-8"))
     except (ValueError, RecursionError) as err:   # bad UTF-8 or JSON, a 5000-digit number, "[[[[..." nesting
         raise ProtocolError(f"not valid JSON: {str(err)[:200]}") from None
-    _check(isinstance(body, dict), "expected a JSON object")
-    version, kind = body.get("v"), body.get("type")
+    _check(isinstance(header, dict), "expected a JSON object")
+    version, type_ = header.get("v"), header.get("type")
     _check(type(version) is int and version == PROTOCOL_VERSION,
            f"protocol version {str(version)[:20]} is not {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    _check(cls is not None, f"unknown message type {str(kind)[:40]!r}")
-    _check(cls.TOPIC == short_topic, f"a {cls.TYPE} message does not belong on topic {short_topic!r}")
-    _check(cls.CARRIES_WEIGHTS == (weights is not None),
+    cls = MESSAGE_TYPES.get(type_) if isinstance(type_, str) else None
+    _check(cls is not None, f"unknown message type {str(type_)[:40]!r}")
+    _check(cls.TOPIC == kind, f"a {cls.TYPE} message does not belong on topic {str(kind)[:80]!r}")
+    _check(cls.CARRIES_WEIGHTS == (weights_view is not None),
            f"a {cls.TYPE} message {'needs' if cls.CARRIES_WEIGHTS else 'cannot carry'} weights")
     values = {}
     for f in fields(cls):
         if f.name == "weights":
-            values["weights"] = weights
             continue
-        _check(f.name in body, f"{cls.TYPE}: missing field {f.name!r}")
-        values[f.name] = _FIELD_RULES[f.name](body[f.name], f"{cls.TYPE}.{f.name}")
-    extra = set(body) - {f.name for f in fields(cls) if f.name != "weights"} - {"v", "type"}
+        _check(f.name in header, f"{cls.TYPE}: missing field {f.name!r}")
+        values[f.name] = _FIELD_RULES[f.name](header[f.name], f"{cls.TYPE}.{f.name}")
+    extra = set(header) - {f.name for f in fields(cls) if f.name != "weights"} - {"v", "type"}
     _check(not extra, f"{cls.TYPE}: unexpected fields {sorted(extra)}")
+    claimed = values[cls.SENDER]
+    _check(sender is None or claimed == sender,
+           f"a {cls.TYPE} claims to be {claimed} but was published as {str(sender)[:80]}")
+    if weights_view is not None:
+        values["weights"] = WeightCodec.decode(weights_view)
     return cls(**values)
 
+
+# --- the envelope -----------------------------------------------------------------------------------------------------
+
+# Every payload on the wire: a fixed head, the body (`encode(message)`), and with a federation secret a MAC.
+#   magic, envelope version, flags, reserved u16, incarnation u64, seq u64, sent_at f64 (little-endian, 32 bytes)
+ENVELOPE_MAGIC = b"SDEN"
+ENVELOPE_VERSION = 1
+_ENVELOPE_HEAD = struct.Struct("<4sBBHQQd")
+FLAG_MAC = 0x01                      # bit 0 of flags: a MAC follows the body; the other bits are reserved (zero)
+MAC_BYTES = 32                       # HMAC-SHA256
+ENVELOPE_OVERHEAD_OPEN = _ENVELOPE_HEAD.size               # 32
+ENVELOPE_OVERHEAD_SEALED = _ENVELOPE_HEAD.size + MAC_BYTES  # 64
+MIN_SECRET_BYTES = 16
+_KEY_LABEL = b"sdfl federation key v1"
+_U64 = 2**64 - 1
+
+
+def sealed_size(body_len: int, sealed: bool) -> int:
+    """The length of an envelope holding a body of `body_len` bytes, with (sealed) or without a MAC."""
+    return body_len + (ENVELOPE_OVERHEAD_SEALED if sealed else ENVELOPE_OVERHEAD_OPEN)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Which life of its sender sent a payload, its place in that life, and when: from the envelope's head (under
+    the MAC when sealed).
+
+    incarnation: identifies the sending process's life; a later life of the same peer id has a larger one
+                 (`new_incarnation`). seq: that process's message counter. sent_at: its wall clock (Unix seconds)."""
+    incarnation: int
+    seq: int
+    sent_at: float
+
+    def __post_init__(self):
+        for name in ("incarnation", "seq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U64:
+                raise ValueError(f"stamp {name}: expected an integer from 0 to 2^64 - 1, not {value!r}")
+        if not isinstance(self.sent_at, (int, float)) or isinstance(self.sent_at, bool) \
+                or not math.isfinite(self.sent_at):
+            raise ValueError(f"stamp sent_at: expected a finite number, not {self.sent_at!r}")
+
+
+def new_incarnation(now_ns: int | None = None) -> int:
+    """A process's incarnation: microseconds of wall time (from `now_ns`, default now) shifted left 12 bits, plus 12
+    random bits. A life started a microsecond or more later has a larger one (unless the wall clock went back); two
+    processes started in the same microsecond differ with probability 4095/4096. Fits a u64 until the year 2112."""
+    micros = (time.time_ns() if now_ns is None else now_ns) // 1000
+    return ((micros << 12) | secrets.randbits(12)) & _U64
+
+
+class Stamper:
+    """The stamps of one process: one incarnation, seq 1, 2, 3, ... and sent_at from `clock` (wall time)."""
+
+    def __init__(self, incarnation: int | None = None, clock=time.time):
+        self.incarnation = new_incarnation() if incarnation is None else incarnation
+        self.clock = clock
+        self.seq = 0                  # the last one handed out
+
+    def next(self) -> Stamp:
+        self.seq += 1
+        return Stamp(self.incarnation, self.seq, float(self.clock()))
+
+
+def _topic_bytes(topic) -> bytes | None:
+    """The topic as the MAC covers it, or None if it cannot be a topic (not a str, no UTF-8, a NUL character)."""
+    if not isinstance(topic, str) or "\x00" in topic:
+        return None
+    try:
+        return topic.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate
+        return None
+
+
+def read_secret_file(path) -> bytes:
+    """The federation secret in the file at `path`, trailing CR and LF bytes stripped. ValueError naming the file if
+    it cannot be read, is empty, or holds fewer than MIN_SECRET_BYTES bytes."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"secret file {path}: cannot read it ({err.strerror or err})") from None
+    secret = data.rstrip(b"\r\n")
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"secret file {path}: the secret has {len(secret)} bytes; it needs at least "
+                         f"{MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32 > {path}`)")
+    return secret
+
+
+class Seal:
+    """Seals message bodies into envelopes and opens them, with the federation secret or, with None, in open mode.
+
+    The MAC key is derived from the secret (HMAC-SHA256(secret, "sdfl federation key v1")); the secret itself is
+    not kept. A Seal with a secret opens only payloads sealed with the same secret for the same topic; a Seal
+    without one opens only unsealed payloads. Opening raises ProtocolError and nothing else for any payload."""
+
+    def __init__(self, secret: bytes | None):
+        if secret is None:
+            self._key = None
+            return
+        if not isinstance(secret, (bytes, bytearray, memoryview)):
+            raise TypeError(f"the federation secret must be bytes, not {type(secret).__name__}")
+        secret = bytes(secret)
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"the federation secret has {len(secret)} bytes; it needs at least {MIN_SECRET_BYTES}")
+        self._key = hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
+
+    @classmethod
+    def from_file(cls, path) -> "Seal":
+        """A Seal with the secret in the file at `path` (see `read_secret_file`)."""
+        return cls(read_secret_file(path))
+
+    def __repr__(self) -> str:   # never the key
+        return f"Seal({'sealed' if self.sealed else 'open'})"
+
+    @property
+    def sealed(self) -> bool:
+        """Whether this Seal has a federation secret (signs what it seals, and demands a signature)."""
+        return self._key is not None
+
+    @property
+    def overhead(self) -> int:
+        """Bytes an envelope adds to a body: ENVELOPE_OVERHEAD_SEALED or ENVELOPE_OVERHEAD_OPEN."""
+        return ENVELOPE_OVERHEAD_SEALED if self.sealed else ENVELOPE_OVERHEAD_OPEN
+
+    def _mac(self, topic: bytes, *chunks) -> bytes:
+        mac = hmac.new(self._key, topic, hashlib.sha256)
+        mac.update(b"\x00")
+        for chunk in chunks:
+            mac.update(chunk)
+        return mac.digest()
+
+    def seal(self, topic: str, body: bytes, stamp: Stamp) -> bytes:
+        """The payload to publish on `topic`: envelope head, `body`, and the MAC if this Seal has a secret. The body is
+        copied once (into the result) and hashed in place."""
+        if not isinstance(stamp, Stamp):
+            raise TypeError(f"expected a Stamp, not {type(stamp).__name__}")
+        topic_bytes = _topic_bytes(topic)
+        if topic_bytes is None:
+            raise ValueError(f"cannot seal for topic {topic!r}: not a UTF-8 string without NUL")
+        flags = FLAG_MAC if self.sealed else 0
+        head = _ENVELOPE_HEAD.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, flags, 0, stamp.incarnation, stamp.seq,
+                                   float(stamp.sent_at))
+        if not self.sealed:
+            return b"".join((head, body))
+        return b"".join((head, body, self._mac(topic_bytes, head, body)))
+
+    def open(self, topic: str, payload: bytes | memoryview) -> tuple[memoryview, Stamp]:
+        """The body (a memoryview into `payload`, not a copy) and the stamp of a payload received on `topic`.
+        ProtocolError if it is not a well-formed envelope, or not sealed the way this Seal demands, or its MAC does
+        not match this secret and this topic."""
+        view = memoryview(payload).cast("B")
+        head_size = _ENVELOPE_HEAD.size
+        _check(len(view) >= head_size, f"envelope: truncated ({len(view)} bytes, the head alone is {head_size})")
+        magic, version, flags, reserved, incarnation, seq, sent_at = _ENVELOPE_HEAD.unpack_from(view)
+        _check(magic == ENVELOPE_MAGIC, f"envelope: no {ENVELOPE_MAGIC.decode()} magic (a peer of an older version, "
+                                        "or not a peer)")
+        _check(version == ENVELOPE_VERSION, f"envelope: version {version} is not {ENVELOPE_VERSION}")
+        _check(flags & ~FLAG_MAC == 0, f"envelope: unknown flags 0x{flags:02x}")
+        _check(reserved == 0, "envelope: reserved bits are set")
+        _check(math.isfinite(sent_at), "envelope: sent_at is not finite")
+        stamp = Stamp(incarnation, seq, sent_at)
+        has_mac = bool(flags & FLAG_MAC)
+        if not self.sealed:
+            _check(not has_mac, "sealed with a federation secret; this peer has none: pass --secret-file")
+            return view[head_size:], stamp
+        _check(has_mac, "not sealed with the federation secret")
+        end = len(view) - MAC_BYTES
+        _check(end >= head_size, f"envelope: truncated ({len(view)} bytes, no room for the MAC)")
+        topic_bytes = _topic_bytes(topic)
+        _check(topic_bytes is not None, "envelope: the topic is not a UTF-8 string without NUL")
+        _check(hmac.compare_digest(self._mac(topic_bytes, view[:end]), view[end:]), "bad signature")
+        return view[head_size:end], stamp

@@ -13,6 +13,7 @@ Standard library only: `python -m scripts.chaos` runs on a bare host python.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -37,6 +38,8 @@ EVALUATIONS_FILE = "evaluations.csv"
 DATA_FILE = "data.json"
 STATUS_FILE = "status.json"
 PEER_LOG_FILE = "peer.log"
+CHECKPOINT_DIR = "checkpoint"            # the run's state after its last finished round, for --resume
+CHECKPOINT_FILE = "checkpoint.json"
 
 ID_LIST_SEPARATOR = ";"
 
@@ -133,9 +136,14 @@ def _cell(value):
 
 def write_json(path: Path, data: dict) -> None:
     """Replace the file atomically: readers see the old or the new version, never half of one."""
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace the file atomically (a temporary file renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    temp.write_bytes(data)
     os.replace(temp, path)
 
 
@@ -146,6 +154,13 @@ class RunRecorder:
         self.run_dir = Path(run_dir)
         self.peer_dir = peer_dir(self.run_dir, peer_id)
         self.peer_dir.mkdir(parents=True, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """OSError now if the run dir cannot take this peer's records, rather than a failed write later."""
+        for folder in (self.run_dir, self.peer_dir):
+            probe = folder / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
 
     def round(self, **row) -> None:
         """A finished round: keywords are ROUNDS_COLUMNS (a missing one is left empty, an unknown one is refused)."""
@@ -174,6 +189,21 @@ class RunRecorder:
     def model_path(self) -> Path:
         return self.run_dir / MODEL_FILE
 
+    def checkpoint(self, state: dict, weights: bytes) -> None:
+        """The run after a finished round (`state`: run_id, round, term, trainers, run_started, rounds; `weights`:
+        the global model in the wire's weights format). The weights go to a file named by round, then the
+        description that names it and its digest, then older weights files go: killed at any moment, the folder
+        holds one whole checkpoint."""
+        folder = self.run_dir / CHECKPOINT_DIR
+        name = f"weights-{state['round']}.bin"
+        write_bytes(folder / name, weights)
+        write_json(folder / CHECKPOINT_FILE, {**state, "weights_file": name,
+                                              "weights_sha256": hashlib.sha256(weights).hexdigest(),
+                                              "saved_at": time.time()})
+        for old in folder.glob("weights-*.bin"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
 
 
 def record_chaos(run_dir: str | Path, action: str, peer: str, signal: str, *, at: float | None = None) -> float:
@@ -186,6 +216,43 @@ def record_chaos(run_dir: str | Path, action: str, peer: str, signal: str, *, at
 
 def _now(at: float | None) -> float:
     return time.time() if at is None else at
+
+
+# --- reading: the checkpoint --------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """The run dir's checkpoint cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run_id: str
+    round: int
+    term: int
+    trainers: list[str]
+    run_started: float | None
+    rounds: list[dict]          # per finished round: round, term, accuracy, loss, bytes
+    weights: bytes              # the global model of `round`, in the wire's weights format (peer.protocol)
+
+
+def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+    """The run dir's checkpoint, None if it has none; CheckpointError if it is damaged."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = folder / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        weights = (folder / state["weights_file"]).read_bytes()
+        if hashlib.sha256(weights).hexdigest() != state["weights_sha256"]:
+            raise CheckpointError(f"{folder}: the weights file does not match its digest")
+        return Checkpoint(run_id=str(state["run_id"]), round=int(state["round"]), term=int(state["term"]),
+                          trainers=[str(p) for p in state.get("trainers", [])], run_started=state.get("run_started"),
+                          rounds=list(state.get("rounds", [])), weights=weights)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder}: the checkpoint cannot be read ({type(err).__name__}: {err})") from None
 
 
 # --- reading: one file ------------------------------------------------------------------------------------------------

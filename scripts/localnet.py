@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,7 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from peer.records import PEER_LOG_FILE, peer_dir, read_chaos
+from peer.protocol import new_run_id
+
+from peer.records import PEER_LOG_FILE, CheckpointError, peer_dir, read_chaos, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
@@ -109,8 +112,17 @@ class LocalNetwork:
 
     def __init__(self, run_dir: Path, peers: int = 5, peer_args: list[str] | tuple = (), broker: Broker | None = None,
                  env: dict | None = None, echo: bool = False, python: str = sys.executable,
-                 broker_port: int | None = None, num_shards: int | None = None):
+                 broker_port: int | None = None, num_shards: int | None = None, run_id: str | None = None,
+                 secret: bool = True):
+        """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
+        federation secret, in a file only this user can read, removed when the network stops."""
         self.run_dir = Path(run_dir)
+        self.run_id = run_id or new_run_id()
+        self._secret_dir = Path(tempfile.mkdtemp(prefix="fl-secret-")) if secret else None
+        self.secret_file = self._secret_dir / "federation.key" if secret else None
+        if self.secret_file:
+            self.secret_file.write_bytes(secrets.token_hex(32).encode())
+            self.secret_file.chmod(0o600)
         self.count, self.peer_args = peers, list(peer_args)
         self.num_shards = num_shards or peers     # more shards than peers leaves room for peers that join later
         self.broker = broker
@@ -138,7 +150,8 @@ class LocalNetwork:
     def start_peer(self, peer_id: str, shard: str, extra_args: list[str] = ()) -> subprocess.Popen:
         log_path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [self.python, "-m", "peer", "--broker", self.broker.address, "--peer-id", peer_id, "--shard", shard,
+        run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
+        cmd = [self.python, "-m", "peer", "--broker", self.broker.address, "--peer-id", peer_id, "--shard", shard, *run,
                "--run-dir", str(self.run_dir), *self.peer_args, *extra_args]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -193,6 +206,8 @@ class LocalNetwork:
                 proc.wait()
         if self.owns_broker and self.broker:
             self.broker.close()
+        if self._secret_dir:
+            shutil.rmtree(self._secret_dir, ignore_errors=True)
 
     def peer_log(self, peer_id: str) -> str:
         path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
@@ -234,19 +249,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the run whose checkpoint is in --run-dir (its run id, model and rounds)")
     args = parser.parse_args(argv)
     if args.peers < 1:
         parser.error("--peers must be at least 1")
+    run_id = None
+    if args.resume:
+        try:
+            checkpoint = read_checkpoint(args.run_dir)
+        except CheckpointError as err:
+            parser.exit(2, f"{parser.prog}: error: --resume: {err}\n")
+        if checkpoint is None:
+            parser.exit(2, f"{parser.prog}: error: --resume: no checkpoint in {args.run_dir} (a run writes one after "
+                           "every finished round)\n")
+        run_id, peer_args = checkpoint.run_id, ["--resume", *peer_args]
+        print(f"localnet: going on with run {run_id} after round {checkpoint.round}", flush=True)
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
     net = LocalNetwork(args.run_dir, args.peers, with_min_peers(peer_args, args.peers), echo=not args.quiet,
-                       broker_port=args.port)
+                       broker_port=args.port, run_id=run_id)
     try:
         net.start()
-        print(f"localnet: broker {net.broker.address}, {args.peers} peers, records in {args.run_dir}", flush=True)
+        print(f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers, records in "
+              f"{args.run_dir}", flush=True)
         codes = net.wait(args.timeout or float("inf"))
     except KeyboardInterrupt:
         print("\nlocalnet: stopping every peer and the broker", flush=True)

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 from peer import data, partition
 from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings, number, whole_number
 from peer.protocol import PEER_ID_PATTERN
+
+# Two secret files for the samples below (a file flag needs a file to read).
+_KEYS = Path(tempfile.mkdtemp(prefix="fl-config-test-"))
+KEY_A, KEY_B = _KEYS / "a.key", _KEYS / "b.key"
+KEY_A.write_bytes(b"a" * 16 + b"\n")
+KEY_B.write_bytes(b"b" * 40)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +34,8 @@ SAMPLES = {
     "--target-accuracy": [("0.8", {"target_accuracy": 0.8}), ("1", {"target_accuracy": 1.0})],
     "--dataset": [("cifar10", {"dataset": "cifar10"}), ("Fashion-MNIST", {"dataset": "fashion-mnist"})],
     "--data-dir": [("/tmp/data-a", {"data_dir": Path("/tmp/data-a")}), ("rel/b", {"data_dir": Path("rel/b")})],
+    "--secret-file": [(str(KEY_A), {"secret_file": KEY_A, "secret": b"a" * 16}),
+                      (str(KEY_B), {"secret_file": KEY_B, "secret": b"b" * 40})],
     "--shard": [("2/5", {"shard": 2, "num_shards": 5}), (" 0 / 3 ", {"shard": 0, "num_shards": 3})],
     "--partition": [("dirichlet", {"partition": "dirichlet"}), ("shards", {"partition": "shards"})],
     "--alpha": [("0.1", {"alpha": 0.1}), ("100", {"alpha": 100.0})],
@@ -43,6 +52,7 @@ SAMPLES = {
     "--round-deadline": [("0.5", {"round_deadline": 0.5}), ("600", {"round_deadline": 600.0})],
     "--aggregation": [("median", {"aggregation": "median"}), ("Trimmed-Mean", {"aggregation": "trimmed-mean"})],
     "--wait-timeout": [("1", {"wait_timeout": 1.0}), ("3600", {"wait_timeout": 3600.0})],
+    "--run-id": [("run-1", {"run_id": "run-1"}), ("2026.11.24_a", {"run_id": "2026.11.24_a"})],
     "--username": [("alice", {"username": "alice"}), ("bob", {"username": "bob"})],
     "--password": [("s3cret", {"password": "s3cret"}), ("p w", {"password": "p w"})],
     "--log-level": [("DEBUG", {"log_level": "debug"}), ("warning", {"log_level": "warning"})],
@@ -68,8 +78,11 @@ def fields_of(settings: Settings, expected: dict) -> dict:
 
 # --- the table --------------------------------------------------------------------------------------------------------
 
+SWITCHES = {"--resume"}     # flags without a value: tested on their own below
+
+
 def test_every_option_has_samples():
-    assert set(SAMPLES) == {flag for flag, *_ in OPTIONS}
+    assert set(SAMPLES) == {flag for flag, *_ in OPTIONS} - SWITCHES
 
 
 def test_env_names_match_the_table():
@@ -87,7 +100,8 @@ def test_flags_are_unique_and_cover_every_setting():
     covered = set()
     for _, _, fields, _, _ in OPTIONS:
         covered.update(fields if isinstance(fields, tuple) else (fields,))
-    assert covered == {f.name for f in dataclasses.fields(Settings)}
+    # The secret itself is no flag (a command line is visible to every user): it comes from --secret-file or FL_SECRET.
+    assert covered == {f.name for f in dataclasses.fields(Settings)} - {"secret"}
 
 
 # --- defaults and precedence ------------------------------------------------------------------------------------------
@@ -224,6 +238,7 @@ BAD = [
     ("--heartbeat", "0.01"), ("--heartbeat", "abc"), ("--heartbeat", "nan"),
     ("--election-window", "0"), ("--round-deadline", "0.1"), ("--round-deadline", "-5"),
     ("--aggregation", "mean"), ("--wait-timeout", "0"), ("--wait-timeout", "inf"),
+    ("--run-id", "a/b"), ("--run-id", "x" * 65), ("--run-id", "#"),
     ("--log-level", "verbose"),
 ]
 
@@ -341,3 +356,43 @@ def test_missing_dataset_exits_2_and_says_how_to_get_it(tmp_path):
     assert "Traceback" not in result.stderr
     assert "/nonexistent" in result.stderr
     assert "how to get it" in result.stderr.lower()
+
+
+# --- the federation secret --------------------------------------------------------------------------------------------
+
+def test_the_secret_comes_from_a_file_or_fl_secret_and_is_never_shown(tmp_path):
+    path = tmp_path / "federation.key"
+    path.write_bytes(b"0123456789abcdef0123\n")
+    settings = load_settings(["--secret-file", str(path)], environ={})
+    assert settings.secret == b"0123456789abcdef0123" and settings.secret_file == path
+    assert "0123456789" not in repr(settings) and settings.public_dict()["secret"] == "***"
+    assert load_settings([], environ={"FL_SECRET": "s" * 16}).secret == b"s" * 16
+    assert load_settings([], environ={}).secret is None
+
+
+@pytest.mark.parametrize("content, words", [(b"", "is empty"), (b"short", "needs at least 16"), (None, "cannot read")])
+def test_a_bad_secret_file_is_a_one_line_error_naming_the_flag(tmp_path, content, words):
+    path = tmp_path / "federation.key"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SettingsError, match=f"--secret-file: .*{words}"):
+        load_settings(["--secret-file", str(path)], environ={})
+
+
+def test_a_secret_given_two_ways_or_too_short_in_the_environment_is_refused(tmp_path):
+    path = tmp_path / "k"
+    path.write_bytes(b"x" * 32)
+    with pytest.raises(SettingsError, match="give the secret one way"):
+        load_settings(["--secret-file", str(path)], environ={"FL_SECRET": "y" * 32})
+    with pytest.raises(SettingsError, match="FL_SECRET: .*needs at least 16"):
+        load_settings([], environ={"FL_SECRET": "short"})
+
+
+def test_resume_is_a_switch_its_variable_a_yes_or_no():
+    assert load_settings([], {}).resume is False
+    assert load_settings(["--resume"], {}).resume is True
+    assert load_settings([], {"FL_RESUME": "yes"}).resume is True
+    assert load_settings([], {"FL_RESUME": "0"}).resume is False
+    assert load_settings(["--resume"], {"FL_RESUME": "no"}).resume is True          # the flag wins
+    with pytest.raises(SettingsError, match="FL_RESUME: 'maybe' is not yes or no"):
+        load_settings([], {"FL_RESUME": "maybe"})

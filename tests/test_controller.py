@@ -14,7 +14,8 @@ from peer.actions import (AdoptModel, Exit, FinishRound, Log, Print, Publish, Re
                           SaveModel)
 from peer.config import Settings
 from peer.controller import FINISH_EXPIRY_S, Controller, Phase
-from peer.protocol import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training, encode
+from peer.protocol import (ENVELOPE_OVERHEAD_OPEN, Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution,
+                           Training, encode)
 from peer.aggregation import fedavg
 from peer.rounds import GlobalModel, ModelStore, RoundSummary
 
@@ -107,12 +108,15 @@ def test_every_action_of_a_round_in_order():
     closing = r.on_message(Evaluation(1, 1, evaluations[-1], 0.6, 1.0, 100), 50, 5)
     kinds = [type(a).__name__ if not isinstance(a, Publish) else type(a.message).__name__ for a in closing]
     # The row is recorded before the metrics go out: killed between the two, the round is evaluated again.
-    assert kinds == ["RecordRound", "Metrics", "FinishRound", "Log", "Training", "Log"]
+    assert kinds == ["RecordRound", "Metrics", "FinishRound", "SaveCheckpoint", "Log", "Training", "Log"]
+    checkpoint = closing[3]
+    assert checkpoint.model.round == 1 and [s.round for s in checkpoint.rounds] == [0, 1]
     row = closing[0].row
     assert row["round"] == 1 and row["trainers"] == tuple(sorted(training.trainers))
     assert row["started_at"] == WALL + 1 and row["finished_at"] == WALL + 5 and row["duration_s"] == 4
-    # bytes: the order, three solutions, the aggregation and four evaluations
-    assert row["bytes_sent"] == len(encode(training)) + 3 * 500 + len(encode(agg.message)) + 4 * 50
+    # bytes: the order, three solutions, the aggregation and four evaluations (each of ours in its envelope)
+    assert row["bytes_sent"] == (len(encode(training)) + 3 * 500 + len(encode(agg.message)) + 4 * 50
+                                 + 2 * ENVELOPE_OVERHEAD_OPEN)
     assert closing[1].message.run_started == WALL
 
 

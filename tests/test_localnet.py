@@ -14,6 +14,7 @@ class FakeNetwork:
     def __init__(self, run_dir, peers, peer_args, **options):
         FakeNetwork.started.append((peers, list(peer_args)))
         self.broker = type("Broker", (), {"address": "127.0.0.1:1"})()
+        self.run_id = "test-run"
 
     def start(self):
         return self

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 
 import numpy as np
 import pytest
@@ -15,12 +16,21 @@ import pytest
 from peer.actions import JobDone, StartJob
 from peer.config import Settings
 from peer.node import Peer
-from peer.protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, Solution,
-                           Topics, Training, Vote, decode, encode)
+from peer.protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, ProtocolError,
+                           Seal, Solution,
+                           Stamper, Topics, Training, Vote, decode, encode)
 from peer.transport import Inbound
 from tests.netutil import read_csv
 
-TOPICS = Topics("sd")
+TOPICS = Topics("sd", "default")
+OPEN = Seal(None)
+STAMPERS: dict[str, Stamper] = {}     # one process life per other peer the tests speak for
+
+
+def sealed(message, seal=OPEN, topic=None, stamper=None):
+    """The payload `message`'s sender would publish (open mode unless a seal with a secret is given)."""
+    stamper = stamper or STAMPERS.setdefault(message.sender, Stamper())
+    return seal.seal(topic or TOPICS.of(message), encode(message), stamper.next())
 
 
 def weights(value: float):
@@ -43,10 +53,15 @@ class FakeTransport:
     def close(self, last=(), timeout=5.0):
         self.closed_with = list(last)
 
-    def messages(self, kind):
-        short = kind.TOPIC
-        return [decode(short if short != "presence" else "presence", p) for t, p, _ in self.published
-                if TOPICS.short(t) == short and p and isinstance(decode(TOPICS.short(t), p), kind)]
+    def messages(self, kind, seal=OPEN):
+        found = []
+        for topic, payload, _ in self.published:
+            parsed = TOPICS.parse(topic)
+            if parsed and parsed[0] == kind.TOPIC and payload:
+                message = decode(parsed[0], seal.open(topic, payload)[0], sender=parsed[1])
+                if isinstance(message, kind):
+                    found.append(message)
+        return found
 
 
 class FakeRunner:
@@ -126,8 +141,10 @@ def pump(peer: Peer, now: float) -> None:
     peer._write_status()
 
 
-def deliver(peer: Peer, message, now: float, retained: bool = False, topic: str | None = None) -> None:
-    peer.handle(Inbound(topic or TOPICS.of(message), encode(message), retained), now)
+def deliver(peer: Peer, message, now: float, retained: bool = False, topic: str | None = None,
+            seal: Seal = OPEN, stamper: Stamper | None = None) -> None:
+    topic = topic or TOPICS.of(message)
+    peer.handle(Inbound(topic, sealed(message, seal, topic, stamper), retained), now)
     pump(peer, now)
 
 
@@ -182,14 +199,20 @@ def test_a_follower_evaluates_trains_and_remembers_a_whole_round(tmp_path, lines
         ("trainer", 1, 1, "evaluating", "c")
 
 
-def test_a_follower_exits_on_the_finish_of_its_run_but_not_on_an_earlier_runs_retained_one(tmp_path, lines):
+def test_a_follower_exits_on_the_finish_of_its_run(tmp_path, lines):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
-    deliver(peer, Finish(4, "old", 7, "max-rounds", 0.9), clock.now, retained=True)
-    assert peer.exit_code is None and lines.having("retained finish of an earlier run (term 4)")
     follow(peer, clock)
     deliver(peer, Finish(1, "c", 1, "max-rounds", 0.8), clock.now)
     assert peer.exit_code == 0 and lines.having("finish received from c (max-rounds) after round 1")
+
+
+def test_a_peer_started_for_a_run_that_is_over_exits_0_saying_so(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    deliver(peer, Finish(4, "old", 7, "max-rounds", 0.9), clock.now, retained=True)
+    assert peer.exit_code == 0
+    assert lines.having("this run is over: old ended it (max-rounds) after round 7")
 
 
 def test_a_late_joiner_holds_the_retained_model_without_evaluating_it(tmp_path, lines):
@@ -211,8 +234,8 @@ def test_a_lone_pair_elects_this_peer_and_it_runs_a_whole_round_to_the_finish(tm
     run_until(peer, clock, lambda: transport.messages(Vote))
     deliver(peer, Vote(1, "p1", 0.0, 0, "start"), clock.now)
     run_until(peer, clock, lambda: peer.controller is not None)
-    [claim] = [(t, r) for t, p, r in transport.published if TOPICS.short(t) == "election" and b'"claim"' in p]
-    assert claim == ("sd/election", True)            # retained: a peer joining later learns the decision
+    [claim] = [(t, r) for t, p, r in transport.published if TOPICS.parse(t)[0] == "election" and b'"claim"' in p]
+    assert claim == ("sd/default/election/c", True)  # retained: a peer joining later learns the decision
     assert read_csv(tmp_path / "elections.csv")[0]["controller"] == "c"
     [agg0] = transport.messages(Aggregation)
     assert agg0.round == 0 and peer.store.latest.round == 0
@@ -229,9 +252,14 @@ def test_a_lone_pair_elects_this_peer_and_it_runs_a_whole_round_to_the_finish(tm
     assert peer.exit_code == 0 and learner.saved == [tmp_path / "model.keras"]
     assert json.loads((tmp_path / "run.json").read_text())["outcome"]["final_accuracy"] == 0.6
     assert [r["round"] for r in read_csv(tmp_path / "rounds.csv")] == ["1"]
-    # Leaving, a finished controller clears its presence and the retained leader and model for the next run.
-    assert peer._last_words() == [("sd/presence/c", b"", True), ("sd/election", b"", True),
-                                  ("sd/heartbeat", b"", True), ("sd/aggregation", b"", True)]
+    # Leaving, a finished controller says (signed) that it leaves, clears its presence, and its retained leader and
+    # model: the retained finish alone stays, for peers (re)started for this run.
+    last = peer._last_words()
+    assert [(t, bool(p), r) for t, p, r in last] == [
+        ("sd/default/presence/c", True, False), ("sd/default/presence/c", False, True),
+        ("sd/default/election/c", False, True), ("sd/default/heartbeat/c", False, True),
+        ("sd/default/aggregation/c", False, True)]
+    assert decode("presence", OPEN.open(last[0][0], last[0][1])[0]).status == "offline"
 
 
 def test_failover_the_controller_is_lost_and_this_peer_resumes_from_the_model_it_holds(tmp_path, lines):
@@ -274,17 +302,22 @@ def test_refused_messages_are_logged_and_change_nothing(tmp_path, lines):
     follow(peer, clock, term=3)
     before = len(transport.published)
     # a presence forged on another peer's topic
-    deliver(peer, Presence("c", "offline"), clock.now, topic="sd/presence/p9")
-    assert peer.election.controller == "c" and lines.having("presence of c on another peer's topic")[0][0] == "WARNING"
+    deliver(peer, Presence("c", "offline"), clock.now, topic="sd/default/presence/p9")
+    assert peer.election.controller == "c"
+    assert lines.having("claims to be c but was published as p9")[0][0] == "WARNING"
     # a controller message of a stale term
     deliver(peer, Training(2, "c", 1, 1, ("p1",), weights(0)), clock.now)
     # a solution, when this peer is no controller
     deliver(peer, Solution(3, 1, 1, "p2", 10, 0.1, weights(0)), clock.now)
     # a malformed payload
-    peer.handle(Inbound("sd/training", b"\x00garbage", False), clock.now)
+    peer.handle(Inbound("sd/default/training/c", b"\x00garbage", False), clock.now)
+    # an empty payload (a cleared retained slot: anyone can send one) and a topic of another run
+    peer.handle(Inbound("sd/default/presence/c", b"", True), clock.now)
+    peer.handle(Inbound("sd/other-run/finish/c", sealed(Finish(3, "c", 1, "max-rounds", 0.5)), False), clock.now)
     assert runner.jobs == [] and len(transport.published) == before
+    assert peer.election.controller == "c" and peer.exit_code is None
     assert lines.having("stale term 2") and lines.having("not the controller of that term")
-    assert lines.having("dropped a malformed message on sd/training")
+    assert lines.having("dropped a malformed message on sd/default/training/c")
 
 
 def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(tmp_path, lines):
@@ -340,10 +373,10 @@ def test_malformed_messages_are_logged_at_most_once_per_quiet_period(tmp_path, l
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     for _ in range(50):
-        peer.handle(Inbound("sd/heartbeat", b"{not json", False), clock.now)
+        peer.handle(Inbound("sd/default/heartbeat/x", b"{not json", False), clock.now)
     assert len(lines.having("dropped a malformed message")) == 1
     peer.quota.last = {k: v - 11 for k, v in peer.quota.last.items()}      # the quiet period has passed
-    peer.handle(Inbound("sd/heartbeat", b"{not json", False), clock.now)
+    peer.handle(Inbound("sd/default/heartbeat/x", b"{not json", False), clock.now)
     assert lines.having("(49 more like it in the last 10s)")
 
 
@@ -356,3 +389,58 @@ def test_after_a_reconnect_a_follower_sends_its_answers_again(tmp_path):
     peer.handle(JobDone(runner.jobs[-1], (weights(1), 500, 0.5), None, 1.0), clock.now)
     peer.handle(Connected(), clock.now)
     assert len(transport.messages(Solution)) == 2
+
+
+
+# --- the envelope: signed, fresh, one process per id -------------------------------------------------------------------
+
+def test_with_a_secret_unsigned_and_wrongly_signed_messages_are_ignored(tmp_path, lines):
+    secret = b"federation-secret-0123456789"
+    peer, transport, runner, _ = make_peer(tmp_path, secret=secret)
+    clock = Clock(peer)
+    ours, theirs = Seal(secret), Seal(b"another-secret-0123456789")
+    deliver(peer, Finish(9, "x", 1, "max-rounds", 1.0), clock.now)                  # unsigned
+    deliver(peer, Heartbeat(9, "x", 1, "training"), clock.now, seal=theirs)     # signed with another secret
+    assert peer.exit_code is None and peer.election.term == 0
+    assert lines.having("not sealed with the federation secret") and lines.having("bad signature")
+    deliver(peer, Init("c", 0, 0, 7, 10, 10), clock.now, seal=ours)
+    deliver(peer, Heartbeat(1, "c", 0, "training"), clock.now, seal=ours)
+    assert peer.election.controller == "c"
+    [answer] = transport.messages(Init, seal=ours)                                 # what it sends is signed
+    assert answer.peer == "p1"
+    with pytest.raises(ProtocolError, match="this peer has none"):          # a peer without the secret refuses it
+        OPEN.open(*transport.published[0][:2])
+
+
+def test_a_copy_or_a_stale_replay_of_a_live_message_is_not_acted_on_twice(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    order = Training(1, "c", 1, 1, ("p1",), weights(0))
+    payload = sealed(order)
+    peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)
+    peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)             # a QoS 1 duplicate, or a replay
+    assert len(runner.jobs) == 1 and lines.having("ignored a copy of c's message")
+    old = Stamper(clock=lambda: time.time() - 600)
+    deliver(peer, Training(1, "c", 1, 2, ("p1",), weights(0)), clock.now, stamper=old)
+    assert len(runner.jobs) == 1 and lines.having("sent 600s ago by its clock")
+
+
+def test_of_two_processes_with_one_peer_id_the_later_one_exits_with_a_clear_error(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    earlier = Stamper(incarnation=peer.stamper.incarnation - 1000)
+    later = Stamper(incarnation=peer.stamper.incarnation + 1000)
+    deliver(peer, Init("p1", 0, 0, 4242, 10, 10), clock.now, stamper=later)
+    assert peer.exit_code is None and lines.having("started later and will exit")
+    assert transport.messages(Init)[-1].pid != 4242                              # it answered: "I was here first"
+    deliver(peer, Init("p1", 0, 0, 4141, 10, 10), clock.now, stamper=earlier)
+    assert peer.exit_code == 5 and lines.having("already runs as peer p1; this one exits")
+
+
+def test_its_own_echo_never_looks_like_a_second_process(tmp_path):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    peer.handle(__import__("peer.transport", fromlist=["Connected"]).Connected(), clock.now)
+    pump(peer, clock.now)                                  # its init comes back from the broker
+    assert peer.exit_code is None

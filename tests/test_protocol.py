@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import struct
 
@@ -7,9 +8,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from peer.protocol import (
-    FRAME_MAGIC, MAX_CONTROL_BYTES, MAX_TENSOR_DIMS, MAX_TENSORS, MAX_WEIGHT_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION,
-    Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, ProtocolError, Solution,
-    Topics, Training, Vote, WeightCodec, decode, encode,
+    FRAME_MAGIC, MAX_CONTROL_BYTES, MAX_TENSOR_DIMS, MAX_TENSORS, MAX_TERM, MAX_WEIGHT_BYTES, MESSAGE_TYPES,
+    PROTOCOL_VERSION, RUN_ID_PATTERN, Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics,
+    Presence, ProtocolError, Solution, Topics, Training, Vote, WeightCodec, decode, encode, encoded_size,
+    valid_run_id,
 )
 
 TOPICS = sorted({cls.TOPIC for cls in MESSAGE_TYPES.values()})   # every topic a message type is sent on
@@ -253,7 +255,7 @@ def test_float_fields_accept_json_integers():
 def test_boundary_values_are_accepted():
     message = Evaluation(term=0, round=0, peer="x" * 64, accuracy=0.0, loss=0.0, samples=0)
     assert_same_message(decode("evaluation", encode(message)), message)
-    message = Vote(term=2**31 - 1, peer="A.b_c-9", vote=1.0, round=0, reason="r" * 200)
+    message = Vote(term=MAX_TERM, peer="A.b_c-9", vote=1.0, round=2**53 - 1, reason="r" * 200)
     assert_same_message(decode("election", encode(message)), message)
     message = Claim(term=1, peer="p", vote=0.0, round=1, reason="", members=())
     assert_same_message(decode("election", encode(message)), message)
@@ -266,34 +268,132 @@ def test_weighted_message_with_no_tensors_round_trips():
 
 # --- Topics -----------------------------------------------------------------------------------------------------------
 
-def test_topics_with_custom_prefix():
-    topics = Topics("fl/test")
-    assert topics.subscription == "fl/test/#"
-    assert topics.presence("peer-9") == "fl/test/presence/peer-9"
-    assert topics.of(Evaluation) == "fl/test/evaluation"
-    assert topics.of(Vote) == topics.of(Claim) == "fl/test/election"
-    assert topics.of(Presence(peer="peer-9", status="online")) == "fl/test/presence/peer-9"
-    assert topics.short("fl/test/metrics") == "metrics"
-    assert topics.short("fl/test/presence/peer-9") == "presence"
-    for foreign in ("sd/metrics", "fl/metrics", "fl/testing/metrics", "fl/test", "fl", "", "other/fl/test/metrics"):
-        assert topics.short(foreign) is None, foreign
+SENDERS = {Init: "peer", Presence: "peer", Vote: "peer", Claim: "peer", Solution: "peer", Evaluation: "peer",
+           Heartbeat: "controller", Training: "controller", Aggregation: "controller", Metrics: "controller",
+           Finish: "controller"}
 
 
-def test_default_prefix():
+def test_every_type_names_its_sender():
+    assert set(SENDERS) == set(MESSAGE_TYPES.values())
+    for message in SAMPLES:
+        assert message.sender == getattr(message, SENDERS[type(message)])
+
+
+def test_topics_with_custom_prefix_and_run():
+    topics = Topics("fl/test", "run-7")
+    assert topics.subscription == "fl/test/run-7/#"
+    assert topics.presence("peer-9") == "fl/test/run-7/presence/peer-9"
+    assert topics.topic("evaluation", "peer-1") == "fl/test/run-7/evaluation/peer-1"
+    assert topics.of(Presence(peer="peer-9", status="online")) == "fl/test/run-7/presence/peer-9"
+    assert topics.of(sample(Vote)) == topics.of(dataclasses.replace(sample(Claim), peer="peer-2")) \
+        == "fl/test/run-7/election/peer-2"
+    assert topics.of(sample(Heartbeat)) == "fl/test/run-7/heartbeat/peer-2"
+    assert topics.parse("fl/test/run-7/metrics/peer-2") == ("metrics", "peer-2")
+    assert topics.parse("fl/test/run-7/presence/peer-9") == ("presence", "peer-9")
+
+
+def test_default_prefix_and_run():
     topics = Topics()
-    assert topics.subscription == "sd/#"
-    assert topics.of(Heartbeat) == "sd/heartbeat"
-    assert topics.short("sd/heartbeat") == "heartbeat"
+    assert topics.subscription == "sd/default/#"
+    assert topics.of(sample(Heartbeat)) == "sd/default/heartbeat/peer-2"
+    assert topics.parse("sd/default/heartbeat/peer-2") == ("heartbeat", "peer-2")
+    assert Topics("sd").run_id == "default"
+
+
+@pytest.mark.parametrize("foreign", [
+    "sd/default/metrics/peer-2",                             # another prefix
+    "fl/test/run-8/metrics/peer-2", "fl/test/run/metrics/peer-2", "fl/test/run-7x/metrics/peer-2",   # another run
+    "fl/test/metrics/peer-2", "fl/test/run-7/metrics", "fl/test/run-7/metrics/", "fl/test/run-7",
+    "fl/test/run-7/", "fl/test", "fl", "", "/fl/test/run-7/metrics/peer-2",                           # levels
+    "fl/test/run-7/metrics/peer-2/x", "fl/test/run-7/presence/peer-9/extra",
+    "other/fl/test/run-7/metrics/peer-2", "fl/testing/run-7/metrics/peer-2",
+    "fl/test/run-7/nope/peer-2", "fl/test/run-7/Metrics/peer-2", "fl/test/run-7/vote/peer-2",      # unknown kind
+    "fl/test/run-7/claim/peer-2", "fl/test/run-7//peer-2",
+    "fl/test/run-7/metrics/has space", "fl/test/run-7/metrics/+", "fl/test/run-7/metrics/#",        # bad sender
+    "fl/test/run-7/metrics/" + "x" * 65, "fl/test/run-7/metrics/pe\u00e9r", "fl/test/run-7/metrics/peer\n",
+    "fl/test/run-7/+/peer-2", "fl/test/run-7/#",
+])
+def test_parse_refuses_every_other_topic(foreign):
+    assert Topics("fl/test", "run-7").parse(foreign) is None
+
+
+def test_parse_refuses_non_strings():
+    for value in (None, b"sd/default/init/p", 5):
+        assert Topics().parse(value) is None
+
+
+def test_kinds_are_the_message_topics():
+    topics = Topics()
+    for kind in TOPICS:
+        assert topics.parse(topics.topic(kind, "p")) == (kind, "p")
+
+
+@pytest.mark.parametrize("kind, sender", [("vote", "p"), ("nope", "p"), ("", "p"), ("init", ""), ("init", "a/b"),
+                                          ("init", "+"), ("init", "x" * 65), ("init", None)])
+def test_topic_refuses_bad_kind_or_sender(kind, sender):
+    with pytest.raises(ValueError):
+        Topics().topic(kind, sender)
+
+
+def test_of_needs_a_message_not_a_class():
+    with pytest.raises(TypeError):
+        Topics().of(Heartbeat)
+
+
+@pytest.mark.parametrize("run_id", ["", "x" * 65, "a/b", "a b", "+", "#", "r\u00e9", "run\n", None, 5])
+def test_bad_run_ids(run_id):
+    assert not valid_run_id(run_id)
+    with pytest.raises(ValueError, match="run id"):
+        Topics("sd", run_id)
+
+
+@pytest.mark.parametrize("run_id", ["default", "x" * 64, "A", "2024-01-01_run.3", "-", "."])
+def test_good_run_ids(run_id):
+    assert valid_run_id(run_id) and RUN_ID_PATTERN.fullmatch(run_id)
+    assert Topics("sd", run_id).subscription == f"sd/{run_id}/#"
+
+
+@pytest.mark.parametrize("prefix", ["", "/", "sd/", "/sd", "sd//x", "s d", "sd/#", "sd/+"])
+def test_bad_prefixes(prefix):
+    with pytest.raises(ValueError, match="prefix"):
+        Topics(prefix)
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_full_topic_round_trip(message):
-    topics = Topics("fl/test")
+    topics = Topics("fl/test", "run-7")
     full = topics.of(message)
-    assert full.startswith("fl/test/")
-    short = topics.short(full)
-    assert short == message.TOPIC
-    assert_same_message(decode(short, encode(message)), message)
+    assert full == f"fl/test/run-7/{message.TOPIC}/{message.sender}"
+    kind, sender = topics.parse(full)
+    assert (kind, sender) == (message.TOPIC, message.sender)
+    assert_same_message(decode(kind, encode(message), sender), message)
+
+
+# --- decode binds the sender ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_message_published_as_another_peer_is_refused(message):
+    with pytest.raises(ProtocolError, match=f"claims to be {message.sender} but was published as peer-x"):
+        decode(message.TOPIC, encode(message), sender="peer-x")
+    assert_same_message(decode(message.TOPIC, encode(message), sender=message.sender), message)
+    assert_same_message(decode(message.TOPIC, encode(message), None), message)
+
+
+def test_sender_is_checked_before_the_weights_are_read():
+    # A frame whose weights are broken but whose header is a forgery says so: the header is checked first.
+    message = sample(Solution)
+    payload = raw_frame(message.header(), b"\x01\x00")
+    with pytest.raises(ProtocolError, match="claims to be"):
+        decode("solution", payload, sender="peer-x")
+    with pytest.raises(ProtocolError, match="weights"):
+        decode("solution", payload, sender=message.sender)
+
+
+def test_decode_reads_a_memoryview_body():
+    for message in SAMPLES:
+        payload = b"ENVELOPE" + encode(message) + b"MAC"
+        body = memoryview(payload)[8:-3]
+        assert_same_message(decode(message.TOPIC, body, message.sender), message)
 
 
 # --- decode rejects, always with ProtocolError --------------------------------------------------------------------------
@@ -393,7 +493,7 @@ NOT_PEER_LISTS = ["peer-1", None, 5, {"peer-1": 1}, ["peer-1", "peer-1"], ["bad 
 
 BAD_VALUES = {
     "peer": NOT_PEER_IDS, "controller": NOT_PEER_IDS,
-    "term": NOT_COUNTS + [2**31], "round": NOT_COUNTS, "samples": NOT_COUNTS, "bytes": NOT_COUNTS,
+    "term": NOT_COUNTS + [MAX_TERM + 1, 2**53 - 1], "round": NOT_COUNTS, "samples": NOT_COUNTS, "bytes": NOT_COUNTS,
     "pid": NOT_COUNTS, "train_samples": NOT_COUNTS, "test_samples": NOT_COUNTS,
     "attempt": NOT_COUNTS + [0],
     "vote": NOT_UNIT, "accuracy": NOT_UNIT,
@@ -589,3 +689,103 @@ def test_fuzz_json_field_values(data):
     for name in data.draw(st.lists(st.sampled_from(sorted(header)), min_size=1, max_size=3, unique=True)):
         header[name] = data.draw(json_values)
     decodes_or_rejects(message.TOPIC, payload_with(message, header))
+
+
+# --- encode refuses what decode refuses ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_encoded_size_is_the_encoded_length(message):
+    assert encoded_size(message) == len(encode(message))
+
+
+@pytest.mark.parametrize("message, name", FIELD_CASES)
+def test_encode_refuses_a_bad_field_value(message, name):
+    extra = [float("nan"), float("inf"), -float("inf")] if isinstance(getattr(message, name), float) else []
+    for value in BAD_VALUES[name] + extra:
+        with pytest.raises(ProtocolError, match=f"{message.TYPE}.{name}"):
+            encode(dataclasses.replace(message, **{name: value}))
+            pytest.fail(f"{name}={value!r} was encoded")
+
+
+def test_encode_refuses_terms_above_max_term():
+    vote = sample(Vote)
+    assert decode("election", encode(dataclasses.replace(vote, term=MAX_TERM))).term == MAX_TERM == 2**31 - 1
+    with pytest.raises(ProtocolError, match="vote.term"):
+        encode(dataclasses.replace(vote, term=MAX_TERM + 1))
+    rejects("election", payload_with(vote, vote.header() | {"term": MAX_TERM + 1}))
+
+
+def test_encode_refuses_numpy_scalars_json_cannot_write():
+    # np.float32 is no float and np.int64 no int: they used to fail in json.dumps with a TypeError.
+    with pytest.raises(ProtocolError, match="evaluation.accuracy"):
+        encode(dataclasses.replace(sample(Evaluation), accuracy=np.float32(0.5)))
+    with pytest.raises(ProtocolError, match="evaluation.samples"):
+        encode(dataclasses.replace(sample(Evaluation), samples=np.int64(5)))
+    # np.float64 is a float: accepted, and written as one
+    message = dataclasses.replace(sample(Evaluation), accuracy=np.float64(0.5))
+    assert decode("evaluation", encode(message)).accuracy == 0.5
+
+
+def test_encode_refuses_a_header_over_the_limit():
+    # 10,000 trainers are allowed by the field rule, but their JSON is far over 64 KiB: decode would refuse it.
+    trainers = tuple(f"peer-{i:058d}" for i in range(1200))
+    message = dataclasses.replace(sample(Aggregation), trainers=trainers)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        encode(message)
+    rejects("aggregation", raw_frame(message.header(), WeightCodec.encode(message.weights)))
+    fits = dataclasses.replace(sample(Metrics), trainers=trainers[:900])
+    assert len(encode(fits)) <= MAX_CONTROL_BYTES
+
+
+@pytest.mark.parametrize("message", WEIGHTED, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("weights, why", [
+    ([np.ones(3, np.float32), np.array([[0.0, np.nan]], np.float32)], "NaN or infinity"),
+    ([np.array(np.inf, np.float32)], "NaN or infinity"),
+    ([np.array([-np.inf])], "NaN or infinity"),
+    ([np.array([1e39])], "NaN or infinity"),                      # a float64 beyond float32: infinity on the wire
+    ([np.zeros(1, np.float32)] * (MAX_TENSORS + 1), "tensors exceeds"),
+    ([np.ones((1,) * (MAX_TENSOR_DIMS + 1), np.float32)], "dimensions exceeds"),
+    ([np.zeros(MAX_WEIGHT_BYTES // 4, np.float32)], "byte limit"),
+    ([np.zeros((0, 2**32), np.float32)], r"2\^32 - 1"),
+    ([["a", "b"]], "not a list of float tensors"),
+    ([[[1.0], [1.0, 2.0]]], "not a list of float tensors"),
+    (None, "not a list of float tensors"),
+])
+def test_encode_refuses_weights_decode_would_refuse(message, weights, why):
+    with pytest.raises(ProtocolError, match=why):
+        encode(dataclasses.replace(message, weights=weights))
+
+
+def test_weights_at_the_limits_are_encoded():
+    message = sample(Training)
+    largest = (MAX_WEIGHT_BYTES - 4 - 1 - 4) // 4
+    for weights in ([np.zeros(largest, np.float32)], [np.array(1.0, np.float32)] * MAX_TENSORS,
+                    [np.ones((1,) * MAX_TENSOR_DIMS, np.float32)], [np.full(3, np.finfo(np.float32).max)]):
+        message = dataclasses.replace(message, weights=weights)
+        payload = encode(message)
+        assert len(payload) == encoded_size(message)
+        assert_same_message(decode("training", payload), message)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_encode_accepts_exactly_what_decode_accepts(data):
+    # Any JSON values in any fields: encode(message) refuses it if and only if decode refuses its header.
+    message = data.draw(st.sampled_from(SAMPLES))
+    header = message.header()
+    for name in data.draw(st.lists(st.sampled_from(sorted(set(header) - {"v", "type"})), min_size=1, max_size=3,
+                                   unique=True)):
+        header[name] = data.draw(json_values)
+    raw = json.dumps(header).encode()
+    changed = {k: v for k, v in json.loads(raw).items() if k not in ("v", "type")}
+    try:
+        want = decode(message.TOPIC, payload_with(message, raw))
+    except ProtocolError:
+        want = None
+    try:
+        got = decode(message.TOPIC, encode(dataclasses.replace(message, **changed)))
+    except ProtocolError:
+        got = None
+    assert (got is None) == (want is None), changed
+    if want is not None:
+        assert_same_message(got, want)

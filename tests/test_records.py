@@ -147,3 +147,30 @@ def test_a_torn_status_file_is_left_out(tmp_path):
 def test_weighted_mean(pairs, expected):
     result = weighted_mean(iter(pairs))
     assert result == (pytest.approx(expected) if expected is not None else None)
+
+
+# --- the checkpoint -----------------------------------------------------------------------------------------------------
+
+def test_a_checkpoint_is_written_whole_and_read_back(tmp_path):
+    from peer.records import CHECKPOINT_DIR, read_checkpoint
+    recorder = RunRecorder(tmp_path, "c")
+    state = {"run_id": "r1", "round": 2, "term": 3, "trainers": ["a", "b"], "run_started": 10.0,
+             "rounds": [{"round": 0, "term": 1, "accuracy": 0.1, "loss": 2.0, "bytes": 5}]}
+    recorder.checkpoint(state, b"weights-2")
+    recorder.checkpoint({**state, "round": 3}, b"weights-3")
+    checkpoint = read_checkpoint(tmp_path)
+    assert (checkpoint.run_id, checkpoint.round, checkpoint.term, checkpoint.weights) == ("r1", 3, 3, b"weights-3")
+    assert checkpoint.trainers == ["a", "b"] and checkpoint.rounds[0]["accuracy"] == 0.1
+    assert sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()) == ["checkpoint.json", "weights-3.bin"]
+
+
+def test_no_checkpoint_is_none_and_a_damaged_one_says_why(tmp_path):
+    from peer.records import CHECKPOINT_DIR, CheckpointError, read_checkpoint
+    assert read_checkpoint(tmp_path) is None
+    RunRecorder(tmp_path, "c").checkpoint({"run_id": "r", "round": 1, "term": 1}, b"abc")
+    (tmp_path / CHECKPOINT_DIR / "weights-1.bin").write_bytes(b"abd")
+    with pytest.raises(CheckpointError, match="does not match its digest"):
+        read_checkpoint(tmp_path)
+    (tmp_path / CHECKPOINT_DIR / "checkpoint.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(tmp_path)
