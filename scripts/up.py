@@ -862,7 +862,7 @@ def peer_settings(flags: list[str], env: dict[str, str]):
 def network_from_args(args, peer_flags: list[str]) -> Network:
     from peer.config import ENV_NAMES
 
-    project = args.project
+    project = args.project or DEFAULT_PROJECT
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
         raise UpError(f"--project {project!r}: use lowercase letters, digits, '-' and '_'", 2)
     if args.peers < 1 or (args.total or args.first - 1 + args.peers) < 2:
@@ -946,6 +946,7 @@ def cmd_run(args, peer_flags: list[str]) -> int:
 def cmd_broker(args) -> int:
     """Only the broker, published for peers on other machines, left running (./up.sh down takes it away)."""
     check_docker(args)
+    args.project = args.project or DEFAULT_PROJECT
     net = Network(project=args.project, run_dir=STATE / args.project / "broker-run", peers=[], total=args.peers,
                   publish=args.publish, topic_prefix=os.environ.get("FL_TOPIC_PREFIX") or "sd")
     if args.peers < 2:
@@ -1133,6 +1134,7 @@ def cmd_down(args) -> int:
 
 
 def cmd_credentials(args) -> int:
+    args.project = args.project or DEFAULT_PROJECT
     login = make_credentials(STATE / args.project / "login", [peer_id(k) for k in range(1, args.peers + 1)],
                              os.environ.get("FL_TOPIC_PREFIX") or "sd")
     say(f"logins of network {args.project} (peer-1..peer-{args.peers}, health) in {login.folder}: "
@@ -1186,8 +1188,9 @@ UP_BUILD_NETWORK (docker build --network, default host), UP_DOCKER_TIMEOUT (s, d
 
 
 def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
-    p.add_argument("--project", default=os.environ.get("UP_PROJECT") or DEFAULT_PROJECT,
-                   help="compose project, i.e. which network (default sdfl)")
+    p.add_argument("--project", default=os.environ.get("UP_PROJECT") or None,
+                   help="compose project, i.e. which network (default: sdfl to start one, the last one started "
+                        "to act on one)")
     if run_dir:
         p.add_argument("--run-dir", help="the run's records folder")
 
