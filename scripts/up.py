@@ -655,9 +655,12 @@ def take_down(project: str, compose_file: Path | None, net: Network | None = Non
     paused = [c["Id"] for c in found if c["State"].get("Paused")]
     if paused:
         run(["docker", "unpause", *paused], check=False)
-    running = [c["Id"] for c in found if c["State"].get("Running")]
-    if running:
-        run(["docker", "stop", "-t", str(DOWN_GRACE_S), *running], check=False)
+    # Peers first, then the broker: a peer says goodbye to the broker (clears its retained presence) on its way out.
+    for group in ([c for c in found if LABEL_PEER in c["Config"]["Labels"]],
+                  [c for c in found if LABEL_PEER not in c["Config"]["Labels"]]):
+        running = [c["Id"] for c in group if c["State"].get("Running")]
+        if running:
+            run(["docker", "stop", "-t", str(DOWN_GRACE_S), *running], check=False)
     if net is not None and found:
         save_logs(net, found)
     if compose_file and compose_file.exists():
