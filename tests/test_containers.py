@@ -215,20 +215,21 @@ def test_ctrl_c_and_down_leave_nothing_within_15_s(env, tmp_path, how):
 
 
 def test_two_hosts_one_publishes_the_broker_the_other_joins_by_address(env, tmp_path):
-    """Host A runs the broker alone, published on an address of this machine; host B runs peers only and joins it
-    by that address, with a copy of A's logins."""
-    # The default bridge's gateway: an address of this machine that containers on other networks reach too.
-    ipam = json.loads(docker("network", "inspect", "bridge"))[0]["IPAM"]["Config"][0]
-    gateway = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
+    """Host A runs the broker alone, published on the machine's addresses; host B runs peers only and joins it by
+    one of them, with a copy of A's logins."""
     port = free_port()
     host_a = {**env, "UP_STATE_DIR": str(tmp_path / "host-a")}
     host_b = {**env, "UP_STATE_DIR": str(tmp_path / "host-b")}
     run_dir = tmp_path / "run-b"
     try:
+        # Host A publishes its broker as a user would (every address of the machine); host B joins by one of
+        # them that containers of another project reach here: the gateway of A's project network.
         broker = upsh(host_a, "broker", "--project", "sdfl-test-host-a", "--peers", "3",
-                      "--publish", f"{gateway}:{port}:1883", timeout=300)
+                      "--publish", f"0.0.0.0:{port}:1883", timeout=300)
         assert broker.returncode == 0, broker.stdout + broker.stderr
-        assert f"published at {gateway}:{port}" in broker.stdout
+        assert f"published at 0.0.0.0:{port}" in broker.stdout
+        ipam = json.loads(docker("network", "inspect", "sdfl-test-host-a_default"))[0]["IPAM"]["Config"][0]
+        gateway = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
         login = tmp_path / "copied-login"
         subprocess.run(["cp", "-r", str(tmp_path / "host-a" / "sdfl-test-host-a" / "login"), str(login)], check=True)
         peers = upsh(host_b, "--join", f"{gateway}:{port}", "--login", str(login), "--project", "sdfl-test-host-b",
