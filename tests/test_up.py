@@ -156,6 +156,35 @@ def test_local_without_venv_creates_it(tmp_path):
     assert result.returncode == 1 and "cannot import the project's packages" in result.stderr, result.stderr
 
 
+FAILING_BUILD = r"""#!/bin/sh
+# Stand-in for an engine where the official images are present and the peer image's build fails behind a proxy.
+case "$1" in
+info) echo 20.10 ;;
+compose) exit 0 ;;
+image) [ "$3" = python:3.11-slim ] || [ "$3" = eclipse-mosquitto:2 ] || exit 1 ;;
+ps) ;;
+build) printf 'Step 5/12 : RUN pip install\n...\nERROR: Could not fetch: [SSL: CERTIFICATE_VERIFY_FAILED]\n'; exit 1 ;;
+*) exit 1 ;;
+esac
+"""
+
+
+def test_a_failed_build_says_what_failed_and_how_to_fix_it(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAILING_BUILD)
+    (bin_dir / "docker").chmod(0o755)
+    result = upsh(tmp_path, "--peers", "2", "--run-dir", str(tmp_path / "run"),
+                  PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "up.sh: images: building sd-fl-peer:latest on python:3.11-slim" in result.stdout
+    err = result.stderr
+    assert "up.sh: error: building sd-fl-peer:latest (peer/Dockerfile) failed (status 1); its last lines:" in err
+    assert "  | ERROR: Could not fetch: [SSL: CERTIFICATE_VERIFY_FAILED]" in err
+    assert "--ca-bundle FILE (or UP_CA_BUNDLE=FILE)" in err and "full log: " in err
+    assert "records:" not in result.stdout and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------------ compose file
 
 def network(tmp_path: Path, **kw) -> up.Network:
