@@ -1,0 +1,247 @@
+"""The whole `./up.sh` story on a real Docker engine: images, broker (login, ACL, healthcheck), peer containers that
+elect, train and finish; status and kill during the run; records owned by the user; Ctrl-C and `down` leaving
+nothing behind; two compose projects as two hosts.
+
+Needs a Docker engine with compose v2 (DOCKER_HOST): CI runs these under `.ci/with-docker`, which installs and
+starts one. Without an engine they are skipped, which CI counts as a failure. The images are built once per session
+(`./up.sh images`: local Debian base images where the official ones cannot be pulled; UP_CA_BUNDLE for a
+TLS-intercepting proxy). Every test uses its own compose project and a private state folder (UP_STATE_DIR), so the
+checkout is never touched.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scripts import up
+from scripts.localnet import free_port
+from tests.netutil import ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
+
+UP = str(ROOT / "up.sh")
+FAST = ["--dataset", "fashion-mnist", "--heartbeat", "0.5", "--election-window", "0.5", "--keepalive", "2",
+        "--round-deadline", "30", "--target-accuracy", "1.0"]
+
+pytestmark = pytest.mark.skipif(up.docker_problem(10) is not None,
+                                reason=f"needs a Docker engine with compose v2 ({up.docker_problem(10)}); "
+                                       "CI runs these under .ci/with-docker")
+
+
+def docker(*args: str) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def leftovers(project: str) -> dict[str, list[str]]:
+    """What a project may leave on the engine: containers, networks, anonymous volumes (a named dataset cache may
+    stay)."""
+    label = f"label=com.docker.compose.project={project}"
+    return {"containers": docker("ps", "-aq", "--filter", label).split(),
+            "networks": docker("network", "ls", "-q", "--filter", label).split(),
+            "volumes": [v for v in docker("volume", "ls", "-q").split() if ANONYMOUS.fullmatch(v)]}
+
+
+ANONYMOUS = re.compile(r"[0-9a-f]{64}")   # a volume without a name: what a base image's VOLUME leaves
+NOTHING = {"containers": [], "networks": [], "volumes": []}
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """The images, built once for every test here; and the volumes that existed before (another test's cache)."""
+    state = tmp_path_factory.mktemp("up-state")
+    env = {**os.environ, "UP_STATE_DIR": str(state)}
+    started = time.monotonic()
+    built = subprocess.run([UP, "images"], env=env, capture_output=True, text=True, timeout=1500)
+    assert built.returncode == 0, built.stdout + built.stderr
+    print(f"\nimages ready in {time.monotonic() - started:.0f} s:\n{built.stdout}", file=sys.stderr)
+    return state
+
+
+@pytest.fixture
+def env(engine, tmp_path):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FL_", "UP_"))}
+    return {**environ, "UP_STATE_DIR": str(tmp_path / "state"), "UP_DOCKER_TIMEOUT": "10",
+            **({"UP_CA_BUNDLE": os.environ["UP_CA_BUNDLE"]} if os.environ.get("UP_CA_BUNDLE") else {}),
+            **({"UP_BASE": os.environ["UP_BASE"]} if os.environ.get("UP_BASE") else {})}
+
+
+def upsh(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([UP, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start(env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([UP, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return output
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+
+
+def container_state(project: str, peer: str) -> str:
+    found = up.containers(**{up.LABEL_PROJECT: project, up.LABEL_PEER: peer})
+    return up.state_of(found[0]) if found else "gone"
+
+
+def checkout_state() -> tuple[str, dict[str, tuple[int, int, int]]]:
+    """git's view of the checkout, and the owner and mode of every file in it (runs/ and .up/ aside)."""
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
+                            text=True).stdout
+    owners = {}
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT).parts
+        if rel[0] in (".git", ".venv", "runs", ".up", ".pytest_cache", ".hypothesis") or "__pycache__" in rel:
+            continue
+        st = path.lstat()
+        owners[str(path)] = (st.st_uid, st.st_gid, st.st_mode)
+    return status, owners
+
+
+def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
+    project, run_dir = "sdfl-test-main", tmp_path / "run"
+    before = checkout_state()
+    proc = start(env, "--peers", "5", "--run-dir", str(run_dir), "--project", project, "--",
+                 *FAST, "--train-samples", "1500", "--test-samples", "200", "--epochs", "2", "--max-rounds", "4")
+    try:
+        wait_until(lambda: rounds(run_dir), 300, "round 1 to finish")
+        shown = upsh(env, "status", "--project", project)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        controller = statuses(run_dir)
+        first = next(p for p, s in controller.items() if s["role"] == "controller")
+        assert f"controller: {first} (term 1)" in shown.stdout, shown.stdout
+        for k in range(1, 6):
+            assert f"peer-{k} " in shown.stdout
+        assert "running" in shown.stdout and "broker: running, healthy" in shown.stdout
+
+        killed = upsh(env, "kill", "controller", "--run-dir", str(run_dir))
+        assert killed.returncode == 0, killed.stdout + killed.stderr
+        assert f"sent SIGKILL to {first}" in killed.stdout
+        wait_until(lambda: container_state(project, first).startswith("exited"), 10, "the controller's container to die")
+        # Its status.json still says controller: status and kill look at the containers.
+        again = upsh(env, "kill", "peer", first, "--project", project)
+        assert again.returncode == 1 and "nothing to act on" in again.stderr, again.stderr
+        terms = wait_until(lambda: [t for t in elections(run_dir) if t["term"] != "1"], 30, "a new term")
+        assert terms[0]["reason"] == "controller-lost" and terms[0]["controller"] != first
+        second = terms[0]["controller"]
+        shown = upsh(env, "status", "--project", project)
+        assert f"controller: {second}" in shown.stdout and f"{first:<10} exited 137" in shown.stdout, shown.stdout
+
+        trainer = next(f"peer-{k}" for k in range(1, 6) if f"peer-{k}" not in (first, second))
+        stopped = upsh(env, "kill", "peer", trainer, "--signal", "STOP", "--project", project)
+        assert stopped.returncode == 0, stopped.stderr
+        assert container_state(project, trainer) == "paused"
+        assert "paused" in upsh(env, "status", "--project", project).stdout
+        thawed = upsh(env, "kill", "peer", trainer, "--signal", "cont", "--project", project)
+        assert thawed.returncode == 0, thawed.stderr
+        assert container_state(project, trainer) == "running"
+        output = finish(proc, 400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        upsh(env, "down", "--project", project)
+    assert proc.returncode == 0, output[-4000:]   # the peer killed on purpose is no failure of the run
+    for line in ("broker healthy", "peers joined 5/5", "term 1: ", "round 1/4: accuracy", "finished (max-rounds)",
+                 f"records: {run_dir}", f"-m graphs {run_dir}", "no container or network left"):
+        assert line in output, (line, output)
+    assert_rounds_complete(run_dir, 4)
+    chaos_rows = [(r["action"], r["peer"], r["signal"]) for r in read_csv(run_dir / "chaos.csv")]
+    assert chaos_rows == [("kill", first, "KILL"), ("stop", trainer, "STOP"), ("cont", trainer, "CONT")]
+    assert all("." in r["time"] for r in read_csv(run_dir / "chaos.csv")), "chaos times are not whole seconds"
+
+    # Every record is the invoking user's, and every peer's log is whole (the last line of the survivors included).
+    for path in [run_dir, *run_dir.rglob("*")]:
+        assert (path.stat().st_uid, path.stat().st_gid) == (os.getuid(), os.getgid()), path
+    for k in range(1, 6):
+        log = (run_dir / "peers" / f"peer-{k}" / "peer.log").read_text()
+        assert "starting: broker broker:1883" in log
+        if f"peer-{k}" != first:
+            assert "finish" in log.splitlines()[-1] or "finish" in "".join(log.splitlines()[-3:]), log[-500:]
+    assert "New client connected" in (run_dir / "broker.log").read_text()
+
+    drawn = subprocess.run([sys.executable, "-m", "graphs", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=180)
+    assert drawn.returncode == 0, drawn.stderr
+    assert (run_dir / "graphs" / "election_timeline.png").exists()
+
+    assert leftovers(project) == NOTHING
+    assert checkout_state() == before, "a container or the launcher changed the checkout"
+    # Nothing to act on once it is over, and it says so.
+    late = upsh(env, "kill", "controller", "--project", project)
+    assert late.returncode == 1 and "nothing to act on" in late.stderr
+    assert "is not running" in upsh(env, "status", "--project", project).stdout
+
+
+SLOW = [*FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", "1000"]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "down"])
+def test_ctrl_c_and_down_leave_nothing_within_15_s(env, tmp_path, how):
+    project, run_dir = f"sdfl-test-{how}", tmp_path / "run"
+    proc = start(env, "--peers", "3", "--run-dir", str(run_dir), "--project", project, "--", *SLOW)
+    try:
+        wait_until(lambda: rounds(run_dir), 240, "round 1 to finish")
+        stopped_at = time.monotonic()
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            down = upsh(env, "down", "--project", project, timeout=30)
+            assert down.returncode == 0, down.stdout + down.stderr
+        output = finish(proc, 30)
+        took = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([UP, "down", "--project", project], env=env, capture_output=True, timeout=60)
+    assert proc.returncode == (130 if how == "ctrl-c" else 143), output[-3000:]
+    assert took < 15, f"{how} took {took:.1f} s"
+    assert leftovers(project) == NOTHING
+    assert "no container or network left" in output
+    # The peers' logs end with their own goodbye: they were saved after the peers stopped.
+    for k in range(1, 4):
+        assert "stopped by signal" in (run_dir / "peers" / f"peer-{k}" / "peer.log").read_text()
+
+
+def test_two_hosts_one_publishes_the_broker_the_other_joins_by_address(env, tmp_path):
+    """Host A runs the broker alone, published on the machine's addresses; host B runs peers only and joins it by
+    one of them, with a copy of A's logins."""
+    port = free_port()
+    host_a = {**env, "UP_STATE_DIR": str(tmp_path / "host-a")}
+    host_b = {**env, "UP_STATE_DIR": str(tmp_path / "host-b")}
+    run_dir = tmp_path / "run-b"
+    try:
+        # Host A publishes its broker as a user would (every address of the machine); host B joins by one of
+        # them that containers of another project reach here: the gateway of A's project network.
+        broker = upsh(host_a, "broker", "--project", "sdfl-test-host-a", "--peers", "3",
+                      "--publish", f"0.0.0.0:{port}:1883", timeout=300)
+        assert broker.returncode == 0, broker.stdout + broker.stderr
+        assert f"published at 0.0.0.0:{port}" in broker.stdout
+        ipam = json.loads(docker("network", "inspect", "sdfl-test-host-a_default"))[0]["IPAM"]["Config"][0]
+        gateway = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
+        login = tmp_path / "copied-login"
+        subprocess.run(["cp", "-r", str(tmp_path / "host-a" / "sdfl-test-host-a" / "login"), str(login)], check=True)
+        peers = upsh(host_b, "--join", f"{gateway}:{port}", "--login", str(login), "--project", "sdfl-test-host-b",
+                     "--peers", "3", "--run-dir", str(run_dir), "--", *FAST, "--train-samples", "300",
+                     "--test-samples", "100", "--max-rounds", "2", timeout=400)
+        assert peers.returncode == 0, peers.stdout[-3000:] + peers.stderr
+        assert_rounds_complete(run_dir, 2)
+        assert f"starting: broker {gateway}:{port}" in (run_dir / "peers" / "peer-1" / "peer.log").read_text()
+        assert leftovers("sdfl-test-host-b") == NOTHING
+        # The broker outlives the peers' project until its own host takes it down.
+        assert leftovers("sdfl-test-host-a")["containers"]
+    finally:
+        down = upsh(host_a, "down", "--project", "sdfl-test-host-a")
+        upsh(host_b, "down", "--project", "sdfl-test-host-b")
+    assert down.returncode == 0, down.stderr
+    assert leftovers("sdfl-test-host-a") == NOTHING
