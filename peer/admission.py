@@ -68,32 +68,37 @@ class View:
 
 @dataclass
 class ReplayGuard:
-    """Whether a signed message is fresh: not a copy of one already seen, not from an earlier life of its sender,
-    not a live message sent long ago. Every envelope carries its sender's (incarnation, seq, sent_at); a later life
-    of a peer has a larger incarnation, and its seq grows with every message.
+    """Whether a signed message is fresh: not a copy of one already seen, not a live message sent long ago. Every
+    envelope carries its sender's (incarnation, seq, sent_at): the incarnation names one process, and its seq grows
+    with every message that process sends. So a copy (a QoS 1 duplicate, or a capture replayed) repeats a seq already
+    seen of that incarnation, and an old capture is too old.
 
-    Presence is exempt from the order and the age: the broker publishes a Last Will, signed when its peer
-    connected, only when the peer dies. Retained messages are history (delivered when this peer subscribes): they
-    are exempt from the age, not from the order. Our own messages are the node's to judge (echo or duplicate id)."""
+    Each incarnation is judged on its own: a restarted peer and its predecessor, or (for the seconds until one of them
+    exits) two processes started with one id, must not silence each other. Presence is exempt from the order and the
+    age: the broker publishes a Last Will, signed when its peer connected, only when the peer dies. Retained messages
+    are history (delivered when this peer subscribes): exempt from the age, not from the order. Our own messages are
+    the node's to judge (an echo, or another process with our id)."""
     me: str
-    seen: dict[str, tuple[int, int]] = field(default_factory=dict)   # sender -> (incarnation, highest seq)
+    seen: dict[tuple[str, int], int] = field(default_factory=dict)   # (sender, incarnation) -> highest seq
+    lives: dict[str, list[int]] = field(default_factory=dict)        # sender -> its incarnations seen, newest last
+
+    LIVES_KEPT = 4   # per sender: a peer restarted more often than this within MAX_AGE_S is not worth remembering
 
     def check(self, kind: str, sender: str, stamp: Stamp, retained: bool, wall_now: float) -> Refused | None:
-        if sender == self.me:
-            return None
-        incarnation, seq = self.seen.get(sender, (0, 0))
-        if stamp.incarnation < incarnation:
-            return Refused(f"ignored a {kind} from an earlier life of {sender}")
-        if kind == "presence":
-            if stamp.incarnation > incarnation:
-                self.seen[sender] = (stamp.incarnation, 0)
+        if sender == self.me or kind == "presence":
             return None
         if not retained and abs(wall_now - stamp.sent_at) > MAX_AGE_S:
             return Refused(f"ignored a {kind} from {sender} sent {wall_now - stamp.sent_at:.0f}s ago by its clock: "
                            f"a replay, or clocks more than {MAX_AGE_S:.0f}s apart", "warning")
-        if stamp.incarnation == incarnation and stamp.seq <= seq:
+        key = (sender, stamp.incarnation)
+        if stamp.seq <= self.seen.get(key, 0):
             return Refused(f"ignored a copy of {sender}'s message {stamp.seq} (a duplicate or a replay)")
-        self.seen[sender] = (stamp.incarnation, stamp.seq)
+        if key not in self.seen:
+            lives = self.lives.setdefault(sender, [])
+            lives.append(stamp.incarnation)
+            while len(lives) > self.LIVES_KEPT:
+                self.seen.pop((sender, lives.pop(0)), None)
+        self.seen[key] = stamp.seq
         return None
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from .aggregation import AGGREGATIONS
 from .data import DATASETS, DEFAULT_SEED
 from .partition import DEFAULT_ALPHA, SCHEMES
-from .protocol import MIN_SECRET_BYTES, PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, read_secret_file, valid_run_id
+from .ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_run_id
+from .protocol import MIN_SECRET_BYTES, read_secret_file
 
 
 class SettingsError(ValueError):

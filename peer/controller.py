@@ -83,6 +83,8 @@ class Controller:
         self.waiting_for = ""          # why nothing happens (too few peers); logged once per change
         self.waiting_since: float | None = None
         self.republished = 0           # publications of the current model that brought no evaluation
+        self.resend_due: float | None = None   # when to send the current order again (a waited-for peer is back)
+        self.last_resend = float("-inf")
         self.next_heartbeat = 0.0
         self._out: list[Action] = []
 
@@ -137,11 +139,16 @@ class Controller:
 
     @_emits
     def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> None:
-        """A peer is online (`samples`: the (train, test) counts its init announced, when this came from one)."""
+        """A peer is online. `samples`: the (train, test) counts its init announced, when this came from an init,
+        i.e. it (re)connected and may have missed what was sent meanwhile."""
         if peer == self.me:
             return
         if samples is not None:
             self.announced[peer] = samples
+            if self._waits_for(peer):
+                # It missed the current order (the broker was away, or it came back after it went out): send it
+                # again, at most once a heartbeat however many peers come back at once.
+                self.resend_due = max(now, self.last_resend + self.settings.heartbeat)
         if peer not in self.live:
             self._log(f"{peer} joined")
         self.live.add(peer)
@@ -163,12 +170,23 @@ class Controller:
         """Back on the broker after losing it: what was published meanwhile may be lost (an order, a solution, an
         evaluation), so the current order goes out again at once; trainers answer it from what they already did."""
         self.next_heartbeat = now
+        self._resend(now, "reconnected")
+
+    def _waits_for(self, peer: str) -> bool:
         if self.phase is Phase.TRAINING and self.solutions:
-            self._log(f"round {self.round}: reconnected; sending the training order again")
+            return peer in self.solutions.outstanding
+        if self.phase is Phase.EVALUATING and self.evaluations:
+            return peer in self.evaluations.expected and peer not in self.evaluations.received
+        return False
+
+    def _resend(self, now: float, why: str) -> None:
+        self.resend_due, self.last_resend = None, now
+        if self.phase is Phase.TRAINING and self.solutions:
+            self._log(f"round {self.round}: {why}; sending the training order again")
             self.round_bytes += self._publish(Training(self.term, self.me, self.round, self.attempt,
                                                        self.solutions.trainers, self.model.weights))
         elif self.phase is Phase.EVALUATING and self.evaluations:
-            self._log(f"round {self.round}: reconnected; publishing the model again")
+            self._log(f"round {self.round}: {why}; publishing the model again")
             self.round_bytes += self._publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers,
                                                           self.model.weights), retain=True)
 
@@ -177,6 +195,8 @@ class Controller:
         if now >= self.next_heartbeat and not self.finished:
             self.next_heartbeat = now + self.settings.heartbeat
             self._publish(Heartbeat(self.term, self.me, self.round, self.phase.value), retain=True)
+        if self.resend_due is not None and now >= self.resend_due:
+            self._resend(now, "a peer it waits for is back")
         if (self.phase is Phase.WAITING_PEERS and self.waiting_since is not None
                 and now - self.waiting_since >= self.settings.wait_timeout):
             return self._give_up("too-few-peers", f"waited {now - self.waiting_since:.0f}s (--wait-timeout): "

@@ -92,12 +92,19 @@ class Note:
 
 
 @dataclass(frozen=True)
+class Unconfirmed:
+    """`peer` was not heard from since this peer (re)connected: it died while the broker could not say so (no Last
+    Will outlives a broker restart). The node counts it gone."""
+    peer: str
+
+
+@dataclass(frozen=True)
 class GiveUp:
     """Not enough peers came to start a run within `give_up_after`: waiting longer would wait forever."""
     text: str
 
 
-Action = CastVote | SendClaim | TakeOffice | FollowController | StepDown | Note | GiveUp
+Action = CastVote | SendClaim | TakeOffice | FollowController | StepDown | Note | Unconfirmed | GiveUp
 
 
 @dataclass
@@ -117,6 +124,8 @@ class Election:
     voted_at: float = 0.0
     claimed: bool = False
     last_heard: float = 0.0                     # last sign of life of the controller
+    unconfirmed: set[str] = field(default_factory=set)   # live peers not heard from since this peer (re)connected
+    confirm_by: float = 0.0
     _last_note: str = ""
 
     def __post_init__(self):
@@ -155,7 +164,19 @@ class Election:
 
     def peer_up(self, peer: str, now: float) -> list[Action]:
         self.live.add(peer)
+        self.unconfirmed.discard(peer)
         return []
+
+    def reconnected(self, now: float) -> None:
+        """This peer (re)connected to the broker: whoever it counts live must show it still is (every peer announces
+        itself on connecting and answers others' announcements) within two heartbeat timeouts. A peer that died while
+        the broker was down left no Last Will, so this is the only way to learn it is gone."""
+        self.unconfirmed = self.live - {self.me}
+        self.confirm_by = now + 2 * self.timings.heartbeat_timeout
+
+    def heard_from(self, peer: str) -> None:
+        """Any message of `peer`: it is alive."""
+        self.unconfirmed.discard(peer)
 
     def peer_down(self, peer: str, now: float) -> list[Action]:
         if peer == self.me:
@@ -217,6 +238,9 @@ class Election:
         return []
 
     def tick(self, now: float) -> list[Action]:
+        if self.unconfirmed and now >= self.confirm_by:
+            gone, self.unconfirmed = sorted(self.unconfirmed & self.live), set()
+            return [Unconfirmed(peer) for peer in gone]
         t = self.timings
         if self.role is Role.WAITING:
             if now - self.started_at < t.join_grace:

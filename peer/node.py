@@ -24,7 +24,7 @@ from .admission import Refused, ReplayGuard, Route, View, admit, entitled
 from .config import Settings
 from .controller import Controller
 from .election import (CastVote, Election, ElectionTimings, FollowController, GiveUp, Note, Role, SendClaim,
-                       StepDown, TakeOffice)
+                       StepDown, TakeOffice, Unconfirmed)
 from .follower import Follower
 from .jobs import JobRunner
 from .learner import Learner
@@ -203,6 +203,8 @@ class Peer:
         return self.exit_code
 
     def _last_words(self) -> list[tuple[str, bytes, bool]]:
+        if self.exit_code == EXIT_DUPLICATE:
+            return []   # the id is the other process's: "offline" would be said in its name
         # A signed "offline" tells the others we left (an empty payload could come from anyone, so nobody acts on
         # one); then our retained presence is cleared, leaving no record on the broker.
         presence = self.topics.presence(self.me)
@@ -233,6 +235,7 @@ class Peer:
             self.carry_out(self.follower.on_job_done(event, self.election.term), now)
         elif isinstance(event, Connected):
             self.log.info("connected to broker %s", self.settings.broker)
+            self.election.reconnected(now)
             self.send(Presence(self.me, "online"), retain=True)
             self._announce()
             # What went out while the broker was away may be lost: the controller's order, our answers to it.
@@ -268,6 +271,8 @@ class Peer:
         refusal = self.guard.check(kind, sender, stamp, event.retained, time.time())
         if refusal:
             return self._refused(refusal)
+        if not event.retained:
+            self.election.heard_from(sender)
         verdict = admit(message, event.retained, self._view())
         if isinstance(verdict, Refused):
             self._refused(verdict)
@@ -285,11 +290,11 @@ class Peer:
             else:
                 self.peer_gone(message.peer, now)
         elif route is Route.ANNOUNCE:
-            known = self.announced.get(message.peer)
             self.announced[message.peer] = (message.pid, message.train_samples, message.test_samples)
             self.peer_up(message.peer, now, (message.train_samples, message.test_samples))
-            if message.peer != self.me and (known is None or known[0] != message.pid):
-                self._announce()   # a newcomer learns who is here, and what each holds, from the answers
+            if message.peer != self.me and not message.reply:
+                # A newcomer, or a peer back on the broker, learns from the answers who is here and what each holds.
+                self._announce(reply=True)
         elif route is Route.BALLOT:
             self.carry_out(e.on_vote(message.term, message.peer, message.vote, message.round, message.reason, now), now)
         elif route is Route.CLAIM:
@@ -352,8 +357,8 @@ class Peer:
     def _sealed(self, message: Message) -> bytes:
         return self.seal.seal(self.topics.of(message), encode(message), self.stamper.next())
 
-    def _announce(self) -> None:
-        self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples))
+    def _announce(self, reply: bool = False) -> None:
+        self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples, reply))
 
     def _write(self, what: str, write, *args, **kwargs) -> None:
         """A record written, or the failure logged: a full or read-only disk never stops the training."""
@@ -386,6 +391,9 @@ class Peer:
                 self._announce()
             elif isinstance(action, Note):
                 self.log.info("%s", action.text)
+            elif isinstance(action, Unconfirmed):
+                self.log.info("%s was not heard from since this peer reconnected", action.peer)
+                self.peer_gone(action.peer, now)
             elif isinstance(action, GiveUp):
                 self.log.error("giving up: %s", action.text)
                 self.exit_code = EXIT_GAVE_UP

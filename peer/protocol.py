@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import json
 import math
-import re
 import secrets
 import struct
 import time
@@ -29,18 +28,15 @@ from typing import ClassVar
 
 import numpy as np
 
+from .ids import PEER_ID_PATTERN, RUN_ID_PATTERN, TOPIC_PREFIX_PATTERN, new_run_id, valid_peer_id, valid_run_id  # noqa: F401
+
 PROTOCOL_VERSION = 1
-# What a peer id looks like: it travels in every message and names a topic level and a folder of the run dir.
-PEER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-# The topic prefix: one or more levels of the same characters (it starts every topic of the federation).
-TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_TENSOR_DIMS = 8
 MAX_WEIGHT_BYTES = 16 * 1024 * 1024   # the brokers' message_size_limit (broker/*.conf) is the same
 MAX_TERM = 2**31 - 1                  # the highest term: encode and decode refuse more
 _MAX_COUNT = 2**53 - 1                # the largest integer a JSON reader in any language reads exactly
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ProtocolError(ValueError):
@@ -209,6 +205,7 @@ _FIELD_RULES = {
     "pid": _count,
     "train_samples": _count,
     "test_samples": _count,
+    "reply": lambda v, n: (_check(type(v) is bool, f"{n}: expected true or false"), v)[1],
 }
 
 
@@ -243,6 +240,7 @@ class Init(Message):
     pid: int
     train_samples: int
     test_samples: int
+    reply: bool            # an answer to another peer's init (answers are not answered)
 
 
 @dataclass(frozen=True)
@@ -367,20 +365,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 _KINDS = frozenset(cls.TOPIC for cls in MESSAGE_TYPES.values())   # the kind level of every topic
 
 
-def new_run_id() -> str:
-    """A fresh run id, readable and unique enough: the start time and a random tail (e.g. 20261124-081502-3fa9c1)."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def valid_run_id(text) -> bool:
-    """Whether `text` can be a run id: 1 to 64 of A-Z a-z 0-9 _ . - (one topic level, no wildcard)."""
-    return isinstance(text, str) and RUN_ID_PATTERN.fullmatch(text) is not None
-
-
-def _valid_peer_id(text) -> bool:
-    return isinstance(text, str) and PEER_ID_PATTERN.fullmatch(text) is not None
-
-
 class Topics:
     """Topic names of one run: every message is published on `<prefix>/<run_id>/<kind>/<sender>`, where kind is its
     class's TOPIC and sender the id of the peer publishing it (`Message.sender`). A broker ACL can then let each peer
@@ -401,7 +385,7 @@ class Topics:
         """The topic `sender` publishes messages of `kind` (a TOPIC: election, heartbeat, ...) on."""
         if kind not in _KINDS:
             raise ValueError(f"unknown message kind {kind!r} (one of {', '.join(sorted(_KINDS))})")
-        if not _valid_peer_id(sender):
+        if not valid_peer_id(sender):
             raise ValueError(f"sender {sender!r} is not a valid peer id")
         return self._head + kind + "/" + sender
 
@@ -425,7 +409,7 @@ class Topics:
         if not isinstance(topic, str) or not topic.startswith(self._head):
             return None
         kind, slash, sender = topic[len(self._head):].partition("/")
-        if not slash or kind not in _KINDS or not _valid_peer_id(sender):   # a peer id has no "/"
+        if not slash or kind not in _KINDS or not valid_peer_id(sender):   # a peer id has no "/"
             return None
         return kind, sender
 

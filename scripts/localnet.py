@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from peer.protocol import new_run_id
+from peer.ids import new_run_id
 
 from peer.records import PEER_LOG_FILE, CheckpointError, peer_dir, read_chaos, read_checkpoint
 
@@ -113,7 +113,7 @@ class LocalNetwork:
     def __init__(self, run_dir: Path, peers: int = 5, peer_args: list[str] | tuple = (), broker: Broker | None = None,
                  env: dict | None = None, echo: bool = False, python: str = sys.executable,
                  broker_port: int | None = None, num_shards: int | None = None, run_id: str | None = None,
-                 secret: bool = True):
+                 secret: bool = True, peer_env: dict[str, dict] | None = None):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops."""
         self.run_dir = Path(run_dir)
@@ -130,6 +130,7 @@ class LocalNetwork:
         self.broker_port = broker_port
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
+        self.peer_env = peer_env or {}            # per peer id: variables of its own (e.g. its broker login)
         self.echo, self.python = echo, python
         self.procs: dict[str, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
@@ -153,7 +154,8 @@ class LocalNetwork:
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
         cmd = [self.python, "-m", "peer", "--broker", self.broker.address, "--peer-id", peer_id, "--shard", shard, *run,
                "--run-dir", str(self.run_dir), *self.peer_args, *extra_args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env = {**self.env, **self.peer_env.get(peer_id, {})}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs[peer_id] = proc
         thread = threading.Thread(target=self._pump, args=(peer_id, proc, log_path), daemon=True)
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peers < 1:
         parser.error("--peers must be at least 1")
-    run_id = None
+    run_id = os.environ.get("FL_RUN_ID") or None     # a launcher's (./up.sh), or a new one
     if args.resume:
         try:
             checkpoint = read_checkpoint(args.run_dir)

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peer.ids import new_run_id, valid_run_id
+from peer.records import CheckpointError, read_checkpoint
 from scripts import chaos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,8 +210,10 @@ def acl_text(peers: list[str], topic_prefix: str) -> str:
              "denied.", "",
              "# The broker's healthcheck only proves a login round trip by reading one retained $SYS value.",
              "user health", "topic read $SYS/broker/uptime", ""]
+    lines += ["# A peer reads its federation's topics and publishes only on topics that name it as sender",
+              f"# ({topic_prefix}/<run>/<kind>/<sender>): no login can speak for another peer."]
     for peer in peers:
-        lines += [f"user {peer}", f"topic readwrite {topic_prefix}/#", ""]
+        lines += [f"user {peer}", f"topic read {topic_prefix}/#", f"topic write {topic_prefix}/+/+/{peer}", ""]
     return "\n".join(lines)
 
 
@@ -238,6 +242,12 @@ class Login:
     @property
     def secret(self) -> Path:
         return self.folder / "federation.secret"
+
+    @property
+    def run_id_file(self) -> Path:
+        """The run id of the broker's current run (written by `./up.sh broker`): peers joining from other machines
+        with a copy of this folder take part in that run."""
+        return self.folder / "run-id"
 
     def peers(self) -> list[str]:
         return sorted((p.name[:-4] for p in self.folder.glob("*.env") if p.name != "health.env"),
@@ -427,6 +437,8 @@ class Network:
     data_dirs: list[tuple[Path, str]] = field(default_factory=list)   # (host folder, container path), read-only
     max_rounds: int = 10
     topic_prefix: str = "sd"
+    run_id: str = ""                      # the run (FL_RUN_ID); empty: a new one, or with --join the broker's
+    resume: bool = False                  # go on from run_dir's checkpoint (run_id is the checkpoint's)
 
     @property
     def state(self) -> Path:
@@ -811,7 +823,7 @@ def run_local(net: Network) -> int:
                       f"`{python} -m pip install -r requirements.txt`, or set PYTHON")
     net.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [python, "-m", "scripts.localnet", "--peers", str(len(net.peers)), "--run-dir", str(net.run_dir),
-           "--quiet"]
+           "--quiet", *(["--resume"] if net.resume else [])]
     if net.peer_flags:
         cmd += ["--", *net.peer_flags]
     env = {**os.environ, **net.env, "FL_MIN_PEERS": net.env.get("FL_MIN_PEERS", str(net.total))}
@@ -897,10 +909,37 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         say(f"fashion-mnist is not on this host ({install_command('dataset-fashion-mnist')}); the peers will "
             "download it into the datasets volume (needs internet)")
     run_dir = abs_path(args.run_dir) if args.run_dir else default_run_dir()
+    run_id = settings.run_id if settings.run_id != "default" else ""
+    if args.resume:
+        resume_dir = abs_path(args.resume)
+        if args.run_dir and run_dir != resume_dir:
+            raise UpError(f"--resume {args.resume} goes on in its own run dir: leave --run-dir out", 2)
+        try:
+            checkpoint = read_checkpoint(resume_dir)
+        except CheckpointError as err:
+            raise UpError(f"--resume: {err}", 2) from None
+        if checkpoint is None:
+            raise UpError(f"--resume: no checkpoint in {resume_dir} (a run writes one after every finished round)", 2)
+        if run_id and run_id != checkpoint.run_id:
+            raise UpError(f"--resume: the checkpoint is of run {checkpoint.run_id}, not {run_id}", 2)
+        run_dir, run_id = resume_dir, checkpoint.run_id
     return Network(project=project, run_dir=run_dir, total=total, first=args.first,
                    peers=[peer_id(k) for k in range(args.first, args.first + args.peers)],
                    peer_flags=peer_flags, env=env, join=args.join, publish=args.publish,
-                   data_dirs=data_dirs, max_rounds=settings.max_rounds, topic_prefix=settings.topic_prefix)
+                   data_dirs=data_dirs, max_rounds=settings.max_rounds, topic_prefix=settings.topic_prefix,
+                   run_id=run_id, resume=bool(args.resume))
+
+
+def run_settings(net: Network, login: Login | None) -> None:
+    """The run's id and whether it resumes, into every peer's environment: given, the joined broker's, or new."""
+    if not net.run_id and net.join and login is not None and login.run_id_file.is_file():
+        net.run_id = login.run_id_file.read_text().strip()
+        if not valid_run_id(net.run_id):
+            raise UpError(f"{login.run_id_file}: {net.run_id!r} is not a run id; copy the login folder again", 2)
+    net.run_id = net.run_id or new_run_id()
+    net.env["FL_RUN_ID"] = net.run_id
+    if net.resume:
+        net.env["FL_RESUME"] = "yes"
 
 
 def check_docker(args) -> None:
@@ -930,7 +969,10 @@ def login_for(net: Network, login_dir: str | None) -> Login:
 
 def cmd_run(args, peer_flags: list[str]) -> int:
     net = network_from_args(args, peer_flags)
+    if net.resume:
+        say(f"going on with run {net.run_id} from its checkpoint in {net.run_dir}")
     if args.local:
+        run_settings(net, None)
         return run_local(net)
     problem = docker_problem(float(os.environ.get("UP_DOCKER_TIMEOUT", "5")))
     if problem:
@@ -938,11 +980,13 @@ def cmd_run(args, peer_flags: list[str]) -> int:
             raise UpError(f"no Docker engine reachable ({problem})")
         say(f"no Docker engine reachable ({problem}); running the same network as local processes "
             "(./up.sh --local)")
+        run_settings(net, None)
         return run_local(net)
     ca = abs_path(args.ca_bundle) if args.ca_bundle else None
     if ca and not ca.is_file():
         raise UpError(f"--ca-bundle {args.ca_bundle}: no such file", 2)
     login = login_for(net, args.login)
+    run_settings(net, Login(abs_path(args.login)) if args.login else None)
     return run_containers(net, login, args.base, ca)
 
 
@@ -963,7 +1007,10 @@ def cmd_broker(args) -> int:
         take_down(net.project, net.compose_file)
         raise
     remember(mode="broker", project=net.project, run_dir=None, pid=None, peers=[])
-    say(f"logins for peer-1..peer-{args.peers}: {login.folder} (copy it to the peers' machines, privately)")
+    run_id = new_run_id()
+    write_file(login.run_id_file, run_id + "\n")
+    say(f"logins for peer-1..peer-{args.peers} and the id of its run ({run_id}): {login.folder} (copy it to the "
+        "peers' machines, privately)")
     say(f"join it: ./up.sh --join THIS-HOST:{address.rsplit(':', 1)[-1]} --login LOGIN-DIR --peers N --first K "
         f"--total {args.peers} -- PEER_FLAGS")
     say(f"stop it: ./up.sh down --project {net.project}")
@@ -1148,6 +1195,7 @@ def cmd_credentials(args) -> int:
 def cmd_compose_file(args, peer_flags: list[str]) -> int:
     net = network_from_args(args, peer_flags)
     login = Login(net.state / "login")
+    run_settings(net, Login(abs_path(args.login)) if args.login else None)
     print(json.dumps(compose_config(net, login, os.getuid(), os.getgid()), indent=2))
     return 0
 
@@ -1218,6 +1266,8 @@ def run_parser(prog: str = "./up.sh") -> argparse.ArgumentParser:
                    help="where the broker is published on the host (default 127.0.0.1::1883, a free port)")
     p.add_argument("--data-dir", metavar="DIR", help="a host folder of dataset files, mounted read-only "
                    "(Debian's /usr/share/datasets/fashion-mnist is mounted when present)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="go on with the run whose checkpoint is in RUN_DIR (written "
+                   "after every finished round): same run id, its model, the round numbering going on")
     p.add_argument("--join", metavar="HOST:PORT", help="no broker here: the peers join this one")
     p.add_argument("--login", metavar="DIR", help="with --join: a copy of the broker machine's login folder")
     p.add_argument("--first", type=int, default=1, metavar="K", help="number of the first peer here (default 1)")

@@ -26,7 +26,7 @@ def test_a_presence_reaches_the_election():
 
 
 def test_announcements_and_ballots_reach_the_election():
-    assert verdict(Init("p2", 0, 0, 1, 600, 200)) is Route.ANNOUNCE
+    assert verdict(Init("p2", 0, 0, 1, 600, 200, False)) is Route.ANNOUNCE
     assert verdict(Vote(4, "p2", 0.5, 0, "start")) is Route.BALLOT
     assert verdict(Claim(4, "p2", 0.5, 0, "start", ())) is Route.CLAIM
 
@@ -49,7 +49,7 @@ def test_a_retained_finish_says_this_run_is_over_whenever_this_peer_comes():
 
 def test_a_retained_message_of_a_kind_no_peer_retains_is_refused():
     for message in (Training(3, "c", 1, 1, ("me",), W), Metrics(3, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
-                    Vote(4, "p2", 0.5, 0, "x"), Init("p2", 0, 0, 1, 1, 1), Solution(3, 1, 1, "p2", 1, 0.1, W),
+                    Vote(4, "p2", 0.5, 0, "x"), Init("p2", 0, 0, 1, 1, 1, False), Solution(3, 1, 1, "p2", 1, 0.1, W),
                     Evaluation(3, 1, "p2", 0.5, 1.0, 1)):
         refused = verdict(message, CONTROLLER, retained=True)
         assert isinstance(refused, Refused) and refused.level == "warning" and "retained" in refused.reason
@@ -98,7 +98,7 @@ ids = st.sampled_from(["me", "c", "p2", "x"])
 terms = st.integers(0, 6)
 messages = st.one_of(
     st.builds(Presence, ids, st.sampled_from(["online", "offline"])),
-    st.builds(Init, ids, terms, terms, st.just(1), st.just(600), st.just(200)),
+    st.builds(Init, ids, terms, terms, st.just(1), st.just(600), st.just(200), st.booleans()),
     st.builds(Vote, terms, ids, st.floats(0, 1), terms, st.just("r")),
     st.builds(Claim, terms, ids, st.floats(0, 1), terms, st.just("r"), st.just(())),
     st.builds(Heartbeat, terms, ids, terms, st.just("p")),
@@ -157,11 +157,17 @@ def test_a_copy_of_a_message_already_seen_is_refused_and_a_later_one_taken():
     assert guard.check("training", "c", stamp(seq=6), False, 1000.0) is None
 
 
-def test_a_message_of_an_earlier_life_of_its_sender_is_refused():
+def test_each_life_of_a_sender_is_judged_on_its_own():
+    # A restarted peer and its predecessor (or, until one exits, two processes with one id) do not silence each
+    # other; a copy within either life is still a copy.
     guard = ReplayGuard("me")
-    assert guard.check("init", "c", stamp(incarnation=200, seq=1), False, 1000.0) is None
-    assert "earlier life of c" in guard.check("aggregation", "c", stamp(incarnation=100, seq=99), True, 1000.0).reason
-    assert guard.check("presence", "c", stamp(incarnation=100), False, 1000.0) is not None   # its old Last Will too
+    assert guard.check("init", "c", stamp(incarnation=200, seq=7), False, 1000.0) is None
+    assert guard.check("heartbeat", "c", stamp(incarnation=100, seq=3), False, 1000.0) is None
+    assert guard.check("heartbeat", "c", stamp(incarnation=100, seq=3), False, 1000.0) is not None
+    assert guard.check("init", "c", stamp(incarnation=200, seq=7), False, 1000.0) is not None
+    for life in range(300, 306):                             # only the last few lives are remembered
+        guard.check("init", "c", stamp(incarnation=life, seq=1), False, 1000.0)
+    assert len(guard.lives["c"]) == ReplayGuard.LIVES_KEPT == len([k for k in guard.seen if k[0] == "c"])
 
 
 def test_a_live_message_sent_long_ago_is_refused_a_retained_one_is_history():
@@ -194,5 +200,5 @@ def test_fuzz_the_guard_never_lets_a_message_through_twice(events):
     for sender, incarnation, seq, retained in events:
         if guard.check("heartbeat", sender, stamp(incarnation, seq), retained, 1000.0) is None:
             assert (sender, incarnation, seq) not in passed
-            assert all(i <= incarnation for s, i, _ in passed if s == sender)
+            assert all(s < seq for snd, i, s in passed if (snd, i) == (sender, incarnation))
             passed.add((sender, incarnation, seq))

@@ -62,7 +62,7 @@ class Broker:
 def broker(tmp_path_factory):
     work = tmp_path_factory.mktemp("broker")
     # The login exactly as a real network gets it (scripts/up.py, make_credentials).
-    login = up.make_credentials(work / "login", ["peer-1", "peer-2"])
+    login = up.make_credentials(work / "login", ["peer-1", "peer-2", "peer-3"])
     creds = read_env(login.env_file("peer-1"))
     health = read_env(login.health_env)
 
@@ -93,8 +93,10 @@ def broker(tmp_path_factory):
                     pytest.fail("mosquitto did not open its port")
                 time.sleep(0.05)
         assert creds["FL_USERNAME"] == "peer-1"
-        yield Broker(port, creds["FL_PASSWORD"], health["MQTT_HEALTH_PASSWORD"],
-                     read_env(login.env_file("peer-2"))["FL_PASSWORD"])
+        broker = Broker(port, creds["FL_PASSWORD"], health["MQTT_HEALTH_PASSWORD"],
+                        read_env(login.env_file("peer-2"))["FL_PASSWORD"])
+        broker.logins = {peer: read_env(login.env_file(peer)) for peer in ("peer-1", "peer-2", "peer-3")}
+        yield broker
     finally:
         proc.terminate()
         try:
@@ -193,20 +195,46 @@ def test_wrong_password_is_refused(broker, clients):
 
 
 def test_peer_publishes_and_subscribes_on_federation_topics(broker, clients):
-    sub = clients(broker, "peer-1", broker.peer_password)
+    sub = clients(broker, "peer-2", broker.other_password)
     pub = clients(broker, "peer-1", broker.peer_password)
     assert not sub.connack.is_failure
     assert not sub.subscribe("sd/#")[0].is_failure
     # Four times the peers' ~250 KB model, well inside the 16 MB limit.
     model = os.urandom(1024 * 1024)
-    assert not pub.publish("sd/solution", model).is_failure
-    assert sub.wait_message("sd/solution") == [model]
+    assert not pub.publish("sd/run-a/solution/peer-1", model).is_failure
+    assert sub.wait_message("sd/run-a/solution/peer-1") == [model]
     # Retained state (presence, aggregation, finish) reaches a peer that subscribes later.
-    assert not pub.publish("sd/presence/peer-9", b"online", retain=True).is_failure
-    late = clients(broker, "peer-1", broker.peer_password)
-    late.subscribe("sd/presence/+")
-    assert late.wait_message("sd/presence/peer-9") == [b"online"]
-    pub.publish("sd/presence/peer-9", b"", retain=True)
+    assert not pub.publish("sd/run-a/presence/peer-1", b"online", retain=True).is_failure
+    late = clients(broker, "peer-2", broker.other_password)
+    late.subscribe("sd/run-a/presence/+")
+    assert late.wait_message("sd/run-a/presence/peer-1") == [b"online"]
+    pub.publish("sd/run-a/presence/peer-1", b"", retain=True)
+
+
+def test_a_peer_cannot_publish_as_another_peer(broker, clients):
+    # The ACL: a login publishes only on topics whose last level (the sender) is itself.
+    peer = clients(broker, "peer-1", broker.peer_password)
+    for topic in ("sd/run-a/finish/peer-2", "sd/run-a/presence/peer-2", "sd/run-a/solution/peer-3",
+                  "sd/run-a/solution/peer-1/x", "sd/solution"):
+        assert peer.publish(topic, b"x").is_failure, topic
+
+
+def test_a_peers_session_cannot_be_taken_over_without_its_password(broker, clients):
+    # use_username_as_clientid: the client id is the login's, whatever the client asks for, so connecting with
+    # peer-1's client id under another login does not kick peer-1 off.
+    victim = clients(broker, "peer-1", broker.peer_password)
+    lost = threading.Event()
+    victim.client.on_disconnect = lambda *args: lost.set()
+    intruder = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="peer-1", protocol=paho.MQTTv5)
+    intruder.username_pw_set("peer-2", broker.other_password)
+    intruder.connect("127.0.0.1", broker.port)
+    intruder.loop_start()
+    try:
+        assert not lost.wait(1.5)
+        assert not victim.publish("sd/run-a/heartbeat/peer-1", b"x").is_failure
+    finally:
+        intruder.disconnect()
+        intruder.loop_stop()
 
 
 def test_peer_cannot_publish_outside_federation_topics(broker, clients):
@@ -229,7 +257,7 @@ def test_peer_cannot_read_outside_federation_topics(broker, clients):
 
 def test_health_user_cannot_touch_federation_topics(broker, clients):
     health = clients(broker, "health", broker.health_password)
-    assert health.publish("sd/training", b"x").is_failure
+    assert health.publish("sd/run-a/training/health", b"x").is_failure
 
 
 def compose_healthcheck(tmp_path: Path) -> str:
@@ -272,11 +300,11 @@ def test_peers_complete_a_run_behind_the_login_and_acl(broker, tmp_path):
     class Address:
         address = f"127.0.0.1:{broker.port}"
 
-    # (All three log in as peer-1 here: LocalNetwork gives every peer the same environment. In containers each
-    # peer has its own login.)
-    env = {"FL_USERNAME": "peer-1", "FL_PASSWORD": broker.peer_password, "FL_DATASET": "fashion-mnist",
-           "FL_MIN_PEERS": "3", "FL_MAX_ROUNDS": "2", "FL_TRAIN_SAMPLES": "200", "FL_TEST_SAMPLES": "100"}
-    net = LocalNetwork(tmp_path / "run", peers=3, broker=Address(), env=env, python=sys.executable)
+    # Each peer logs in as itself, as in containers: the ACL lets it publish only as itself.
+    env = {"FL_DATASET": "fashion-mnist", "FL_MIN_PEERS": "3", "FL_MAX_ROUNDS": "2", "FL_TRAIN_SAMPLES": "200",
+           "FL_TEST_SAMPLES": "100"}
+    net = LocalNetwork(tmp_path / "run", peers=3, broker=Address(), env=env, python=sys.executable,
+                       peer_env=broker.logins)
     with net:
         codes = net.wait(180)
     assert codes == {"peer-1": 0, "peer-2": 0, "peer-3": 0}, {p: net.peer_log(p)[-2000:] for p in codes}

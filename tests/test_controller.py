@@ -368,3 +368,22 @@ def test_after_a_reconnect_the_current_order_goes_out_again():
     order = r.sent(Training)[-1]
     again = [a.message for a in r.reconnected(2) if isinstance(a, Publish)]
     assert again == [order]                                   # the same order: trainers answer it from their cache
+
+
+def test_a_waited_for_peer_that_comes_back_gets_the_order_again_at_most_once_a_heartbeat():
+    r = Run(heartbeat=1.0)
+    r.take_office(0)
+    r.evaluate_all(0, 1)
+    order = r.sent(Training)[-1]
+    r.peer_up("p9", 1.5, samples=(10, 10))                  # a newcomer the round does not wait for: nothing
+    r.tick(1.6)
+    assert r.sent(Training) == [order]
+    for peer in order.trainers:                                # all of them come back (the broker restarted)
+        r.peer_up(peer, 1.7, samples=(10, 10))
+    r.tick(1.8)
+    assert r.sent(Training) == [order, order]                  # once, not three times
+    r.peer_up(order.trainers[0], 2.0, samples=(10, 10))
+    r.tick(2.1)
+    assert len(r.sent(Training)) == 2                          # not before a heartbeat has passed
+    r.tick(2.9)
+    assert len(r.sent(Training)) == 3 and r.logs("a peer it waits for is back")

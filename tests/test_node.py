@@ -335,15 +335,29 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
 
 # --- trust and robustness ---------------------------------------------------------------------------------------------
 
-def test_a_newcomer_is_answered_with_this_peers_init_once_per_process(tmp_path):
+def test_every_announcement_is_answered_and_no_answer_is(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90), clock.now)
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90), clock.now)            # the same process again: no answer
-    deliver(peer, Init("p7", 0, 0, 222, 400, 90), clock.now)            # restarted: answered again
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False), clock.now)     # a newcomer, or a peer back on the broker
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False), clock.now)     # announcing again (it reconnected)
+    deliver(peer, Init("p8", 0, 0, 222, 400, 90, True), clock.now)      # an answer to someone: not answered
     mine = [m for m in transport.messages(Init) if m.peer == "p1"]
-    assert len(mine) == 2 and (mine[0].train_samples, mine[0].test_samples) == (500, 100)
-    assert peer.announced["p7"] == (222, 400, 90)
+    assert len(mine) == 2 and all(m.reply for m in mine) and (mine[0].train_samples, mine[0].test_samples) == (500, 100)
+    assert peer.announced["p7"] == (111, 400, 90) and {"p7", "p8"} <= peer.election.live
+
+
+def test_after_a_reconnect_a_peer_not_heard_from_is_counted_gone(tmp_path, lines):
+    from peer.transport import Connected
+    peer, transport, runner, _ = make_peer(tmp_path, max_rounds=5)
+    clock = Clock(peer)
+    follow(peer, clock)
+    for other in ("p2", "p3"):
+        deliver(peer, Presence(other, "online"), clock.now)
+    peer.handle(Connected(), clock.now)              # the broker restarted: no Last Will survived it
+    deliver(peer, Init("p2", 1, 0, 5, 10, 10, False), clock.now)       # p2 and the controller come back; p3 died
+    run_until(peer, clock, lambda: "p3" not in peer.election.live, seconds=3.5, step=0.25)
+    assert "p2" in peer.election.live and lines.having("p3 was not heard from since this peer reconnected")
+    assert "c" in peer.election.live or peer.election.term == 2          # c: heard, or silent (then a new term)
 
 
 def test_with_too_few_peers_the_peer_gives_up_after_the_wait_timeout(tmp_path, lines):
@@ -403,7 +417,7 @@ def test_with_a_secret_unsigned_and_wrongly_signed_messages_are_ignored(tmp_path
     deliver(peer, Heartbeat(9, "x", 1, "training"), clock.now, seal=theirs)     # signed with another secret
     assert peer.exit_code is None and peer.election.term == 0
     assert lines.having("not sealed with the federation secret") and lines.having("bad signature")
-    deliver(peer, Init("c", 0, 0, 7, 10, 10), clock.now, seal=ours)
+    deliver(peer, Init("c", 0, 0, 7, 10, 10, False), clock.now, seal=ours)
     deliver(peer, Heartbeat(1, "c", 0, "training"), clock.now, seal=ours)
     assert peer.election.controller == "c"
     [answer] = transport.messages(Init, seal=ours)                                 # what it sends is signed
@@ -431,10 +445,10 @@ def test_of_two_processes_with_one_peer_id_the_later_one_exits_with_a_clear_erro
     clock = Clock(peer)
     earlier = Stamper(incarnation=peer.stamper.incarnation - 1000)
     later = Stamper(incarnation=peer.stamper.incarnation + 1000)
-    deliver(peer, Init("p1", 0, 0, 4242, 10, 10), clock.now, stamper=later)
+    deliver(peer, Init("p1", 0, 0, 4242, 10, 10, False), clock.now, stamper=later)
     assert peer.exit_code is None and lines.having("started later and will exit")
     assert transport.messages(Init)[-1].pid != 4242                              # it answered: "I was here first"
-    deliver(peer, Init("p1", 0, 0, 4141, 10, 10), clock.now, stamper=earlier)
+    deliver(peer, Init("p1", 0, 0, 4141, 10, 10, False), clock.now, stamper=earlier)
     assert peer.exit_code == 5 and lines.having("already runs as peer p1; this one exits")
 
 
@@ -444,3 +458,56 @@ def test_its_own_echo_never_looks_like_a_second_process(tmp_path):
     peer.handle(__import__("peer.transport", fromlist=["Connected"]).Connected(), clock.now)
     pump(peer, clock.now)                                  # its init comes back from the broker
     assert peer.exit_code is None
+
+
+# --- fuzz: random sequences of real and forged messages -----------------------------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+SECRET = b"the-federation-secret-0123"
+REAL_SCRIPT = [Heartbeat(1, "c", 0, "evaluating"), Aggregation(1, "c", 0, (), weights(0)),
+               Training(1, "c", 1, 1, ("p1",), weights(0)), Aggregation(1, "c", 1, ("p1",), weights(1)),
+               Metrics(1, "c", 1, 0.5, 1.0, 10, ("p1",), 1.0, 10, 5.0), Training(1, "c", 2, 1, ("p1",), weights(1)),
+               Aggregation(1, "c", 2, ("p1",), weights(2))]
+FORGERIES = st.sampled_from(["unsigned", "other-secret", "moved", "replay", "stale", "impostor"])
+
+
+def forged_payload(kind: str, message, real_payloads: list[tuple[str, bytes]], stamper: Stamper):
+    ours = Seal(SECRET)
+    if kind == "replay" and real_payloads:
+        return real_payloads[-1]
+    if kind == "moved" and real_payloads:                       # a real payload on another sender's topic
+        topic, payload = real_payloads[-1]
+        return topic.rsplit("/", 1)[0] + "/p2", payload
+    forged = {"stale": Training(0, "c", 9, 1, ("p1",), weights(9)),
+              "impostor": Aggregation(1, "c", 9, (), weights(9))}.get(kind, Finish(1, "c", 9, "max-rounds", 1.0))
+    topic = TOPICS.of(forged)
+    seal = {"unsigned": OPEN, "other-secret": Seal(b"x" * 32), "stale": ours}.get(kind, Seal(b"y" * 32))
+    return topic, seal.seal(topic, encode(forged), stamper.next())
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(forgeries=st.lists(st.tuples(st.integers(0, len(REAL_SCRIPT)), FORGERIES), max_size=12))
+def test_fuzz_forged_messages_among_real_ones_change_nothing(tmp_path_factory, forgeries):
+    def run(with_forgeries: bool):
+        peer, transport, runner, _ = make_peer(tmp_path_factory.mktemp("fuzz"), secret=SECRET, max_rounds=5)
+        clock, real, attacker = Clock(peer), Stamper(), Stamper()
+        seen: list[tuple[str, bytes]] = []
+        deliver(peer, Presence("c", "online"), clock.now, seal=Seal(SECRET), stamper=real)
+        for index, message in enumerate([*REAL_SCRIPT, None]):
+            for at, kind in forgeries if with_forgeries else ():
+                if at == index:
+                    topic, payload = forged_payload(kind, message, seen, attacker)
+                    peer.handle(Inbound(topic, payload, False), clock.now)
+                    pump(peer, clock.now)
+            if message is not None:
+                topic = TOPICS.of(message)
+                payload = Seal(SECRET).seal(topic, encode(message), real.next())
+                seen.append((topic, payload))
+                peer.handle(Inbound(topic, payload, False), clock.now)
+                pump(peer, clock.now)
+        latest = peer.store.latest
+        return ([(j.kind, j.term, j.round, j.attempt) for j in runner.jobs], peer.exit_code,
+                (latest.round, latest.term), sorted(peer.store.finished), peer.election.term)
+
+    assert run(True) == run(False)

@@ -45,7 +45,7 @@ def small_weights():
 
 # One valid instance of every message type.
 SAMPLES = [
-    Init(peer="peer-1", term=0, round=0, pid=4321, train_samples=600, test_samples=200),
+    Init(peer="peer-1", term=0, round=0, pid=4321, train_samples=600, test_samples=200, reply=False),
     Presence(peer="peer-1", status="online"),
     Presence(peer="peer_2.b", status="offline"),
     Vote(term=3, peer="peer-2", vote=0.625, round=4, reason="controller silent"),
@@ -494,7 +494,7 @@ NOT_PEER_LISTS = ["peer-1", None, 5, {"peer-1": 1}, ["peer-1", "peer-1"], ["bad 
 BAD_VALUES = {
     "peer": NOT_PEER_IDS, "controller": NOT_PEER_IDS,
     "term": NOT_COUNTS + [MAX_TERM + 1, 2**53 - 1], "round": NOT_COUNTS, "samples": NOT_COUNTS, "bytes": NOT_COUNTS,
-    "pid": NOT_COUNTS, "train_samples": NOT_COUNTS, "test_samples": NOT_COUNTS,
+    "pid": NOT_COUNTS, "train_samples": NOT_COUNTS, "test_samples": NOT_COUNTS, "reply": [1, 0, "true", None, []],
     "attempt": NOT_COUNTS + [0],
     "vote": NOT_UNIT, "accuracy": NOT_UNIT,
     "loss": NOT_NON_NEGATIVE, "duration_s": NOT_NON_NEGATIVE, "run_started": NOT_NON_NEGATIVE,

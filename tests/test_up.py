@@ -79,7 +79,7 @@ def test_help_explains_itself(tmp_path):
     (["--project", "Bad Name"], "--project 'Bad Name': use lowercase letters"),
     (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
     (["--", "--bogus"], "peer flags: unrecognized arguments: --bogus"),
-    (["--", "--max-rounds", "0"], "peer flags: --max-rounds: max-rounds: must be at least 1, got 0"),
+    (["--", "--max-rounds", "0"], "peer flags: --max-rounds: must be at least 1, got 0"),
     (["--", "--peer-id", "x"], "--peer-id is set by up.sh for each peer"),
     (["--", "--run-dir", "x"], "--run-dir is set by up.sh for each peer: leave it out of the peer flags (--run-dir goes"),
     (["kill"], "the following arguments are required"),
@@ -284,13 +284,15 @@ def test_credentials_one_login_per_peer_kept_between_runs(tmp_path):
     assert not verify(first["peer-1"]["FL_PASSWORD"], users["peer-2"])
     acl = login.acl.read_text()
     for peer in ("peer-1", "peer-2", "peer-3"):
-        assert f"user {peer}\ntopic readwrite sd/#\n" in acl
+        # each peer reads the federation and publishes only as itself (the last topic level is the sender)
+        assert f"user {peer}\ntopic read sd/#\ntopic write sd/+/+/{peer}\n" in acl
     assert "user health\ntopic read $SYS/broker/uptime\n" in acl
 
 
 def test_acl_follows_the_topic_prefix(tmp_path):
     login = up.make_credentials(tmp_path / "login", ["peer-1"], topic_prefix="lab/fl")
-    assert "topic readwrite lab/fl/#" in login.acl.read_text() and "sd/#" not in login.acl.read_text()
+    acl = login.acl.read_text()
+    assert "topic read lab/fl/#" in acl and "topic write lab/fl/+/+/peer-1" in acl and "sd/#" not in acl
 
 
 def test_joining_peers_need_their_logins(tmp_path):
@@ -439,3 +441,38 @@ def test_local_down_stops_the_network(tmp_path):
     assert leftovers(run_dir) == []
     again = subprocess.run([UP, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert again.returncode == 0 and "no local network is running" in again.stdout
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+def compose_env(tmp_path, *args, **env) -> dict:
+    result = upsh(tmp_path, "compose-file", "--peers", "2", *args, **env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]["peer-1"]["environment"]
+
+
+def test_every_network_is_a_run_of_its_own_unless_told_which(tmp_path):
+    first, second = compose_env(tmp_path)["FL_RUN_ID"], compose_env(tmp_path)["FL_RUN_ID"]
+    assert first != second and re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", first)
+    assert compose_env(tmp_path, "--", "--run-id", "exp-7")["FL_RUN_ID"] == "exp-7"
+    assert compose_env(tmp_path, FL_RUN_ID="exp-8")["FL_RUN_ID"] == "exp-8"
+
+
+def test_peers_joining_from_another_machine_take_the_brokers_run(tmp_path):
+    copy = up.make_credentials(tmp_path / "copy", ["peer-1", "peer-2"])
+    copy.run_id_file.write_text("20261124-120000-abcdef\n")
+    env = compose_env(tmp_path, "--join", "h:1883", "--login", str(copy.folder))
+    assert env["FL_RUN_ID"] == "20261124-120000-abcdef"
+
+
+def test_resume_goes_on_with_the_checkpointed_run_in_its_run_dir(tmp_path):
+    from peer.records import RunRecorder
+    run_dir = tmp_path / "killed"
+    RunRecorder(run_dir, "peer-1").checkpoint({"run_id": "r-42", "round": 3, "term": 2}, b"weights")
+    env = compose_env(tmp_path, "--resume", str(run_dir))
+    assert env["FL_RUN_ID"] == "r-42" and env["FL_RESUME"] == "yes"
+    for args, words in ((["--resume", str(tmp_path / "nothing")], "no checkpoint in"),
+                        (["--resume", str(run_dir), "--", "--run-id", "other"], "is of run r-42, not other"),
+                        (["--resume", str(run_dir), "--run-dir", str(tmp_path / "x")], "leave --run-dir out")):
+        result = upsh(tmp_path, "compose-file", "--peers", "2", *args)
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
