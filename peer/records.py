@@ -377,6 +377,11 @@ def read_chaos(run_dir: str | Path, warnings: list[str] | None = None) -> list[C
     return sorted(rows, key=lambda c: c.time)
 
 
+def killed_on_purpose(run_dir: str | Path) -> set[str]:
+    """The peers chaos.csv says were killed on purpose: their exit is no failure of the run."""
+    return {event.peer for event in read_chaos(run_dir) if event.action == "kill"}
+
+
 def read_evaluations(run_dir: str | Path, peer: str, warnings: list[str] | None = None) -> list[EvaluationRecord]:
     """A peer's evaluations.csv: one row per round, the row that counts (the later one), by round."""
     rows = _read_csv(peer_dir(run_dir, peer) / EVALUATIONS_FILE, EVALUATIONS_COLUMNS, _parse_evaluation,
@@ -459,6 +464,10 @@ class RunSummary:
     @property
     def initial_accuracy(self) -> float | None:
         return self._number(self.outcome, "initial_accuracy")
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self._number(self.outcome, "final_accuracy")
 
     @property
     def finished_at(self) -> float | None:

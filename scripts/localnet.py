@@ -26,7 +26,7 @@ from pathlib import Path
 
 from peer.ids import new_run_id
 
-from peer.records import PEER_LOG_FILE, CheckpointError, peer_dir, read_chaos, read_checkpoint
+from peer.records import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     net.stop()
     # Peers killed on purpose (python -m scripts.chaos, ./up.sh kill) are not failures of the run.
-    killed = {event.peer for event in read_chaos(args.run_dir) if event.action == "kill"}
+    killed = killed_on_purpose(args.run_dir)
     failed = {peer: code for peer, code in codes.items() if code != 0 and not (peer in killed and code and code < 0)}
     print(f"localnet: records in {args.run_dir}; draw the graphs with: python -m graphs {args.run_dir}", flush=True)
     if failed:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import hashlib
 import json
 import os
@@ -38,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer.ids import new_run_id, valid_run_id
-from peer.records import CheckpointError, read_checkpoint
+from peer.records import (CheckpointError, killed_on_purpose, read_checkpoint, read_elections, read_rounds,
+                          read_run_summary)
 from scripts import chaos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,21 +137,6 @@ def read_env_file(path: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             values[key.strip()] = value.strip()
     return values
-
-
-def read_csv(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="") as f:
-            return [row for row in csv.DictReader(f) if None not in row.values()]   # a torn last line: next time
-    except OSError:
-        return []
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def peer_id(number: int) -> str:
@@ -527,7 +512,7 @@ class Progress:
         self.net, self.started = net, started
         self.joined: set[str] = set()
         self.terms_seen = 0
-        self.rounds_seen: set[str] = set()
+        self.rounds_seen: set[tuple] = set()
         self.exited: set[str] = set()
         self.finished = False
 
@@ -538,20 +523,16 @@ class Progress:
         if len(joined) > len(self.joined):
             self.joined = joined
             say(f"peers joined {len(joined)}/{len(self.net.peers)}")
-        elections = read_csv(run_dir / "elections.csv")
+        elections = read_elections(run_dir)
         for row in elections[self.terms_seen:]:
-            say(f"term {row['term']}: {row['controller']} is controller ({row['reason']})")
+            say(f"term {row.term}: {row.controller} is controller ({row.reason})")
         self.terms_seen = max(self.terms_seen, len(elections))
-        for row in read_csv(run_dir / "rounds.csv"):
-            key = f"{row['round']}/{row['term']}/{row['finished_at']}"
+        for row in read_rounds(run_dir):
+            key = (row.round, row.term, row.finished_at)
             if key in self.rounds_seen:
                 continue
             self.rounds_seen.add(key)
-            try:
-                accuracy = f"accuracy {float(row['accuracy']):.4f}"
-            except ValueError:
-                accuracy = "no accuracy"
-            say(f"round {row['round']}/{self.net.max_rounds}: {accuracy} ({float(row['duration_s'] or 0):.1f} s; "
+            say(f"round {row.round}/{self.net.max_rounds}: accuracy {row.accuracy:.4f} ({row.duration_s:.1f} s; "
                 f"{time.time() - self.started:.0f} s since the peers started)")
         for peer, state in (states or {}).items():
             if peer not in self.exited and state.startswith(("exited", "dead")):
@@ -559,18 +540,15 @@ class Progress:
                 code = state.split()[-1]
                 why = " (killed on purpose)" if code != "0" and peer in killed_on_purpose(run_dir) else ""
                 say(f"{peer} exited {code}{why}")
-        summary = read_json(run_dir / "run.json")
+        summary = read_run_summary(run_dir)
         if summary and not self.finished:
-            outcome = summary.get("outcome", {})
-            if outcome.get("finished_at", 0) >= self.started - 1:
+            outcome = summary.outcome
+            if (summary.finished_at or 0) >= self.started - 1:
                 self.finished = True
+                accuracy = summary.final_accuracy
                 say(f"finished ({outcome.get('reason')}): {outcome.get('rounds')} rounds, final accuracy "
-                    f"{outcome.get('final_accuracy', 0):.4f}, {outcome.get('terms')} term(s), "
+                    f"{'n/a' if accuracy is None else format(accuracy, '.4f')}, {outcome.get('terms')} term(s), "
                     f"{time.time() - self.started:.0f} s since the peers started")
-
-
-def killed_on_purpose(run_dir: Path) -> set[str]:
-    return {row["peer"] for row in read_csv(run_dir / "chaos.csv") if row.get("action") == "kill"}
 
 
 def verdict(codes: dict[str, int | None], run_dir: Path) -> dict[str, int | None]:
@@ -590,7 +568,7 @@ def report_end(run_dir: Path, failed: dict[str, int | None], interrupted: bool) 
         log = run_dir / "peers" / peer / "peer.log"
         lines = log.read_text(errors="replace").splitlines()[-4:] if log.exists() else []
         say(f"{peer} failed (exit {code}); its last lines:" + "".join(f"\n    {line}" for line in lines))
-    if read_csv(run_dir / "rounds.csv"):
+    if read_rounds(run_dir):
         say(f"records: {run_dir} (layout: docs/RECORDS.md)")
         say(f"graphs:  {graphs_command(run_dir)}")
     elif failed or interrupted:
@@ -604,7 +582,12 @@ def remember(**info) -> None:
 
 
 def last() -> dict:
-    return read_json(STATE / "last.json") or {}
+    """What `remember` wrote of the last network, or {} (none yet, or unreadable)."""
+    try:
+        info = json.loads((STATE / "last.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def launcher_alive(pid) -> bool:
