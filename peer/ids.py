@@ -15,6 +15,11 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
+def launched_peer_id(number: int) -> str:
+    """Peer K (from 1) of a network the launchers start is `peer-K`, on shard K-1 of N."""
+    return f"peer-{number}"
+
+
 def valid_peer_id(text) -> bool:
     return isinstance(text, str) and PEER_ID_PATTERN.fullmatch(text) is not None
 

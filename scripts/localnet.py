@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from peer.ids import new_run_id
+from peer.ids import launched_peer_id, new_run_id
 
 from peer.records import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
 
@@ -138,7 +138,7 @@ class LocalNetwork:
 
     @staticmethod
     def peer_id(index: int) -> str:
-        return f"peer-{index + 1}"
+        return launched_peer_id(index + 1)
 
     def start(self) -> "LocalNetwork":
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peer.ids import new_run_id, valid_run_id
+from peer.ids import launched_peer_id, new_run_id, valid_run_id
 from peer.records import (CheckpointError, killed_on_purpose, read_checkpoint, read_elections, read_rounds,
                           read_run_summary)
 from scripts import chaos
@@ -139,9 +139,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def peer_id(number: int) -> str:
-    """Peer K (from 1) of a network is `peer-K` and reads shard K-1 of T (scripts.localnet names them alike)."""
-    return f"peer-{number}"
+peer_id = launched_peer_id   # peer K (from 1) is peer-K, on shard K-1 of T, as scripts.localnet names them
 
 
 def abs_path(text: str) -> Path:
