@@ -118,9 +118,8 @@ class Peer:
         self.samples = learner.sample_counts()
         self.follower = Follower(self.me, self.store, tuple(tuple(w.shape) for w in learner.initial_weights()))
         self.controller: Controller | None = None
-        # What each peer announced (init): (pid, train samples, test samples). A controller bounds declared sample
-        # counts by it; a newcomer (or a new process under a known id) is answered with our own init.
-        self.announced: dict[str, tuple[int, int, int]] = {}
+        # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
+        self.announced: dict[str, tuple[int, int]] = {}
         self.records = RunRecorder(settings.run_dir, self.me)
         self.log = logging.getLogger("peer")
         if not self.log.handlers:
@@ -290,8 +289,8 @@ class Peer:
             else:
                 self.peer_gone(message.peer, now)
         elif route is Route.ANNOUNCE:
-            self.announced[message.peer] = (message.pid, message.train_samples, message.test_samples)
-            self.peer_up(message.peer, now, (message.train_samples, message.test_samples))
+            self.announced[message.peer] = (message.train_samples, message.test_samples)
+            self.peer_up(message.peer, now, self.announced[message.peer])
             if message.peer != self.me and not message.reply:
                 # A newcomer, or a peer back on the broker, learns from the answers who is here and what each holds.
                 self._announce(reply=True)
@@ -439,7 +438,7 @@ class Peer:
         self.controller = Controller(self.settings, action.term, action.reason, action.members, self.election.live,
                                      self.store, self.rng, wall_offset=time.time() - time.monotonic(),
                                      initial_weights=initial,
-                                     announced={p: (train, test) for p, (_, train, test) in self.announced.items()})
+                                     announced=self.announced)
         self.carry_out(self.controller.take_office(now), now)
 
     def _job_wanted(self, job: StartJob) -> bool:

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .ids import PEER_ID_PATTERN, RUN_ID_PATTERN, TOPIC_PREFIX_PATTERN, new_run_id, valid_peer_id, valid_run_id  # noqa: F401
+from .ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_peer_id, valid_run_id
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 * 1024

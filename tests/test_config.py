@@ -11,7 +11,7 @@ import pytest
 
 from peer import data, partition
 from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings, number, whole_number
-from peer.protocol import PEER_ID_PATTERN
+from peer.ids import PEER_ID_PATTERN
 
 # Two secret files for the samples below (a file flag needs a file to read).
 _KEYS = Path(tempfile.mkdtemp(prefix="fl-config-test-"))

@@ -343,7 +343,7 @@ def test_every_announcement_is_answered_and_no_answer_is(tmp_path):
     deliver(peer, Init("p8", 0, 0, 222, 400, 90, True), clock.now)      # an answer to someone: not answered
     mine = [m for m in transport.messages(Init) if m.peer == "p1"]
     assert len(mine) == 2 and all(m.reply for m in mine) and (mine[0].train_samples, mine[0].test_samples) == (500, 100)
-    assert peer.announced["p7"] == (111, 400, 90) and {"p7", "p8"} <= peer.election.live
+    assert peer.announced["p7"] == (400, 90) and {"p7", "p8"} <= peer.election.live
 
 
 def test_after_a_reconnect_a_peer_not_heard_from_is_counted_gone(tmp_path, lines):

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
+from peer.ids import RUN_ID_PATTERN, valid_run_id
 from peer.protocol import (
     FRAME_MAGIC, MAX_CONTROL_BYTES, MAX_TENSOR_DIMS, MAX_TENSORS, MAX_TERM, MAX_WEIGHT_BYTES, MESSAGE_TYPES,
-    PROTOCOL_VERSION, RUN_ID_PATTERN, Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics,
+    PROTOCOL_VERSION, Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics,
     Presence, ProtocolError, Solution, Topics, Training, Vote, WeightCodec, decode, encode, encoded_size,
-    valid_run_id,
 )
 
 TOPICS = sorted({cls.TOPIC for cls in MESSAGE_TYPES.values()})   # every topic a message type is sent on
