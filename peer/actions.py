@@ -47,6 +47,14 @@ class AdoptModel:
 
 
 @dataclass(frozen=True)
+class FetchModel:
+    """This peer lacks the global model an order names: have the broker send the retained aggregations again (they
+    come back as retained models, through `Follower.on_retained_model`)."""
+    round: int
+    digest: str
+
+
+@dataclass(frozen=True)
 class FinishRound:
     """The round's metrics are known: remember them (model store) so any peer can resume the run."""
     summary: RoundSummary

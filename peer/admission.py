@@ -10,7 +10,9 @@ topic of the peer it names: `protocol.decode`) and asked the `ReplayGuard` wheth
 The rules, in the order they apply:
 - only presence, claims, heartbeats, aggregations and finishes are ever published retained: another kind that comes
   retained (an order lying in wait on the broker for every newcomer) is refused;
-- presence and announcements (init) always reach the election;
+- presence and announcements (init) always reach the election, unless the init names another model than ours (a
+  peer started with another --model or --dataset): that peer is not counted, and its ballots are ignored;
+- a heartbeat naming another model tells a peer that is not controller that the run is not for its model;
 - a term can only move forward by a bounded step: never to the last encodable term, and (for a peer in a run) never
   more than MAX_TERM_STEP past its own, so no single message can strand the federation in a term it cannot leave;
 - ballots (vote, claim) reach the election;
@@ -48,6 +50,8 @@ class Route(str, enum.Enum):
     RETAINED_LEADER = "retained-leader"  # a retained claim or heartbeat: election
     RETAINED_MODEL = "retained-model"    # a retained aggregation: follower (the model to start from)
     FROM_CONTROLLER = "from-controller"  # heartbeat, training, aggregation, metrics, finish: election, then follower
+    PEER_OTHER_MODEL = "peer-other-model"  # an init of a peer whose model is not ours: it is not counted
+    RUN_OTHER_MODEL = "run-other-model"    # a controller's heartbeat naming another model: this peer cannot take part
     TO_CONTROLLER = "to-controller"      # solution, evaluation: the controller of that term
 
 
@@ -64,6 +68,8 @@ class View:
     term: int
     role: Role
     controller: str | None
+    model: str = ""                            # this peer's model fingerprint ("" before it knows it: no check)
+    misfits: frozenset[str] = frozenset()      # peers that announced another model
 
 
 @dataclass
@@ -79,10 +85,15 @@ class ReplayGuard:
     are history (delivered when this peer subscribes): exempt from the age, not from the order. Our own messages are
     the node's to judge (an echo, or another process with our id)."""
     me: str
-    seen: dict[tuple[str, int], int] = field(default_factory=dict)   # (sender, incarnation) -> highest seq
+    # (sender, incarnation) -> (highest seq, the seqs seen within WINDOW of it)
+    seen: dict[tuple[str, int], tuple[int, set[int]]] = field(default_factory=dict)
     lives: dict[str, list[int]] = field(default_factory=dict)        # sender -> its incarnations seen, newest last
 
     LIVES_KEPT = 4   # per sender: a peer restarted more often than this within MAX_AGE_S is not worth remembering
+    # Messages of one sender may arrive out of order: the broker hands a subscriber the retained messages of several
+    # topics (a claim, a heartbeat, the chunks of a model) in no particular order. So a seq below the highest is
+    # fresh if it is within WINDOW of it and not seen yet (as IPsec's anti-replay window).
+    WINDOW = 4096
 
     def check(self, kind: str, sender: str, stamp: Stamp, retained: bool, wall_now: float) -> Refused | None:
         if sender == self.me or kind == "presence":
@@ -91,14 +102,20 @@ class ReplayGuard:
             return Refused(f"ignored a {kind} from {sender} sent {wall_now - stamp.sent_at:.0f}s ago by its clock: "
                            f"a replay, or clocks more than {MAX_AGE_S:.0f}s apart", "warning")
         key = (sender, stamp.incarnation)
-        if stamp.seq <= self.seen.get(key, 0):
+        highest, recent = self.seen.get(key, (0, set()))
+        if stamp.seq in recent or stamp.seq <= highest - self.WINDOW or stamp.seq == 0:
             return Refused(f"ignored a copy of {sender}'s message {stamp.seq} (a duplicate or a replay)")
         if key not in self.seen:
             lives = self.lives.setdefault(sender, [])
             lives.append(stamp.incarnation)
             while len(lives) > self.LIVES_KEPT:
                 self.seen.pop((sender, lives.pop(0)), None)
-        self.seen[key] = stamp.seq
+        recent.add(stamp.seq)
+        if stamp.seq > highest:
+            highest = stamp.seq
+            if len(recent) > 2 * self.WINDOW:   # forget what the window has passed
+                recent = {seq for seq in recent if seq > highest - self.WINDOW}
+        self.seen[key] = (highest, recent)
         return None
 
 
@@ -109,7 +126,16 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
     if isinstance(message, Presence):
         return Route.PRESENCE
     if isinstance(message, Init):
+        if view.model and message.model != view.model:
+            return Route.PEER_OTHER_MODEL
         return Route.ANNOUNCE
+    if isinstance(message, (Vote, Claim)) and message.peer in view.misfits:
+        return Refused(f"ignored a {message.TYPE} of {message.peer}: it runs another model")
+    if isinstance(message, Heartbeat) and view.model and message.model != view.model:
+        if view.role is Role.CONTROLLER:
+            return Refused(f"ignored a heartbeat of {message.controller}, which runs another model "
+                           f"({message.model}; ours is {view.model})", "warning")
+        return Route.RUN_OTHER_MODEL
     if isinstance(message, TERM_MESSAGES) and (jump := _term_jump(message.term, view.term)):
         return jump
     if isinstance(message, Vote):

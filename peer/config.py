@@ -19,7 +19,7 @@ from .aggregation import AGGREGATIONS
 from .data import DATASETS, DEFAULT_SEED
 from .partition import DEFAULT_ALPHA, SCHEMES
 from .ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_run_id
-from .protocol import MIN_SECRET_BYTES, read_secret_file
+from .protocol import MAX_MESSAGE_BYTES, MIN_CHUNKED_MESSAGE_BYTES, MIN_SECRET_BYTES, WIRE_DTYPES, read_secret_file
 
 
 class SettingsError(ValueError):
@@ -54,6 +54,8 @@ class Settings:
     election_window: float = 1.0
     round_deadline: float = 60.0
     aggregation: str = "fedavg"
+    wire_dtype: str = "float32"
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     wait_timeout: float = 600.0
     run_id: str = "default"
     resume: bool = False
@@ -231,6 +233,13 @@ OPTIONS = [
     ("--aggregation", "FL_AGGREGATION", "aggregation", _choice(AGGREGATIONS),
      f"how solutions become the global model: {' | '.join(AGGREGATIONS)} (default fedavg; the others resist "
      "trainers that lie, see docs/SECURITY.md)"),
+    ("--wire-dtype", "FL_WIRE_DTYPE", "wire_dtype", _choice(WIRE_DTYPES),
+     "how model weights travel: float32, or float16 at half the bytes (a tensor with values beyond float16's range "
+     "still travels as float32) (default float32)"),
+    ("--max-message-bytes", "FL_MAX_MESSAGE_BYTES", "max_message_bytes",
+     whole_number(MIN_CHUNKED_MESSAGE_BYTES, MAX_MESSAGE_BYTES),
+     "the broker's message_size_limit: a model larger than this travels in chunks (default and most 16777216, "
+     "mosquitto's setting in broker/)"),
     ("--wait-timeout", "FL_WAIT_TIMEOUT", "wait_timeout", number(1.0),
      "seconds a peer waits for enough peers (before the first election, or as controller) before it gives up "
      "with exit code 4 (default 600)"),

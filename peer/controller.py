@@ -25,8 +25,8 @@ from .actions import (EXIT_GAVE_UP, EXIT_OK, Action, AdoptModel, Exit, FinishRou
                       RecordElection, RecordRound, RecordRun, SaveCheckpoint, SaveModel)
 from .aggregation import AggregationRefused, Aggregator
 from .config import Settings
-from .protocol import (Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training,
-                       encoded_size, sealed_size)
+from .protocol import (Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training, WeightCodec,
+                       encoded_size, wire_size)
 from .rounds import (EvaluationCollector, GlobalModel, ModelStore, RoundOutcome, RoundSummary, SolutionCollector,
                      choose_trainers)
 
@@ -57,11 +57,12 @@ class Controller:
     def __init__(self, settings: Settings, term: int, reason: str, members: tuple[str, ...], live: Iterable[str],
                  memory: ModelStore, rng: random.Random, wall_offset: float = 0.0,
                  initial_weights: list[np.ndarray] | None = None,
-                 announced: Mapping[str, tuple[int, int]] | None = None):
+                 announced: Mapping[str, tuple[int, int]] | None = None, model_fingerprint: str = "0" * 16):
         """`memory` is what this peer knows of the run when it takes office (read here, never written: the node
         owns it); `initial_weights` start a run that has no global model yet; `announced` holds each peer's
         (train, test) sample counts from its init, the most it may declare."""
         self.settings, self.me, self.term, self.reason = settings, settings.peer_id, term, reason
+        self.fingerprint = model_fingerprint     # named in every heartbeat: peers of another model stay out
         self.members, self.rng, self.wall_offset = members, rng, wall_offset
         self.live = set(live) | {self.me}          # its own set, kept current by peer_up / peer_down
         self.announced: dict[str, tuple[int, int]] = dict(announced or {})
@@ -170,6 +171,10 @@ class Controller:
         """Back on the broker after losing it: what was published meanwhile may be lost (an order, a solution, an
         evaluation), so the current order goes out again at once; trainers answer it from what they already did."""
         self.next_heartbeat = now
+        if self.phase is Phase.TRAINING and self.solutions:
+            # A restarted broker lost the retained model too, which a trainer lacking it would fetch.
+            self._publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers, self.model.weights),
+                          retain=True)
         self._resend(now, "reconnected")
 
     def _waits_for(self, peer: str) -> bool:
@@ -184,7 +189,7 @@ class Controller:
         if self.phase is Phase.TRAINING and self.solutions:
             self._log(f"round {self.round}: {why}; sending the training order again")
             self.round_bytes += self._publish(Training(self.term, self.me, self.round, self.attempt,
-                                                       self.solutions.trainers, self.model.weights))
+                                                       self.solutions.trainers, self.model.digest))
         elif self.phase is Phase.EVALUATING and self.evaluations:
             self._log(f"round {self.round}: {why}; publishing the model again")
             self.round_bytes += self._publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers,
@@ -194,7 +199,7 @@ class Controller:
     def tick(self, now: float) -> None:
         if now >= self.next_heartbeat and not self.finished:
             self.next_heartbeat = now + self.settings.heartbeat
-            self._publish(Heartbeat(self.term, self.me, self.round, self.phase.value), retain=True)
+            self._publish(Heartbeat(self.term, self.me, self.round, self.phase.value, self.fingerprint), retain=True)
         if self.resend_due is not None and now >= self.resend_due:
             self._resend(now, "a peer it waits for is back")
         if (self.phase is Phase.WAITING_PEERS and self.waiting_since is not None
@@ -214,9 +219,15 @@ class Controller:
     def _publish(self, message: Message, retain: bool = False, expiry: int | None = None) -> int:
         """Publish, and say how many bytes it puts on the wire (the round's traffic counts them)."""
         self._out.append(Publish(message, retain, expiry))
-        return sealed_size(encoded_size(message), self.settings.secret is not None)
+        return wire_size(encoded_size(message, self.settings.wire_dtype), self.settings.secret is not None,
+                         self.settings.max_message_bytes)
 
     def _adopt(self, model: GlobalModel) -> None:
+        """Hold `model` as the global one, as the peers will receive it: rounded to the wire's dtype, so the digest a
+        training order names is the digest of what the trainers hold."""
+        quantized = WeightCodec.quantized(model.weights, self.settings.wire_dtype)
+        if quantized is not model.weights:
+            model = GlobalModel(model.round, model.term, quantized, model.trainers)
         self.model = model
         self._out.append(AdoptModel(model))
 
@@ -267,7 +278,7 @@ class Controller:
         self.evaluations = None
         self.phase = Phase.TRAINING
         self.round_bytes += self._publish(Training(self.term, self.me, self.round, self.attempt, trainers,
-                                                   self.model.weights))
+                                                   self.model.digest))
         self._log(f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
                   f"{','.join(trainers)} (quorum {quorum})")
 

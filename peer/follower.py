@@ -10,8 +10,8 @@ model is an action the node carries out.
 """
 from __future__ import annotations
 
-from .actions import (EXIT_GAVE_UP, EXIT_OK, GIVE_UP_REASONS, Action, AdoptModel, Exit, FinishRound, JobDone, Log,
-                      Publish, RecordEvaluation, StartJob)
+from .actions import (EXIT_GAVE_UP, EXIT_OK, GIVE_UP_REASONS, Action, AdoptModel, Exit, FetchModel, FinishRound,
+                      JobDone, Log, Publish, RecordEvaluation, StartJob)
 from .protocol import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
 from .rounds import GlobalModel, ModelStore, RoundSummary
 
@@ -27,6 +27,8 @@ class Follower:
         self.solution: Solution | None = None
         self.evaluating: tuple[int, int] | None = None
         self.evaluation: Evaluation | None = None
+        # An order for a model this peer does not hold yet (it is being fetched): started when that model comes.
+        self.waiting: Training | None = None
 
     def on_controller(self, message: Message) -> list[Action]:
         """A live message of the current term's controller."""
@@ -36,8 +38,6 @@ class Follower:
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
-            if misfit := self._misfit(message):
-                return misfit
             key = (message.term, message.round, message.attempt)
             if key == self.fitting:
                 if self.solution is not None and (self.solution.term, self.solution.round,
@@ -45,9 +45,14 @@ class Follower:
                     return [Publish(self.solution),
                             Log(f"round {message.round}: the order came again; sending my solution again")]
                 return [Log(f"round {message.round}: the order came again; still training", "debug")]
-            self.fitting = key
-            return [Log(f"round {message.round}: chosen to train (attempt {message.attempt})"),
-                    StartJob("fit", message.term, message.round, message.attempt, message.weights)]
+            held = self.memory.latest
+            if held is None or held.round != message.round - 1 or held.digest != message.digest:
+                self.waiting = message
+                have = f"round {held.round}" if held else "none"
+                return [Log(f"round {message.round}: chosen to train, but this peer lacks the model the order names "
+                            f"(round {message.round - 1}, {message.digest[:8]}; it holds {have}); fetching it"),
+                        FetchModel(message.round - 1, message.digest)]
+            return self._fit(message, held.weights)
         if isinstance(message, Aggregation):
             if misfit := self._misfit(message):
                 return misfit
@@ -60,7 +65,7 @@ class Follower:
                     return [Publish(self.evaluation)]
                 return []
             self.evaluating = key
-            return [*self._adopt(message),
+            return [*self._adopt(message), *self._waiting_for(message),
                     StartJob("evaluate", message.term, message.round, 1, message.weights)]
         if isinstance(message, Metrics):
             summary = RoundSummary(message.round, message.term, message.accuracy, message.loss, message.bytes)
@@ -83,7 +88,8 @@ class Follower:
     def on_retained_model(self, message: Aggregation) -> list[Action]:
         """The broker's retained aggregation, delivered when this peer subscribed: the model a late joiner starts
         from, not an order to evaluate it."""
-        return self._misfit(message) or self._adopt(message, note="retained by the broker")
+        return self._misfit(message) or [*self._adopt(message, note="retained by the broker"),
+                                         *self._waiting_for(message)]
 
     def reconnected(self, current_term: int) -> list[Action]:
         """Back on the broker: what this peer sent while it was gone may be lost, so its answers of this term go
@@ -108,9 +114,24 @@ class Follower:
         return [RecordEvaluation(job.round, job.term, accuracy, loss, samples),
                 Publish(self.evaluation),
                 Log(f"round {job.round}: global model scores accuracy {accuracy:.4f}, loss {loss:.4f} on my "
-                    f"{samples} test samples")]
+                    f"{samples} test samples ({done.seconds:.1f}s)")]
 
-    def _misfit(self, message: Training | Aggregation) -> list[Action]:
+    def _fit(self, order: Training, weights) -> list[Action]:
+        self.fitting, self.waiting = (order.term, order.round, order.attempt), None
+        return [Log(f"round {order.round}: chosen to train (attempt {order.attempt})"),
+                StartJob("fit", order.term, order.round, order.attempt, weights)]
+
+    def _waiting_for(self, message: Aggregation) -> list[Action]:
+        """The waiting order, started if `message` is the model it names."""
+        order = self.waiting
+        if order is None or message.round != order.round - 1:
+            return []
+        model = GlobalModel(message.round, message.term, message.weights)
+        if model.digest != order.digest:
+            return []
+        return self._fit(order, message.weights)
+
+    def _misfit(self, message: Aggregation) -> list[Action]:
         """[one warning] if the message's model does not fit this peer's model, else []."""
         shapes = tuple(tuple(w.shape) for w in message.weights)
         if self.shapes is None or shapes == self.shapes:

@@ -99,3 +99,15 @@ class Learner:
         with self._lock:
             self._model.set_weights(weights)
             self._model.save(path)
+
+    def fingerprint(self) -> str:
+        """The model's fingerprint (tensor shapes and dtypes), announced to the other peers."""
+        from .protocol import FINGERPRINT_HEX
+        import hashlib
+        self.prepare()
+        text = ";".join(f"{tuple(w.shape)}:{w.dtype.str}" for w in self._initial)
+        return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_HEX]
+
+    def describe_model(self) -> str:
+        self.prepare()
+        return f"{len(self._initial)} tensors, {sum(w.size for w in self._initial):,} parameters"

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import random
 import time
 
-from .actions import (EXIT_DUPLICATE, EXIT_GAVE_UP, EXIT_REFUSED, AdoptModel, Exit, FinishRound, JobDone, Log,
-                      Print, Publish, RecordElection, RecordEvaluation, RecordRound, RecordRun, SaveCheckpoint,
+from .actions import (EXIT_DUPLICATE, EXIT_GAVE_UP, EXIT_REFUSED, AdoptModel, Exit, FetchModel, FinishRound, JobDone,
+                      Log, Print, Publish, RecordElection, RecordEvaluation, RecordRound, RecordRun, SaveCheckpoint,
                       SaveModel, StartJob)
 from .admission import Refused, ReplayGuard, Route, View, admit, entitled
 from .config import Settings
@@ -28,8 +28,9 @@ from .election import (CastVote, Election, ElectionTimings, FollowController, Gi
 from .follower import Follower
 from .jobs import JobRunner
 from .learner import Learner
-from .protocol import (Claim, Init, Message, Presence, ProtocolError, Seal, Stamper, Topics, Vote, WeightCodec, decode,
-                       encode)
+from .chunks import Complete, Dropped, Reassembler, is_chunk, split
+from .protocol import (MAX_WEIGHT_BYTES, Claim, Init, Message, Presence, ProtocolError, Seal, Stamper, Topics, Vote,
+                       WeightCodec, chunk_limit, decode, encode_parts, sealed_size)
 from .records import Checkpoint, RunRecorder
 from .rounds import GlobalModel, ModelStore, RoundSummary
 from .transport import Connected, Disconnected, Inbound, MqttTransport, Refused as ConnectionRefused
@@ -37,6 +38,7 @@ from .transport import Connected, Disconnected, Inbound, MqttTransport, Refused 
 TICK_S = 0.05
 PRESENCE_EXPIRY_S = 3600   # a dead peer's "offline" will does not linger on a long-lived broker forever
 QUIET_S = 10.0             # the same kind of warning (a malformed message, a failed write) at most once per this
+CHUNK_TIMEOUT_S = 60.0     # a chunked message whose next chunk is this late is dropped (the round logic retries)
 LOG_FORMAT = "%(asctime)s %(levelname)-7s peer=%(peer)s role=%(role)s term=%(term)s round=%(round)s " \
              "phase=%(phase)s | %(message)s"
 
@@ -116,6 +118,12 @@ class Peer:
                                  self.rng, started_at=time.monotonic())
         self.store = ModelStore()          # written here only, by carrying out AdoptModel and FinishRound
         self.samples = learner.sample_counts()
+        self.fingerprint = learner.fingerprint()
+        self.misfits: set[str] = set()      # peers that announced another model: not part of this run
+        # Chunked messages being put back together: at most two models per sender and four in all at once.
+        self.reassembler = Reassembler(MAX_WEIGHT_BYTES + 4096, 4 * MAX_WEIGHT_BYTES, CHUNK_TIMEOUT_S)
+        self.chunks_out: dict[str, int] = {}   # retained topic -> chunks its last model took (to clear them later)
+        self.last_fetch = float("-inf")
         self.follower = Follower(self.me, self.store, tuple(tuple(w.shape) for w in learner.initial_weights()))
         self.controller: Controller | None = None
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
@@ -129,7 +137,7 @@ class Peer:
         # with a login per peer replaces it with the login (use_username_as_clientid).
         self.transport = transport or MqttTransport(
             settings.broker_host, settings.broker_port, f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
-            self.topics.subscription, self.events, settings.keepalive, settings.username, settings.password)
+            self.topics.subscriptions(), self.events, settings.keepalive, settings.username, settings.password)
         self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
         if resume:
             self.store.offer(resume.model.round, resume.model.term, resume.model.weights, resume.model.trainers)
@@ -162,7 +170,7 @@ class Peer:
 
     def _view(self) -> View:
         e = self.election
-        return View(self.me, e.term, e.role, e.controller)
+        return View(self.me, e.term, e.role, e.controller, self.fingerprint, frozenset(self.misfits))
 
     def _write_status(self) -> None:
         last = self.store.last_finished
@@ -176,8 +184,9 @@ class Peer:
     # --- main loop ------------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.log.info("starting: broker %s, run %s, shard %s, waiting for %d peers", self.settings.broker,
-                      self.settings.run_id, self.settings.shard_label, self.settings.min_peers)
+        self.log.info("starting: broker %s, run %s, shard %s, model %s (fingerprint %s), waiting for %d peers",
+                      self.settings.broker, self.settings.run_id, self.settings.shard_label,
+                      self.learner.describe_model(), self.fingerprint, self.settings.min_peers)
         if not self.seal.sealed:
             self.log.warning("no federation secret (--secret-file or FL_SECRET): any client of this broker can speak "
                              "for the federation; see docs/SECURITY.md")
@@ -212,6 +221,8 @@ class Peer:
             # The run is over: its leader and model need not stay on the broker (the retained Finish does, for
             # peers that come back to this run later).
             last += [(self.topics.topic(kind, self.me), b"", True) for kind in ("election", "heartbeat", "aggregation")]
+            model = self.topics.topic("aggregation", self.me)
+            last += [(Topics.chunk(model, i), b"", True) for i in range(self.chunks_out.get(model, 0))]
         return last
 
     def tick(self, now: float) -> None:
@@ -226,6 +237,8 @@ class Peer:
         self.carry_out(self.election.tick(now), now)
         if self.controller:
             self.carry_out(self.controller.tick(now), now)
+        for dropped in self.reassembler.expire(now):
+            self._dropped(dropped)
 
     def handle(self, event, now: float) -> None:
         if isinstance(event, Inbound):
@@ -253,34 +266,58 @@ class Peer:
     # --- inbound: decode, admit, route ----------------------------------------------------------------------------------
 
     def on_inbound(self, event: Inbound, now: float) -> None:
-        parsed = self.topics.parse(event.topic)
-        if parsed is None or not event.payload:   # not ours; or a cleared retained slot, which anyone can send
+        located = self.topics.locate(event.topic)
+        if located is None or not event.payload:   # not ours; or a cleared retained slot, which anyone can send
             return
-        kind, sender = parsed
+        kind, sender, index = located
+        size = len(event.payload)
         try:
             body, stamp = self.seal.open(event.topic, event.payload)
+            if index is not None or is_chunk(body):
+                if index is None or not is_chunk(body):
+                    raise ProtocolError("a chunk must come on a chunk's topic, and only a chunk")
+                if refusal := self.guard.check(kind, sender, stamp, event.retained, time.time()):
+                    return self._refused(refusal)
+                result = self.reassembler.offer(sender, stamp.incarnation, kind, body, now)
+                if isinstance(result, Dropped):
+                    return self._dropped(result)
+                if not isinstance(result, Complete):
+                    return
+                body = result.body
+                size = sealed_size(len(body), self.seal.sealed)
             message = decode(kind, body, sender=sender)
         except ProtocolError as err:
             self.quota.warn(f"malformed:{kind}", logging.WARNING, "dropped a malformed message on %s (%d bytes): %s",
                             event.topic, len(event.payload), err)
             return
-        if sender == self.me and stamp.incarnation != self.stamper.incarnation and kind == "init" \
-                and not event.retained:
-            return self._same_id(message, stamp.incarnation)
-        refusal = self.guard.check(kind, sender, stamp, event.retained, time.time())
-        if refusal:
-            return self._refused(refusal)
+        if index is None:   # (a chunked message's chunks were each checked as they came)
+            if sender == self.me and stamp.incarnation != self.stamper.incarnation and kind == "init" \
+                    and not event.retained:
+                return self._same_id(message, stamp.incarnation)
+            refusal = self.guard.check(kind, sender, stamp, event.retained, time.time())
+            if refusal:
+                return self._refused(refusal)
         if not event.retained:
             self.election.heard_from(sender)
         verdict = admit(message, event.retained, self._view())
         if isinstance(verdict, Refused):
             self._refused(verdict)
             return
-        self.route(verdict, message, len(event.payload), now)
+        self.route(verdict, message, size, now)
 
     def route(self, route: Route, message: Message, size: int, now: float) -> None:
         e = self.election
+        if route is Route.PEER_OTHER_MODEL:
+            return self._other_model(message)
+        if route is Route.RUN_OTHER_MODEL:
+            self.log.error("this run's model (fingerprint %s, controller %s) is not this peer's (%s, %s): start this "
+                           "peer with the run's --model and --dataset", message.model, message.controller,
+                           self.fingerprint, self.learner.describe_model())
+            self.exit_code = EXIT_REFUSED
+            return
         if route is Route.PRESENCE:
+            if message.peer in self.misfits:
+                return
             if message.status == "online":
                 self.peer_up(message.peer, now)
             elif message.peer == self.me:
@@ -315,6 +352,21 @@ class Peer:
         elif route is Route.TO_CONTROLLER:
             if self.controller:
                 self.carry_out(self.controller.on_message(message, size, now), now)
+
+    def _other_model(self, message: Init) -> None:
+        """A peer announced another model than ours: it cannot take part (its solutions would not fit), so it is not
+        counted, in the election or as a trainer; it learns so from the controller's heartbeat and exits."""
+        if message.peer not in self.misfits:
+            self.misfits.add(message.peer)
+            self.log.warning("%s runs another model (fingerprint %s; this peer's is %s): it is not counted in this "
+                             "run (every peer needs the same --model and --dataset)", message.peer, message.model,
+                             self.fingerprint)
+        if message.peer in self.election.live:
+            self.peer_gone(message.peer, time.monotonic())
+
+    def _dropped(self, dropped: Dropped) -> None:
+        level = logging.getLevelName(dropped.level.upper())
+        self.quota.warn(f"chunks:{dropped.reason[:30]}", level, "%s", dropped.reason)
 
     def _same_id(self, message: Init, incarnation: int) -> None:
         """Another process announced itself with our peer id: two peers cannot share one. The one started later
@@ -351,13 +403,34 @@ class Peer:
     # --- carrying out ---------------------------------------------------------------------------------------------------
 
     def send(self, message: Message, retain: bool = False, expiry: int | None = None) -> None:
-        self.transport.publish(self.topics.of(message), self._sealed(message), retain=retain, expiry=expiry)
+        """Publish `message`: one envelope, or, larger than the broker takes, one per chunk (chunk i on topic/i)."""
+        topic = self.topics.of(message)
+        parts = encode_parts(message, self.settings.wire_dtype)
+        size = sum(len(part) for part in parts)
+        limit = self.settings.max_message_bytes
+        chunks = 0
+        if sealed_size(size, self.seal.sealed) <= limit:
+            self.transport.publish(topic, self._seal(topic, b"".join(parts)), retain=retain, expiry=expiry)
+        else:
+            message_id = self.stamper.seq + 1
+            for chunks, body in enumerate(split(parts, chunk_limit(limit, self.seal.sealed), message_id), 1):
+                chunk_topic = Topics.chunk(topic, chunks - 1)
+                self.transport.publish(chunk_topic, self._seal(chunk_topic, body), retain=retain, expiry=expiry)
+        if retain:
+            # A model of fewer chunks than the last one on this topic leaves no stale chunk behind.
+            for index in range(chunks, self.chunks_out.get(topic, 0)):
+                self.transport.publish(Topics.chunk(topic, index), b"", retain=True)
+            self.chunks_out[topic] = chunks
+
+    def _seal(self, topic: str, body: bytes) -> bytes:
+        return self.seal.seal(topic, body, self.stamper.next())
 
     def _sealed(self, message: Message) -> bytes:
-        return self.seal.seal(self.topics.of(message), encode(message), self.stamper.next())
+        return self._seal(self.topics.of(message), b"".join(encode_parts(message)))
 
     def _announce(self, reply: bool = False) -> None:
-        self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples, reply))
+        self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples, reply,
+                       self.fingerprint))
 
     def _write(self, what: str, write, *args, **kwargs) -> None:
         """A record written, or the failure logged: a full or read-only disk never stops the training."""
@@ -386,6 +459,7 @@ class Peer:
             elif isinstance(action, StepDown):
                 self.log.warning("stepping down as controller of term %d: %s", action.term, action.reason)
                 self.controller = None
+                self.transport.unsubscribe([topic for topic, _ in self.topics.subscriptions(controller=True)])
                 # The others may have counted us gone while we were silent: say we are here, as a peer now.
                 self._announce()
             elif isinstance(action, Note):
@@ -403,6 +477,11 @@ class Peer:
                 self.log.log(logging.getLevelName(action.level.upper()), "%s", action.text)
             elif isinstance(action, StartJob):
                 self.runner.submit(action)
+            elif isinstance(action, FetchModel):
+                # A re-sent order must not make every waiting trainer fetch every model again at once.
+                if now - self.last_fetch >= self.settings.heartbeat:
+                    self.last_fetch = now
+                    self.transport.fetch_retained(self.topics.aggregations())
             elif isinstance(action, AdoptModel):
                 model = action.model
                 if self.store.offer(model.round, model.term, model.weights, model.trainers):
@@ -434,11 +513,14 @@ class Peer:
                 raise TypeError(f"no way to carry out {action!r}")
 
     def take_office(self, action: TakeOffice, now: float) -> None:
+        # Solutions and evaluations reach the controller only: subscribed before the first order goes out (the
+        # broker handles one client's packets in order), so no answer comes before the subscription.
+        self.transport.subscribe(self.topics.subscriptions(controller=True))
         initial = self.learner.initial_weights() if self.store.latest is None else None
         self.controller = Controller(self.settings, action.term, action.reason, action.members, self.election.live,
                                      self.store, self.rng, wall_offset=time.time() - time.monotonic(),
                                      initial_weights=initial,
-                                     announced=self.announced)
+                                     announced=self.announced, model_fingerprint=self.fingerprint)
         self.carry_out(self.controller.take_office(now), now)
 
     def _job_wanted(self, job: StartJob) -> bool:

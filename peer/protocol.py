@@ -28,13 +28,16 @@ from typing import ClassVar
 
 import numpy as np
 
+from .chunks import CHUNK_HEAD_SIZE
 from .ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_peer_id, valid_run_id
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2                  # 2: per-tensor dtype (float16 on the wire), weightless training orders
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_TENSOR_DIMS = 8
-MAX_WEIGHT_BYTES = 16 * 1024 * 1024   # the brokers' message_size_limit (broker/*.conf) is the same
+MAX_WEIGHT_BYTES = 1024 * 1024 * 1024  # the largest model a peer takes (1 GiB); beyond MAX_MESSAGE_BYTES in chunks
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the brokers' message_size_limit (broker/*.conf): a larger payload is chunked
+MIN_CHUNKED_MESSAGE_BYTES = 65536     # the smallest broker limit a peer works with (a chunk must hold some data)
 MAX_TERM = 2**31 - 1                  # the highest term: encode and decode refuse more
 _MAX_COUNT = 2**53 - 1                # the largest integer a JSON reader in any language reads exactly
 
@@ -46,33 +49,50 @@ class ProtocolError(ValueError):
 # --- weights ----------------------------------------------------------------------------------------------------------
 
 class WeightCodec:
-    """A list of float32 tensors as bytes, little-endian throughout.
+    """A list of tensors as bytes, little-endian throughout:
 
         u32 tensor_count
-        per tensor: u8 ndim, ndim x u32 dims, prod(dims) x f32 values (C order)
+        per tensor: u8 dtype (1 = float32, 2 = float16), u8 ndim, ndim x u32 dims, prod(dims) values (C order)
 
-    No pickle and no JSON lists of floats: a decoder can check every length before reading, and a 57k-parameter
-    model costs 4 bytes a parameter.
+    No pickle and no JSON lists of floats: a decoder can check every length before reading. Decoding always gives
+    float32 arrays. float16 (`--wire-dtype float16`) halves the bytes; a tensor with a value beyond float16's range
+    travels as float32, so nothing is lost to overflow. `digest` names a model by its float32 values.
     """
 
     @staticmethod
-    def encode(tensors: list[np.ndarray]) -> bytes:
+    def encode(tensors: list[np.ndarray], wire_dtype: str = "float32") -> bytes:
         """Any tensors, unchecked (tests build bad payloads with it); `encode(message)` checks them first."""
         # not ascontiguousarray: it turns a scalar into shape (1,)
-        return WeightCodec._pack([np.asarray(tensor, dtype="<f4") for tensor in tensors])
+        return b"".join(WeightCodec._parts([np.asarray(t, dtype="<f4") for t in tensors], wire_dtype))
 
     @staticmethod
-    def _pack(arrays: list[np.ndarray]) -> bytes:
-        return b"".join(WeightCodec._parts(arrays))
+    def _on_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
+        """The array as it travels: float16 if asked and every value fits, else float32."""
+        if wire_dtype == "float16":
+            with np.errstate(over="ignore"):
+                half = array.astype("<f2")
+            if np.isfinite(half).all():
+                return half
+        return array
 
     @staticmethod
-    def _parts(arrays: list[np.ndarray]) -> list:
-        """The encoding in pieces, for one b"".join: the values are views of C-ordered data, not copies."""
+    def _parts(arrays: list[np.ndarray], wire_dtype: str = "float32") -> list:
+        """The encoding in pieces, for one b"".join or for chunks: values are views of C-ordered data, not copies
+        (float16 values are a converted copy, half the size)."""
         parts = [struct.pack("<I", len(arrays))]
         for array in arrays:
-            parts.append(struct.pack(f"<B{array.ndim}I", array.ndim, *array.shape))
-            parts.append(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+            wire = WeightCodec._on_wire(array, wire_dtype)
+            parts.append(struct.pack(f"<BB{wire.ndim}I", _DTYPE_CODES[wire.dtype.str], wire.ndim, *wire.shape))
+            parts.append(memoryview(np.ascontiguousarray(wire).reshape(-1)).cast("B"))
         return parts
+
+    @staticmethod
+    def quantized(tensors: list[np.ndarray], wire_dtype: str) -> list[np.ndarray]:
+        """The float32 tensors a receiver decodes from `encode(tensors, wire_dtype)`: a controller holds exactly the
+        model its peers hold, so the digests its orders name match theirs."""
+        if wire_dtype == "float32":
+            return tensors
+        return [WeightCodec._on_wire(np.asarray(t, "<f4"), wire_dtype).astype(np.float32) for t in tensors]
 
     @staticmethod
     def checked(tensors) -> list[np.ndarray]:
@@ -85,21 +105,35 @@ class WeightCodec:
         except (TypeError, ValueError) as err:   # not a list of tensors, ragged lists, strings
             raise ProtocolError(f"weights: not a list of float tensors ({str(err)[:100]})") from None
         _check(len(arrays) <= MAX_TENSORS, f"weights: {len(arrays)} tensors exceeds the limit of {MAX_TENSORS}")
-        size = 4
         for index, array in enumerate(arrays):
             _check(array.ndim <= MAX_TENSOR_DIMS,
                    f"weights: tensor {index}: {array.ndim} dimensions exceeds {MAX_TENSOR_DIMS}")
             _check(all(dim < 2**32 for dim in array.shape), f"weights: tensor {index}: a dimension exceeds 2^32 - 1")
-            size += 1 + 4 * array.ndim + 4 * array.size
+        size = WeightCodec.size(arrays)
         _check(size <= MAX_WEIGHT_BYTES, f"weights: {size} bytes exceeds the {MAX_WEIGHT_BYTES}-byte limit")
         for index, array in enumerate(arrays):
             _check(bool(np.isfinite(array).all()), f"weights: tensor {index}: contains NaN or infinity")
         return arrays
 
     @staticmethod
-    def size(tensors: list[np.ndarray]) -> int:
-        """len(encode(tensors)), without encoding them."""
-        return 4 + sum(1 + 4 * np.ndim(t) + 4 * int(np.size(t)) for t in tensors)
+    def size(tensors: list[np.ndarray], wire_dtype: str = "float32") -> int:
+        """len(encode(tensors, wire_dtype)), without encoding them."""
+        total = 4
+        for t in tensors:
+            width = 4
+            if wire_dtype == "float16" and np.size(t) and float(np.max(np.abs(t))) <= _FLOAT16_MAX:
+                width = 2
+            total += 2 + 4 * np.ndim(t) + width * int(np.size(t))
+        return total
+
+    @staticmethod
+    def digest(tensors: list[np.ndarray]) -> str:
+        """A model's name by content: SHA-256 over its shapes and float32 values (DIGEST_HEX hex digits). Computed
+        over the arrays in place, without encoding them."""
+        sha = hashlib.sha256()
+        for part in WeightCodec._parts([np.asarray(t, dtype="<f4") for t in tensors]):
+            sha.update(part)
+        return sha.hexdigest()[:DIGEST_HEX]
 
     @staticmethod
     def decode(data: bytes | memoryview) -> list[np.ndarray]:
@@ -113,20 +147,25 @@ class WeightCodec:
             raise ProtocolError(f"weights: {count} tensors exceeds the limit of {MAX_TENSORS}")
         offset, tensors = 4, []
         for index in range(count):
-            if offset + 1 > len(view):
+            if offset + 2 > len(view):
                 raise ProtocolError(f"weights: tensor {index}: truncated header")
-            ndim = view[offset]
+            code, ndim = view[offset], view[offset + 1]
+            dtype = _DTYPES.get(code)
+            if dtype is None:
+                raise ProtocolError(f"weights: tensor {index}: unknown dtype code {code}")
             if ndim > MAX_TENSOR_DIMS:
                 raise ProtocolError(f"weights: tensor {index}: {ndim} dimensions exceeds {MAX_TENSOR_DIMS}")
-            offset += 1
+            offset += 2
             if offset + 4 * ndim > len(view):
                 raise ProtocolError(f"weights: tensor {index}: truncated shape")
             shape = struct.unpack_from(f"<{ndim}I", view, offset)
             offset += 4 * ndim
-            size = math.prod(shape) * 4
+            size = math.prod(shape) * np.dtype(dtype).itemsize
             if offset + size > len(view):
                 raise ProtocolError(f"weights: tensor {index}: truncated values ({len(view) - offset} of {size} bytes)")
-            array = np.frombuffer(view[offset:offset + size], dtype="<f4").reshape(shape).astype(np.float32)
+            # float32 values are used in place (no copy of a large model); float16 ones are widened
+            array = np.frombuffer(view[offset:offset + size], dtype=dtype).reshape(shape).astype(np.float32,
+                                                                                               copy=False)
             if not np.isfinite(array).all():
                 raise ProtocolError(f"weights: tensor {index}: contains NaN or infinity")
             tensors.append(array)
@@ -134,6 +173,14 @@ class WeightCodec:
         if offset != len(view):
             raise ProtocolError(f"weights: {len(view) - offset} trailing bytes")
         return tensors
+
+
+WIRE_DTYPES = ("float32", "float16")
+_DTYPES = {1: "<f4", 2: "<f2"}                      # the dtype byte of each tensor
+_DTYPE_CODES = {"<f4": 1, "<f2": 2}
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+DIGEST_HEX = 32                                     # 128 bits: a model's name in a training order
+FINGERPRINT_HEX = 16                                # a model architecture's name (peer.models.fingerprint)
 
 
 # Binary frame of messages that carry weights: magic, version, JSON header length, JSON header, weights.
@@ -176,6 +223,14 @@ def _text(value, name: str, limit: int = 200) -> str:
     return value
 
 
+def _hex(length: int):
+    def rule(value, name: str) -> str:
+        _check(isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value),
+               f"{name}: expected {length} lowercase hex digits")
+        return value
+    return rule
+
+
 def _peer_list(value, name: str) -> tuple[str, ...]:
     _check(isinstance(value, list) and len(value) <= 10_000, f"{name}: expected a list of peer ids")
     ids = tuple(_peer_id(item, f"{name}[]") for item in value)
@@ -206,6 +261,8 @@ _FIELD_RULES = {
     "train_samples": _count,
     "test_samples": _count,
     "reply": lambda v, n: (_check(type(v) is bool, f"{n}: expected true or false"), v)[1],
+    "model": _hex(FINGERPRINT_HEX),
+    "digest": _hex(DIGEST_HEX),
 }
 
 
@@ -232,7 +289,8 @@ class Message:
 @dataclass(frozen=True)
 class Init(Message):
     """A peer announces itself (on start, after every reconnect, and to every newcomer): its train and test sample
-    counts bound what it may later declare in a solution or an evaluation."""
+    counts bound what it may later declare in a solution or an evaluation; `model` is its model's fingerprint (tensor
+    shapes and dtypes): peers of another model are not counted in this run."""
     TYPE = "init"; TOPIC = "init"; SENDER = "peer"
     peer: str
     term: int
@@ -241,6 +299,7 @@ class Init(Message):
     train_samples: int
     test_samples: int
     reply: bool            # an answer to another peer's init (answers are not answered)
+    model: str
 
 
 @dataclass(frozen=True)
@@ -277,23 +336,28 @@ class Claim(Message):
 
 @dataclass(frozen=True)
 class Heartbeat(Message):
+    """The controller is alive (retained: the latest names the run's leader); `model` is the run's model
+    fingerprint, so a peer started with another model learns at once that it cannot take part."""
     TYPE = "heartbeat"; TOPIC = "heartbeat"; SENDER = "controller"
     term: int
     controller: str
     round: int
     phase: str
+    model: str
 
 
 @dataclass(frozen=True)
 class Training(Message):
-    """Controller to trainers: fit these global weights (the model of round-1) and send back a solution."""
-    TYPE = "training"; TOPIC = "training"; SENDER = "controller"; CARRIES_WEIGHTS = True
+    """Controller to trainers: fit the global model of round-1, the one whose `WeightCodec.digest` is `digest`, and
+    send back a solution. It carries no weights: every peer received that model as an aggregation (a trainer that
+    lacks it fetches the retained one)."""
+    TYPE = "training"; TOPIC = "training"; SENDER = "controller"
     term: int
     controller: str
     round: int
     attempt: int
     trainers: tuple[str, ...]
-    weights: list
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -363,12 +427,17 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 
 _KINDS = frozenset(cls.TOPIC for cls in MESSAGE_TYPES.values())   # the kind level of every topic
+_TO_CONTROLLER = frozenset({"solution", "evaluation"})           # kinds only the controller subscribes to
+_NO_ECHO = frozenset({"training", "aggregation"})                # kinds a peer need not hear from itself
 
 
 class Topics:
     """Topic names of one run: every message is published on `<prefix>/<run_id>/<kind>/<sender>`, where kind is its
     class's TOPIC and sender the id of the peer publishing it (`Message.sender`). A broker ACL can then let each peer
-    publish only topics that name itself, and a receiver holds every message to the sender its topic names."""
+    publish only topics that name itself, and a receiver holds every message to the sender its topic names.
+
+    A message too large for one broker message travels in chunks (`peer.chunks`), chunk i on `<topic>/<i>`: each
+    chunk of a retained model keeps its own retained slot."""
 
     def __init__(self, prefix: str = "sd", run_id: str = "default"):
         if not isinstance(prefix, str) or TOPIC_PREFIX_PATTERN.fullmatch(prefix) is None:
@@ -398,20 +467,49 @@ class Topics:
     def presence(self, peer: str) -> str:
         return self.topic("presence", peer)
 
+    @staticmethod
+    def chunk(topic: str, index: int) -> str:
+        """The topic of chunk `index` of a message published on `topic`."""
+        return f"{topic}/{index}"
+
     @property
     def subscription(self) -> str:
-        """Everything of this run, and nothing of another run under the same prefix."""
+        """Everything of this run, and nothing of another run under the same prefix (observers use it)."""
         return f"{self.prefix}/{self.run_id}/#"
+
+    def subscriptions(self, controller: bool = False) -> list[tuple[str, bool]]:
+        """(filter, no_local) of what a peer subscribes to: every kind but solutions and evaluations, which only the
+        controller of a term subscribes to (`controller=True` gives those two), so each reaches one peer. A peer
+        does not get its own orders and models back (no_local): that would be one more model copy per round."""
+        if controller:
+            return [(f"{self._head}{kind}/#", False) for kind in _TO_CONTROLLER]
+        return [(f"{self._head}{kind}/#", kind in _NO_ECHO) for kind in sorted(_KINDS - _TO_CONTROLLER)]
+
+    def aggregations(self) -> str:
+        """The filter whose retained messages are every controller's latest model (subscribed again to fetch them)."""
+        return f"{self._head}aggregation/#"
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """(kind, sender) of a topic of this prefix and run; None for any other topic: another prefix or run, more
-        or fewer levels, an unknown kind, a sender that is not a valid peer id."""
+        or fewer levels, an unknown kind, a sender that is not a valid peer id. A chunk's topic is not one (`locate`)."""
+        located = self.locate(topic)
+        if located is None or located[2] is not None:
+            return None
+        return located[:2]
+
+    def locate(self, topic: str) -> tuple[str, str, int | None] | None:
+        """(kind, sender, chunk index or None) of a message's or a chunk's topic of this run; else None."""
         if not isinstance(topic, str) or not topic.startswith(self._head):
             return None
-        kind, slash, sender = topic[len(self._head):].partition("/")
+        kind, slash, rest = topic[len(self._head):].partition("/")
+        sender, slash2, index = rest.partition("/")
         if not slash or kind not in _KINDS or not valid_peer_id(sender):   # a peer id has no "/"
             return None
-        return kind, sender
+        if not slash2:
+            return kind, sender, None
+        if not (index.isascii() and index.isdigit() and len(index) <= 6) or (index != "0" and index[0] == "0"):
+            return None
+        return kind, sender, int(index)
 
 
 # --- encode / decode --------------------------------------------------------------------------------------------------
@@ -420,12 +518,19 @@ def _json(header: dict) -> bytes:
     return json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
 
 
-def encode(message: Message) -> bytes:
-    """The message's body: JSON, or a frame for a message that carries weights.
+def encode(message: Message, wire_dtype: str = "float32") -> bytes:
+    """The message's body: JSON, or a frame for a message that carries weights (as `wire_dtype`, see WeightCodec).
 
     Refuses (ProtocolError) whatever `decode` would refuse: a field against its rule (a NaN loss, a negative count,
     a term above MAX_TERM, a bad peer id, an over-long reason), a JSON header over MAX_CONTROL_BYTES, and weights
     that are non-finite or beyond the tensor limits (`WeightCodec.checked`). A peer never sends what others drop."""
+    return b"".join(encode_parts(message, wire_dtype))
+
+
+def encode_parts(message: Message, wire_dtype: str = "float32") -> list:
+    """`encode(message)` in pieces (the weights' values are views, not copies): what a model larger than one broker
+    message is cut into chunks from, without ever holding its whole body at once."""
+    _check(wire_dtype in WIRE_DTYPES, f"wire dtype {wire_dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
     header = message.header()
     for name, value in header.items():
         if name not in ("v", "type"):
@@ -434,18 +539,18 @@ def encode(message: Message) -> bytes:
     _check(len(raw) <= MAX_CONTROL_BYTES,
            f"{message.TYPE}: a JSON header of {len(raw)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
     if not message.CARRIES_WEIGHTS:
-        return raw
+        return [raw]
     arrays = WeightCodec.checked(message.weights)
-    return b"".join([_FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(raw)), raw, *WeightCodec._parts(arrays)])
+    return [_FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(raw)), raw, *WeightCodec._parts(arrays, wire_dtype)]
 
 
-def encoded_size(message: Message) -> int:
+def encoded_size(message: Message, wire_dtype: str = "float32") -> int:
     """len(encode(message)) without serialising the weights: what a message's body costs, for the round's byte
     count, at the price of its small JSON header. The envelope adds a fixed `Seal.overhead` (`sealed_size`)."""
     header = len(_json(message.header()))
     if not message.CARRIES_WEIGHTS:
         return header
-    return _FRAME_HEAD.size + header + WeightCodec.size(message.weights)
+    return _FRAME_HEAD.size + header + WeightCodec.size(message.weights, wire_dtype)
 
 
 def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Message:
@@ -516,6 +621,20 @@ _U64 = 2**64 - 1
 def sealed_size(body_len: int, sealed: bool) -> int:
     """The length of an envelope holding a body of `body_len` bytes, with (sealed) or without a MAC."""
     return body_len + (ENVELOPE_OVERHEAD_SEALED if sealed else ENVELOPE_OVERHEAD_OPEN)
+
+
+def chunk_limit(max_message_bytes: int, sealed: bool) -> int:
+    """The most bytes a chunk's body may have so that its envelope fits a broker message of `max_message_bytes`."""
+    return max_message_bytes - sealed_size(0, sealed)
+
+
+def wire_size(body_len: int, sealed: bool, max_message_bytes: int = MAX_MESSAGE_BYTES) -> int:
+    """The bytes a body of `body_len` puts on the wire: one envelope, or (beyond `max_message_bytes`) one per chunk."""
+    if sealed_size(body_len, sealed) <= max_message_bytes:
+        return sealed_size(body_len, sealed)
+    data = chunk_limit(max_message_bytes, sealed) - CHUNK_HEAD_SIZE
+    count = -(-body_len // data)
+    return body_len + count * sealed_size(CHUNK_HEAD_SIZE, sealed)
 
 
 @dataclass(frozen=True)

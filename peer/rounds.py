@@ -7,6 +7,7 @@ How solutions become a model is `peer.aggregation`'s.
 from __future__ import annotations
 
 import enum
+import functools
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metrics import weighted_mean
+from .protocol import WeightCodec
 
 
 def choose_trainers(candidates: Iterable[str], count: int, rng: random.Random) -> tuple[str, ...]:
@@ -124,6 +126,12 @@ class GlobalModel:
     term: int
     weights: list[np.ndarray]
     trainers: tuple[str, ...] = ()     # whose solutions were averaged into it
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Its name by content (`WeightCodec.digest`), which training orders give instead of the weights; computed
+        once, when first asked."""
+        return WeightCodec.digest(self.weights)
 
 
 @dataclass

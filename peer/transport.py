@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 # Refusals that retrying cannot fix (MQTT v5 reason codes): bad credentials, not authorised, banned.
 FATAL_REFUSALS = {134, 135, 138, 140}
@@ -51,10 +52,12 @@ def _expiry(packet_type: int, seconds: int | None) -> Properties | None:
 
 
 class MqttTransport:
-    def __init__(self, host: str, port: int, client_id: str, subscription: str, events: queue.Queue,
-                 keepalive: int = 5, username: str | None = None, password: str | None = None):
+    def __init__(self, host: str, port: int, client_id: str, subscriptions: list[tuple[str, bool]],
+                 events: queue.Queue, keepalive: int = 5, username: str | None = None, password: str | None = None):
+        """`subscriptions`: (topic filter, no_local) pairs; no_local: the broker does not send our own messages back."""
         self.host, self.port, self.keepalive = host, port, keepalive
-        self.subscription, self.events = subscription, events
+        self.events = events
+        self.subscriptions: dict[str, bool] = dict(subscriptions)   # renewed on every connect
         self._connected = threading.Event()
         self._disconnected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -72,7 +75,7 @@ class MqttTransport:
         if reason_code.is_failure:
             self.events.put(Refused(str(reason_code), reason_code.value in FATAL_REFUSALS))
             return
-        client.subscribe(self.subscription, qos=1)
+        self._subscribe(list(self.subscriptions.items()))
         self._connected.set()
         self.events.put(Connected())
 
@@ -92,6 +95,30 @@ class MqttTransport:
                              properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry))
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=True)
         self.client.loop_start()
+
+    def _subscribe(self, pairs: list[tuple[str, bool]]) -> None:
+        # retainHandling 0: the broker sends the retained messages at every subscribe, also of a filter we hold
+        # already, which is how `fetch_retained` gets them again.
+        if pairs:
+            self.client.subscribe([(topic, SubscribeOptions(qos=1, noLocal=no_local, retainHandling=0))
+                                   for topic, no_local in pairs])
+
+    def subscribe(self, pairs: list[tuple[str, bool]]) -> None:
+        """Add subscriptions (kept across reconnects)."""
+        self.subscriptions.update(pairs)
+        if self.connected:
+            self._subscribe(pairs)
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        for topic in topics:
+            self.subscriptions.pop(topic, None)
+        if self.connected and topics:
+            self.client.unsubscribe(list(topics))
+
+    def fetch_retained(self, topic: str) -> None:
+        """Have the broker send the retained messages under a filter we subscribe to once more."""
+        if self.connected and topic in self.subscriptions:
+            self._subscribe([(topic, self.subscriptions[topic])])
 
     @property
     def connected(self) -> bool:

@@ -11,6 +11,8 @@ from peer.protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, In
                            Training, Vote)
 
 W = [np.zeros(2, np.float32)]
+FP, OTHER_FP = "0" * 16, "f" * 16     # model fingerprints: ours, another model's
+D = "ab" * 16                          # a model digest, as a training order names it
 FOLLOWER = View("me", 3, Role.FOLLOWER, "c")
 CONTROLLER = View("me", 3, Role.CONTROLLER, "me")
 NEW = View("me", 0, Role.WAITING, None)
@@ -25,15 +27,34 @@ def test_a_presence_reaches_the_election():
     assert verdict(Presence("p2", "offline")) is Route.PRESENCE
 
 
+def test_a_peer_of_another_model_is_not_counted_and_its_ballots_are_ignored():
+    ours = View("me", 3, Role.FOLLOWER, "c", FP, frozenset({"p9"}))
+    assert admit(Init("p2", 0, 0, 1, 600, 200, False, OTHER_FP), False, ours) is Route.PEER_OTHER_MODEL
+    assert admit(Init("p2", 0, 0, 1, 600, 200, False, FP), False, ours) is Route.ANNOUNCE
+    assert isinstance(admit(Vote(4, "p9", 0.9, 0, "x"), False, ours), Refused)
+    assert isinstance(admit(Claim(4, "p9", 0.9, 0, "x", ("p9",)), False, ours), Refused)
+    assert admit(Vote(4, "p2", 0.9, 0, "x"), False, ours) is Route.BALLOT
+
+
+def test_a_heartbeat_of_another_model_tells_a_peer_the_run_is_not_for_it():
+    for role in (Role.FOLLOWER, Role.WAITING):
+        view = View("me", 3, role, "c", FP)
+        for retained in (False, True):
+            assert admit(Heartbeat(3, "c", 1, "x", OTHER_FP), retained, view) is Route.RUN_OTHER_MODEL
+    refused = admit(Heartbeat(3, "c", 1, "x", OTHER_FP), False, View("me", 3, Role.CONTROLLER, "me", FP))
+    assert isinstance(refused, Refused) and refused.level == "warning"      # a controller is not told to leave
+    assert admit(Heartbeat(3, "c", 1, "x", FP), False, View("me", 3, Role.FOLLOWER, "c", FP)) is Route.FROM_CONTROLLER
+
+
 def test_announcements_and_ballots_reach_the_election():
-    assert verdict(Init("p2", 0, 0, 1, 600, 200, False)) is Route.ANNOUNCE
+    assert verdict(Init("p2", 0, 0, 1, 600, 200, False, FP)) is Route.ANNOUNCE
     assert verdict(Vote(4, "p2", 0.5, 0, "start")) is Route.BALLOT
     assert verdict(Claim(4, "p2", 0.5, 0, "start", ())) is Route.CLAIM
 
 
 def test_a_retained_claim_or_heartbeat_tells_who_led_most_recently():
     assert verdict(Claim(2, "c", 0.5, 0, "start", ()), NEW, retained=True) is Route.RETAINED_LEADER
-    assert verdict(Heartbeat(2, "c", 1, "training"), NEW, retained=True) is Route.RETAINED_LEADER
+    assert verdict(Heartbeat(2, "c", 1, "training", FP), NEW, retained=True) is Route.RETAINED_LEADER
 
 
 def test_a_retained_aggregation_is_the_model_to_start_from_not_an_order():
@@ -48,15 +69,15 @@ def test_a_retained_finish_says_this_run_is_over_whenever_this_peer_comes():
 
 
 def test_a_retained_message_of_a_kind_no_peer_retains_is_refused():
-    for message in (Training(3, "c", 1, 1, ("me",), W), Metrics(3, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
-                    Vote(4, "p2", 0.5, 0, "x"), Init("p2", 0, 0, 1, 1, 1, False), Solution(3, 1, 1, "p2", 1, 0.1, W),
+    for message in (Training(3, "c", 1, 1, ("me",), D), Metrics(3, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
+                    Vote(4, "p2", 0.5, 0, "x"), Init("p2", 0, 0, 1, 1, 1, False, FP), Solution(3, 1, 1, "p2", 1, 0.1, W),
                     Evaluation(3, 1, "p2", 0.5, 1.0, 1)):
         refused = verdict(message, CONTROLLER, retained=True)
         assert isinstance(refused, Refused) and refused.level == "warning" and "retained" in refused.reason
 
 
 def test_a_controller_message_of_an_older_term_is_stale():
-    for message in (Heartbeat(2, "c", 1, "x"), Training(2, "c", 1, 1, ("me",), W), Aggregation(2, "c", 1, (), W),
+    for message in (Heartbeat(2, "c", 1, "x", FP), Training(2, "c", 1, 1, ("me",), D), Aggregation(2, "c", 1, (), W),
                     Metrics(2, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0), Finish(2, "c", 1, "max-rounds", 0.5)):
         refused = verdict(message)
         assert isinstance(refused, Refused) and "stale term 2" in refused.reason
@@ -66,12 +87,12 @@ def test_a_controller_message_naming_this_peer_is_its_own_echo():
     refused = verdict(Aggregation(3, "me", 1, (), W), CONTROLLER)
     assert isinstance(refused, Refused) and "own echo" in refused.reason
     # also when this peer is no controller: an earlier life of its id
-    assert isinstance(verdict(Heartbeat(3, "me", 1, "x"), FOLLOWER), Refused)
+    assert isinstance(verdict(Heartbeat(3, "me", 1, "x", FP), FOLLOWER), Refused)
 
 
 def test_a_controller_message_of_this_or_a_later_term_goes_to_the_election_first():
-    assert verdict(Training(3, "c", 1, 1, ("me",), W)) is Route.FROM_CONTROLLER
-    assert verdict(Heartbeat(9, "x", 1, "x")) is Route.FROM_CONTROLLER
+    assert verdict(Training(3, "c", 1, 1, ("me",), D)) is Route.FROM_CONTROLLER
+    assert verdict(Heartbeat(9, "x", 1, "x", FP)) is Route.FROM_CONTROLLER
 
 
 def test_solutions_and_evaluations_are_only_for_the_controller_of_their_term():
@@ -84,7 +105,7 @@ def test_solutions_and_evaluations_are_only_for_the_controller_of_their_term():
 
 
 def test_only_a_follower_of_that_controller_in_that_term_is_entitled_to_act():
-    training = Training(3, "c", 1, 1, ("me",), W)
+    training = Training(3, "c", 1, 1, ("me",), D)
     assert entitled(training, FOLLOWER) is None
     assert isinstance(entitled(training, View("me", 3, Role.FOLLOWER, "other")), Refused)
     assert isinstance(entitled(training, View("me", 4, Role.FOLLOWER, "c")), Refused)
@@ -132,14 +153,14 @@ def test_a_term_can_only_move_forward_by_a_bounded_step_never_to_the_last_one():
     from peer.admission import MAX_TERM_STEP
     from peer.protocol import MAX_TERM
     for message in (Vote(MAX_TERM, "p2", 0.5, 0, "x"), Claim(MAX_TERM, "p2", 0.5, 0, "x", ()),
-                    Heartbeat(MAX_TERM, "c", 1, "x")):
+                    Heartbeat(MAX_TERM, "c", 1, "x", FP)):
         assert "last usable term" in verdict(message, NEW).reason
     far = 3 + MAX_TERM_STEP + 1
-    for message in (Vote(far, "p2", 0.5, 0, "x"), Training(far, "c", 1, 1, ("me",), W)):
+    for message in (Vote(far, "p2", 0.5, 0, "x"), Training(far, "c", 1, 1, ("me",), D)):
         refused = verdict(message)
         assert isinstance(refused, Refused) and refused.level == "warning" and "ahead of ours" in refused.reason
     assert verdict(Vote(3 + MAX_TERM_STEP, "p2", 0.5, 0, "x")) is Route.BALLOT
-    assert verdict(Heartbeat(MAX_TERM - 1, "c", 1, "x"), NEW) is Route.FROM_CONTROLLER   # a newcomer joins any run
+    assert verdict(Heartbeat(MAX_TERM - 1, "c", 1, "x", FP), NEW) is Route.FROM_CONTROLLER   # a newcomer joins any run
 
 
 
@@ -153,8 +174,21 @@ def test_a_copy_of_a_message_already_seen_is_refused_and_a_later_one_taken():
     guard = ReplayGuard("me")
     assert guard.check("heartbeat", "c", stamp(seq=5), False, 1000.0) is None
     assert "a copy of c's message 5" in guard.check("heartbeat", "c", stamp(seq=5), False, 1000.0).reason
-    assert guard.check("training", "c", stamp(seq=3), False, 1000.0) is not None      # older, whatever the kind
     assert guard.check("training", "c", stamp(seq=6), False, 1000.0) is None
+    assert guard.check("training", "c", stamp(seq=6), False, 1000.0) is not None      # whatever the kind
+
+
+def test_messages_out_of_order_are_fresh_within_the_window_once():
+    # The broker hands a newcomer one sender's retained claim, heartbeat and model chunks in any order.
+    guard = ReplayGuard("me")
+    top = ReplayGuard.WINDOW + 100
+    assert guard.check("aggregation", "c", stamp(seq=top), True, 1000.0) is None
+    assert guard.check("aggregation", "c", stamp(seq=top - 3), True, 1000.0) is None       # earlier, unseen
+    assert guard.check("aggregation", "c", stamp(seq=top - 3), True, 1000.0) is not None   # seen now
+    assert guard.check("heartbeat", "c", stamp(seq=100), False, 1000.0) is not None       # behind the window
+    for seq in range(top + 1, top + 3 * ReplayGuard.WINDOW, 7):                            # memory stays bounded
+        assert guard.check("heartbeat", "c", stamp(seq=seq), False, 1000.0) is None
+    assert len(guard.seen[("c", 100)][1]) <= 2 * ReplayGuard.WINDOW + 1
 
 
 def test_each_life_of_a_sender_is_judged_on_its_own():
@@ -198,7 +232,7 @@ def test_our_own_messages_are_not_the_guards_to_judge():
 def test_fuzz_the_guard_never_lets_a_message_through_twice(events):
     guard, passed = ReplayGuard("me"), set()
     for sender, incarnation, seq, retained in events:
-        if guard.check("heartbeat", sender, stamp(incarnation, seq), retained, 1000.0) is None:
-            assert (sender, incarnation, seq) not in passed
-            assert all(s < seq for snd, i, s in passed if (snd, i) == (sender, incarnation))
-            passed.add((sender, incarnation, seq))
+        fresh = guard.check("heartbeat", sender, stamp(incarnation, seq), retained, 1000.0) is None
+        # (all these seqs are within the window: each passes exactly once, in whatever order)
+        assert fresh == ((sender, incarnation, seq) not in passed)
+        passed.add((sender, incarnation, seq))

@@ -52,6 +52,8 @@ SAMPLES = {
     "--round-deadline": [("0.5", {"round_deadline": 0.5}), ("600", {"round_deadline": 600.0})],
     "--aggregation": [("median", {"aggregation": "median"}), ("Trimmed-Mean", {"aggregation": "trimmed-mean"})],
     "--wait-timeout": [("1", {"wait_timeout": 1.0}), ("3600", {"wait_timeout": 3600.0})],
+    "--wire-dtype": [("float16", {"wire_dtype": "float16"}), ("Float16", {"wire_dtype": "float16"})],
+    "--max-message-bytes": [("65536", {"max_message_bytes": 65536}), ("1000000", {"max_message_bytes": 1000000})],
     "--run-id": [("run-1", {"run_id": "run-1"}), ("2026.11.24_a", {"run_id": "2026.11.24_a"})],
     "--username": [("alice", {"username": "alice"}), ("bob", {"username": "bob"})],
     "--password": [("s3cret", {"password": "s3cret"}), ("p w", {"password": "p w"})],
@@ -239,6 +241,8 @@ BAD = [
     ("--election-window", "0"), ("--round-deadline", "0.1"), ("--round-deadline", "-5"),
     ("--aggregation", "mean"), ("--wait-timeout", "0"), ("--wait-timeout", "inf"),
     ("--run-id", "a/b"), ("--run-id", "x" * 65), ("--run-id", "#"),
+    ("--wire-dtype", "float64"), ("--wire-dtype", "int8"), ("--wire-dtype", "16"),
+    ("--max-message-bytes", "65535"), ("--max-message-bytes", "16777217"), ("--max-message-bytes", "16MiB"),
     ("--log-level", "verbose"),
 ]
 

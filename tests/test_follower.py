@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from peer.actions import AdoptModel, Exit, FinishRound, JobDone, Log, Publish, RecordEvaluation, StartJob
+from peer.actions import AdoptModel, Exit, FetchModel, FinishRound, JobDone, Log, Publish, RecordEvaluation, StartJob
 from peer.follower import Follower
 from peer.protocol import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training
 from peer.rounds import GlobalModel, ModelStore
 
 W = [np.ones(2, np.float32)]
+D = GlobalModel(1, 1, W).digest       # the digest a training order names for W
+
+
+def holding(round_: int, weights=W) -> ModelStore:
+    """A peer's store holding `weights` as the global model of `round_`."""
+    memory = ModelStore()
+    memory.offer(round_, 1, weights)
+    return memory
 
 
 def kinds(actions):
@@ -16,11 +24,31 @@ def kinds(actions):
 
 
 def test_chosen_it_fits_not_chosen_it_waits():
-    f = Follower("me", ModelStore())
-    assert f.on_controller(Training(1, "c", 2, 1, ("p2",), W)) == []
-    log, job = f.on_controller(Training(1, "c", 2, 3, ("me", "p2"), W))
+    f = Follower("me", holding(1))
+    assert f.on_controller(Training(1, "c", 2, 1, ("p2",), D)) == []
+    log, job = f.on_controller(Training(1, "c", 2, 3, ("me", "p2"), D))
     assert isinstance(log, Log) and "chosen to train (attempt 3)" in log.text
     assert (job.kind, job.term, job.round, job.attempt) == ("fit", 1, 2, 3)
+    assert job.weights is W                  # the model it holds: the order carries none
+
+
+def test_an_order_for_a_model_it_lacks_fetches_it_and_starts_when_it_comes():
+    other = [np.zeros(2, np.float32)]
+    for memory in (ModelStore(), holding(0), holding(1, other)):   # none, an older one, another one of that round
+        f = Follower("me", memory)
+        log, fetch = f.on_controller(Training(1, "c", 2, 1, ("me",), D))
+        assert fetch == FetchModel(1, D) and "lacks the model the order names" in log.text
+        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), other))) in (["AdoptModel"], [])  # not that one
+        out = f.on_retained_model(Aggregation(1, "c", 1, (), W))
+        assert kinds(out) == ["AdoptModel", "Log", "StartJob"]
+        assert out[-1].kind == "fit" and out[-1].round == 2 and out[-1].weights is W
+        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]   # started once
+
+
+def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
+    f = Follower("me", ModelStore())
+    f.on_controller(Training(1, "c", 2, 1, ("me",), D))
+    assert kinds(f.on_controller(Aggregation(1, "c", 1, (), W))) == ["AdoptModel", "Log", "StartJob", "StartJob"]
 
 
 def test_a_live_aggregation_is_adopted_when_newer_and_always_evaluated():
@@ -42,7 +70,7 @@ def test_metrics_finish_the_round_and_heartbeats_tell_the_phase():
     f = Follower("me", ModelStore())
     [finish] = f.on_controller(Metrics(2, "c", 4, 0.8, 0.5, 100, ("p2",), 1.5, 999, 77.0))
     assert isinstance(finish, FinishRound) and finish.summary.accuracy == 0.8 and finish.run_started == 77.0
-    assert f.on_controller(Heartbeat(2, "c", 4, "training")) == [] and f.phase == "training"
+    assert f.on_controller(Heartbeat(2, "c", 4, "training", "0" * 16)) == [] and f.phase == "training"
 
 
 def test_the_finish_ends_the_peer():
@@ -72,14 +100,14 @@ def test_a_finished_evaluation_is_recorded_and_reported_and_a_failed_job_logged(
 
 
 def test_a_repeated_order_is_answered_from_what_was_done_not_done_twice():
-    f = Follower("me", ModelStore())
-    order = Training(1, "c", 2, 1, ("me",), W)
+    f = Follower("me", holding(1))
+    order = Training(1, "c", 2, 1, ("me",), D)
     assert kinds(f.on_controller(order)) == ["Log", "StartJob"]
     assert kinds(f.on_controller(order)) == ["Log"]                     # still training: nothing new
     f.on_job_done(JobDone(StartJob("fit", 1, 2, 1, W), (W, 30, 0.5), None, 1.0), current_term=1)
     again = f.on_controller(order)
     assert kinds(again) == ["Solution", "Log"] and again[0].message.samples == 30
-    assert kinds(f.on_controller(Training(1, "c", 2, 2, ("me",), W))) == ["Log", "StartJob"]   # a new attempt
+    assert kinds(f.on_controller(Training(1, "c", 2, 2, ("me",), D))) == ["Log", "StartJob"]   # a new attempt
 
 
 def test_a_repeated_model_is_answered_with_the_evaluation_already_made():
@@ -104,8 +132,7 @@ def test_after_a_reconnect_answers_of_this_term_go_out_again():
 def test_a_model_that_does_not_fit_this_peers_is_refused_in_one_line():
     f = Follower("me", ModelStore(), shapes=((2,),))
     other = [np.ones((3, 3), np.float32)]
-    for out in (f.on_controller(Aggregation(1, "c", 1, (), other)), f.on_retained_model(Aggregation(1, "c", 1, (), other)),
-                f.on_controller(Training(1, "c", 1, 1, ("me",), other))):
+    for out in (f.on_controller(Aggregation(1, "c", 1, (), other)), f.on_retained_model(Aggregation(1, "c", 1, (), other))):
         [warning] = out
         assert warning.level == "warning" and "does not fit this peer's" in warning.text
     assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]

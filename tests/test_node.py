@@ -15,10 +15,10 @@ import pytest
 
 from peer.actions import JobDone, StartJob
 from peer.config import Settings
-from peer.node import Peer
+from peer.node import CHUNK_TIMEOUT_S, Peer
 from peer.protocol import (Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, ProtocolError,
                            Seal, Solution,
-                           Stamper, Topics, Training, Vote, decode, encode)
+                           Stamper, Topics, Training, Vote, WeightCodec, decode, encode)
 from peer.transport import Inbound
 from tests.netutil import read_csv
 
@@ -37,18 +37,42 @@ def weights(value: float):
     return [np.full((2, 2), value, np.float32), np.full(3, value, np.float32)]
 
 
+def digest(tensors) -> str:
+    return WeightCodec.digest(tensors)
+
+
+FP = "0" * 16          # the fake learner's model fingerprint
+
+
 class FakeTransport:
+    """Loops a publication back to the peer when its subscriptions take it, as the broker does (no_local: not)."""
+
     def __init__(self):
         self.published: list[tuple[str, bytes, bool]] = []
         self.connected = True
         self.events = None          # the peer's queue, for the loop-back
+        self.subscriptions = dict(TOPICS.subscriptions())
+        self.fetches: list[str] = []
 
     def start(self, will_topic, will_payload, will_expiry=None):
         pass
 
+    def subscribe(self, pairs):
+        self.subscriptions.update(pairs)
+
+    def unsubscribe(self, topics):
+        for topic in topics:
+            self.subscriptions.pop(topic, None)
+
+    def fetch_retained(self, topic):
+        self.fetches.append(topic)
+
     def publish(self, topic, payload, retain=False, expiry=None):
         self.published.append((topic, payload, retain))
-        self.events.put(Inbound(topic, payload, False))
+        located = TOPICS.locate(topic)
+        no_local = self.subscriptions.get(f"sd/default/{located[0]}/#") if located else None
+        if no_local is False:
+            self.events.put(Inbound(topic, payload, False))
 
     def close(self, last=(), timeout=5.0):
         self.closed_with = list(last)
@@ -84,6 +108,12 @@ class FakeLearner:
 
     def sample_counts(self):
         return (500, 100)
+
+    def fingerprint(self):
+        return FP
+
+    def describe_model(self):
+        return "the fake model"
 
     def save(self, weights_, path):
         self.saved.append(path)
@@ -159,8 +189,10 @@ def run_until(peer: Peer, clock: Clock, done, seconds: float = 10.0, step: float
 def follow(peer, clock, controller="c", term=1):
     """Make `peer` a follower of `controller` in `term` (its heartbeat tells who leads)."""
     deliver(peer, Presence(controller, "online"), clock.now)
-    deliver(peer, Heartbeat(term, controller, 0, "evaluating"), clock.now)
+    deliver(peer, Heartbeat(term, controller, 0, "evaluating", FP), clock.now)
     assert (peer.election.term, peer.election.controller) == (term, controller)
+    if peer.store.latest is None:     # it holds the run's initial model, as if it had come as the round-0 aggregation
+        peer.store.offer(0, term, weights(0))
 
 
 # --- as follower --------------------------------------------------------------------------------------------------------
@@ -180,9 +212,9 @@ def test_a_follower_evaluates_trains_and_remembers_a_whole_round(tmp_path, lines
     deliver(peer, Metrics(1, "c", 0, 0.25, 2.0, 100, (), 0.0, 10, 123.0), clock.now)
     assert peer.store.finished[0].accuracy == 0.25 and peer.store.run_started == 123.0
 
-    deliver(peer, Training(1, "c", 1, 1, ("p2",), weights(0)), clock.now)
+    deliver(peer, Training(1, "c", 1, 1, ("p2",), digest(weights(0))), clock.now)
     assert len(runner.jobs) == 1                                   # not chosen: nothing to do
-    deliver(peer, Training(1, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     fit = runner.jobs[-1]
     assert (fit.kind, fit.round, fit.attempt) == ("fit", 1, 1)
     assert lines.having("round 1: chosen to train (attempt 1)")
@@ -191,7 +223,7 @@ def test_a_follower_evaluates_trains_and_remembers_a_whole_round(tmp_path, lines
     assert (solution.round, solution.samples, solution.peer) == (1, 500, "p1")
     np.testing.assert_array_equal(solution.weights[0], weights(3)[0])
 
-    deliver(peer, Heartbeat(1, "c", 1, "evaluating"), clock.now)
+    deliver(peer, Heartbeat(1, "c", 1, "evaluating", FP), clock.now)
     deliver(peer, Aggregation(1, "c", 1, ("p1",), weights(3)), clock.now)
     assert peer.store.latest.round == 1 and peer.election.round == 1 and runner.jobs[-1].kind == "evaluate"
     status = json.loads((tmp_path / "peers" / "p1" / "status.json").read_text())
@@ -239,8 +271,8 @@ def test_a_lone_pair_elects_this_peer_and_it_runs_a_whole_round_to_the_finish(tm
     assert read_csv(tmp_path / "elections.csv")[0]["controller"] == "c"
     [agg0] = transport.messages(Aggregation)
     assert agg0.round == 0 and peer.store.latest.round == 0
-    # Its own aggregation came back from the broker: refused as its own echo, not adopted or evaluated twice.
-    assert lines.having("ignored a aggregation naming this peer as controller of term 1") and runner.jobs == []
+    # Its own aggregation does not come back (no_local): nothing is adopted or evaluated twice.
+    assert not lines.having("ignored a aggregation naming this peer") and runner.jobs == []
     deliver(peer, Evaluation(1, 0, "p1", 0.2, 2.0, 100), clock.now)
     [training] = transport.messages(Training)
     assert training.trainers == ("p1",) and peer.store.finished[0].accuracy == 0.2
@@ -278,7 +310,7 @@ def test_failover_the_controller_is_lost_and_this_peer_resumes_from_the_model_it
     assert lines.having("controller of term 2 (controller-lost)")
     [training] = transport.messages(Training)
     assert (training.term, training.round, training.trainers) == (2, 3, ("p2",))   # round 2 was finished: go on
-    np.testing.assert_array_equal(training.weights[0], weights(2)[0])
+    assert training.digest == digest(weights(2))
     assert "c" not in peer.controller.live
 
 
@@ -306,7 +338,7 @@ def test_refused_messages_are_logged_and_change_nothing(tmp_path, lines):
     assert peer.election.controller == "c"
     assert lines.having("claims to be c but was published as p9")[0][0] == "WARNING"
     # a controller message of a stale term
-    deliver(peer, Training(2, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    deliver(peer, Training(2, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     # a solution, when this peer is no controller
     deliver(peer, Solution(3, 1, 1, "p2", 10, 0.1, weights(0)), clock.now)
     # a malformed payload
@@ -324,10 +356,10 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     follow(peer, clock)
-    deliver(peer, Training(1, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     fit = runner.jobs[-1]
     assert peer._job_wanted(fit)
-    deliver(peer, Heartbeat(2, "c2", 0, "training"), clock.now)     # a new term began meanwhile
+    deliver(peer, Heartbeat(2, "c2", 0, "training", FP), clock.now)     # a new term began meanwhile
     assert not peer._job_wanted(fit)
     peer.handle(JobDone(fit, (weights(1), 10, 0.1), None, 1.0), clock.now)
     assert transport.messages(Solution) == [] and lines.having("term 1 is over; solution dropped")
@@ -338,9 +370,9 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
 def test_every_announcement_is_answered_and_no_answer_is(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False), clock.now)     # a newcomer, or a peer back on the broker
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False), clock.now)     # announcing again (it reconnected)
-    deliver(peer, Init("p8", 0, 0, 222, 400, 90, True), clock.now)      # an answer to someone: not answered
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # a newcomer, or a peer back on the broker
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # announcing again (it reconnected)
+    deliver(peer, Init("p8", 0, 0, 222, 400, 90, True, FP), clock.now)      # an answer to someone: not answered
     mine = [m for m in transport.messages(Init) if m.peer == "p1"]
     assert len(mine) == 2 and all(m.reply for m in mine) and (mine[0].train_samples, mine[0].test_samples) == (500, 100)
     assert peer.announced["p7"] == (400, 90) and {"p7", "p8"} <= peer.election.live
@@ -354,7 +386,7 @@ def test_after_a_reconnect_a_peer_not_heard_from_is_counted_gone(tmp_path, lines
     for other in ("p2", "p3"):
         deliver(peer, Presence(other, "online"), clock.now)
     peer.handle(Connected(), clock.now)              # the broker restarted: no Last Will survived it
-    deliver(peer, Init("p2", 1, 0, 5, 10, 10, False), clock.now)       # p2 and the controller come back; p3 died
+    deliver(peer, Init("p2", 1, 0, 5, 10, 10, False, FP), clock.now)       # p2 and the controller come back; p3 died
     run_until(peer, clock, lambda: "p3" not in peer.election.live, seconds=3.5, step=0.25)
     assert "p2" in peer.election.live and lines.having("p3 was not heard from since this peer reconnected")
     assert "c" in peer.election.live or peer.election.term == 2          # c: heard, or silent (then a new term)
@@ -399,7 +431,7 @@ def test_after_a_reconnect_a_follower_sends_its_answers_again(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     follow(peer, clock)
-    deliver(peer, Training(1, "c", 1, 1, ("p1",), weights(0)), clock.now)
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     peer.handle(JobDone(runner.jobs[-1], (weights(1), 500, 0.5), None, 1.0), clock.now)
     peer.handle(Connected(), clock.now)
     assert len(transport.messages(Solution)) == 2
@@ -414,11 +446,11 @@ def test_with_a_secret_unsigned_and_wrongly_signed_messages_are_ignored(tmp_path
     clock = Clock(peer)
     ours, theirs = Seal(secret), Seal(b"another-secret-0123456789")
     deliver(peer, Finish(9, "x", 1, "max-rounds", 1.0), clock.now)                  # unsigned
-    deliver(peer, Heartbeat(9, "x", 1, "training"), clock.now, seal=theirs)     # signed with another secret
+    deliver(peer, Heartbeat(9, "x", 1, "training", FP), clock.now, seal=theirs)     # signed with another secret
     assert peer.exit_code is None and peer.election.term == 0
     assert lines.having("not sealed with the federation secret") and lines.having("bad signature")
-    deliver(peer, Init("c", 0, 0, 7, 10, 10, False), clock.now, seal=ours)
-    deliver(peer, Heartbeat(1, "c", 0, "training"), clock.now, seal=ours)
+    deliver(peer, Init("c", 0, 0, 7, 10, 10, False, FP), clock.now, seal=ours)
+    deliver(peer, Heartbeat(1, "c", 0, "training", FP), clock.now, seal=ours)
     assert peer.election.controller == "c"
     [answer] = transport.messages(Init, seal=ours)                                 # what it sends is signed
     assert answer.peer == "p1"
@@ -430,13 +462,13 @@ def test_a_copy_or_a_stale_replay_of_a_live_message_is_not_acted_on_twice(tmp_pa
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     follow(peer, clock)
-    order = Training(1, "c", 1, 1, ("p1",), weights(0))
+    order = Training(1, "c", 1, 1, ("p1",), digest(weights(0)))
     payload = sealed(order)
     peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)
     peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)             # a QoS 1 duplicate, or a replay
     assert len(runner.jobs) == 1 and lines.having("ignored a copy of c's message")
     old = Stamper(clock=lambda: time.time() - 600)
-    deliver(peer, Training(1, "c", 1, 2, ("p1",), weights(0)), clock.now, stamper=old)
+    deliver(peer, Training(1, "c", 1, 2, ("p1",), digest(weights(0))), clock.now, stamper=old)
     assert len(runner.jobs) == 1 and lines.having("sent 600s ago by its clock")
 
 
@@ -445,10 +477,10 @@ def test_of_two_processes_with_one_peer_id_the_later_one_exits_with_a_clear_erro
     clock = Clock(peer)
     earlier = Stamper(incarnation=peer.stamper.incarnation - 1000)
     later = Stamper(incarnation=peer.stamper.incarnation + 1000)
-    deliver(peer, Init("p1", 0, 0, 4242, 10, 10, False), clock.now, stamper=later)
+    deliver(peer, Init("p1", 0, 0, 4242, 10, 10, False, FP), clock.now, stamper=later)
     assert peer.exit_code is None and lines.having("started later and will exit")
     assert transport.messages(Init)[-1].pid != 4242                              # it answered: "I was here first"
-    deliver(peer, Init("p1", 0, 0, 4141, 10, 10, False), clock.now, stamper=earlier)
+    deliver(peer, Init("p1", 0, 0, 4141, 10, 10, False, FP), clock.now, stamper=earlier)
     assert peer.exit_code == 5 and lines.having("already runs as peer p1; this one exits")
 
 
@@ -465,9 +497,9 @@ def test_its_own_echo_never_looks_like_a_second_process(tmp_path):
 from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 
 SECRET = b"the-federation-secret-0123"
-REAL_SCRIPT = [Heartbeat(1, "c", 0, "evaluating"), Aggregation(1, "c", 0, (), weights(0)),
-               Training(1, "c", 1, 1, ("p1",), weights(0)), Aggregation(1, "c", 1, ("p1",), weights(1)),
-               Metrics(1, "c", 1, 0.5, 1.0, 10, ("p1",), 1.0, 10, 5.0), Training(1, "c", 2, 1, ("p1",), weights(1)),
+REAL_SCRIPT = [Heartbeat(1, "c", 0, "evaluating", FP), Aggregation(1, "c", 0, (), weights(0)),
+               Training(1, "c", 1, 1, ("p1",), digest(weights(0))), Aggregation(1, "c", 1, ("p1",), weights(1)),
+               Metrics(1, "c", 1, 0.5, 1.0, 10, ("p1",), 1.0, 10, 5.0), Training(1, "c", 2, 1, ("p1",), digest(weights(1))),
                Aggregation(1, "c", 2, ("p1",), weights(2))]
 FORGERIES = st.sampled_from(["unsigned", "other-secret", "moved", "replay", "stale", "impostor"])
 
@@ -479,7 +511,7 @@ def forged_payload(kind: str, message, real_payloads: list[tuple[str, bytes]], s
     if kind == "moved" and real_payloads:                       # a real payload on another sender's topic
         topic, payload = real_payloads[-1]
         return topic.rsplit("/", 1)[0] + "/p2", payload
-    forged = {"stale": Training(0, "c", 9, 1, ("p1",), weights(9)),
+    forged = {"stale": Training(0, "c", 9, 1, ("p1",), digest(weights(9))),
               "impostor": Aggregation(1, "c", 9, (), weights(9))}.get(kind, Finish(1, "c", 9, "max-rounds", 1.0))
     topic = TOPICS.of(forged)
     seal = {"unsigned": OPEN, "other-secret": Seal(b"x" * 32), "stale": ours}.get(kind, Seal(b"y" * 32))
@@ -511,3 +543,118 @@ def test_fuzz_forged_messages_among_real_ones_change_nothing(tmp_path_factory, f
                 (latest.round, latest.term), sorted(peer.store.finished), peer.election.term)
 
     assert run(True) == run(False)
+
+
+# --- fewest bytes: weightless orders, models fetched when missing, chunks, other models ---------------------------------
+
+def test_an_order_for_a_model_this_peer_lacks_fetches_the_retained_one_then_trains(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)                                            # it holds round 0 = weights(0)
+    deliver(peer, Training(1, "c", 2, 1, ("p1",), digest(weights(1))), clock.now)   # trains from round 1: missing
+    assert runner.jobs == [] and transport.fetches == [TOPICS.aggregations()]
+    deliver(peer, Training(1, "c", 2, 1, ("p1",), digest(weights(1))), clock.now)   # the order again: no new fetch
+    assert transport.fetches == [TOPICS.aggregations()]
+    deliver(peer, Aggregation(1, "c", 1, ("p2",), weights(1)), clock.now, retained=True)   # the broker sends it
+    [fit] = runner.jobs
+    assert (fit.kind, fit.round) == ("fit", 2) and np.array_equal(fit.weights[0], weights(1)[0])
+    assert lines.having("lacks the model the order names")
+
+
+def test_the_controller_alone_subscribes_to_solutions_and_evaluations(tmp_path):
+    peer, transport, _, _ = make_peer(tmp_path, me="c")
+    clock = Clock(peer)
+    answers = {topic for topic, _ in TOPICS.subscriptions(controller=True)}
+    assert not answers & set(transport.subscriptions)
+    deliver(peer, Presence("p1", "online"), clock.now)
+    run_until(peer, clock, lambda: transport.messages(Vote))
+    deliver(peer, Vote(1, "p1", 0.0, 0, "start"), clock.now)
+    run_until(peer, clock, lambda: peer.controller is not None)
+    assert answers <= set(transport.subscriptions)
+    deliver(peer, Heartbeat(2, "p1", 0, "training", FP), clock.now)          # a later term's controller: step down
+    assert peer.controller is None and not answers & set(transport.subscriptions)
+
+
+def big_weights(value: float):
+    return [np.full((300, 300), value, np.float32), np.full(7, value, np.float32)]   # 360 KB
+
+
+def big_receiver(tmp_path, **settings):
+    peer, transport, runner, learner = make_peer(tmp_path / "receiver", **settings)
+    peer.follower.shapes = tuple(w.shape for w in big_weights(0))    # its model is the big one
+    return peer, transport, runner, learner
+
+
+def chunked(tmp_path, message, retain=True, **settings):
+    """What the sender of `message` publishes for it with a 64 KiB broker limit: (topic, payload) per chunk."""
+    sender, transport, _, _ = make_peer(tmp_path / "sender", me=message.sender, max_message_bytes=65536, **settings)
+    sender.send(message, retain=retain)
+    return [(topic, payload) for topic, payload, _ in transport.published]
+
+
+def test_a_model_larger_than_a_broker_message_travels_in_chunks_in_any_order(tmp_path, lines):
+    model = Aggregation(1, "c", 1, ("p2",), big_weights(0.5))
+    pieces = chunked(tmp_path, model)
+    assert len(pieces) == 6 and [t for t, _ in pieces] == [f"sd/default/aggregation/c/{i}" for i in range(6)]
+    assert all(len(payload) <= 65536 for _, payload in pieces)
+    peer, transport, runner, _ = big_receiver(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    for topic, payload in [*reversed(pieces[1:]), pieces[0], pieces[2]]:    # retained: any order, and a duplicate
+        peer.handle(Inbound(topic, payload, True), clock.now)
+    pump(peer, clock.now)
+    assert peer.store.latest.round == 1 and np.array_equal(peer.store.latest.weights[0], big_weights(0.5)[0])
+    assert peer.reassembler.buffered_bytes == 0
+
+
+def test_a_corrupted_or_lost_chunk_is_logged_and_never_adopted(tmp_path, lines):
+    pieces = chunked(tmp_path, Aggregation(1, "c", 1, ("p2",), big_weights(0.5)))
+    peer, transport, runner, _ = big_receiver(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    topic, payload = pieces[3]
+    damaged = bytearray(payload)
+    damaged[-5] ^= 0xFF                                  # a data byte (open mode: no MAC, the digest catches it)
+    for t, p in [*pieces[:3], (topic, bytes(damaged)), *pieces[4:]]:
+        peer.handle(Inbound(t, p, False), clock.now)
+    pump(peer, clock.now)
+    assert peer.store.latest.round == 0 and lines.having("digest")
+    again = chunked(tmp_path / "again", Aggregation(1, "c", 1, ("p2",), big_weights(0.5)))
+    for t, p in again[:-1]:                              # the same model sent again, its last chunk lost
+        peer.handle(Inbound(t, p, False), clock.now)
+    pump(peer, clock.now)
+    run_until(peer, clock, lambda: lines.having("missing"), seconds=CHUNK_TIMEOUT_S + 5, step=1.0)
+    assert peer.store.latest.round == 0 and peer.reassembler.buffered_bytes == 0 and peer.exit_code is None
+
+
+def test_with_a_secret_every_chunk_is_signed_and_a_forged_one_refused(tmp_path, lines):
+    secret = b"federation-secret-0123456789"
+    pieces = chunked(tmp_path, Aggregation(1, "c", 1, ("p2",), big_weights(0.5)), secret=secret)
+    peer, transport, runner, _ = big_receiver(tmp_path, secret=secret)
+    clock = Clock(peer)
+    follow_signed = [Presence("c", "online"), Heartbeat(1, "c", 0, "evaluating", FP)]
+    for message in follow_signed:
+        deliver(peer, message, clock.now, seal=Seal(secret))
+    topic, payload = pieces[2]
+    peer.handle(Inbound(topic, payload[:-40] + bytes(8) + payload[-32:], False), clock.now)   # forged data
+    peer.handle(Inbound(pieces[1][0], pieces[2][1], False), clock.now)        # chunk 2 moved to chunk 1's topic
+    assert lines.having("bad signature")
+    for t, p in pieces:
+        peer.handle(Inbound(t, p, False), clock.now)
+    pump(peer, clock.now)
+    assert peer.store.latest.round == 1
+
+
+def test_a_peer_of_another_model_is_not_counted_and_a_run_of_another_model_sends_this_peer_away(tmp_path, lines):
+    peer, transport, _, _ = make_peer(tmp_path, min_peers=3)
+    clock = Clock(peer)
+    deliver(peer, Presence("p2", "online"), clock.now)
+    deliver(peer, Init("p2", 0, 0, 5, 10, 10, False, "f" * 16), clock.now)
+    assert "p2" in peer.misfits and "p2" not in peer.election.live
+    assert len(lines.having("p2 runs another model")) == 1
+    deliver(peer, Init("p2", 0, 0, 5, 10, 10, False, "f" * 16), clock.now)   # said once
+    assert len(lines.having("p2 runs another model")) == 1
+    deliver(peer, Heartbeat(1, "c", 0, "training", "f" * 16), clock.now)
+    assert peer.exit_code == 3
+    [(level, text)] = lines.having("is not this peer's")
+    assert level == "ERROR" and "--model" in text

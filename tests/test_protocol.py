@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
+from peer import protocol
 from peer.ids import RUN_ID_PATTERN, valid_run_id
 from peer.protocol import (
     FRAME_MAGIC, MAX_CONTROL_BYTES, MAX_TENSOR_DIMS, MAX_TENSORS, MAX_TERM, MAX_WEIGHT_BYTES, MESSAGE_TYPES,
@@ -45,13 +46,14 @@ def small_weights():
 
 # One valid instance of every message type.
 SAMPLES = [
-    Init(peer="peer-1", term=0, round=0, pid=4321, train_samples=600, test_samples=200, reply=False),
+    Init(peer="peer-1", term=0, round=0, pid=4321, train_samples=600, test_samples=200, reply=False,
+         model="0123456789abcdef"),
     Presence(peer="peer-1", status="online"),
     Presence(peer="peer_2.b", status="offline"),
     Vote(term=3, peer="peer-2", vote=0.625, round=4, reason="controller silent"),
     Claim(term=3, peer="peer-2", vote=0.625, round=4, reason="won", members=("peer-1", "peer-2", "peer-3")),
-    Heartbeat(term=3, controller="peer-2", round=5, phase="training"),
-    Training(term=3, controller="peer-2", round=5, attempt=1, trainers=("peer-1", "peer-3"), weights=small_weights()),
+    Heartbeat(term=3, controller="peer-2", round=5, phase="training", model="0123456789abcdef"),
+    Training(term=3, controller="peer-2", round=5, attempt=1, trainers=("peer-1", "peer-3"), digest="ab" * 16),
     Solution(term=3, round=5, attempt=2, peer="peer-3", samples=1200, loss=0.314159, weights=small_weights()),
     Aggregation(term=3, controller="peer-2", round=5, trainers=("peer-1", "peer-3"), weights=small_weights()),
     Evaluation(term=3, round=5, peer="peer-4", accuracy=0.9123, loss=0.25, samples=2000),
@@ -95,9 +97,9 @@ def test_weight_bytes_layout_matches_hand_built_example():
     tensors = [np.array([1.0, -2.0], np.float32), np.zeros((0, 3), np.float32)]
     expected = (
         b"\x02\x00\x00\x00"                                        # 2 tensors
-        + b"\x01" + b"\x02\x00\x00\x00"                            # ndim 1, shape (2,)
+        + b"\x01\x01" + b"\x02\x00\x00\x00"                        # float32, ndim 1, shape (2,)
         + b"\x00\x00\x80\x3f" + b"\x00\x00\x00\xc0"                # 1.0, -2.0
-        + b"\x02" + b"\x00\x00\x00\x00" + b"\x03\x00\x00\x00"      # ndim 2, shape (0, 3), no values
+        + b"\x01\x02" + b"\x00\x00\x00\x00" + b"\x03\x00\x00\x00"  # float32, ndim 2, shape (0, 3), no values
     )
     assert WeightCodec.encode(tensors) == expected
     assert weights_equal(WeightCodec.decode(expected), tensors)
@@ -105,7 +107,7 @@ def test_weight_bytes_layout_matches_hand_built_example():
 
 def test_scalar_weight_layout_has_zero_dimensions():
     scalar = np.array(0.5, np.float32)
-    expected = b"\x01\x00\x00\x00" + b"\x00" + b"\x00\x00\x00\x3f"   # 1 tensor, ndim 0, 0.5
+    expected = b"\x01\x00\x00\x00" + b"\x01\x00" + b"\x00\x00\x00\x3f"   # 1 tensor, float32, ndim 0, 0.5
     assert WeightCodec.decode(expected)[0].shape == ()
     assert WeightCodec.encode([scalar]) == expected
 
@@ -118,7 +120,7 @@ def test_scalar_weight_round_trip_keeps_shape(scalar):
 
 def test_weight_layout_of_a_matrix_is_c_order_even_for_fortran_or_big_endian_input():
     matrix = np.array([[1, 2], [3, 4]], np.float32)
-    want = b"\x01\x00\x00\x00\x02\x02\x00\x00\x00\x02\x00\x00\x00" + struct.pack("<4f", 1, 2, 3, 4)
+    want = b"\x01\x00\x00\x00\x01\x02\x02\x00\x00\x00\x02\x00\x00\x00" + struct.pack("<4f", 1, 2, 3, 4)
     assert WeightCodec.encode([matrix]) == want
     assert WeightCodec.encode([np.asfortranarray(matrix)]) == want
     assert WeightCodec.encode([matrix.astype(">f4")]) == want
@@ -145,7 +147,7 @@ def test_weight_round_trip_is_exact(tensors):
     assert weights_equal(back, tensors)
     assert all(t.dtype == np.float32 for t in back)
     # Exact size: header plus 4 bytes a value, nothing else.
-    assert len(data) == 4 + sum(1 + 4 * t.ndim + 4 * t.size for t in tensors)
+    assert len(data) == 4 + sum(2 + 4 * t.ndim + 4 * t.size for t in tensors)
 
 
 @FAST
@@ -182,16 +184,20 @@ GOOD_WEIGHTS = WeightCodec.encode([np.array([1.0, 2.0], np.float32), np.array(3.
     (b"", "empty"),
     (b"\x01\x00\x00", "truncated count"),
     (b"\x01\x00\x00\x00", "tensor promised, no header"),
-    (b"\x01\x00\x00\x00\x02\x02\x00\x00\x00", "truncated shape"),
-    (b"\x01\x00\x00\x00\x01\x02\x00\x00\x00" + b"\x00" * 7, "truncated values"),
+    (b"\x01\x00\x00\x00\x01", "truncated tensor header"),
+    (b"\x01\x00\x00\x00\x01\x02\x02\x00\x00\x00", "truncated shape"),
+    (b"\x01\x00\x00\x00\x01\x01\x02\x00\x00\x00" + b"\x00" * 7, "truncated values"),
+    (b"\x01\x00\x00\x00\x02\x01\x02\x00\x00\x00" + b"\x00" * 3, "truncated float16 values"),
+    (b"\x01\x00\x00\x00\x03\x01\x01\x00\x00\x00" + b"\x00" * 4, "unknown dtype"),
+    (b"\x01\x00\x00\x00\x00\x01\x01\x00\x00\x00" + b"\x00" * 4, "dtype zero"),
     (GOOD_WEIGHTS[:-1], "last byte cut"),
     (GOOD_WEIGHTS + b"\x00", "one trailing byte"),
     (GOOD_WEIGHTS + GOOD_WEIGHTS, "two frames glued"),
     (struct.pack("<I", MAX_TENSORS + 1) + b"\x00\x00\x00\x00" * (MAX_TENSORS + 1), "too many tensors"),
     (struct.pack("<I", 2**32 - 1), "absurd tensor count"),
-    (b"\x01\x00\x00\x00" + bytes([MAX_TENSOR_DIMS + 1]) + b"\x01\x00\x00\x00" * (MAX_TENSOR_DIMS + 1) + b"\x00" * 4,
-     "too many dimensions"),
-    (b"\x01\x00\x00\x00\x02" + struct.pack("<2I", 2**32 - 1, 2**32 - 1), "shape far larger than the data"),
+    (b"\x01\x00\x00\x00\x01" + bytes([MAX_TENSOR_DIMS + 1]) + b"\x01\x00\x00\x00" * (MAX_TENSOR_DIMS + 1)
+     + b"\x00" * 4, "too many dimensions"),
+    (b"\x01\x00\x00\x00\x01\x02" + struct.pack("<2I", 2**32 - 1, 2**32 - 1), "shape far larger than the data"),
 ])
 def test_weight_decode_rejects_malformed(data, why):
     with pytest.raises(ProtocolError):
@@ -205,15 +211,22 @@ def test_weight_decode_rejects_non_finite(bad):
         WeightCodec.decode(data)
 
 
-def test_weight_decode_rejects_oversized_buffer():
+@pytest.fixture
+def small_weight_limit(monkeypatch):
+    """MAX_WEIGHT_BYTES at 1 MiB: the limit's rules, without gigabyte buffers in the tests."""
+    monkeypatch.setattr(protocol, "MAX_WEIGHT_BYTES", 1 << 20)
+    return 1 << 20
+
+
+def test_weight_decode_rejects_oversized_buffer(small_weight_limit):
     # Zero tensors then padding: the size check must come before anything else is read.
-    data = b"\x00\x00\x00\x00" + bytes(MAX_WEIGHT_BYTES)
+    data = b"\x00\x00\x00\x00" + bytes(small_weight_limit)
     with pytest.raises(ProtocolError, match="limit"):
         WeightCodec.decode(data)
 
 
 def test_zero_size_tensor_with_huge_other_dim_is_fine():
-    data = b"\x01\x00\x00\x00\x02" + struct.pack("<2I", 0, 2**32 - 1)
+    data = b"\x01\x00\x00\x00\x01\x02" + struct.pack("<2I", 0, 2**32 - 1)
     (back,) = WeightCodec.decode(data)
     assert back.shape == (0, 2**32 - 1) and back.size == 0
 
@@ -408,7 +421,7 @@ def test_garbage_is_rejected(payload):
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
-@pytest.mark.parametrize("version", [0, 2, -1, "1", None, 1.5, [1]])
+@pytest.mark.parametrize("version", [0, 1, 3, -1, "2", None, 2.5, [2]])
 def test_wrong_version(message, version):
     header = message.header() | {"v": version}
     rejects(message.TOPIC, payload_with(message, header))
@@ -501,6 +514,8 @@ BAD_VALUES = {
     "status": ["away", "", "Online", True, None, ["online"], 1],
     "reason": NOT_TEXT, "phase": NOT_TEXT,
     "trainers": NOT_PEER_LISTS, "members": NOT_PEER_LISTS,
+    "model": ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "0123456789abcdeg", "", 7, None, []],
+    "digest": ["AB" * 16, "ab" * 15, "ab" * 17, "xy" * 16, "", 0, None, ["ab" * 16]],
 }
 
 
@@ -584,7 +599,8 @@ def test_frame_defects(message):
     rejects(message.TOPIC, good + b"\x00")
     rejects(message.TOPIC, good + good)
     rejects(message.TOPIC, raw_frame(header, weights, version=0))
-    rejects(message.TOPIC, raw_frame(header, weights, version=2))
+    rejects(message.TOPIC, raw_frame(header, weights, version=1))
+    rejects(message.TOPIC, raw_frame(header, weights, version=3))
     rejects(message.TOPIC, raw_frame(header, weights, header_len=len(header) + 1))
     rejects(message.TOPIC, raw_frame(header, weights, header_len=len(header) - 1))
     rejects(message.TOPIC, raw_frame(header, weights, header_len=2**32 - 1))
@@ -607,9 +623,9 @@ def test_frame_limits_on_weights(message):
         rejects(message.TOPIC, raw_frame(header, WeightCodec.encode(weights)))
 
 
-def test_oversized_frame():
+def test_oversized_frame(small_weight_limit):
     message = WEIGHTED[0]
-    payload = raw_frame(message.header(), b"\x00\x00\x00\x00" + bytes(MAX_WEIGHT_BYTES))
+    payload = raw_frame(message.header(), b"\x00\x00\x00\x00" + bytes(small_weight_limit))
     rejects(message.TOPIC, payload)
 
 
@@ -745,26 +761,26 @@ def test_encode_refuses_a_header_over_the_limit():
     ([np.array([1e39])], "NaN or infinity"),                      # a float64 beyond float32: infinity on the wire
     ([np.zeros(1, np.float32)] * (MAX_TENSORS + 1), "tensors exceeds"),
     ([np.ones((1,) * (MAX_TENSOR_DIMS + 1), np.float32)], "dimensions exceeds"),
-    ([np.zeros(MAX_WEIGHT_BYTES // 4, np.float32)], "byte limit"),
+    ([np.zeros(2**20, np.float32)], "byte limit"),
     ([np.zeros((0, 2**32), np.float32)], r"2\^32 - 1"),
     ([["a", "b"]], "not a list of float tensors"),
     ([[[1.0], [1.0, 2.0]]], "not a list of float tensors"),
     (None, "not a list of float tensors"),
 ])
-def test_encode_refuses_weights_decode_would_refuse(message, weights, why):
+def test_encode_refuses_weights_decode_would_refuse(message, weights, why, small_weight_limit):
     with pytest.raises(ProtocolError, match=why):
         encode(dataclasses.replace(message, weights=weights))
 
 
-def test_weights_at_the_limits_are_encoded():
-    message = sample(Training)
-    largest = (MAX_WEIGHT_BYTES - 4 - 1 - 4) // 4
+def test_weights_at_the_limits_are_encoded(small_weight_limit):
+    message = sample(Solution)
+    largest = (small_weight_limit - 4 - 2 - 4) // 4
     for weights in ([np.zeros(largest, np.float32)], [np.array(1.0, np.float32)] * MAX_TENSORS,
                     [np.ones((1,) * MAX_TENSOR_DIMS, np.float32)], [np.full(3, np.finfo(np.float32).max)]):
         message = dataclasses.replace(message, weights=weights)
         payload = encode(message)
         assert len(payload) == encoded_size(message)
-        assert_same_message(decode("training", payload), message)
+        assert_same_message(decode("solution", payload), message)
 
 
 @FAST
@@ -789,3 +805,91 @@ def test_fuzz_encode_accepts_exactly_what_decode_accepts(data):
     assert (got is None) == (want is None), changed
     if want is not None:
         assert_same_message(got, want)
+
+
+# --- float16 on the wire, digests, chunk topics -------------------------------------------------------------------------
+
+def test_float16_round_trip_halves_the_values_and_keeps_them_to_float16_precision():
+    rng = np.random.default_rng(3)
+    tensors = [rng.normal(0, 0.05, (64, 32)).astype(np.float32), rng.normal(0, 1, 10).astype(np.float32),
+               np.array(0.25, np.float32), np.zeros((0, 3), np.float32)]
+    data = WeightCodec.encode(tensors, "float16")
+    assert len(data) == WeightCodec.size(tensors, "float16") == 4 + sum(2 + 4 * t.ndim + 2 * t.size for t in tensors)
+    assert len(data) < 0.55 * len(WeightCodec.encode(tensors))
+    back = WeightCodec.decode(data)
+    assert all(b.dtype == np.float32 and b.shape == t.shape for b, t in zip(back, tensors))
+    for b, t in zip(back, tensors):
+        assert np.allclose(b, t, rtol=1e-3, atol=1e-7)
+        assert np.array_equal(b, t.astype(np.float16).astype(np.float32))
+    # what a receiver decodes is exactly what `quantized` gives the sender
+    assert weights_equal(back, WeightCodec.quantized(tensors, "float16"))
+    assert WeightCodec.quantized(tensors, "float32") is tensors
+
+
+def test_float16_keeps_a_tensor_beyond_its_range_as_float32():
+    big = np.array([1.0, 70000.0, -3.0], np.float32)       # 70000 overflows float16 (max 65504)
+    small = np.array([0.5, 2.0], np.float32)
+    data = WeightCodec.encode([big, small], "float16")
+    assert data[4] == 1 and data[4 + 2 + 4 + 12] == 2        # dtype bytes: float32, then float16
+    assert len(data) == WeightCodec.size([big, small], "float16")
+    back = WeightCodec.decode(data)
+    assert np.array_equal(back[0], big) and np.array_equal(back[1], small)
+
+
+def test_float16_messages_round_trip_and_say_their_size():
+    message = sample(Solution)
+    payload = encode(message, "float16")
+    assert len(payload) == encoded_size(message, "float16") < encoded_size(message)
+    back = decode(message.TOPIC, payload)
+    assert weights_equal(back.weights, WeightCodec.quantized(message.weights, "float16"))
+
+
+def test_unknown_wire_dtype_is_refused():
+    with pytest.raises(ProtocolError, match="wire dtype"):
+        encode(sample(Solution), "int8")
+
+
+def test_digest_names_values_and_shapes():
+    tensors = small_weights()
+    digest = WeightCodec.digest(tensors)
+    assert len(digest) == 32 and digest == WeightCodec.digest([t.copy() for t in tensors])
+    assert digest == WeightCodec.digest(WeightCodec.decode(WeightCodec.encode(tensors)))
+    changed = [t.copy() for t in tensors]
+    changed[1][0] += 1e-6
+    assert WeightCodec.digest(changed) != digest
+    assert WeightCodec.digest([tensors[0].reshape(3, 2), *tensors[1:]]) != digest
+
+
+def test_chunk_topics_are_located_and_not_parsed_as_messages():
+    topics = Topics("sd", "run-1")
+    base = topics.topic("aggregation", "peer-2")
+    assert topics.locate(base) == ("aggregation", "peer-2", None)
+    assert topics.locate(Topics.chunk(base, 0)) == ("aggregation", "peer-2", 0)
+    assert topics.locate(Topics.chunk(base, 17)) == ("aggregation", "peer-2", 17)
+    assert topics.parse(Topics.chunk(base, 3)) is None and topics.parse(base) == ("aggregation", "peer-2")
+    for bad in ("/x", "/01", "/-1", "/1/2", "/", "/1e3", "/٣", "/1234567"):
+        assert topics.locate(base + bad) is None, bad
+
+
+def test_subscriptions_keep_solutions_and_evaluations_for_the_controller():
+    topics = Topics("sd", "run-1")
+    everyone = dict(topics.subscriptions())
+    controller = dict(topics.subscriptions(controller=True))
+    assert set(controller) == {"sd/run-1/solution/#", "sd/run-1/evaluation/#"}
+    assert not set(everyone) & set(controller)
+    assert len(everyone) == len(MESSAGE_TYPES and {c.TOPIC for c in MESSAGE_TYPES.values()}) - 2
+    # a peer hears its own ballots (the first claim delivered decides a term) but not its own models and orders
+    assert everyone["sd/run-1/election/#"] is False and everyone["sd/run-1/init/#"] is False
+    assert everyone["sd/run-1/aggregation/#"] is True and everyone["sd/run-1/training/#"] is True
+    assert topics.aggregations() in everyone
+
+
+def test_wire_size_counts_one_envelope_or_one_per_chunk():
+    from peer.chunks import CHUNK_HEAD_SIZE, split
+    from peer.protocol import chunk_limit, sealed_size, wire_size
+    for sealed in (False, True):
+        assert wire_size(1000, sealed, 65536) == sealed_size(1000, sealed)
+        body = bytes(300_000)
+        chunks = list(split([body], chunk_limit(65536, sealed), 1))
+        assert wire_size(len(body), sealed, 65536) == sum(sealed_size(len(c), sealed) for c in chunks)
+        assert all(sealed_size(len(c), sealed) <= 65536 for c in chunks) and CHUNK_HEAD_SIZE == 68

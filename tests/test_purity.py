@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PEER = Path(__file__).resolve().parent.parent / "peer"
-PURE = ["election.py", "controller.py", "follower.py", "admission.py", "rounds.py", "actions.py"]
+PURE = ["election.py", "controller.py", "follower.py", "admission.py", "rounds.py", "actions.py", "chunks.py"]
 FORBIDDEN_IMPORTS = {"paho", "tensorflow", "keras", "threading", "socket", "subprocess", "time", "os",
                      "peer.transport", "peer.learner", "peer.jobs", "peer.node", "peer.records"}
 FORBIDDEN_RELATIVE = {"transport", "learner", "jobs", "node", "records"}
