@@ -52,9 +52,12 @@ def wait_for_port(port: int, timeout: float) -> bool:
 class Broker:
     """A real mosquitto process on 127.0.0.1 with the project's local configuration and a port of its own."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    def __init__(self, port: int | None = None, log_path: Path | None = None, settings: dict[str, str] | None = None):
+        """`settings`: mosquitto options that replace or add to the local configuration's (e.g. `sys_interval`, for
+        a benchmark that reads the broker's $SYS counters, or a smaller `message_size_limit`)."""
         self.port = port or free_port()
         self.log_path = log_path
+        self.settings = dict(settings or {})
         self.proc: subprocess.Popen | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="fl-broker-"))
         self.conf = self._dir / "mosquitto.conf"
@@ -66,6 +69,8 @@ class Broker:
     def _write_conf(self) -> None:
         lines = LOCAL_CONF.read_text().splitlines()
         lines = [f"listener {self.port} 127.0.0.1" if line.startswith("listener ") else line for line in lines]
+        lines = [line for line in lines if line.split(" ", 1)[0] not in self.settings]
+        lines += [f"{name} {value}" for name, value in self.settings.items()]
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self) -> "Broker":
