@@ -194,9 +194,11 @@ def acl_text(peers: list[str], topic_prefix: str) -> str:
              "# The broker's healthcheck only proves a login round trip by reading one retained $SYS value.",
              "user health", "topic read $SYS/broker/uptime", ""]
     lines += ["# A peer reads its federation's topics and publishes only on topics that name it as sender",
-              f"# ({topic_prefix}/<run>/<kind>/<sender>): no login can speak for another peer."]
+              f"# ({topic_prefix}/<run>/<kind>/<sender>, and <sender>/<i> for the chunks of a large model): no login "
+              "can speak for another peer."]
     for peer in peers:
-        lines += [f"user {peer}", f"topic read {topic_prefix}/#", f"topic write {topic_prefix}/+/+/{peer}", ""]
+        lines += [f"user {peer}", f"topic read {topic_prefix}/#", f"topic write {topic_prefix}/+/+/{peer}",
+                  f"topic write {topic_prefix}/+/+/{peer}/+", ""]
     return "\n".join(lines)
 
 

@@ -215,8 +215,10 @@ def test_a_peer_cannot_publish_as_another_peer(broker, clients):
     # The ACL: a login publishes only on topics whose last level (the sender) is itself.
     peer = clients(broker, "peer-1", broker.peer_password)
     for topic in ("sd/run-a/finish/peer-2", "sd/run-a/presence/peer-2", "sd/run-a/solution/peer-3",
-                  "sd/run-a/solution/peer-1/x", "sd/solution"):
+                  "sd/run-a/solution/peer-3/0", "sd/run-a/solution/peer-1/0/1", "sd/solution"):
         assert peer.publish(topic, b"x").is_failure, topic
+    # the chunks of its own large model (<topic>/<i>) are its to publish
+    assert not peer.publish("sd/run-a/solution/peer-1/0", b"x").is_failure
 
 
 def test_a_peers_session_cannot_be_taken_over_without_its_password(broker, clients):
