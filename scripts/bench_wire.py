@@ -11,7 +11,8 @@ N=5 peers, T=4 trainers, `--min-solutions 4`) on small Fashion-MNIST shards (100
 
 Bytes come from the broker's own counters. Mosquitto (2.0.11 here) publishes its `$SYS/broker/...` tree, retained,
 every `sys_interval` seconds (1 s in the bench's broker config), and only the values that changed. By experiment
-with mosquitto_pub/mosquitto_sub (see tests/test_bench_wire.py for the values):
+with mosquitto_pub/mosquitto_sub (one 10,000-byte QoS 1 publish to two subscribers: publish/bytes/received +10,000,
+publish/bytes/sent +20,021, the 21 being $SYS values sent to the reader; bytes/received +10,317, bytes/sent +20,433):
 - `publish/bytes/received`: payload bytes of the PUBLISH packets clients sent (retained or not): what peers publish.
 - `publish/bytes/sent`: payload bytes of the PUBLISH packets the broker sent, one count per subscriber delivered
   to (a peer gets its own messages back: no no-local), retained copies handed to a new subscriber included, and
