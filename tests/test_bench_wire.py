@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from scripts.bench_wire import (JobTimes, Result, RoundTime, SysBroker, accuracy_difference, config_args,
-                                count_parameters, format_table, main, parse_job_times, parse_sys_value, per_round,
-                                round_times, table_row, TABLE_COLUMNS)
+from scripts.bench_wire import (TABLE_COLUMNS, JobTimes, Result, RoundTime, SysBroker, accuracy_difference,
+                                accuracy_table, config_args, count_parameters, format_table, main, parse_job_times,
+                                parse_sys_value, per_round, round_times, table_row)
 
 LOG = """\
 2026-01-01 10:00:01,000 INFO    peer=peer-2 role=trainer term=1 round=1 phase=training | round 1: trained 1000 samples in 2.3s (loss 1.2345), solution sent
@@ -114,9 +114,16 @@ def test_the_table_is_markdown_with_figures_aligned_right():
     assert lines[3].startswith("| seed-cnn  | float16 |")
 
 
-def test_the_accuracy_difference_is_float16_minus_float32():
-    assert accuracy_difference({"float32": 0.80, "float16": 0.797}) == pytest.approx(-0.003)
-    assert accuracy_difference({"float32": 0.80}) is None
+def test_the_accuracy_difference_is_float16_minus_float32_of_the_means():
+    assert accuracy_difference({"float32": [0.80, 0.81], "float16": [0.797, None]}) == pytest.approx(-0.008)
+    assert accuracy_difference({"float32": [0.80]}) is None
+    assert accuracy_difference({"float32": [0.80], "float16": [None]}) is None
+
+
+def test_the_accuracy_table_gives_every_run_the_mean_and_the_spread():
+    lines = accuracy_table({"float32": [0.8258, 0.8300], "float16": [0.8281]}).splitlines()
+    assert [cell.strip() for cell in lines[2].split("|")[1:-1]] == ["float32", "0.8258, 0.8300", "0.8279", "0.0042"]
+    assert [cell.strip() for cell in lines[3].split("|")[1:-1]] == ["float16", "0.8281", "0.8281", "n/a"]
 
 
 def test_a_configuration_is_passed_as_flags_or_for_legacy_code_in_the_environment():
