@@ -528,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps({"mode": "accuracy", "final_accuracy": finals,
                                              "controllers": controllers, "difference": difference}, indent=2) + "\n")
+            print(f"- written to {args.json}")
         return 0
 
     results: list[Result] = []
