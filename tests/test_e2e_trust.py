@@ -17,7 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from peer.protocol import (MAX_TERM, Aggregation, Claim, Evaluation, Finish, Heartbeat, Seal, Solution, Stamper,
-                           Topics, Training, Vote, encode)
+                           Topics, Training, Vote, WeightCodec, encode)
 from scripts.localnet import Broker, LocalNetwork
 from tests.netutil import (ROOT, SMALL, assert_all_exited_zero, assert_rounds_complete, controller_now, elections,
                            log_matches, read_csv, rounds, run_json, wait_until)
@@ -76,8 +76,8 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
         try:
             # Lying in wait on the broker before anyone joins: a model of another shape and a planted order.
             attacker.forge(topics, Aggregation(1, "peer-1", 9, (), weights_like(run_dir, 0.0, [(2, 2)])), retain=True)
-            attacker.forge(topics, Training(1, "peer-1", 1, 1, ("peer-2", "peer-3"), weights_like(run_dir, 0.0)),
-                           retain=True)
+            attacker.forge(topics, Training(1, "peer-1", 1, 1, ("peer-2", "peer-3"),
+                                            WeightCodec.digest(weights_like(run_dir, 0.0))), retain=True)
             wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
             controller = controller_now(run_dir)
             term = int(elections(run_dir)[-1]["term"])
@@ -92,9 +92,10 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
             attacker.forge(topics, Claim(MAX_TERM - 1, "mallory", 1.0, 99, "start", ("mallory",)))
             attacker.forge(topics, Vote(MAX_TERM - 1, "mallory", 1.0, 99, "start"))
             for _ in range(5):
-                attacker.forge(topics, Heartbeat(term + 50, "mallory", 3, "training"))
+                attacker.forge(topics, Heartbeat(term + 50, "mallory", 3, "training", "0" * 16))
             attacker.forge(topics, Aggregation(term, controller, 2, tuple(others), weights_like(run_dir, 0.0)))
-            attacker.forge(topics, Training(term, controller, 2, 1, tuple(others), weights_like(run_dir, 0.0)))
+            attacker.forge(topics, Training(term, controller, 2, 1, tuple(others),
+                                            WeightCodec.digest(weights_like(run_dir, 0.0))))
             for peer in others:
                 attacker.forge(topics, Solution(term, 2, 1, peer, 2**53 - 1, 0.0, weights_like(run_dir, 1e30)))
             attacker.forge(topics, Evaluation(term, 2, "mallory", 1.0, 0.0, 2**53 - 1))
