@@ -53,10 +53,23 @@ from typing import NamedTuple
 import numpy as np
 
 
-# --- the old FedAvg, unchanged ----------------------------------------------------------------------------------------
+# Tensors are worked on in blocks of this many values: float64 temporaries of 8 MB whatever the model's size, so a
+# controller aggregating a model of hundreds of MB needs little more memory than the solutions it holds.
+BLOCK = 1 << 20
+
+
+def _blocks(*tensors):
+    """The same span of each tensor's values, as float64, one block at a time."""
+    flats = [np.asarray(t).reshape(-1) for t in tensors]
+    for start in range(0, flats[0].size, BLOCK):
+        yield [flat[start:start + BLOCK].astype(np.float64) for flat in flats]
+
+
+# --- the old FedAvg, unchanged in its arithmetic ----------------------------------------------------------------------
 
 def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:
-    """Average each tensor over the solutions, weighting each solution by its sample count (McMahan et al.)."""
+    """Average each tensor over the solutions, weighting each solution by its sample count (McMahan et al.); in
+    float64, block by block."""
     if not solutions:
         raise ValueError("fedavg needs at least one solution")
     total = sum(samples for _, samples in solutions)
@@ -67,10 +80,16 @@ def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.nda
         raise ValueError("fedavg: solutions have different tensor shapes")
     averaged = []
     for index in range(len(shapes[0])):
-        acc = np.zeros(shapes[0][index], dtype=np.float64)
-        for weights, samples in solutions:
-            acc += np.asarray(weights[index], dtype=np.float64) * (samples / total)
-        averaged.append(acc.astype(np.float32))
+        out = np.empty(shapes[0][index], dtype=np.float32)
+        flat = out.reshape(-1)
+        start = 0
+        for block in _blocks(*(weights[index] for weights, _ in solutions)):
+            acc = np.zeros(block[0].size, dtype=np.float64)
+            for values, (_, samples) in zip(block, solutions):
+                acc += values * (samples / total)
+            flat[start:start + acc.size] = acc
+            start += acc.size
+        averaged.append(out)
     return averaged
 
 
@@ -154,16 +173,21 @@ def krum_select(distances: np.ndarray, byzantine: int | None = None) -> tuple[in
 
 # --- norms ------------------------------------------------------------------------------------------------------------
 
-def update_norm(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray]) -> float:
-    """L2 norm of weights - global_weights over all tensors, in float64, scaled so that large finite values do not
-    overflow to infinity."""
+def update_norm(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray] | None) -> float:
+    """L2 norm of weights - global_weights over all tensors (of the weights alone for None), in float64, scaled so
+    that large finite values do not overflow to infinity; block by block."""
+    def diffs():
+        for index, w in enumerate(weights):
+            if global_weights is None:
+                yield from (block for block, in _blocks(w))
+            else:
+                yield from (a - b for a, b in _blocks(w, global_weights[index]))
+
     with np.errstate(over="ignore", invalid="ignore"):
-        diffs = [np.asarray(w, dtype=np.float64) - np.asarray(g, dtype=np.float64)
-                 for w, g in zip(weights, global_weights)]
-        scale = max((float(np.max(np.abs(d))) for d in diffs if d.size), default=0.0)
+        scale = max((float(np.max(np.abs(d))) for d in diffs() if d.size), default=0.0)
         if scale == 0.0 or not math.isfinite(scale):
             return scale
-        total = math.fsum(float(np.square(d / scale).sum()) for d in diffs)
+        total = math.fsum(float(np.square(d / scale).sum()) for d in diffs())
     return scale * math.sqrt(total)
 
 
@@ -182,7 +206,7 @@ class Choice(NamedTuple):
     note: str | None = None
 
 
-# strategy(global weights as float64, solution weights, samples, options) -> Choice; pure.
+# strategy(global weights, solution weights, samples, options) -> Choice; pure.
 Strategy = Callable[[list[np.ndarray], list[Sequence[np.ndarray]], list[int], "Aggregator"], Choice]
 
 
@@ -354,7 +378,7 @@ class Aggregator:
         """The next global model from the round's solutions, or AggregationRefused. `global_weights`: the model the
         round started from (ours, so it must be finite: ValueError otherwise). `solutions`: (peer, weights,
         samples) each. `max_samples`: peer -> the sample count it announced when it joined; None: no cap."""
-        origin = [np.asarray(t, dtype=np.float64) for t in global_weights]
+        origin = [np.asarray(t) for t in global_weights]
         if not all(np.isfinite(t).all() for t in origin):
             raise ValueError("the global model has NaN or infinite values")
         shapes = [t.shape for t in origin]
@@ -404,7 +428,7 @@ class Aggregator:
             weights = [np.asarray(t, dtype=np.float32).reshape(shape) for t, shape in zip(choice.weights, shapes)]
 
         relative_limit = self.refuse_multiplier * max(typical, self.clip_floor)
-        growth_limit = self.max_growth * max(update_norm(origin, [np.zeros_like(t) for t in origin]), 1.0)
+        growth_limit = self.max_growth * max(update_norm(origin, None), 1.0)
         limit = min(relative_limit, growth_limit)
         suspects = [p for n, p in sorted(zip(norms, peers), key=lambda x: -x[0]) if n > limit]
 

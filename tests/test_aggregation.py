@@ -477,3 +477,19 @@ def test_fedavg_with_one_capped_attacker_stays_near_the_honest_mean(seed, kind, 
                        max_samples=dict.fromkeys(("h0", "h1", "h2", "h3", "x"), 100))
     assert all(np.isfinite(w).all() for w in result.weights)
     assert update_norm(result.weights, honest_mean) <= 0.8 * 1.05 + 1e-6
+
+
+def test_fedavg_and_norms_work_block_by_block_with_the_same_results(monkeypatch):
+    # A model larger than a block gives the same average and norms as one worked on whole (the block size only
+    # bounds the float64 temporaries of a controller aggregating a large model).
+    from peer import aggregation
+    rng = np.random.default_rng(5)
+    solutions = [([rng.normal(size=(50, 7)).astype(np.float32), rng.normal(size=3).astype(np.float32)], n)
+                 for n in (10, 30, 7)]
+    whole = fedavg(solutions)
+    norm = aggregation.update_norm(solutions[0][0], solutions[1][0])
+    monkeypatch.setattr(aggregation, "BLOCK", 16)
+    assert all(np.array_equal(a, b) for a, b in zip(fedavg(solutions), whole))
+    assert aggregation.update_norm(solutions[0][0], solutions[1][0]) == pytest.approx(norm, rel=1e-12)
+    assert aggregation.update_norm(solutions[0][0], None) == pytest.approx(
+        float(np.sqrt(sum(np.square(t.astype(np.float64)).sum() for t in solutions[0][0]))), rel=1e-12)
