@@ -27,6 +27,7 @@ def _main(argv: list[str] | None) -> int:
     # Imported after the settings are valid: a typo in a flag should not wait for TensorFlow.
     from .data import DatasetError, load_shard
     from .learner import Learner
+    from .models import ModelError
     from .node import Peer, configure_logging
     from .records import RunRecorder
 
@@ -43,17 +44,21 @@ def _main(argv: list[str] | None) -> int:
     if resume:
         settings = dataclasses.replace(settings, run_id=resume.run_id)
 
-    configure_logging(settings.peer_id, settings.log_level)   # before the dataset: its loader has things to say
+    log = configure_logging(settings.peer_id, settings.log_level)   # before the dataset: its loader has things to say
     try:
         shard = load_shard(settings)
     except DatasetError as err:
         return _error(str(err))
     recorder.data(shard.describe(settings))
-    learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed)
-    learner.prepare()
+    learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model)
+    try:
+        learner.prepare()
+    except ModelError as err:
+        return _error(str(err))
+    log.info("model: %s, fingerprint %s", learner.model_description(), learner.fingerprint())
     if resume and [w.shape for w in resume.model.weights] != [w.shape for w in learner.initial_weights()]:
         return _error(f"--resume: the checkpoint's model in {settings.run_dir} does not fit this peer's model (is it "
-                      "the same --dataset?)")
+                      "the same --dataset and --model?)")
 
     def stop(signum, frame):  # SIGTERM (docker stop, launcher shutdown): leave cleanly, as Ctrl-C does
         raise KeyboardInterrupt

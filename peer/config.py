@@ -19,6 +19,7 @@ from .aggregation import AGGREGATIONS
 from .data import DATASETS, DEFAULT_SEED
 from .partition import DEFAULT_ALPHA, SCHEMES
 from .ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_run_id
+from .models import BUILT_INS, ModelError, check_spec, default_model, defaults_text
 from .protocol import MAX_MESSAGE_BYTES, MIN_CHUNKED_MESSAGE_BYTES, MIN_SECRET_BYTES, WIRE_DTYPES, read_secret_file
 
 
@@ -37,6 +38,7 @@ class Settings:
     max_rounds: int = 10
     target_accuracy: float = 0.99
     dataset: str = "mnist"
+    model: str | None = None            # a --model spec; load_settings puts the dataset's default in for None
     data_dir: Path | None = None
     shard: int = 0
     num_shards: int = 1
@@ -186,6 +188,13 @@ def _run_id(text: str) -> str:
     return text
 
 
+def _model(text: str) -> str:
+    try:
+        return check_spec(text)
+    except ModelError as err:
+        raise SettingsError(str(err)) from None
+
+
 def _switch(text: str) -> bool:
     """A yes/no setting: the flag alone means yes; its variable takes 1/0, true/false, yes/no."""
     value = text.strip().lower()
@@ -214,6 +223,10 @@ OPTIONS = [
     ("--target-accuracy", "FL_TARGET_ACCURACY", "target_accuracy", number(0.0, 1.0),
      "stop when the global accuracy reaches this (default 0.99)"),
     ("--dataset", "FL_DATASET", "dataset", _choice(DATASETS), f"{' | '.join(DATASETS)} (default mnist)"),
+    ("--model", "FL_MODEL", "model", _model,
+     f"the model to train: {' | '.join(BUILT_INS)}, or MODULE:FUNCTION (an importable module) or FILE.py:FUNCTION, "
+     "naming a function(input_shape, num_classes) that returns a compiled Keras model, e.g. "
+     f"docs/examples/custom_model.py:build_model (default: {defaults_text()}; all peers must agree)"),
     ("--data-dir", "FL_DATA_DIR", "data_dir", Path, "folder of IDX files (default: the Keras download cache; "
      "fashion-mnist also looks in /usr/share/datasets/fashion-mnist)"),
     ("--shard", "FL_SHARD", ("shard", "num_shards"), parse_shard, "this peer's partition K/N of train and test data, K from 0 (default 0/1)"),
@@ -325,6 +338,8 @@ def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None 
         values["peer_id"] = f"peer-{secrets.token_hex(3)}"
     values["secret"] = _secret(values.get("secret_file"), environ.get("FL_SECRET") or None)
     settings = Settings(**values)
+    if settings.model is None:
+        settings = dataclasses.replace(settings, model=default_model(settings.dataset))
     if not settings.username and settings.password:
         raise SettingsError("--password given without --username")
     return settings

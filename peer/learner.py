@@ -1,69 +1,49 @@
-"""The model and the local learning: build, fit on this peer's shard, evaluate, save. The only module that touches
-TensorFlow/Keras, imported lazily so the rest of the peer (and its tests) start fast."""
+"""The local learning: fit the model on this peer's shard, evaluate, save. With peer.models (which builds the model)
+the only modules that touch TensorFlow/Keras, imported lazily so the rest of the peer (and its tests) start fast."""
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from . import models
 from .data import SHAPES, Shard
-
-_configured = False
-
-
-def _keras():
-    """Import Keras with TensorFlow kept small: several peers share two cores, so one thread each."""
-    global _configured
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # oneDNN's start-up notice bypasses TF_CPP_MIN_LOG_LEVEL and would break the one-line-per-event logs; its
-    # speed-up on models this small is within noise. Set TF_ENABLE_ONEDNN_OPTS=1 to have it anyway.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-    import tensorflow as tf
-    if not _configured:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-        _configured = True
-    return keras
-
-
-def build_model(dataset: str, num_classes: int = 10, seed: int = 0):
-    keras = _keras()
-    keras.utils.set_random_seed(seed)  # every controller starts the same run from the same initial model
-    layers = keras.layers
-    if dataset == "cifar10":
-        body = [layers.Conv2D(32, 3, activation="relu", padding="same"), layers.Conv2D(32, 3, activation="relu"),
-                layers.MaxPooling2D(), layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(),
-                layers.Flatten(), layers.Dropout(0.3), layers.Dense(128, activation="relu")]
-    else:
-        body = [layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(),
-                layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(),
-                layers.Flatten(), layers.Dense(64, activation="relu")]
-    model = keras.Sequential([keras.Input(SHAPES[dataset]), *body, layers.Dense(num_classes, activation="softmax")])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    return model
 
 
 class Learner:
-    def __init__(self, dataset: str, shard: Shard | None, epochs: int = 1, batch_size: int = 32, seed: int = 0):
+    def __init__(self, dataset: str, shard: Shard | None, epochs: int = 1, batch_size: int = 32, seed: int = 0,
+                 model: str | None = None):
+        """`model` is a --model spec (peer.models); None means the dataset's default."""
         self.dataset, self.shard = dataset, shard
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.model_name = models.check_spec(model) if model else models.default_model(dataset)
         self._model = None
         self._initial: list[np.ndarray] | None = None
+        self._tensors: list[tuple[tuple[int, ...], str]] = []    # (shape, dtype) of each weight tensor, once built
         # The learner thread fits while the main loop may save the final model: one user of the model at a time.
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
         """Import TensorFlow and build the model now, before joining: seconds of work that would otherwise stall
-        the peer's loop the first time it becomes controller."""
+        the peer's loop the first time it becomes controller. ModelError if --model gives no usable model."""
         with self._lock:
             if self._model is None:
-                self._model = build_model(self.dataset, self.shard.num_classes if self.shard else 10, self.seed)
+                self._model = models.build(self.model_name, SHAPES[self.dataset],
+                                           self.shard.num_classes if self.shard else 10, self.seed)
                 self._initial = self._weights()
+                self._tensors = models.tensors_of(self._model)
+
+    def fingerprint(self) -> str:
+        """The model's architecture as a short hex string (peer.models.fingerprint): equal on every peer that runs the
+        same --model on the same dataset."""
+        self.prepare()
+        return models.fingerprint(self._tensors)
+
+    def model_description(self) -> str:
+        """E.g. "seed-cnn, 8 tensors, 1,199,882 parameters"."""
+        self.prepare()
+        return models.describe(self.model_name, self._tensors)
 
     def sample_counts(self) -> tuple[int, int]:
         """(train, test) samples of this peer's shard: announced to the others, the most it may declare."""
@@ -90,8 +70,9 @@ class Learner:
         self.prepare()
         with self._lock:
             self._model.set_weights(weights)
-            loss, accuracy = self._model.evaluate(self.shard.x_test, self.shard.y_test, batch_size=256, verbose=0)
-        return float(accuracy), float(loss), int(len(self.shard.y_test))
+            results = self._model.evaluate(self.shard.x_test, self.shard.y_test, batch_size=256, verbose=0,
+                                           return_dict=True)
+        return models.accuracy_of(results), float(results["loss"]), int(len(self.shard.y_test))
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:
         self.prepare()
@@ -99,15 +80,3 @@ class Learner:
         with self._lock:
             self._model.set_weights(weights)
             self._model.save(path)
-
-    def fingerprint(self) -> str:
-        """The model's fingerprint (tensor shapes and dtypes), announced to the other peers."""
-        from .protocol import FINGERPRINT_HEX
-        import hashlib
-        self.prepare()
-        text = ";".join(f"{tuple(w.shape)}:{w.dtype.str}" for w in self._initial)
-        return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_HEX]
-
-    def describe_model(self) -> str:
-        self.prepare()
-        return f"{len(self._initial)} tensors, {sum(w.size for w in self._initial):,} parameters"

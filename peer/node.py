@@ -186,7 +186,7 @@ class Peer:
     def run(self) -> int:
         self.log.info("starting: broker %s, run %s, shard %s, model %s (fingerprint %s), waiting for %d peers",
                       self.settings.broker, self.settings.run_id, self.settings.shard_label,
-                      self.learner.describe_model(), self.fingerprint, self.settings.min_peers)
+                      self.learner.model_description(), self.fingerprint, self.settings.min_peers)
         if not self.seal.sealed:
             self.log.warning("no federation secret (--secret-file or FL_SECRET): any client of this broker can speak "
                              "for the federation; see docs/SECURITY.md")
@@ -312,7 +312,7 @@ class Peer:
         if route is Route.RUN_OTHER_MODEL:
             self.log.error("this run's model (fingerprint %s, controller %s) is not this peer's (%s, %s): start this "
                            "peer with the run's --model and --dataset", message.model, message.controller,
-                           self.fingerprint, self.learner.describe_model())
+                           self.fingerprint, self.learner.model_description())
             self.exit_code = EXIT_REFUSED
             return
         if route is Route.PRESENCE:

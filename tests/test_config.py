@@ -33,6 +33,8 @@ SAMPLES = {
     "--max-rounds": [("1", {"max_rounds": 1}), ("250", {"max_rounds": 250})],
     "--target-accuracy": [("0.8", {"target_accuracy": 0.8}), ("1", {"target_accuracy": 1.0})],
     "--dataset": [("cifar10", {"dataset": "cifar10"}), ("Fashion-MNIST", {"dataset": "fashion-mnist"})],
+    "--model": [("Seed-CNN", {"model": "seed-cnn"}),
+                ("docs/examples/custom_model.py:build_model", {"model": "docs/examples/custom_model.py:build_model"})],
     "--data-dir": [("/tmp/data-a", {"data_dir": Path("/tmp/data-a")}), ("rel/b", {"data_dir": Path("rel/b")})],
     "--secret-file": [(str(KEY_A), {"secret_file": KEY_A, "secret": b"a" * 16}),
                       (str(KEY_B), {"secret_file": KEY_B, "secret": b"b" * 40})],
@@ -114,6 +116,7 @@ def test_defaults():
     assert (s.min_peers, s.trainers, s.min_solutions, s.max_rounds) == (5, 3, 2, 10)
     assert s.target_accuracy == 0.99
     assert (s.dataset, s.data_dir, s.partition, s.alpha, s.seed) == ("mnist", None, "iid", 0.5, 42)
+    assert s.model == "cnn-small"
     assert (s.shard, s.num_shards, s.shard_label) == (0, 1, "0/1")
     assert (s.train_samples, s.test_samples, s.epochs, s.batch_size) == (None, None, 1, 32)
     assert s.run_dir == Path("runs/latest")
@@ -129,6 +132,21 @@ def test_dataset_facts_come_from_data_and_partition():
         assert load_settings([f"--dataset={name}"], {}).dataset == name
     for scheme in partition.SCHEMES:
         assert load_settings([f"--partition={scheme}"], {}).partition == scheme
+
+
+def test_the_default_model_is_the_datasets_and_is_recorded():
+    assert load_settings(["--dataset=cifar10"], {}).model == "cifar10-cnn"
+    assert load_settings(["--dataset=fashion-mnist"], {}).public_dict()["model"] == "cnn-small"
+    assert load_settings(["--dataset=cifar10", "--model=seed-cnn"], {}).model == "seed-cnn"
+    assert load_settings([], {"FL_MODEL": "mymodels:build"}).model == "mymodels:build"
+
+
+def test_a_bad_model_names_the_built_ins_and_the_forms():
+    with pytest.raises(SettingsError) as err:
+        load_settings(["--model=nonsense"], {})
+    assert str(err.value).startswith("--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | "
+                                     "cifar10-cnn) nor MODULE:FUNCTION")
+    assert "FILE.py:FUNCTION" in str(err.value)
 
 
 @pytest.mark.parametrize("parse, text, message", [
@@ -230,6 +248,8 @@ BAD = [
     ("--shard", "5/5"), ("--shard", "-1/3"), ("--shard", "a/b"), ("--shard", "3"), ("--shard", "1/0"),
     ("--shard", "0/0"), ("--shard", "1.0/3"),
     ("--partition", "weird"), ("--partition", "iid2"),
+    ("--model", "nonsense"), ("--model", "mymodels"), ("--model", "mymodels:"), ("--model", "a b:build"),
+    ("--model", "dir/x.txt:build"),
     ("--alpha", "0"), ("--alpha", "-1"), ("--alpha", "nan"), ("--alpha", "x"),
     ("--seed", "-1"), ("--seed", "1e3"),
     ("--train-samples", "0"), ("--test-samples", "0"), ("--test-samples", "many"),
@@ -336,6 +356,8 @@ def test_help_lists_every_flag_and_variable():
     ([], {"FL_BROKER": "nohost:abc"}, "FL_BROKER"),
     (["--shard", "5/5"], {}, "--shard"),
     (["--trainers"], {}, "--trainers"),
+    (["--model", "nonsense"], {}, "--model: 'nonsense' is not a built-in model"),
+    ([], {"FL_MODEL": "nonsense"}, "FL_MODEL: 'nonsense' is not a built-in model"),
 ])
 def test_bad_settings_exit_2_with_one_clear_line(args, env, names):
     result, elapsed = run_peer(*args, env=env)

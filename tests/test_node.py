@@ -112,7 +112,7 @@ class FakeLearner:
     def fingerprint(self):
         return FP
 
-    def describe_model(self):
+    def model_description(self):
         return "the fake model"
 
     def save(self, weights_, path):
