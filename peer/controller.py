@@ -32,6 +32,7 @@ from .rounds import (EvaluationCollector, GlobalModel, ModelStore, RoundOutcome,
 
 FINISH_EXPIRY_S = 24 * 3600   # the retained Finish tells a peer (re)started for this run that it is over
 MAX_REPUBLISH = 3      # a model nobody evaluates is published this many more times, then the run gives up
+MAX_ATTEMPTS = 10      # a round that gets no quorum of solutions this many times in a row gives the run up
 
 
 class Phase(str, enum.Enum):
@@ -84,6 +85,7 @@ class Controller:
         self.waiting_for = ""          # why nothing happens (too few peers); logged once per change
         self.waiting_since: float | None = None
         self.republished = 0           # publications of the current model that brought no evaluation
+        self.on_broker: str | None = None      # digest of the model this controller last published (retained)
         self.resend_due: float | None = None   # when to send the current order again (a waited-for peer is back)
         self.last_resend = float("-inf")
         self.next_heartbeat = 0.0
@@ -175,6 +177,7 @@ class Controller:
             # A restarted broker lost the retained model too, which a trainer lacking it would fetch.
             self._publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers, self.model.weights),
                           retain=True)
+            self.on_broker = self.model.digest
         self._resend(now, "reconnected")
 
     def _waits_for(self, peer: str) -> bool:
@@ -188,8 +191,7 @@ class Controller:
         self.resend_due, self.last_resend = None, now
         if self.phase is Phase.TRAINING and self.solutions:
             self._log(f"round {self.round}: {why}; sending the training order again")
-            self.round_bytes += self._publish(Training(self.term, self.me, self.round, self.attempt,
-                                                       self.solutions.trainers, self.model.digest))
+            self.round_bytes += self._publish(self._order(self.solutions.trainers))
         elif self.phase is Phase.EVALUATING and self.evaluations:
             self._log(f"round {self.round}: {why}; publishing the model again")
             self.round_bytes += self._publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers,
@@ -277,10 +279,16 @@ class Controller:
                                            shapes=tuple(w.shape for w in self.model.weights))
         self.evaluations = None
         self.phase = Phase.TRAINING
-        self.round_bytes += self._publish(Training(self.term, self.me, self.round, self.attempt, trainers,
-                                                   self.model.digest))
+        self.round_bytes += self._publish(self._order(trainers))
         self._log(f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
                   f"{','.join(trainers)} (quorum {quorum})")
+
+    def _order(self, trainers: tuple[str, ...]) -> Training:
+        """The training order: it names the model by digest, and carries it only when this controller has not
+        published it itself this term (it resumed from the model another controller published): a trainer may
+        not hold that one any more, and it is retained on no topic of this term's controller."""
+        weights = [] if self.on_broker == self.model.digest else self.model.weights
+        return Training(self.term, self.me, self.round, self.attempt, trainers, self.model.digest, weights)
 
     def _preferred(self, candidates: set[str]) -> set[str]:
         """Trainers whose sample counts are known (so their weight is bounded) and that broke no limit this term;
@@ -297,6 +305,7 @@ class Controller:
                                                now + self.settings.round_deadline)
         self.round_bytes += self._publish(Aggregation(self.term, self.me, model.round, model.trainers,
                                                       model.weights), retain=True)
+        self.on_broker = model.digest
         if not self._others():
             return self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}", now)
         self.phase = Phase.EVALUATING
@@ -305,6 +314,9 @@ class Controller:
         if self.phase is Phase.TRAINING and self.solutions:
             outcome = self.solutions.outcome(now)
             if outcome is RoundOutcome.RETRY:
+                if self.attempt >= MAX_ATTEMPTS:
+                    return self._give_up("no-solutions", f"round {self.round} got too few solutions in "
+                                                         f"{self.attempt} attempts", now)
                 self._log(f"round {self.round} attempt {self.attempt}: {len(self.solutions.received)} of "
                           f"{len(self.solutions.trainers)} solutions (quorum {self.solutions.quorum}) by the deadline "
                           "or with the rest gone; choosing trainers again", "warning")

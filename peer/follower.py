@@ -10,20 +10,27 @@ model is an action the node carries out.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .actions import (EXIT_GAVE_UP, EXIT_OK, GIVE_UP_REASONS, Action, AdoptModel, Exit, FetchModel, FinishRound,
                       JobDone, Log, Publish, RecordEvaluation, StartJob)
-from .protocol import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
+from .protocol import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training, WeightCodec
 from .rounds import GlobalModel, ModelStore, RoundSummary
 
 
 class Follower:
-    def __init__(self, me: str, memory: ModelStore, shapes: tuple[tuple[int, ...], ...] | None = None):
-        """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused."""
+    def __init__(self, me: str, memory: ModelStore, shapes: tuple[tuple[int, ...], ...] | None = None,
+                 keep_solutions_up_to: int = 2**63):
+        """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused.
+        `keep_solutions_up_to`: a solution of more bytes than this is not kept once sent (a large model's memory
+        matters more than sparing a fit: a repeated order is trained again)."""
         self.me, self.memory, self.shapes = me, memory, shapes
+        self.keep_solutions_up_to = keep_solutions_up_to
         self.phase: str | None = None          # the controller's phase, as its last heartbeat told it
         # What this peer last did for an order, by (term, round, attempt) and (term, round): a repeated order
         # (the controller re-sends after a broker outage) is answered from it instead of being done twice.
         self.fitting: tuple[int, int, int] | None = None
+        self.fitted: tuple[int, int, int] | None = None      # the last order whose fit finished
         self.solution: Solution | None = None
         self.evaluating: tuple[int, int] | None = None
         self.evaluation: Evaluation | None = None
@@ -44,15 +51,22 @@ class Follower:
                                                   self.solution.attempt) == key:
                     return [Publish(self.solution),
                             Log(f"round {message.round}: the order came again; sending my solution again")]
-                return [Log(f"round {message.round}: the order came again; still training", "debug")]
+                if key != self.fitted:
+                    return [Log(f"round {message.round}: the order came again; still training", "debug")]
+                # done, but the solution was too large to keep: train again
             held = self.memory.latest
-            if held is None or held.round != message.round - 1 or held.digest != message.digest:
-                self.waiting = message
-                have = f"round {held.round}" if held else "none"
-                return [Log(f"round {message.round}: chosen to train, but this peer lacks the model the order names "
-                            f"(round {message.round - 1}, {message.digest[:8]}; it holds {have}); fetching it"),
-                        FetchModel(message.round - 1, message.digest)]
-            return self._fit(message, held.weights)
+            if held is not None and held.round == message.round - 1 and held.digest == message.digest:
+                return self._fit(message, held.weights)
+            if message.weights:   # a new controller's first orders: the model comes along
+                if misfit := self._misfit(message):
+                    return misfit
+                if WeightCodec.digest(message.weights) == message.digest:
+                    return self._fit(message, message.weights)
+            self.waiting = message
+            have = f"round {held.round}" if held else "none"
+            return [Log(f"round {message.round}: chosen to train, but this peer lacks the model the order names "
+                        f"(round {message.round - 1}, {message.digest[:8]}; it holds {have}); fetching it"),
+                    FetchModel(message.round - 1, message.digest)]
         if isinstance(message, Aggregation):
             if misfit := self._misfit(message):
                 return misfit
@@ -105,8 +119,11 @@ class Follower:
             weights, samples, loss = done.result
             if job.term != current_term:
                 return [Log(f"round {job.round}: training done but term {job.term} is over; solution dropped")]
-            self.solution = Solution(job.term, job.round, job.attempt, self.me, samples, loss, weights)
-            return [Publish(self.solution),
+            solution = Solution(job.term, job.round, job.attempt, self.me, samples, loss, weights)
+            self.fitted = (job.term, job.round, job.attempt)
+            small = sum(np.asarray(w).nbytes for w in weights) <= self.keep_solutions_up_to
+            self.solution = solution if small else None
+            return [Publish(solution),
                     Log(f"round {job.round}: trained {samples} samples in {done.seconds:.1f}s (loss {loss:.4f}), "
                         "solution sent")]
         accuracy, loss, samples = done.result
@@ -131,7 +148,7 @@ class Follower:
             return []
         return self._fit(order, message.weights)
 
-    def _misfit(self, message: Aggregation) -> list[Action]:
+    def _misfit(self, message: Aggregation | Training) -> list[Action]:
         """[one warning] if the message's model does not fit this peer's model, else []."""
         shapes = tuple(tuple(w.shape) for w in message.weights)
         if self.shapes is None or shapes == self.shapes:

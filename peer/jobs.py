@@ -36,10 +36,15 @@ class JobRunner:
             if not self.still_wanted(job):
                 self.log.info("skipped %s of round %d: term %d is over", job.kind, job.round, job.term)
                 continue
-            started = time.monotonic()
-            try:
-                work = self.learner.fit if job.kind == "fit" else self.learner.evaluate
-                result, error = work(job.weights), None
-            except Exception as err:  # a failed fit must not kill the worker; the peer logs it and goes on
-                result, error = None, f"{type(err).__name__}: {err}"
-            self.events.put(JobDone(job, result, error, time.monotonic() - started))
+            self.events.put(self._do(job))
+            # (nothing of the job stays referenced here while waiting for the next: a large model's weights would)
+            del job
+
+    def _do(self, job: StartJob) -> JobDone:
+        started = time.monotonic()
+        try:
+            work = self.learner.fit if job.kind == "fit" else self.learner.evaluate
+            result, error = work(job.weights), None
+        except Exception as err:  # a failed fit must not kill the worker; the peer logs it and goes on
+            result, error = None, f"{type(err).__name__}: {err}"
+        return JobDone(job, result, error, time.monotonic() - started)

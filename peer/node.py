@@ -124,7 +124,8 @@ class Peer:
         self.reassembler = Reassembler(MAX_WEIGHT_BYTES + 4096, 4 * MAX_WEIGHT_BYTES, CHUNK_TIMEOUT_S)
         self.chunks_out: dict[str, int] = {}   # retained topic -> chunks its last model took (to clear them later)
         self.last_fetch = float("-inf")
-        self.follower = Follower(self.me, self.store, tuple(tuple(w.shape) for w in learner.initial_weights()))
+        self.follower = Follower(self.me, self.store, tuple(tuple(w.shape) for w in learner.initial_weights()),
+                                 keep_solutions_up_to=settings.max_message_bytes)
         self.controller: Controller | None = None
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
         self.announced: dict[str, tuple[int, int]] = {}
@@ -413,9 +414,16 @@ class Peer:
             self.transport.publish(topic, self._seal(topic, b"".join(parts)), retain=retain, expiry=expiry)
         else:
             message_id = self.stamper.seq + 1
-            for chunks, body in enumerate(split(parts, chunk_limit(limit, self.seal.sealed), message_id), 1):
-                chunk_topic = Topics.chunk(topic, chunks - 1)
-                self.transport.publish(chunk_topic, self._seal(chunk_topic, body), retain=retain, expiry=expiry)
+            bodies = split(parts, chunk_limit(limit, self.seal.sealed), message_id)
+            counted = []
+
+            def sealed_chunks():
+                for index, body in enumerate(bodies):
+                    counted.append(index)
+                    chunk_topic = Topics.chunk(topic, index)
+                    yield chunk_topic, self._seal(chunk_topic, body)
+            self.transport.publish_paced(sealed_chunks(), retain=retain, expiry=expiry)
+            chunks = len(counted)
         if retain:
             # A model of fewer chunks than the last one on this topic leaves no stale chunk behind.
             for index in range(chunks, self.chunks_out.get(topic, 0)):
@@ -502,7 +510,7 @@ class Peer:
                 self._write("run.json", self.records.run, action.summary)
             elif isinstance(action, SaveCheckpoint):
                 self._write("the checkpoint", self.records.checkpoint, checkpoint_state(self.settings.run_id, action),
-                            WeightCodec.encode(action.model.weights))
+                            WeightCodec.parts(action.model.weights))
             elif isinstance(action, SaveModel):
                 self._write("model.keras", self.learner.save, action.weights, self.records.model_path)
             elif isinstance(action, Print):

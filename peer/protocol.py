@@ -22,7 +22,7 @@ import math
 import secrets
 import struct
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -64,6 +64,11 @@ class WeightCodec:
         """Any tensors, unchecked (tests build bad payloads with it); `encode(message)` checks them first."""
         # not ascontiguousarray: it turns a scalar into shape (1,)
         return b"".join(WeightCodec._parts([np.asarray(t, dtype="<f4") for t in tensors], wire_dtype))
+
+    @staticmethod
+    def parts(tensors: list[np.ndarray], wire_dtype: str = "float32") -> list:
+        """`encode(tensors)` as a list of bytes-like parts to write one after the other, without joining them."""
+        return WeightCodec._parts([np.asarray(t, dtype="<f4") for t in tensors], wire_dtype)
 
     @staticmethod
     def _on_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
@@ -349,15 +354,17 @@ class Heartbeat(Message):
 @dataclass(frozen=True)
 class Training(Message):
     """Controller to trainers: fit the global model of round-1, the one whose `WeightCodec.digest` is `digest`, and
-    send back a solution. It carries no weights: every peer received that model as an aggregation (a trainer that
-    lacks it fetches the retained one)."""
-    TYPE = "training"; TOPIC = "training"; SENDER = "controller"
+    send back a solution. Its weights are empty: every peer received that model as the controller's aggregation (a
+    trainer that lacks it fetches the retained one). Only a controller that resumed from a model it did not publish
+    itself (another controller's, before a failover) sends the model along."""
+    TYPE = "training"; TOPIC = "training"; SENDER = "controller"; CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
     attempt: int
     trainers: tuple[str, ...]
     digest: str
+    weights: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

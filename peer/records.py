@@ -139,12 +139,18 @@ def write_json(path: Path, data: dict) -> None:
     write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Replace the file atomically (a temporary file renamed over it)."""
+def write_bytes(path: Path, data) -> str:
+    """Replace the file atomically (a temporary file renamed over it) with `data`: bytes, or an iterable of
+    bytes-like parts written one after the other (a large model is never joined in memory). Its SHA-256, in hex."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_bytes(data)
+    digest = hashlib.sha256()
+    with open(temp, "wb") as out:
+        for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            out.write(part)
+            digest.update(part)
     os.replace(temp, path)
+    return digest.hexdigest()
 
 
 class RunRecorder:
@@ -189,16 +195,15 @@ class RunRecorder:
     def model_path(self) -> Path:
         return self.run_dir / MODEL_FILE
 
-    def checkpoint(self, state: dict, weights: bytes) -> None:
+    def checkpoint(self, state: dict, weights) -> None:
         """The run after a finished round (`state`: run_id, round, term, trainers, run_started, rounds; `weights`:
-        the global model in the wire's weights format). The weights go to a file named by round, then the
-        description that names it and its digest, then older weights files go: killed at any moment, the folder
-        holds one whole checkpoint."""
+        the global model in the wire's weights format, as bytes or as parts). The weights go to a file named by
+        round, then the description that names it and its digest, then older weights files go: killed at any
+        moment, the folder holds one whole checkpoint."""
         folder = self.run_dir / CHECKPOINT_DIR
         name = f"weights-{state['round']}.bin"
-        write_bytes(folder / name, weights)
-        write_json(folder / CHECKPOINT_FILE, {**state, "weights_file": name,
-                                              "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        sha256 = write_bytes(folder / name, weights)
+        write_json(folder / CHECKPOINT_FILE, {**state, "weights_file": name, "weights_sha256": sha256,
                                               "saved_at": time.time()})
         for old in folder.glob("weights-*.bin"):
             if old.name != name:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -59,6 +60,7 @@ class MqttTransport:
         self.events = events
         self.subscriptions: dict[str, bool] = dict(subscriptions)   # renewed on every connect
         self._connected = threading.Event()
+
         self._disconnected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
@@ -85,7 +87,7 @@ class MqttTransport:
         self.events.put(Disconnected(str(reason_code)))
 
     def _on_message(self, client, userdata, message):
-        self.events.put(Inbound(message.topic, bytes(message.payload), bool(message.retain)))
+        self.events.put(Inbound(message.topic, message.payload, bool(message.retain)))
 
     # --- used by the peer's worker ----------------------------------------------------------------------------------
 
@@ -127,6 +129,20 @@ class MqttTransport:
     def publish(self, topic: str, payload: bytes, retain: bool = False, expiry: int | None = None):
         return self.client.publish(topic, payload, qos=1, retain=retain,
                                    properties=_expiry(PacketTypes.PUBLISH, expiry))
+
+    def publish_paced(self, messages, retain: bool = False, expiry: int | None = None, timeout: float = 30.0) -> None:
+        """Publish (topic, payload) pairs from an iterator, the next one only once the broker has the one before
+        last: the chunks of a large model are made and held two at a time, not all at once in paho's queue. Gives up
+        waiting (and just queues the rest) after `timeout` seconds in all, or when the connection is lost."""
+        deadline = time.monotonic() + timeout
+        sent = []
+        for topic, payload in messages:
+            sent.append(self.publish(topic, payload, retain, expiry))
+            while len(sent) >= 2 and not sent[-2].is_published() and self.connected and time.monotonic() < deadline:
+                try:
+                    sent[-2].wait_for_publish(0.05)
+                except (RuntimeError, ValueError):
+                    break   # not connected: paho queues the rest, as for any message
 
     def close(self, last: list[tuple[str, bytes, bool]] = (), timeout: float = 5.0) -> None:
         """Publish the last messages, wait (bounded) until the broker has them, and disconnect cleanly, which

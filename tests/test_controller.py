@@ -390,3 +390,41 @@ def test_a_waited_for_peer_that_comes_back_gets_the_order_again_at_most_once_a_h
     assert len(r.sent(Training)) == 2                          # not before a heartbeat has passed
     r.tick(2.9)
     assert len(r.sent(Training)) == 3 and r.logs("a peer it waits for is back")
+
+
+def test_orders_carry_no_weights_once_the_controller_has_published_the_model_itself():
+    r = Run()
+    r.take_office(0)
+    r.evaluate_all(0, 1)
+    [order] = r.sent(Training)
+    assert order.weights == [] and order.digest == r.c.model.digest == GlobalModel(0, 1, weights(0)).digest
+
+
+def test_a_controller_resuming_from_another_controllers_model_sends_it_with_its_first_orders():
+    # A failover after the metrics: the model is the old controller's, retained on the old controller's topic only,
+    # and a trainer may no longer hold it (it moved on to an aggregation that was never finished).
+    memory = ModelStore()
+    memory.offer(2, 1, weights(2))
+    memory.finish_round(RoundSummary(2, 1, 0.5, 1.0, 10), 5.0)
+    r = Run(memory=memory, term=2, max_rounds=5)
+    r.take_office(0)
+    [order] = r.sent(Training)
+    assert order.round == 3 and order.digest == GlobalModel(2, 1, weights(2)).digest
+    assert np.array_equal(order.weights[0], weights(2)[0])
+    for peer in order.trainers:
+        r.on_message(Solution(2, 3, 1, peer, 10, 0.1, weights(3)), 500, 2)
+    r.evaluate_all(3, 3)
+    assert r.sent(Training)[-1].round == 4 and r.sent(Training)[-1].weights == []   # its own model now
+
+
+def test_a_round_that_never_gets_its_solutions_gives_the_run_up_after_a_bounded_number_of_attempts():
+    # e.g. the only trainer cannot get the model it is told to train: retrying forever would hang the run.
+    from peer.controller import MAX_ATTEMPTS
+    r = Run(round_deadline=1.0, live={"c", "p1"})
+    r.take_office(0)
+    r.evaluate_all(0, 0.5)
+    for now in range(1, 3 * MAX_ATTEMPTS):
+        r.tick(now)
+    assert len(r.sent(Training)) == MAX_ATTEMPTS
+    [finish] = r.sent(Finish)
+    assert finish.reason == "no-solutions" and r.actions[-1] == Exit(4) and r.c.finished

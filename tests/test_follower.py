@@ -141,3 +141,25 @@ def test_a_model_that_does_not_fit_this_peers_is_refused_in_one_line():
 def test_a_finish_that_gives_the_run_up_ends_the_peer_with_exit_4():
     log, exit_ = Follower("me", ModelStore()).on_controller(Finish(2, "c", 4, "no-evaluations", 0.0))
     assert exit_ == Exit(4) and log.level == "error"
+
+
+def test_an_order_that_brings_its_model_is_fitted_from_it_if_the_digest_matches():
+    newer = [np.full(2, 7.0, np.float32)]
+    f = Follower("me", holding(2, newer))           # it moved on to a model the new controller never had
+    log, job = f.on_controller(Training(2, "c", 2, 1, ("me",), D, W))
+    assert job.kind == "fit" and job.weights is W
+    forged = Follower("me", holding(2, newer))
+    log, fetch = forged.on_controller(Training(2, "c", 2, 1, ("me",), D, newer))   # weights that are not D
+    assert isinstance(fetch, FetchModel)
+
+
+def test_a_solution_larger_than_a_broker_message_is_not_kept_and_a_repeated_order_is_trained_again():
+    f = Follower("me", holding(1), keep_solutions_up_to=4)           # W is 8 bytes: "large"
+    order = Training(1, "c", 2, 1, ("me",), D)
+    f.on_controller(order)
+    assert kinds(f.on_controller(order)) == ["Log"]                     # still training
+    sent = f.on_job_done(JobDone(StartJob("fit", 1, 2, 1, W), (W, 30, 0.5), None, 1.0), current_term=1)
+    assert kinds(sent) == ["Solution", "Log"] and f.solution is None     # sent, not kept
+    again = f.on_controller(order)
+    assert kinds(again) == ["Log", "StartJob"] and again[1].kind == "fit"
+    assert f.reconnected(1) == []

@@ -67,6 +67,10 @@ class FakeTransport:
     def fetch_retained(self, topic):
         self.fetches.append(topic)
 
+    def publish_paced(self, messages, retain=False, expiry=None):
+        for topic, payload in messages:
+            self.publish(topic, payload, retain, expiry)
+
     def publish(self, topic, payload, retain=False, expiry=None):
         self.published.append((topic, payload, retain))
         located = TOPICS.locate(topic)
