@@ -57,17 +57,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import signal
 import statistics
-import struct
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from peer.protocol import ProtocolError, WeightCodec
 from peer.records import CheckpointError, load_run, peer_dir, PEER_LOG_FILE, read_checkpoint
 from scripts.localnet import Broker, LocalNetwork, split_peer_args
 
@@ -204,22 +203,11 @@ def round_times(durations: dict[int, float], jobs: dict[int, JobTimes]) -> list[
 # --- the model's size -------------------------------------------------------------------------------------------------
 
 def count_parameters(weights: bytes) -> int | None:
-    """Parameters in a weights blob of the wire's format (u32 count; per tensor u8 ndim, ndim x u32 dims, values),
-    with 4- or 2-byte values; None if it is neither."""
-    for itemsize in (4, 2):
-        try:
-            (count,) = struct.unpack_from("<I", weights, 0)
-            offset, params = 4, 0
-            for _ in range(count):
-                ndim = weights[offset]
-                shape = struct.unpack_from(f"<{ndim}I", weights, offset + 1)
-                offset += 1 + 4 * ndim + itemsize * math.prod(shape)
-                params += math.prod(shape)
-            if offset == len(weights):
-                return params
-        except (struct.error, IndexError):
-            continue
-    return None
+    """Parameters in a weights blob of the wire's format (`WeightCodec`, the one reader of it); None if it is not one."""
+    try:
+        return sum(int(t.size) for t in WeightCodec.decode(weights))
+    except ProtocolError:
+        return None
 
 
 def model_parameters(run_dir: Path) -> int | None:

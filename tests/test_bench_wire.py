@@ -2,9 +2,10 @@
 the model's size and the table."""
 from __future__ import annotations
 
-import struct
 
 import numpy as np
+
+from peer.protocol import WeightCodec
 import pytest
 
 from scripts.bench_wire import (TABLE_COLUMNS, JobTimes, Result, RoundTime, SysBroker, accuracy_difference,
@@ -72,13 +73,11 @@ def test_the_overhead_is_the_duration_beyond_the_slowest_fit_and_evaluation():
     assert times[2].slowest_fit_s is None and times[2].overhead_s is None                           # no fit logged
 
 
-def test_the_parameter_count_comes_from_a_weights_blob_of_4_or_2_byte_values():
+def test_the_parameter_count_comes_from_a_weights_blob_of_float32_or_float16_values():
     tensors = [np.zeros((3, 3, 1, 16)), np.zeros(16), np.zeros(())]
-    for dtype in ("<f4", "<f2"):
-        blob = struct.pack("<I", len(tensors)) + b"".join(
-            struct.pack(f"<B{t.ndim}I", t.ndim, *t.shape) + t.astype(dtype).tobytes() for t in tensors)
-        assert count_parameters(blob) == 144 + 16 + 1
-    assert count_parameters(b"\x01\x00\x00\x00\x01\x05\x00\x00\x00" + b"\x00" * 7) is None   # neither size
+    for dtype in ("float32", "float16"):
+        assert count_parameters(WeightCodec.encode(tensors, dtype)) == 144 + 16 + 1
+    assert count_parameters(b"\x01\x00\x00\x00\x01\x01\x05\x00\x00\x00" + b"\x00" * 7) is None   # truncated
     assert count_parameters(b"") is None
 
 
