@@ -51,6 +51,8 @@ class Follower:
         if isinstance(message, Aggregation):
             if misfit := self._misfit(message):
                 return misfit
+            if message.evaluators and self.me not in message.evaluators:
+                return self._adopt(message)   # kept, as every peer keeps the latest model; others evaluate this one
             # Every live publication of a model this peer has not evaluated is evaluated (the controller
             # re-publishes a model when it lacks evaluations, e.g. in a new term); a model it has evaluated already
             # gets the same answer again. Retained copies come through `on_retained_model`.

@@ -114,3 +114,12 @@ def test_a_model_that_does_not_fit_this_peers_is_refused_in_one_line():
 def test_a_finish_that_gives_the_run_up_ends_the_peer_with_exit_4():
     log, exit_ = Follower("me", ModelStore()).on_controller(Finish(2, "c", 4, "no-evaluations", 0.0))
     assert exit_ == Exit(4) and log.level == "error"
+
+
+def test_with_named_evaluators_only_they_evaluate_and_everyone_keeps_the_model():
+    f = Follower("me", ModelStore())
+    assert kinds(f.on_controller(Aggregation(1, "c", 3, ("p2",), W, ("p2", "p3")))) == ["AdoptModel"]
+    # the same model published again naming everyone (it may be the final one): now it is evaluated
+    assert kinds(f.on_controller(Aggregation(1, "c", 3, ("p2",), W, ()))) == ["AdoptModel", "StartJob"]
+    named = Follower("me", ModelStore()).on_controller(Aggregation(1, "c", 3, ("p2",), W, ("me", "p3")))
+    assert kinds(named) == ["AdoptModel", "StartJob"]

@@ -500,7 +500,7 @@ BAD_VALUES = {
     "loss": NOT_NON_NEGATIVE, "duration_s": NOT_NON_NEGATIVE, "run_started": NOT_NON_NEGATIVE,
     "status": ["away", "", "Online", True, None, ["online"], 1],
     "reason": NOT_TEXT, "phase": NOT_TEXT,
-    "trainers": NOT_PEER_LISTS, "members": NOT_PEER_LISTS,
+    "trainers": NOT_PEER_LISTS, "members": NOT_PEER_LISTS, "evaluators": NOT_PEER_LISTS,
 }
 
 
