@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     net.stop()
     # Peers killed on purpose (python -m scripts.chaos, ./up.sh kill) are not failures of the run.
-    killed = killed_on_purpose(args.run_dir)
+    # Killing a peer hosted with others (--peers-per-process) kills its whole process: those peers went on purpose too.
+    killed = {peer for victim in killed_on_purpose(args.run_dir) for peer in net.host_of(victim)}
     failed = {peer: code for peer, code in codes.items() if code != 0 and not (peer in killed and code and code < 0)}
     print(f"localnet: records in {args.run_dir}; draw the graphs with: python -m graphs {args.run_dir}", flush=True)
     if failed:
