@@ -1,7 +1,7 @@
 """The follower role as a pure machine: what every peer that is not the controller does.
 
 When chosen it fits the global model on its own shard and sends back a solution; it evaluates every new global
-model on its own test shard and reports; it remembers the metrics of every finished round (so it can take over as
+model it is asked to (every one, unless the controller names a few evaluators) on its own test shard and reports; it remembers the metrics of every finished round (so it can take over as
 controller), and it ends when the controller announces the finish.
 
 Like the controller it does no I/O: messages that the admission rules let through (`peer.admission`) and finished
