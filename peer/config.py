@@ -35,6 +35,7 @@ class Settings:
     min_peers: int = 5
     trainers: int = 3
     min_solutions: int = 2
+    evaluators: int = 0          # peers asked to evaluate a round's model; 0: every peer
     max_rounds: int = 10
     target_accuracy: float = 0.99
     dataset: str = "mnist"
@@ -219,6 +220,9 @@ OPTIONS = [
     ("--trainers", "FL_TRAINERS", "trainers", whole_number(1), "trainers chosen per round (default 3)"),
     ("--min-solutions", "FL_MIN_SOLUTIONS", "min_solutions", whole_number(1),
      "solutions a round needs to close at its deadline (default 2, capped at the trainers chosen)"),
+    ("--evaluators", "FL_EVALUATORS", "evaluators", whole_number(0),
+     "peers (chosen at random each round) that evaluate a round's model; every peer evaluates the last one "
+     "(default 0: every peer, every round)"),
     ("--max-rounds", "FL_MAX_ROUNDS", "max_rounds", whole_number(1), "round limit (default 10)"),
     ("--target-accuracy", "FL_TARGET_ACCURACY", "target_accuracy", number(0.0, 1.0),
      "stop when the global accuracy reaches this (default 0.99)"),

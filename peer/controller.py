@@ -28,7 +28,7 @@ from .config import Settings
 from .protocol import (Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training, WeightCodec,
                        encoded_size, wire_size)
 from .rounds import (EvaluationCollector, GlobalModel, ModelStore, RoundOutcome, RoundSummary, SolutionCollector,
-                     choose_trainers)
+                     choose_evaluators, choose_trainers)
 
 FINISH_EXPIRY_S = 24 * 3600   # the retained Finish tells a peer (re)started for this run that it is over
 MAX_REPUBLISH = 3      # a model nobody evaluates is published this many more times, then the run gives up
@@ -89,6 +89,8 @@ class Controller:
         self.resend_due: float | None = None   # when to send the current order again (a waited-for peer is back)
         self.last_resend = float("-inf")
         self.next_heartbeat = 0.0
+        self.evaluators: tuple[str, ...] = ()   # the peers asked to evaluate the model out now; (): every peer
+        self.everyone_next = False     # the next publication asks every peer: its model may be the final one
         self._out: list[Action] = []
 
     @property
@@ -195,7 +197,7 @@ class Controller:
         elif self.phase is Phase.EVALUATING and self.evaluations:
             self._log(f"round {self.round}: {why}; publishing the model again")
             self.round_bytes += self._publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers,
-                                                          self.model.weights), retain=True)
+                                                          self.model.weights, self.evaluators), retain=True)
 
     @_emits
     def tick(self, now: float) -> None:
@@ -301,14 +303,23 @@ class Controller:
         model = self.model
         self.round = model.round
         self.solutions = None
-        self.evaluations = EvaluationCollector(self.term, model.round, self._others(),
+        self.evaluators = self._choose_evaluators(model.round)
+        self.evaluations = EvaluationCollector(self.term, model.round, set(self.evaluators) or self._others(),
                                                now + self.settings.round_deadline)
         self.round_bytes += self._publish(Aggregation(self.term, self.me, model.round, model.trainers,
-                                                      model.weights), retain=True)
+                                                      model.weights, self.evaluators), retain=True)
         self.on_broker = model.digest
         if not self._others():
             return self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}", now)
         self.phase = Phase.EVALUATING
+
+    def _choose_evaluators(self, round_: int) -> tuple[str, ...]:
+        """With --evaluators M, M random peers evaluate a round's model (the fan-in of a hundred evaluations per
+        round is what a large federation cannot afford); every peer evaluates the last round's model, and a model
+        that may end the run (`everyone_next`), so that each peer's records end with the model the run ends with."""
+        if round_ >= self.settings.max_rounds or self.everyone_next:
+            return ()
+        return choose_evaluators(self._others(), self.settings.evaluators, self.rng)
 
     def _advance(self, now: float) -> None:
         if self.phase is Phase.TRAINING and self.solutions:
@@ -364,6 +375,14 @@ class Controller:
         self.republished = 0
         accuracy, loss, samples = result
         round_, trainers = collector.round, self.model.trainers
+        if self.evaluators and 0 < round_ and accuracy >= self.settings.target_accuracy:
+            # The sample says the target is reached: the run may end with this model, so every peer evaluates it,
+            # and the round is recorded once, with the metric of all of them (which may yet fall short).
+            self._log(f"round {round_}: accuracy {accuracy:.4f} from {len(collector.received)} evaluators reaches "
+                      "the target; every peer evaluates the model before the run ends")
+            self.everyone_next = True
+            return self._publish_model(now)
+        self.everyone_next = False
         trained_here = round_ > 0 and self.round_started is not None
         duration = now - self.round_started if trained_here else 0.0
         # The row first: killed between the two, the round is evaluated again by the next controller and recorded

@@ -1,8 +1,9 @@
 """The follower role as a pure machine: what every peer that is not the controller does.
 
 When chosen it fits the global model on its own shard and sends back a solution; it evaluates every new global
-model on its own test shard and reports; it remembers the metrics of every finished round (so it can take over as
-controller), and it ends when the controller announces the finish.
+model it is asked to (every one, unless the controller names a few evaluators) on its own test shard and reports;
+it remembers the metrics of every finished round (so it can take over as controller), and it ends when the
+controller announces the finish.
 
 Like the controller it does no I/O: messages that the admission rules let through (`peer.admission`) and finished
 learning jobs go in, actions (`peer.actions`) come out. It reads the peer's model store, never writes it: adopting a
@@ -70,6 +71,8 @@ class Follower:
         if isinstance(message, Aggregation):
             if misfit := self._misfit(message):
                 return misfit
+            if message.evaluators and self.me not in message.evaluators:
+                return [*self._adopt(message), *self._waiting_for(message)]   # kept, as every peer keeps the latest model; others evaluate this one
             # Every live publication of a model this peer has not evaluated is evaluated (the controller
             # re-publishes a model when it lacks evaluations, e.g. in a new term); a model it has evaluated already
             # gets the same answer again. Retained copies come through `on_retained_model`.

@@ -45,6 +45,16 @@ class Learner:
         self.prepare()
         return models.describe(self.model_name, self._tensors)
 
+    def twin(self, shard: Shard) -> "Learner":
+        """A learner for another peer hosted in this process (peer.host): its own shard, this learner's model and
+        lock. One Keras model per process, not per peer (each would cost its memory and its own traced functions),
+        and one learning job at a time in the process: its peers share its one or two cores anyway."""
+        self.prepare()
+        other = Learner(self.dataset, shard, self.epochs, self.batch_size, self.seed, self.model_name)
+        other._model, other._initial, other._lock = self._model, self._initial, self._lock
+        other._tensors = self._tensors
+        return other
+
     def sample_counts(self) -> tuple[int, int]:
         """(train, test) samples of this peer's shard: announced to the others, the most it may declare."""
         return (int(len(self.shard.y_train)), int(len(self.shard.y_test))) if self.shard else (0, 0)

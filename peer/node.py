@@ -95,17 +95,18 @@ class Quota:
 
 
 def _attach_to_log(log: logging.Logger, peer: "Peer") -> None:
-    for handler in log.handlers:
-        for context in handler.filters:
-            if isinstance(context, _LogContext):
-                context.peer = peer
+    # On the handler of a process's one peer; on the logger of each peer hosted with others (peer.host).
+    for context in [*log.filters, *(f for handler in log.handlers for f in handler.filters)]:
+        if isinstance(context, _LogContext):
+            context.peer = peer
 
 
 class Peer:
     def __init__(self, settings: Settings, learner: Learner, rng: random.Random | None = None,
-                 transport=None, runner=None, resume: "Resumed | None" = None):
+                 transport=None, runner=None, resume: "Resumed | None" = None, log: logging.Logger | None = None):
         """`transport` and `runner` default to the real MQTT adapter and learner thread; tests hand in fakes.
-        `resume`: the run's state from its checkpoint, to go on from."""
+        `resume`: the run's state from its checkpoint, to go on from. `log`: this peer's own logger when several
+        peers share the process (peer.host); by default the process's "peer" logger."""
         self.settings, self.me, self.learner = settings, settings.peer_id, learner
         self.rng = rng or random.Random()
         self.topics = Topics(settings.topic_prefix, settings.run_id)
@@ -130,8 +131,8 @@ class Peer:
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
         self.announced: dict[str, tuple[int, int]] = {}
         self.records = RunRecorder(settings.run_dir, self.me)
-        self.log = logging.getLogger("peer")
-        if not self.log.handlers:
+        self.log = log or logging.getLogger("peer")
+        if log is None and not self.log.handlers:
             configure_logging(self.me, settings.log_level)
         _attach_to_log(self.log, self)
         # The client id is ours alone (a random suffix): nobody can take our session over by guessing it. A broker
@@ -149,6 +150,7 @@ class Peer:
         self.quota = Quota(self.log)
         self._status: tuple = ()
         self._last_tick = time.monotonic()
+        self._answer_due: float | None = None   # when this peer answers the newcomers heard since its last init
 
     # --- state shown in logs and status.json ----------------------------------------------------------------------------
 
@@ -240,6 +242,8 @@ class Peer:
             self.carry_out(self.controller.tick(now), now)
         for dropped in self.reassembler.expire(now):
             self._dropped(dropped)
+        if self._answer_due is not None and now >= self._answer_due and self.exit_code is None:
+            self._announce(reply=True)
 
     def handle(self, event, now: float) -> None:
         if isinstance(event, Inbound):
@@ -331,7 +335,7 @@ class Peer:
             self.peer_up(message.peer, now, self.announced[message.peer])
             if message.peer != self.me and not message.reply:
                 # A newcomer, or a peer back on the broker, learns from the answers who is here and what each holds.
-                self._announce(reply=True)
+                self._answer_newcomer(now)
         elif route is Route.BALLOT:
             self.carry_out(e.on_vote(message.term, message.peer, message.vote, message.round, message.reason, now), now)
         elif route is Route.CLAIM:
@@ -437,8 +441,21 @@ class Peer:
         return self._seal(self.topics.of(message), b"".join(encode_parts(message)))
 
     def _announce(self, reply: bool = False) -> None:
+        self._answer_due = None   # every init of ours reaches every newcomer heard so far: it answers them all
         self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples, reply,
                        self.fingerprint))
+
+    def _answer_newcomer(self, now: float) -> None:
+        """Answer a newcomer's init: the controller at once (it is the one a newcomer must know); every other peer
+        within a heartbeat or so, with one init for all the newcomers heard meanwhile. Answering each at once cost
+        N-1 answers per newcomer, each delivered to N peers: about a million deliveries when 100 peers start
+        together, where a burst of newcomers (the K peers of one process) now costs one answer per peer. The
+        delay is random so the answers do not all hit the broker in one instant, and it stays well inside the
+        two heartbeat timeouts a reconnected peer waits to hear from each peer it counts live."""
+        if self.controller:
+            self._announce(reply=True)
+        elif self._answer_due is None:
+            self._answer_due = now + self.settings.heartbeat * random.uniform(0.5, 1.5)   # not self.rng: the votes'
 
     def _write(self, what: str, write, *args, **kwargs) -> None:
         """A record written, or the failure logged: a full or read-only disk never stops the training."""

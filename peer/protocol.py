@@ -262,6 +262,7 @@ _FIELD_RULES = {
     "phase": _text,
     "trainers": _peer_list,
     "members": _peer_list,
+    "evaluators": _peer_list,
     "pid": _count,
     "train_samples": _count,
     "test_samples": _count,
@@ -381,13 +382,15 @@ class Solution(Message):
 
 @dataclass(frozen=True)
 class Aggregation(Message):
-    """The new global model (retained, so a peer that joins late starts from it)."""
+    """The new global model (retained, so a peer that joins late starts from it). `evaluators`: the peers asked to
+    evaluate it; empty: every peer (the default, and always for the last round's model)."""
     TYPE = "aggregation"; TOPIC = "aggregation"; SENDER = "controller"; CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
     trainers: tuple[str, ...]
     weights: list
+    evaluators: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,15 @@ def choose_trainers(candidates: Iterable[str], count: int, rng: random.Random) -
     return tuple(sorted(rng.sample(pool, min(count, len(pool)))))
 
 
+def choose_evaluators(candidates: Iterable[str], count: int, rng: random.Random) -> tuple[str, ...]:
+    """`count` peers chosen at random to evaluate a model, or () (every peer) when `count` is 0 or would name them
+    all: an empty list on the wire means everyone, so a round that asks everybody does not list a hundred ids."""
+    pool = set(candidates)
+    if count <= 0 or count >= len(pool):
+        return ()
+    return choose_trainers(pool, count, rng)
+
+
 class RoundOutcome(str, enum.Enum):
     WAIT = "wait"
     CLOSE = "close"      # aggregate what arrived

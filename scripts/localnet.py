@@ -8,11 +8,16 @@ network the same way.
 Peers are `peer-1`..`peer-N` on shards `0/N`..`N-1/N` and, unless the peer flags say otherwise, wait for all N
 before the first election (`--min-peers N`); their logs go to `RUN_DIR/peers/<id>/peer.log` and, prefixed with the
 id, to this terminal. Ctrl-C (or SIGTERM) stops every process it started; none is left behind.
+
+With `--peers-per-process K` the peers run K to a process (`python -m peer.host`: peers 1..K in the first, and so
+on), so that a hundred of them fit on one machine; each keeps its own connection, records and `peer.log` (the
+host's combined output is also in `RUN_DIR/hosts/<first peer>.log`). Signalling a peer signals its whole process.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -29,6 +34,7 @@ from peer.ids import launched_peer_id, new_run_id
 from peer.records import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+_PEER_FIELD = re.compile(rb" peer=(\S+) ")
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
 
 
@@ -118,9 +124,12 @@ class LocalNetwork:
     def __init__(self, run_dir: Path, peers: int = 5, peer_args: list[str] | tuple = (), broker: Broker | None = None,
                  env: dict | None = None, echo: bool = False, python: str = sys.executable,
                  broker_port: int | None = None, num_shards: int | None = None, run_id: str | None = None,
-                 secret: bool = True, peer_env: dict[str, dict] | None = None):
+                 secret: bool = True, peer_env: dict[str, dict] | None = None, peers_per_process: int = 1):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
-        federation secret, in a file only this user can read, removed when the network stops."""
+        federation secret, in a file only this user can read, removed when the network stops. With
+        `peers_per_process` K > 1 the peers run K to a process (peer.host)."""
+        if peers_per_process < 1:
+            raise ValueError(f"peers_per_process must be at least 1, not {peers_per_process}")
         self.run_dir = Path(run_dir)
         self.run_id = run_id or new_run_id()
         self._secret_dir = Path(tempfile.mkdtemp(prefix="fl-secret-")) if secret else None
@@ -137,7 +146,9 @@ class LocalNetwork:
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
         self.peer_env = peer_env or {}            # per peer id: variables of its own (e.g. its broker login)
         self.echo, self.python = echo, python
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.per_process = peers_per_process
+        self.procs: dict[str, subprocess.Popen] = {}   # per peer id; the K peers of one host share one
+        self.hosts: dict[str, list[str]] = {}          # host name (its first peer's id) -> the peers it runs
         self._threads: list[threading.Thread] = []
         self._print_lock = threading.Lock()
 
@@ -149,9 +160,68 @@ class LocalNetwork:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.broker is None:
             self.broker = Broker(self.broker_port, log_path=self.run_dir / "broker.log").start()
-        for index in range(self.count):
-            self.start_peer(self.peer_id(index), shard=f"{index}/{self.num_shards}")
+        if self.per_process == 1:
+            for index in range(self.count):
+                self.start_peer(self.peer_id(index), shard=f"{index}/{self.num_shards}")
+            return self
+        for first in range(0, self.count, self.per_process):
+            self.start_host([(self.peer_id(index), f"{index}/{self.num_shards}")
+                             for index in range(first, min(first + self.per_process, self.count))])
         return self
+
+    def _common_args(self) -> list[str]:
+        run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
+        return ["--broker", self.broker.address, *run, "--run-dir", str(self.run_dir)]
+
+    def start_host(self, members: list[tuple[str, str]], extra_args: list[str] = ()) -> subprocess.Popen:
+        """One process (peer.host) running the peers `members` [(id, shard)]; its name is its first peer's id."""
+        name = members[0][0]
+        ids = [peer_id for peer_id, _ in members]
+        log_path = self.run_dir / "hosts" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        for peer_id in ids:
+            peer_dir(self.run_dir, peer_id).mkdir(parents=True, exist_ok=True)
+        hosted = ",".join(f"{peer_id}={shard}" for peer_id, shard in members)
+        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args(), *self.peer_args,
+               *extra_args]
+        env = {**self.env, **self.peer_env.get(name, {})}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        for peer_id in ids:
+            self.procs[peer_id] = proc
+        self.hosts[name] = ids
+        thread = threading.Thread(target=self._pump_host, args=(name, ids, proc, log_path), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return proc
+
+    def host_of(self, peer_id: str) -> list[str]:
+        """The peers that share `peer_id`'s process (itself alone if it has one of its own)."""
+        return next((ids for ids in self.hosts.values() if peer_id in ids), [peer_id])
+
+    def _pump_host(self, name: str, ids: list[str], proc: subprocess.Popen, log_path: Path) -> None:
+        """Each line to the log of the peer it names (`peer=<id>`); a line naming none (a traceback's rest, the run
+        summary) goes with the line before it. Everything also to the host's own log."""
+        logs = {peer_id: open(peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE, "ab") for peer_id in ids}
+        current = None
+        try:
+            with open(log_path, "ab") as combined:
+                for line in proc.stdout:
+                    combined.write(line)
+                    match = _PEER_FIELD.search(line)
+                    if match:
+                        current = match[1].decode(errors="replace")
+                    if current in logs:
+                        logs[current].write(line)
+                        logs[current].flush()
+                    combined.flush()
+                    if self.echo:
+                        with self._print_lock:
+                            sys.stdout.write(f"{current or name:>8} | {line.decode(errors='replace')}")
+                            sys.stdout.flush()
+        finally:
+            for log in logs.values():
+                log.close()
 
     def start_peer(self, peer_id: str, shard: str, extra_args: list[str] = ()) -> subprocess.Popen:
         log_path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
@@ -195,17 +265,20 @@ class LocalNetwork:
             thread.join(timeout=1)
         return {peer_id: proc.poll() for peer_id, proc in self.procs.items()}
 
+    def processes(self) -> list[subprocess.Popen]:
+        return list({id(proc): proc for proc in self.procs.values()}.values())
+
     def stop(self) -> None:
         """SIGCONT (a stopped peer cannot die of SIGTERM), SIGTERM, then SIGKILL whatever is left."""
-        for proc in self.procs.values():
+        for proc in self.processes():
             if proc.poll() is None:
                 for sig in (signal.SIGCONT, signal.SIGTERM):
                     try:
                         proc.send_signal(sig)
                     except ProcessLookupError:
                         pass
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
+        deadline = time.monotonic() + 10 + 5 * (self.per_process > 1)   # a host says goodbye for K peers
+        for proc in self.processes():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -256,13 +329,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
+    parser.add_argument("--peers-per-process", type=int, default=1, metavar="K",
+                        help="run the peers K to a process (python -m peer.host), sharing one TensorFlow: a hundred "
+                             "peers fit on one machine (default 1: a process each)")
     parser.add_argument("--resume", action="store_true",
                         help="go on with the run whose checkpoint is in --run-dir (its run id, model and rounds)")
     args = parser.parse_args(argv)
     if args.peers < 1:
         parser.error("--peers must be at least 1")
+    if args.peers_per_process < 1:
+        parser.error("--peers-per-process must be at least 1")
     run_id = os.environ.get("FL_RUN_ID") or None     # a launcher's (./up.sh), or a new one
     if args.resume:
+        if args.peers_per_process > 1:
+            parser.error("--resume needs one peer per process (leave --peers-per-process out)")
         try:
             checkpoint = read_checkpoint(args.run_dir)
         except CheckpointError as err:
@@ -278,10 +358,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     net = LocalNetwork(args.run_dir, args.peers, with_min_peers(peer_args, args.peers), echo=not args.quiet,
-                       broker_port=args.port, run_id=run_id)
+                       broker_port=args.port, run_id=run_id, peers_per_process=args.peers_per_process)
     try:
         net.start()
-        print(f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers, records in "
+        hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
+        print(f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
               f"{args.run_dir}", flush=True)
         codes = net.wait(args.timeout or float("inf"))
     except KeyboardInterrupt:
@@ -290,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     net.stop()
     # Peers killed on purpose (python -m scripts.chaos, ./up.sh kill) are not failures of the run.
-    killed = killed_on_purpose(args.run_dir)
+    # Killing a peer hosted with others (--peers-per-process) kills its whole process: those peers went on purpose too.
+    killed = {peer for victim in killed_on_purpose(args.run_dir) for peer in net.host_of(victim)}
     failed = {peer: code for peer, code in codes.items() if code != 0 and not (peer in killed and code and code < 0)}
     print(f"localnet: records in {args.run_dir}; draw the graphs with: python -m graphs {args.run_dir}", flush=True)
     if failed:

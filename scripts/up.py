@@ -424,6 +424,7 @@ class Network:
     topic_prefix: str = "sd"
     run_id: str = ""                      # the run (FL_RUN_ID); empty: a new one, or with --join the broker's
     resume: bool = False                  # go on from run_dir's checkpoint (run_id is the checkpoint's)
+    per_process: int = 1                  # peers per process (local) or per container (python -m peer.host)
 
     @property
     def state(self) -> Path:
@@ -806,7 +807,8 @@ def run_local(net: Network) -> int:
                       f"`{python} -m pip install -r requirements.txt`, or set PYTHON")
     net.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [python, "-m", "scripts.localnet", "--peers", str(len(net.peers)), "--run-dir", str(net.run_dir),
-           "--quiet", *(["--resume"] if net.resume else [])]
+           "--quiet", *(["--resume"] if net.resume else []),
+           *(["--peers-per-process", str(net.per_process)] if net.per_process > 1 else [])]
     if net.peer_flags:
         cmd += ["--", *net.peer_flags]
     env = {**os.environ, **net.env, "FL_MIN_PEERS": net.env.get("FL_MIN_PEERS", str(net.total))}
@@ -867,6 +869,10 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         raise UpError(f"--peers needs at least 2 peers in the federation, not {args.peers}", 2)
     if args.first < 1:
         raise UpError(f"--first counts from 1, not {args.first}", 2)
+    if args.peers_per_process < 1:
+        raise UpError(f"--peers-per-process must be at least 1, not {args.peers_per_process}", 2)
+    if args.peers_per_process > 1 and args.resume:
+        raise UpError("--resume needs one peer per process: leave --peers-per-process out", 2)
     total = args.total or args.first - 1 + args.peers
     if args.first - 1 + args.peers > total:
         raise UpError(f"peers {args.first}..{args.first + args.peers - 1} do not fit in --total {total}", 2)
@@ -910,7 +916,7 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
                    peers=[peer_id(k) for k in range(args.first, args.first + args.peers)],
                    peer_flags=peer_flags, env=env, join=args.join, publish=args.publish,
                    data_dirs=data_dirs, max_rounds=settings.max_rounds, topic_prefix=settings.topic_prefix,
-                   run_id=run_id, resume=bool(args.resume))
+                   run_id=run_id, resume=bool(args.resume), per_process=args.peers_per_process)
 
 
 def run_settings(net: Network, login: Login | None) -> None:
@@ -957,6 +963,9 @@ def cmd_run(args, peer_flags: list[str]) -> int:
     if args.local:
         run_settings(net, None)
         return run_local(net)
+    if net.per_process > 1:
+        raise UpError("--peers-per-process runs the peers as local processes (add --local); containers hosting "
+                      "several peers each are not built yet", 2)
     problem = docker_problem(float(os.environ.get("UP_DOCKER_TIMEOUT", "5")))
     if problem:
         if args.docker or args.join:
@@ -1241,6 +1250,9 @@ def run_parser(prog: str = "./up.sh") -> argparse.ArgumentParser:
     p = Parser(prog=prog, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", type=int, default=5, help="peers started here (default 5)")
+    p.add_argument("--peers-per-process", type=int, default=1,
+                   metavar="K", help="run the peers K to a process or container (python -m peer.host), sharing one "
+                   "TensorFlow: about 470 MB per process instead of per peer (default 1)")
     add_common(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="local processes even if Docker is available")

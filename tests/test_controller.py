@@ -428,3 +428,44 @@ def test_a_round_that_never_gets_its_solutions_gives_the_run_up_after_a_bounded_
     assert len(r.sent(Training)) == MAX_ATTEMPTS
     [finish] = r.sent(Finish)
     assert finish.reason == "no-solutions" and r.actions[-1] == Exit(4) and r.c.finished
+
+
+def test_named_evaluators_evaluate_each_round_and_every_peer_the_last_one():
+    others = {f"p{i}" for i in range(1, 9)}
+    r = Run(live=others | {"c"}, evaluators=3, max_rounds=2)
+    r.take_office(now=0)
+    [agg0] = r.sent(Aggregation)
+    assert len(agg0.evaluators) == 3 and set(agg0.evaluators) <= others
+    assert r.c.evaluations.expected == set(agg0.evaluators)           # it waits for the named ones only
+    r.evaluate_all(0, 1)
+    assert r.sent(Metrics)[-1].samples == 300                            # the metric: theirs, sample-weighted
+    for round_ in (1, 2):
+        training = r.sent(Training)[-1]
+        for peer in training.trainers:
+            r.on_message(Solution(1, round_, 1, peer, 10, 0.1, weights(round_)), 500, 2)
+        agg = r.sent(Aggregation)[-1]
+        assert agg.round == round_
+        assert (len(agg.evaluators) == 3) if round_ < 2 else (agg.evaluators == ())   # the last: every peer
+        r.evaluate_all(round_, 3)
+    assert r.c.finished and r.sent(Metrics)[-1].samples == 800
+    # a peer not named sends an evaluation anyway: ignored, not counted
+    r2 = Run(live=others | {"c"}, evaluators=3)
+    r2.take_office(now=0)
+    outsider = sorted(others - set(r2.c.evaluations.expected))[0]
+    r2.on_message(Evaluation(1, 0, outsider, 1.0, 0.0, 100), 50, 1)
+    assert outsider not in r2.c.evaluations.received
+
+
+def test_a_sample_that_reaches_the_target_is_evaluated_by_everyone_before_the_finish():
+    others = {f"p{i}" for i in range(1, 9)}
+    r = Run(live=others | {"c"}, evaluators=3, max_rounds=5, target_accuracy=0.8)
+    r.take_office(now=0)
+    r.evaluate_all(0, 1, accuracy=0.1)
+    for peer in r.sent(Training)[-1].trainers:
+        r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1)), 500, 2)
+    r.evaluate_all(1, 3, accuracy=0.9)                                   # the sample says: target reached
+    again = r.sent(Aggregation)[-1]
+    assert again.round == 1 and again.evaluators == () and not r.c.finished and r.of(RecordRound) == []
+    r.evaluate_all(1, 4, accuracy=0.85)                                  # everyone agrees
+    [row] = r.of(RecordRound)
+    assert r.c.finished and row.row["accuracy"] == 0.85 and r.sent(Finish)[-1].accuracy == 0.85

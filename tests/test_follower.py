@@ -163,3 +163,12 @@ def test_a_solution_larger_than_a_broker_message_is_not_kept_and_a_repeated_orde
     again = f.on_controller(order)
     assert kinds(again) == ["Log", "StartJob"] and again[1].kind == "fit"
     assert f.reconnected(1) == []
+
+
+def test_with_named_evaluators_only_they_evaluate_and_everyone_keeps_the_model():
+    f = Follower("me", ModelStore())
+    assert kinds(f.on_controller(Aggregation(1, "c", 3, ("p2",), W, ("p2", "p3")))) == ["AdoptModel"]
+    # the same model published again naming everyone (it may be the final one): now it is evaluated
+    assert kinds(f.on_controller(Aggregation(1, "c", 3, ("p2",), W, ()))) == ["AdoptModel", "StartJob"]
+    named = Follower("me", ModelStore()).on_controller(Aggregation(1, "c", 3, ("p2",), W, ("me", "p3")))
+    assert kinds(named) == ["AdoptModel", "StartJob"]

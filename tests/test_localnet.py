@@ -13,8 +13,15 @@ class FakeNetwork:
 
     def __init__(self, run_dir, peers, peer_args, **options):
         FakeNetwork.started.append((peers, list(peer_args)))
+        FakeNetwork.options = options
         self.broker = type("Broker", (), {"address": "127.0.0.1:1"})()
         self.run_id = "test-run"
+
+    def processes(self):
+        return []
+
+    def host_of(self, peer_id):
+        return [peer_id]
 
     def start(self):
         return self
@@ -63,3 +70,8 @@ def test_fl_min_peers_in_the_environment_wins(run, monkeypatch):
 
 def test_a_single_peer_gets_no_default(run):
     assert run("--peers", "1") == []      # --min-peers 1 would be refused; the peer's own default applies
+
+
+def test_peers_per_process_reaches_the_network(run):
+    run("--peers", "6", "--peers-per-process", "3")
+    assert FakeNetwork.options["peers_per_process"] == 3

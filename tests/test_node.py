@@ -371,15 +371,36 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
 
 # --- trust and robustness ---------------------------------------------------------------------------------------------
 
-def test_every_announcement_is_answered_and_no_answer_is(tmp_path):
+def test_every_announcement_is_answered_once_per_burst_and_no_answer_is(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
+
+    def mine():
+        return [m for m in transport.messages(Init) if m.peer == "p1"]
     deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # a newcomer, or a peer back on the broker
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # announcing again (it reconnected)
+    deliver(peer, Init("p6", 0, 0, 112, 400, 90, False, FP), clock.now)     # another, in the same burst
     deliver(peer, Init("p8", 0, 0, 222, 400, 90, True, FP), clock.now)      # an answer to someone: not answered
-    mine = [m for m in transport.messages(Init) if m.peer == "p1"]
-    assert len(mine) == 2 and all(m.reply for m in mine) and (mine[0].train_samples, mine[0].test_samples) == (500, 100)
-    assert peer.announced["p7"] == (400, 90) and {"p7", "p8"} <= peer.election.live
+    assert mine() == []                                                 # not at once: within a heartbeat or so
+    run_until(peer, clock, lambda: mine(), seconds=2 * peer.settings.heartbeat)
+    for _ in range(20):
+        pump(peer, clock.advance(0.1))
+    assert len(mine()) == 1                                              # one answer for the burst
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # announcing again (it reconnected)
+    for _ in range(20):
+        pump(peer, clock.advance(0.1))
+    assert len(mine()) == 2 and all(m.reply for m in mine())
+    assert (mine()[0].train_samples, mine()[0].test_samples) == (500, 100)
+    assert peer.announced["p7"] == (400, 90) and {"p6", "p7", "p8"} <= peer.election.live
+
+
+def test_the_controller_answers_a_newcomer_at_once(tmp_path):
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    deliver(peer, Presence("p2", "online"), clock.now)
+    run_until(peer, clock, lambda: peer.controller is not None, seconds=10)
+    assert [m for m in transport.messages(Init) if m.reply] == []
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # no time passes
+    assert len([m for m in transport.messages(Init) if m.peer == "p1" and m.reply]) == 1
 
 
 def test_after_a_reconnect_a_peer_not_heard_from_is_counted_gone(tmp_path, lines):
@@ -456,6 +477,7 @@ def test_with_a_secret_unsigned_and_wrongly_signed_messages_are_ignored(tmp_path
     deliver(peer, Init("c", 0, 0, 7, 10, 10, False, FP), clock.now, seal=ours)
     deliver(peer, Heartbeat(1, "c", 0, "training", FP), clock.now, seal=ours)
     assert peer.election.controller == "c"
+    pump(peer, clock.advance(2 * peer.settings.heartbeat))                  # its answer to c's init is due
     [answer] = transport.messages(Init, seal=ours)                                 # what it sends is signed
     assert answer.peer == "p1"
     with pytest.raises(ProtocolError, match="this peer has none"):          # a peer without the secret refuses it

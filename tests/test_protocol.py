@@ -516,6 +516,9 @@ BAD_VALUES = {
     "trainers": NOT_PEER_LISTS, "members": NOT_PEER_LISTS,
     "model": ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "0123456789abcdeg", "", 7, None, []],
     "digest": ["AB" * 16, "ab" * 15, "ab" * 17, "xy" * 16, "", 0, None, ["ab" * 16]],
+
+
+    "trainers": NOT_PEER_LISTS, "members": NOT_PEER_LISTS, "evaluators": NOT_PEER_LISTS,
 }
 
 

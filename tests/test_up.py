@@ -75,6 +75,8 @@ def test_help_explains_itself(tmp_path):
     (["--peers", "x"], "argument --peers: invalid int value: 'x'"),
     (["--peers", "1"], "--peers needs at least 2 peers in the federation, not 1"),
     (["--first", "0"], "--first counts from 1, not 0"),
+    (["--peers-per-process", "0"], "--peers-per-process must be at least 1, not 0"),
+    (["--peers", "4", "--peers-per-process", "2", "--docker"], "--peers-per-process runs the peers as local processes (add --local)"),
     (["--peers", "3", "--first", "3", "--total", "4"], "peers 3..5 do not fit in --total 4"),
     (["--project", "Bad Name"], "--project 'Bad Name': use lowercase letters"),
     (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),

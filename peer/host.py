@@ -1,0 +1,186 @@
+"""`python -m peer.host`: several peers in one process, each a whole peer of its own.
+
+    python -m peer.host --hosted peer-1=0/100,peer-2=1/100,peer-3=2/100 --broker 127.0.0.1:1883 [peer flags]
+
+A peer process costs about 470 MB, nearly all of it TensorFlow, so one machine holds about 45 of them. A host runs
+K logical peers on one TensorFlow runtime: each has its own MQTT client (its own connection, Last Will and
+subscription), id, shard, election, roles, records and event loop, exactly as if it were its own process; the
+broker and the protocol cannot tell the difference. Only the model object is shared (`Learner.twin`), with its lock:
+one learning job at a time in the process. Killing the process kills its K peers at once, as a machine crash would.
+
+The peer flags are those of `python -m peer` (the same FL_* variables) except --peer-id and --shard, which
+`--hosted` gives per peer. Every log line names its own peer (id, role, term, round, phase); lines of the process
+itself (loading, TensorFlow) name the host. Exit status: 0 if every hosted peer exited 0, else the first other code
+in `--hosted` order (2 for bad flags, as `python -m peer`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+
+from .config import SettingsError, build_parser, load_settings, parse_shard, _peer_id
+
+STOPPED = 130          # as `python -m peer` stopped by a signal
+CRASHED = 1
+JOIN_S = 0.2
+
+
+def parse_hosted(text: str) -> list[tuple[str, int, int]]:
+    """`ID=K/N,ID=K/N,...` as [(peer id, shard K, shards N)]; SettingsError says what is wrong."""
+    hosted = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        peer, sep, shard = item.partition("=")
+        if not sep:
+            raise SettingsError(f"--hosted {item!r}: expected ID=K/N, e.g. peer-1=0/100")
+        k, n = parse_shard(shard)
+        hosted.append((_peer_id(peer.strip()), k, n))
+    if not hosted:
+        raise SettingsError("--hosted: name at least one peer as ID=K/N")
+    ids = [peer for peer, _, _ in hosted]
+    if len(set(ids)) != len(ids):
+        raise SettingsError(f"--hosted: a peer id appears twice ({', '.join(sorted({p for p in ids if ids.count(p) > 1}))})")
+    return hosted
+
+
+class _HostLines(logging.Filter):
+    """Lines of the process itself (the dataset loader, say) name the host; a hosted peer's own lines already carry
+    its state (its logger's `_LogContext`), which this leaves alone."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.host = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "peer"):
+            record.peer, record.role, record.term, record.round, record.phase = self.host, "host", 0, 0, "-"
+        return True
+
+
+def configure_host_logging(host: str, peers: list[str], level: str) -> dict[str, logging.Logger]:
+    """One handler for the process (stderr), one logger per peer (`peer.<id>`) whose filter stamps its lines."""
+    from .node import LOG_FORMAT, _LogContext
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_HostLines(host))
+    root = logging.getLogger("peer")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    loggers = {}
+    for peer in peers:
+        log = logging.getLogger(f"peer.{peer}")
+        log.filters[:] = [_LogContext(peer)]
+        loggers[peer] = log
+    return loggers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peer.host", add_help=False)
+    parser.add_argument("--hosted", required=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    own, rest = parser.parse_known_args(argv)
+    if own.help:
+        print(__doc__)
+        return 0
+    try:
+        if not own.hosted:
+            raise SettingsError("--hosted ID=K/N,... is required: the peers this process hosts")
+        hosted = parse_hosted(own.hosted)
+        for flag in ("--peer-id", "--shard", "--resume"):
+            if any(arg == flag or arg.startswith(flag + "=") for arg in rest):
+                raise SettingsError(f"{flag} is not a host flag: --hosted names each peer and its shard"
+                                    + (" (--resume needs one peer per process)" if flag == "--resume" else ""))
+        base = load_settings(rest)
+        if base.resume:
+            raise SettingsError("FL_RESUME: --resume needs one peer per process")
+    except SettingsError as err:
+        build_parser().print_usage(sys.stderr)
+        print(f"python -m peer.host: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run(base, hosted)
+    except KeyboardInterrupt:
+        print("python -m peer.host: stopped", file=sys.stderr)
+        return STOPPED
+
+
+def _run(base, hosted: list[tuple[str, int, int]]) -> int:
+    from .data import DatasetError, load_shard
+    from .learner import Learner
+    from .models import ModelError
+    from .node import Peer
+    from .records import RunRecorder
+
+    ids = [peer for peer, _, _ in hosted]
+    host = f"host-{ids[0]}"
+    loggers = configure_host_logging(host, ids, base.log_level)
+    log = logging.getLogger("peer")
+    learner: Learner | None = None
+    learners = []
+    # Every shard first, then every peer: a peer's loop counts from its construction, and one built before seconds
+    # of loading would start out believing it had been frozen.
+    for peer_id, k, n in hosted:
+        settings = dataclasses.replace(base, peer_id=peer_id, shard=k, num_shards=n)
+        recorder = RunRecorder(settings.run_dir, peer_id)
+        try:
+            recorder.check_writable()
+            shard = load_shard(settings)
+        except OSError as err:
+            print(f"python -m peer.host: error: the run dir {settings.run_dir} is not writable "
+                  f"({err.strerror or err})", file=sys.stderr)
+            return 2
+        except DatasetError as err:
+            print(f"python -m peer.host: error: {peer_id}: {err}", file=sys.stderr)
+            return 2
+        recorder.data(shard.describe(settings))
+        if learner is None:
+            learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed,
+                              settings.model)
+            try:
+                learner.prepare()
+            except ModelError as err:
+                print(f"python -m peer.host: error: {err}", file=sys.stderr)
+                return 2
+            learners.append((settings, learner))
+        else:
+            learners.append((settings, learner.twin(shard)))
+    peers = [Peer(settings, mine, log=loggers[settings.peer_id]) for settings, mine in learners]
+    log.info("hosting %d peers: %s", len(peers), ",".join(ids))
+
+    codes: dict[str, int] = {}
+
+    def run(peer: Peer) -> None:
+        try:
+            codes[peer.me] = peer.run()
+        except Exception:   # one peer's bug must not take the others down silently: say which, with the trace
+            peer.log.exception("the peer's loop failed")
+            codes[peer.me] = CRASHED
+
+    def stop(signum, frame):   # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    threads = [threading.Thread(target=run, args=(peer,), name=f"peer-loop-{peer.me}", daemon=True) for peer in peers]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(JOIN_S)   # with a timeout, so that a signal reaches this thread
+    except KeyboardInterrupt:
+        log.info("stopped by signal: every hosted peer leaves")
+        for peer in peers:
+            if peer.exit_code is None:
+                peer.exit_code = STOPPED   # its loop sees it within one tick and says goodbye on the broker
+        for thread in threads:
+            thread.join(15)
+    failed = [codes.get(peer_id, STOPPED) for peer_id in ids if codes.get(peer_id, STOPPED) != 0]
+    return failed[0] if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

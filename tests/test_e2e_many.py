@@ -1,0 +1,63 @@
+"""End to end at scale: 30 peers, 10 to a process (peer.host), a real mosquitto, Fashion-MNIST. The process hosting
+the controller is SIGKILLed after the first round, so ten peers die at once; the others elect one new controller
+and finish the run. Asserts: one controller per term, every round exactly once, every surviving peer exits 0, and
+every peer's log names only that peer. Ten random peers evaluate each round's model (--evaluators), and every
+peer the last one."""
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections import Counter
+
+from scripts.localnet import LocalNetwork
+from tests.netutil import (SMALL, assert_all_exited_zero, assert_rounds_complete, controller_now, elections,
+                           read_csv, rounds, run_json, statuses, wait_until)
+
+PEERS, PER_PROCESS, ROUNDS, TRAINERS, EVALUATORS = 30, 10, 3, 10, 10
+
+
+def test_thirty_peers_ten_to_a_process_survive_the_loss_of_the_controllers_process(tmp_path):
+    run_dir = tmp_path / "run"
+    flags = [*SMALL, "--min-peers", str(PEERS), "--max-rounds", str(ROUNDS), "--trainers", str(TRAINERS),
+             "--min-solutions", "5", "--evaluators", str(EVALUATORS)]
+    with LocalNetwork(run_dir, PEERS, flags, peers_per_process=PER_PROCESS) as net:
+        assert len(net.processes()) == PEERS // PER_PROCESS
+        wait_until(lambda: rounds(run_dir), 150, "the first round", net)
+        victim = controller_now(run_dir)
+        assert victim is not None
+        killed = net.host_of(victim)
+        assert len(killed) == PER_PROCESS and victim in killed
+        killed_at = time.time()
+        net.signal(victim, signal.SIGKILL)
+        codes = net.wait(150)
+    assert {codes[p] for p in killed} == {-signal.SIGKILL}
+    assert_all_exited_zero(codes, net, allowed_killed=set(killed))
+
+    # One controller per term; the second term began because its controller was lost, and is led by a survivor.
+    terms = elections(run_dir)
+    assert sorted(Counter(e["term"] for e in terms).values()) == [1] * len(terms), terms
+    assert terms[0]["reason"] == "start" and len(terms[0]["members"].split(";")) == PEERS
+    later = [e for e in terms if int(e["term"]) > 1]
+    assert later and later[0]["reason"] == "controller-lost" and later[-1]["controller"] not in killed
+    assert float(later[0]["time"]) - killed_at < 10, "the survivors took too long to elect a new controller"
+
+    rows = assert_rounds_complete(run_dir, ROUNDS)
+    assert all(len(r["trainers"].split(";")) >= 5 for r in rows)
+    assert run_json(run_dir)["outcome"]["final_accuracy"] > run_json(run_dir)["outcome"]["initial_accuracy"]
+
+    # Every surviving peer agrees on the last controller; every log line of a peer is that peer's own.
+    survivors = {p: s for p, s in statuses(run_dir).items() if p not in killed}
+    assert len(survivors) == PEERS - PER_PROCESS
+    assert {s["controller"] for s in survivors.values()} == {later[-1]["controller"]}
+    evaluated: dict[int, set[str]] = {}
+    for index in range(1, PEERS + 1):
+        peer = f"peer-{index}"
+        named = set(re.findall(r" peer=(\S+) ", net.peer_log(peer)))
+        assert named == {peer}, (peer, named)
+        for row in read_csv(run_dir / "peers" / peer / "evaluations.csv"):
+            evaluated.setdefault(int(row["round"]), set()).add(peer)
+    # Round 1 (whose controller died in round 2, after its metrics) was evaluated by the ten named peers; the last
+    # round's model by every surviving peer but the controller.
+    assert len(evaluated[1]) == EVALUATORS, evaluated[1]
+    assert evaluated[ROUNDS] == set(survivors) - {later[-1]["controller"]}
