@@ -318,6 +318,17 @@ def with_min_peers(peer_args: list[str], peers: int, environ=os.environ) -> list
     return ["--min-peers", str(peers), *peer_args]
 
 
+def start_dashboard(net: LocalNetwork, port: int) -> subprocess.Popen:
+    """The live page of this network (graphs.live): an observer process; the federation does not depend on it."""
+    cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
+    if net.secret_file:
+        cmd += ["--secret-file", str(net.secret_file)]
+    page = subprocess.Popen(cmd, cwd=ROOT, env=net.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    print(f"localnet: live page http://127.0.0.1:{port}/", flush=True)
+    return page
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, peer_args = split_peer_args(argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.localnet",
@@ -334,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                              "peers fit on one machine (default 1: a process each)")
     parser.add_argument("--resume", action="store_true",
                         help="go on with the run whose checkpoint is in --run-dir (its run id, model and rounds)")
+    parser.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
+                        help="also serve the live page (python -m graphs.live, an observer) on 127.0.0.1:PORT")
     args = parser.parse_args(argv)
     if args.peers < 1:
         parser.error("--peers must be at least 1")
@@ -359,8 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     net = LocalNetwork(args.run_dir, args.peers, with_min_peers(peer_args, args.peers), echo=not args.quiet,
                        broker_port=args.port, run_id=run_id, peers_per_process=args.peers_per_process)
+    page = None
     try:
         net.start()
+        if args.dashboard_port:
+            page = start_dashboard(net, args.dashboard_port)
         hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
         print(f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
               f"{args.run_dir}", flush=True)
@@ -369,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlocalnet: stopping every peer and the broker", flush=True)
         net.stop()
         return 130
+    finally:
+        if page is not None:
+            page.terminate()
+            page.wait(10)
     net.stop()
     # Peers killed on purpose (python -m scripts.chaos, ./up.sh kill) are not failures of the run.
     # Killing a peer hosted with others (--peers-per-process) kills its whole process: those peers went on purpose too.

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -36,6 +37,14 @@ pytestmark = pytest.mark.skipif(up.docker_problem(10) is not None,
 
 def docker(*args: str) -> str:
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def page_shows(address: str) -> dict:
+    """What the live page at `address` shows now ({} while it is not up yet)."""
+    try:
+        return json.loads(urllib.request.urlopen(f"http://{address}/state", timeout=5).read())
+    except OSError:
+        return {}
 
 
 def leftovers(project: str) -> dict[str, list[str]]:
@@ -124,6 +133,11 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
         for k in range(1, 6):
             assert f"peer-{k} " in shown.stdout
         assert "running" in shown.stdout and "broker: running, healthy" in shown.stdout
+        # The live page's container (read-only login) sees the same controller, on a loopback port.
+        [page] = up.containers(**{up.LABEL_PROJECT: project, "com.docker.compose.service": up.DASHBOARD})
+        address = docker("port", page["Id"], str(up.DASHBOARD_PORT)).split()[0]
+        assert address.startswith("127.0.0.1:"), address
+        wait_until(lambda: page_shows(address).get("controller") == first, 30, "the live page to show the controller")
 
         killed = upsh(env, "kill", "controller", "--run-dir", str(run_dir))
         assert killed.returncode == 0, killed.stdout + killed.stderr

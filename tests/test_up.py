@@ -203,7 +203,7 @@ def test_compose_file_is_data_for_n_peers(tmp_path):
     text = json.dumps(compose)
     assert yaml.safe_load(text) == compose, "JSON is valid YAML: compose reads it as is"
     assert compose["name"] == "t"
-    assert sorted(compose["services"]) == ["broker", "peer-1", "peer-2", "peer-3"]
+    assert sorted(compose["services"]) == ["broker", "dashboard", "peer-1", "peer-2", "peer-3"]
     for k in range(1, 4):
         peer = compose["services"][f"peer-{k}"]
         env = peer["environment"]
@@ -227,6 +227,21 @@ def test_compose_file_is_data_for_n_peers(tmp_path):
     assert broker["ports"] == [up.DEFAULT_PUBLISH]
     assert "$$MQTT_HEALTH_PASSWORD" in broker["healthcheck"]["test"][1]
     assert compose["volumes"] == {"datasets": {}}
+    # The live page: an observer with the read-only login, the secret to check messages, its port on loopback only.
+    page = compose["services"]["dashboard"]
+    assert page["entrypoint"] == ["python", "-m", "graphs.live"] and page["env_file"] == [str(login.observer_env)]
+    assert "--secret-file" in page["command"] and page["command"][page["command"].index("--broker") + 1] == \
+        "broker:1883"
+    assert page["ports"] == [f"127.0.0.1::{up.DASHBOARD_PORT}"] and "environment" not in page
+    assert up.read_env_file(login.observer_env)["FL_USERNAME"] == up.OBSERVER
+
+
+def test_the_observer_login_only_reads(tmp_path):
+    login = up.make_credentials(tmp_path / "login", ["peer-1"])
+    acl = login.acl.read_text()
+    block = acl[acl.index(f"user {up.OBSERVER}"):].split("\n\n")[0].splitlines()
+    assert block == [f"user {up.OBSERVER}", "topic read sd/#"]
+    assert up.OBSERVER in login.passwd.read_text() and login.peers() == ["peer-1"]   # no peer's login
 
 
 def test_compose_file_of_peers_that_join_a_broker_elsewhere(tmp_path):
@@ -281,7 +296,7 @@ def test_credentials_one_login_per_peer_kept_between_runs(tmp_path):
     assert up.read_env_file(login.env_file("peer-1")) == first["peer-1"]
     assert login.peers() == ["peer-1", "peer-2", "peer-3"]
     users = dict(line.split(":", 1) for line in login.passwd.read_text().splitlines())
-    assert list(users) == ["health", "peer-1", "peer-2", "peer-3"]
+    assert list(users) == ["health", up.OBSERVER, "peer-1", "peer-2", "peer-3"]
     assert verify(first["peer-2"]["FL_PASSWORD"], users["peer-2"])
     assert not verify(first["peer-1"]["FL_PASSWORD"], users["peer-2"])
     acl = login.acl.read_text()
@@ -363,7 +378,7 @@ def test_build_context_holds_what_the_images_copy_and_nothing_else():
                 for source in sources:
                     assert (ROOT / source).exists() and source.rstrip("/") in included, source
                     copied.add(source.rstrip("/"))
-    assert included == copied == {"requirements.txt", "peer", "broker/mosquitto.conf"}
+    assert included == copied == {"requirements.txt", "peer", "graphs", "broker/mosquitto.conf"}
 
 
 def test_requirements_are_pinned():

@@ -1,0 +1,348 @@
+"""`python -m graphs.live`: a live page of a running federation, or of a finished run from its run dir.
+
+    python -m graphs.live --broker 127.0.0.1:1883 [--run-id ID] [--secret-file FILE] [--port 8765]
+    python -m graphs.live --run-dir runs/latest [--port 8765]
+
+The page is an observer, not part of the federation: this process only subscribes (with the container broker, as a
+read-only login), so nothing in the federation depends on it and killing it changes nothing. It opens every envelope
+with the federation secret as a peer does (`peer.protocol`), so a forged message never reaches the page, folds what
+it hears into one state (`LiveState`, pure: messages and the time in, a JSON snapshot out) and pushes every change
+to the browser as a server-sent event. The page (`graphs/live.html`) is one file with its own script and charts: no
+CDN, it works offline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+PAGE = Path(__file__).with_name("live.html")
+TIMELINE_KEPT = 200       # the latest events of the timeline the page shows
+KEEPALIVE_S = 15.0        # a comment line on an idle event stream, so proxies and browsers keep it open
+
+
+class LiveState:
+    """What the page shows of one run, folded from the messages heard: pure (no I/O, no clock of its own)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.peers: dict[str, dict] = {}
+        self.term, self.controller, self.reason = 0, None, None
+        self.round, self.phase, self.attempt = 0, None, 0
+        self.trainers: list[str] = []
+        self.solutions: set[str] = set()
+        self.evaluations: set[str] = set()
+        self.evaluators: list[str] = []
+        self.rounds: dict[int, dict] = {}
+        self.peer_accuracy: dict[str, dict[int, float]] = {}
+        self.timeline: list[dict] = []
+        self.finished: dict | None = None
+        self.last_heard = 0.0
+        self.version = 0
+
+    def _peer(self, peer: str, now: float, live: bool = True) -> dict:
+        entry = self.peers.setdefault(peer, {"id": peer, "live": live, "last_seen": now})
+        if live:
+            entry["live"], entry["last_seen"] = True, now
+        return entry
+
+    def _event(self, now: float, kind: str, text: str) -> None:
+        self.timeline.append({"t": now, "kind": kind, "text": text})
+        del self.timeline[:-TIMELINE_KEPT]
+
+    def apply(self, message, retained: bool, now: float) -> None:
+        """Fold one decoded message in (`now`: wall-clock seconds)."""
+        kind = type(message).__name__
+        self.version += 1
+        self.last_heard = now
+        if kind == "Presence":
+            entry = self._peer(message.peer, now, live=message.status == "online")
+            if message.status == "offline" and entry["live"] is not False:
+                entry["live"] = False
+                if not retained:
+                    self._event(now, "gone", f"{message.peer} is gone")
+            return
+        sender = message.sender
+        if not retained:
+            self._peer(sender, now)
+        if kind == "Init":
+            entry = self._peer(message.peer, now)
+            entry["train_samples"], entry["test_samples"] = message.train_samples, message.test_samples
+        elif kind == "Claim":
+            if message.term > self.term or (message.term == self.term and self.controller is None):
+                self.term, self.controller, self.reason = message.term, message.peer, message.reason
+                self._event(now, "election", f"term {message.term}: {message.peer} leads ({message.reason})")
+        elif kind == "Heartbeat":
+            if message.term >= self.term:
+                if message.term > self.term or self.controller != message.controller:
+                    self._event(now, "election", f"term {message.term}: {message.controller} leads")
+                self.term, self.controller = message.term, message.controller
+                self.round, self.phase = message.round, message.phase
+        elif kind == "Training" and message.term >= self.term:
+            self.round, self.attempt, self.phase = message.round, message.attempt, "training"
+            self.trainers, self.solutions, self.evaluations = list(message.trainers), set(), set()
+        elif kind == "Solution" and (message.term, message.round) == (self.term, self.round):
+            self.solutions.add(message.peer)
+        elif kind == "Aggregation" and message.term >= self.term and not retained:
+            self.round, self.phase, self.evaluations = message.round, "evaluating", set()
+            self.evaluators = list(getattr(message, "evaluators", ()))
+        elif kind == "Evaluation":
+            if message.round == self.round:
+                self.evaluations.add(message.peer)
+            self.peer_accuracy.setdefault(message.peer, {})[message.round] = message.accuracy
+            self._peer(message.peer, now)["accuracy"] = message.accuracy
+        elif kind == "Metrics":
+            self.rounds[message.round] = {"round": message.round, "term": message.term, "accuracy": message.accuracy,
+                                          "loss": message.loss, "bytes": message.bytes,
+                                          "duration_s": message.duration_s}
+        elif kind == "Finish":
+            if self.finished is None:
+                self._event(now, "finish", f"finished ({message.reason}) after round {message.round}: accuracy "
+                                           f"{message.accuracy:.4f}")
+            self.finished = {"reason": message.reason, "round": message.round, "accuracy": message.accuracy}
+
+    def snapshot(self) -> dict:
+        roles = {}
+        for peer, entry in self.peers.items():
+            roles[peer] = ("gone" if not entry["live"] else "controller" if peer == self.controller
+                           else "trainer" if peer in self.trainers else "peer")
+        return {
+            "run_id": self.run_id, "term": self.term, "controller": self.controller, "reason": self.reason,
+            "round": self.round, "phase": self.phase, "attempt": self.attempt, "trainers": self.trainers,
+            "solutions": sorted(self.solutions), "evaluations": sorted(self.evaluations),
+            "evaluators": self.evaluators, "finished": self.finished, "last_heard": self.last_heard,
+            "peers": [{**self.peers[p], "role": roles[p]} for p in sorted(self.peers, key=_natural)],
+            "rounds": [self.rounds[r] for r in sorted(self.rounds)],
+            "peer_accuracy": {p: [[r, a] for r, a in sorted(v.items())] for p, v in self.peer_accuracy.items()},
+            "timeline": list(self.timeline),
+        }
+
+
+def _natural(text: str):
+    import re
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def state_from_records(run_dir: Path) -> dict:
+    """The snapshot of a finished (or interrupted) run, from its run dir (`peer.records`)."""
+    from peer.records import load_run
+    history = load_run(run_dir)
+    state = LiveState(history.summary.settings.get("run_id", run_dir.name) if history.summary else run_dir.name)
+    for election in history.elections:
+        state._event(election.time, "election", f"term {election.term}: {election.controller} leads "
+                                                f"({election.reason})")
+        state.term, state.controller, state.reason = election.term, election.controller, election.reason
+    for chaos in history.chaos:
+        state._event(chaos.time, "kill", f"{chaos.action} {chaos.peer} ({chaos.signal})")
+    for row in history.rounds:
+        state.rounds[row.round] = {"round": row.round, "term": row.term, "accuracy": row.accuracy, "loss": row.loss,
+                                   "bytes": row.bytes_sent, "duration_s": row.duration_s}
+        state.round, state.trainers = max(state.round, row.round), list(row.trainers)
+    for peer, record in history.peers.items():
+        state.peers[peer] = {"id": peer, "live": False, "last_seen": None}
+        for evaluation in record.evaluations:
+            state.peer_accuracy.setdefault(peer, {})[evaluation.round] = evaluation.accuracy
+            state.peers[peer]["accuracy"] = evaluation.accuracy
+    if history.summary:
+        outcome = history.summary.outcome
+        state.finished = {"reason": outcome.get("reason"), "round": outcome.get("rounds"),
+                          "accuracy": outcome.get("final_accuracy")}
+    state.timeline.sort(key=lambda event: event["t"] or 0)
+    state.phase = "finished" if state.finished else None
+    return state.snapshot()
+
+
+class Board:
+    """The snapshot the page shows, and a condition the event streams wait on for the next change."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.snapshot: dict = {"run_id": None, "peers": [], "rounds": [], "timeline": []}
+        self.version = 0
+
+    def publish(self, snapshot: dict) -> None:
+        with self.changed:
+            self.snapshot, self.version = snapshot, self.version + 1
+            self.changed.notify_all()
+
+
+class Observer:
+    """Subscribes to a federation and keeps `board` current: per run id a `LiveState`; the page shows the run heard
+    last (or the one given). Only subscribes: it never publishes."""
+
+    def __init__(self, board: Board, host: str, port: int, prefix: str = "sd", run_id: str | None = None,
+                 secret: bytes | None = None, username: str | None = None, password: str | None = None):
+        import paho.mqtt.client as mqtt
+        from peer.protocol import Seal
+        self.board, self.prefix, self.run_id = board, prefix, run_id
+        from peer.admission import ReplayGuard
+        self.seal = Seal(secret)
+        self.guard = ReplayGuard("")     # it trusts what a peer trusts: signed, fresh, once
+        self.states: dict[str, LiveState] = {}
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                                  client_id=f"observer-{time.time_ns() & 0xFFFFFF:06x}")
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)
+        self.client.connect_async(host, port, keepalive=10)
+
+    def start(self) -> None:
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            client.subscribe(f"{self.prefix}/{self.run_id or '+'}/+/+", qos=0)
+
+    def _on_message(self, client, userdata, message):
+        try:
+            self.take(message.topic, message.payload, bool(message.retain), time.time())
+        except Exception as err:   # a bad message must never stop the observer's network thread
+            print(f"graphs.live: skipped a message on {message.topic}: {err}", file=sys.stderr)
+
+    def take(self, topic: str, payload: bytes, retained: bool, now: float) -> None:
+        from peer.protocol import ProtocolError, Topics, decode
+        parts = topic.split("/")
+        if not payload or len(parts) < 4:
+            return
+        run_id = parts[-3]
+        try:
+            parsed = Topics(self.prefix, run_id).parse(topic)
+            if parsed is None:
+                return
+            body, stamp = self.seal.open(topic, payload)
+            message = decode(parsed[0], body, sender=parsed[1])
+        except (ProtocolError, ValueError):
+            return   # not the federation's (unsigned, other secret, malformed): never shown
+        with self.lock:
+            if self.guard.check(parsed[0], parsed[1], stamp, retained, now):
+                return   # a copy, or a replay of an old message: peers ignore it, so does the page
+            state = self.states.setdefault(run_id, LiveState(run_id))
+            state.apply(message, retained, now)
+            shown = self.states.get(self.run_id) if self.run_id else \
+                max(self.states.values(), key=lambda s: s.last_heard)
+            if shown is state:
+                self.board.publish(state.snapshot())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    board: Board
+
+    def log_message(self, format, *args):   # one line per request is noise here
+        pass
+
+    def _send(self, code: int, kind: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            return self._send(200, "text/html; charset=utf-8", PAGE.read_bytes())
+        if path == "/state":
+            return self._send(200, "application/json", json.dumps(self.board.snapshot).encode())
+        if path == "/events":
+            return self._stream()
+        self._send(404, "text/plain", b"not found")
+
+    def _stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        seen = -1
+        try:
+            while True:
+                with self.board.changed:
+                    if self.board.version == seen:
+                        self.board.changed.wait(KEEPALIVE_S)
+                    version, snapshot = self.board.version, self.board.snapshot
+                if version == seen:
+                    self.wfile.write(b": keepalive\n\n")
+                else:
+                    seen = version
+                    self.wfile.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            return   # the page was closed
+
+
+def serve(board: Board, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    handler = type("Handler", (_Handler,), {"board": board})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m graphs.live", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--broker", metavar="HOST:PORT", help="watch the federation on this broker")
+    source.add_argument("--run-dir", type=Path, help="show a finished run from its records")
+    parser.add_argument("--run-id", help="the run to show (default: the run heard most recently)")
+    parser.add_argument("--topic-prefix", default="sd")
+    parser.add_argument("--secret-file", type=Path, help="the federation secret (or FL_SECRET): to verify messages")
+    parser.add_argument("--username", help="broker login (a read-only one is enough)")
+    parser.add_argument("--password", help="broker password (prefer FL_PASSWORD)")
+    parser.add_argument("--port", type=int, default=8765, help="the page's port on 127.0.0.1 (default 8765; 0: any)")
+    parser.add_argument("--bind", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    args = parser.parse_args(argv)
+
+    import os
+    from peer.config import SettingsError, parse_broker
+    from peer.protocol import read_secret_file
+    board = Board()
+    observer = None
+    if args.run_dir is not None:
+        if not args.run_dir.is_dir():
+            parser.error(f"--run-dir {args.run_dir}: no such folder")
+        board.publish(state_from_records(args.run_dir))
+    else:
+        try:
+            host, port = parse_broker(args.broker)
+        except SettingsError as err:
+            parser.error(str(err))
+        secret = os.environ.get("FL_SECRET", "").encode() or None
+        if args.secret_file:
+            try:
+                secret = read_secret_file(args.secret_file)
+            except ValueError as err:
+                parser.error(str(err))
+        observer = Observer(board, host, port, args.topic_prefix, args.run_id, secret,
+                            args.username or os.environ.get("FL_USERNAME"),
+                            args.password or os.environ.get("FL_PASSWORD"))
+        observer.start()
+    try:
+        server = serve(board, args.port, args.bind)
+    except OSError as err:
+        parser.error(f"cannot serve on {args.bind}:{args.port}: {err.strerror or err}")
+    print(f"graphs.live: http://{args.bind}:{server.server_address[1]}/", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        if observer:
+            observer.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
