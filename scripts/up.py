@@ -594,9 +594,9 @@ def verdict(codes: dict[str, int | None], run_dir: Path) -> dict[str, int | None
     return {p: c for p, c in codes.items() if c != 0 and not (p in killed and c is not None)}
 
 
-def graphs_command(run_dir: Path) -> str:
+def graphs_command(run_dir: Path, tool: str = "graphs") -> str:
     python = ".venv/bin/python" if (ROOT / ".venv" / "bin" / "python").exists() else "python3"
-    command = f"{python} -m graphs {shlex.quote(str(run_dir))}"
+    command = f"{python} -m {tool} {'--run-dir ' if tool == 'graphs.live' else ''}{shlex.quote(str(run_dir))}"
     return command if Path.cwd() == ROOT else f"cd {shlex.quote(str(ROOT))} && {command}"
 
 
@@ -608,6 +608,7 @@ def report_end(run_dir: Path, failed: dict[str, int | None], interrupted: bool) 
     if read_rounds(run_dir):
         say(f"records: {run_dir} (layout: docs/RECORDS.md)")
         say(f"graphs:  {graphs_command(run_dir)}")
+        say(f"page:    {graphs_command(run_dir, 'graphs.live')} (the live page, of the finished run)")
     elif failed or interrupted:
         say(f"no round finished; logs in {run_dir}/peers/<id>/peer.log")
 
