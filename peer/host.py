@@ -9,18 +9,25 @@ broker and the protocol cannot tell the difference. Only the model object is sha
 one learning job at a time in the process. Killing the process kills its K peers at once, as a machine crash would.
 
 The peer flags are those of `python -m peer` (the same FL_* variables) except --peer-id and --shard, which
-`--hosted` gives per peer. Every log line names its own peer (id, role, term, round, phase); lines of the process
-itself (loading, TensorFlow) name the host. Exit status: 0 if every hosted peer exited 0, else the first other code
-in `--hosted` order (2 for bad flags, as `python -m peer`).
+`--hosted` gives per peer. A broker that wants a login per peer (as `./up.sh`'s does: its ACL lets a login publish
+only as that peer) gets them from `--login-dir DIR` [FL_LOGIN_DIR]: `DIR/<id>.env` holds that peer's
+`FL_USERNAME=` and `FL_PASSWORD=` lines, as `./up.sh credentials` writes them; --username/--password would give
+every hosted peer the same login.
+
+Every log line names its own peer (id, role, term, round, phase); lines of the process itself (loading, TensorFlow)
+name the host. Exit status: 0 if every hosted peer exited 0, else the first other code in `--hosted` order (2 for
+bad flags, as `python -m peer`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from .config import SettingsError, build_parser, load_settings, parse_shard, _peer_id
 
@@ -44,6 +51,25 @@ def parse_hosted(text: str) -> list[tuple[str, int, int]]:
     if len(set(ids)) != len(ids):
         raise SettingsError(f"--hosted: a peer id appears twice ({', '.join(sorted({p for p in ids if ids.count(p) > 1}))})")
     return hosted
+
+
+def read_login(login_dir: str | Path, peer_id: str) -> tuple[str, str]:
+    """`peer_id`'s broker login (user name, password) from `login_dir/<peer_id>.env`: `KEY=VALUE` lines, `#` comments.
+    SettingsError names the file and what is missing."""
+    path = Path(login_dir) / f"{peer_id}.env"
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SettingsError(f"--login-dir: no login for {peer_id}: {path} ({err.strerror or err})") from None
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#"):
+            values[key.strip()] = value.strip()
+    missing = [key for key in ("FL_USERNAME", "FL_PASSWORD") if not values.get(key)]
+    if missing:
+        raise SettingsError(f"--login-dir: {path} has no {' or '.join(missing)} line")
+    return values["FL_USERNAME"], values["FL_PASSWORD"]
 
 
 class _HostLines(logging.Filter):
@@ -81,6 +107,7 @@ def configure_host_logging(host: str, peers: list[str], level: str) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peer.host", add_help=False)
     parser.add_argument("--hosted", required=False)
+    parser.add_argument("--login-dir", default=os.environ.get("FL_LOGIN_DIR") or None)
     parser.add_argument("-h", "--help", action="store_true")
     own, rest = parser.parse_known_args(argv)
     if own.help:
@@ -97,18 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         base = load_settings(rest)
         if base.resume:
             raise SettingsError("FL_RESUME: --resume needs one peer per process")
+        logins = {peer: read_login(own.login_dir, peer) for peer, _, _ in hosted} if own.login_dir else {}
     except SettingsError as err:
         build_parser().print_usage(sys.stderr)
         print(f"python -m peer.host: error: {err}", file=sys.stderr)
         return 2
     try:
-        return _run(base, hosted)
+        return _run(base, hosted, logins)
     except KeyboardInterrupt:
         print("python -m peer.host: stopped", file=sys.stderr)
         return STOPPED
 
 
-def _run(base, hosted: list[tuple[str, int, int]]) -> int:
+def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, str]]) -> int:
     from .data import DatasetError, load_shard
     from .learner import Learner
     from .models import ModelError
@@ -125,6 +153,8 @@ def _run(base, hosted: list[tuple[str, int, int]]) -> int:
     # of loading would start out believing it had been frozen.
     for peer_id, k, n in hosted:
         settings = dataclasses.replace(base, peer_id=peer_id, shard=k, num_shards=n)
+        if peer_id in logins:
+            settings = dataclasses.replace(settings, username=logins[peer_id][0], password=logins[peer_id][1])
         recorder = RunRecorder(settings.run_dir, peer_id)
         try:
             recorder.check_writable()

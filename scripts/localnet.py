@@ -34,8 +34,22 @@ from peer.ids import launched_peer_id, new_run_id
 from peer.records import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-_PEER_FIELD = re.compile(rb" peer=(\S+) ")
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
+_PEER_FIELD = re.compile(rb" peer=(\S+) ")
+
+
+class HostLines:
+    """Whose line this is, in the output of a host (peer.host) of several peers: the peer its `peer=<id>` field
+    names; a line naming none (a traceback's rest, the run summary table) belongs to the peer of the line before."""
+
+    def __init__(self):
+        self.current: str | None = None
+
+    def __call__(self, line: bytes) -> str | None:
+        match = _PEER_FIELD.search(line)
+        if match:
+            self.current = match[1].decode(errors="replace")
+        return self.current
 
 
 def free_port() -> int:
@@ -203,14 +217,12 @@ class LocalNetwork:
         """Each line to the log of the peer it names (`peer=<id>`); a line naming none (a traceback's rest, the run
         summary) goes with the line before it. Everything also to the host's own log."""
         logs = {peer_id: open(peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE, "ab") for peer_id in ids}
-        current = None
+        whose = HostLines()
         try:
             with open(log_path, "ab") as combined:
                 for line in proc.stdout:
                     combined.write(line)
-                    match = _PEER_FIELD.search(line)
-                    if match:
-                        current = match[1].decode(errors="replace")
+                    current = whose(line)
                     if current in logs:
                         logs[current].write(line)
                         logs[current].flush()

@@ -40,7 +40,7 @@ from peer.ids import launched_peer_id, new_run_id, valid_run_id
 from peer.records import (CheckpointError, killed_on_purpose, read_checkpoint, read_elections, read_rounds,
                           read_run_summary)
 from scripts import chaos
-from scripts.localnet import free_port
+from scripts.localnet import HostLines, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("UP_STATE_DIR") or ROOT / ".up")
@@ -62,13 +62,14 @@ MOSQUITTO_VOLUMES = ["/mosquitto/data", "/mosquitto/log"]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 LABEL_RUN_DIR = "org.sdfl.run-dir"
-LABEL_PEER = "org.sdfl.peer"
+LABEL_PEER = "org.sdfl.peer"    # on a peer container: the peers it runs (its id, or ids joined by commas on a host)
 LABEL_PROJECT = "com.docker.compose.project"
 DEFAULT_PROJECT = "sdfl"
 DEFAULT_PUBLISH = "127.0.0.1::1883"
 OBSERVER = "observer"       # the live page's read-only broker login
 DASHBOARD = "dashboard"     # its compose service; the page listens on DASHBOARD_PORT inside
 DASHBOARD_PORT = 8765
+HOSTED_LOGINS = "/run/secrets/logins"   # where a host container finds its peers' logins (peer.host --login-dir)
 DOWN_GRACE_S = 5            # a peer gets this long to leave after SIGTERM (it takes well under a second)
 SIGNALS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}   # signal -> chaos.csv action
 # Settings the launcher sets for each peer itself; a peer flag or FL_* variable for them would be a mistake.
@@ -453,6 +454,19 @@ class Network:
     def shard(self, peer: str) -> str:
         return f"{int(peer.rsplit('-', 1)[1]) - 1}/{self.total}"
 
+    def containers(self) -> dict[str, list[str]]:
+        """Each peer container's compose service and the peers it runs: a peer each (`peer-K`), or `per_process`
+        peers to a host (`host-peer-K`, python -m peer.host, named after its first peer as a local host is)."""
+        if self.per_process == 1:
+            return {peer: [peer] for peer in self.peers}
+        k = self.per_process
+        return {f"host-{self.peers[i]}": self.peers[i:i + k] for i in range(0, len(self.peers), k)}
+
+    def killed_on_purpose(self) -> set[str]:
+        """The peers chaos.csv says were killed, with those that shared their container: they died of it too."""
+        killed = killed_on_purpose(self.run_dir)
+        return {peer for peers in self.containers().values() if killed & set(peers) for peer in peers} | killed
+
 
 def dollar(text: str) -> str:
     """Compose interpolates $ in every value: a literal $ is $$."""
@@ -483,26 +497,35 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
             "restart": "no",
         }
     broker = net.join or "broker:1883"
-    for peer in net.peers:
-        env = {"FL_BROKER": broker, "FL_RUN_DIR": "/run-dir", "FL_PEER_ID": peer, "FL_SHARD": net.shard(peer),
-               "FL_MIN_PEERS": str(net.total), "FL_SECRET_FILE": "/run/secrets/federation", **net.env}
+    for name, peers in net.containers().items():
+        env = {"FL_BROKER": broker, "FL_RUN_DIR": "/run-dir", "FL_MIN_PEERS": str(net.total),
+               "FL_SECRET_FILE": "/run/secrets/federation", **net.env}
         volumes = [{"type": "bind", "source": str(net.run_dir), "target": "/run-dir"},
                    {"type": "bind", "source": str(login.secret), "target": "/run/secrets/federation",
                     "read_only": True},
                    {"type": "volume", "source": "datasets", "target": "/data/keras"}]
         volumes += [{"type": "bind", "source": str(host), "target": target, "read_only": True}
                     for host, target in net.data_dirs]
+        command = list(net.peer_flags)
+        if name in peers:   # one peer: `python -m peer`, its login in its environment
+            env.update(FL_PEER_ID=name, FL_SHARD=net.shard(name))
+            env_file = [str(login.env_file(name))]
+        else:               # a host: its peers' logins mounted, and only theirs (the ACL binds a login to a peer)
+            env_file = []
+            volumes += [{"type": "bind", "source": str(login.env_file(peer)), "target": f"{HOSTED_LOGINS}/{peer}.env",
+                         "read_only": True} for peer in peers]
+            command = ["--hosted", ",".join(f"{peer}={net.shard(peer)}" for peer in peers),
+                       "--login-dir", HOSTED_LOGINS, *command]
         service = {
             "image": PEER_IMAGE,
             "pull_policy": "never",
-            "hostname": peer,
-            "labels": {**labels, LABEL_PEER: peer},
+            "hostname": name,
+            "labels": {**labels, LABEL_PEER: ",".join(peers)},
             # The invoking user's uid: the records in the run dir are theirs, and so is the secret it reads.
             "user": f"{uid}:{gid}",
             # An init as PID 1 forwards SIGTERM to the peer (Python as PID 1 would ignore it until its handler
             # is installed, after TensorFlow loads).
             "init": True,
-            "env_file": [str(login.env_file(peer))],
             "environment": {k: dollar(v) for k, v in env.items()},
             "volumes": [{**v, "source": dollar(v["source"])} if v["type"] == "bind" else v for v in volumes],
             # A lookup of a name that is gone (the broker's container stopped) answers in 1 s, not 10.
@@ -510,11 +533,15 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
             "stop_grace_period": f"{DOWN_GRACE_S}s",
             "restart": "no",
         }
-        if net.peer_flags:
-            service["command"] = [dollar(word) for word in net.peer_flags]
+        if env_file:
+            service["env_file"] = env_file
+        if name not in peers:
+            service["entrypoint"] = ["python", "-m", "peer.host"]
+        if command:
+            service["command"] = [dollar(word) for word in command]
         if not net.join:
             service["depends_on"] = {"broker": {"condition": "service_healthy"}}
-        services[peer] = service
+        services[name] = service
     if not net.join:
         # The live page: an observer in the peer image, logged in read-only; the federation does not depend on it.
         services[DASHBOARD] = {
@@ -575,7 +602,7 @@ class Progress:
             if peer not in self.exited and state.startswith(("exited", "dead")):
                 self.exited.add(peer)
                 code = state.split()[-1]
-                why = " (killed on purpose)" if code != "0" and peer in killed_on_purpose(run_dir) else ""
+                why = " (killed on purpose)" if code != "0" and peer in self.net.killed_on_purpose() else ""
                 say(f"{peer} exited {code}{why}")
         summary = read_run_summary(run_dir)
         if summary and not self.finished:
@@ -588,9 +615,8 @@ class Progress:
                     f"{time.time() - self.started:.0f} s since the peers started")
 
 
-def verdict(codes: dict[str, int | None], run_dir: Path) -> dict[str, int | None]:
-    """The peers whose exit is a failure of the run: not 0, and not killed on purpose (chaos.csv)."""
-    killed = killed_on_purpose(run_dir)
+def verdict(codes: dict[str, int | None], killed: set[str]) -> dict[str, int | None]:
+    """The peers whose exit is a failure of the run: not 0, and not killed on purpose (`killed`)."""
     return {p: c for p, c in codes.items() if c != 0 and not (p in killed and c is not None)}
 
 
@@ -669,15 +695,42 @@ class Signals:
 
 
 def save_logs(net: Network, found: list[dict]) -> None:
-    """Each container's whole log, where a local run keeps it (peers/<id>/peer.log, broker.log): written by the
-    launcher, so they belong to the same user as every other record."""
+    """Each container's whole log, where a local run keeps it (peers/<id>/peer.log, broker.log; a host's in
+    hosts/<service>.log and split by peer into theirs): written by the launcher, so they belong to the same user as
+    every other record."""
     for container in found:
         service = service_of(container)
-        path = (net.run_dir / "peers" / service / "peer.log") if service != "broker" else net.run_dir / "broker.log"
+        hosted = hosted_with(container)
+        if service == "broker":
+            path = net.run_dir / "broker.log"
+        elif len(hosted) > 1:
+            path = net.run_dir / "hosts" / f"{service}.log"
+        else:
+            path = net.run_dir / "peers" / service / "peer.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as out:
             subprocess.run(["docker", "logs", container["Id"]], stdout=out, stderr=subprocess.STDOUT,
                            start_new_session=True)
+        if len(hosted) > 1:
+            split_host_log(path, hosted, net.run_dir)
+
+
+def split_host_log(path: Path, peers: list[str], run_dir: Path) -> None:
+    """A host's combined log, line by line into peers/<id>/peer.log of the peer each line is about."""
+    whose = HostLines()
+    logs = {}
+    try:
+        for peer in peers:
+            (run_dir / "peers" / peer).mkdir(parents=True, exist_ok=True)
+            logs[peer] = open(run_dir / "peers" / peer / "peer.log", "wb")
+        with open(path, "rb") as combined:
+            for line in combined:
+                peer = whose(line)
+                if peer in logs:
+                    logs[peer].write(line)
+    finally:
+        for log in logs.values():
+            log.close()
 
 
 def take_down(project: str, compose_file: Path | None, net: Network | None = None) -> float:
@@ -750,17 +803,22 @@ def run_containers(net: Network, login: Login, base: str, ca_bundle: Path | None
             take_down(net.project, net.compose_file)      # an earlier run's exited containers, if any
             if not net.join:
                 start_broker(net, compose)
-            run([*compose, "up", "-d", "--force-recreate", "--no-deps", *net.peers,
+            groups = net.containers()
+            run([*compose, "up", "-d", "--force-recreate", "--no-deps", *groups,
                  *([] if net.join else [DASHBOARD])], timeout=120)
             progress.started = time.time()
-            say(f"{len(net.peers)} peer containers started ({', '.join(net.peers)}); records in {net.run_dir}")
+            if net.per_process > 1:
+                say(f"{len(net.peers)} peers started in {len(groups)} containers, up to {net.per_process} to a "
+                    f"container ({', '.join(f'{g}: {ps[0]}..{ps[-1]}' for g, ps in groups.items())}); records in "
+                    f"{net.run_dir}")
+            else:
+                say(f"{len(net.peers)} peer containers started ({', '.join(net.peers)}); records in {net.run_dir}")
             if not net.join:
                 page = run([*compose, "port", DASHBOARD, str(DASHBOARD_PORT)], check=False).stdout.strip()
                 if page:
                     say(f"live page: http://{page}/ (python -m graphs.live; it only watches)")
             while True:
-                found = {service_of(c): c for c in containers(**{LABEL_PROJECT: net.project})
-                         if service_of(c) in net.peers}
+                found = {p: c for p, c in peer_containers(net.project).items() if p in net.peers}
                 states = {p: state_of(c) for p, c in found.items()}
                 progress.update(states)
                 if found and all(s.startswith(("exited", "dead")) for s in states.values()):
@@ -783,7 +841,7 @@ def run_containers(net: Network, login: Login, base: str, ca_bundle: Path | None
         took = take_down(net.project, net.compose_file, net)
         progress.update()
         say(f"network {net.project} taken down in {took:.1f} s: no container or network left")
-    failed = verdict(codes, net.run_dir) if not interrupted else {}
+    failed = verdict(codes, net.killed_on_purpose()) if not interrupted else {}
     report_end(net.run_dir, failed, interrupted is not None)
     if interrupted:
         return interrupted.status
@@ -1007,9 +1065,6 @@ def cmd_run(args, peer_flags: list[str]) -> int:
     if args.local:
         run_settings(net, None)
         return run_local(net)
-    if net.per_process > 1:
-        raise UpError("--peers-per-process runs the peers as local processes (add --local); containers hosting "
-                      "several peers each are not built yet", 2)
     problem = docker_problem(float(os.environ.get("UP_DOCKER_TIMEOUT", "5")))
     if problem:
         if args.docker or args.join:
@@ -1075,8 +1130,14 @@ def locate(args) -> dict:
 
 
 def peer_containers(project: str) -> dict[str, dict]:
-    return {c["Config"]["Labels"][LABEL_PEER]: c for c in containers(**{LABEL_PROJECT: project})
-            if LABEL_PEER in c["Config"]["Labels"]}
+    """Each peer of the project, and the container it runs in (peers hosted together share one)."""
+    return {peer: c for c in containers(**{LABEL_PROJECT: project}) if LABEL_PEER in c["Config"]["Labels"]
+            for peer in c["Config"]["Labels"][LABEL_PEER].split(",")}
+
+
+def hosted_with(container: dict) -> list[str]:
+    """The peers a container runs (one, a host's several, or none: the broker, the live page)."""
+    return [peer for peer in container["Config"]["Labels"].get(LABEL_PEER, "").split(",") if peer]
 
 
 def cmd_status(args) -> int:
@@ -1096,16 +1157,17 @@ def cmd_status(args) -> int:
     if run_dir is None:
         labels = [c["Config"]["Labels"].get(LABEL_RUN_DIR) for c in found if LABEL_PEER in c["Config"]["Labels"]]
         run_dir = Path(labels[0]) if labels and labels[0] else None
+    peers = peer_containers(project)
+    hosts = {c["Id"] for c in found if len(hosted_with(c)) > 1}
     broker = [c for c in found if service_of(c) == "broker"]
-    lines = [f"network {project}: {len(found) - len(broker)} peer containers"
-             + (f", records in {run_dir}" if run_dir else "")]
+    lines = [f"network {project}: {len({c['Id'] for c in peers.values()})} peer containers"
+             + (f" ({len(peers)} peers)" if hosts else "") + (f", records in {run_dir}" if run_dir else "")]
     if broker:
         b = broker[0]
         health = b["State"].get("Health", {}).get("Status", "no healthcheck")
         ports = b["NetworkSettings"].get("Ports", {}).get("1883/tcp") or []
         where = ", ".join(f"{p['HostIp']}:{p['HostPort']}" for p in ports)
         lines.append(f"broker: {state_of(b)}, {health}" + (f", published at {where}" if where else ""))
-    peers = peer_containers(project)
     statuses = chaos.read_statuses(run_dir) if run_dir else {}
     live = {p: statuses[p] for p, c in peers.items() if state_of(c) == "running" and p in statuses}
     controller = chaos.current_controller({p: s for p, s in live.items() if s.get("role") != "finished"})
@@ -1116,13 +1178,15 @@ def cmd_status(args) -> int:
                      + ("n/a" if acc is None else f"{acc:.4f}"))
     else:
         lines.append("controller: none among the running peers right now")
-    lines.append(f"{'peer':<10} {'container':<12} {'role':<11} {'term':>4} {'round':>5}")
+    lines.append(f"{'peer':<10} {'container':<12} {'role':<11} {'term':>4} {'round':>5}"
+                 + ("  host" if hosts else ""))
     for peer in sorted(peers, key=lambda p: (len(p), p)):
         s = statuses.get(peer, {})
         state = state_of(peers[peer])
+        host = f"  {service_of(peers[peer])}" if hosts else ""
         note = "" if state in ("running", "paused") or not s else "  (last reported)"
         lines.append(f"{peer:<10} {state:<12} {s.get('role', '-'):<11} {s.get('term', '-'):>4} "
-                     f"{s.get('round', '-'):>5}{note}")
+                     f"{s.get('round', '-'):>5}{host}{note}")
     print("\n".join(lines))
     return 0
 
@@ -1184,7 +1248,9 @@ def cmd_kill(args) -> int:
     chaos.record(run_dir, SIGNALS[sig], peer, sig)
     role = statuses.get(peer, {})
     what = f" (controller of term {role.get('term')})" if target == "controller" else ""
-    say(f"sent SIG{sig} to {peer}{what}: container {peers[peer]['Name'].lstrip('/')}")
+    mates = [p for p in hosted_with(peers[peer]) if p != peer]
+    also = f", with the peers it hosts beside {peer}: {', '.join(mates)}" if mates else ""
+    say(f"sent SIG{sig} to {peer}{what}: container {peers[peer]['Name'].lstrip('/')}{also}")
     return 0
 
 

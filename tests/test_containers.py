@@ -198,6 +198,53 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
     assert "is not running" in upsh(env, "status", "--project", project).stdout
 
 
+def test_containers_hosting_three_peers_each_lose_one_with_the_controller_and_finish(env, tmp_path):
+    """`--peers-per-process 3`: six peers in two containers (python -m peer.host), each peer with its own broker login.
+    Killing the controller's container kills its three peers at once; the other three elect and finish."""
+    project, run_dir = "sdfl-test-hosts", tmp_path / "run"
+    proc = start(env, "--peers", "6", "--peers-per-process", "3", "--run-dir", str(run_dir), "--project", project,
+                 "--", *FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", "4")
+    try:
+        wait_until(lambda: rounds(run_dir), 300, "round 1 to finish")
+        shown = upsh(env, "status", "--project", project)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert f"network {project}: 2 peer containers (6 peers)" in shown.stdout, shown.stdout
+        first = next(p for p, s in statuses(run_dir).items() if s["role"] == "controller")
+        mates = ["peer-1", "peer-2", "peer-3"] if first in ("peer-1", "peer-2", "peer-3") else \
+            ["peer-4", "peer-5", "peer-6"]
+        assert re.search(rf"{first} +running +controller +1 +\d+  host-{mates[0]}", shown.stdout), shown.stdout
+
+        killed = upsh(env, "kill", "controller", "--project", project)
+        assert killed.returncode == 0, killed.stdout + killed.stderr
+        assert f"sent SIGKILL to {first}" in killed.stdout and "with the peers it hosts beside" in killed.stdout
+        terms = wait_until(lambda: [t for t in elections(run_dir) if t["term"] != "1"], 30, "a new term")
+        assert terms[0]["reason"] == "controller-lost" and terms[0]["controller"] not in mates
+        shown = upsh(env, "status", "--project", project).stdout
+        for peer in mates:
+            assert re.search(rf"{peer} +exited 137", shown), shown
+        output = finish(proc, 400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        upsh(env, "down", "--project", project)
+    # The three peers that died with the controller were killed on purpose: no failure of the run.
+    assert proc.returncode == 0, output[-4000:]
+    assert "6 peers started in 2 containers, up to 3 to a container (host-peer-1: peer-1..peer-3, " \
+           "host-peer-4: peer-4..peer-6)" in output, output
+    assert "finished (max-rounds)" in output and "no container or network left" in output
+    assert_rounds_complete(run_dir, 4)
+    # Each peer connected with its own login (the broker's client id is the login), and its log holds its own lines.
+    broker_log = (run_dir / "broker.log").read_text()
+    for k in range(1, 7):
+        assert re.search(rf"New client connected from \S+ as peer-{k} \(.*u'peer-{k}'\)", broker_log), k
+        lines = (run_dir / "peers" / f"peer-{k}" / "peer.log").read_text().splitlines()
+        named = [line for line in lines if " peer=" in line]
+        assert named and all(f" peer=peer-{k} " in line for line in named), lines[:5]
+        assert any("starting: broker broker:1883" in line for line in named)
+    assert "hosting 3 peers: peer-1,peer-2,peer-3" in (run_dir / "hosts" / "host-peer-1.log").read_text()
+    assert leftovers(project) == NOTHING
+
+
 SLOW = [*FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", "1000"]
 
 

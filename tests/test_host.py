@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from peer.config import Settings, SettingsError
-from peer.host import configure_host_logging, parse_hosted
+from peer.host import configure_host_logging, parse_hosted, read_login
 from peer.node import Peer
 from tests.netutil import ROOT
 from tests.test_node import FakeLearner, FakeRunner, FakeTransport
@@ -35,12 +35,23 @@ def test_bad_hosted_lists_are_refused_clearly(text, message):
     (["--hosted", "p1=0/2", "--peer-id", "x"], "--peer-id is not a host flag"),
     (["--hosted", "p1=0/2", "--shard=1/2"], "--shard is not a host flag"),
     (["--hosted", "p1=0/2", "--max-rounds", "0"], "--max-rounds: must be at least 1"),
+    (["--hosted", "p1=0/2", "--login-dir", "/no/such/dir"], "--login-dir: no login for p1: /no/such/dir/p1.env"),
 ])
 def test_the_host_refuses_bad_flags_before_loading_anything(args, message):
     result = subprocess.run([sys.executable, "-m", "peer.host", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and f"python -m peer.host: error: {message}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_each_hosted_peer_reads_its_own_login(tmp_path):
+    (tmp_path / "peer-1.env").write_text("# Broker login of peer-1\nFL_USERNAME=peer-1\nFL_PASSWORD=s3=cret\n")
+    (tmp_path / "peer-2.env").write_text("FL_USERNAME=peer-2\n")
+    assert read_login(tmp_path, "peer-1") == ("peer-1", "s3=cret")
+    with pytest.raises(SettingsError, match="peer-2.env has no FL_PASSWORD line"):
+        read_login(tmp_path, "peer-2")
+    with pytest.raises(SettingsError, match="no login for peer-3"):
+        read_login(tmp_path, "peer-3")
 
 
 def test_every_line_names_the_hosted_peer_it_is_about(tmp_path):

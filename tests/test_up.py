@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts import up
+from scripts import chaos, up
 from tests.netutil import ROOT, SMALL, assert_rounds_complete, elections, rounds, statuses, wait_until
 
 UP = str(ROOT / "up.sh")
@@ -76,7 +76,7 @@ def test_help_explains_itself(tmp_path):
     (["--peers", "1"], "--peers needs at least 2 peers in the federation, not 1"),
     (["--first", "0"], "--first counts from 1, not 0"),
     (["--peers-per-process", "0"], "--peers-per-process must be at least 1, not 0"),
-    (["--peers", "4", "--peers-per-process", "2", "--docker"], "--peers-per-process runs the peers as local processes (add --local)"),
+    (["--peers", "4", "--peers-per-process", "2", "--resume", "x"], "--resume needs one peer per process"),
     (["--peers", "3", "--first", "3", "--total", "4"], "peers 3..5 do not fit in --total 4"),
     (["--project", "Bad Name"], "--project 'Bad Name': use lowercase letters"),
     (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
@@ -234,6 +234,55 @@ def test_compose_file_is_data_for_n_peers(tmp_path):
         "broker:1883"
     assert page["ports"] == [f"127.0.0.1::{up.DASHBOARD_PORT}"] and "environment" not in page
     assert up.read_env_file(login.observer_env)["FL_USERNAME"] == up.OBSERVER
+
+
+def test_compose_file_hosts_k_peers_per_container_each_with_its_own_login(tmp_path):
+    net = network(tmp_path, peers=[f"peer-{k}" for k in range(1, 8)], total=7, per_process=3)
+    login = up.make_credentials(tmp_path / "login", net.peers)
+    compose = up.compose_config(net, login, 1234, 5678)
+    assert yaml.safe_load(json.dumps(compose)) == compose
+    assert net.containers() == {"host-peer-1": ["peer-1", "peer-2", "peer-3"],
+                                "host-peer-4": ["peer-4", "peer-5", "peer-6"], "host-peer-7": ["peer-7"]}
+    assert sorted(compose["services"]) == ["broker", "dashboard", "host-peer-1", "host-peer-4", "host-peer-7"]
+    host = compose["services"]["host-peer-4"]
+    assert host["entrypoint"] == ["python", "-m", "peer.host"]
+    assert host["command"] == ["--hosted", "peer-4=3/7,peer-5=4/7,peer-6=5/7", "--login-dir", up.HOSTED_LOGINS,
+                               "--max-rounds", "2", "--dataset", "fashion-mnist", "--seed", "$$7"]
+    assert host["labels"][up.LABEL_PEER] == "peer-4,peer-5,peer-6"
+    env = host["environment"]
+    assert "FL_PEER_ID" not in env and "FL_SHARD" not in env and "env_file" not in host
+    assert env["FL_MIN_PEERS"] == "7" and env["FL_EPOCHS"] == "2"
+    # Its peers' logins, read-only, and no one else's: a host cannot publish as a peer it does not run.
+    logins = {m["target"]: m for m in host["volumes"] if m["target"].startswith(up.HOSTED_LOGINS)}
+    assert logins == {f"{up.HOSTED_LOGINS}/peer-{k}.env": {"type": "bind", "source": str(login.env_file(f"peer-{k}")),
+                                                          "target": f"{up.HOSTED_LOGINS}/peer-{k}.env",
+                                                          "read_only": True} for k in (4, 5, 6)}
+    assert compose["services"]["host-peer-7"]["command"][:2] == ["--hosted", "peer-7=6/7"]
+
+
+def test_a_kill_counts_for_every_peer_of_the_killed_container(tmp_path):
+    net = network(tmp_path, peers=[f"peer-{k}" for k in range(1, 7)], total=6, per_process=3)
+    net.run_dir.mkdir()
+    chaos.record(net.run_dir, "kill", "peer-2", "KILL")
+    assert net.killed_on_purpose() == {"peer-1", "peer-2", "peer-3"}
+    codes = {"peer-1": 137, "peer-2": 137, "peer-3": 137, "peer-4": 0, "peer-5": 1, "peer-6": None}
+    assert up.verdict(codes, net.killed_on_purpose()) == {"peer-5": 1, "peer-6": None}
+    assert network(tmp_path, peers=["peer-1", "peer-2", "peer-3"]).killed_on_purpose() == {"peer-2"}
+
+
+def test_a_hosts_log_is_split_into_its_peers_logs(tmp_path):
+    combined = tmp_path / "hosts" / "host-peer-1.log"
+    combined.parent.mkdir()
+    combined.write_bytes(b"t INFO peer=host-peer-1 role=host | loading\n"
+                         b"t INFO peer=peer-1 role=waiting | one\n"
+                         b"t INFO peer=peer-2 role=controller | two\n"
+                         b"  summary table row\n"
+                         b"t INFO peer=peer-1 role=trainer | three\n")
+    up.split_host_log(combined, ["peer-1", "peer-2"], tmp_path)
+    assert (tmp_path / "peers" / "peer-1" / "peer.log").read_text().splitlines() == [
+        "t INFO peer=peer-1 role=waiting | one", "t INFO peer=peer-1 role=trainer | three"]
+    assert (tmp_path / "peers" / "peer-2" / "peer.log").read_text().splitlines() == [
+        "t INFO peer=peer-2 role=controller | two", "  summary table row"]
 
 
 def test_the_observer_login_only_reads(tmp_path):
