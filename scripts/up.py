@@ -598,12 +598,15 @@ class Progress:
             self.rounds_seen.add(key)
             say(f"round {row.round}/{self.net.max_rounds}: accuracy {row.accuracy:.4f} ({row.duration_s:.1f} s; "
                 f"{time.time() - self.started:.0f} s since the peers started)")
+        exits: dict[str, list[str]] = {}   # one line for the peers that exit alike (a host's K peers do at once)
         for peer, state in (states or {}).items():
             if peer not in self.exited and state.startswith(("exited", "dead")):
                 self.exited.add(peer)
                 code = state.split()[-1]
                 why = " (killed on purpose)" if code != "0" and peer in self.net.killed_on_purpose() else ""
-                say(f"{peer} exited {code}{why}")
+                exits.setdefault(f"exited {code}{why}", []).append(peer)
+        for what, peers in exits.items():
+            say(f"{', '.join(peers)} {what}")
         summary = read_run_summary(run_dir)
         if summary and not self.finished:
             outcome = summary.outcome
@@ -1238,6 +1241,7 @@ def cmd_kill(args) -> int:
         if peer not in candidates:
             raise UpError(f"nothing to act on: {peer} is {states[peer]}, and {sig} needs it {' or '.join(able)}")
     cid = peers[peer]["Id"]
+    sent = time.time()   # chaos.csv has when the signal went, not when docker came back: failover counts from it
     # STOP/CONT freeze and thaw the whole container (cgroup freezer), as SIGSTOP/SIGCONT would the process.
     if sig == "STOP":
         run(["docker", "pause", cid])
@@ -1245,7 +1249,7 @@ def cmd_kill(args) -> int:
         run(["docker", "unpause", cid])
     else:
         run(["docker", "kill", "-s", f"SIG{sig}", cid])
-    chaos.record(run_dir, SIGNALS[sig], peer, sig)
+    chaos.record(run_dir, SIGNALS[sig], peer, sig, at=sent)
     role = statuses.get(peer, {})
     what = f" (controller of term {role.get('term')})" if target == "controller" else ""
     mates = [p for p in hosted_with(peers[peer]) if p != peer]

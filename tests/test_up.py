@@ -260,7 +260,7 @@ def test_compose_file_hosts_k_peers_per_container_each_with_its_own_login(tmp_pa
     assert compose["services"]["host-peer-7"]["command"][:2] == ["--hosted", "peer-7=6/7"]
 
 
-def test_a_kill_counts_for_every_peer_of_the_killed_container(tmp_path):
+def test_a_kill_counts_for_every_peer_of_the_killed_container(tmp_path, capsys):
     net = network(tmp_path, peers=[f"peer-{k}" for k in range(1, 7)], total=6, per_process=3)
     net.run_dir.mkdir()
     chaos.record(net.run_dir, "kill", "peer-2", "KILL")
@@ -268,6 +268,13 @@ def test_a_kill_counts_for_every_peer_of_the_killed_container(tmp_path):
     codes = {"peer-1": 137, "peer-2": 137, "peer-3": 137, "peer-4": 0, "peer-5": 1, "peer-6": None}
     assert up.verdict(codes, net.killed_on_purpose()) == {"peer-5": 1, "peer-6": None}
     assert network(tmp_path, peers=["peer-1", "peer-2", "peer-3"]).killed_on_purpose() == {"peer-2"}
+    # The launcher's progress says it once for the three, and apart for a peer that exited otherwise.
+    progress = up.Progress(net, 0)
+    progress.update({"peer-1": "exited 137", "peer-2": "exited 137", "peer-3": "exited 137", "peer-4": "running",
+                     "peer-5": "exited 1"})
+    progress.update({"peer-1": "exited 137", "peer-4": "exited 0"})
+    said = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if " exited " in line]
+    assert said == ["peer-1, peer-2, peer-3 exited 137 (killed on purpose)", "peer-5 exited 1", "peer-4 exited 0"]
 
 
 def test_a_hosts_log_is_split_into_its_peers_logs(tmp_path):
