@@ -606,7 +606,7 @@ class Progress:
                 why = " (killed on purpose)" if code != "0" and peer in self.net.killed_on_purpose() else ""
                 exits.setdefault(f"exited {code}{why}", []).append(peer)
         for what, peers in exits.items():
-            say(f"{', '.join(peers)} {what}")
+            say(f"{spans(peers)} {what}")
         summary = read_run_summary(run_dir)
         if summary and not self.finished:
             outcome = summary.outcome
@@ -616,6 +616,21 @@ class Progress:
                 say(f"finished ({outcome.get('reason')}): {outcome.get('rounds')} rounds, final accuracy "
                     f"{'n/a' if accuracy is None else format(accuracy, '.4f')}, {outcome.get('terms')} term(s), "
                     f"{time.time() - self.started:.0f} s since the peers started")
+
+
+def spans(peers: list[str]) -> str:
+    """peer-1, peer-2, peer-3, peer-7 as `peer-1..peer-3, peer-7`: a hundred peers in one short line."""
+    if not all(re.fullmatch(r"peer-\d+", p) for p in peers):
+        return ", ".join(peers)
+    numbers = sorted(int(p.rsplit("-", 1)[1]) for p in peers)
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"peer-{r[0]}" + (f"..peer-{r[-1]}" if len(r) > 2 else f", peer-{r[-1]}" if len(r) == 2 else "")
+                     for r in runs)
 
 
 def verdict(codes: dict[str, int | None], killed: set[str]) -> dict[str, int | None]:
@@ -1253,7 +1268,7 @@ def cmd_kill(args) -> int:
     role = statuses.get(peer, {})
     what = f" (controller of term {role.get('term')})" if target == "controller" else ""
     mates = [p for p in hosted_with(peers[peer]) if p != peer]
-    also = f", with the peers it hosts beside {peer}: {', '.join(mates)}" if mates else ""
+    also = f", with the peers it hosts beside {peer}: {spans(mates)}" if mates else ""
     say(f"sent SIG{sig} to {peer}{what}: container {peers[peer]['Name'].lstrip('/')}{also}")
     return 0
 

@@ -274,7 +274,10 @@ def test_a_kill_counts_for_every_peer_of_the_killed_container(tmp_path, capsys):
                      "peer-5": "exited 1"})
     progress.update({"peer-1": "exited 137", "peer-4": "exited 0"})
     said = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if " exited " in line]
-    assert said == ["peer-1, peer-2, peer-3 exited 137 (killed on purpose)", "peer-5 exited 1", "peer-4 exited 0"]
+    assert said == ["peer-1..peer-3 exited 137 (killed on purpose)", "peer-5 exited 1", "peer-4 exited 0"]
+    assert up.spans(["peer-10", "peer-2", "peer-1", "peer-3", "peer-4", "peer-7", "peer-8"]) == \
+        "peer-1..peer-4, peer-7, peer-8, peer-10"
+    assert up.spans(["peer-1", "x"]) == "peer-1, x"
 
 
 def test_a_hosts_log_is_split_into_its_peers_logs(tmp_path):
