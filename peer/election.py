@@ -16,12 +16,21 @@ How a term is decided
   never acts on a term it might not have won.
 - No claim within `window + claim_timeout` (the best voter died): next term. A controller heard from in a term we
   already decided for somebody else (possible only if a broker reorders): next term, so one controller remains.
+- Patience grows with failure: from the second term in a row begun because the last came to nothing (no claim in
+  time, a controller judged silent or stalled), each such term doubles the window and both timeouts, up to 8x; each
+  round finished halves them again. One failure costs nothing (a frozen controller is replaced as fast as ever). On an
+  overloaded machine (a hundred peers on two cores, timings set tight) votes, claims and heartbeats arrive late, and
+  every new term adds a round of votes to the backlog: without this the peers would elect forever and never train.
 """
 from __future__ import annotations
 
 import enum
 import random
 from dataclasses import dataclass, field
+
+
+MAX_DOUBLINGS = 3   # patience grows to at most 2**3 = 8x the configured timings
+STRIKES = ("no-claim", "controller-silent", "controller-stalled")   # reasons that say the last term came to nothing
 
 
 class Role(str, enum.Enum):
@@ -55,6 +64,7 @@ class CastVote:
     vote: float
     round: int
     reason: str
+    patience: float = 1.0   # how many times the configured timings this term waits (worth a word in the log if > 1)
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,7 @@ class Election:
     last_heard: float = 0.0                     # last sign of life of the controller
     unconfirmed: set[str] = field(default_factory=set)   # live peers not heard from since this peer (re)connected
     confirm_by: float = 0.0
+    strikes: int = 0                            # terms begun because the last came to nothing, less rounds since
     _last_note: str = ""
 
     def __post_init__(self):
@@ -142,8 +153,21 @@ class Election:
         return term < self.term
 
     def progress(self, round_: int) -> None:
-        """This peer now holds the global model of `round_`."""
+        """This peer now holds the global model of `round_`. A finished round is the federation working: patience
+        comes back one step per round (not at once, so a load that spoils every other term does not swing it)."""
+        if round_ > self.round:
+            self.strikes = max(0, self.strikes - (round_ - self.round))
         self.round = max(self.round, round_)
+
+    @property
+    def patience(self) -> float:
+        """How many times the configured window and timeouts this peer waits now (1, 2, 4 or 8)."""
+        return float(2 ** max(0, self.strikes - 1))
+
+    @property
+    def silent_after(self) -> float:
+        """How long a controller may go unheard before this peer judges it silent, now."""
+        return self.timings.heartbeat_timeout * self.patience
 
     def on_retained(self, term: int, controller: str, now: float) -> list[Action]:
         """The broker's retained claim or heartbeat, delivered when this peer subscribes: who led most recently.
@@ -241,7 +265,7 @@ class Election:
         if self.unconfirmed and now >= self.confirm_by:
             gone, self.unconfirmed = sorted(self.unconfirmed & self.live), set()
             return [Unconfirmed(peer) for peer in gone]
-        t = self.timings
+        t, patience = self.timings, self.patience
         if self.role is Role.WAITING:
             if now - self.started_at < t.join_grace:
                 return []
@@ -252,14 +276,14 @@ class Election:
                                "(--wait-timeout); is every peer on this broker, with the same --topic-prefix?")]
             return self._note(f"waiting for peers: {len(self.live)} of {self.min_peers} present before the first election")
         if self.role is Role.VOTING:
-            if now - self.voted_at >= t.window + t.claim_timeout:
+            if now - self.voted_at >= (t.window + t.claim_timeout) * patience:
                 return self._new_term(now, "no-claim")
-            if not self.claimed and now - self.voted_at >= t.window and self.best_voter() == self.me:
+            if not self.claimed and now - self.voted_at >= t.window * patience and self.best_voter() == self.me:
                 self.claimed = True
                 round_, vote = self.votes[self.me]
                 return [SendClaim(self.term, vote, round_, self.reason, tuple(sorted(self.votes)))]
             return []
-        if self.role is Role.FOLLOWER and now - self.last_heard >= t.heartbeat_timeout:
+        if self.role is Role.FOLLOWER and now - self.last_heard >= self.silent_after:
             return self._new_term(now, "controller-silent")
         return []
 
@@ -279,12 +303,14 @@ class Election:
             # Silent counts as gone until it speaks again (a peer that stepped down or thawed announces itself),
             # so the next controller neither waits for its evaluation nor picks it as a trainer.
             self.live.discard(self.controller)
+        if reason in STRIKES:
+            self.strikes = min(self.strikes + 1, MAX_DOUBLINGS + 1)
         actions = self._leave_office(f"term {term} began ({reason})") + self._set_term(term, reason)
         self.role = Role.VOTING
         vote = self.rng.random()
         self.votes[self.me] = (self.round, vote)
         self.voted_at = now
-        return actions + [CastVote(term, vote, self.round, reason)]
+        return actions + [CastVote(term, vote, self.round, reason, self.patience)]
 
     def _set_term(self, term: int, reason: str) -> list[Action]:
         self.term, self.reason = term, reason

@@ -231,7 +231,7 @@ class Peer:
     def tick(self, now: float) -> None:
         stalled_for = now - self._last_tick
         self._last_tick = now
-        if stalled_for > self.election.timings.heartbeat_timeout:
+        if stalled_for > self.election.silent_after:   # as long as the others wait for a controller's sign
             self.log.warning("this peer was frozen for %.1fs (stopped, or the host stalled)", stalled_for)
             actions = self.election.resumed(now)
             self.carry_out(actions, now)
@@ -470,7 +470,9 @@ class Peer:
         for action in actions:
             # --- the election's decisions
             if isinstance(action, CastVote):
-                self.log.info("election for term %d (%s): voting %.4f", action.term, action.reason, action.vote)
+                self.log.info("election for term %d (%s): voting %.4f%s", action.term, action.reason, action.vote,
+                              f"; waiting {action.patience:g}x the usual (the last terms came to nothing)"
+                              if action.patience > 1 else "")
                 self.send(Vote(action.term, self.me, action.vote, action.round, action.reason))
             elif isinstance(action, SendClaim):
                 self.log.info("term %d: best vote is mine; claiming", action.term)

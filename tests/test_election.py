@@ -113,6 +113,46 @@ def test_no_claim_moves_on_to_the_next_term():
     assert vote.term == 2 and vote.reason == "no-claim"
 
 
+def test_patience_doubles_from_the_second_failed_term_up_to_8x_and_rounds_bring_it_back():
+    e = machine(min_peers=2)
+    e.on_vote(1, "b", 0.99, 0, "start", 0)                  # b is best but its claim never comes (late, or dead)
+    [vote] = e.tick(4.0)                                    # (window 1 + claim timeout 3) after voting
+    assert vote.reason == "no-claim" and vote.patience == 1 # one failure costs nothing
+    e.on_vote(2, "b", 0.99, 0, "no-claim", 4.0)
+    [vote] = e.tick(8.0)
+    assert vote.term == 3 and vote.patience == 2            # the second in a row: twice the window and timeouts
+    e.on_vote(3, "b", 0.99, 0, "no-claim", 8.0)
+    assert e.tick(15.9) == []
+    [vote] = e.tick(16.0)                                   # 8 s, not 4
+    assert vote.term == 4 and vote.patience == 4
+    e.on_vote(4, "b", 0.99, 0, "no-claim", 16.0)
+    [vote] = e.tick(32.0)
+    assert vote.patience == 8
+    e.on_vote(5, "b", 0.99, 0, "no-claim", 32.0)
+    [vote] = e.tick(64.0)
+    assert vote.term == 6 and vote.patience == 8            # at most 8x
+    # A claim decides term 6; the controller's silence is judged with the same patience (3 s x 8)...
+    e.on_claim(6, "b", "no-claim", (), 64.5)
+    assert e.tick(64.5 + 23.9) == []
+    e.on_controller_seen(6, "b", 89.0)
+    e.progress(1)                                           # ...until rounds finish: one step back per round
+    assert e.patience == 4
+    e.progress(3)
+    assert e.patience == 1
+    assert e.tick(91.9) == [] and e.tick(92.0)[0].reason == "controller-silent"
+
+
+def test_a_frozen_controller_is_replaced_as_fast_as_ever_and_a_lost_one_is_no_strike():
+    e = machine(min_peers=2)
+    e.on_claim(1, "b", "start", (), 0)
+    [vote] = e.tick(3.0)
+    assert vote.reason == "controller-silent" and vote.patience == 1
+    e.on_claim(2, "c", "controller-silent", (), 3.5)
+    [vote] = e.peer_down("c", 4.0)
+    assert vote.reason == "controller-lost" and vote.patience == 1
+    assert isinstance(e.tick(5.0)[0], SendClaim)            # the window is still 1 s
+
+
 def test_a_dead_best_voter_is_passed_over_at_the_window():
     e = machine(min_peers=2)
     e.peer_up("b", 0)
