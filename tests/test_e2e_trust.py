@@ -19,7 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from peer.protocol import (MAX_TERM, Aggregation, Claim, Evaluation, Finish, Heartbeat, Seal, Solution, Stamper,
                            Topics, Training, Vote, WeightCodec, encode)
 from scripts.localnet import Broker, LocalNetwork
-from tests.netutil import (ROOT, SMALL, assert_all_exited_zero, assert_rounds_complete, controller_now, elections,
+from tests.netutil import (ROOT, SMALL, assert_all_exited_zero, assert_rounds_complete,
+                           assert_rounds_complete_but_reevaluated, controller_now, elections,
                            log_matches, read_csv, rounds, run_json, wait_until)
 
 UNSIGNED = Seal(None)
@@ -140,7 +141,9 @@ def test_a_peer_that_dies_while_the_broker_is_down_is_counted_gone_and_the_round
         net.broker.start()
         codes = net.wait(180)
     assert_all_exited_zero(codes, net, allowed_killed={victim})
-    rows = assert_rounds_complete(run_dir, 4)
+    # Down and back takes long enough that the controller may be judged silent meanwhile: then a new controller may
+    # evaluate the last round again (CI saw it).
+    rows = assert_rounds_complete_but_reevaluated(run_dir, 4)
     # Without the re-confirmation the round waiting on the dead trainer would sit out its 60 s deadline, or
     # (alone with it) order it forever.
     assert all(float(r["duration_s"]) < 30 for r in rows), [r["duration_s"] for r in rows]
