@@ -205,6 +205,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
         log.info("stopped by signal: every hosted peer leaves")
         for peer in peers:
             if peer.exit_code is None:
+                peer.log.info("stopped by signal")   # in each peer's own log, as a peer of its own says it
                 peer.exit_code = STOPPED   # its loop sees it within one tick and says goodbye on the broker
         for thread in threads:
             thread.join(15)

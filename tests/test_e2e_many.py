@@ -61,3 +61,27 @@ def test_thirty_peers_ten_to_a_process_survive_the_loss_of_the_controllers_proce
     # round's model by every surviving peer but the controller.
     assert len(evaluated[1]) == EVALUATORS, evaluated[1]
     assert evaluated[ROUNDS] == set(survivors) - {later[-1]["controller"]}
+
+
+def test_a_host_stopped_by_sigterm_lets_each_of_its_peers_leave_cleanly(tmp_path):
+    """SIGTERM (docker stop, up.sh down, Ctrl-C) to a process hosting two peers: each says so in its own log and
+    leaves the broker cleanly, so the others count it gone at once (no keepalive to wait out) and finish the run."""
+    run_dir = tmp_path / "run"
+    flags = [*SMALL, "--min-peers", "6", "--max-rounds", "3", "--trainers", "2", "--keepalive", "30"]
+    with LocalNetwork(run_dir, 6, flags, peers_per_process=2) as net:
+        wait_until(lambda: rounds(run_dir), 150, "the first round", net)
+        controller = controller_now(run_dir)
+        stopped = next(net.host_of(p) for p in net.procs if controller not in net.host_of(p))
+        stopped_at = time.time()
+        net.signal(stopped[0], signal.SIGTERM)
+        codes = net.wait(150)
+    assert {codes[p] for p in stopped} == {130}, codes   # as `python -m peer` stopped by a signal
+    assert_all_exited_zero(codes, net, allowed_killed=set(stopped))
+    assert_rounds_complete(run_dir, 3)
+    for peer in stopped:
+        assert "stopped by signal" in net.peer_log(peer), net.peer_log(peer)[-2000:]
+    # Gone within seconds, though a keepalive of 30 s would have kept a silent one "alive" for 45.
+    gone = re.search(rf"^(\S+ \S+),\d+ .* \| {stopped[0]} is gone$", net.peer_log(controller), re.M)
+    assert gone, net.peer_log(controller)[-3000:]
+    seen = time.mktime(time.strptime(gone[1], "%Y-%m-%d %H:%M:%S"))
+    assert seen - stopped_at < 10, (seen, stopped_at)
