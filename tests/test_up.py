@@ -258,6 +258,14 @@ def test_compose_file_hosts_k_peers_per_container_each_with_its_own_login(tmp_pa
                                                           "target": f"{up.HOSTED_LOGINS}/peer-{k}.env",
                                                           "read_only": True} for k in (4, 5, 6)}
     assert compose["services"]["host-peer-7"]["command"][:2] == ["--hosted", "peer-7=6/7"]
+    # Peers joining a broker elsewhere (--join, --first 4 of 6) are hosted the same way, named after their first.
+    net = network(tmp_path, peers=["peer-4", "peer-5", "peer-6"], first=4, total=6, join="10.1.2.3:1883",
+                  per_process=2)
+    compose = up.compose_config(net, up.make_credentials(tmp_path / "login2", net.peers), 1, 1)
+    assert sorted(compose["services"]) == ["host-peer-4", "host-peer-6"]
+    host = compose["services"]["host-peer-4"]
+    assert host["command"][:2] == ["--hosted", "peer-4=3/6,peer-5=4/6"] and "depends_on" not in host
+    assert host["environment"]["FL_BROKER"] == "10.1.2.3:1883"
 
 
 def test_a_kill_counts_for_every_peer_of_the_killed_container(tmp_path, capsys):
