@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .config import SettingsError, build_parser, load_settings, parse_shard, _peer_id
@@ -34,6 +35,7 @@ from .config import SettingsError, build_parser, load_settings, parse_shard, _pe
 STOPPED = 130          # as `python -m peer` stopped by a signal
 CRASHED = 1
 JOIN_S = 0.2
+LEAVE_S = 60           # after a signal, how long the peers get to end their jobs and leave (a fit ends first)
 
 
 def parse_hosted(text: str) -> list[tuple[str, int, int]]:
@@ -70,6 +72,44 @@ def read_login(login_dir: str | Path, peer_id: str) -> tuple[str, str]:
     if missing:
         raise SettingsError(f"--login-dir: {path} has no {' or '.join(missing)} line")
     return values["FL_USERNAME"], values["FL_PASSWORD"]
+
+
+class Loops:
+    """The hosted peers' threads, and a wait for all of them to end that a signal cannot spoil.
+
+    Not Thread.join: a KeyboardInterrupt raised inside join() leaves Python 3.11 believing the thread ended
+    (bpo-45274's clean-up releases the live thread's lock), so the process would exit under a peer still fitting in
+    TensorFlow, which aborts it ("FATAL: exception not rethrown", exit -6; CI saw it). An Event.wait interrupted by
+    a signal is only a wait cut short."""
+
+    def __init__(self):
+        self._running = 0
+        self._counting = threading.Lock()
+        self._all_ended = threading.Event()
+        self._all_ended.set()   # none running: none to wait for
+
+    def start(self, target, *args, name: str) -> None:
+        with self._counting:
+            self._running += 1
+            self._all_ended.clear()
+        threading.Thread(target=self._run, args=(target, *args), name=name, daemon=True).start()
+
+    def _run(self, target, *args) -> None:
+        try:
+            target(*args)
+        finally:
+            with self._counting:
+                self._running -= 1
+                if self._running == 0:
+                    self._all_ended.set()
+
+    def wait(self, timeout: float = float("inf")) -> bool:
+        """Until every thread has ended (True) or `timeout` passed (False). A signal gets in every JOIN_S."""
+        deadline = time.monotonic() + timeout
+        while not self._all_ended.wait(JOIN_S):
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
 
 class _HostLines(logging.Filter):
@@ -194,21 +234,21 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    threads = [threading.Thread(target=run, args=(peer,), name=f"peer-loop-{peer.me}", daemon=True) for peer in peers]
-    for thread in threads:
-        thread.start()
+    loops = Loops()
+    for peer in peers:
+        loops.start(run, peer, name=f"peer-loop-{peer.me}")
     try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(JOIN_S)   # with a timeout, so that a signal reaches this thread
+        loops.wait()
     except KeyboardInterrupt:
+        # Leaving takes a moment (a fit in progress ends first): a second signal must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         log.info("stopped by signal: every hosted peer leaves")
         for peer in peers:
             if peer.exit_code is None:
                 peer.log.info("stopped by signal")   # in each peer's own log, as a peer of its own says it
                 peer.exit_code = STOPPED   # its loop sees it within one tick and says goodbye on the broker
-        for thread in threads:
-            thread.join(15)
+        loops.wait(LEAVE_S)
     failed = [codes.get(peer_id, STOPPED) for peer_id in ids if codes.get(peer_id, STOPPED) != 0]
     return failed[0] if failed else 0
 

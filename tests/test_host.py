@@ -79,3 +79,30 @@ def test_every_line_names_the_hosted_peer_it_is_about(tmp_path):
         root.handlers[:], root.level, root.propagate = saved
         for me in ("a", "b"):
             logging.getLogger(f"peer.{me}").filters.clear()
+
+
+def test_a_signal_while_waiting_for_the_loops_does_not_lose_track_of_a_live_one():
+    """The host waits for its peers' loops; a Ctrl-C/SIGTERM (KeyboardInterrupt) lands in that wait, and then the host
+    waits again for the peers to leave. It must still see the loop that was running (Thread.join would not: Python
+    3.11 marks a thread whose join was interrupted as ended, and the process exits under it)."""
+    import signal
+    import threading
+    import time
+    from peer.host import Loops
+
+    release, ended = threading.Event(), []
+
+    def peer_loop(name):
+        release.wait(10)
+        time.sleep({"a": 1.0, "b": 0.1}[name])   # leaving takes a moment (a fit in progress ends first)
+        ended.append(name)
+
+    loops = Loops()
+    loops.start(peer_loop, "a", name="loop-a")
+    loops.start(peer_loop, "b", name="loop-b")
+    threading.Timer(0.3, signal.raise_signal, args=(signal.SIGINT,)).start()
+    with pytest.raises(KeyboardInterrupt):
+        loops.wait()
+    release.set()                # "every hosted peer leaves"
+    assert loops.wait(10) is True and sorted(ended) == ["a", "b"]
+    assert Loops().wait(0) is True   # nothing to wait for
