@@ -100,9 +100,14 @@ def test_a_signal_while_waiting_for_the_loops_does_not_lose_track_of_a_live_one(
     loops = Loops()
     loops.start(peer_loop, "a", name="loop-a")
     loops.start(peer_loop, "b", name="loop-b")
-    threading.Timer(0.3, signal.raise_signal, args=(signal.SIGINT,)).start()
-    with pytest.raises(KeyboardInterrupt):
-        loops.wait()
-    release.set()                # "every hosted peer leaves"
+    # (Python's own Ctrl-C handler, whatever an earlier test of this process left installed)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.3, signal.raise_signal, args=(signal.SIGINT,)).start()
+        with pytest.raises(KeyboardInterrupt):
+            loops.wait()
+    finally:
+        release.set()            # "every hosted peer leaves"
+        signal.signal(signal.SIGINT, saved)
     assert loops.wait(10) is True and sorted(ended) == ["a", "b"]
     assert Loops().wait(0) is True   # nothing to wait for
