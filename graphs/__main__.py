@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from graphs.draw import GRAPHS_DIR, draw_all  # draws on Agg canvases itself: no display needed, no backend to pick
-from peer.records import RunDirError
+from peer.records.run_dir import RunDirError
 
 EXIT_NO_RECORDS = 2
 

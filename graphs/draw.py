@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from peer.records import GlobalPoint, RunDirError, RunHistory, global_series, load_run, natural_key
+from peer.records.run_dir import GlobalPoint, RunDirError, RunHistory, global_series, load_run, natural_key
 
 DPI = 110
 GRAPHS_DIR = "graphs"

@@ -5,7 +5,7 @@
 
 The page is an observer, not part of the federation: this process only subscribes (with the container broker, as a
 read-only login), so nothing in the federation depends on it and killing it changes nothing. It opens every envelope
-with the federation secret as a peer does (`peer.protocol`), so a forged message never reaches the page, folds what
+with the federation secret as a peer does (`peer.wire`), so a forged message never reaches the page, folds what
 it hears into one state (`LiveState`, pure: messages and the time in, a JSON snapshot out) and pushes every change
 to the browser as a server-sent event. The page (`graphs/live.html`) is one file with its own script and charts: no
 CDN, it works offline.
@@ -128,8 +128,8 @@ def _natural(text: str):
 
 
 def state_from_records(run_dir: Path) -> dict:
-    """The snapshot of a finished (or interrupted) run, from its run dir (`peer.records`)."""
-    from peer.records import load_run
+    """The snapshot of a finished (or interrupted) run, from its run dir (`peer.records.run_dir`)."""
+    from peer.records.run_dir import load_run
     history = load_run(run_dir)
     state = LiveState(history.summary.settings.get("run_id", run_dir.name) if history.summary else run_dir.name)
     for election in history.elections:
@@ -177,11 +177,10 @@ class Observer:
     def __init__(self, board: Board, host: str, port: int, prefix: str = "sd", run_id: str | None = None,
                  secret: bytes | None = None, username: str | None = None, password: str | None = None):
         import paho.mqtt.client as mqtt
-        from peer.protocol import Seal
+        from peer.wire.envelope import Seal
         self.board, self.prefix, self.run_id = board, prefix, run_id
-        from peer.admission import ReplayGuard
         self.seal = Seal(secret)
-        self.guard = ReplayGuard("")     # it trusts what a peer trusts: signed, fresh, once
+        self.inboxes: dict = {}          # run id -> the wire session a peer of that run has (peer.wire.session.Inbox)
         self.states: dict[str, LiveState] = {}
         self.lock = threading.Lock()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
@@ -202,7 +201,8 @@ class Observer:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
-            client.subscribe(f"{self.prefix}/{self.run_id or '+'}/+/+", qos=0)
+            # Every message of the run, chunks of large models included (`<topic>/<index>`).
+            client.subscribe(f"{self.prefix}/{self.run_id or '+'}/#", qos=0)
 
     def _on_message(self, client, userdata, message):
         try:
@@ -211,24 +211,23 @@ class Observer:
             print(f"graphs.live: skipped a message on {message.topic}: {err}", file=sys.stderr)
 
     def take(self, topic: str, payload: bytes, retained: bool, now: float) -> None:
-        from peer.protocol import ProtocolError, Topics, decode
-        parts = topic.split("/")
-        if not payload or len(parts) < 4:
-            return
-        run_id = parts[-3]
-        try:
-            parsed = Topics(self.prefix, run_id).parse(topic)
-            if parsed is None:
-                return
-            body, stamp = self.seal.open(topic, payload)
-            message = decode(parsed[0], body, sender=parsed[1])
-        except (ProtocolError, ValueError):
-            return   # not the federation's (unsigned, other secret, malformed): never shown
+        """One publication (`now`: wall-clock seconds). It trusts what a peer trusts: the same wire session checks
+        signature, topic, chunks and freshness, so a forged, replayed or malformed message never reaches the page."""
+        from peer.wire.session import Delivered, Inbox
+        from peer.wire.topics import Topics
+        run_id = topic[len(self.prefix) + 1:].split("/", 1)[0] if topic.startswith(self.prefix + "/") else ""
         with self.lock:
-            if self.guard.check(parsed[0], parsed[1], stamp, retained, now):
-                return   # a copy, or a replay of an old message: peers ignore it, so does the page
+            inbox = self.inboxes.get(run_id)
+            if inbox is None:
+                try:
+                    inbox = self.inboxes[run_id] = Inbox("", Topics(self.prefix, run_id), self.seal)
+                except ValueError:
+                    return   # not a run id: nothing of a federation
+            verdict = inbox.receive(topic, payload, retained, now)
+            if not isinstance(verdict, Delivered):
+                return
             state = self.states.setdefault(run_id, LiveState(run_id))
-            state.apply(message, retained, now)
+            state.apply(verdict.message, retained, now)
             shown = self.states.get(self.run_id) if self.run_id else \
                 max(self.states.values(), key=lambda s: s.last_heard)
             if shown is state:
@@ -305,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
     from peer.config import SettingsError, parse_broker
-    from peer.protocol import read_secret_file
+    from peer.config import read_secret_file
     board = Board()
     observer = None
     if args.run_dir is not None:

@@ -5,7 +5,7 @@ import dataclasses
 import signal
 import sys
 
-from .config import SettingsError, build_parser, load_settings
+from peer.config import SettingsError, build_parser, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +25,12 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
     # Imported after the settings are valid: a typo in a flag should not wait for TensorFlow.
-    from .data import DatasetError, load_shard
-    from .learner import Learner
-    from .models import ModelError
-    from .node import Peer, configure_logging
-    from .records import RunRecorder
+    from peer.learning.data import DatasetError, load_shard
+    from peer.learning.learner import Learner
+    from peer.learning.models import ModelError
+    from peer.node.logs import configure_logging
+    from peer.node.loop import Peer
+    from peer.records.run_dir import RunRecorder
 
     try:
         recorder = RunRecorder(settings.run_dir, settings.peer_id)
@@ -46,10 +47,10 @@ def _main(argv: list[str] | None) -> int:
 
     log = configure_logging(settings.peer_id, settings.log_level)   # before the dataset: its loader has things to say
     try:
-        shard = load_shard(settings)
+        shard = load_shard(settings.shard_spec)
     except DatasetError as err:
         return _error(str(err))
-    recorder.data(shard.describe(settings))
+    recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
     learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model)
     try:
         learner.prepare()
@@ -79,9 +80,9 @@ def _error(text: str) -> int:
 
 def _resume(settings):
     """The checkpoint in the run dir as the peer holds a run; ValueError saying why it cannot be used."""
-    from .node import resumed
-    from .protocol import ProtocolError
-    from .records import CheckpointError, read_checkpoint
+    from peer.records.checkpoint import run_state
+    from peer.wire.errors import ProtocolError
+    from peer.records.run_dir import CheckpointError, read_checkpoint
 
     try:
         checkpoint = read_checkpoint(settings.run_dir)
@@ -94,7 +95,7 @@ def _resume(settings):
         raise ValueError(f"--resume: the checkpoint in {settings.run_dir} is of run {checkpoint.run_id}, not "
                          f"{settings.run_id} (leave --run-id out to go on with it)")
     try:
-        return resumed(checkpoint)
+        return run_state(checkpoint)
     except (ProtocolError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"--resume: the checkpoint in {settings.run_dir} is damaged ({err})") from None
 

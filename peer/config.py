@@ -15,12 +15,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Fast imports only (numpy at most): a bad flag must be reported before TensorFlow would have loaded.
-from .aggregation import AGGREGATIONS
-from .data import DATASETS, DEFAULT_SEED
-from .partition import DEFAULT_ALPHA, SCHEMES
-from .ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_run_id
-from .models import BUILT_INS, ModelError, check_spec, default_model, defaults_text
-from .protocol import MAX_MESSAGE_BYTES, MIN_CHUNKED_MESSAGE_BYTES, MIN_SECRET_BYTES, WIRE_DTYPES, read_secret_file
+from peer.learning.aggregation import AGGREGATIONS
+from peer.learning.data import DATASETS, DEFAULT_SEED, ShardSpec
+from peer.learning.partition import DEFAULT_ALPHA, SCHEMES
+from peer.wire.ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_run_id
+from peer.roles.controller import RoundRules
+from peer.learning.models import BUILT_INS, ModelError, check_spec, default_model, defaults_text
+from peer.wire.envelope import MAX_MESSAGE_BYTES, MIN_CHUNKED_MESSAGE_BYTES, MIN_SECRET_BYTES
+from peer.wire.weights import WIRE_DTYPES
+
+
+def read_secret_file(path) -> bytes:
+    """The federation secret in the file at `path`, trailing CR and LF bytes stripped. ValueError naming the file if
+    it cannot be read, is empty, or holds fewer than MIN_SECRET_BYTES bytes."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"secret file {path}: cannot read it ({err.strerror or err})") from None
+    secret = data.rstrip(b"\r\n")
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"secret file {path}: the secret has {len(secret)} bytes; it needs at least "
+                         f"{MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32 > {path}`)")
+    return secret
+
 
 
 class SettingsError(ValueError):
@@ -74,7 +93,19 @@ class Settings:
 
     @property
     def shard_label(self) -> str:
-        return f"{self.shard}/{self.num_shards}"
+        return self.shard_spec.label
+
+    @property
+    def shard_spec(self) -> ShardSpec:
+        """Which shard of which dataset this peer holds (`peer.learning.data.load_shard`)."""
+        return ShardSpec(self.dataset, self.data_dir, self.shard, self.num_shards, self.partition, self.alpha,
+                         self.seed, self.train_samples, self.test_samples)
+
+    def round_rules(self) -> RoundRules:
+        """What a controller of this peer needs of the settings."""
+        return RoundRules(self.trainers, self.min_solutions, self.evaluators, self.max_rounds, self.target_accuracy,
+                          self.round_deadline, self.heartbeat, self.wait_timeout, self.aggregation, self.wire_dtype,
+                          self.public_dict())
 
     def public_dict(self) -> dict:
         """Every setting, as JSON-ready values, without the password (for run.json and logs)."""

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import SettingsError, build_parser, load_settings, parse_shard, _peer_id
+from peer.config import SettingsError, build_parser, load_settings, parse_shard, _peer_id
 
 STOPPED = 130          # as `python -m peer` stopped by a signal
 CRASHED = 1
@@ -112,38 +112,6 @@ class Loops:
         return True
 
 
-class _HostLines(logging.Filter):
-    """Lines of the process itself (the dataset loader, say) name the host; a hosted peer's own lines already carry
-    its state (its logger's `_LogContext`), which this leaves alone."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.host = name
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "peer"):
-            record.peer, record.role, record.term, record.round, record.phase = self.host, "host", 0, 0, "-"
-        return True
-
-
-def configure_host_logging(host: str, peers: list[str], level: str) -> dict[str, logging.Logger]:
-    """One handler for the process (stderr), one logger per peer (`peer.<id>`) whose filter stamps its lines."""
-    from .node import LOG_FORMAT, _LogContext
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(_HostLines(host))
-    root = logging.getLogger("peer")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-    loggers = {}
-    for peer in peers:
-        log = logging.getLogger(f"peer.{peer}")
-        log.filters[:] = [_LogContext(peer)]
-        loggers[peer] = log
-    return loggers
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peer.host", add_help=False)
     parser.add_argument("--hosted", required=False)
@@ -177,14 +145,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, str]]) -> int:
-    from .data import DatasetError, load_shard
-    from .learner import Learner
-    from .models import ModelError
-    from .node import Peer
-    from .records import RunRecorder
+    from peer.learning.data import DatasetError, load_shard
+    from peer.learning.learner import Learner
+    from peer.learning.models import ModelError
+    from peer.node.loop import Peer
+    from peer.records.run_dir import RunRecorder
 
     ids = [peer for peer, _, _ in hosted]
     host = f"host-{ids[0]}"
+    from peer.node.logs import configure_host_logging
     loggers = configure_host_logging(host, ids, base.log_level)
     log = logging.getLogger("peer")
     learner: Learner | None = None
@@ -198,7 +167,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
         recorder = RunRecorder(settings.run_dir, peer_id)
         try:
             recorder.check_writable()
-            shard = load_shard(settings)
+            shard = load_shard(settings.shard_spec)
         except OSError as err:
             print(f"python -m peer.host: error: the run dir {settings.run_dir} is not writable "
                   f"({err.strerror or err})", file=sys.stderr)
@@ -206,7 +175,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
         except DatasetError as err:
             print(f"python -m peer.host: error: {peer_id}: {err}", file=sys.stderr)
             return 2
-        recorder.data(shard.describe(settings))
+        recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
         if learner is None:
             learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed,
                               settings.model)

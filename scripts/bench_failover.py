@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.records import RunHistory, load_run, read_rounds
+from peer.records.run_dir import RunHistory, load_run, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 shard = f"{int(victim.split('-')[1]) - 1}/{args.peers}"
                 net.start_peer(victim, shard)   # the same id comes back, as a user restarting it would
             # let it rejoin before the next kill, so every kill meets a full network
-            wait_for(lambda: chaos.read_statuses(run_dir).get(victim, {}).get("role") == "trainer"
+            wait_for(lambda: chaos.read_statuses(run_dir).get(victim, {}).get("role") == "follower"
                      and chaos.alive(chaos.read_statuses(run_dir)[victim]), 120)
 
     print()

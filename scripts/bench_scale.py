@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from peer.records import read_elections, read_rounds
+from peer.records.run_dir import read_elections, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
 

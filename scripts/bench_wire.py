@@ -66,8 +66,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from peer.protocol import ProtocolError, WeightCodec
-from peer.records import CheckpointError, load_run, peer_dir, PEER_LOG_FILE, read_checkpoint
+from peer.wire.errors import ProtocolError
+from peer.wire.weights import WeightCodec
+from peer.records.run_dir import CheckpointError, load_run, peer_dir, PEER_LOG_FILE, read_checkpoint
 from scripts.localnet import Broker, LocalNetwork, split_peer_args
 
 MODELS = ("cnn-small", "seed-cnn")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 # stdlib-only module: chaos still runs on a bare host python. read_statuses is part of this script's API.
-from peer.records import read_statuses, record_chaos
+from peer.records.run_dir import read_statuses, record_chaos
 
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
 ACTIONS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from graphs import plot_comparison
 from peer.config import SettingsError, build_parser, load_settings, number
-from peer.data import DEFAULT_SEED
-from peer.partition import DEFAULT_ALPHA, SCHEMES
-from peer.records import RunDirError, global_series, load_run
+from peer.learning.data import DEFAULT_SEED
+from peer.learning.partition import DEFAULT_ALPHA, SCHEMES
+from peer.records.run_dir import RunDirError, global_series, load_run
 from scripts.localnet import LocalNetwork, split_peer_args
 
 DEFAULT_PARTITIONS = "iid,dirichlet:0.5,skewed"

@@ -29,9 +29,9 @@ import threading
 import time
 from pathlib import Path
 
-from peer.ids import launched_peer_id, new_run_id
+from peer.wire.ids import launched_peer_id, new_run_id
 
-from peer.records import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
+from peer.records.run_dir import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
@@ -145,7 +145,7 @@ class LocalNetwork:
         if peers_per_process < 1:
             raise ValueError(f"peers_per_process must be at least 1, not {peers_per_process}")
         self.run_dir = Path(run_dir)
-        self.run_id = run_id or new_run_id()
+        self.run_id = run_id or new_run_id(time.time())
         self._secret_dir = Path(tempfile.mkdtemp(prefix="fl-secret-")) if secret else None
         self.secret_file = self._secret_dir / "federation.key" if secret else None
         if self.secret_file:

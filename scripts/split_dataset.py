@@ -20,11 +20,11 @@ if __package__ in (None, ""):
 import numpy as np
 
 from peer.config import SettingsError, number, whole_number
-from peer.data import (DEFAULT_SEED, IDX_DATASETS, IDX_NAMES, NUM_CLASSES, SHAPES, SPLIT_ARRAYS, SPLIT_MANIFEST,
+from peer.learning.data import (DEFAULT_SEED, IDX_DATASETS, IDX_NAMES, NUM_CLASSES, SHAPES, SPLIT_ARRAYS, SPLIT_MANIFEST,
                        TEST_ONLY_FRACTION, DatasetError, expected_idx_files, find_idx_files, how_to_get,
                        split_shard_file)
-from peer.idx import IdxError, read_idx
-from peer.partition import DEFAULT_ALPHA, SCHEMES, PartitionError, class_histogram, partition, split_train_test
+from peer.learning.idx import IdxError, read_idx
+from peer.learning.partition import DEFAULT_ALPHA, SCHEMES, PartitionError, class_histogram, partition, split_train_test
 
 SPLITS = {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels")}   # keys of IDX_NAMES
 

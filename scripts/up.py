@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peer.ids import launched_peer_id, new_run_id, valid_run_id
-from peer.records import (CheckpointError, killed_on_purpose, read_checkpoint, read_elections, read_rounds,
+from peer.wire.ids import launched_peer_id, new_run_id, valid_run_id
+from peer.records.run_dir import (CheckpointError, killed_on_purpose, read_checkpoint, read_elections, read_rounds,
                           read_run_summary)
 from scripts import chaos
 from scripts.localnet import HostLines, free_port
@@ -1045,7 +1045,7 @@ def run_settings(net: Network, login: Login | None) -> None:
         net.run_id = login.run_id_file.read_text().strip()
         if not valid_run_id(net.run_id):
             raise UpError(f"{login.run_id_file}: {net.run_id!r} is not a run id; copy the login folder again", 2)
-    net.run_id = net.run_id or new_run_id()
+    net.run_id = net.run_id or new_run_id(time.time())
     net.env["FL_RUN_ID"] = net.run_id
     if net.resume:
         net.env["FL_RESUME"] = "yes"
@@ -1116,7 +1116,7 @@ def cmd_broker(args) -> int:
         take_down(net.project, net.compose_file)
         raise
     remember(mode="broker", project=net.project, run_dir=None, pid=None, peers=[])
-    run_id = new_run_id()
+    run_id = new_run_id(time.time())
     write_file(login.run_id_file, run_id + "\n")
     say(f"logins for peer-1..peer-{args.peers} and the id of its run ({run_id}): {login.folder} (copy it to the "
         "peers' machines, privately)")

@@ -91,3 +91,9 @@ def assert_rounds_complete_but_reevaluated(run_dir: Path, max_rounds: int) -> li
         if later["round"] == earlier["round"]:
             assert int(later["term"]) > int(earlier["term"]) and float(later["duration_s"]) == 0.0, rows
     return rows
+
+
+def fresh_stamper(incarnation: int | None = None, clock=time.time):
+    """A Stamper as a newly started process has one: a fresh incarnation, the wall clock."""
+    from peer.wire.envelope import Stamper, new_incarnation
+    return Stamper(new_incarnation(time.time_ns()) if incarnation is None else incarnation, clock)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from peer import data, partition
+from peer.learning import data, partition
 from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings, number, whole_number
-from peer.ids import PEER_ID_PATTERN
+from peer.wire.ids import PEER_ID_PATTERN
 
 # Two secret files for the samples below (a file flag needs a file to read).
 _KEYS = Path(tempfile.mkdtemp(prefix="fl-config-test-"))

@@ -1,0 +1,50 @@
+"""The learner thread: runs learning jobs (`actions.StartJob`) one at a time, in order, and posts a `JobDone` event on
+the peer's queue for each. Fitting takes seconds, so it must not run on the peer's loop, which keeps answering
+elections and heartbeats meanwhile. A job that is no longer wanted when its turn comes (its term is over) is skipped.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from peer.roles.actions import JobDone, StartJob
+from peer.learning.learner import Learner
+
+
+class JobRunner:
+    def __init__(self, learner: Learner, events: queue.Queue, still_wanted: Callable[[StartJob], bool],
+                 log: logging.Logger):
+        self.learner, self.events, self.still_wanted, self.log = learner, events, still_wanted, log
+        self.jobs: queue.Queue[StartJob | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="learner", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: StartJob) -> None:
+        self.jobs.put(job)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let the job in progress end, then the thread: TensorFlow torn down mid-job by interpreter exit aborts
+        the process ("FATAL: exception not rethrown") instead of exiting with our code."""
+        self.jobs.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not self.still_wanted(job):
+                self.log.info("skipped %s of round %d: term %d is over", job.kind, job.round, job.term)
+                continue
+            self.events.put(self._do(job))
+            # (nothing of the job stays referenced here while waiting for the next: a large model's weights would)
+            del job
+
+    def _do(self, job: StartJob) -> JobDone:
+        started = time.monotonic()
+        try:
+            work = self.learner.fit if job.kind == "fit" else self.learner.evaluate
+            result, error = work(job.weights), None
+        except Exception as err:  # a failed fit must not kill the worker; the peer logs it and goes on
+            result, error = None, f"{type(err).__name__}: {err}"
+        return JobDone(job, result, error, time.monotonic() - started)

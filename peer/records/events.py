@@ -1,0 +1,68 @@
+"""events.jsonl: what happened to one peer, as typed facts for programs (benchmarks, the launcher, the graphs).
+
+One JSON object a line, `{"t": <wall seconds>, "peer": <id>, "event": <name>, ...fields}`, appended by the peer's
+node as it carries out what its machines decided (docs/RECORDS.md lists every event and its fields). The log says the
+same for people; a program reads this file and never parses log prose. Standard library only, like `run_dir`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from peer.records.run_dir import PEERS_DIR, peer_dir
+
+EVENTS_FILE = "events.jsonl"
+
+
+class EventLog:
+    """The writer of one peer's events.jsonl (its only writer). A line is written whole with one call, so a peer
+    killed at any moment leaves at most a torn last line, which the reader skips."""
+
+    def __init__(self, run_dir: str | Path, peer_id: str, clock: Callable[[], float] = time.time):
+        self.path = peer_dir(run_dir, peer_id) / EVENTS_FILE
+        self.peer_id, self.clock = peer_id, clock
+        self._out = None
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Append one event (OSError if the disk refuses: the caller decides what that means)."""
+        if self._out is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = open(self.path, "a", encoding="utf-8", buffering=1)
+        line = json.dumps({"t": round(self.clock(), 6), "peer": self.peer_id, "event": event, **fields},
+                          separators=(",", ":"), default=_plain)
+        self._out.write(line + "\n")
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, set, frozenset)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return str(value)
+
+
+def read_events(run_dir: str | Path, peer: str | None = None, kinds: set[str] | None = None) -> list[dict]:
+    """Every peer's events (or `peer`'s alone; only `kinds` if given), in order of time. A line that does not parse
+    (torn by a kill) is skipped; a missing file is no event."""
+    folder = Path(run_dir) / PEERS_DIR
+    paths = [folder / peer / EVENTS_FILE] if peer else sorted(folder.glob(f"*/{EVENTS_FILE}"))
+    events = []
+    for path in paths:
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("t"), (int, float)) and \
+                    (kinds is None or event.get("event") in kinds):
+                events.append(event)
+    return sorted(events, key=lambda e: e["t"])

@@ -1,0 +1,163 @@
+"""The admission rules, one test per rule, and a fuzz of random forged and real messages: whatever arrives, the
+verdict is a route or a refusal, and no rule lets a message reach a machine it is not for."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from peer.roles.admission import Route, View, admit, entitled
+from peer.roles.election import Role
+from peer.wire.errors import Refused
+from peer.wire.messages import Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, Solution, Training, Vote
+
+W = [np.zeros(2, np.float32)]
+FP, OTHER_FP = "0" * 16, "f" * 16     # model fingerprints: ours, another model's
+D = "ab" * 16                          # a model digest, as a training order names it
+FOLLOWER = View("me", 3, Role.FOLLOWER, "c")
+CONTROLLER = View("me", 3, Role.CONTROLLER, "me")
+NEW = View("me", 0, Role.WAITING, None)
+
+
+def verdict(message, view=FOLLOWER, retained=False):
+    return admit(message, retained, view)
+
+
+def test_a_presence_reaches_the_election():
+    # (one forged on another peer's topic never gets here: decode binds a message to its topic's sender)
+    assert verdict(Presence("p2", "offline")) is Route.PRESENCE
+
+
+def test_a_peer_of_another_model_is_not_counted_and_its_ballots_are_ignored():
+    ours = View("me", 3, Role.FOLLOWER, "c", FP, frozenset({"p9"}))
+    assert admit(Init("p2", 0, 0, 1, 600, 200, False, OTHER_FP), False, ours) is Route.PEER_OTHER_MODEL
+    assert admit(Init("p2", 0, 0, 1, 600, 200, False, FP), False, ours) is Route.ANNOUNCE
+    assert isinstance(admit(Vote(4, "p9", 0.9, 0, "x"), False, ours), Refused)
+    assert isinstance(admit(Claim(4, "p9", 0.9, 0, "x", ("p9",)), False, ours), Refused)
+    assert admit(Vote(4, "p2", 0.9, 0, "x"), False, ours) is Route.BALLOT
+
+
+def test_a_heartbeat_of_another_model_tells_a_peer_the_run_is_not_for_it():
+    for role in (Role.FOLLOWER, Role.WAITING):
+        view = View("me", 3, role, "c", FP)
+        for retained in (False, True):
+            assert admit(Heartbeat(3, "c", 1, "x", OTHER_FP), retained, view) is Route.RUN_OTHER_MODEL
+    refused = admit(Heartbeat(3, "c", 1, "x", OTHER_FP), False, View("me", 3, Role.CONTROLLER, "me", FP))
+    assert isinstance(refused, Refused) and refused.level == "warning"      # a controller is not told to leave
+    assert admit(Heartbeat(3, "c", 1, "x", FP), False, View("me", 3, Role.FOLLOWER, "c", FP)) is Route.FROM_CONTROLLER
+
+
+def test_announcements_and_ballots_reach_the_election():
+    assert verdict(Init("p2", 0, 0, 1, 600, 200, False, FP)) is Route.ANNOUNCE
+    assert verdict(Vote(4, "p2", 0.5, 0, "start")) is Route.BALLOT
+    assert verdict(Claim(4, "p2", 0.5, 0, "start", ())) is Route.CLAIM
+
+
+def test_a_retained_claim_or_heartbeat_tells_who_led_most_recently():
+    assert verdict(Claim(2, "c", 0.5, 0, "start", ()), NEW, retained=True) is Route.RETAINED_LEADER
+    assert verdict(Heartbeat(2, "c", 1, "training", FP), NEW, retained=True) is Route.RETAINED_LEADER
+
+
+def test_a_retained_aggregation_is_the_model_to_start_from_not_an_order():
+    assert verdict(Aggregation(3, "c", 4, (), W), retained=True) is Route.RETAINED_MODEL
+
+
+def test_a_retained_finish_says_this_run_is_over_whenever_this_peer_comes():
+    # topics are per run: a retained finish on them is this run's, for a peer just started or one in the run
+    assert verdict(Finish(7, "c", 9, "max-rounds", 0.9), NEW, retained=True) is Route.RUN_FINISHED
+    assert verdict(Finish(3, "c", 9, "max-rounds", 0.9), retained=True) is Route.RUN_FINISHED
+    assert verdict(Finish(3, "c", 9, "max-rounds", 0.9)) is Route.FROM_CONTROLLER          # live: the controller's
+
+
+def test_a_retained_message_of_a_kind_no_peer_retains_is_refused():
+    for message in (Training(3, "c", 1, 1, ("me",), D), Metrics(3, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
+                    Vote(4, "p2", 0.5, 0, "x"), Init("p2", 0, 0, 1, 1, 1, False, FP), Solution(3, 1, 1, "p2", 1, 0.1, W),
+                    Evaluation(3, 1, "p2", 0.5, 1.0, 1)):
+        refused = verdict(message, CONTROLLER, retained=True)
+        assert isinstance(refused, Refused) and refused.level == "warning" and "retained" in refused.reason
+
+
+def test_a_controller_message_of_an_older_term_is_stale():
+    for message in (Heartbeat(2, "c", 1, "x", FP), Training(2, "c", 1, 1, ("me",), D), Aggregation(2, "c", 1, (), W),
+                    Metrics(2, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0), Finish(2, "c", 1, "max-rounds", 0.5)):
+        refused = verdict(message)
+        assert isinstance(refused, Refused) and "stale term 2" in refused.reason
+
+
+def test_a_controller_message_naming_this_peer_is_its_own_echo():
+    refused = verdict(Aggregation(3, "me", 1, (), W), CONTROLLER)
+    assert isinstance(refused, Refused) and "own echo" in refused.reason
+    # also when this peer is no controller: an earlier life of its id
+    assert isinstance(verdict(Heartbeat(3, "me", 1, "x", FP), FOLLOWER), Refused)
+
+
+def test_a_controller_message_of_this_or_a_later_term_goes_to_the_election_first():
+    assert verdict(Training(3, "c", 1, 1, ("me",), D)) is Route.FROM_CONTROLLER
+    assert verdict(Heartbeat(9, "x", 1, "x", FP)) is Route.FROM_CONTROLLER
+
+
+def test_solutions_and_evaluations_are_only_for_the_controller_of_their_term():
+    solution, evaluation = Solution(3, 1, 1, "p2", 10, 0.1, W), Evaluation(3, 1, "p2", 0.5, 1.0, 10)
+    assert verdict(solution, CONTROLLER) is Route.TO_CONTROLLER
+    assert verdict(evaluation, CONTROLLER) is Route.TO_CONTROLLER
+    assert isinstance(verdict(solution, FOLLOWER), Refused)
+    assert isinstance(verdict(Solution(2, 1, 1, "p2", 10, 0.1, W), CONTROLLER), Refused)
+    assert isinstance(verdict(Evaluation(4, 1, "p2", 0.5, 1.0, 10), CONTROLLER), Refused)
+
+
+def test_only_a_follower_of_that_controller_in_that_term_is_entitled_to_act():
+    training = Training(3, "c", 1, 1, ("me",), D)
+    assert entitled(training, FOLLOWER) is None
+    assert isinstance(entitled(training, View("me", 3, Role.FOLLOWER, "other")), Refused)
+    assert isinstance(entitled(training, View("me", 4, Role.FOLLOWER, "c")), Refused)
+    assert isinstance(entitled(training, View("me", 3, Role.VOTING, None)), Refused)
+    assert isinstance(entitled(training, View("me", 3, Role.CONTROLLER, "me")), Refused)
+
+
+# --- fuzz -------------------------------------------------------------------------------------------------------------
+
+ids = st.sampled_from(["me", "c", "p2", "x"])
+terms = st.integers(0, 6)
+messages = st.one_of(
+    st.builds(Presence, ids, st.sampled_from(["online", "offline"])),
+    st.builds(Init, ids, terms, terms, st.just(1), st.just(600), st.just(200), st.booleans()),
+    st.builds(Vote, terms, ids, st.floats(0, 1), terms, st.just("r")),
+    st.builds(Claim, terms, ids, st.floats(0, 1), terms, st.just("r"), st.just(())),
+    st.builds(Heartbeat, terms, ids, terms, st.just("p")),
+    st.builds(Training, terms, ids, terms, st.just(1), st.just(("me",)), st.just(W)),
+    st.builds(Aggregation, terms, ids, terms, st.just(()), st.just(W)),
+    st.builds(Metrics, terms, ids, terms, st.just(0.5), st.just(1.0), st.just(1), st.just(()), st.just(0.0),
+              st.just(0), st.just(0.0)),
+    st.builds(Finish, terms, ids, terms, st.just("r"), st.just(0.5)),
+    st.builds(Solution, terms, terms, st.just(1), ids, st.just(1), st.just(0.1), st.just(W)),
+    st.builds(Evaluation, terms, terms, ids, st.just(0.5), st.just(1.0), st.just(1)),
+)
+views = st.builds(View, st.just("me"), terms, st.sampled_from(list(Role)), st.sampled_from(["me", "c", None]))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(message=messages, view=views, retained=st.booleans())
+def test_fuzz_every_verdict_respects_who_may_hear_what(message, view, retained):
+    result = admit(message, retained, view)
+    assert isinstance(result, (Route, Refused))
+    if result is Route.TO_CONTROLLER:
+        assert view.role is Role.CONTROLLER and message.term == view.term
+    if result is Route.FROM_CONTROLLER:
+        assert message.term >= view.term and message.controller != view.me and not retained
+    if result in (Route.RETAINED_LEADER, Route.RETAINED_MODEL, Route.RUN_FINISHED):
+        assert retained
+    if result in (Route.BALLOT, Route.CLAIM, Route.FROM_CONTROLLER, Route.RETAINED_LEADER):
+        assert message.term < 2**31 - 1 and (view.term == 0 or message.term <= view.term + 1000)
+
+
+def test_a_term_can_only_move_forward_by_a_bounded_step_never_to_the_last_one():
+    from peer.roles.admission import MAX_TERM_STEP
+    from peer.wire.messages import MAX_TERM
+    for message in (Vote(MAX_TERM, "p2", 0.5, 0, "x"), Claim(MAX_TERM, "p2", 0.5, 0, "x", ()),
+                    Heartbeat(MAX_TERM, "c", 1, "x", FP)):
+        assert "last usable term" in verdict(message, NEW).reason
+    far = 3 + MAX_TERM_STEP + 1
+    for message in (Vote(far, "p2", 0.5, 0, "x"), Training(far, "c", 1, 1, ("me",), D)):
+        refused = verdict(message)
+        assert isinstance(refused, Refused) and refused.level == "warning" and "ahead of ours" in refused.reason
+    assert verdict(Vote(3 + MAX_TERM_STEP, "p2", 0.5, 0, "x")) is Route.BALLOT
+    assert verdict(Heartbeat(MAX_TERM - 1, "c", 1, "x", FP), NEW) is Route.FROM_CONTROLLER   # a newcomer joins any run
