@@ -10,10 +10,27 @@ Files written (fixed names, other tools rely on them):
 
 The records are read with peer.records (`load_run`, `global_series`), the one home of the run dir's format.
 """
-from graphs.draw import (ACCURACY_ALL_PEERS, CLASS_DISTRIBUTION, ELECTION_TIMELINE, GLOBAL_ACCURACY_LOSS,
-                         ROUND_DURATIONS, NoRecordsError, draw_all, peer_accuracy_file, plot_comparison)
+
+from graphs.draw import (
+    ACCURACY_ALL_PEERS,
+    CLASS_DISTRIBUTION,
+    ELECTION_TIMELINE,
+    GLOBAL_ACCURACY_LOSS,
+    ROUND_DURATIONS,
+    NoRecordsError,
+    draw_all,
+    peer_accuracy_file,
+    plot_comparison,
+)
 
 __all__ = [
-    "ACCURACY_ALL_PEERS", "CLASS_DISTRIBUTION", "ELECTION_TIMELINE", "GLOBAL_ACCURACY_LOSS", "ROUND_DURATIONS",
-    "NoRecordsError", "draw_all", "peer_accuracy_file", "plot_comparison",
+    "ACCURACY_ALL_PEERS",
+    "CLASS_DISTRIBUTION",
+    "ELECTION_TIMELINE",
+    "GLOBAL_ACCURACY_LOSS",
+    "ROUND_DURATIONS",
+    "NoRecordsError",
+    "draw_all",
+    "peer_accuracy_file",
+    "plot_comparison",
 ]

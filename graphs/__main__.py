@@ -3,6 +3,7 @@
 Exit status: 0 when at least one picture was written, 2 when the run dir is missing or holds nothing drawable.
 Skipped rows and pictures are reported on stderr so that stdout stays a plain list of files for other tools.
 """
+
 from __future__ import annotations
 
 import argparse

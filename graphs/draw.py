@@ -4,13 +4,14 @@ Figures are built as `matplotlib.figure.Figure` objects on an Agg canvas rather 
 figure registry to leak or to close, and the caller's backend choice (an experiment script may have one) is left
 alone.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -96,8 +97,15 @@ def _global_accuracy_line(axis, points: list[GlobalPoint], **style) -> None:
     axis.plot([p.round for p in drawn], [p.accuracy for p in drawn], label=label, **style)
     rebuilt = [p for p in drawn if p.estimated]
     if rebuilt:
-        axis.plot([p.round for p in rebuilt], [p.accuracy for p in rebuilt], linestyle="none", marker="o",
-                  markersize=9, markerfacecolor="white", markeredgecolor=style.get("color", "black"))
+        axis.plot(
+            [p.round for p in rebuilt],
+            [p.accuracy for p in rebuilt],
+            linestyle="none",
+            marker="o",
+            markersize=9,
+            markerfacecolor="white",
+            markeredgecolor=style.get("color", "black"),
+        )
 
 
 def draw_peer_accuracy(history: RunHistory, peer: str, out_dir: Path) -> Path:
@@ -107,14 +115,16 @@ def draw_peer_accuracy(history: RunHistory, peer: str, out_dir: Path) -> Path:
     figure = _new_figure(8, 4.5)
     accuracy_axis = figure.add_subplot()
     rounds = [e.round for e in evaluations]
-    accuracy_axis.plot(rounds, [e.accuracy for e in evaluations], marker="o", color="tab:blue", linewidth=2,
-                       label=f"{peer} accuracy")
+    accuracy_axis.plot(
+        rounds, [e.accuracy for e in evaluations], marker="o", color="tab:blue", linewidth=2, label=f"{peer} accuracy"
+    )
     _global_accuracy_line(accuracy_axis, global_series(history), color="grey", linestyle=":", linewidth=1.5)
     _accuracy_axis(accuracy_axis, [e.accuracy for e in evaluations])
     _integer_rounds(accuracy_axis)
     loss_axis = accuracy_axis.twinx()
-    loss_axis.plot(rounds, [e.loss for e in evaluations], marker="s", color="tab:red", linestyle="--",
-                   label=f"{peer} loss")
+    loss_axis.plot(
+        rounds, [e.loss for e in evaluations], marker="s", color="tab:red", linestyle="--", label=f"{peer} loss"
+    )
     loss_axis.set_ylabel("loss", color="tab:red")
     loss_axis.tick_params(axis="y", colors="tab:red")
     handles, labels = accuracy_axis.get_legend_handles_labels()
@@ -134,8 +144,15 @@ def draw_all_peers_accuracy(history: RunHistory, out_dir: Path) -> Path:
     figure = _new_figure(9, 5.5)
     axis = figure.add_subplot()
     for peer in peers:
-        axis.plot([e.round for e in peer.evaluations], [e.accuracy for e in peer.evaluations], marker="o",
-                  markersize=4, linewidth=1.2, alpha=0.85, label=peer.peer)
+        axis.plot(
+            [e.round for e in peer.evaluations],
+            [e.accuracy for e in peer.evaluations],
+            marker="o",
+            markersize=4,
+            linewidth=1.2,
+            alpha=0.85,
+            label=peer.peer,
+        )
     _global_accuracy_line(axis, points, color="black", linewidth=3.5, alpha=0.8)
     _accuracy_axis(axis, [e.accuracy for p in peers for e in p.evaluations] + [p.accuracy for p in points])
     _integer_rounds(axis)
@@ -155,18 +172,34 @@ def draw_global_accuracy_loss(history: RunHistory, out_dir: Path) -> Path:
     _global_accuracy_line(accuracy_axis, points, color="tab:blue", linewidth=2.5, marker="o")
     target = history.summary.target_accuracy if history.summary else None
     if target is not None:
-        accuracy_axis.axhline(target, color="tab:green", linestyle="--", linewidth=1.5,
-                              label=f"target {target:.0%}" if target <= 1 else f"target {target:g}")
+        accuracy_axis.axhline(
+            target,
+            color="tab:green",
+            linestyle="--",
+            linewidth=1.5,
+            label=f"target {target:.0%}" if target <= 1 else f"target {target:g}",
+        )
     if with_accuracy:
         last = with_accuracy[-1]
-        accuracy_axis.annotate(f"{last.accuracy:.1%}" if last.accuracy <= 1 else f"{last.accuracy:.3g}",
-                               (last.round, last.accuracy), textcoords="offset points", xytext=(0, -16),
-                               ha="center", fontsize="small")
+        accuracy_axis.annotate(
+            f"{last.accuracy:.1%}" if last.accuracy <= 1 else f"{last.accuracy:.3g}",
+            (last.round, last.accuracy),
+            textcoords="offset points",
+            xytext=(0, -16),
+            ha="center",
+            fontsize="small",
+        )
     _accuracy_axis(accuracy_axis, [p.accuracy for p in points] + ([target] if target is not None else []))
     accuracy_axis.legend(loc="lower right", fontsize="small")
     accuracy_axis.set_title(f"Global accuracy and loss per round{_run_label(history)}")
-    loss_axis.plot([p.round for p in with_loss], [p.loss for p in with_loss], color="tab:red", linewidth=2.5,
-                   marker="s", label="global loss (sample-weighted)")
+    loss_axis.plot(
+        [p.round for p in with_loss],
+        [p.loss for p in with_loss],
+        color="tab:red",
+        linewidth=2.5,
+        marker="s",
+        label="global loss (sample-weighted)",
+    )
     loss_axis.set_ylabel("loss")
     loss_axis.grid(True, alpha=0.3)
     if with_loss:
@@ -184,8 +217,14 @@ def draw_round_durations(history: RunHistory, out_dir: Path) -> Path:
     axis = figure.add_subplot()
     for term in sorted({r.term for r in history.rounds}):
         rounds = [r for r in history.rounds if r.term == term]
-        bars = axis.bar([r.round for r in rounds], [r.duration_s for r in rounds], color=colours[term],
-                        edgecolor="black", linewidth=0.5, label=f"term {term}, controller {controllers[term]}")
+        bars = axis.bar(
+            [r.round for r in rounds],
+            [r.duration_s for r in rounds],
+            color=colours[term],
+            edgecolor="black",
+            linewidth=0.5,
+            label=f"term {term}, controller {controllers[term]}",
+        )
         if len(history.rounds) <= 30:
             axis.bar_label(bars, fmt="%.1f s", fontsize="x-small", padding=2)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -225,20 +264,45 @@ def draw_election_timeline(history: RunHistory, out_dir: Path) -> Path:
     for election, span_end in zip(elections, span_ends):
         width = max(span_end - election.time, minimum_width)
         row = row_of[election.controller]
-        axis.broken_barh([(election.time - start, width)], (row - 0.3, 0.6), facecolors=colours[election.term],
-                         edgecolor="black", linewidth=0.6, alpha=0.85)
+        axis.broken_barh(
+            [(election.time - start, width)],
+            (row - 0.3, 0.6),
+            facecolors=colours[election.term],
+            edgecolor="black",
+            linewidth=0.6,
+            alpha=0.85,
+        )
         members = f", {len(election.members)} members" if election.members else ""
-        axis.text(election.time - start + width / 2, row, f"term {election.term}: {election.reason}{members}",
-                  ha="center", va="center", fontsize="small", clip_on=True,
-                  bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.5})
+        axis.text(
+            election.time - start + width / 2,
+            row,
+            f"term {election.term}: {election.reason}{members}",
+            ha="center",
+            va="center",
+            fontsize="small",
+            clip_on=True,
+            bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.5},
+        )
     finished_rounds = [r for r in history.rounds if r.controller in row_of and math.isfinite(r.finished_at)]
     if finished_rounds:
-        axis.plot([r.finished_at - start for r in finished_rounds], [row_of[r.controller] + 0.38
-                                                                     for r in finished_rounds],
-                  linestyle="none", marker="v", color="black", markersize=6, label="round finished")
+        axis.plot(
+            [r.finished_at - start for r in finished_rounds],
+            [row_of[r.controller] + 0.38 for r in finished_rounds],
+            linestyle="none",
+            marker="v",
+            color="black",
+            markersize=6,
+            label="round finished",
+        )
         for r in finished_rounds:
-            axis.annotate(f"r{r.round}", (r.finished_at - start, row_of[r.controller] + 0.38),
-                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize="x-small")
+            axis.annotate(
+                f"r{r.round}",
+                (r.finished_at - start, row_of[r.controller] + 0.38),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize="x-small",
+            )
     labelled_actions: set[str] = set()
     for event in history.chaos:
         colour = CHAOS_COLOURS.get(event.action, "dimgrey")
@@ -246,17 +310,33 @@ def draw_election_timeline(history: RunHistory, out_dir: Path) -> Path:
         labelled_actions.add(event.action)
         axis.axvline(event.time - start, color=colour, linestyle="-", linewidth=1.8, label=label)
         # along the line: kills, stops and conts often come seconds apart and would overwrite each other flat
-        axis.annotate(f"{event.action} {event.peer}", (event.time - start, 1.0),
-                      xycoords=("data", "axes fraction"), textcoords="offset points", xytext=(2, -4),
-                      rotation=90, ha="left", va="top", color=colour, fontsize="small", fontweight="bold",
-                      bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
+        axis.annotate(
+            f"{event.action} {event.peer}",
+            (event.time - start, 1.0),
+            xycoords=("data", "axes fraction"),
+            textcoords="offset points",
+            xytext=(2, -4),
+            rotation=90,
+            ha="left",
+            va="top",
+            color=colour,
+            fontsize="small",
+            fontweight="bold",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1},
+        )
         if event.peer in row_of:
-            axis.plot(event.time - start, row_of[event.peer], marker="X", color=colour, markersize=11,
-                      markeredgecolor="black")
+            axis.plot(
+                event.time - start, row_of[event.peer], marker="X", color=colour, markersize=11, markeredgecolor="black"
+            )
     if finished_at is not None:
         reason = history.summary.outcome.get("reason") if history.summary else None
-        axis.axvline(finished_at - start, color="black", linestyle="--", linewidth=1.5,
-                     label=f"run finished ({reason})" if reason else "run finished")
+        axis.axvline(
+            finished_at - start,
+            color="black",
+            linestyle="--",
+            linewidth=1.5,
+            label=f"run finished ({reason})" if reason else "run finished",
+        )
     axis.set_yticks(range(len(controllers)), controllers)
     axis.set_ylim(-0.7, len(controllers) - 0.2)
     axis.set_xlabel("seconds since the first election")
@@ -290,15 +370,28 @@ def draw_class_distribution(history: RunHistory, out_dir: Path) -> Path:
     bottoms = [0] * len(peers)
     for class_index in range(num_classes):
         heights = [row[class_index] for row in counts]
-        bars_axis.bar(peers, heights, bottom=bottoms, color=colours[class_index], label=f"class {class_index}",
-                      edgecolor="white", linewidth=0.3)
+        bars_axis.bar(
+            peers,
+            heights,
+            bottom=bottoms,
+            color=colours[class_index],
+            label=f"class {class_index}",
+            edgecolor="white",
+            linewidth=0.3,
+        )
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     bars_axis.set_ylabel("train samples")
     bars_axis.set_xlabel("peer")
     bars_axis.tick_params(axis="x", rotation=45 if len(peers) > 6 else 0)
     if num_classes <= 20:
-        bars_axis.legend(fontsize="x-small", ncol=2 if num_classes > 10 else 1, loc="upper left",
-                         bbox_to_anchor=(1.0, 1.0), title="class", title_fontsize="small")
+        bars_axis.legend(
+            fontsize="x-small",
+            ncol=2 if num_classes > 10 else 1,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+            title="class",
+            title_fontsize="small",
+        )
     bars_axis.set_title("Train samples per peer, stacked by class")
 
     image = heat_axis.imshow(counts, aspect="auto", cmap="Blues")
@@ -309,8 +402,15 @@ def draw_class_distribution(history: RunHistory, out_dir: Path) -> Path:
         peak = max((max(row) for row in counts), default=0) or 1
         for row_index, row in enumerate(counts):
             for class_index, value in enumerate(row):
-                heat_axis.text(class_index, row_index, str(value), ha="center", va="center", fontsize="x-small",
-                               color="white" if value > 0.6 * peak else "black")
+                heat_axis.text(
+                    class_index,
+                    row_index,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    fontsize="x-small",
+                    color="white" if value > 0.6 * peak else "black",
+                )
     figure.colorbar(image, ax=heat_axis, label="train samples")
     heat_axis.set_title("Train class histogram per peer")
     figure.suptitle(f"Class distribution of the peers' train shards{_run_label(history)}")
@@ -343,8 +443,9 @@ def _print_to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def draw_all(run_dir: str | Path, out_dir: str | Path | None = None, *,
-             notify: Callable[[str], None] | None = None) -> list[Path]:
+def draw_all(
+    run_dir: str | Path, out_dir: str | Path | None = None, *, notify: Callable[[str], None] | None = None
+) -> list[Path]:
     """Draws every picture the run's records allow into out_dir (default RUN_DIR/graphs); returns the files written.
 
     What cannot be drawn is skipped, and skipped rows and pictures are reported one line each through notify
@@ -355,13 +456,16 @@ def draw_all(run_dir: str | Path, out_dir: str | Path | None = None, *,
     for warning in history.warnings:
         notify(f"warning: {warning}")
     if history.is_empty:
-        raise NoRecordsError(f"run dir {history.run_dir} holds no records (no rounds.csv, elections.csv, run.json, "
-                             f"chaos.csv or peers/<id>/ files)")
+        raise NoRecordsError(
+            f"run dir {history.run_dir} holds no records (no rounds.csv, elections.csv, run.json, "
+            f"chaos.csv or peers/<id>/ files)"
+        )
     out_dir = Path(out_dir) if out_dir is not None else history.run_dir / GRAPHS_DIR
 
     drawings: list[tuple[str, Callable[[], Path]]] = [
         (peer_accuracy_file(peer), lambda peer=peer: draw_peer_accuracy(history, peer, out_dir))
-        for peer in history.peers]
+        for peer in history.peers
+    ]
     drawings += [
         (ACCURACY_ALL_PEERS, lambda: draw_all_peers_accuracy(history, out_dir)),
         (GLOBAL_ACCURACY_LOSS, lambda: draw_global_accuracy_loss(history, out_dir)),

@@ -10,6 +10,7 @@ it hears into one state (`LiveState`, pure: messages and the time in, a JSON sna
 to the browser as a server-sent event. The page (`graphs/live.html`) is one file with its own script and charts: no
 CDN, it works offline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 PAGE = Path(__file__).with_name("live.html")
-TIMELINE_KEPT = 200       # the latest events of the timeline the page shows
-KEEPALIVE_S = 15.0        # a comment line on an idle event stream, so proxies and browsers keep it open
+TIMELINE_KEPT = 200  # the latest events of the timeline the page shows
+KEEPALIVE_S = 15.0  # a comment line on an idle event stream, so proxies and browsers keep it open
 
 
 class LiveState:
@@ -96,25 +97,49 @@ class LiveState:
             self.peer_accuracy.setdefault(message.peer, {})[message.round] = message.accuracy
             self._peer(message.peer, now)["accuracy"] = message.accuracy
         elif kind == "Metrics":
-            self.rounds[message.round] = {"round": message.round, "term": message.term, "accuracy": message.accuracy,
-                                          "loss": message.loss, "bytes": message.bytes,
-                                          "duration_s": message.duration_s}
+            self.rounds[message.round] = {
+                "round": message.round,
+                "term": message.term,
+                "accuracy": message.accuracy,
+                "loss": message.loss,
+                "bytes": message.bytes,
+                "duration_s": message.duration_s,
+            }
         elif kind == "Finish":
             if self.finished is None:
-                self._event(now, "finish", f"finished ({message.reason}) after round {message.round}: accuracy "
-                                           f"{message.accuracy:.4f}")
+                self._event(
+                    now,
+                    "finish",
+                    f"finished ({message.reason}) after round {message.round}: accuracy {message.accuracy:.4f}",
+                )
             self.finished = {"reason": message.reason, "round": message.round, "accuracy": message.accuracy}
 
     def snapshot(self) -> dict:
         roles = {}
         for peer, entry in self.peers.items():
-            roles[peer] = ("gone" if not entry["live"] else "controller" if peer == self.controller
-                           else "trainer" if peer in self.trainers else "peer")
+            roles[peer] = (
+                "gone"
+                if not entry["live"]
+                else "controller"
+                if peer == self.controller
+                else "trainer"
+                if peer in self.trainers
+                else "peer"
+            )
         return {
-            "run_id": self.run_id, "term": self.term, "controller": self.controller, "reason": self.reason,
-            "round": self.round, "phase": self.phase, "attempt": self.attempt, "trainers": self.trainers,
-            "solutions": sorted(self.solutions), "evaluations": sorted(self.evaluations),
-            "evaluators": self.evaluators, "finished": self.finished, "last_heard": self.last_heard,
+            "run_id": self.run_id,
+            "term": self.term,
+            "controller": self.controller,
+            "reason": self.reason,
+            "round": self.round,
+            "phase": self.phase,
+            "attempt": self.attempt,
+            "trainers": self.trainers,
+            "solutions": sorted(self.solutions),
+            "evaluations": sorted(self.evaluations),
+            "evaluators": self.evaluators,
+            "finished": self.finished,
+            "last_heard": self.last_heard,
             "peers": [{**self.peers[p], "role": roles[p]} for p in sorted(self.peers, key=_natural)],
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
             "peer_accuracy": {p: [[r, a] for r, a in sorted(v.items())] for p, v in self.peer_accuracy.items()},
@@ -124,23 +149,32 @@ class LiveState:
 
 def _natural(text: str):
     import re
+
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def state_from_records(run_dir: Path) -> dict:
     """The snapshot of a finished (or interrupted) run, from its run dir (`peer.records.run_dir`)."""
     from peer.records.run_dir import load_run
+
     history = load_run(run_dir)
     state = LiveState(history.summary.settings.get("run_id", run_dir.name) if history.summary else run_dir.name)
     for election in history.elections:
-        state._event(election.time, "election", f"term {election.term}: {election.controller} leads "
-                                                f"({election.reason})")
+        state._event(
+            election.time, "election", f"term {election.term}: {election.controller} leads ({election.reason})"
+        )
         state.term, state.controller, state.reason = election.term, election.controller, election.reason
     for chaos in history.chaos:
         state._event(chaos.time, "kill", f"{chaos.action} {chaos.peer} ({chaos.signal})")
     for row in history.rounds:
-        state.rounds[row.round] = {"round": row.round, "term": row.term, "accuracy": row.accuracy, "loss": row.loss,
-                                   "bytes": row.bytes_sent, "duration_s": row.duration_s}
+        state.rounds[row.round] = {
+            "round": row.round,
+            "term": row.term,
+            "accuracy": row.accuracy,
+            "loss": row.loss,
+            "bytes": row.bytes_sent,
+            "duration_s": row.duration_s,
+        }
         state.round, state.trainers = max(state.round, row.round), list(row.trainers)
     for peer, record in history.peers.items():
         state.peers[peer] = {"id": peer, "live": False, "last_seen": None}
@@ -149,8 +183,11 @@ def state_from_records(run_dir: Path) -> dict:
             state.peers[peer]["accuracy"] = evaluation.accuracy
     if history.summary:
         outcome = history.summary.outcome
-        state.finished = {"reason": outcome.get("reason"), "round": outcome.get("rounds"),
-                          "accuracy": outcome.get("final_accuracy")}
+        state.finished = {
+            "reason": outcome.get("reason"),
+            "round": outcome.get("rounds"),
+            "accuracy": outcome.get("final_accuracy"),
+        }
     state.timeline.sort(key=lambda event: event["t"] or 0)
     state.phase = "finished" if state.finished else None
     return state.snapshot()
@@ -174,17 +211,31 @@ class Observer:
     """Subscribes to a federation and keeps `board` current: per run id a `LiveState`; the page shows the run heard
     last (or the one given). Only subscribes: it never publishes."""
 
-    def __init__(self, board: Board, host: str, port: int, prefix: str = "sd", run_id: str | None = None,
-                 secret: bytes | None = None, username: str | None = None, password: str | None = None):
+    def __init__(
+        self,
+        board: Board,
+        host: str,
+        port: int,
+        prefix: str = "sd",
+        run_id: str | None = None,
+        secret: bytes | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ):
         import paho.mqtt.client as mqtt
+
         from peer.wire.envelope import Seal
+
         self.board, self.prefix, self.run_id = board, prefix, run_id
         self.seal = Seal(secret)
-        self.inboxes: dict = {}          # run id -> the wire session a peer of that run has (peer.wire.session.Inbox)
+        self.inboxes: dict = {}  # run id -> the wire session a peer of that run has (peer.wire.session.Inbox)
         self.states: dict[str, LiveState] = {}
         self.lock = threading.Lock()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
-                                  client_id=f"observer-{time.time_ns() & 0xFFFFFF:06x}")
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            protocol=mqtt.MQTTv5,
+            client_id=f"observer-{time.time_ns() & 0xFFFFFF:06x}",
+        )
         if username:
             self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
@@ -207,7 +258,7 @@ class Observer:
     def _on_message(self, client, userdata, message):
         try:
             self.take(message.topic, message.payload, bool(message.retain), time.time())
-        except Exception as err:   # a bad message must never stop the observer's network thread
+        except Exception as err:  # a bad message must never stop the observer's network thread
             print(f"graphs.live: skipped a message on {message.topic}: {err}", file=sys.stderr)
 
     def take(self, topic: str, payload: bytes, retained: bool, now: float) -> None:
@@ -215,21 +266,23 @@ class Observer:
         signature, topic, chunks and freshness, so a forged, replayed or malformed message never reaches the page."""
         from peer.wire.session import Delivered, Inbox
         from peer.wire.topics import Topics
-        run_id = topic[len(self.prefix) + 1:].split("/", 1)[0] if topic.startswith(self.prefix + "/") else ""
+
+        run_id = topic[len(self.prefix) + 1 :].split("/", 1)[0] if topic.startswith(self.prefix + "/") else ""
         with self.lock:
             inbox = self.inboxes.get(run_id)
             if inbox is None:
                 try:
                     inbox = self.inboxes[run_id] = Inbox("", Topics(self.prefix, run_id), self.seal)
                 except ValueError:
-                    return   # not a run id: nothing of a federation
+                    return  # not a run id: nothing of a federation
             verdict = inbox.receive(topic, payload, retained, now)
             if not isinstance(verdict, Delivered):
                 return
             state = self.states.setdefault(run_id, LiveState(run_id))
             state.apply(verdict.message, retained, now)
-            shown = self.states.get(self.run_id) if self.run_id else \
-                max(self.states.values(), key=lambda s: s.last_heard)
+            shown = (
+                self.states.get(self.run_id) if self.run_id else max(self.states.values(), key=lambda s: s.last_heard)
+            )
             if shown is state:
                 self.board.publish(state.snapshot())
 
@@ -237,7 +290,7 @@ class Observer:
 class _Handler(BaseHTTPRequestHandler):
     board: Board
 
-    def log_message(self, format, *args):   # one line per request is noise here
+    def log_message(self, format, *args):  # one line per request is noise here
         pass
 
     def _send(self, code: int, kind: str, body: bytes) -> None:
@@ -277,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            return   # the page was closed
+            return  # the page was closed
 
 
 def serve(board: Board, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
@@ -303,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import os
-    from peer.config import SettingsError, parse_broker
-    from peer.config import read_secret_file
+
+    from peer.config import SettingsError, parse_broker, read_secret_file
+
     board = Board()
     observer = None
     if args.run_dir is not None:
@@ -322,9 +376,16 @@ def main(argv: list[str] | None = None) -> int:
                 secret = read_secret_file(args.secret_file)
             except ValueError as err:
                 parser.error(str(err))
-        observer = Observer(board, host, port, args.topic_prefix, args.run_id, secret,
-                            args.username or os.environ.get("FL_USERNAME"),
-                            args.password or os.environ.get("FL_PASSWORD"))
+        observer = Observer(
+            board,
+            host,
+            port,
+            args.topic_prefix,
+            args.run_id,
+            secret,
+            args.username or os.environ.get("FL_USERNAME"),
+            args.password or os.environ.get("FL_PASSWORD"),
+        )
         observer.start()
     try:
         server = serve(board, args.port, args.bind)

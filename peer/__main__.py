@@ -1,4 +1,5 @@
 """`python -m peer`: read the settings, load this peer's shard, join the federation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ from peer.config import SettingsError, build_parser, load_settings
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:   # Ctrl-C while the dataset or TensorFlow is still loading: no traceback
+    except KeyboardInterrupt:  # Ctrl-C while the dataset or TensorFlow is still loading: no traceback
         print("python -m peer: stopped", file=sys.stderr)
         return 130
 
@@ -36,8 +37,10 @@ def _main(argv: list[str] | None) -> int:
         recorder = RunRecorder(settings.run_dir, settings.peer_id)
         recorder.check_writable()
     except OSError as err:
-        return _error(f"the run dir {settings.run_dir} is not writable ({err.strerror or err}): pass --run-dir with a "
-                      "folder this user can write")
+        return _error(
+            f"the run dir {settings.run_dir} is not writable ({err.strerror or err}): pass --run-dir with a "
+            "folder this user can write"
+        )
     try:
         resume = _resume(settings) if settings.resume else None
     except ValueError as err:
@@ -45,7 +48,7 @@ def _main(argv: list[str] | None) -> int:
     if resume:
         settings = dataclasses.replace(settings, run_id=resume.run_id)
 
-    log = configure_logging(settings.peer_id, settings.log_level)   # before the dataset: its loader has things to say
+    log = configure_logging(settings.peer_id, settings.log_level)  # before the dataset: its loader has things to say
     try:
         shard = load_shard(settings.shard_spec)
     except DatasetError as err:
@@ -58,8 +61,10 @@ def _main(argv: list[str] | None) -> int:
         return _error(str(err))
     log.info("model: %s, fingerprint %s", learner.model_description(), learner.fingerprint())
     if resume and [w.shape for w in resume.model.weights] != [w.shape for w in learner.initial_weights()]:
-        return _error(f"--resume: the checkpoint's model in {settings.run_dir} does not fit this peer's model (is it "
-                      "the same --dataset and --model?)")
+        return _error(
+            f"--resume: the checkpoint's model in {settings.run_dir} does not fit this peer's model (is it "
+            "the same --dataset and --model?)"
+        )
 
     def stop(signum, frame):  # SIGTERM (docker stop, launcher shutdown): leave cleanly, as Ctrl-C does
         raise KeyboardInterrupt
@@ -81,19 +86,23 @@ def _error(text: str) -> int:
 def _resume(settings):
     """The checkpoint in the run dir as the peer holds a run; ValueError saying why it cannot be used."""
     from peer.records.checkpoint import run_state
-    from peer.wire.errors import ProtocolError
     from peer.records.run_dir import CheckpointError, read_checkpoint
+    from peer.wire.errors import ProtocolError
 
     try:
         checkpoint = read_checkpoint(settings.run_dir)
     except CheckpointError as err:
         raise ValueError(f"--resume: {err}") from None
     if checkpoint is None:
-        raise ValueError(f"--resume: no checkpoint in {settings.run_dir} (a run writes one after every finished "
-                         "round; pass the run dir of the run to go on with)")
+        raise ValueError(
+            f"--resume: no checkpoint in {settings.run_dir} (a run writes one after every finished "
+            "round; pass the run dir of the run to go on with)"
+        )
     if settings.run_id not in ("default", checkpoint.run_id):
-        raise ValueError(f"--resume: the checkpoint in {settings.run_dir} is of run {checkpoint.run_id}, not "
-                         f"{settings.run_id} (leave --run-id out to go on with it)")
+        raise ValueError(
+            f"--resume: the checkpoint in {settings.run_dir} is of run {checkpoint.run_id}, not "
+            f"{settings.run_id} (leave --run-id out to go on with it)"
+        )
     try:
         return run_state(checkpoint)
     except (ProtocolError, KeyError, TypeError, ValueError) as err:

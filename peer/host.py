@@ -18,6 +18,7 @@ Every log line names its own peer (id, role, term, round, phase); lines of the p
 name the host. Exit status: 0 if every hosted peer exited 0, else the first other code in `--hosted` order (2 for
 bad flags, as `python -m peer`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,12 @@ import threading
 import time
 from pathlib import Path
 
-from peer.config import SettingsError, build_parser, load_settings, parse_shard, _peer_id
+from peer.config import SettingsError, _peer_id, build_parser, load_settings, parse_shard
 
-STOPPED = 130          # as `python -m peer` stopped by a signal
+STOPPED = 130  # as `python -m peer` stopped by a signal
 CRASHED = 1
 JOIN_S = 0.2
-LEAVE_S = 60           # after a signal, how long the peers get to end their jobs and leave (a fit ends first)
+LEAVE_S = 60  # after a signal, how long the peers get to end their jobs and leave (a fit ends first)
 
 
 def parse_hosted(text: str) -> list[tuple[str, int, int]]:
@@ -51,7 +52,9 @@ def parse_hosted(text: str) -> list[tuple[str, int, int]]:
         raise SettingsError("--hosted: name at least one peer as ID=K/N")
     ids = [peer for peer, _, _ in hosted]
     if len(set(ids)) != len(ids):
-        raise SettingsError(f"--hosted: a peer id appears twice ({', '.join(sorted({p for p in ids if ids.count(p) > 1}))})")
+        raise SettingsError(
+            f"--hosted: a peer id appears twice ({', '.join(sorted({p for p in ids if ids.count(p) > 1}))})"
+        )
     return hosted
 
 
@@ -86,7 +89,7 @@ class Loops:
         self._running = 0
         self._counting = threading.Lock()
         self._all_ended = threading.Event()
-        self._all_ended.set()   # none running: none to wait for
+        self._all_ended.set()  # none running: none to wait for
 
     def start(self, target, *args, name: str) -> None:
         with self._counting:
@@ -127,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         hosted = parse_hosted(own.hosted)
         for flag in ("--peer-id", "--shard", "--resume"):
             if any(arg == flag or arg.startswith(flag + "=") for arg in rest):
-                raise SettingsError(f"{flag} is not a host flag: --hosted names each peer and its shard"
-                                    + (" (--resume needs one peer per process)" if flag == "--resume" else ""))
+                raise SettingsError(
+                    f"{flag} is not a host flag: --hosted names each peer and its shard"
+                    + (" (--resume needs one peer per process)" if flag == "--resume" else "")
+                )
         base = load_settings(rest)
         if base.resume:
             raise SettingsError("FL_RESUME: --resume needs one peer per process")
@@ -154,6 +159,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
     ids = [peer for peer, _, _ in hosted]
     host = f"host-{ids[0]}"
     from peer.node.logs import configure_host_logging
+
     loggers = configure_host_logging(host, ids, base.log_level)
     log = logging.getLogger("peer")
     learner: Learner | None = None
@@ -169,16 +175,19 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
             recorder.check_writable()
             shard = load_shard(settings.shard_spec)
         except OSError as err:
-            print(f"python -m peer.host: error: the run dir {settings.run_dir} is not writable "
-                  f"({err.strerror or err})", file=sys.stderr)
+            print(
+                f"python -m peer.host: error: the run dir {settings.run_dir} is not writable ({err.strerror or err})",
+                file=sys.stderr,
+            )
             return 2
         except DatasetError as err:
             print(f"python -m peer.host: error: {peer_id}: {err}", file=sys.stderr)
             return 2
         recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
         if learner is None:
-            learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed,
-                              settings.model)
+            learner = Learner(
+                settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model
+            )
             try:
                 learner.prepare()
             except ModelError as err:
@@ -195,11 +204,11 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
     def run(peer: Peer) -> None:
         try:
             codes[peer.me] = peer.run()
-        except Exception:   # one peer's bug must not take the others down silently: say which, with the trace
+        except Exception:  # one peer's bug must not take the others down silently: say which, with the trace
             peer.log.exception("the peer's loop failed")
             codes[peer.me] = CRASHED
 
-    def stop(signum, frame):   # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C
+    def stop(signum, frame):  # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -215,8 +224,8 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
         log.info("stopped by signal: every hosted peer leaves")
         for peer in peers:
             if peer.exit_code is None:
-                peer.log.info("stopped by signal")   # in each peer's own log, as a peer of its own says it
-                peer.exit_code = STOPPED   # its loop sees it within one tick and says goodbye on the broker
+                peer.log.info("stopped by signal")  # in each peer's own log, as a peer of its own says it
+                peer.exit_code = STOPPED  # its loop sees it within one tick and says goodbye on the broker
         loops.wait(LEAVE_S)
     failed = [codes.get(peer_id, STOPPED) for peer_id in ids if codes.get(peer_id, STOPPED) != 0]
     return failed[0] if failed else 0

@@ -12,6 +12,7 @@ then restarts the killed peer under the same id so the network keeps its size (w
 hangs instead, is noticed by its missing heartbeats, and gets SIGCONT afterwards). Prints every kill and the median
 and max. A benchmark, not a test: it prints figures and asserts nothing about them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,30 @@ from peer.records.run_dir import RunHistory, load_run, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
 
-DEFAULT_PEER_ARGS = ["--dataset", "fashion-mnist", "--train-samples", "300", "--test-samples", "100",
-                     "--max-rounds", "100000", "--target-accuracy", "1.0", "--round-deadline", "30"]
-MEASURE_TIMEOUT_S = 120   # a new controller's first round: the election, then up to one --round-deadline
+DEFAULT_PEER_ARGS = [
+    "--dataset",
+    "fashion-mnist",
+    "--train-samples",
+    "300",
+    "--test-samples",
+    "100",
+    "--max-rounds",
+    "100000",
+    "--target-accuracy",
+    "1.0",
+    "--round-deadline",
+    "30",
+]
+MEASURE_TIMEOUT_S = 120  # a new controller's first round: the election, then up to one --round-deadline
 
 
 @dataclass(frozen=True)
 class Failover:
     """One controller kill as the records tell it; a time the records do not hold yet is None."""
+
     peer: str
     killed_at: float
-    term: int | None          # the term the killed peer led
+    term: int | None  # the term the killed peer led
     elected_at: float | None  # the next controller took office (elections.csv)
     resumed_at: float | None  # the next controller's first training order (rounds.csv started_at)
 
@@ -85,11 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_failover", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="controller kills to measure (default 20)")
     parser.add_argument("--peers", type=int, default=5, help="network size (default 5)")
-    parser.add_argument("--pause", type=float, nargs=2, default=(1.0, 5.0), metavar=("MIN", "MAX"),
-                        help="random pause before each kill, seconds (default 1 5)")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        nargs=2,
+        default=(1.0, 5.0),
+        metavar=("MIN", "MAX"),
+        help="random pause before each kill, seconds (default 1 5)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the random pauses")
-    parser.add_argument("--signal", choices=("KILL", "STOP"), default="KILL", type=str.upper,
-                        help="KILL (the broker sends its Last Will at once) or STOP (a hang: only heartbeats tell)")
+    parser.add_argument(
+        "--signal",
+        choices=("KILL", "STOP"),
+        default="KILL",
+        type=str.upper,
+        help="KILL (the broker sends its Last Will at once) or STOP (a hang: only heartbeats tell)",
+    )
     parser.add_argument("--run-dir", type=Path, default=None, help="records folder (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.kills < 1 or args.peers < 3:
@@ -100,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_failover: {args.peers} peers, {args.kills} kills, records in {run_dir}", flush=True)
     print(f"peer flags: {' '.join(peer_args)}", flush=True)
 
-    def interrupted(signum, frame):   # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+    def interrupted(signum, frame):  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
@@ -120,32 +145,44 @@ def main(argv: list[str] | None = None) -> int:
             chaos.record(run_dir, chaos.ACTIONS[args.signal], victim, args.signal, at=killed_at)
             measured = wait_for(lambda: resumed(run_dir, victim, killed_at), MEASURE_TIMEOUT_S)
             if measured is None:
-                print(f"kill {index:>2}: {victim}: no round of a later term within {MEASURE_TIMEOUT_S} s",
-                      file=sys.stderr)
+                print(
+                    f"kill {index:>2}: {victim}: no round of a later term within {MEASURE_TIMEOUT_S} s", file=sys.stderr
+                )
                 return 1
             failovers.append(measured.failover_s)
             if measured.election_s is not None:
                 elections.append(measured.election_s)
             election = measured.election_s if measured.election_s is not None else float("nan")
-            print(f"kill {index:>2}: {victim:<8} election {election:6.2f} s   failover {measured.failover_s:6.2f} s",
-                  flush=True)
+            print(
+                f"kill {index:>2}: {victim:<8} election {election:6.2f} s   failover {measured.failover_s:6.2f} s",
+                flush=True,
+            )
             if args.signal == "STOP":
                 net.signal(victim, chaos.SIGNALS["CONT"])
                 chaos.record(run_dir, "cont", victim, "CONT")
             else:
                 net.procs[victim].wait(10)
                 shard = f"{int(victim.split('-')[1]) - 1}/{args.peers}"
-                net.start_peer(victim, shard)   # the same id comes back, as a user restarting it would
+                net.start_peer(victim, shard)  # the same id comes back, as a user restarting it would
             # let it rejoin before the next kill, so every kill meets a full network
-            wait_for(lambda: chaos.read_statuses(run_dir).get(victim, {}).get("role") == "follower"
-                     and chaos.alive(chaos.read_statuses(run_dir)[victim]), 120)
+            wait_for(
+                lambda: (
+                    chaos.read_statuses(run_dir).get(victim, {}).get("role") == "follower"
+                    and chaos.alive(chaos.read_statuses(run_dir)[victim])
+                ),
+                120,
+            )
 
     print()
-    for name, values in (("election (kill -> new controller in office)", elections),
-                         ("failover (kill -> next training order)", failovers)):
+    for name, values in (
+        ("election (kill -> new controller in office)", elections),
+        ("failover (kill -> next training order)", failovers),
+    ):
         if values:
-            print(f"{name}: n={len(values)}  median {statistics.median(values):.2f} s  "
-                  f"mean {statistics.mean(values):.2f} s  max {max(values):.2f} s  min {min(values):.2f} s")
+            print(
+                f"{name}: n={len(values)}  median {statistics.median(values):.2f} s  "
+                f"mean {statistics.mean(values):.2f} s  max {max(values):.2f} s  min {min(values):.2f} s"
+            )
     return 0
 
 

@@ -18,6 +18,7 @@ peers die at once) and the run goes on with the others to round 10. Measured, fr
 
 Prints one table and draws a PNG. A benchmark, not a test: it prints what it measured and asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,27 @@ from peer.records.run_dir import read_elections, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
 
-PEER_ARGS = ["--dataset", "fashion-mnist", "--train-samples", "500", "--max-rounds", "10", "--trainers", "10",
-             "--evaluators", "10", "--target-accuracy", "1.0", "--round-deadline", "60"]
+PEER_ARGS = [
+    "--dataset",
+    "fashion-mnist",
+    "--train-samples",
+    "500",
+    "--max-rounds",
+    "10",
+    "--trainers",
+    "10",
+    "--evaluators",
+    "10",
+    "--target-accuracy",
+    "1.0",
+    "--round-deadline",
+    "60",
+]
 KILL_AFTER_ROUND = 3
-LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+\s+peer=(\S+) role=(\S+) term=(\d+) round=(\d+) "
-                  r"phase=\S+ \| (.*)$")
+LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+\s+peer=(\S+) role=(\S+) term=(\d+) round=(\d+) "
+    r"phase=\S+ \| (.*)$"
+)
 
 
 @dataclass
@@ -79,6 +96,7 @@ def _pss_kb(pid: int) -> int:
 
 def _cpu_s(pid: int) -> float:
     import os
+
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -124,8 +142,11 @@ def measure(net: LocalNetwork, peers: list[str], killed_at: float | None, killed
     all_know = max(known) - min(votes) if votes and known else None
     failover = None
     if killed_at is not None:
-        orders = [t for t, _, role, term, text in lines
-                  if role == "controller" and term > killed_term and t >= killed_at and ": training order to" in text]
+        orders = [
+            t
+            for t, _, role, term, text in lines
+            if role == "controller" and term > killed_term and t >= killed_at and ": training order to" in text
+        ]
         failover = min(orders) - killed_at if orders else None
     fits: dict[tuple[str, int, int], float] = {}
     for _, peer, _, term, text in lines:
@@ -174,9 +195,22 @@ def run_size(n: int, processes: int, run_dir: Path, extra: list[str], timeout: f
         if slowest:
             overheads.append(r.duration_s - max(slowest))
     terms = [e.term for e in read_elections(run_dir)]
-    return Result(n, len(net.processes()), len(rows), statistics.median(durations) if durations else None,
-                  statistics.median(overheads) if overheads else None, election, all_know, failover, len(killed),
-                  sampler.peers_kb / 1024, sampler.broker_kb / 1024, cpu_s, wall, len(terms) == len(set(terms)))
+    return Result(
+        n,
+        len(net.processes()),
+        len(rows),
+        statistics.median(durations) if durations else None,
+        statistics.median(overheads) if overheads else None,
+        election,
+        all_know,
+        failover,
+        len(killed),
+        sampler.peers_kb / 1024,
+        sampler.broker_kb / 1024,
+        cpu_s,
+        wall,
+        len(terms) == len(set(terms)),
+    )
 
 
 def _f(value: float | None, digits: int = 2) -> str:
@@ -184,12 +218,41 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = ("peers", "procs", "rounds", "s/round", "overhead s", "election s", "all know s", "failover s",
-            "killed", "PSS GB", "broker MB", "broker CPU s", "broker %core", "1 ctl/term")
-    rows = [(str(r.peers), str(r.processes), str(r.rounds), _f(r.round_s), _f(r.overhead_s), _f(r.election_s),
-             _f(r.all_know_s), _f(r.failover_s), str(r.killed), _f(r.pss_mb / 1024), _f(r.broker_pss_mb, 1),
-             _f(r.broker_cpu_s, 1), _f(100 * r.broker_share, 1), "yes" if r.one_controller_per_term else "NO")
-            for r in results]
+    head = (
+        "peers",
+        "procs",
+        "rounds",
+        "s/round",
+        "overhead s",
+        "election s",
+        "all know s",
+        "failover s",
+        "killed",
+        "PSS GB",
+        "broker MB",
+        "broker CPU s",
+        "broker %core",
+        "1 ctl/term",
+    )
+    rows = [
+        (
+            str(r.peers),
+            str(r.processes),
+            str(r.rounds),
+            _f(r.round_s),
+            _f(r.overhead_s),
+            _f(r.election_s),
+            _f(r.all_know_s),
+            _f(r.failover_s),
+            str(r.killed),
+            _f(r.pss_mb / 1024),
+            _f(r.broker_pss_mb, 1),
+            _f(r.broker_cpu_s, 1),
+            _f(100 * r.broker_share, 1),
+            "yes" if r.one_controller_per_term else "NO",
+        )
+        for r in results
+    ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = " | ".join(f"{{:>{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), "-+-".join("-" * w for w in widths), *(fmt.format(*row) for row in rows)])
@@ -197,17 +260,30 @@ def table(results: list[Result]) -> str:
 
 def draw(results: list[Result], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     n = [r.peers for r in results]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    series = [(axes[0][0], "seconds", [("s/round", [r.round_s for r in results]),
-                                        ("overhead", [r.overhead_s for r in results])]),
-              (axes[0][1], "seconds", [("election", [r.election_s for r in results]),
-                                        ("all know", [r.all_know_s for r in results]),
-                                        ("failover", [r.failover_s for r in results])]),
-              (axes[1][0], "GB", [("peers' PSS", [r.pss_mb / 1024 for r in results])]),
-              (axes[1][1], "% of one core", [("broker CPU", [100 * r.broker_share for r in results])])]
+    series = [
+        (
+            axes[0][0],
+            "seconds",
+            [("s/round", [r.round_s for r in results]), ("overhead", [r.overhead_s for r in results])],
+        ),
+        (
+            axes[0][1],
+            "seconds",
+            [
+                ("election", [r.election_s for r in results]),
+                ("all know", [r.all_know_s for r in results]),
+                ("failover", [r.failover_s for r in results]),
+            ],
+        ),
+        (axes[1][0], "GB", [("peers' PSS", [r.pss_mb / 1024 for r in results])]),
+        (axes[1][1], "% of one core", [("broker CPU", [100 * r.broker_share for r in results])]),
+    ]
     for ax, unit, lines in series:
         for label, values in lines:
             ax.plot(n, [math.nan if v is None else v for v in values], marker="o", label=label)
@@ -223,16 +299,21 @@ def draw(results: list[Result], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv, extra = split_peer_args(argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[5, 20, 50, 100], help="network sizes (default 5 20 50 100)")
-    parser.add_argument("--processes", type=int, default=4,
-                        help="peer processes per size: K = N / this, rounded up (default 4)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[5, 20, 50, 100], help="network sizes (default 5 20 50 100)"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=4, help="peer processes per size: K = N / this, rounded up (default 4)"
+    )
     parser.add_argument("--run-dir", type=Path, default=None, help="records folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path("bench_scale.png"), help="the PNG (default bench_scale.png)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one size may take (default 900)")
     args = parser.parse_args(argv)
     if any(n < 3 for n in args.sizes) or args.processes < 2:
-        parser.error("sizes of at least 3 and at least 2 processes: the controller's process is killed, and a "
-                     "controller and a trainer must survive it")
+        parser.error(
+            "sizes of at least 3 and at least 2 processes: the controller's process is killed, and a "
+            "controller and a trainer must survive it"
+        )
     root = args.run_dir or Path(tempfile.mkdtemp(prefix="fl-scale-"))
 
     def interrupted(signum, frame):
@@ -245,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         result = run_size(n, args.processes, root / f"n{n}", extra, args.timeout)
         results.append(result)
-        print(f"N={n}: {result.rounds} rounds, median {_f(result.round_s)} s/round, election {_f(result.election_s)} s, "
-              f"failover {_f(result.failover_s)} s, PSS {_f(result.pss_mb / 1024)} GB, broker CPU "
-              f"{_f(result.broker_cpu_s, 1)} s in {result.wall_s:.0f} s", flush=True)
+        print(
+            f"N={n}: {result.rounds} rounds, median {_f(result.round_s)} s/round, election {_f(result.election_s)} s, "
+            f"failover {_f(result.failover_s)} s, PSS {_f(result.pss_mb / 1024)} GB, broker CPU "
+            f"{_f(result.broker_cpu_s, 1)} s in {result.wall_s:.0f} s",
+            flush=True,
+        )
     print()
     print(table(results))
     draw(results, args.out)

@@ -53,6 +53,7 @@ with controllers peer-3 and peer-5 on this machine); the spread of the repeats i
 peers' environment as FL_MODEL (which that code ignores unless patched to read it); only float32 is possible.
 A benchmark, not a test: it prints figures and asserts nothing about them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from peer.records.run_dir import PEER_LOG_FILE, CheckpointError, load_run, read_checkpoint
 from peer.wire.errors import ProtocolError
 from peer.wire.weights import WeightCodec
-from peer.records.run_dir import CheckpointError, load_run, peer_dir, PEER_LOG_FILE, read_checkpoint
 from scripts.localnet import Broker, LocalNetwork, split_peer_args
 
 MODELS = ("cnn-small", "seed-cnn")
@@ -80,11 +81,14 @@ SYS_PREFIX = "$SYS/broker/"
 COUNTERS = ("publish/bytes/received", "publish/bytes/sent", "bytes/received", "bytes/sent")
 LEGACY_MODEL_ENV = "FL_MODEL"
 ACCURACY_GOAL = 0.005
-NOISE_NOTE = ("timings: wall-clock on a machine whose cores may be shared with other work, so noisy; "
-              "bytes: the broker's own counters, exact")
+NOISE_NOTE = (
+    "timings: wall-clock on a machine whose cores may be shared with other work, so noisy; "
+    "bytes: the broker's own counters, exact"
+)
 
 
 # --- the broker's $SYS counters ---------------------------------------------------------------------------------------
+
 
 def parse_sys_value(topic: str, payload: bytes) -> tuple[str, int] | None:
     """(counter, value) of a `$SYS/broker/<counter>` message carrying one whole number, None for anything else
@@ -97,7 +101,7 @@ def parse_sys_value(topic: str, payload: bytes) -> tuple[str, int] | None:
         return None
     if not re.fullmatch(r"\d+", text):
         return None
-    return topic[len(SYS_PREFIX):], int(text)
+    return topic[len(SYS_PREFIX) :], int(text)
 
 
 class SysBroker(Broker):
@@ -147,16 +151,19 @@ def per_round(short: dict[str, int], long: dict[str, int], short_rounds: int, lo
 # --- the peers' logs --------------------------------------------------------------------------------------------------
 
 FIT_LINE = re.compile(r"round (\d+): trained (\d+) samples in ([0-9.]+)s")
-EVAL_LINE = re.compile(r"round (\d+): global model scores accuracy [0-9.]+, loss \S+ on my \d+ test samples"
-                       r"(?: \(([0-9.]+)s\))?")
+EVAL_LINE = re.compile(
+    r"round (\d+): global model scores accuracy [0-9.]+, loss \S+ on my \d+ test samples"
+    r"(?: \(([0-9.]+)s\))?"
+)
 
 
 @dataclass
 class JobTimes:
     """Seconds of the fits and evaluations of one round, over every peer's log."""
+
     fits: list[float] = field(default_factory=list)
     evaluations: list[float] = field(default_factory=list)
-    untimed_evaluations: int = 0     # evaluation lines without their seconds (older code)
+    untimed_evaluations: int = 0  # evaluation lines without their seconds (older code)
 
 
 def parse_job_times(logs: list[str]) -> dict[int, JobTimes]:
@@ -180,7 +187,7 @@ class RoundTime:
     round: int
     duration_s: float
     slowest_fit_s: float | None
-    slowest_evaluation_s: float | None     # None: the logs do not say
+    slowest_evaluation_s: float | None  # None: the logs do not say
 
     @property
     def overhead_s(self) -> float | None:
@@ -196,12 +203,19 @@ def round_times(durations: dict[int, float], jobs: dict[int, JobTimes]) -> list[
     result = []
     for number in sorted(durations):
         times = jobs.get(number, JobTimes())
-        result.append(RoundTime(number, durations[number], max(times.fits, default=None),
-                                max(times.evaluations, default=None) if not times.untimed_evaluations else None))
+        result.append(
+            RoundTime(
+                number,
+                durations[number],
+                max(times.fits, default=None),
+                max(times.evaluations, default=None) if not times.untimed_evaluations else None,
+            )
+        )
     return result
 
 
 # --- the model's size -------------------------------------------------------------------------------------------------
+
 
 def count_parameters(weights: bytes) -> int | None:
     """Parameters in a weights blob of the wire's format (`WeightCodec`, the one reader of it); None if it is not one."""
@@ -221,9 +235,11 @@ def model_parameters(run_dir: Path) -> int | None:
 
 # --- one federation ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Run:
     """One federation as measured: the broker's counters once it was quiet, and what the records say."""
+
     run_dir: str
     rounds: int
     counters: dict[str, int]
@@ -232,9 +248,9 @@ class Run:
     problems: list[str]
     parameters: int | None
     durations: dict[int, float]
-    controller_bytes: dict[int, int]       # rounds.csv bytes_sent: the controller's own count of the round's payloads
+    controller_bytes: dict[int, int]  # rounds.csv bytes_sent: the controller's own count of the round's payloads
     final_accuracy: float | None
-    controller: str | None                 # who led the first term
+    controller: str | None  # who led the first term
 
 
 def check_run(history, rounds: int, trainers: int) -> list[str]:
@@ -252,8 +268,9 @@ def check_run(history, rounds: int, trainers: int) -> list[str]:
     return problems
 
 
-def run_federation(run_dir: Path, peers: int, peer_args: list[str], rounds: int, trainers: int,
-                   env: dict | None, timeout: float) -> Run:
+def run_federation(
+    run_dir: Path, peers: int, peer_args: list[str], rounds: int, trainers: int, env: dict | None, timeout: float
+) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     broker = SysBroker(log_path=run_dir / "broker.log").start()
     started = time.monotonic()
@@ -268,21 +285,27 @@ def run_federation(run_dir: Path, peers: int, peer_args: list[str], rounds: int,
         failed = {peer: code for peer, code in codes.items() if code != 0}
         if failed:
             logs = "".join(f"\n--- {p} ---\n" + "\n".join(net.peer_log(p).splitlines()[-8:]) for p in failed)
-            raise RuntimeError(f"peers that did not exit 0 (None: still running after {timeout:.0f} s): {failed}"
-                               f"{logs}")
-        time.sleep(2.5 * SYS_INTERVAL_S)       # the broker publishes its quiet totals at least twice
+            raise RuntimeError(f"peers that did not exit 0 (None: still running after {timeout:.0f} s): {failed}{logs}")
+        time.sleep(2.5 * SYS_INTERVAL_S)  # the broker publishes its quiet totals at least twice
         counters = read_counters(broker.port)
     finally:
         broker.close()
     history = load_run(run_dir)
     problems = check_run(history, rounds, trainers)
     summary = history.summary
-    return Run(run_dir=str(run_dir), rounds=rounds, counters=counters, wall_s=wall, clean=not problems,
-               problems=problems, parameters=model_parameters(run_dir),
-               durations={r.round: r.duration_s for r in history.rounds},
-               controller_bytes={r.round: r.bytes_sent for r in history.rounds},
-               final_accuracy=summary.final_accuracy if summary else None,
-               controller=history.elections[0].controller if history.elections else None)
+    return Run(
+        run_dir=str(run_dir),
+        rounds=rounds,
+        counters=counters,
+        wall_s=wall,
+        clean=not problems,
+        problems=problems,
+        parameters=model_parameters(run_dir),
+        durations={r.round: r.duration_s for r in history.rounds},
+        controller_bytes={r.round: r.bytes_sent for r in history.rounds},
+        final_accuracy=summary.final_accuracy if summary else None,
+        controller=history.elections[0].controller if history.elections else None,
+    )
 
 
 def peer_logs(run_dir: str | Path) -> list[str]:
@@ -290,6 +313,7 @@ def peer_logs(run_dir: str | Path) -> list[str]:
 
 
 # --- one configuration ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -300,12 +324,12 @@ class Result:
     model_bytes: int | None
     published_per_round: float
     delivered_per_round: float
-    wire_sent_per_round: float            # every byte the broker sent (headers, acks) per round
+    wire_sent_per_round: float  # every byte the broker sent (headers, acks) per round
     wire_received_per_round: float
-    controller_bytes_per_round: float | None   # rounds.csv bytes_sent, mean over the long run's rounds
+    controller_bytes_per_round: float | None  # rounds.csv bytes_sent, mean over the long run's rounds
     s_per_round: float | None
     overhead_per_round: float | None
-    overhead_without_evaluation: bool     # the logs had no evaluation seconds: overhead includes evaluating
+    overhead_without_evaluation: bool  # the logs had no evaluation seconds: overhead includes evaluating
     clean: bool
     runs: list[dict]
     rounds: list[dict]
@@ -324,8 +348,12 @@ class Result:
         return copies / self.goal_copies if copies is not None else None
 
     def to_json(self) -> dict:
-        return {**asdict(self), "copies_per_round": self.copies_per_round, "goal_copies": self.goal_copies,
-                "goal_ratio": self.goal_ratio}
+        return {
+            **asdict(self),
+            "copies_per_round": self.copies_per_round,
+            "goal_copies": self.goal_copies,
+            "goal_ratio": self.goal_ratio,
+        }
 
 
 def summarize(model: str, dtype: str, peers: int, trainers: int, short: Run, long: Run, logs: list[str]) -> Result:
@@ -337,22 +365,38 @@ def summarize(model: str, dtype: str, peers: int, trainers: int, short: Run, lon
     without_evaluation = any(t.slowest_evaluation_s is None for t in times)
     controller = list(long.controller_bytes.values())
     return Result(
-        model=model, dtype=dtype, peers=peers, trainers=trainers,
+        model=model,
+        dtype=dtype,
+        peers=peers,
+        trainers=trainers,
         model_bytes=parameters * ITEMSIZE[dtype] if parameters else None,
-        published_per_round=growth["publish/bytes/received"], delivered_per_round=growth["publish/bytes/sent"],
-        wire_sent_per_round=growth["bytes/sent"], wire_received_per_round=growth["bytes/received"],
+        published_per_round=growth["publish/bytes/received"],
+        delivered_per_round=growth["publish/bytes/sent"],
+        wire_sent_per_round=growth["bytes/sent"],
+        wire_received_per_round=growth["bytes/received"],
         controller_bytes_per_round=statistics.mean(controller) if controller else None,
         s_per_round=statistics.median(long.durations.values()) if long.durations else None,
         overhead_per_round=statistics.median(overheads) if overheads else None,
-        overhead_without_evaluation=without_evaluation, clean=short.clean and long.clean,
+        overhead_without_evaluation=without_evaluation,
+        clean=short.clean and long.clean,
         runs=[asdict(short), asdict(long)],
-        rounds=[{**asdict(t), "overhead_s": t.overhead_s} for t in times])
+        rounds=[{**asdict(t), "overhead_s": t.overhead_s} for t in times],
+    )
 
 
 # --- output -----------------------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("model", "dtype", "model bytes", "published/round", "delivered/round", "copies/round",
-                 "goal ratio", "s/round", "overhead/round")
+TABLE_COLUMNS = (
+    "model",
+    "dtype",
+    "model bytes",
+    "published/round",
+    "delivered/round",
+    "copies/round",
+    "goal ratio",
+    "s/round",
+    "overhead/round",
+)
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -365,10 +409,17 @@ def table_row(result: Result) -> list[str]:
     overhead = _number(result.overhead_per_round, 2)
     if result.overhead_per_round is not None and result.overhead_without_evaluation:
         overhead += "*"
-    return [result.model + ("" if result.clean else " (unclean)"), result.dtype, _number(result.model_bytes),
-            _number(result.published_per_round), _number(result.delivered_per_round),
-            _number(result.copies_per_round, 2), _number(result.goal_ratio, 2), _number(result.s_per_round, 2),
-            overhead]
+    return [
+        result.model + ("" if result.clean else " (unclean)"),
+        result.dtype,
+        _number(result.model_bytes),
+        _number(result.published_per_round),
+        _number(result.delivered_per_round),
+        _number(result.copies_per_round, 2),
+        _number(result.goal_ratio, 2),
+        _number(result.s_per_round, 2),
+        overhead,
+    ]
 
 
 def format_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
@@ -377,21 +428,26 @@ def format_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> 
     numeric = [all(re.match(r"^-?[0-9n]", str(row[i])) for row in rows) and bool(rows) for i in range(len(header))]
 
     def line(cells):
-        return "| " + " | ".join(str(c).rjust(w) if num else str(c).ljust(w)
-                                 for c, w, num in zip(cells, widths, numeric)) + " |"
+        return (
+            "| "
+            + " | ".join(str(c).rjust(w) if num else str(c).ljust(w) for c, w, num in zip(cells, widths, numeric))
+            + " |"
+        )
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
 def table_notes(results: list[Result], short: int, long: int) -> list[str]:
-    notes = [f"bytes per round: broker $SYS payload counters, (run of {long} rounds - run of {short}) / {long - short};"
-             " delivered counts every subscriber a message reached, the sender included",
-             "model bytes: parameters x the wire dtype's size; goal: N-1+T copies a round "
-             f"({', '.join(sorted({str(r.goal_copies) for r in results}))}); goal ratio = copies / goal",
-             f"s/round and overhead/round (duration - slowest fit - slowest evaluation): medians over the {long}-round"
-             " run's rounds",
-             NOISE_NOTE]
+    notes = [
+        f"bytes per round: broker $SYS payload counters, (run of {long} rounds - run of {short}) / {long - short};"
+        " delivered counts every subscriber a message reached, the sender included",
+        "model bytes: parameters x the wire dtype's size; goal: N-1+T copies a round "
+        f"({', '.join(sorted({str(r.goal_copies) for r in results}))}); goal ratio = copies / goal",
+        f"s/round and overhead/round (duration - slowest fit - slowest evaluation): medians over the {long}-round"
+        " run's rounds",
+        NOISE_NOTE,
+    ]
     if any(r.overhead_without_evaluation and r.overhead_per_round is not None for r in results):
         notes.append("*: the logs give no evaluation seconds, so this overhead still includes the evaluation")
     for r in results:
@@ -411,8 +467,14 @@ def accuracy_table(finals: dict[str, list[float | None]]) -> str:
     rows = []
     for dtype, values in finals.items():
         known = [v for v in values if v is not None]
-        rows.append([dtype, ", ".join(_number(v, 4) for v in values), _number(_mean(values), 4),
-                     _number(max(known) - min(known) if len(known) > 1 else None, 4)])
+        rows.append(
+            [
+                dtype,
+                ", ".join(_number(v, 4) for v in values),
+                _number(_mean(values), 4),
+                _number(max(known) - min(known) if len(known) > 1 else None, 4),
+            ]
+        )
     return format_table(("dtype", "final accuracy of each run", "mean", "spread"), rows)
 
 
@@ -424,6 +486,7 @@ def accuracy_difference(finals: dict[str, list[float | None]]) -> float | None:
 
 # --- the command ------------------------------------------------------------------------------------------------------
 
+
 def _choices(allowed: tuple[str, ...]):
     def parse(text: str) -> list[str]:
         names = [name.strip() for name in text.split(",") if name.strip()]
@@ -431,6 +494,7 @@ def _choices(allowed: tuple[str, ...]):
         if unknown or not names:
             raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (comma-separated), not {text!r}")
         return names
+
     return parse
 
 
@@ -443,21 +507,41 @@ def config_args(model: str, dtype: str, legacy: bool) -> tuple[list[str], dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv, extra = split_peer_args(argv)
-    parser = argparse.ArgumentParser(prog="python -m scripts.bench_wire", description=__doc__.split("\n\n")[0],
-                                     epilog="Flags after -- go to every peer, after the bench's own.")
-    parser.add_argument("--models", type=_choices(MODELS), default=list(MODELS),
-                        help=f"comma-separated (default {','.join(MODELS)})")
-    parser.add_argument("--dtypes", type=_choices(DTYPES), default=None,
-                        help=f"wire dtypes, comma-separated (default {','.join(DTYPES)}; float32 with --legacy)")
-    parser.add_argument("--legacy", action="store_true",
-                        help=f"code without --model/--wire-dtype: leave the flags out, name the model in "
-                             f"{LEGACY_MODEL_ENV}; float32 only")
-    parser.add_argument("--accuracy", action="store_true",
-                        help="instead: final accuracy after 10 rounds per wire dtype (cnn-small, 2000 train samples)")
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.bench_wire",
+        description=__doc__.split("\n\n")[0],
+        epilog="Flags after -- go to every peer, after the bench's own.",
+    )
+    parser.add_argument(
+        "--models", type=_choices(MODELS), default=list(MODELS), help=f"comma-separated (default {','.join(MODELS)})"
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=_choices(DTYPES),
+        default=None,
+        help=f"wire dtypes, comma-separated (default {','.join(DTYPES)}; float32 with --legacy)",
+    )
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help=f"code without --model/--wire-dtype: leave the flags out, name the model in "
+        f"{LEGACY_MODEL_ENV}; float32 only",
+    )
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="instead: final accuracy after 10 rounds per wire dtype (cnn-small, 2000 train samples)",
+    )
     parser.add_argument("--peers", type=int, default=5, help="N (default 5)")
     parser.add_argument("--trainers", type=int, default=4, help="T, also --min-solutions (default 4)")
-    parser.add_argument("--rounds", type=int, nargs=2, default=(1, 4), metavar=("SHORT", "LONG"),
-                        help="--max-rounds of the two runs per configuration (default 1 4)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        nargs=2,
+        default=(1, 4),
+        metavar=("SHORT", "LONG"),
+        help="--max-rounds of the two runs per configuration (default 1 4)",
+    )
     parser.add_argument("--train-samples", type=int, default=None, help="per peer (default 1000; 2000 --accuracy)")
     parser.add_argument("--test-samples", type=int, default=None, help="per peer (default 500; 2000 --accuracy)")
     parser.add_argument("--accuracy-rounds", type=int, default=10, help="rounds of --accuracy (default 10)")
@@ -478,16 +562,36 @@ def main(argv: list[str] | None = None) -> int:
     models = ["cnn-small"] if args.accuracy else args.models
     train = args.train_samples or (2000 if args.accuracy else 1000)
     test = args.test_samples or (2000 if args.accuracy else 500)
-    common = ["--dataset", "fashion-mnist", "--train-samples", str(train), "--test-samples", str(test),
-              "--epochs", "1", "--trainers", str(args.trainers), "--min-solutions", str(args.trainers),
-              "--min-peers", str(args.peers), "--target-accuracy", "1.0", "--round-deadline", "600"]
+    common = [
+        "--dataset",
+        "fashion-mnist",
+        "--train-samples",
+        str(train),
+        "--test-samples",
+        str(test),
+        "--epochs",
+        "1",
+        "--trainers",
+        str(args.trainers),
+        "--min-solutions",
+        str(args.trainers),
+        "--min-peers",
+        str(args.peers),
+        "--target-accuracy",
+        "1.0",
+        "--round-deadline",
+        "600",
+    ]
 
-    def interrupted(signum, frame):   # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+    def interrupted(signum, frame):  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    print(f"bench_wire: N={args.peers} peers, T={args.trainers} trainers, models {','.join(models)}, wire dtypes "
-          f"{','.join(dtypes)}{' (legacy peers)' if args.legacy else ''}; records in {base}", flush=True)
+    print(
+        f"bench_wire: N={args.peers} peers, T={args.trainers} trainers, models {','.join(models)}, wire dtypes "
+        f"{','.join(dtypes)}{' (legacy peers)' if args.legacy else ''}; records in {base}",
+        flush=True,
+    )
     print(f"peer flags: {' '.join(common + extra)}", flush=True)
     began = time.monotonic()
     if args.accuracy:
@@ -496,13 +600,23 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(1, args.repeats + 1):
             for dtype in dtypes:
                 flags, env = config_args("cnn-small", dtype, args.legacy)
-                run = run_federation(base / f"accuracy-{dtype}-{repeat}", args.peers, [*common, *flags, *extra],
-                                     args.accuracy_rounds, args.trainers, env, args.timeout)
+                run = run_federation(
+                    base / f"accuracy-{dtype}-{repeat}",
+                    args.peers,
+                    [*common, *flags, *extra],
+                    args.accuracy_rounds,
+                    args.trainers,
+                    env,
+                    args.timeout,
+                )
                 finals[dtype].append(run.final_accuracy)
                 controllers[dtype].append(run.controller)
-                print(f"cnn-small {dtype} #{repeat}: final accuracy {_number(run.final_accuracy, 4)} after "
-                      f"{args.accuracy_rounds} rounds, controller {run.controller} ({run.wall_s:.0f} s"
-                      f"{'' if run.clean else '; unclean: ' + '; '.join(run.problems)})", flush=True)
+                print(
+                    f"cnn-small {dtype} #{repeat}: final accuracy {_number(run.final_accuracy, 4)} after "
+                    f"{args.accuracy_rounds} rounds, controller {run.controller} ({run.wall_s:.0f} s"
+                    f"{'' if run.clean else '; unclean: ' + '; '.join(run.problems)})",
+                    flush=True,
+                )
         print()
         print(accuracy_table(finals))
         print()
@@ -510,13 +624,25 @@ def main(argv: list[str] | None = None) -> int:
         if difference is not None:
             verdict = "within" if abs(difference) <= ACCURACY_GOAL else "NOT within"
             print(f"- float16 - float32 (means): {difference:+.4f} ({verdict} the goal of {ACCURACY_GOAL})")
-        print("- noise: the controller, elected at random, neither trains nor evaluates, so each run leaves out "
-              "another shard; compare the difference with the spread of the repeats")
+        print(
+            "- noise: the controller, elected at random, neither trains nor evaluates, so each run leaves out "
+            "another shard; compare the difference with the spread of the repeats"
+        )
         print(f"- {NOISE_NOTE}")
         print(f"- total {time.monotonic() - began:.0f} s")
         if args.json:
-            args.json.write_text(json.dumps({"mode": "accuracy", "final_accuracy": finals,
-                                             "controllers": controllers, "difference": difference}, indent=2) + "\n")
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "mode": "accuracy",
+                        "final_accuracy": finals,
+                        "controllers": controllers,
+                        "difference": difference,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             print(f"- written to {args.json}")
         return 0
 
@@ -526,12 +652,22 @@ def main(argv: list[str] | None = None) -> int:
             flags, env = config_args(model, dtype, args.legacy)
             runs = []
             for rounds in (short_rounds, long_rounds):
-                run = run_federation(base / f"{model}-{dtype}-{rounds}r", args.peers, [*common, *flags, *extra],
-                                     rounds, args.trainers, env, args.timeout)
+                run = run_federation(
+                    base / f"{model}-{dtype}-{rounds}r",
+                    args.peers,
+                    [*common, *flags, *extra],
+                    rounds,
+                    args.trainers,
+                    env,
+                    args.timeout,
+                )
                 runs.append(run)
-                print(f"{model} {dtype} {rounds} round(s): {run.wall_s:.0f} s, published "
-                      f"{run.counters['publish/bytes/received']:,} B, delivered {run.counters['publish/bytes/sent']:,}"
-                      f" B{'' if run.clean else '; unclean: ' + '; '.join(run.problems)}", flush=True)
+                print(
+                    f"{model} {dtype} {rounds} round(s): {run.wall_s:.0f} s, published "
+                    f"{run.counters['publish/bytes/received']:,} B, delivered {run.counters['publish/bytes/sent']:,}"
+                    f" B{'' if run.clean else '; unclean: ' + '; '.join(run.problems)}",
+                    flush=True,
+                )
             result = summarize(model, dtype, args.peers, args.trainers, runs[0], runs[1], peer_logs(runs[1].run_dir))
             results.append(result)
     print()
@@ -541,8 +677,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {note}")
     print(f"- total {time.monotonic() - began:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"mode": "wire", "rounds": [short_rounds, long_rounds],
-                                         "results": [r.to_json() for r in results]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"mode": "wire", "rounds": [short_rounds, long_rounds], "results": [r.to_json() for r in results]},
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"- written to {args.json}")
     return 0
 

@@ -10,6 +10,7 @@ It reads the peers' `peers/<id>/status.json` (docs/RECORDS.md), so it needs noth
 standard library; local peers are signalled by pid, and every signal sent is appended to `chaos.csv`. For peers in
 containers, `./up.sh kill ...` asks `which` for the id and lets docker compose deliver the signal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,9 @@ def record(run_dir: Path, action: str, peer: str, sig: str, at: float | None = N
 
 def kill(run_dir: Path, target: str, sig: str = "KILL") -> tuple[str, int]:
     """Signal the chosen local peer; returns (peer id, pid)."""
-    statuses = live_statuses(run_dir) if sig != "CONT" else {p: s for p, s in read_statuses(run_dir).items() if alive(s)}
+    statuses = (
+        live_statuses(run_dir) if sig != "CONT" else {p: s for p, s in read_statuses(run_dir).items() if alive(s)}
+    )
     peer = choose(target, statuses)
     pid = statuses[peer]["pid"]
     os.kill(pid, SIGNALS[sig])
@@ -101,8 +104,10 @@ def format_status(run_dir: Path, check_pids: bool = True) -> str:
     lines = [f"controller: {controller or '(none right now)'}"]
     if controller:
         s = statuses[controller]
-        lines.append(f"term {s.get('term')}, round {s.get('round')}, last accuracy "
-                     f"{'n/a' if s.get('accuracy') is None else format(s['accuracy'], '.4f')}")
+        lines.append(
+            f"term {s.get('term')}, round {s.get('round')}, last accuracy "
+            f"{'n/a' if s.get('accuracy') is None else format(s['accuracy'], '.4f')}"
+        )
     lines.append(f"{'peer':<12} {'role':<11} {'term':>4} {'round':>5}  process")
     for peer, s in sorted(statuses.items()):
         state = ("running" if peer in running else "gone") if check_pids else "(in a container)"

@@ -14,6 +14,7 @@ Written to OUT: `comparison.png` (global accuracy per round, round 0 = the initi
 A run that fails (a peer exits non-zero, the timeout passes, no run.json) is reported and makes the exit code 1,
 but the remaining partitions still run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,10 @@ def parse_partitions(text: str) -> list[Partition]:
         name, sep, alpha_text = item.partition(":")
         name = name.strip().lower()
         if name not in SCHEMES:
-            raise UsageError(f"unknown partition {name!r} in --partitions; choose from {', '.join(SCHEMES)} "
-                             "(dirichlet takes an alpha: dirichlet:0.5)")
+            raise UsageError(
+                f"unknown partition {name!r} in --partitions; choose from {', '.join(SCHEMES)} "
+                "(dirichlet takes an alpha: dirichlet:0.5)"
+            )
         alpha: float | None = None
         if name == "dirichlet":
             alpha = DEFAULT_ALPHA
@@ -144,18 +147,30 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.experiment",
         description="Run the same local federation once per data partition and compare their global accuracy "
-                    "per round in one graph. Flags after -- go to every peer (see python -m peer --help); "
-                    f"defaults given to the peers: {' '.join(BASE_PEER_ARGS)} --min-peers PEERS.")
-    parser.add_argument("--out", type=Path, default=Path("runs/experiment"),
-                        help="folder for the runs and the comparison (default runs/experiment)")
-    parser.add_argument("--partitions", default=DEFAULT_PARTITIONS,
-                        help=f"comma-separated partitions, dirichlet as dirichlet:ALPHA (default {DEFAULT_PARTITIONS}); "
-                             f"known: {', '.join(SCHEMES)}")
+        "per round in one graph. Flags after -- go to every peer (see python -m peer --help); "
+        f"defaults given to the peers: {' '.join(BASE_PEER_ARGS)} --min-peers PEERS.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/experiment"),
+        help="folder for the runs and the comparison (default runs/experiment)",
+    )
+    parser.add_argument(
+        "--partitions",
+        default=DEFAULT_PARTITIONS,
+        help=f"comma-separated partitions, dirichlet as dirichlet:ALPHA (default {DEFAULT_PARTITIONS}); "
+        f"known: {', '.join(SCHEMES)}",
+    )
     parser.add_argument("--peers", type=int, default=5, help="peers per run (default 5)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (default 5)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds one partition's run may take before it is stopped and counted as failed "
-                             f"(default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds one partition's run may take before it is stopped and counted as failed "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
     parser.add_argument("--echo", action="store_true", help="echo the peers' logs to this terminal")
     return parser
 
@@ -181,8 +196,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Partition], li
 
 
 def peer_args_for(partition: Partition, args: argparse.Namespace, peer_args: list[str]) -> list[str]:
-    return [*BASE_PEER_ARGS, "--min-peers", str(args.peers), *peer_args, *partition.peer_args(),
-            "--max-rounds", str(args.rounds)]
+    return [
+        *BASE_PEER_ARGS,
+        "--min-peers",
+        str(args.peers),
+        *peer_args,
+        *partition.peer_args(),
+        "--max-rounds",
+        str(args.rounds),
+    ]
 
 
 def _finite(value) -> float | None:
@@ -197,8 +219,9 @@ def read_outcome(result: RunResult) -> None:
         history = load_run(result.run_dir)
     except RunDirError:
         return
-    result.accuracy = [(p.round, p.accuracy) for p in global_series(history)
-                       if p.accuracy is not None and math.isfinite(p.accuracy)]
+    result.accuracy = [
+        (p.round, p.accuracy) for p in global_series(history) if p.accuracy is not None and math.isfinite(p.accuracy)
+    ]
     outcome = history.summary.outcome if history.summary else {}
     by_round = dict(result.accuracy)
     result.initial_accuracy = _finite(outcome.get("initial_accuracy"))
@@ -246,8 +269,11 @@ def run_partition(partition: Partition, args: argparse.Namespace, peer_args: lis
     result.ok = result.error is None
     read_outcome(result)
     if failed:
-        print(f"experiment: {partition.label}: end of the log of {next(iter(failed))}:\n"
-              f"{_log_tail(net, next(iter(failed)))}", flush=True)
+        print(
+            f"experiment: {partition.label}: end of the log of {next(iter(failed))}:\n"
+            f"{_log_tail(net, next(iter(failed)))}",
+            flush=True,
+        )
     return result
 
 
@@ -257,18 +283,35 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def format_table(results: list[RunResult]) -> str:
     header = ("partition", "status", "rounds", "final acc", "initial acc", "time (s)")
-    rows = [(r.label, "ok" if r.ok else "FAILED", str(r.rounds), _fmt(r.final_accuracy), _fmt(r.initial_accuracy),
-             f"{r.wall_s:.1f}") for r in results]
+    rows = [
+        (
+            r.label,
+            "ok" if r.ok else "FAILED",
+            str(r.rounds),
+            _fmt(r.final_accuracy),
+            _fmt(r.initial_accuracy),
+            f"{r.wall_s:.1f}",
+        )
+        for r in results
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
-                       for i, (cell, width) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines += [f"{r.label}: {r.error}" for r in results if r.error]
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, results: list[RunResult], args: argparse.Namespace, partitions: list[Partition],
-                  peer_args: list[str], dataset: str) -> None:
+def write_outputs(
+    out: Path,
+    results: list[RunResult],
+    args: argparse.Namespace,
+    partitions: list[Partition],
+    peer_args: list[str],
+    dataset: str,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / COMPARISON_CSV).open("w", newline="") as stream:
         writer = csv.writer(stream)
@@ -277,12 +320,19 @@ def write_outputs(out: Path, results: list[RunResult], args: argparse.Namespace,
             for number, accuracy in result.accuracy:
                 writer.writerow([result.label, number, accuracy])
     series = {(r.label if r.ok else f"{r.label} (failed)"): r.accuracy for r in results}
-    plot_comparison(series, out / COMPARISON_PNG,
-                    f"Global accuracy per round by data partition ({dataset}, {args.peers} peers)")
+    plot_comparison(
+        series, out / COMPARISON_PNG, f"Global accuracy per round by data partition ({dataset}, {args.peers} peers)"
+    )
     summary = {
-        "settings": {"partitions": [p.label for p in partitions], "peers": args.peers, "rounds": args.rounds,
-                     "timeout_s": args.timeout, "dataset": dataset, "peer_args": peer_args,
-                     "base_peer_args": BASE_PEER_ARGS},
+        "settings": {
+            "partitions": [p.label for p in partitions],
+            "peers": args.peers,
+            "rounds": args.rounds,
+            "timeout_s": args.timeout,
+            "dataset": dataset,
+            "peer_args": peer_args,
+            "base_peer_args": BASE_PEER_ARGS,
+        },
         "ok": all(r.ok for r in results) and len(results) == len(partitions),
         "runs": [{**asdict(r), "accuracy": [{"round": n, "accuracy": a} for n, a in r.accuracy]} for r in results],
         "files": {"graph": COMPARISON_PNG, "csv": COMPARISON_CSV},
@@ -314,14 +364,23 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     try:
         for index, partition in enumerate(partitions, 1):
-            print(f"experiment: [{index}/{len(partitions)}] {partition.label}: {args.peers} peers, "
-                  f"{args.rounds} rounds, records in {args.out / partition.label}", flush=True)
+            print(
+                f"experiment: [{index}/{len(partitions)}] {partition.label}: {args.peers} peers, "
+                f"{args.rounds} rounds, records in {args.out / partition.label}",
+                flush=True,
+            )
             result = run_partition(partition, args, peer_args)
             results.append(result)
-            print(f"experiment: [{index}/{len(partitions)}] {partition.label}: "
-                  + (f"final accuracy {_fmt(result.final_accuracy)} after {result.rounds} rounds"
-                     if result.ok else f"FAILED ({result.error})")
-                  + f", {result.wall_s:.1f} s", flush=True)
+            print(
+                f"experiment: [{index}/{len(partitions)}] {partition.label}: "
+                + (
+                    f"final accuracy {_fmt(result.final_accuracy)} after {result.rounds} rounds"
+                    if result.ok
+                    else f"FAILED ({result.error})"
+                )
+                + f", {result.wall_s:.1f} s",
+                flush=True,
+            )
     except KeyboardInterrupt:
         print("\nexperiment: interrupted; every peer and broker of the current run was stopped", flush=True)
         if results:
@@ -333,8 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(args.out, results, args, partitions, peer_args, dataset)
     print()
     print(format_table(results))
-    print(f"\nexperiment: graph {args.out / COMPARISON_PNG}, data {args.out / COMPARISON_CSV}, "
-          f"summary {args.out / SUMMARY_JSON}", flush=True)
+    print(
+        f"\nexperiment: graph {args.out / COMPARISON_PNG}, data {args.out / COMPARISON_CSV}, "
+        f"summary {args.out / SUMMARY_JSON}",
+        flush=True,
+    )
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -13,6 +13,7 @@ With `--peers-per-process K` the peers run K to a process (`python -m peer.host`
 on), so that a hundred of them fit on one machine; each keeps its own connection, records and `peer.log` (the
 host's combined output is also in `RUN_DIR/hosts/<first peer>.log`). Signalling a peer signals its whole process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from peer.wire.ids import launched_peer_id, new_run_id
-
 from peer.records.run_dir import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
+from peer.wire.ids import launched_peer_id, new_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
@@ -93,14 +93,15 @@ class Broker:
         lines += [f"{name} {value}" for name, value in self.settings.items()]
         self.conf.write_text("\n".join(lines) + "\n")
 
-    def start(self) -> "Broker":
+    def start(self) -> Broker:
         binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if not binary:
             raise SystemExit("mosquitto is not installed: `sudo apt-get install mosquitto` (Debian/Ubuntu)")
         self._write_conf()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         if not wait_for_port(self.port, 10):
             self.stop()
             raise RuntimeError(f"mosquitto did not start listening on port {self.port}")
@@ -135,10 +136,22 @@ class Broker:
 class LocalNetwork:
     """N peer processes against one broker. Every process it starts, it stops."""
 
-    def __init__(self, run_dir: Path, peers: int = 5, peer_args: list[str] | tuple = (), broker: Broker | None = None,
-                 env: dict | None = None, echo: bool = False, python: str = sys.executable,
-                 broker_port: int | None = None, num_shards: int | None = None, run_id: str | None = None,
-                 secret: bool = True, peer_env: dict[str, dict] | None = None, peers_per_process: int = 1):
+    def __init__(
+        self,
+        run_dir: Path,
+        peers: int = 5,
+        peer_args: list[str] | tuple = (),
+        broker: Broker | None = None,
+        env: dict | None = None,
+        echo: bool = False,
+        python: str = sys.executable,
+        broker_port: int | None = None,
+        num_shards: int | None = None,
+        run_id: str | None = None,
+        secret: bool = True,
+        peer_env: dict[str, dict] | None = None,
+        peers_per_process: int = 1,
+    ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
         `peers_per_process` K > 1 the peers run K to a process (peer.host)."""
@@ -152,17 +165,17 @@ class LocalNetwork:
             self.secret_file.write_bytes(secrets.token_hex(32).encode())
             self.secret_file.chmod(0o600)
         self.count, self.peer_args = peers, list(peer_args)
-        self.num_shards = num_shards or peers     # more shards than peers leaves room for peers that join later
+        self.num_shards = num_shards or peers  # more shards than peers leaves room for peers that join later
         self.broker = broker
         self.owns_broker = broker is None
         self.broker_port = broker_port
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
-        self.peer_env = peer_env or {}            # per peer id: variables of its own (e.g. its broker login)
+        self.peer_env = peer_env or {}  # per peer id: variables of its own (e.g. its broker login)
         self.echo, self.python = echo, python
         self.per_process = peers_per_process
-        self.procs: dict[str, subprocess.Popen] = {}   # per peer id; the K peers of one host share one
-        self.hosts: dict[str, list[str]] = {}          # host name (its first peer's id) -> the peers it runs
+        self.procs: dict[str, subprocess.Popen] = {}  # per peer id; the K peers of one host share one
+        self.hosts: dict[str, list[str]] = {}  # host name (its first peer's id) -> the peers it runs
         self._threads: list[threading.Thread] = []
         self._print_lock = threading.Lock()
 
@@ -170,7 +183,7 @@ class LocalNetwork:
     def peer_id(index: int) -> str:
         return launched_peer_id(index + 1)
 
-    def start(self) -> "LocalNetwork":
+    def start(self) -> LocalNetwork:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.broker is None:
             self.broker = Broker(self.broker_port, log_path=self.run_dir / "broker.log").start()
@@ -179,8 +192,12 @@ class LocalNetwork:
                 self.start_peer(self.peer_id(index), shard=f"{index}/{self.num_shards}")
             return self
         for first in range(0, self.count, self.per_process):
-            self.start_host([(self.peer_id(index), f"{index}/{self.num_shards}")
-                             for index in range(first, min(first + self.per_process, self.count))])
+            self.start_host(
+                [
+                    (self.peer_id(index), f"{index}/{self.num_shards}")
+                    for index in range(first, min(first + self.per_process, self.count))
+                ]
+            )
         return self
 
     def _common_args(self) -> list[str]:
@@ -196,11 +213,11 @@ class LocalNetwork:
         for peer_id in ids:
             peer_dir(self.run_dir, peer_id).mkdir(parents=True, exist_ok=True)
         hosted = ",".join(f"{peer_id}={shard}" for peer_id, shard in members)
-        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args(), *self.peer_args,
-               *extra_args]
+        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args(), *self.peer_args, *extra_args]
         env = {**self.env, **self.peer_env.get(name, {})}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
         for peer_id in ids:
             self.procs[peer_id] = proc
         self.hosts[name] = ids
@@ -239,11 +256,26 @@ class LocalNetwork:
         log_path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
         log_path.parent.mkdir(parents=True, exist_ok=True)
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
-        cmd = [self.python, "-m", "peer", "--broker", self.broker.address, "--peer-id", peer_id, "--shard", shard, *run,
-               "--run-dir", str(self.run_dir), *self.peer_args, *extra_args]
+        cmd = [
+            self.python,
+            "-m",
+            "peer",
+            "--broker",
+            self.broker.address,
+            "--peer-id",
+            peer_id,
+            "--shard",
+            shard,
+            *run,
+            "--run-dir",
+            str(self.run_dir),
+            *self.peer_args,
+            *extra_args,
+        ]
         env = {**self.env, **self.peer_env.get(peer_id, {})}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs[peer_id] = proc
         thread = threading.Thread(target=self._pump, args=(peer_id, proc, log_path), daemon=True)
         thread.start()
@@ -289,7 +321,7 @@ class LocalNetwork:
                         proc.send_signal(sig)
                     except ProcessLookupError:
                         pass
-        deadline = time.monotonic() + 10 + 5 * (self.per_process > 1)   # a host says goodbye for K peers
+        deadline = time.monotonic() + 10 + 5 * (self.per_process > 1)  # a host says goodbye for K peers
         for proc in self.processes():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
@@ -318,7 +350,7 @@ def split_peer_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     if "--" not in argv:
         return argv, []
     split = argv.index("--")
-    return argv[:split], argv[split + 1:]
+    return argv[:split], argv[split + 1 :]
 
 
 def with_min_peers(peer_args: list[str], peers: int, environ=os.environ) -> list[str]:
@@ -335,36 +367,55 @@ def start_dashboard(net: LocalNetwork, port: int) -> subprocess.Popen:
     cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
-    page = subprocess.Popen(cmd, cwd=ROOT, env=net.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    page = subprocess.Popen(
+        cmd, cwd=ROOT, env=net.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     print(f"localnet: live page http://127.0.0.1:{port}/", flush=True)
     return page
 
 
 def main(argv: list[str] | None = None) -> int:
     argv, peer_args = split_peer_args(argv)
-    parser = argparse.ArgumentParser(prog="python -m scripts.localnet",
-                                     description="Run a broker and N peers as local processes (no Docker). "
-                                                 "Flags after -- go to every peer (see python -m peer --help).")
-    parser.add_argument("--peers", type=int, default=5,
-                        help="number of peers (default 5); the peers' --min-peers defaults to it")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/latest"), help="records folder (default runs/latest)")
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.localnet",
+        description="Run a broker and N peers as local processes (no Docker). "
+        "Flags after -- go to every peer (see python -m peer --help).",
+    )
+    parser.add_argument(
+        "--peers", type=int, default=5, help="number of peers (default 5); the peers' --min-peers defaults to it"
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs/latest"), help="records folder (default runs/latest)"
+    )
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
-    parser.add_argument("--peers-per-process", type=int, default=1, metavar="K",
-                        help="run the peers K to a process (python -m peer.host), sharing one TensorFlow: a hundred "
-                             "peers fit on one machine (default 1: a process each)")
-    parser.add_argument("--resume", action="store_true",
-                        help="go on with the run whose checkpoint is in --run-dir (its run id, model and rounds)")
-    parser.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
-                        help="also serve the live page (python -m graphs.live, an observer) on 127.0.0.1:PORT")
+    parser.add_argument(
+        "--peers-per-process",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the peers K to a process (python -m peer.host), sharing one TensorFlow: a hundred "
+        "peers fit on one machine (default 1: a process each)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the run whose checkpoint is in --run-dir (its run id, model and rounds)",
+    )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="also serve the live page (python -m graphs.live, an observer) on 127.0.0.1:PORT",
+    )
     args = parser.parse_args(argv)
     if args.peers < 1:
         parser.error("--peers must be at least 1")
     if args.peers_per_process < 1:
         parser.error("--peers-per-process must be at least 1")
-    run_id = os.environ.get("FL_RUN_ID") or None     # a launcher's (./up.sh), or a new one
+    run_id = os.environ.get("FL_RUN_ID") or None  # a launcher's (./up.sh), or a new one
     if args.resume:
         if args.peers_per_process > 1:
             parser.error("--resume needs one peer per process (leave --peers-per-process out)")
@@ -373,8 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as err:
             parser.exit(2, f"{parser.prog}: error: --resume: {err}\n")
         if checkpoint is None:
-            parser.exit(2, f"{parser.prog}: error: --resume: no checkpoint in {args.run_dir} (a run writes one after "
-                           "every finished round)\n")
+            parser.exit(
+                2,
+                f"{parser.prog}: error: --resume: no checkpoint in {args.run_dir} (a run writes one after "
+                "every finished round)\n",
+            )
         run_id, peer_args = checkpoint.run_id, ["--resume", *peer_args]
         print(f"localnet: going on with run {run_id} after round {checkpoint.round}", flush=True)
 
@@ -382,16 +436,26 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    net = LocalNetwork(args.run_dir, args.peers, with_min_peers(peer_args, args.peers), echo=not args.quiet,
-                       broker_port=args.port, run_id=run_id, peers_per_process=args.peers_per_process)
+    net = LocalNetwork(
+        args.run_dir,
+        args.peers,
+        with_min_peers(peer_args, args.peers),
+        echo=not args.quiet,
+        broker_port=args.port,
+        run_id=run_id,
+        peers_per_process=args.peers_per_process,
+    )
     page = None
     try:
         net.start()
         if args.dashboard_port:
             page = start_dashboard(net, args.dashboard_port)
         hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
-        print(f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
-              f"{args.run_dir}", flush=True)
+        print(
+            f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
+            f"{args.run_dir}",
+            flush=True,
+        )
         codes = net.wait(args.timeout or float("inf"))
     except KeyboardInterrupt:
         print("\nlocalnet: stopping every peer and the broker", flush=True)

@@ -16,6 +16,7 @@ State of its own (generated logins, the compose file, the last network started) 
 root, git-ignored and private (0700); nothing of the checkout is modified by a container, and nothing tracked by git
 is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peer.records.run_dir import (
+    CheckpointError,
+    killed_on_purpose,
+    read_checkpoint,
+    read_elections,
+    read_rounds,
+    read_run_summary,
+)
 from peer.wire.ids import launched_peer_id, new_run_id, valid_run_id
-from peer.records.run_dir import (CheckpointError, killed_on_purpose, read_checkpoint, read_elections, read_rounds,
-                          read_run_summary)
 from scripts import chaos
 from scripts.localnet import HostLines, free_port
 
@@ -55,26 +62,32 @@ BASES = {
 }
 BUILD_ARG = {"python": "PYTHON_BASE", "mosquitto": "MOSQUITTO_BASE"}
 IMAGES = {PEER_IMAGE: ("peer/Dockerfile", "python"), BROKER_IMAGE: ("broker/Dockerfile", "mosquitto")}
-DEBIAN_SUITE = "bookworm"   # its python3 is 3.11, as in python:3.11-slim
+DEBIAN_SUITE = "bookworm"  # its python3 is 3.11, as in python:3.11-slim
 # The official eclipse-mosquitto image declares these VOLUMEs; the local stand-in does too, so that the compose file's
 # tmpfs over them (no anonymous volume left behind by a run) is exercised wherever the tests run.
 MOSQUITTO_VOLUMES = ["/mosquitto/data", "/mosquitto/log"]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 LABEL_RUN_DIR = "org.sdfl.run-dir"
-LABEL_PEER = "org.sdfl.peer"    # on a peer container: the peers it runs (its id, or ids joined by commas on a host)
+LABEL_PEER = "org.sdfl.peer"  # on a peer container: the peers it runs (its id, or ids joined by commas on a host)
 LABEL_PROJECT = "com.docker.compose.project"
 DEFAULT_PROJECT = "sdfl"
 DEFAULT_PUBLISH = "127.0.0.1::1883"
-OBSERVER = "observer"       # the live page's read-only broker login
-DASHBOARD = "dashboard"     # its compose service; the page listens on DASHBOARD_PORT inside
+OBSERVER = "observer"  # the live page's read-only broker login
+DASHBOARD = "dashboard"  # its compose service; the page listens on DASHBOARD_PORT inside
 DASHBOARD_PORT = 8765
-HOSTED_LOGINS = "/run/secrets/logins"   # where a host container finds its peers' logins (peer.host --login-dir)
-DOWN_GRACE_S = 5            # a peer gets this long to leave after SIGTERM (it takes well under a second)
-SIGNALS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}   # signal -> chaos.csv action
+HOSTED_LOGINS = "/run/secrets/logins"  # where a host container finds its peers' logins (peer.host --login-dir)
+DOWN_GRACE_S = 5  # a peer gets this long to leave after SIGTERM (it takes well under a second)
+SIGNALS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}  # signal -> chaos.csv action
 # Settings the launcher sets for each peer itself; a peer flag or FL_* variable for them would be a mistake.
-OWNED_FLAGS = {"--broker": "FL_BROKER", "--peer-id": "FL_PEER_ID", "--shard": "FL_SHARD", "--run-dir": "FL_RUN_DIR",
-               "--username": "FL_USERNAME", "--password": "FL_PASSWORD"}
+OWNED_FLAGS = {
+    "--broker": "FL_BROKER",
+    "--peer-id": "FL_PEER_ID",
+    "--shard": "FL_SHARD",
+    "--run-dir": "FL_RUN_DIR",
+    "--username": "FL_USERNAME",
+    "--password": "FL_PASSWORD",
+}
 
 
 class UpError(Exception):
@@ -101,21 +114,32 @@ def warn(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ small helpers
 
-def run(cmd: list[str], *, check: bool = True, capture: bool = True, timeout: float | None = None,
-        input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+
+def run(
+    cmd: list[str],
+    *,
+    check: bool = True,
+    capture: bool = True,
+    timeout: float | None = None,
+    input: str | None = None,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """A command in its own session, so a Ctrl-C meant for the launcher does not reach it mid-way: the launcher
     decides what to stop, and in which order."""
     try:
-        result = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, input=input, env=env,
-                                start_new_session=True)
+        result = subprocess.run(
+            cmd, capture_output=capture, text=True, timeout=timeout, input=input, env=env, start_new_session=True
+        )
     except FileNotFoundError:
         raise UpError(f"{cmd[0]}: command not found") from None
     except subprocess.TimeoutExpired:
         raise UpError(f"`{shlex.join(cmd[:4])} ...` did not answer within {timeout:.0f} s") from None
     if check and result.returncode != 0:
         detail = (result.stderr or result.stdout or "").strip().splitlines()[-5:] if capture else []
-        raise UpError(f"`{shlex.join(cmd[:5])}{' ...' if len(cmd) > 5 else ''}` failed (status {result.returncode})"
-                      + ("".join(f"\n  {line}" for line in detail)))
+        raise UpError(
+            f"`{shlex.join(cmd[:5])}{' ...' if len(cmd) > 5 else ''}` failed (status {result.returncode})"
+            + ("".join(f"\n  {line}" for line in detail))
+        )
     return result
 
 
@@ -144,7 +168,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-peer_id = launched_peer_id   # peer K (from 1) is peer-K, on shard K-1 of T, as scripts.localnet names them
+peer_id = launched_peer_id  # peer K (from 1) is peer-K, on shard K-1 of T, as scripts.localnet names them
 
 
 def abs_path(text: str) -> Path:
@@ -167,7 +191,7 @@ def peer_flag(flags: list[str], name: str) -> str | None:
         if word == name and i + 1 < len(flags):
             value = flags[i + 1]
         elif word.startswith(name + "="):
-            value = word[len(name) + 1:]
+            value = word[len(name) + 1 :]
     return value
 
 
@@ -185,6 +209,7 @@ def without_flag(flags: list[str], name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ logins
 
+
 def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
     """A Mosquitto 2 password-file hash ($7$: PBKDF2-SHA512, as mosquitto_passwd writes), so no mosquitto_passwd
     is needed on the host and no container writes into the login folder."""
@@ -194,19 +219,34 @@ def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = 1
 
 
 def acl_text(peers: list[str], topic_prefix: str, observer: bool = True) -> str:
-    lines = ["# Generated by ./up.sh (scripts/up.py, make_credentials) for this network. Anything not granted is "
-             "denied.", "",
-             "# The broker's healthcheck only proves a login round trip by reading one retained $SYS value.",
-             "user health", "topic read $SYS/broker/uptime", ""]
-    lines += ["# A peer reads its federation's topics and publishes only on topics that name it as sender",
-              f"# ({topic_prefix}/<run>/<kind>/<sender>, and <sender>/<i> for the chunks of a large model): no login "
-              "can speak for another peer."]
+    lines = [
+        "# Generated by ./up.sh (scripts/up.py, make_credentials) for this network. Anything not granted is denied.",
+        "",
+        "# The broker's healthcheck only proves a login round trip by reading one retained $SYS value.",
+        "user health",
+        "topic read $SYS/broker/uptime",
+        "",
+    ]
+    lines += [
+        "# A peer reads its federation's topics and publishes only on topics that name it as sender",
+        f"# ({topic_prefix}/<run>/<kind>/<sender>, and <sender>/<i> for the chunks of a large model): no login "
+        "can speak for another peer.",
+    ]
     for peer in peers:
-        lines += [f"user {peer}", f"topic read {topic_prefix}/#", f"topic write {topic_prefix}/+/+/{peer}",
-                  f"topic write {topic_prefix}/+/+/{peer}/+", ""]
+        lines += [
+            f"user {peer}",
+            f"topic read {topic_prefix}/#",
+            f"topic write {topic_prefix}/+/+/{peer}",
+            f"topic write {topic_prefix}/+/+/{peer}/+",
+            "",
+        ]
     if observer:
-        lines += ["# The live page's observer (graphs.live) only reads: nothing it could do reaches the federation.",
-                  f"user {OBSERVER}", f"topic read {topic_prefix}/#", ""]
+        lines += [
+            "# The live page's observer (graphs.live) only reads: nothing it could do reaches the federation.",
+            f"user {OBSERVER}",
+            f"topic read {topic_prefix}/#",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -215,6 +255,7 @@ class Login:
     """A network's generated secrets, all in one private folder (.up/<project>/login, mode 0700):
     `<peer>.env` (FL_USERNAME/FL_PASSWORD, one login per peer), `health.env` (the healthcheck's), `passwd` (hashed,
     for the broker), `acl`, and `federation.secret` (a per-network secret for the peers, FL_SECRET_FILE)."""
+
     folder: Path
 
     def env_file(self, peer: str) -> Path:
@@ -248,14 +289,18 @@ class Login:
         return self.folder / "run-id"
 
     def peers(self) -> list[str]:
-        return sorted((p.name[:-4] for p in self.folder.glob("*.env") if p.name != "health.env"),
-                      key=lambda name: (len(name), name))
+        return sorted(
+            (p.name[:-4] for p in self.folder.glob("*.env") if p.name != "health.env"),
+            key=lambda name: (len(name), name),
+        )
 
     def check(self, peers: list[str]) -> None:
         missing = [p for p in peers if not self.env_file(p).is_file()]
         if missing:
-            raise UpError(f"no login for {', '.join(missing)} in {self.folder}: on the broker's machine, "
-                          f"`./up.sh credentials --peers T` makes logins for peer-1..peer-T; copy its login folder here")
+            raise UpError(
+                f"no login for {', '.join(missing)} in {self.folder}: on the broker's machine, "
+                f"`./up.sh credentials --peers T` makes logins for peer-1..peer-T; copy its login folder here"
+            )
 
 
 def make_credentials(folder: Path, peers: list[str], topic_prefix: str = "sd") -> Login:
@@ -266,18 +311,28 @@ def make_credentials(folder: Path, peers: list[str], topic_prefix: str = "sd") -
     login = Login(private_dir(folder))
     for peer in peers:
         if not login.env_file(peer).is_file():
-            write_file(login.env_file(peer), f"# Broker login of {peer} (generated by ./up.sh; never committed).\n"
-                                             f"FL_USERNAME={peer}\nFL_PASSWORD={secrets.token_hex(24)}\n")
+            write_file(
+                login.env_file(peer),
+                f"# Broker login of {peer} (generated by ./up.sh; never committed).\n"
+                f"FL_USERNAME={peer}\nFL_PASSWORD={secrets.token_hex(24)}\n",
+            )
     if not login.health_env.is_file():
-        write_file(login.health_env, "# The broker healthcheck's login (generated by ./up.sh).\n"
-                                     f"MQTT_HEALTH_PASSWORD={secrets.token_hex(24)}\n")
+        write_file(
+            login.health_env,
+            f"# The broker healthcheck's login (generated by ./up.sh).\nMQTT_HEALTH_PASSWORD={secrets.token_hex(24)}\n",
+        )
     if not login.secret.is_file():
         write_file(login.secret, secrets.token_hex(32) + "\n")
     if not login.observer_env.is_file():
-        write_file(login.observer_env, "# The live page's read-only broker login (generated by ./up.sh).\n"
-                                       f"FL_USERNAME={OBSERVER}\nFL_PASSWORD={secrets.token_hex(24)}\n")
-    users = {"health": read_env_file(login.health_env)["MQTT_HEALTH_PASSWORD"],
-             OBSERVER: read_env_file(login.observer_env)["FL_PASSWORD"]}
+        write_file(
+            login.observer_env,
+            "# The live page's read-only broker login (generated by ./up.sh).\n"
+            f"FL_USERNAME={OBSERVER}\nFL_PASSWORD={secrets.token_hex(24)}\n",
+        )
+    users = {
+        "health": read_env_file(login.health_env)["MQTT_HEALTH_PASSWORD"],
+        OBSERVER: read_env_file(login.observer_env)["FL_PASSWORD"],
+    }
     for peer in login.peers():
         users[peer] = read_env_file(login.env_file(peer))["FL_PASSWORD"]
     write_file(login.passwd, "".join(f"{user}:{mosquitto_hash(pw)}\n" for user, pw in users.items()), 0o644)
@@ -287,13 +342,19 @@ def make_credentials(folder: Path, peers: list[str], topic_prefix: str = "sd") -
 
 # ------------------------------------------------------------------------------------------------ docker
 
+
 def docker_problem(timeout: float) -> str | None:
     """Why containers cannot run here (None: they can)."""
     if shutil.which("docker") is None:
         return "no docker command"
     try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                              timeout=timeout, start_new_session=True)
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired:
         return f"docker info timed out after {timeout:g}s"
     if info.returncode != 0:
@@ -311,8 +372,10 @@ def build_local_base(kind: str) -> None:
     """A base image from Debian packages: mmdebstrap writes a minimal Debian as a tarball, docker imports it."""
     official, local, packages = BASES[kind]
     if shutil.which("mmdebstrap") is None:
-        raise UpError(f"{official} cannot be pulled and mmdebstrap is missing to build {local} from Debian packages: "
-                      "`sudo apt-get install mmdebstrap` (or `docker load` the official image)")
+        raise UpError(
+            f"{official} cannot be pulled and mmdebstrap is missing to build {local} from Debian packages: "
+            "`sudo apt-get install mmdebstrap` (or `docker load` the official image)"
+        )
     cmd = ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(packages)}", DEBIAN_SUITE, "-"]
     if os.environ.get("UP_DEBIAN_MIRROR"):
         cmd.append(os.environ["UP_DEBIAN_MIRROR"])
@@ -322,14 +385,20 @@ def build_local_base(kind: str) -> None:
     log = private_dir(STATE) / f"base-{kind}.log"
     with open(log, "w") as err:
         debootstrap = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
-        importer = subprocess.run(["docker", "import", *sum((["--change", c] for c in changes), []), "-", local],
-                                  stdin=debootstrap.stdout, capture_output=True, text=True)
+        importer = subprocess.run(
+            ["docker", "import", *sum((["--change", c] for c in changes), []), "-", local],
+            stdin=debootstrap.stdout,
+            capture_output=True,
+            text=True,
+        )
         debootstrap.stdout.close()
         code = debootstrap.wait()
     if code != 0 or importer.returncode != 0:
         tail = "".join(f"\n  {line}" for line in log.read_text().splitlines()[-8:])
-        raise UpError(f"building {local} from Debian packages failed (mmdebstrap {code}, docker import "
-                      f"{importer.returncode} {importer.stderr.strip()}); full log: {log}{tail}")
+        raise UpError(
+            f"building {local} from Debian packages failed (mmdebstrap {code}, docker import "
+            f"{importer.returncode} {importer.stderr.strip()}); full log: {log}{tail}"
+        )
 
 
 def choose_bases(choice: str) -> dict[str, str]:
@@ -346,14 +415,18 @@ def choose_bases(choice: str) -> dict[str, str]:
         elif run(["docker", "pull", "-q", official], check=False, timeout=300).returncode == 0:
             bases[kind] = official
         elif choice == "official":
-            raise UpError(f"cannot pull {official} (no registry reachable?); --base local builds a stand-in from "
-                          "Debian packages instead")
+            raise UpError(
+                f"cannot pull {official} (no registry reachable?); --base local builds a stand-in from "
+                "Debian packages instead"
+            )
         else:
             unpullable.append(official)
             bases[kind] = local
     if unpullable:
-        say(f"cannot pull {' or '.join(unpullable)}: building local base images from Debian packages instead "
-            "(mmdebstrap, about a minute, once)")
+        say(
+            f"cannot pull {' or '.join(unpullable)}: building local base images from Debian packages instead "
+            "(mmdebstrap, about a minute, once)"
+        )
     for kind, image in bases.items():
         if image == BASES[kind][1] and not image_exists(image):
             started = time.monotonic()
@@ -369,13 +442,25 @@ def ensure_images(base: str = "auto", ca_bundle: Path | None = None) -> None:
     network = os.environ.get("UP_BUILD_NETWORK", "host")
     for tag, (dockerfile, kind) in IMAGES.items():
         started = time.monotonic()
-        cmd = ["docker", "build", "--network", network, "-f", str(ROOT / dockerfile), "-t", tag,
-               "--build-arg", f"{BUILD_ARG[kind]}={bases[kind]}"]
+        cmd = [
+            "docker",
+            "build",
+            "--network",
+            network,
+            "-f",
+            str(ROOT / dockerfile),
+            "-t",
+            tag,
+            "--build-arg",
+            f"{BUILD_ARG[kind]}={bases[kind]}",
+        ]
         if kind == "python" and extra_ca:
             cmd += ["--build-arg", f"EXTRA_CA_CERTS={extra_ca}"]
         if not image_exists(tag):
-            say(f"images: building {tag} on {bases[kind]}"
-                + (" (the first time takes a few minutes: TensorFlow)" if kind == "python" else ""))
+            say(
+                f"images: building {tag} on {bases[kind]}"
+                + (" (the first time takes a few minutes: TensorFlow)" if kind == "python" else "")
+            )
         log = private_dir(STATE) / f"build-{tag.split(':')[0]}.log"
         with open(log, "w") as out:
             # In the launcher's process group: a Ctrl-C stops the build too.
@@ -385,10 +470,13 @@ def ensure_images(base: str = "auto", ca_bundle: Path | None = None) -> None:
             tail = "".join(f"\n  | {line}" for line in lines[-15:])
             hint = ""
             if "CERTIFICATE_VERIFY_FAILED" in "".join(lines):
-                hint = ("\n  TLS is intercepted on the way out: pass your proxy's CA certificates with "
-                        "--ca-bundle FILE (or UP_CA_BUNDLE=FILE)")
-            raise UpError(f"building {tag} ({dockerfile}) failed (status {code}); its last lines:{tail}{hint}"
-                          f"\n  full log: {log}")
+                hint = (
+                    "\n  TLS is intercepted on the way out: pass your proxy's CA certificates with "
+                    "--ca-bundle FILE (or UP_CA_BUNDLE=FILE)"
+                )
+            raise UpError(
+                f"building {tag} ({dockerfile}) failed (status {code}); its last lines:{tail}{hint}\n  full log: {log}"
+            )
         say(f"images: {tag} ready ({time.monotonic() - started:.1f} s, base {bases[kind]})")
 
 
@@ -424,24 +512,26 @@ def service_of(container: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ the network
 
+
 @dataclass
 class Network:
     """One network as the launcher starts it: which peers run here, against which broker, with what settings."""
+
     project: str
     run_dir: Path
-    peers: list[str]                      # the peers started here
-    total: int                            # peers in the whole federation (the shards' N)
+    peers: list[str]  # the peers started here
+    total: int  # peers in the whole federation (the shards' N)
     first: int = 1
     peer_flags: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)       # FL_* settings passed to every peer
-    join: str | None = None               # HOST:PORT of a broker elsewhere (no broker here)
+    env: dict[str, str] = field(default_factory=dict)  # FL_* settings passed to every peer
+    join: str | None = None  # HOST:PORT of a broker elsewhere (no broker here)
     publish: str = DEFAULT_PUBLISH
-    data_dirs: list[tuple[Path, str]] = field(default_factory=list)   # (host folder, container path), read-only
+    data_dirs: list[tuple[Path, str]] = field(default_factory=list)  # (host folder, container path), read-only
     max_rounds: int = 10
     topic_prefix: str = "sd"
-    run_id: str = ""                      # the run (FL_RUN_ID); empty: a new one, or with --join the broker's
-    resume: bool = False                  # go on from run_dir's checkpoint (run_id is the checkpoint's)
-    per_process: int = 1                  # peers per process (local) or per container (python -m peer.host)
+    run_id: str = ""  # the run (FL_RUN_ID); empty: a new one, or with --join the broker's
+    resume: bool = False  # go on from run_dir's checkpoint (run_id is the checkpoint's)
+    per_process: int = 1  # peers per process (local) or per container (python -m peer.host)
 
     @property
     def state(self) -> Path:
@@ -460,7 +550,7 @@ class Network:
         if self.per_process == 1:
             return {peer: [peer] for peer in self.peers}
         k = self.per_process
-        return {f"host-{self.peers[i]}": self.peers[i:i + k] for i in range(0, len(self.peers), k)}
+        return {f"host-{self.peers[i]}": self.peers[i : i + k] for i in range(0, len(self.peers), k)}
 
     def killed_on_purpose(self) -> set[str]:
         """The peers chaos.csv says were killed, with those that shared their container: they died of it too."""
@@ -478,8 +568,10 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
     services: dict[str, dict] = {}
     labels = {LABEL_RUN_DIR: dollar(str(net.run_dir))}
     if not net.join:
-        health = ("mosquitto_sub -h 127.0.0.1 -p 1883 -u health -P \"$MQTT_HEALTH_PASSWORD\" "
-                  "-t '$SYS/broker/uptime' -C 1 -W 5 > /dev/null")
+        health = (
+            'mosquitto_sub -h 127.0.0.1 -p 1883 -u health -P "$MQTT_HEALTH_PASSWORD" '
+            "-t '$SYS/broker/uptime' -C 1 -W 5 > /dev/null"
+        )
         services["broker"] = {
             "image": BROKER_IMAGE,
             "pull_policy": "never",
@@ -487,35 +579,55 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
             "labels": labels,
             "env_file": [str(login.health_env)],
             # Read-only, and outside /mosquitto: no container ever writes to (or re-owns) a file of the host.
-            "volumes": [{"type": "bind", "source": str(path), "target": f"/etc/sdfl/login/{path.name}",
-                         "read_only": True} for path in (login.passwd, login.acl)],
+            "volumes": [
+                {"type": "bind", "source": str(path), "target": f"/etc/sdfl/login/{path.name}", "read_only": True}
+                for path in (login.passwd, login.acl)
+            ],
             # The base image's VOLUMEs would each leave an anonymous volume behind: tmpfs instead.
             "tmpfs": MOSQUITTO_VOLUMES,
             "ports": [net.publish],
-            "healthcheck": {"test": ["CMD-SHELL", dollar(health)], "interval": "2s", "timeout": "6s",
-                            "retries": 30},
+            "healthcheck": {"test": ["CMD-SHELL", dollar(health)], "interval": "2s", "timeout": "6s", "retries": 30},
             "restart": "no",
         }
     broker = net.join or "broker:1883"
     for name, peers in net.containers().items():
-        env = {"FL_BROKER": broker, "FL_RUN_DIR": "/run-dir", "FL_MIN_PEERS": str(net.total),
-               "FL_SECRET_FILE": "/run/secrets/federation", **net.env}
-        volumes = [{"type": "bind", "source": str(net.run_dir), "target": "/run-dir"},
-                   {"type": "bind", "source": str(login.secret), "target": "/run/secrets/federation",
-                    "read_only": True},
-                   {"type": "volume", "source": "datasets", "target": "/data/keras"}]
-        volumes += [{"type": "bind", "source": str(host), "target": target, "read_only": True}
-                    for host, target in net.data_dirs]
+        env = {
+            "FL_BROKER": broker,
+            "FL_RUN_DIR": "/run-dir",
+            "FL_MIN_PEERS": str(net.total),
+            "FL_SECRET_FILE": "/run/secrets/federation",
+            **net.env,
+        }
+        volumes = [
+            {"type": "bind", "source": str(net.run_dir), "target": "/run-dir"},
+            {"type": "bind", "source": str(login.secret), "target": "/run/secrets/federation", "read_only": True},
+            {"type": "volume", "source": "datasets", "target": "/data/keras"},
+        ]
+        volumes += [
+            {"type": "bind", "source": str(host), "target": target, "read_only": True} for host, target in net.data_dirs
+        ]
         command = list(net.peer_flags)
-        if name in peers:   # one peer: `python -m peer`, its login in its environment
+        if name in peers:  # one peer: `python -m peer`, its login in its environment
             env.update(FL_PEER_ID=name, FL_SHARD=net.shard(name))
             env_file = [str(login.env_file(name))]
-        else:               # a host: its peers' logins mounted, and only theirs (the ACL binds a login to a peer)
+        else:  # a host: its peers' logins mounted, and only theirs (the ACL binds a login to a peer)
             env_file = []
-            volumes += [{"type": "bind", "source": str(login.env_file(peer)), "target": f"{HOSTED_LOGINS}/{peer}.env",
-                         "read_only": True} for peer in peers]
-            command = ["--hosted", ",".join(f"{peer}={net.shard(peer)}" for peer in peers),
-                       "--login-dir", HOSTED_LOGINS, *command]
+            volumes += [
+                {
+                    "type": "bind",
+                    "source": str(login.env_file(peer)),
+                    "target": f"{HOSTED_LOGINS}/{peer}.env",
+                    "read_only": True,
+                }
+                for peer in peers
+            ]
+            command = [
+                "--hosted",
+                ",".join(f"{peer}={net.shard(peer)}" for peer in peers),
+                "--login-dir",
+                HOSTED_LOGINS,
+                *command,
+            ]
         service = {
             "image": PEER_IMAGE,
             "pull_policy": "never",
@@ -552,22 +664,42 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
             "user": f"{uid}:{gid}",
             "init": True,
             "entrypoint": ["python", "-m", "graphs.live"],
-            "command": ["--broker", broker, "--run-id", dollar(net.run_id or "default"), "--bind", "0.0.0.0",
-                        "--port", str(DASHBOARD_PORT), "--secret-file", "/run/secrets/federation"],
+            "command": [
+                "--broker",
+                broker,
+                "--run-id",
+                dollar(net.run_id or "default"),
+                "--bind",
+                "0.0.0.0",
+                "--port",
+                str(DASHBOARD_PORT),
+                "--secret-file",
+                "/run/secrets/federation",
+            ],
             "env_file": [str(login.observer_env)],
-            "volumes": [{"type": "bind", "source": dollar(str(login.secret)), "target": "/run/secrets/federation",
-                         "read_only": True}],
+            "volumes": [
+                {
+                    "type": "bind",
+                    "source": dollar(str(login.secret)),
+                    "target": "/run/secrets/federation",
+                    "read_only": True,
+                }
+            ],
             "ports": [f"127.0.0.1::{DASHBOARD_PORT}"],
             "depends_on": {"broker": {"condition": "service_healthy"}},
             "stop_grace_period": "1s",
             "restart": "no",
         }
-    return {"name": net.project, "services": services,
-            # The Keras download cache (mnist, cifar10 when the host has no copy), kept between runs.
-            "volumes": {"datasets": {}}}
+    return {
+        "name": net.project,
+        "services": services,
+        # The Keras download cache (mnist, cifar10 when the host has no copy), kept between runs.
+        "volumes": {"datasets": {}},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ progress
+
 
 class Progress:
     """Turns what the run dir shows into one line per step: peers joined, elections, rounds, exits, the finish."""
@@ -588,7 +720,7 @@ class Progress:
             self.joined = joined
             say(f"peers joined {len(joined)}/{len(self.net.peers)}")
         elections = read_elections(run_dir)
-        for row in elections[self.terms_seen:]:
+        for row in elections[self.terms_seen :]:
             say(f"term {row.term}: {row.controller} is controller ({row.reason})")
         self.terms_seen = max(self.terms_seen, len(elections))
         for row in read_rounds(run_dir):
@@ -596,9 +728,11 @@ class Progress:
             if key in self.rounds_seen:
                 continue
             self.rounds_seen.add(key)
-            say(f"round {row.round}/{self.net.max_rounds}: accuracy {row.accuracy:.4f} ({row.duration_s:.1f} s; "
-                f"{time.time() - self.started:.0f} s since the peers started)")
-        exits: dict[str, list[str]] = {}   # one line for the peers that exit alike (a host's K peers do at once)
+            say(
+                f"round {row.round}/{self.net.max_rounds}: accuracy {row.accuracy:.4f} ({row.duration_s:.1f} s; "
+                f"{time.time() - self.started:.0f} s since the peers started)"
+            )
+        exits: dict[str, list[str]] = {}  # one line for the peers that exit alike (a host's K peers do at once)
         for peer, state in (states or {}).items():
             if peer not in self.exited and state.startswith(("exited", "dead")):
                 self.exited.add(peer)
@@ -613,9 +747,11 @@ class Progress:
             if (summary.finished_at or 0) >= self.started - 1:
                 self.finished = True
                 accuracy = summary.final_accuracy
-                say(f"finished ({outcome.get('reason')}): {outcome.get('rounds')} rounds, final accuracy "
+                say(
+                    f"finished ({outcome.get('reason')}): {outcome.get('rounds')} rounds, final accuracy "
                     f"{'n/a' if accuracy is None else format(accuracy, '.4f')}, {outcome.get('terms')} term(s), "
-                    f"{time.time() - self.started:.0f} s since the peers started")
+                    f"{time.time() - self.started:.0f} s since the peers started"
+                )
 
 
 def spans(peers: list[str]) -> str:
@@ -629,8 +765,9 @@ def spans(peers: list[str]) -> str:
             runs[-1].append(n)
         else:
             runs.append([n])
-    return ", ".join(f"peer-{r[0]}" + (f"..peer-{r[-1]}" if len(r) > 2 else f", peer-{r[-1]}" if len(r) == 2 else "")
-                     for r in runs)
+    return ", ".join(
+        f"peer-{r[0]}" + (f"..peer-{r[-1]}" if len(r) > 2 else f", peer-{r[-1]}" if len(r) == 2 else "") for r in runs
+    )
 
 
 def verdict(codes: dict[str, int | None], killed: set[str]) -> dict[str, int | None]:
@@ -658,6 +795,7 @@ def report_end(run_dir: Path, failed: dict[str, int | None], interrupted: bool) 
 
 
 # ------------------------------------------------------------------------------------------------ last network
+
 
 def remember(**info) -> None:
     write_file(private_dir(STATE) / "last.json", json.dumps(info, indent=2) + "\n")
@@ -688,6 +826,7 @@ def launcher_alive(pid) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ run: containers
+
 
 class Signals:
     """SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread, once; during the clean-up they are
@@ -727,8 +866,9 @@ def save_logs(net: Network, found: list[dict]) -> None:
             path = net.run_dir / "peers" / service / "peer.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as out:
-            subprocess.run(["docker", "logs", container["Id"]], stdout=out, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+            subprocess.run(
+                ["docker", "logs", container["Id"]], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         if len(hosted) > 1:
             split_host_log(path, hosted, net.run_dir)
 
@@ -760,8 +900,10 @@ def take_down(project: str, compose_file: Path | None, net: Network | None = Non
     if paused:
         run(["docker", "unpause", *paused], check=False)
     # Peers first, then the broker: a peer says goodbye to the broker (clears its retained presence) on its way out.
-    for group in ([c for c in found if LABEL_PEER in c["Config"]["Labels"]],
-                  [c for c in found if LABEL_PEER not in c["Config"]["Labels"]]):
+    for group in (
+        [c for c in found if LABEL_PEER in c["Config"]["Labels"]],
+        [c for c in found if LABEL_PEER not in c["Config"]["Labels"]],
+    ):
         running = [c["Id"] for c in group if c["State"].get("Running")]
         if running:
             run(["docker", "stop", "-t", str(DOWN_GRACE_S), *running], check=False)
@@ -773,8 +915,9 @@ def take_down(project: str, compose_file: Path | None, net: Network | None = Non
     left = containers(**{LABEL_PROJECT: project})
     if left:
         run(["docker", "rm", "-f", "-v", *[c["Id"] for c in left]], check=False)
-    networks = run(["docker", "network", "ls", "-q", "--filter", f"label={LABEL_PROJECT}={project}"],
-                   check=False).stdout.split()
+    networks = run(
+        ["docker", "network", "ls", "-q", "--filter", f"label={LABEL_PROJECT}={project}"], check=False
+    ).stdout.split()
     if networks:
         run(["docker", "network", "rm", *networks], check=False)
     return time.monotonic() - started
@@ -794,20 +937,26 @@ def start_broker(net: Network, compose: list[str]) -> str:
         if not state.get("Running") or health == "unhealthy" or time.monotonic() > deadline:
             logs = run(["docker", "logs", "--tail", "15", found[0]["Id"]], check=False) if found else None
             tail = "".join(f"\n  | {line}" for line in ((logs.stdout + logs.stderr) if logs else "").splitlines())
-            raise UpError(f"the broker did not become healthy (state {state.get('Status')}, health {health});"
-                          f" its last words:{tail}")
+            raise UpError(
+                f"the broker did not become healthy (state {state.get('Status')}, health {health});"
+                f" its last words:{tail}"
+            )
         time.sleep(0.3)
     port = run([*compose, "port", "broker", "1883"], check=False).stdout.strip() or net.publish
-    say(f"broker healthy in {time.monotonic() - started:.1f} s (published at {port}; "
-        f"{len(Login(net.state / 'login').peers())} peer logins)")
+    say(
+        f"broker healthy in {time.monotonic() - started:.1f} s (published at {port}; "
+        f"{len(Login(net.state / 'login').peers())} peer logins)"
+    )
     return port
 
 
 def run_containers(net: Network, login: Login, base: str, ca_bundle: Path | None) -> int:
     busy = [c for c in containers(**{LABEL_PROJECT: net.project}) if c["State"].get("Running")]
     if busy:
-        raise UpError(f"network {net.project} is already running ({len(busy)} containers): `./up.sh status`, "
-                      f"`./up.sh down`, or start another with --project NAME")
+        raise UpError(
+            f"network {net.project} is already running ({len(busy)} containers): `./up.sh status`, "
+            f"`./up.sh down`, or start another with --project NAME"
+        )
     ensure_images(base, ca_bundle)
     uid, gid = os.getuid(), os.getgid()
     net.run_dir.mkdir(parents=True, exist_ok=True)
@@ -818,17 +967,21 @@ def run_containers(net: Network, login: Login, base: str, ca_bundle: Path | None
     interrupted: Interrupted | None = None
     with Signals() as signals:
         try:
-            take_down(net.project, net.compose_file)      # an earlier run's exited containers, if any
+            take_down(net.project, net.compose_file)  # an earlier run's exited containers, if any
             if not net.join:
                 start_broker(net, compose)
             groups = net.containers()
-            run([*compose, "up", "-d", "--force-recreate", "--no-deps", *groups,
-                 *([] if net.join else [DASHBOARD])], timeout=120)
+            run(
+                [*compose, "up", "-d", "--force-recreate", "--no-deps", *groups, *([] if net.join else [DASHBOARD])],
+                timeout=120,
+            )
             progress.started = time.time()
             if net.per_process > 1:
-                say(f"{len(net.peers)} peers started in {len(groups)} containers, up to {net.per_process} to a "
+                say(
+                    f"{len(net.peers)} peers started in {len(groups)} containers, up to {net.per_process} to a "
                     f"container ({', '.join(f'{g}: {ps[0]}..{ps[-1]}' for g, ps in groups.items())}); records in "
-                    f"{net.run_dir}")
+                    f"{net.run_dir}"
+                )
             else:
                 say(f"{len(net.peers)} peer containers started ({', '.join(net.peers)}); records in {net.run_dir}")
             if not net.join:
@@ -868,9 +1021,14 @@ def run_containers(net: Network, login: Login, base: str, ca_bundle: Path | None
 
 # ------------------------------------------------------------------------------------------------ run: local
 
+
 def find_mosquitto() -> str | None:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
-                      "/opt/homebrew/sbin/mosquitto"):
+    for candidate in (
+        shutil.which("mosquitto"),
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/opt/homebrew/sbin/mosquitto",
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -887,8 +1045,13 @@ def install_command(package: str) -> str:
     except OSError:
         pass
     sudo = "" if os.geteuid() == 0 else "sudo "
-    for names, tool in (("debian ubuntu", "apt-get install -y"), ("fedora rhel centos", "dnf install -y"),
-                        ("arch", "pacman -S"), ("alpine", "apk add"), ("suse", "zypper install")):
+    for names, tool in (
+        ("debian ubuntu", "apt-get install -y"),
+        ("fedora rhel centos", "dnf install -y"),
+        ("arch", "pacman -S"),
+        ("alpine", "apk add"),
+        ("suse", "zypper install"),
+    ):
         if any(name in ids.split() for name in names.split()):
             return f"{sudo}{tool} {package}"
     return f"{sudo}apt-get install -y {package}"
@@ -902,32 +1065,53 @@ def local_python() -> str:
     if not venv_python.exists():
         say(f"no .venv in {ROOT}: creating it and installing requirements.txt (a few minutes, once)")
         run([sys.executable, "-m", "venv", str(ROOT / ".venv")], capture=False)
-        code = subprocess.run([str(venv_python), "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements.txt")],
-                              start_new_session=True).returncode
+        code = subprocess.run(
+            [str(venv_python), "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements.txt")],
+            start_new_session=True,
+        ).returncode
         if code != 0:
-            raise UpError(f"installing requirements.txt into .venv failed (status {code}); fix the cause and run "
-                          f"`.venv/bin/pip install -r requirements.txt`, or remove .venv to start over")
+            raise UpError(
+                f"installing requirements.txt into .venv failed (status {code}); fix the cause and run "
+                f"`.venv/bin/pip install -r requirements.txt`, or remove .venv to start over"
+            )
     return str(venv_python)
 
 
 def run_local(net: Network) -> int:
     if net.join or net.first != 1 or net.total != len(net.peers):
-        raise UpError("--join, --first and --total need containers; a local peer joins another broker with "
-                      "`python -m peer --broker HOST:PORT ...` (README: Several machines)", 2)
+        raise UpError(
+            "--join, --first and --total need containers; a local peer joins another broker with "
+            "`python -m peer --broker HOST:PORT ...` (README: Several machines)",
+            2,
+        )
     mosquitto = find_mosquitto()
     if mosquitto is None:
         raise UpError(f"the local network needs the mosquitto broker: {install_command('mosquitto')}")
     python = local_python()
-    probe = ("import importlib.util as u, sys; "
-             "sys.exit(not all(u.find_spec(m) for m in ('paho', 'numpy', 'tensorflow')))")
+    probe = (
+        "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('paho', 'numpy', 'tensorflow')))"
+    )
     if subprocess.run([python, "-c", probe], capture_output=True).returncode != 0:
-        raise UpError(f"{python} cannot import the project's packages (paho-mqtt, numpy, tensorflow): "
-                      f"`{python} -m pip install -r requirements.txt`, or set PYTHON")
+        raise UpError(
+            f"{python} cannot import the project's packages (paho-mqtt, numpy, tensorflow): "
+            f"`{python} -m pip install -r requirements.txt`, or set PYTHON"
+        )
     net.run_dir.mkdir(parents=True, exist_ok=True)
     page_port = free_port()
-    cmd = [python, "-m", "scripts.localnet", "--peers", str(len(net.peers)), "--run-dir", str(net.run_dir),
-           "--quiet", "--dashboard-port", str(page_port), *(["--resume"] if net.resume else []),
-           *(["--peers-per-process", str(net.per_process)] if net.per_process > 1 else [])]
+    cmd = [
+        python,
+        "-m",
+        "scripts.localnet",
+        "--peers",
+        str(len(net.peers)),
+        "--run-dir",
+        str(net.run_dir),
+        "--quiet",
+        "--dashboard-port",
+        str(page_port),
+        *(["--resume"] if net.resume else []),
+        *(["--peers-per-process", str(net.per_process)] if net.per_process > 1 else []),
+    ]
     if net.peer_flags:
         cmd += ["--", *net.peer_flags]
     env = {**os.environ, **net.env, "FL_MIN_PEERS": net.env.get("FL_MIN_PEERS", str(net.total))}
@@ -958,6 +1142,7 @@ def run_local(net: Network) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+
 
 def peer_settings(flags: list[str], env: dict[str, str]):
     """The peers' settings as they will read them, validated now: a typo fails here, not in N containers."""
@@ -998,8 +1183,11 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         raise UpError(f"peers {args.first}..{args.first + args.peers - 1} do not fit in --total {total}", 2)
     for flag, env_name in OWNED_FLAGS.items():
         if peer_flag(peer_flags, flag) is not None:
-            raise UpError(f"{flag} is set by up.sh for each peer: leave it out of the peer flags "
-                          + ("(--run-dir goes before --)" if flag == "--run-dir" else ""), 2)
+            raise UpError(
+                f"{flag} is set by up.sh for each peer: leave it out of the peer flags "
+                + ("(--run-dir goes before --)" if flag == "--run-dir" else ""),
+                2,
+            )
     # Every FL_* setting of the calling shell reaches the peers, except those the launcher sets itself.
     env = {k: v for k, v in os.environ.items() if k in ENV_NAMES and v and k not in OWNED_FLAGS.values()}
     data_dirs = []
@@ -1012,11 +1200,13 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         data_dirs.append((host, "/data/input"))
         env["FL_DATA_DIR"] = "/data/input"
     if FASHION_MNIST.is_dir():
-        data_dirs.append((FASHION_MNIST, str(FASHION_MNIST)))      # where the peers look for it by default
+        data_dirs.append((FASHION_MNIST, str(FASHION_MNIST)))  # where the peers look for it by default
     settings = peer_settings(peer_flags, env)
     if settings.dataset == "fashion-mnist" and not data_dir and not FASHION_MNIST.is_dir() and not args.local:
-        say(f"fashion-mnist is not on this host ({install_command('dataset-fashion-mnist')}); the peers will "
-            "download it into the datasets volume (needs internet)")
+        say(
+            f"fashion-mnist is not on this host ({install_command('dataset-fashion-mnist')}); the peers will "
+            "download it into the datasets volume (needs internet)"
+        )
     run_dir = abs_path(args.run_dir) if args.run_dir else default_run_dir()
     run_id = settings.run_id if settings.run_id != "default" else ""
     if args.resume:
@@ -1032,11 +1222,23 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         if run_id and run_id != checkpoint.run_id:
             raise UpError(f"--resume: the checkpoint is of run {checkpoint.run_id}, not {run_id}", 2)
         run_dir, run_id = resume_dir, checkpoint.run_id
-    return Network(project=project, run_dir=run_dir, total=total, first=args.first,
-                   peers=[peer_id(k) for k in range(args.first, args.first + args.peers)],
-                   peer_flags=peer_flags, env=env, join=args.join, publish=args.publish,
-                   data_dirs=data_dirs, max_rounds=settings.max_rounds, topic_prefix=settings.topic_prefix,
-                   run_id=run_id, resume=bool(args.resume), per_process=args.peers_per_process)
+    return Network(
+        project=project,
+        run_dir=run_dir,
+        total=total,
+        first=args.first,
+        peers=[peer_id(k) for k in range(args.first, args.first + args.peers)],
+        peer_flags=peer_flags,
+        env=env,
+        join=args.join,
+        publish=args.publish,
+        data_dirs=data_dirs,
+        max_rounds=settings.max_rounds,
+        topic_prefix=settings.topic_prefix,
+        run_id=run_id,
+        resume=bool(args.resume),
+        per_process=args.peers_per_process,
+    )
 
 
 def run_settings(net: Network, login: Login | None) -> None:
@@ -1060,8 +1262,11 @@ def check_docker(args) -> None:
 def login_for(net: Network, login_dir: str | None) -> Login:
     if net.join:
         if not login_dir:
-            raise UpError("--join needs --login DIR: a copy of the broker machine's login folder "
-                          "(`./up.sh credentials` there prints where it is)", 2)
+            raise UpError(
+                "--join needs --login DIR: a copy of the broker machine's login folder "
+                "(`./up.sh credentials` there prints where it is)",
+                2,
+            )
         login = Login(abs_path(login_dir))
         login.check(net.peers)
         # The network's own folder gets the files its compose file names (the secret of the federation included).
@@ -1087,8 +1292,7 @@ def cmd_run(args, peer_flags: list[str]) -> int:
     if problem:
         if args.docker or args.join:
             raise UpError(f"no Docker engine reachable ({problem})")
-        say(f"no Docker engine reachable ({problem}); running the same network as local processes "
-            "(./up.sh --local)")
+        say(f"no Docker engine reachable ({problem}); running the same network as local processes (./up.sh --local)")
         run_settings(net, None)
         return run_local(net)
     ca = abs_path(args.ca_bundle) if args.ca_bundle else None
@@ -1103,8 +1307,14 @@ def cmd_broker(args) -> int:
     """Only the broker, published for peers on other machines, left running (./up.sh down takes it away)."""
     check_docker(args)
     args.project = args.project or DEFAULT_PROJECT
-    net = Network(project=args.project, run_dir=STATE / args.project / "broker-run", peers=[], total=args.peers,
-                  publish=args.publish, topic_prefix=os.environ.get("FL_TOPIC_PREFIX") or "sd")
+    net = Network(
+        project=args.project,
+        run_dir=STATE / args.project / "broker-run",
+        peers=[],
+        total=args.peers,
+        publish=args.publish,
+        topic_prefix=os.environ.get("FL_TOPIC_PREFIX") or "sd",
+    )
     if args.peers < 2:
         raise UpError("--peers: the federation needs at least 2 peers", 2)
     ensure_images(args.base, abs_path(args.ca_bundle) if args.ca_bundle else None)
@@ -1118,10 +1328,14 @@ def cmd_broker(args) -> int:
     remember(mode="broker", project=net.project, run_dir=None, pid=None, peers=[])
     run_id = new_run_id(time.time())
     write_file(login.run_id_file, run_id + "\n")
-    say(f"logins for peer-1..peer-{args.peers} and the id of its run ({run_id}): {login.folder} (copy it to the "
-        "peers' machines, privately)")
-    say(f"join it: ./up.sh --join THIS-HOST:{address.rsplit(':', 1)[-1]} --login LOGIN-DIR --peers N --first K "
-        f"--total {args.peers} -- PEER_FLAGS")
+    say(
+        f"logins for peer-1..peer-{args.peers} and the id of its run ({run_id}): {login.folder} (copy it to the "
+        "peers' machines, privately)"
+    )
+    say(
+        f"join it: ./up.sh --join THIS-HOST:{address.rsplit(':', 1)[-1]} --login LOGIN-DIR --peers N --first K "
+        f"--total {args.peers} -- PEER_FLAGS"
+    )
     say(f"stop it: ./up.sh down --project {net.project}")
     return 0
 
@@ -1140,8 +1354,11 @@ def locate(args) -> dict:
     if info.get("mode") in (None, "docker", "broker") and not info.get("project"):
         # A run dir named on the command line: its containers carry it as a label; else it was a local run.
         found = [] if docker_problem(5) else containers(**{LABEL_RUN_DIR: info["run_dir"]})
-        info = {**info, "mode": "docker" if found else "local",
-                "project": found[0]["Config"]["Labels"][LABEL_PROJECT] if found else None}
+        info = {
+            **info,
+            "mode": "docker" if found else "local",
+            "project": found[0]["Config"]["Labels"][LABEL_PROJECT] if found else None,
+        }
     if info.get("mode") in ("docker", "broker"):
         check_docker(args)
     return info
@@ -1149,8 +1366,12 @@ def locate(args) -> dict:
 
 def peer_containers(project: str) -> dict[str, dict]:
     """Each peer of the project, and the container it runs in (peers hosted together share one)."""
-    return {peer: c for c in containers(**{LABEL_PROJECT: project}) if LABEL_PEER in c["Config"]["Labels"]
-            for peer in c["Config"]["Labels"][LABEL_PEER].split(",")}
+    return {
+        peer: c
+        for c in containers(**{LABEL_PROJECT: project})
+        if LABEL_PEER in c["Config"]["Labels"]
+        for peer in c["Config"]["Labels"][LABEL_PEER].split(",")
+    }
 
 
 def hosted_with(container: dict) -> list[str]:
@@ -1169,8 +1390,10 @@ def cmd_status(args) -> int:
     project = info["project"]
     found = containers(**{LABEL_PROJECT: project})
     if not found:
-        say(f"network {project} is not running: it has no container (the run ended, or was taken down)"
-            + (f"; its records: {run_dir}" if run_dir else ""))
+        say(
+            f"network {project} is not running: it has no container (the run ended, or was taken down)"
+            + (f"; its records: {run_dir}" if run_dir else "")
+        )
         return 0
     if run_dir is None:
         labels = [c["Config"]["Labels"].get(LABEL_RUN_DIR) for c in found if LABEL_PEER in c["Config"]["Labels"]]
@@ -1178,8 +1401,11 @@ def cmd_status(args) -> int:
     peers = peer_containers(project)
     hosts = {c["Id"] for c in found if len(hosted_with(c)) > 1}
     broker = [c for c in found if service_of(c) == "broker"]
-    lines = [f"network {project}: {len({c['Id'] for c in peers.values()})} peer containers"
-             + (f" ({len(peers)} peers)" if hosts else "") + (f", records in {run_dir}" if run_dir else "")]
+    lines = [
+        f"network {project}: {len({c['Id'] for c in peers.values()})} peer containers"
+        + (f" ({len(peers)} peers)" if hosts else "")
+        + (f", records in {run_dir}" if run_dir else "")
+    ]
     if broker:
         b = broker[0]
         health = b["State"].get("Health", {}).get("Status", "no healthcheck")
@@ -1192,19 +1418,22 @@ def cmd_status(args) -> int:
     if controller:
         s = live[controller]
         acc = s.get("accuracy")
-        lines.append(f"controller: {controller} (term {s.get('term')}), round {s.get('round')}, last accuracy "
-                     + ("n/a" if acc is None else f"{acc:.4f}"))
+        lines.append(
+            f"controller: {controller} (term {s.get('term')}), round {s.get('round')}, last accuracy "
+            + ("n/a" if acc is None else f"{acc:.4f}")
+        )
     else:
         lines.append("controller: none among the running peers right now")
-    lines.append(f"{'peer':<10} {'container':<12} {'role':<11} {'term':>4} {'round':>5}"
-                 + ("  host" if hosts else ""))
+    lines.append(f"{'peer':<10} {'container':<12} {'role':<11} {'term':>4} {'round':>5}" + ("  host" if hosts else ""))
     for peer in sorted(peers, key=lambda p: (len(p), p)):
         s = statuses.get(peer, {})
         state = state_of(peers[peer])
         host = f"  {service_of(peers[peer])}" if hosts else ""
         note = "" if state in ("running", "paused") or not s else "  (last reported)"
-        lines.append(f"{peer:<10} {state:<12} {s.get('role', '-'):<11} {s.get('term', '-'):>4} "
-                     f"{s.get('round', '-'):>5}{host}{note}")
+        lines.append(
+            f"{peer:<10} {state:<12} {s.get('role', '-'):<11} {s.get('term', '-'):>4} "
+            f"{s.get('round', '-'):>5}{host}{note}"
+        )
     print("\n".join(lines))
     return 0
 
@@ -1240,11 +1469,15 @@ def cmd_kill(args) -> int:
     candidates = {p for p, s in states.items() if s in able}
     statuses = chaos.read_statuses(run_dir)
     if target == "controller":
-        peer = chaos.current_controller({p: statuses[p] for p in candidates
-                                         if p in statuses and statuses[p].get("role") != "finished"})
+        peer = chaos.current_controller(
+            {p: statuses[p] for p in candidates if p in statuses and statuses[p].get("role") != "finished"}
+        )
         if peer is None:
-            raise UpError("nothing to act on: no running peer is controller right now ("
-                          + ", ".join(f"{p} {s}" for p, s in sorted(states.items())) + ")")
+            raise UpError(
+                "nothing to act on: no running peer is controller right now ("
+                + ", ".join(f"{p} {s}" for p, s in sorted(states.items()))
+                + ")"
+            )
     elif target == "random":
         if not candidates:
             raise UpError(f"nothing to act on: no peer is {' or '.join(able)}")
@@ -1256,7 +1489,7 @@ def cmd_kill(args) -> int:
         if peer not in candidates:
             raise UpError(f"nothing to act on: {peer} is {states[peer]}, and {sig} needs it {' or '.join(able)}")
     cid = peers[peer]["Id"]
-    sent = time.time()   # chaos.csv has when the signal went, not when docker came back: failover counts from it
+    sent = time.time()  # chaos.csv has when the signal went, not when docker came back: failover counts from it
     # STOP/CONT freeze and thaw the whole container (cgroup freezer), as SIGSTOP/SIGCONT would the process.
     if sig == "STOP":
         run(["docker", "pause", cid])
@@ -1296,8 +1529,7 @@ def cmd_down(args) -> int:
             time.sleep(0.2)
     if not containers(**{LABEL_PROJECT: project}) and not launcher_alive(pid):
         took = time.monotonic() - started
-        say(f"network {project} is down" + (f" ({took:.1f} s)" if took > 0.5 else
-                                            ": nothing was running"))
+        say(f"network {project} is down" + (f" ({took:.1f} s)" if took > 0.5 else ": nothing was running"))
         return 0
     take_down(project, STATE / project / "compose.json")
     say(f"network {project} taken down in {time.monotonic() - started:.1f} s: no container or network left")
@@ -1306,10 +1538,15 @@ def cmd_down(args) -> int:
 
 def cmd_credentials(args) -> int:
     args.project = args.project or DEFAULT_PROJECT
-    login = make_credentials(STATE / args.project / "login", [peer_id(k) for k in range(1, args.peers + 1)],
-                             os.environ.get("FL_TOPIC_PREFIX") or "sd")
-    say(f"logins of network {args.project} (peer-1..peer-{args.peers}, health) in {login.folder}: "
-        f"<peer>.env holds FL_USERNAME/FL_PASSWORD")
+    login = make_credentials(
+        STATE / args.project / "login",
+        [peer_id(k) for k in range(1, args.peers + 1)],
+        os.environ.get("FL_TOPIC_PREFIX") or "sd",
+    )
+    say(
+        f"logins of network {args.project} (peer-1..peer-{args.peers}, health) in {login.folder}: "
+        f"<peer>.env holds FL_USERNAME/FL_PASSWORD"
+    )
     return 0
 
 
@@ -1328,6 +1565,7 @@ def cmd_images(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -1360,43 +1598,80 @@ UP_BUILD_NETWORK (docker build --network, default host), UP_DOCKER_TIMEOUT (s, d
 
 
 def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
-    p.add_argument("--project", default=os.environ.get("UP_PROJECT") or None,
-                   help="compose project, i.e. which network (default: sdfl to start one, the last one started "
-                        "to act on one)")
+    p.add_argument(
+        "--project",
+        default=os.environ.get("UP_PROJECT") or None,
+        help="compose project, i.e. which network (default: sdfl to start one, the last one started to act on one)",
+    )
     if run_dir:
         p.add_argument("--run-dir", help="the run's records folder")
 
 
 def add_images(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", choices=("auto", "official", "local"), default=os.environ.get("UP_BASE") or "auto",
-                   help="base images: official (python:3.11-slim, eclipse-mosquitto:2), local (built from Debian "
-                        "packages with mmdebstrap), auto (official when it can be had; default)")
-    p.add_argument("--ca-bundle", default=os.environ.get("UP_CA_BUNDLE") or None, metavar="FILE",
-                   help="extra CA certificates (PEM) for image builds behind a TLS-intercepting proxy")
+    p.add_argument(
+        "--base",
+        choices=("auto", "official", "local"),
+        default=os.environ.get("UP_BASE") or "auto",
+        help="base images: official (python:3.11-slim, eclipse-mosquitto:2), local (built from Debian "
+        "packages with mmdebstrap), auto (official when it can be had; default)",
+    )
+    p.add_argument(
+        "--ca-bundle",
+        default=os.environ.get("UP_CA_BUNDLE") or None,
+        metavar="FILE",
+        help="extra CA certificates (PEM) for image builds behind a TLS-intercepting proxy",
+    )
 
 
 def run_parser(prog: str = "./up.sh") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=prog,
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--peers", type=int, default=5, help="peers started here (default 5)")
-    p.add_argument("--peers-per-process", type=int, default=1,
-                   metavar="K", help="run the peers K to a process or container (python -m peer.host), sharing one "
-                   "TensorFlow: about 470 MB per process instead of per peer (default 1)")
+    p.add_argument(
+        "--peers-per-process",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the peers K to a process or container (python -m peer.host), sharing one "
+        "TensorFlow: about 470 MB per process instead of per peer (default 1)",
+    )
     add_common(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="local processes even if Docker is available")
     where.add_argument("--docker", action="store_true", help="containers, or fail (no fallback to local)")
-    p.add_argument("--publish", default=os.environ.get("UP_BROKER_PUBLISH") or DEFAULT_PUBLISH, metavar="ADDR",
-                   help="where the broker is published on the host (default 127.0.0.1::1883, a free port)")
-    p.add_argument("--data-dir", metavar="DIR", help="a host folder of dataset files, mounted read-only "
-                   "(Debian's /usr/share/datasets/fashion-mnist is mounted when present)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="go on with the run whose checkpoint is in RUN_DIR (written "
-                   "after every finished round): same run id, its model, the round numbering going on")
+    p.add_argument(
+        "--publish",
+        default=os.environ.get("UP_BROKER_PUBLISH") or DEFAULT_PUBLISH,
+        metavar="ADDR",
+        help="where the broker is published on the host (default 127.0.0.1::1883, a free port)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="a host folder of dataset files, mounted read-only "
+        "(Debian's /usr/share/datasets/fashion-mnist is mounted when present)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="go on with the run whose checkpoint is in RUN_DIR (written "
+        "after every finished round): same run id, its model, the round numbering going on",
+    )
     p.add_argument("--join", metavar="HOST:PORT", help="no broker here: the peers join this one")
     p.add_argument("--login", metavar="DIR", help="with --join: a copy of the broker machine's login folder")
     p.add_argument("--first", type=int, default=1, metavar="K", help="number of the first peer here (default 1)")
-    p.add_argument("--total", type=int, default=0, metavar="T",
-                   help="peers in the whole federation, on every machine (default: first + peers - 1)")
+    p.add_argument(
+        "--total",
+        type=int,
+        default=0,
+        metavar="T",
+        help="peers in the whole federation, on every machine (default: first + peers - 1)",
+    )
     add_images(p)
     return p
 
@@ -1406,7 +1681,7 @@ def main(argv: list[str] | None = None) -> int:
     peer_flags: list[str] = []
     if "--" in argv:
         split = argv.index("--")
-        argv, peer_flags = argv[:split], argv[split + 1:]
+        argv, peer_flags = argv[:split], argv[split + 1 :]
     command = argv[0] if argv and not argv[0].startswith("-") else "run"
     rest = argv[1:] if command != "run" else argv
     try:
@@ -1417,25 +1692,35 @@ def main(argv: list[str] | None = None) -> int:
         if peer_flags:
             raise UpError(f"{command} takes no peer flags (nothing after --)", 2)
         if command == "status":
-            p = Parser(prog="./up.sh status", description="controller, term, round and each peer's role and "
-                       "container state")
+            p = Parser(
+                prog="./up.sh status", description="controller, term, round and each peer's role and container state"
+            )
             add_common(p)
             return cmd_status(p.parse_args(rest))
         if command == "kill":
-            p = Parser(prog="./up.sh kill", description="signal a peer: KILL (default), TERM, STOP (freeze its "
-                       "container) or CONT (thaw it); every signal is recorded in the run's chaos.csv")
+            p = Parser(
+                prog="./up.sh kill",
+                description="signal a peer: KILL (default), TERM, STOP (freeze its "
+                "container) or CONT (thaw it); every signal is recorded in the run's chaos.csv",
+            )
             p.add_argument("target", nargs="+", metavar="controller|random|peer ID")
             p.add_argument("--signal", default="KILL")
             add_common(p)
             return cmd_kill(p.parse_args(rest))
         if command == "down":
-            p = Parser(prog="./up.sh down", description="stop the network: no container, network or anonymous "
-                       "volume is left (the records and the datasets volume stay)")
+            p = Parser(
+                prog="./up.sh down",
+                description="stop the network: no container, network or anonymous "
+                "volume is left (the records and the datasets volume stay)",
+            )
             add_common(p)
             return cmd_down(p.parse_args(rest))
         if command == "broker":
-            p = Parser(prog="./up.sh broker", description="several hosts: start the broker alone, published for "
-                       "peers on other machines (./up.sh --join there), and leave it running")
+            p = Parser(
+                prog="./up.sh broker",
+                description="several hosts: start the broker alone, published for "
+                "peers on other machines (./up.sh --join there), and leave it running",
+            )
             add_common(p, run_dir=False)
             p.add_argument("--peers", type=int, default=5, help="peers in the whole federation (logins made)")
             p.add_argument("--publish", default=os.environ.get("UP_BROKER_PUBLISH") or "0.0.0.0:1883:1883")

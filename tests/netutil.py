@@ -1,5 +1,6 @@
 """Helpers for the end-to-end tests: a real broker and real peer processes (scripts/localnet.py), and readers for
 what they leave behind. Nothing here fakes the broker or the peers."""
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,24 @@ SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # Small, fast settings: a few hundred samples a peer, short timeouts, so a run takes seconds, not minutes.
-SMALL = ["--dataset", "fashion-mnist", "--train-samples", "500", "--test-samples", "200", "--heartbeat", "0.5",
-         "--election-window", "0.5", "--keepalive", "2", "--round-deadline", "20", "--target-accuracy", "1.0"]
+SMALL = [
+    "--dataset",
+    "fashion-mnist",
+    "--train-samples",
+    "500",
+    "--test-samples",
+    "200",
+    "--heartbeat",
+    "0.5",
+    "--election-window",
+    "0.5",
+    "--keepalive",
+    "2",
+    "--round-deadline",
+    "20",
+    "--target-accuracy",
+    "1.0",
+]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -36,8 +53,10 @@ def wait_until(predicate, timeout: float, what: str, net: LocalNetwork | None = 
         time.sleep(interval)
     detail = ""
     if net is not None:
-        detail = "\n".join(f"--- {p} (exit {proc.poll()})\n" + "\n".join(net.peer_log(p).splitlines()[-25:])
-                           for p, proc in net.procs.items())
+        detail = "\n".join(
+            f"--- {p} (exit {proc.poll()})\n" + "\n".join(net.peer_log(p).splitlines()[-25:])
+            for p, proc in net.procs.items()
+        )
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail}")
 
 
@@ -68,7 +87,9 @@ def log_matches(net: LocalNetwork, peer: str, pattern: str) -> list[re.Match]:
 def assert_all_exited_zero(codes: dict, net: LocalNetwork, allowed_killed: set[str] = frozenset()) -> None:
     bad = {p: c for p, c in codes.items() if c != 0 and p not in allowed_killed}
     if bad:
-        detail = "\n".join(f"--- {p} (exit {c})\n" + "\n".join(net.peer_log(p).splitlines()[-40:]) for p, c in bad.items())
+        detail = "\n".join(
+            f"--- {p} (exit {c})\n" + "\n".join(net.peer_log(p).splitlines()[-40:]) for p, c in bad.items()
+        )
         raise AssertionError(f"peers did not exit 0: {bad}\n{detail}")
 
 
@@ -96,4 +117,5 @@ def assert_rounds_complete_but_reevaluated(run_dir: Path, max_rounds: int) -> li
 def fresh_stamper(incarnation: int | None = None, clock=time.time):
     """A Stamper as a newly started process has one: a fresh incarnation, the wall clock."""
     from peer.wire.envelope import Stamper, new_incarnation
+
     return Stamper(new_incarnation(time.time_ns()) if incarnation is None else incarnation, clock)

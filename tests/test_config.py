@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from peer.learning import data, partition
 from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings, number, whole_number
+from peer.learning import data, partition
 from peer.wire.ids import PEER_ID_PATTERN
 
 # Two secret files for the samples below (a file flag needs a file to read).
@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Per flag: two valid texts and the fields each must produce. Both differ from the defaults and from each other, so
 # a test can tell which source won. Extra settings that a value needs to be legal go in the third slot.
 SAMPLES = {
-    "--broker": [("mqtt.example:8883", {"broker_host": "mqtt.example", "broker_port": 8883}),
-                 ("10.0.0.7", {"broker_host": "10.0.0.7", "broker_port": 1883})],
+    "--broker": [
+        ("mqtt.example:8883", {"broker_host": "mqtt.example", "broker_port": 8883}),
+        ("10.0.0.7", {"broker_host": "10.0.0.7", "broker_port": 1883}),
+    ],
     "--peer-id": [("peer-7", {"peer_id": "peer-7"}), ("A.b_c-9", {"peer_id": "A.b_c-9"})],
     "--min-peers": [("2", {"min_peers": 2}), ("12", {"min_peers": 12})],
     "--trainers": [("1", {"trainers": 1}), ("7", {"trainers": 7})],
@@ -34,11 +36,15 @@ SAMPLES = {
     "--max-rounds": [("1", {"max_rounds": 1}), ("250", {"max_rounds": 250})],
     "--target-accuracy": [("0.8", {"target_accuracy": 0.8}), ("1", {"target_accuracy": 1.0})],
     "--dataset": [("cifar10", {"dataset": "cifar10"}), ("Fashion-MNIST", {"dataset": "fashion-mnist"})],
-    "--model": [("Seed-CNN", {"model": "seed-cnn"}),
-                ("docs/examples/custom_model.py:build_model", {"model": "docs/examples/custom_model.py:build_model"})],
+    "--model": [
+        ("Seed-CNN", {"model": "seed-cnn"}),
+        ("docs/examples/custom_model.py:build_model", {"model": "docs/examples/custom_model.py:build_model"}),
+    ],
     "--data-dir": [("/tmp/data-a", {"data_dir": Path("/tmp/data-a")}), ("rel/b", {"data_dir": Path("rel/b")})],
-    "--secret-file": [(str(KEY_A), {"secret_file": KEY_A, "secret": b"a" * 16}),
-                      (str(KEY_B), {"secret_file": KEY_B, "secret": b"b" * 40})],
+    "--secret-file": [
+        (str(KEY_A), {"secret_file": KEY_A, "secret": b"a" * 16}),
+        (str(KEY_B), {"secret_file": KEY_B, "secret": b"b" * 40}),
+    ],
     "--shard": [("2/5", {"shard": 2, "num_shards": 5}), (" 0 / 3 ", {"shard": 0, "num_shards": 3})],
     "--partition": [("dirichlet", {"partition": "dirichlet"}), ("shards", {"partition": "shards"})],
     "--alpha": [("0.1", {"alpha": 0.1}), ("100", {"alpha": 100.0})],
@@ -83,7 +89,7 @@ def fields_of(settings: Settings, expected: dict) -> dict:
 
 # --- the table --------------------------------------------------------------------------------------------------------
 
-SWITCHES = {"--resume"}     # flags without a value: tested on their own below
+SWITCHES = {"--resume"}  # flags without a value: tested on their own below
 
 
 def test_every_option_has_samples():
@@ -110,6 +116,7 @@ def test_flags_are_unique_and_cover_every_setting():
 
 
 # --- defaults and precedence ------------------------------------------------------------------------------------------
+
 
 def test_defaults():
     s = load_settings([], {})
@@ -145,23 +152,27 @@ def test_the_default_model_is_the_datasets_and_is_recorded():
 def test_a_bad_model_names_the_built_ins_and_the_forms():
     with pytest.raises(SettingsError) as err:
         load_settings(["--model=nonsense"], {})
-    assert str(err.value).startswith("--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | "
-                                     "cifar10-cnn) nor MODULE:FUNCTION")
+    assert str(err.value).startswith(
+        "--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | cifar10-cnn) nor MODULE:FUNCTION"
+    )
     assert "FILE.py:FUNCTION" in str(err.value)
 
 
-@pytest.mark.parametrize("parse, text, message", [
-    (whole_number(1), "x", "'x' is not a whole number"),
-    (whole_number(1), "0", "must be at least 1, got 0"),
-    (whole_number(0), "-3", "must not be negative, got -3"),
-    (whole_number(1, 9), "10", "must be at most 9, got 10"),
-    (number(), "x", "'x' is not a number"),
-    (number(), "nan", "must be a finite number, got 'nan'"),
-    (number(0, low_open=True), "0", "must be a positive number, got 0"),
-    (number(0.05), "0.01", "must be at least 0.05, got 0.01"),
-    (number(0, 1), "1.5", "must be between 0 and 1, got 1.5"),
-    (number(0, 1, low_open=True, high_open=True), "1", "must be between 0 and 1, 0 and 1 excluded, got 1"),
-])
+@pytest.mark.parametrize(
+    "parse, text, message",
+    [
+        (whole_number(1), "x", "'x' is not a whole number"),
+        (whole_number(1), "0", "must be at least 1, got 0"),
+        (whole_number(0), "-3", "must not be negative, got -3"),
+        (whole_number(1, 9), "10", "must be at most 9, got 10"),
+        (number(), "x", "'x' is not a number"),
+        (number(), "nan", "must be a finite number, got 'nan'"),
+        (number(0, low_open=True), "0", "must be a positive number, got 0"),
+        (number(0.05), "0.01", "must be at least 0.05, got 0.01"),
+        (number(0, 1), "1.5", "must be between 0 and 1, got 1.5"),
+        (number(0, 1, low_open=True, high_open=True), "1", "must be between 0 and 1, 0 and 1 excluded, got 1"),
+    ],
+)
 def test_the_public_number_parsers_say_what_is_wrong(parse, text, message):
     with pytest.raises(SettingsError) as err:
         parse(text)
@@ -236,34 +247,86 @@ def test_sources_mix():
 # --- bad values -------------------------------------------------------------------------------------------------------
 
 BAD = [
-    ("--broker", "nohost:abc"), ("--broker", ":1883"), ("--broker", "host:0"), ("--broker", "host:65536"),
-    ("--broker", "host:"), ("--broker", "host:-1"),
-    ("--peer-id", "has space"), ("--peer-id", "a/b"), ("--peer-id", "x" * 65), ("--peer-id", "peer#1"),
+    ("--broker", "nohost:abc"),
+    ("--broker", ":1883"),
+    ("--broker", "host:0"),
+    ("--broker", "host:65536"),
+    ("--broker", "host:"),
+    ("--broker", "host:-1"),
+    ("--peer-id", "has space"),
+    ("--peer-id", "a/b"),
+    ("--peer-id", "x" * 65),
+    ("--peer-id", "peer#1"),
     ("--peer-id", "+"),
-    ("--min-peers", "1"), ("--min-peers", "abc"), ("--min-peers", "2.5"),
-    ("--trainers", "0"), ("--trainers", "three"),
-    ("--min-solutions", "0"), ("--evaluators", "-1"), ("--evaluators", "ten"), ("--max-rounds", "0"), ("--max-rounds", "-3"),
-    ("--target-accuracy", "1.5"), ("--target-accuracy", "-0.1"), ("--target-accuracy", "nan"),
-    ("--target-accuracy", "high"), ("--target-accuracy", "inf"),
-    ("--dataset", "imagenet"), ("--dataset", "mnist2"),
-    ("--shard", "5/5"), ("--shard", "-1/3"), ("--shard", "a/b"), ("--shard", "3"), ("--shard", "1/0"),
-    ("--shard", "0/0"), ("--shard", "1.0/3"),
-    ("--partition", "weird"), ("--partition", "iid2"),
-    ("--model", "nonsense"), ("--model", "mymodels"), ("--model", "mymodels:"), ("--model", "a b:build"),
+    ("--min-peers", "1"),
+    ("--min-peers", "abc"),
+    ("--min-peers", "2.5"),
+    ("--trainers", "0"),
+    ("--trainers", "three"),
+    ("--min-solutions", "0"),
+    ("--evaluators", "-1"),
+    ("--evaluators", "ten"),
+    ("--max-rounds", "0"),
+    ("--max-rounds", "-3"),
+    ("--target-accuracy", "1.5"),
+    ("--target-accuracy", "-0.1"),
+    ("--target-accuracy", "nan"),
+    ("--target-accuracy", "high"),
+    ("--target-accuracy", "inf"),
+    ("--dataset", "imagenet"),
+    ("--dataset", "mnist2"),
+    ("--shard", "5/5"),
+    ("--shard", "-1/3"),
+    ("--shard", "a/b"),
+    ("--shard", "3"),
+    ("--shard", "1/0"),
+    ("--shard", "0/0"),
+    ("--shard", "1.0/3"),
+    ("--partition", "weird"),
+    ("--partition", "iid2"),
+    ("--model", "nonsense"),
+    ("--model", "mymodels"),
+    ("--model", "mymodels:"),
+    ("--model", "a b:build"),
     ("--model", "dir/x.txt:build"),
-    ("--alpha", "0"), ("--alpha", "-1"), ("--alpha", "nan"), ("--alpha", "x"),
-    ("--seed", "-1"), ("--seed", "1e3"),
-    ("--train-samples", "0"), ("--test-samples", "0"), ("--test-samples", "many"),
-    ("--epochs", "0"), ("--batch-size", "0"),
-    ("--topic-prefix", "a//b"), ("--topic-prefix", "/lead"), ("--topic-prefix", "trail/"), ("--topic-prefix", "a/#"),
-    ("--topic-prefix", "a/+/b"), ("--topic-prefix", "has space"),
-    ("--keepalive", "0"), ("--keepalive", "abc"), ("--keepalive", "1.5"),
-    ("--heartbeat", "0.01"), ("--heartbeat", "abc"), ("--heartbeat", "nan"),
-    ("--election-window", "0"), ("--round-deadline", "0.1"), ("--round-deadline", "-5"),
-    ("--aggregation", "mean"), ("--wait-timeout", "0"), ("--wait-timeout", "inf"),
-    ("--run-id", "a/b"), ("--run-id", "x" * 65), ("--run-id", "#"),
-    ("--wire-dtype", "float64"), ("--wire-dtype", "int8"), ("--wire-dtype", "16"),
-    ("--max-message-bytes", "65535"), ("--max-message-bytes", "16777217"), ("--max-message-bytes", "16MiB"),
+    ("--alpha", "0"),
+    ("--alpha", "-1"),
+    ("--alpha", "nan"),
+    ("--alpha", "x"),
+    ("--seed", "-1"),
+    ("--seed", "1e3"),
+    ("--train-samples", "0"),
+    ("--test-samples", "0"),
+    ("--test-samples", "many"),
+    ("--epochs", "0"),
+    ("--batch-size", "0"),
+    ("--topic-prefix", "a//b"),
+    ("--topic-prefix", "/lead"),
+    ("--topic-prefix", "trail/"),
+    ("--topic-prefix", "a/#"),
+    ("--topic-prefix", "a/+/b"),
+    ("--topic-prefix", "has space"),
+    ("--keepalive", "0"),
+    ("--keepalive", "abc"),
+    ("--keepalive", "1.5"),
+    ("--heartbeat", "0.01"),
+    ("--heartbeat", "abc"),
+    ("--heartbeat", "nan"),
+    ("--election-window", "0"),
+    ("--round-deadline", "0.1"),
+    ("--round-deadline", "-5"),
+    ("--aggregation", "mean"),
+    ("--wait-timeout", "0"),
+    ("--wait-timeout", "inf"),
+    ("--run-id", "a/b"),
+    ("--run-id", "x" * 65),
+    ("--run-id", "#"),
+    ("--wire-dtype", "float64"),
+    ("--wire-dtype", "int8"),
+    ("--wire-dtype", "16"),
+    ("--max-message-bytes", "65535"),
+    ("--max-message-bytes", "16777217"),
+    ("--max-message-bytes", "16MiB"),
     ("--log-level", "verbose"),
 ]
 
@@ -287,10 +350,16 @@ def test_bad_env_value_is_ignored_when_the_flag_overrides_it():
     assert load_settings(["--trainers=2"], {"FL_TRAINERS": "zero"}).trainers == 2
 
 
-@pytest.mark.parametrize("flag, text", [
-    ("--heartbeat", "inf"), ("--heartbeat", "1e999"), ("--election-window", "inf"),
-    ("--keepalive", "65536"), ("--keepalive", "100000"),
-])
+@pytest.mark.parametrize(
+    "flag, text",
+    [
+        ("--heartbeat", "inf"),
+        ("--heartbeat", "1e999"),
+        ("--election-window", "inf"),
+        ("--keepalive", "65536"),
+        ("--keepalive", "100000"),
+    ],
+)
 def test_values_no_timer_or_mqtt_can_use_are_refused(flag, text):
     # An infinite heartbeat means a silent controller is never noticed and a new peer's join grace never ends; an
     # infinite election window means nobody ever claims. MQTT packs keepalive into 16 bits, so paho fails building
@@ -307,6 +376,7 @@ def test_password_without_username():
 
 
 # --- public_dict ------------------------------------------------------------------------------------------------------
+
 
 def test_public_dict_hides_password_and_is_json():
     s = load_settings(["--username=alice", "--password=hunter2", "--data-dir=/tmp/d", "--shard=1/4"], {})
@@ -330,11 +400,18 @@ def test_public_dict_without_password():
 
 # --- python -m peer ---------------------------------------------------------------------------------------------------
 
+
 def run_peer(*args, env=None, timeout=60, python_flags=()):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, *python_flags, "-m", "peer", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, env={**clean, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, *python_flags, "-m", "peer", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+    )
     return result, time.monotonic() - started
 
 
@@ -351,15 +428,18 @@ def test_help_lists_every_flag_and_variable():
     assert elapsed < 10
 
 
-@pytest.mark.parametrize("args, env, names", [
-    (["--bogus"], {}, "--bogus"),
-    (["--broker", "nohost:abc"], {}, "--broker"),
-    ([], {"FL_BROKER": "nohost:abc"}, "FL_BROKER"),
-    (["--shard", "5/5"], {}, "--shard"),
-    (["--trainers"], {}, "--trainers"),
-    (["--model", "nonsense"], {}, "--model: 'nonsense' is not a built-in model"),
-    ([], {"FL_MODEL": "nonsense"}, "FL_MODEL: 'nonsense' is not a built-in model"),
-])
+@pytest.mark.parametrize(
+    "args, env, names",
+    [
+        (["--bogus"], {}, "--bogus"),
+        (["--broker", "nohost:abc"], {}, "--broker"),
+        ([], {"FL_BROKER": "nohost:abc"}, "FL_BROKER"),
+        (["--shard", "5/5"], {}, "--shard"),
+        (["--trainers"], {}, "--trainers"),
+        (["--model", "nonsense"], {}, "--model: 'nonsense' is not a built-in model"),
+        ([], {"FL_MODEL": "nonsense"}, "FL_MODEL: 'nonsense' is not a built-in model"),
+    ],
+)
 def test_bad_settings_exit_2_with_one_clear_line(args, env, names):
     result, elapsed = run_peer(*args, env=env)
     assert result.returncode == 2
@@ -377,8 +457,9 @@ def test_bad_settings_do_not_import_tensorflow():
 
 
 def test_missing_dataset_exits_2_and_says_how_to_get_it(tmp_path):
-    result, _ = run_peer("--dataset", "mnist", "--data-dir", "/nonexistent", "--run-dir", str(tmp_path / "run"),
-                         timeout=120)
+    result, _ = run_peer(
+        "--dataset", "mnist", "--data-dir", "/nonexistent", "--run-dir", str(tmp_path / "run"), timeout=120
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "/nonexistent" in result.stderr
@@ -386,6 +467,7 @@ def test_missing_dataset_exits_2_and_says_how_to_get_it(tmp_path):
 
 
 # --- the federation secret --------------------------------------------------------------------------------------------
+
 
 def test_the_secret_comes_from_a_file_or_fl_secret_and_is_never_shown(tmp_path):
     path = tmp_path / "federation.key"
@@ -420,6 +502,6 @@ def test_resume_is_a_switch_its_variable_a_yes_or_no():
     assert load_settings(["--resume"], {}).resume is True
     assert load_settings([], {"FL_RESUME": "yes"}).resume is True
     assert load_settings([], {"FL_RESUME": "0"}).resume is False
-    assert load_settings(["--resume"], {"FL_RESUME": "no"}).resume is True          # the flag wins
+    assert load_settings(["--resume"], {"FL_RESUME": "no"}).resume is True  # the flag wins
     with pytest.raises(SettingsError, match="FL_RESUME: 'maybe' is not yes or no"):
         load_settings([], {"FL_RESUME": "maybe"})

@@ -6,6 +6,7 @@
 - Data flows one way: settings -> node -> machines -> actions -> wire. Each package imports only from the packages
   below it in LAYERS, never from one above, and no two modules import each other, however indirectly.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,16 +18,51 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT / "peer"
 
 # Lowest first: a module may import from its own layer and the ones before it.
-LAYERS = ["peer.wire", "peer.learning", "peer.roles", "peer.records", "peer.config", "peer.node",
-          "peer.host", "peer.__main__"]
+LAYERS = [
+    "peer.wire",
+    "peer.learning",
+    "peer.roles",
+    "peer.records",
+    "peer.config",
+    "peer.node",
+    "peer.host",
+    "peer.__main__",
+]
 PURE_PACKAGES = ["wire", "roles"]
 PURE_MODULES = ["learning/aggregation.py", "learning/metrics.py", "learning/partition.py"]
-FORBIDDEN_IMPORTS = {"paho", "tensorflow", "keras", "threading", "socket", "subprocess", "time", "os", "pathlib",
-                     "peer.node", "peer.records", "peer.config", "peer.host", "peer.learning.learner",
-                     "peer.learning.models", "peer.learning.data", "peer.learning.idx"}
+FORBIDDEN_IMPORTS = {
+    "paho",
+    "tensorflow",
+    "keras",
+    "threading",
+    "socket",
+    "subprocess",
+    "time",
+    "os",
+    "pathlib",
+    "peer.node",
+    "peer.records",
+    "peer.config",
+    "peer.host",
+    "peer.learning.learner",
+    "peer.learning.models",
+    "peer.learning.data",
+    "peer.learning.idx",
+}
 FORBIDDEN_CALLS = {"open", "print", "input", "exec", "eval"}
-FORBIDDEN_METHODS = {"time", "monotonic", "perf_counter", "time_ns", "sleep", "publish", "write_text", "read_text",
-                     "write_bytes", "read_bytes", "submit"}
+FORBIDDEN_METHODS = {
+    "time",
+    "monotonic",
+    "perf_counter",
+    "time_ns",
+    "sleep",
+    "publish",
+    "write_text",
+    "read_text",
+    "write_bytes",
+    "read_bytes",
+    "submit",
+}
 
 
 def module_name(path: Path) -> str:
@@ -43,23 +79,27 @@ def imported(tree: ast.AST, module: str = "peer.x") -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                package = module.split(".")[:-node.level]
+                package = module.split(".")[: -node.level]
                 base = ".".join([*package, *([base] if base else [])])
             names.add(base)
-            names |= {f"{base}.{alias.name}" for alias in node.names}   # `from peer.wire import envelope`
+            names |= {f"{base}.{alias.name}" for alias in node.names}  # `from peer.wire import envelope`
     return names
 
 
 def peer_modules() -> dict[str, set[str]]:
     """Every module of the peer and the peer modules it imports."""
     modules = {module_name(path): path for path in PEER.rglob("*.py")}
-    return {name: {n for n in imported(ast.parse(path.read_text()), name) if n in modules}
-            for name, path in modules.items()}
+    return {
+        name: {n for n in imported(ast.parse(path.read_text()), name) if n in modules} for name, path in modules.items()
+    }
 
 
 def layer_of(module: str) -> int:
-    return max(i for i, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")) \
-        if any(module == p or module.startswith(p + ".") for p in LAYERS) else -1
+    return (
+        max(i for i, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + "."))
+        if any(module == p or module.startswith(p + ".") for p in LAYERS)
+        else -1
+    )
 
 
 def pure_files() -> list[Path]:
@@ -70,8 +110,11 @@ def pure_files() -> list[Path]:
 @pytest.mark.parametrize("path", pure_files(), ids=lambda p: str(p.relative_to(PEER)))
 def test_a_pure_module_imports_no_io(path):
     names = imported(ast.parse(path.read_text()), module_name(path))
-    bad = {n for n in names if n.split(".")[0] in FORBIDDEN_IMPORTS
-           or any(n == f or n.startswith(f + ".") for f in FORBIDDEN_IMPORTS)}
+    bad = {
+        n
+        for n in names
+        if n.split(".")[0] in FORBIDDEN_IMPORTS or any(n == f or n.startswith(f + ".") for f in FORBIDDEN_IMPORTS)
+    }
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
@@ -93,9 +136,13 @@ def test_every_peer_module_has_a_layer():
 
 
 def test_no_import_runs_back_up():
-    upward = [f"{module} (layer {LAYERS[layer_of(module)]}) imports {target} (layer {LAYERS[layer_of(target)]})"
-              for module, targets in peer_modules().items() if layer_of(module) >= 0
-              for target in targets if layer_of(target) > layer_of(module)]
+    upward = [
+        f"{module} (layer {LAYERS[layer_of(module)]}) imports {target} (layer {LAYERS[layer_of(target)]})"
+        for module, targets in peer_modules().items()
+        if layer_of(module) >= 0
+        for target in targets
+        if layer_of(target) > layer_of(module)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -108,7 +155,7 @@ def test_no_import_cycle():
         state[module] = 1
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [target]) if target in path else target)
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]) if target in path else target)
             elif target not in state:
                 visit(target, [*path, target])
         state[module] = 2

@@ -24,6 +24,7 @@ function that cannot be found, or a model that does not fit the dataset, stops i
 images): a model for trying the federation with large messages, e.g.
 `--model docs/examples/custom_model.py:big_dense`.
 """
+
 from __future__ import annotations
 
 import keras
@@ -32,29 +33,33 @@ from keras import layers
 
 def build_model(input_shape: tuple, num_classes: int) -> keras.Model:
     """A small CNN ending in global average pooling: about 10k parameters on 28x28 images (cnn-small has 57k)."""
-    model = keras.Sequential([
-        keras.Input(input_shape),
-        layers.Conv2D(24, 5, activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(32, 3, activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(64, activation="relu"),
-        layers.Dense(num_classes, activation="softmax"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input(input_shape),
+            layers.Conv2D(24, 5, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(num_classes, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
 def big_dense(input_shape: tuple, num_classes: int) -> keras.Model:
     """Flatten -> Dense 32000 relu -> Dense num_classes: 25.4M parameters on 28x28x1 images, ~100 MB as float32
     (on cifar10's 32x32x3 images 98.7M, ~400 MB)."""
-    model = keras.Sequential([
-        keras.Input(input_shape),
-        layers.Flatten(),
-        layers.Dense(32000, activation="relu"),
-        layers.Dense(num_classes, activation="softmax"),
-    ])
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input(input_shape),
+            layers.Flatten(),
+            layers.Dense(32000, activation="relu"),
+            layers.Dense(num_classes, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     return model

@@ -40,6 +40,7 @@
 The controller logs `AggregationResult.describe()` after a round and `str(refusal)` on a refusal, then retries the
 round with other trainers, preferably not the refusal's suspects.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-
 # Tensors are worked on in blocks of this many values: float64 temporaries of 8 MB whatever the model's size, so a
 # controller aggregating a model of hundreds of MB needs little more memory than the solutions it holds.
 BLOCK = 1 << 20
@@ -62,10 +62,11 @@ def _blocks(*tensors):
     """The same span of each tensor's values, as float64, one block at a time."""
     flats = [np.asarray(t).reshape(-1) for t in tensors]
     for start in range(0, flats[0].size, BLOCK):
-        yield [flat[start:start + BLOCK].astype(np.float64) for flat in flats]
+        yield [flat[start : start + BLOCK].astype(np.float64) for flat in flats]
 
 
 # --- the old FedAvg, unchanged in its arithmetic ----------------------------------------------------------------------
+
 
 def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:
     """Average each tensor over the solutions, weighting each solution by its sample count (McMahan et al.); in
@@ -87,13 +88,14 @@ def fedavg(solutions: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[np.nda
             acc = np.zeros(block[0].size, dtype=np.float64)
             for values, (_, samples) in zip(block, solutions):
                 acc += values * (samples / total)
-            flat[start:start + acc.size] = acc
+            flat[start : start + acc.size] = acc
             start += acc.size
         averaged.append(out)
     return averaged
 
 
 # --- the rules, on lists of tensors of equal shapes ---------------------------------------------------------------
+
 
 def _stack(points: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
     return np.stack([np.asarray(p[index], dtype=np.float64) for p in points])
@@ -112,7 +114,7 @@ def trim_count(n: int, fraction: float) -> int:
     (at most (n - 1) // 2, which is 0 for n <= 2: a trimmed mean of one or two values is their mean)."""
     if not 0.0 <= fraction < 0.5:
         raise ValueError(f"trim fraction must be at least 0 and below 0.5, got {fraction}")
-    cut = math.floor(fraction * n + 1e-9)   # 0.2 * 5 is 1, whatever the rounding
+    cut = math.floor(fraction * n + 1e-9)  # 0.2 * 5 is 1, whatever the rounding
     if fraction > 0 and n >= 3:
         cut = max(cut, 1)
     return min(cut, (n - 1) // 2)
@@ -125,7 +127,7 @@ def trimmed_mean_rule(points: Sequence[Sequence[np.ndarray]], fraction: float = 
         raise ValueError("trimmed-mean needs at least one solution")
     n = len(points)
     cut = trim_count(n, fraction)
-    return [np.asarray(np.sort(_stack(points, i), axis=0)[cut:n - cut].mean(axis=0)) for i in range(len(points[0]))]
+    return [np.asarray(np.sort(_stack(points, i), axis=0)[cut : n - cut].mean(axis=0)) for i in range(len(points[0]))]
 
 
 def default_byzantine(n: int) -> int:
@@ -173,13 +175,15 @@ def krum_select(distances: np.ndarray, byzantine: int | None = None) -> tuple[in
 
 # --- norms ------------------------------------------------------------------------------------------------------------
 
+
 def update_norm(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray] | None) -> float:
     """L2 norm of weights - global_weights over all tensors (of the weights alone for None), in float64, scaled so
     that large finite values do not overflow to infinity; block by block."""
+
     def diffs():
         for index, w in enumerate(weights):
             if global_weights is None:
-                yield from (block for block, in _blocks(w))
+                yield from (block for (block,) in _blocks(w))
             else:
                 yield from (a - b for a, b in _blocks(w, global_weights[index]))
 
@@ -198,9 +202,11 @@ def _lower_median(values: Sequence[float]) -> float:
 
 # --- strategies: the rules behind one signature, selected by name ----------------------------------------------------
 
+
 class Choice(NamedTuple):
     """What a strategy returns: the new weights (any float dtype, the global model's shapes), the indices of the
     solutions it used, and a note for the log (or None)."""
+
     weights: list[np.ndarray]
     used: tuple[int, ...]
     note: str | None = None
@@ -239,19 +245,23 @@ def _krum(origin, points, samples, options) -> Choice:
     return Choice(list(points[index]), (index,), note)
 
 
-STRATEGIES: Mapping[str, Strategy] = MappingProxyType({
-    "fedavg": _fedavg,
-    "median": _median,
-    "trimmed-mean": _trimmed_mean,
-    "krum": _krum,
-})
-AGGREGATIONS = tuple(STRATEGIES)   # the names `--aggregation` accepts; the first is the default
+STRATEGIES: Mapping[str, Strategy] = MappingProxyType(
+    {
+        "fedavg": _fedavg,
+        "median": _median,
+        "trimmed-mean": _trimmed_mean,
+        "krum": _krum,
+    }
+)
+AGGREGATIONS = tuple(STRATEGIES)  # the names `--aggregation` accepts; the first is the default
 
 
 # --- results and refusals -------------------------------------------------------------------------------------------
 
+
 class Contribution(NamedTuple):
     """One trainer's solution; a plain (peer, weights, samples) tuple works as well."""
+
     peer: str
     weights: Sequence[np.ndarray]
     samples: int
@@ -272,15 +282,15 @@ class AggregationRefused(Exception):
 
 @dataclass(frozen=True)
 class AggregationResult:
-    weights: list[np.ndarray]                # the new global model, float32, the global model's shapes
+    weights: list[np.ndarray]  # the new global model, float32, the global model's shapes
     strategy: str
-    used: tuple[str, ...]                    # peers whose solutions went into the weights (krum: the chosen one)
-    accepted: tuple[str, ...]                # peers admitted to the rule (used, plus those krum passed over)
-    rejected: Mapping[str, str] = field(default_factory=dict)            # peer -> why its solution was refused
-    clipped: Mapping[str, float] = field(default_factory=dict)           # peer -> its update norm before clipping
+    used: tuple[str, ...]  # peers whose solutions went into the weights (krum: the chosen one)
+    accepted: tuple[str, ...]  # peers admitted to the rule (used, plus those krum passed over)
+    rejected: Mapping[str, str] = field(default_factory=dict)  # peer -> why its solution was refused
+    clipped: Mapping[str, float] = field(default_factory=dict)  # peer -> its update norm before clipping
     clamped: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # peer -> (claimed samples, cap)
-    norm_bound: float | None = None          # the update norm bound of this round (None: clipping off)
-    update_norm: float = 0.0                 # the norm of (new weights - global weights)
+    norm_bound: float | None = None  # the update norm bound of this round (None: clipping off)
+    update_norm: float = 0.0  # the norm of (new weights - global weights)
     notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -300,6 +310,7 @@ class AggregationResult:
 
 # --- admission --------------------------------------------------------------------------------------------------------
 
+
 def _admit_weights(weights, shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray] | None, str | None]:
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         return None, "its weights are not a list of tensors"
@@ -314,16 +325,18 @@ def _admit_weights(weights, shapes: list[tuple[int, ...]]) -> tuple[list[np.ndar
         if array.dtype.kind not in "fiu":
             return None, f"its tensor {index} is not real numbers ({array.dtype})"
         if array.shape != shape:
-            return None, (f"its tensors do not have the global model's shapes: tensor {index} is {array.shape}, "
-                          f"not {shape}")
+            return None, (
+                f"its tensors do not have the global model's shapes: tensor {index} is {array.shape}, not {shape}"
+            )
         if not np.isfinite(array).all():
             return None, f"its tensor {index} has NaN or infinite values"
         tensors.append(array)
     return tensors, None
 
 
-def _admit_samples(peer: str, samples,
-                   max_samples: Mapping[str, int] | None) -> tuple[int | None, int | None, str | None]:
+def _admit_samples(
+    peer: str, samples, max_samples: Mapping[str, int] | None
+) -> tuple[int | None, int | None, str | None]:
     """(samples to use, the cap if it lowered them, reason if refused)."""
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
         return None, None, "its sample count is not a whole number"
@@ -343,38 +356,45 @@ def _admit_samples(peer: str, samples,
 
 # --- the aggregator -------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Aggregator:
     """A strategy and its options; `aggregate()` is pure. Invalid options raise ValueError here, at start-up."""
+
     strategy: str = "fedavg"
-    trim_fraction: float = 0.2             # trimmed-mean: cut per end (see trim_count)
-    byzantine: int | None = None           # krum: f, the attackers assumed; None: the most n tolerates
-    clip_multiplier: float | None = 3.0    # update norm bound = this x the round's lower-median update norm; None: off
-    clip_floor: float = 0.01               # ... but at least this (for rounds whose typical update is ~0)
-    refuse_multiplier: float = 100.0       # refuse an aggregate update this many times the round's median update
-    max_growth: float = 1000.0             # refuse an aggregate update this many times the global model's norm
+    trim_fraction: float = 0.2  # trimmed-mean: cut per end (see trim_count)
+    byzantine: int | None = None  # krum: f, the attackers assumed; None: the most n tolerates
+    clip_multiplier: float | None = 3.0  # update norm bound = this x the round's lower-median update norm; None: off
+    clip_floor: float = 0.01  # ... but at least this (for rounds whose typical update is ~0)
+    refuse_multiplier: float = 100.0  # refuse an aggregate update this many times the round's median update
+    max_growth: float = 1000.0  # refuse an aggregate update this many times the global model's norm
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"aggregation {self.strategy!r}: expected one of {', '.join(AGGREGATIONS)}")
-        trim_count(3, self.trim_fraction)   # validates the fraction
-        if self.byzantine is not None and (isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int)
-                                           or self.byzantine < 0):
+        trim_count(3, self.trim_fraction)  # validates the fraction
+        if self.byzantine is not None and (
+            isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int) or self.byzantine < 0
+        ):
             raise ValueError(f"byzantine: expected a whole number >= 0, got {self.byzantine!r}")
         for name in ("clip_multiplier", "clip_floor", "refuse_multiplier", "max_growth"):
             value = getattr(self, name)
             if value is None and name == "clip_multiplier":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
         if self.clip_multiplier is not None and self.clip_multiplier < 1:
-            raise ValueError(f"clip_multiplier: must be at least 1 (below, it clips the round's median update), "
-                             f"got {self.clip_multiplier}")
+            raise ValueError(
+                f"clip_multiplier: must be at least 1 (below, it clips the round's median update), "
+                f"got {self.clip_multiplier}"
+            )
 
-    def aggregate(self, global_weights: Sequence[np.ndarray],
-                  solutions: Sequence[tuple[str, Sequence[np.ndarray], int]],
-                  max_samples: Mapping[str, int] | None = None) -> AggregationResult:
+    def aggregate(
+        self,
+        global_weights: Sequence[np.ndarray],
+        solutions: Sequence[tuple[str, Sequence[np.ndarray], int]],
+        max_samples: Mapping[str, int] | None = None,
+    ) -> AggregationResult:
         """The next global model from the round's solutions, or AggregationRefused. `global_weights`: the model the
         round started from (ours, so it must be finite: ValueError otherwise). `solutions`: (peer, weights,
         samples) each. `max_samples`: peer -> the sample count it announced when it joined; None: no cap."""
@@ -407,8 +427,9 @@ class Aggregator:
             samples_of.append(count)
         if not peers:
             detail = "; ".join(f"{p}: {why}" for p, why in rejected.items())
-            raise AggregationRefused(f"no usable solution ({detail})" if detail else "no solution to aggregate",
-                                     rejected=rejected)
+            raise AggregationRefused(
+                f"no usable solution ({detail})" if detail else "no solution to aggregate", rejected=rejected
+            )
 
         norms = [update_norm(t, origin) for t in tensors_of]
         typical = _lower_median(norms)
@@ -423,7 +444,7 @@ class Aggregator:
             else:
                 points.append(tensors)
 
-        with np.errstate(over="ignore", invalid="ignore"):   # overflow to float32 infinity is refused below
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to float32 infinity is refused below
             choice = STRATEGIES[self.strategy](origin, points, samples_of, self)
             weights = [np.asarray(t, dtype=np.float32).reshape(shape) for t, shape in zip(choice.weights, shapes)]
 
@@ -433,27 +454,46 @@ class Aggregator:
         suspects = [p for n, p in sorted(zip(norms, peers), key=lambda x: -x[0]) if n > limit]
 
         def refuse(reason: str):
-            raise AggregationRefused(f"{self.strategy} of {len(peers)} solution(s) ({','.join(peers)}): {reason}",
-                                     suspects, rejected)
+            raise AggregationRefused(
+                f"{self.strategy} of {len(peers)} solution(s) ({','.join(peers)}): {reason}", suspects, rejected
+            )
 
         if not all(np.isfinite(t).all() for t in weights):
             refuse("the aggregate has NaN or infinite values")
         norm = update_norm(weights, origin)
         if norm > relative_limit:
-            refuse(f"the aggregate's update norm {norm:.3g} is over {self.refuse_multiplier:g} times the round's "
-                   f"median update norm {typical:.3g}")
+            refuse(
+                f"the aggregate's update norm {norm:.3g} is over {self.refuse_multiplier:g} times the round's "
+                f"median update norm {typical:.3g}"
+            )
         if norm > growth_limit:
-            refuse(f"the aggregate's update norm {norm:.3g} is over {self.max_growth:g} times the global model's "
-                   f"norm {growth_limit / self.max_growth:.3g} (counted as at least 1)")
+            refuse(
+                f"the aggregate's update norm {norm:.3g} is over {self.max_growth:g} times the global model's "
+                f"norm {growth_limit / self.max_growth:.3g} (counted as at least 1)"
+            )
 
         notes = (choice.note,) if choice.note else ()
-        return AggregationResult(weights=weights, strategy=self.strategy, used=tuple(peers[i] for i in choice.used),
-                                 accepted=tuple(peers), rejected=rejected, clipped=clipped, clamped=clamped,
-                                 norm_bound=bound, update_norm=norm, notes=notes)
+        return AggregationResult(
+            weights=weights,
+            strategy=self.strategy,
+            used=tuple(peers[i] for i in choice.used),
+            accepted=tuple(peers),
+            rejected=rejected,
+            clipped=clipped,
+            clamped=clamped,
+            norm_bound=bound,
+            update_norm=norm,
+            notes=notes,
+        )
 
 
-def aggregate(global_weights: Sequence[np.ndarray], solutions: Sequence[tuple[str, Sequence[np.ndarray], int]],
-              strategy: str = "fedavg", *, max_samples: Mapping[str, int] | None = None,
-              **options) -> AggregationResult:
+def aggregate(
+    global_weights: Sequence[np.ndarray],
+    solutions: Sequence[tuple[str, Sequence[np.ndarray], int]],
+    strategy: str = "fedavg",
+    *,
+    max_samples: Mapping[str, int] | None = None,
+    **options,
+) -> AggregationResult:
     """`Aggregator(strategy, **options).aggregate(global_weights, solutions, max_samples)`."""
     return Aggregator(strategy, **options).aggregate(global_weights, solutions, max_samples)

@@ -9,6 +9,7 @@ Also the one home of the dataset facts the settings and scripts/split_dataset.py
 the IDX file names, how to get each dataset, the error for a missing one and the default seed (partition schemes:
 peer.partition.SCHEMES).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from peer.learning.idx import IdxError, read_idx, read_idx_rows
@@ -28,9 +30,9 @@ log = logging.getLogger(__name__)
 SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 DATASETS = tuple(SHAPES)
 NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
-IDX_DATASETS = ("mnist", "fashion-mnist")    # published as IDX files, so they can be read (and pre-split) from a folder
-DEFAULT_SEED = 42                            # of the partition and of the test-only split; all peers must agree
-TEST_ONLY_FRACTION = 0.2                     # held out for test when a folder has only the t10k files
+IDX_DATASETS = ("mnist", "fashion-mnist")  # published as IDX files, so they can be read (and pre-split) from a folder
+DEFAULT_SEED = 42  # of the partition and of the test-only split; all peers must agree
+TEST_ONLY_FRACTION = 0.2  # held out for test when a folder has only the t10k files
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = {
@@ -51,16 +53,26 @@ def split_shard_file(shard: int | str) -> str:
 _LABELS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 # (ways open to any reader of IDX files, the Keras download only the peer has)
 _WAYS = {
-    "mnist": ([f"put the four IDX files ({', '.join(name + '.gz' for name in IDX_NAMES.values())}) from the MNIST "
-               "site in a folder and pass --data-dir FOLDER"],
-              "let Keras download it once (needs internet; cached as $KERAS_HOME/datasets/mnist.npz, default "
-              "~/.keras)"),
-    "fashion-mnist": (["`sudo apt-get install dataset-fashion-mnist` (installs the IDX files in "
-                       f"{DEBIAN_FASHION_MNIST}, where the peer finds them without --data-dir)",
-                       "pass --data-dir with the four IDX files"],
-                      "let Keras download it once (needs internet)"),
-    "cifar10": ([], "let Keras download it once (needs internet; cached in $KERAS_HOME/datasets/cifar-10-batches-py, "
-                    "default ~/.keras)"),
+    "mnist": (
+        [
+            f"put the four IDX files ({', '.join(name + '.gz' for name in IDX_NAMES.values())}) from the MNIST "
+            "site in a folder and pass --data-dir FOLDER"
+        ],
+        "let Keras download it once (needs internet; cached as $KERAS_HOME/datasets/mnist.npz, default ~/.keras)",
+    ),
+    "fashion-mnist": (
+        [
+            "`sudo apt-get install dataset-fashion-mnist` (installs the IDX files in "
+            f"{DEBIAN_FASHION_MNIST}, where the peer finds them without --data-dir)",
+            "pass --data-dir with the four IDX files",
+        ],
+        "let Keras download it once (needs internet)",
+    ),
+    "cifar10": (
+        [],
+        "let Keras download it once (needs internet; cached in $KERAS_HOME/datasets/cifar-10-batches-py, "
+        "default ~/.keras)",
+    ),
 }
 
 
@@ -87,6 +99,7 @@ def find_idx_files(folder: Path) -> dict[str, Path | None]:
 @dataclass(frozen=True)
 class ShardSpec:
     """Which shard of which dataset a peer holds: every peer computes every shard from these (`--seed` too)."""
+
     dataset: str
     data_dir: Path | None = None
     shard: int = 0
@@ -109,8 +122,8 @@ class DatasetError(RuntimeError):
 @dataclass
 class Shard:
     dataset: str
-    x_train: np.ndarray      # float32 in [0, 1], (n, H, W, C)
-    y_train: np.ndarray      # int64 labels
+    x_train: np.ndarray  # float32 in [0, 1], (n, H, W, C)
+    y_train: np.ndarray  # int64 labels
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
@@ -119,10 +132,15 @@ class Shard:
     def describe(self, spec: ShardSpec, peer_id: str) -> dict:
         """The data.json record: what this peer holds (never the data itself)."""
         return {
-            "peer": peer_id, "dataset": self.dataset, "shard": spec.label,
-            "partition": spec.partition, "seed": spec.seed, "source": self.source,
+            "peer": peer_id,
+            "dataset": self.dataset,
+            "shard": spec.label,
+            "partition": spec.partition,
+            "seed": spec.seed,
+            "source": self.source,
             "num_classes": self.num_classes,
-            "train_samples": int(len(self.y_train)), "test_samples": int(len(self.y_test)),
+            "train_samples": int(len(self.y_train)),
+            "test_samples": int(len(self.y_test)),
             "train_classes": class_histogram(self.y_train, self.num_classes),
             "test_classes": class_histogram(self.y_test, self.num_classes),
         }
@@ -145,8 +163,9 @@ def _cap(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
 
 
 def _pick(labels: np.ndarray, spec: ShardSpec, num_classes: int, limit: int | None) -> np.ndarray:
-    parts = partition(labels, spec.num_shards, spec.partition, seed=spec.seed,
-                      alpha=spec.alpha, num_classes=num_classes)
+    parts = partition(
+        labels, spec.num_shards, spec.partition, seed=spec.seed, alpha=spec.alpha, num_classes=num_classes
+    )
     return _cap(parts[spec.shard], limit, spec.seed + spec.shard)
 
 
@@ -156,12 +175,21 @@ def _finish(spec: ShardSpec, source: str, x_train, y_train, x_test, y_test, num_
     def prepare(x):
         return (np.asarray(x, dtype=np.float32) / 255.0).reshape((-1, *shape))
 
-    shard = Shard(spec.dataset, prepare(x_train), np.asarray(y_train, np.int64).ravel(),
-                  prepare(x_test), np.asarray(y_test, np.int64).ravel(), num_classes, source)
+    shard = Shard(
+        spec.dataset,
+        prepare(x_train),
+        np.asarray(y_train, np.int64).ravel(),
+        prepare(x_test),
+        np.asarray(y_test, np.int64).ravel(),
+        num_classes,
+        source,
+    )
     if len(shard.y_train) == 0 or len(shard.y_test) == 0:
-        raise DatasetError(f"shard {spec.label} of {spec.dataset} ({spec.partition}) is empty "
-                           f"({len(shard.y_train)} train, {len(shard.y_test)} test samples): use fewer peers or "
-                           "another partition")
+        raise DatasetError(
+            f"shard {spec.label} of {spec.dataset} ({spec.partition}) is empty "
+            f"({len(shard.y_train)} train, {len(shard.y_test)} test samples): use fewer peers or "
+            "another partition"
+        )
     return shard
 
 
@@ -174,9 +202,15 @@ def _from_idx(spec: ShardSpec, folder: Path) -> Shard:
         train_labels, test_labels = read_idx(files["train_labels"]), read_idx(files["test_labels"])
         train_rows = _pick(train_labels, spec, num_classes, spec.train_samples)
         test_rows = _pick(test_labels, spec, num_classes, spec.test_samples)
-        return _finish(spec, str(folder),
-                       read_idx_rows(files["train_images"], train_rows), train_labels[train_rows],
-                       read_idx_rows(files["test_images"], test_rows), test_labels[test_rows], num_classes)
+        return _finish(
+            spec,
+            str(folder),
+            read_idx_rows(files["train_images"], train_rows),
+            train_labels[train_rows],
+            read_idx_rows(files["test_images"], test_rows),
+            test_labels[test_rows],
+            num_classes,
+        )
     # Only the test set: hold out a stratified, seeded fifth of it as test data (as scripts/split_dataset.py does),
     # then partition both parts alike.
     labels = read_idx(files["test_labels"])
@@ -186,17 +220,24 @@ def _from_idx(spec: ShardSpec, folder: Path) -> Shard:
     test_rows = test_pool[_pick(labels[test_pool], spec, num_classes, spec.test_samples)]
     images = files["test_images"]
     log.info("only the test files are in %s: %d of its samples train, %d test", folder, cut, len(labels) - cut)
-    return _finish(spec, f"{folder} (test set split {1 - TEST_ONLY_FRACTION:.0%}/{TEST_ONLY_FRACTION:.0%})",
-                   read_idx_rows(images, train_rows), labels[train_rows],
-                   read_idx_rows(images, test_rows), labels[test_rows], num_classes)
+    return _finish(
+        spec,
+        f"{folder} (test set split {1 - TEST_ONLY_FRACTION:.0%}/{TEST_ONLY_FRACTION:.0%})",
+        read_idx_rows(images, train_rows),
+        labels[train_rows],
+        read_idx_rows(images, test_rows),
+        labels[test_rows],
+        num_classes,
+    )
 
 
 def _from_split(spec: ShardSpec, folder: Path) -> Shard:
     try:
         manifest = json.loads((folder / SPLIT_MANIFEST).read_text())
         if manifest.get("num_shards") != spec.num_shards:
-            raise DatasetError(f"{folder} was split into {manifest.get('num_shards')} shards, but this peer has "
-                               f"--shard {spec.label}")
+            raise DatasetError(
+                f"{folder} was split into {manifest.get('num_shards')} shards, but this peer has --shard {spec.label}"
+            )
         if manifest.get("dataset") not in (None, spec.dataset):
             raise DatasetError(f"{folder} holds {manifest.get('dataset')}, not {spec.dataset}")
         entry = next(s for s in manifest["shards"] if s["shard"] == spec.shard)
@@ -205,13 +246,20 @@ def _from_split(spec: ShardSpec, folder: Path) -> Shard:
     except DatasetError:
         raise
     except (OSError, ValueError, KeyError, StopIteration, TypeError) as err:
-        raise DatasetError(f"{folder}: cannot read the split shard {spec.shard} ({err}); run "
-                           "`python -m scripts.split_dataset` again") from None
+        raise DatasetError(
+            f"{folder}: cannot read the split shard {spec.shard} ({err}); run `python -m scripts.split_dataset` again"
+        ) from None
     train = _cap(np.arange(len(arrays["y_train"])), spec.train_samples, spec.seed)
     test = _cap(np.arange(len(arrays["y_test"])), spec.test_samples, spec.seed)
-    return _finish(spec, str(folder), arrays["x_train"][train], arrays["y_train"][train],
-                   arrays["x_test"][test], arrays["y_test"][test],
-                   int(manifest.get("num_classes", NUM_CLASSES[spec.dataset])))
+    return _finish(
+        spec,
+        str(folder),
+        arrays["x_train"][train],
+        arrays["y_train"][train],
+        arrays["x_test"][test],
+        arrays["y_test"][test],
+        int(manifest.get("num_classes", NUM_CLASSES[spec.dataset])),
+    )
 
 
 def _from_keras(spec: ShardSpec) -> Shard:
@@ -222,12 +270,15 @@ def _from_keras(spec: ShardSpec) -> Shard:
                 (xa, ya), (xb, yb) = (data["x_train"], data["y_train"]), (data["x_test"], data["y_test"])
         else:
             from keras import datasets  # imported here: it costs seconds and is needed only on this path
-            loader = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist,
-                      "cifar10": datasets.cifar10}[spec.dataset]
+
+            loader = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist, "cifar10": datasets.cifar10}[
+                spec.dataset
+            ]
             (xa, ya), (xb, yb) = loader.load_data()
     except Exception as err:  # the download raises many kinds (URLError, OSError, HTTP errors, bad archives)
-        raise _missing(spec, f"not in the Keras cache ({keras_cache()}) and the download failed: "
-                                 f"{type(err).__name__}: {err}") from None
+        raise _missing(
+            spec, f"not in the Keras cache ({keras_cache()}) and the download failed: {type(err).__name__}: {err}"
+        ) from None
     ya, yb = np.asarray(ya).ravel(), np.asarray(yb).ravel()
     num_classes = NUM_CLASSES[spec.dataset]
     train = _pick(ya, spec, num_classes, spec.train_samples)

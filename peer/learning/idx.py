@@ -3,6 +3,7 @@
 Layout (big-endian): two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then one uint32
 per dimension, then the data. Only unsigned-byte files exist in these datasets, so only those are accepted.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -1,5 +1,6 @@
 """The local learning: fit the model on this peer's shard, evaluate, save. With peer.models (which builds the model)
 the only modules that touch TensorFlow/Keras, imported lazily so the rest of the peer (and its tests) start fast."""
+
 from __future__ import annotations
 
 import threading
@@ -12,15 +13,22 @@ from peer.learning.data import SHAPES, Shard
 
 
 class Learner:
-    def __init__(self, dataset: str, shard: Shard | None, epochs: int = 1, batch_size: int = 32, seed: int = 0,
-                 model: str | None = None):
+    def __init__(
+        self,
+        dataset: str,
+        shard: Shard | None,
+        epochs: int = 1,
+        batch_size: int = 32,
+        seed: int = 0,
+        model: str | None = None,
+    ):
         """`model` is a --model spec (peer.models); None means the dataset's default."""
         self.dataset, self.shard = dataset, shard
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.model_name = models.check_spec(model) if model else models.default_model(dataset)
         self._model = None
         self._initial: list[np.ndarray] | None = None
-        self._tensors: list[tuple[tuple[int, ...], str]] = []    # (shape, dtype) of each weight tensor, once built
+        self._tensors: list[tuple[tuple[int, ...], str]] = []  # (shape, dtype) of each weight tensor, once built
         # The learner thread fits while the main loop may save the final model: one user of the model at a time.
         self._lock = threading.Lock()
 
@@ -29,8 +37,9 @@ class Learner:
         the peer's loop the first time it becomes controller. ModelError if --model gives no usable model."""
         with self._lock:
             if self._model is None:
-                self._model = models.build(self.model_name, SHAPES[self.dataset],
-                                           self.shard.num_classes if self.shard else 10, self.seed)
+                self._model = models.build(
+                    self.model_name, SHAPES[self.dataset], self.shard.num_classes if self.shard else 10, self.seed
+                )
                 self._initial = self._weights()
                 self._tensors = models.tensors_of(self._model)
 
@@ -45,7 +54,7 @@ class Learner:
         self.prepare()
         return models.describe(self.model_name, self._tensors)
 
-    def twin(self, shard: Shard) -> "Learner":
+    def twin(self, shard: Shard) -> Learner:
         """A learner for another peer hosted in this process (peer.host): its own shard, this learner's model and
         lock. One Keras model per process, not per peer (each would cost its memory and its own traced functions),
         and one learning job at a time in the process: its peers share its one or two cores anyway."""
@@ -71,8 +80,14 @@ class Learner:
         self.prepare()
         with self._lock:
             self._model.set_weights(weights)
-            history = self._model.fit(self.shard.x_train, self.shard.y_train, epochs=self.epochs,
-                                      batch_size=self.batch_size, shuffle=True, verbose=0)
+            history = self._model.fit(
+                self.shard.x_train,
+                self.shard.y_train,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                shuffle=True,
+                verbose=0,
+            )
             return self._weights(), int(len(self.shard.y_train)), float(history.history["loss"][-1])
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]:
@@ -80,8 +95,9 @@ class Learner:
         self.prepare()
         with self._lock:
             self._model.set_weights(weights)
-            results = self._model.evaluate(self.shard.x_test, self.shard.y_test, batch_size=256, verbose=0,
-                                           return_dict=True)
+            results = self._model.evaluate(
+                self.shard.x_test, self.shard.y_test, batch_size=256, verbose=0, return_dict=True
+            )
         return models.accuracy_of(results), float(results["loss"]), int(len(self.shard.y_test))
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:

@@ -1,5 +1,6 @@
 """The one formula of the global metric, standard library only: the pure round logic (`peer.roles.rounds`) computes it
 live, and the run-dir reader (`peer.records.run_dir`, which must run on a bare host Python) rebuilds it from records."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -9,6 +9,7 @@ ModelError, whose message names the --model value and the fix.
 Keras is imported lazily, on the first build: the settings check a spec's form with `check_spec` before TensorFlow
 would have loaded, and the fingerprint of a list of (shape, dtype) needs no Keras at all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.wire.weights import FINGERPRINT_HEX   # the length init and heartbeat carry
+from peer.wire.weights import FINGERPRINT_HEX  # the length init and heartbeat carry
 
 _DATASET_DEFAULTS = {"cifar10": "cifar10-cnn"}
 _FALLBACK_DEFAULT = "cnn-small"
@@ -30,9 +31,11 @@ _FALLBACK_DEFAULT = "cnn-small"
 # [SparseCategoricalAccuracy()] produce).
 ACCURACY_METRICS = ("accuracy", "acc", "sparse_categorical_accuracy")
 
-FORMS = ("MODULE:FUNCTION (an importable module, e.g. mymodels:build) or FILE.py:FUNCTION "
-         "(e.g. docs/examples/custom_model.py:build_model), where FUNCTION(input_shape, num_classes) returns a "
-         "compiled Keras model")
+FORMS = (
+    "MODULE:FUNCTION (an importable module, e.g. mymodels:build) or FILE.py:FUNCTION "
+    "(e.g. docs/examples/custom_model.py:build_model), where FUNCTION(input_shape, num_classes) returns a "
+    "compiled Keras model"
+)
 
 
 class ModelError(ValueError):
@@ -46,13 +49,15 @@ def default_model(dataset: str) -> str:
 
 def defaults_text() -> str:
     """The default rule in words, for the help: e.g. "cifar10-cnn for cifar10, cnn-small otherwise"."""
-    return ", ".join([*(f"{model} for {dataset}" for dataset, model in _DATASET_DEFAULTS.items()),
-                      f"{_FALLBACK_DEFAULT} otherwise"])
+    return ", ".join(
+        [*(f"{model} for {dataset}" for dataset, model in _DATASET_DEFAULTS.items()), f"{_FALLBACK_DEFAULT} otherwise"]
+    )
 
 
 @dataclass(frozen=True)
 class Spec:
     """A --model value, taken apart: a built-in name, or where to find a factory function (module or file)."""
+
     text: str
     builtin: str | None = None
     module: str | None = None
@@ -85,8 +90,9 @@ def check_spec(text: str) -> str:
 
 # --- the fingerprint: pure, over the weight tensors' shapes and dtypes -------------------------------------------------
 
+
 def _dtype_name(dtype) -> str:
-    return str(getattr(dtype, "name", dtype))   # numpy and TensorFlow dtypes have .name; Keras gives strings
+    return str(getattr(dtype, "name", dtype))  # numpy and TensorFlow dtypes have .name; Keras gives strings
 
 
 def _canonical(tensors: Iterable[tuple[Sequence[int], object]]) -> list[tuple[tuple[int, ...], str]]:
@@ -134,6 +140,7 @@ def keras_module():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import tensorflow as tf
+
     if not _configured:
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -143,8 +150,7 @@ def keras_module():
 
 def _classifier(input_shape: tuple, num_classes: int, body: list, optimizer):
     keras = keras_module()
-    model = keras.Sequential([keras.Input(input_shape), *body,
-                              keras.layers.Dense(num_classes, activation="softmax")])
+    model = keras.Sequential([keras.Input(input_shape), *body, keras.layers.Dense(num_classes, activation="softmax")])
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
@@ -153,9 +159,14 @@ def cnn_small(input_shape: tuple, num_classes: int):
     """About 57k parameters on 28x28 inputs: the default for mnist and fashion-mnist."""
     keras = keras_module()
     layers = keras.layers
-    body = [layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(),
-            layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(),
-            layers.Flatten(), layers.Dense(64, activation="relu")]
+    body = [
+        layers.Conv2D(16, 3, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(32, 3, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        layers.Dense(64, activation="relu"),
+    ]
     return _classifier(input_shape, num_classes, body, keras.optimizers.Adam(1e-3))
 
 
@@ -163,9 +174,15 @@ def seed_cnn(input_shape: tuple, num_classes: int):
     """The CNN of the seed documents (the FedAvg notebook): about 1.2M parameters on 28x28 inputs, plain SGD."""
     keras = keras_module()
     layers = keras.layers
-    body = [layers.Conv2D(32, 3, activation="relu"), layers.Conv2D(64, 3, activation="relu"),
-            layers.MaxPooling2D(2), layers.Dropout(0.25), layers.Flatten(),
-            layers.Dense(128, activation="relu"), layers.Dropout(0.5)]
+    body = [
+        layers.Conv2D(32, 3, activation="relu"),
+        layers.Conv2D(64, 3, activation="relu"),
+        layers.MaxPooling2D(2),
+        layers.Dropout(0.25),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        layers.Dropout(0.5),
+    ]
     return _classifier(input_shape, num_classes, body, keras.optimizers.SGD(learning_rate=0.01))
 
 
@@ -173,9 +190,16 @@ def cifar10_cnn(input_shape: tuple, num_classes: int):
     """About 325k parameters on 32x32x3 inputs: the default for cifar10."""
     keras = keras_module()
     layers = keras.layers
-    body = [layers.Conv2D(32, 3, activation="relu", padding="same"), layers.Conv2D(32, 3, activation="relu"),
-            layers.MaxPooling2D(), layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(),
-            layers.Flatten(), layers.Dropout(0.3), layers.Dense(128, activation="relu")]
+    body = [
+        layers.Conv2D(32, 3, activation="relu", padding="same"),
+        layers.Conv2D(32, 3, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(64, 3, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        layers.Dropout(0.3),
+        layers.Dense(128, activation="relu"),
+    ]
     return _classifier(input_shape, num_classes, body, keras.optimizers.Adam(1e-3))
 
 
@@ -184,6 +208,7 @@ BUILT_INS = tuple(_FACTORIES)
 
 
 # --- a user's factory --------------------------------------------------------------------------------------------------
+
 
 def load_factory(spec: Spec) -> Callable:
     """The function the spec names, imported; ModelError says what is missing and how to fix it."""
@@ -195,23 +220,28 @@ def load_factory(spec: Spec) -> Callable:
     else:
         module, place = _import_module(spec, where), f"module {spec.module}"
     if not hasattr(module, spec.function):
-        found = sorted(name for name, value in vars(module).items()
-                       if callable(value) and not name.startswith("_") and getattr(value, "__module__", None)
-                       == module.__name__)
+        found = sorted(
+            name
+            for name, value in vars(module).items()
+            if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+        )
         hint = f" (its functions: {', '.join(found)})" if found else ""
         raise ModelError(f"{where}: {place} has no function {spec.function}{hint}")
     factory = getattr(module, spec.function)
     if not callable(factory):
-        raise ModelError(f"{where}: {spec.function} in {place} is a {type(factory).__name__}, not a function; name "
-                         "a function(input_shape, num_classes) that returns a compiled Keras model")
+        raise ModelError(
+            f"{where}: {spec.function} in {place} is a {type(factory).__name__}, not a function; name "
+            "a function(input_shape, num_classes) that returns a compiled Keras model"
+        )
     return factory
 
 
 def _import_file(spec: Spec, where: str):
     path = spec.path
     if not path.is_file():
-        raise ModelError(f"{where}: there is no file {path} (a relative path counts from the folder the peer runs "
-                         f"in, {Path.cwd()})")
+        raise ModelError(
+            f"{where}: there is no file {path} (a relative path counts from the folder the peer runs in, {Path.cwd()})"
+        )
     # A name of its own per file, so two files called models.py never share a module; registered before running
     # it, as an import would, so the file's dataclasses and pickling find their module.
     name = f"_fl_user_model_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
@@ -233,9 +263,10 @@ def _import_module(spec: Spec, where: str):
         return importlib.import_module(spec.module)
     except ModuleNotFoundError as err:
         if err.name and (spec.module == err.name or spec.module.startswith(err.name + ".")):
-            raise ModelError(f"{where}: no module named {err.name} (put it in the folder the peer runs in, "
-                             f"{Path.cwd()}, or on PYTHONPATH; or name a file: path/to/file.py:{spec.function})"
-                             ) from None
+            raise ModelError(
+                f"{where}: no module named {err.name} (put it in the folder the peer runs in, "
+                f"{Path.cwd()}, or on PYTHONPATH; or name a file: path/to/file.py:{spec.function})"
+            ) from None
         raise ModelError(f"{where}: importing {spec.module} failed: {_one_line(err)}") from None
     except Exception as err:  # the user's code may raise anything; one line says what, no traceback
         raise ModelError(f"{where}: importing {spec.module} failed: {_one_line(err)}") from None
@@ -248,18 +279,21 @@ def _one_line(err: BaseException) -> str:
 
 # --- building ----------------------------------------------------------------------------------------------------------
 
+
 def build(spec_text: str, input_shape: tuple, num_classes: int, seed: int):
     """The compiled model the spec names, its weights drawn from `seed`, checked against the dataset's input shape
     and class count. ModelError for anything that would fail later, mid-run."""
     spec = parse_spec(spec_text)
-    keras = keras_module()   # before the user's module, which may import Keras itself without the settings above
+    keras = keras_module()  # before the user's module, which may import Keras itself without the settings above
     factory = load_factory(spec)
-    keras.utils.set_random_seed(seed)   # every peer (so every controller) starts the same run from the same model
+    keras.utils.set_random_seed(seed)  # every peer (so every controller) starts the same run from the same model
     try:
         model = factory(tuple(input_shape), int(num_classes))
     except Exception as err:  # the user's code may raise anything; one line says what, no traceback
-        raise ModelError(f"--model {spec.text}: {spec.function or spec.builtin}(input_shape={tuple(input_shape)}, "
-                         f"num_classes={num_classes}) failed: {_one_line(err)}") from None
+        raise ModelError(
+            f"--model {spec.text}: {spec.function or spec.builtin}(input_shape={tuple(input_shape)}, "
+            f"num_classes={num_classes}) failed: {_one_line(err)}"
+        ) from None
     check_model(model, spec.text, tuple(input_shape), int(num_classes))
     return model
 
@@ -269,31 +303,43 @@ def check_model(model, spec_text: str, input_shape: tuple, num_classes: int) -> 
     keras = keras_module()
     where = f"--model {spec_text}"
     if not isinstance(model, keras.Model):
-        raise ModelError(f"{where}: the function returned {type(model).__name__}, not a Keras model; return the "
-                         "keras.Model (e.g. a keras.Sequential) after model.compile(...)")
+        raise ModelError(
+            f"{where}: the function returned {type(model).__name__}, not a Keras model; return the "
+            "keras.Model (e.g. a keras.Sequential) after model.compile(...)"
+        )
     if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
-        raise ModelError(f"{where}: the model is not compiled with a loss; call model.compile(optimizer=..., "
-                         "loss='sparse_categorical_crossentropy', metrics=['accuracy']) before returning it")
+        raise ModelError(
+            f"{where}: the model is not compiled with a loss; call model.compile(optimizer=..., "
+            "loss='sparse_categorical_crossentropy', metrics=['accuracy']) before returning it"
+        )
     if not any(_metric_name(metric) in ACCURACY_METRICS for metric in model.get_compile_config().get("metrics") or ()):
-        raise ModelError(f"{where}: the model is not compiled with an accuracy metric, which the federation's "
-                         "evaluations report; pass metrics=['accuracy'] to model.compile")
+        raise ModelError(
+            f"{where}: the model is not compiled with an accuracy metric, which the federation's "
+            "evaluations report; pass metrics=['accuracy'] to model.compile"
+        )
     try:
         inputs, outputs = model.input_shape, model.output_shape
     except (AttributeError, ValueError):
-        raise ModelError(f"{where}: the model has no defined input; start it with keras.Input(input_shape) so it "
-                         f"takes the dataset's {input_shape} images") from None
+        raise ModelError(
+            f"{where}: the model has no defined input; start it with keras.Input(input_shape) so it "
+            f"takes the dataset's {input_shape} images"
+        ) from None
     if inputs != (None, *input_shape):
-        raise ModelError(f"{where}: the model takes inputs of shape {_shape(inputs)}, but the dataset's images are "
-                         f"{input_shape}; build it from the input_shape argument")
+        raise ModelError(
+            f"{where}: the model takes inputs of shape {_shape(inputs)}, but the dataset's images are "
+            f"{input_shape}; build it from the input_shape argument"
+        )
     if outputs != (None, num_classes):
-        raise ModelError(f"{where}: the model outputs shape {_shape(outputs)}, but the dataset has {num_classes} "
-                         "classes; end it with Dense(num_classes, activation='softmax')")
+        raise ModelError(
+            f"{where}: the model outputs shape {_shape(outputs)}, but the dataset has {num_classes} "
+            "classes; end it with Dense(num_classes, activation='softmax')"
+        )
 
 
 def _metric_name(metric) -> str | None:
     if isinstance(metric, str):
         return metric
-    if isinstance(metric, dict):   # a metric object, serialized by get_compile_config
+    if isinstance(metric, dict):  # a metric object, serialized by get_compile_config
         return (metric.get("config") or {}).get("name")
     return None
 

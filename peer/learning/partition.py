@@ -33,6 +33,7 @@ Promises of the schemes (N = len(labels), K = num_parts, C = num_classes, n_c = 
 For every scheme the parts are disjoint, sorted int64 index arrays, and none is empty: a part left empty (only
 possible with very few samples per part) takes an unused sample, or else one from the largest part.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,15 @@ class PartitionError(ValueError):
     """The partition cannot be made as asked (bad scheme, counts or parameters)."""
 
 
-def partition(labels: np.ndarray, num_parts: int, scheme: str = "iid", *, seed: int = 0,
-              alpha: float = DEFAULT_ALPHA, num_classes: int | None = None) -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray,
+    num_parts: int,
+    scheme: str = "iid",
+    *,
+    seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
+    num_classes: int | None = None,
+) -> list[np.ndarray]:
     """num_parts disjoint, sorted int64 index arrays into `labels` (see the module docstring for the schemes)."""
     labels, num_classes = _check(labels, num_parts, scheme, seed, alpha, num_classes)
     # Two independent streams: the plan must not shift when the number of samples (and so the number of
@@ -103,12 +111,14 @@ def split_train_test(labels: np.ndarray, test_fraction: float, *, seed: int = 0)
     test = np.sort(np.concatenate(test_parts)) if test_parts else np.empty(0, np.int64)
     train = np.setdiff1d(np.arange(len(labels), dtype=np.int64), test)
     if len(train) == 0 or len(test) == 0:
-        raise PartitionError(f"a test fraction of {test_fraction} leaves an empty train or test set "
-                             f"from {len(labels)} samples")
+        raise PartitionError(
+            f"a test fraction of {test_fraction} leaves an empty train or test set from {len(labels)} samples"
+        )
     return train, test.astype(np.int64)
 
 
 # --- checks -----------------------------------------------------------------------------------------------------
+
 
 def _check(labels, num_parts, scheme, seed, alpha, num_classes):
     if scheme not in SCHEMES:
@@ -138,9 +148,11 @@ def _check(labels, num_parts, scheme, seed, alpha, num_classes):
 # --- planners: (plan_rng, K, C, alpha) -> (class_counts -> int counts[C, K]) ------------------------------------
 # Each draws everything random up front and returns a deterministic function of the class counts.
 
+
 def _uniform_counts(plan_rng, num_parts, num_classes, alpha):
     def counts(class_counts):
         return np.repeat((class_counts // num_parts)[:, None], num_parts, axis=1)
+
     return counts
 
 
@@ -169,6 +181,7 @@ def _scaled_mix_counts(weights, shares):
     Sinkhorn scaling fits the wishes to the class frequencies and the part shares. The result is a smooth
     function of the class frequencies, so two label arrays with equal frequencies get the same mixes.
     """
+
     def counts(class_counts):
         total = int(class_counts.sum())
         frequencies = class_counts / total
@@ -176,6 +189,7 @@ def _scaled_mix_counts(weights, shares):
         part_sizes = _largest_remainder(shares * total, total)
         part_sizes = _at_least_one_each(part_sizes)
         return _round_matrix(joint * total, class_counts, part_sizes)
+
     return counts
 
 
@@ -200,12 +214,14 @@ def _skewed_counts(plan_rng, num_parts, num_classes, alpha):
         limits = class_counts[present] / demand[present]
         size = int(np.floor(limits.min()))
         while size > 0:
-            quotas = np.stack([_largest_remainder(wanted[:, k] * size, size, tiebreaks[k])
-                               for k in range(num_parts)], axis=1)
+            quotas = np.stack(
+                [_largest_remainder(wanted[:, k] * size, size, tiebreaks[k]) for k in range(num_parts)], axis=1
+            )
             if np.all(quotas.sum(axis=1) <= class_counts):
                 return quotas
             size -= 1  # rounding up pushed a class past its supply; a slightly smaller part always fits
         return np.zeros((num_classes, num_parts), dtype=np.int64)
+
     return counts
 
 
@@ -217,18 +233,20 @@ def _deal_majors(plan_rng, num_parts, num_classes):
         deck = list(plan_rng.permutation(num_classes))
         # A part's majors must differ: when a new deck would pair its first card with the part's first card,
         # rotate the deck.
-        if len(dealt) % per_part and deck[0] in dealt[-(len(dealt) % per_part):]:
+        if len(dealt) % per_part and deck[0] in dealt[-(len(dealt) % per_part) :]:
             deck = deck[1:] + deck[:1]
         dealt.extend(int(c) for c in deck)
-    return np.array(dealt[:num_parts * per_part], dtype=np.int64).reshape(num_parts, per_part)
+    return np.array(dealt[: num_parts * per_part], dtype=np.int64).reshape(num_parts, per_part)
 
 
 def _dirichlet_counts(plan_rng, num_parts, num_classes, alpha):
     proportions = plan_rng.dirichlet(np.full(num_parts, float(alpha)), size=num_classes)
 
     def counts(class_counts):
-        return np.stack([_largest_remainder(proportions[c] * class_counts[c], int(class_counts[c]))
-                         for c in range(num_classes)])
+        return np.stack(
+            [_largest_remainder(proportions[c] * class_counts[c], int(class_counts[c])) for c in range(num_classes)]
+        )
+
     return counts
 
 
@@ -243,6 +261,7 @@ _PLANNERS = {
 
 # --- filling quotas ---------------------------------------------------------------------------------------------
 
+
 def _class_grouped_order(labels, sample_rng):
     """All indices, grouped by class in class order, in a seeded random order inside each class."""
     shuffled = sample_rng.permutation(len(labels))
@@ -254,7 +273,7 @@ def _fill_quotas(labels, counts, num_classes, sample_rng):
     class_starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))])
     parts: list[list[np.ndarray]] = [[] for _ in range(counts.shape[1])]
     for cls in range(num_classes):
-        members = order[class_starts[cls]:class_starts[cls + 1]]
+        members = order[class_starts[cls] : class_starts[cls + 1]]
         cuts = np.cumsum(counts[cls])
         for part, (start, stop) in enumerate(zip(np.concatenate([[0], cuts[:-1]]), cuts)):
             parts[part].append(members[start:stop])
@@ -292,6 +311,7 @@ def _ensure_nonempty(parts, labels):
 
 
 # --- arithmetic -------------------------------------------------------------------------------------------------
+
 
 def _largest_remainder(targets, total, tiebreak=None):
     """Non-negative ints summing to `total`, each within 1 of its (non-negative) target.

@@ -2,6 +2,7 @@
 the peer's queue for each. Fitting takes seconds, so it must not run on the peer's loop, which keeps answering
 elections and heartbeats meanwhile. A job that is no longer wanted when its turn comes (its term is over) is skipped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,13 +11,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from peer.roles.actions import JobDone, StartJob
 from peer.learning.learner import Learner
+from peer.roles.actions import JobDone, StartJob
 
 
 class JobRunner:
-    def __init__(self, learner: Learner, events: queue.Queue, still_wanted: Callable[[StartJob], bool],
-                 log: logging.Logger):
+    def __init__(
+        self, learner: Learner, events: queue.Queue, still_wanted: Callable[[StartJob], bool], log: logging.Logger
+    ):
         self.learner, self.events, self.still_wanted, self.log = learner, events, still_wanted, log
         self.jobs: queue.Queue[StartJob | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="learner", daemon=True)

@@ -1,19 +1,23 @@
 """Log lines: one line per event, each stamped with the peer's id, role, term, round and phase, so a person following
 `docker compose logs -f` can follow an election and a round; and a quota, so a flood of bad messages (or a full disk)
 cannot flood the log."""
+
 from __future__ import annotations
 
 import logging
 import time
 from typing import Protocol
 
-QUIET_S = 10.0             # the same kind of warning (a malformed message, a failed write) at most once per this
-LOG_FORMAT = "%(asctime)s %(levelname)-7s peer=%(peer)s role=%(role)s term=%(term)s round=%(round)s " \
-             "phase=%(phase)s | %(message)s"
+QUIET_S = 10.0  # the same kind of warning (a malformed message, a failed write) at most once per this
+LOG_FORMAT = (
+    "%(asctime)s %(levelname)-7s peer=%(peer)s role=%(role)s term=%(term)s round=%(round)s "
+    "phase=%(phase)s | %(message)s"
+)
 
 
 class PeerState(Protocol):
     """What a log line says of the peer (`peer.node.loop.Peer` has it)."""
+
     role_name: str
     current_round: int
     phase: str | None

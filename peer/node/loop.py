@@ -10,6 +10,7 @@ The machines are pure; everything they decide comes back as actions, and `carry_
 deeds (`DEEDS`): publishing (through `peer.wire.session.Outbox`), records and typed events, learning jobs, the model
 store (this module is its only writer), the final model, the exit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +28,32 @@ from peer.node.transport import BrokerRefused, Connected, Disconnected, Inbound,
 from peer.records.checkpoint import RunState, checkpoint_state
 from peer.records.events import EventLog
 from peer.records.run_dir import RunRecorder
-from peer.roles.actions import (EXIT_DUPLICATE, EXIT_REFUSED, Action, AdoptModel, CastVote, Exit, FetchModel,
-                                FinishRound, FollowController, JobDone, Log, Print, Publish, RecordElection,
-                                RecordEvaluation, RecordRound, RecordRun, SaveCheckpoint, SaveModel, SendClaim,
-                                StartJob, StepDown, TakeOffice, Unconfirmed)
+from peer.roles.actions import (
+    EXIT_DUPLICATE,
+    EXIT_REFUSED,
+    Action,
+    AdoptModel,
+    CastVote,
+    Exit,
+    FetchModel,
+    FinishRound,
+    FollowController,
+    JobDone,
+    Log,
+    Print,
+    Publish,
+    RecordElection,
+    RecordEvaluation,
+    RecordRound,
+    RecordRun,
+    SaveCheckpoint,
+    SaveModel,
+    SendClaim,
+    StartJob,
+    StepDown,
+    TakeOffice,
+    Unconfirmed,
+)
 from peer.roles.admission import Route, View, admit, entitled
 from peer.roles.controller import Controller
 from peer.roles.election import Election, ElectionTimings
@@ -45,37 +68,52 @@ from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
 
 TICK_S = 0.05
-PRESENCE_EXPIRY_S = 3600   # a dead peer's "offline" will does not linger on a long-lived broker forever
+PRESENCE_EXPIRY_S = 3600  # a dead peer's "offline" will does not linger on a long-lived broker forever
 # Kinds whose sending is worth an event in events.jsonl (heartbeats, votes and presence are told otherwise or not).
 EVENT_KINDS = frozenset({"training", "solution", "aggregation", "evaluation", "metrics", "finish"})
 
 
 class Peer:
-    def __init__(self, settings: Settings, learner: Learner, rng: random.Random | None = None,
-                 transport=None, runner=None, resume: RunState | None = None, log: logging.Logger | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        learner: Learner,
+        rng: random.Random | None = None,
+        transport=None,
+        runner=None,
+        resume: RunState | None = None,
+        log: logging.Logger | None = None,
+    ):
         """`transport` and `runner` default to the real MQTT adapter and learner thread; tests hand in fakes.
         `resume`: the run's state from its checkpoint, to go on from. `log`: this peer's own logger when several
         peers share the process (peer.host); by default the process's "peer" logger."""
         self.settings, self.me, self.learner = settings, settings.peer_id, learner
         self.rng = rng or random.Random()
-        self.wall_clock: Callable[[], float] = time.time   # the sender's clock in envelopes is checked against it
+        self.wall_clock: Callable[[], float] = time.time  # the sender's clock in envelopes is checked against it
         self.topics = Topics(settings.topic_prefix, settings.run_id)
         seal = Seal(settings.secret)
         self.stamper = Stamper(new_incarnation(time.time_ns()), lambda: self.wall_clock())
         self.inbox = Inbox(self.me, self.topics, seal)
         self.outbox = Outbox(self.topics, seal, self.stamper, settings.wire_dtype, settings.max_message_bytes)
         self.events: queue.Queue = queue.Queue()
-        self.election = Election(self.me, settings.min_peers,
-                                 ElectionTimings.from_heartbeat(settings.heartbeat, settings.election_window,
-                                                                settings.wait_timeout),
-                                 self.rng, started_at=time.monotonic())
-        self.store = ModelStore()          # written here only, by carrying out AdoptModel and FinishRound
+        self.election = Election(
+            self.me,
+            settings.min_peers,
+            ElectionTimings.from_heartbeat(settings.heartbeat, settings.election_window, settings.wait_timeout),
+            self.rng,
+            started_at=time.monotonic(),
+        )
+        self.store = ModelStore()  # written here only, by carrying out AdoptModel and FinishRound
         self.samples = learner.sample_counts()
         self.fingerprint = learner.fingerprint()
-        self.misfits: set[str] = set()      # peers that announced another model: not part of this run
+        self.misfits: set[str] = set()  # peers that announced another model: not part of this run
         self.last_fetch = float("-inf")
-        self.follower = Follower(self.me, self.store, tuple(tuple(w.shape) for w in learner.initial_weights()),
-                                 keep_solutions_up_to=settings.max_message_bytes)
+        self.follower = Follower(
+            self.me,
+            self.store,
+            tuple(tuple(w.shape) for w in learner.initial_weights()),
+            keep_solutions_up_to=settings.max_message_bytes,
+        )
         self.controller: Controller | None = None
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
         self.announced: dict[str, tuple[int, int]] = {}
@@ -88,8 +126,15 @@ class Peer:
         # The client id is ours alone (a random suffix): nobody can take our session over by guessing it. A broker
         # with a login per peer replaces it with the login (use_username_as_clientid).
         self.transport = transport or MqttTransport(
-            settings.broker_host, settings.broker_port, f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
-            self.topics.subscriptions(), self.events, settings.keepalive, settings.username, settings.password)
+            settings.broker_host,
+            settings.broker_port,
+            f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
+            self.topics.subscriptions(),
+            self.events,
+            settings.keepalive,
+            settings.username,
+            settings.password,
+        )
         self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
         if resume:
             self.store.offer(resume.model.round, resume.model.term, resume.model.weights, resume.model.trainers)
@@ -100,7 +145,7 @@ class Peer:
         self.quota = Quota(self.log)
         self._status: tuple = ()
         self._last_tick = time.monotonic()
-        self._answer_due: float | None = None   # when this peer answers the newcomers heard since its last init
+        self._answer_due: float | None = None  # when this peer answers the newcomers heard since its last init
 
     # --- state shown in logs and status.json ----------------------------------------------------------------------------
 
@@ -129,27 +174,60 @@ class Peer:
 
     def _write_status(self) -> None:
         last = self.store.last_finished
-        state = (self.role_name, self.election.term, self.current_round, self.phase, self.election.controller,
-                 last.accuracy if last else None)
+        state = (
+            self.role_name,
+            self.election.term,
+            self.current_round,
+            self.phase,
+            self.election.controller,
+            last.accuracy if last else None,
+        )
         if state != self._status:
             self._status = state
-            self._write("status.json", self.records.status, peer=self.me, role=state[0], term=state[1],
-                        round=state[2], phase=state[3], controller=state[4], accuracy=state[5])
+            self._write(
+                "status.json",
+                self.records.status,
+                peer=self.me,
+                role=state[0],
+                term=state[1],
+                round=state[2],
+                phase=state[3],
+                controller=state[4],
+                accuracy=state[5],
+            )
 
     # --- main loop ------------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.log.info("starting: broker %s, run %s, shard %s, model %s (fingerprint %s), waiting for %d peers",
-                      self.settings.broker, self.settings.run_id, self.settings.shard_label,
-                      self.learner.model_description(), self.fingerprint, self.settings.min_peers)
-        self._event("start", broker=self.settings.broker, run_id=self.settings.run_id,
-                    shard=self.settings.shard_label, model=self.fingerprint, pid=os.getpid(),
-                    train_samples=self.samples[0], test_samples=self.samples[1])
+        self.log.info(
+            "starting: broker %s, run %s, shard %s, model %s (fingerprint %s), waiting for %d peers",
+            self.settings.broker,
+            self.settings.run_id,
+            self.settings.shard_label,
+            self.learner.model_description(),
+            self.fingerprint,
+            self.settings.min_peers,
+        )
+        self._event(
+            "start",
+            broker=self.settings.broker,
+            run_id=self.settings.run_id,
+            shard=self.settings.shard_label,
+            model=self.fingerprint,
+            pid=os.getpid(),
+            train_samples=self.samples[0],
+            test_samples=self.samples[1],
+        )
         if not self.inbox.seal.sealed:
-            self.log.warning("no federation secret (--secret-file or FL_SECRET): any client of this broker can speak "
-                             "for the federation; see docs/SECURITY.md")
-        self.transport.start(self.topics.presence(self.me), self.outbox.sealed(Presence(self.me, "offline")),
-                             will_expiry=PRESENCE_EXPIRY_S)
+            self.log.warning(
+                "no federation secret (--secret-file or FL_SECRET): any client of this broker can speak "
+                "for the federation; see docs/SECURITY.md"
+            )
+        self.transport.start(
+            self.topics.presence(self.me),
+            self.outbox.sealed(Presence(self.me, "offline")),
+            will_expiry=PRESENCE_EXPIRY_S,
+        )
         try:
             while self.exit_code is None:
                 try:
@@ -172,7 +250,7 @@ class Peer:
 
     def _last_words(self) -> list[tuple[str, bytes, bool]]:
         if self.exit_code == EXIT_DUPLICATE:
-            return []   # the id is the other process's: "offline" would be said in its name
+            return []  # the id is the other process's: "offline" would be said in its name
         # A signed "offline" tells the others we left (an empty payload could come from anyone, so nobody acts on
         # one); then our retained presence is cleared, leaving no record on the broker.
         presence = self.topics.presence(self.me)
@@ -187,13 +265,13 @@ class Peer:
     def tick(self, now: float) -> None:
         stalled_for = now - self._last_tick
         self._last_tick = now
-        if stalled_for > self.election.silent_after:   # as long as the others wait for a controller's sign
+        if stalled_for > self.election.silent_after:  # as long as the others wait for a controller's sign
             self.log.warning("this peer was frozen for %.1fs (stopped, or the host stalled)", stalled_for)
             self._event("frozen", seconds=round(stalled_for, 3))
             actions = self.election.thawed(now)
             self.carry_out(actions, now)
-            if not actions:   # (a controller stepping down announces itself anyway)
-                self._announce()   # "I am back"
+            if not actions:  # (a controller stepping down announces itself anyway)
+                self._announce()  # "I am back"
         self.carry_out(self.election.tick(now), now)
         if self.controller:
             self.carry_out(self.controller.tick(now), now)
@@ -211,8 +289,16 @@ class Peer:
             result = {"samples": done.result[1], "loss": done.result[2]}
         elif done.result is not None:
             result = {"accuracy": done.result[0], "loss": done.result[1], "samples": done.result[2]}
-        self._event("job-done", kind=job.kind, term=job.term, round=job.round, attempt=job.attempt,
-                    seconds=round(done.seconds, 4), error=done.error, **result)
+        self._event(
+            "job-done",
+            kind=job.kind,
+            term=job.term,
+            round=job.round,
+            attempt=job.attempt,
+            seconds=round(done.seconds, 4),
+            error=done.error,
+            **result,
+        )
         self.carry_out(self.follower.on_job_done(done, self.election.term), now)
 
     def _on_connected(self, event: Connected, now: float) -> None:
@@ -232,8 +318,11 @@ class Peer:
         self._event("disconnected", reason=event.reason)
 
     def _on_broker_refused(self, event: BrokerRefused, now: float) -> None:
-        self.log.error("broker refused the connection: %s%s", event.reason,
-                       " (check --username/--password and the broker's ACL)" if event.fatal else "")
+        self.log.error(
+            "broker refused the connection: %s%s",
+            event.reason,
+            " (check --username/--password and the broker's ACL)" if event.fatal else "",
+        )
         self._event("broker-refused", reason=event.reason, fatal=event.fatal)
         if event.fatal:
             self.exit_code = EXIT_REFUSED
@@ -252,8 +341,12 @@ class Peer:
 
     def on_message(self, delivered: Delivered, now: float) -> None:
         message, retained = delivered.message, delivered.retained
-        if message.sender == self.me and isinstance(message, Init) and not retained \
-                and delivered.stamp.incarnation != self.stamper.incarnation:
+        if (
+            message.sender == self.me
+            and isinstance(message, Init)
+            and not retained
+            and delivered.stamp.incarnation != self.stamper.incarnation
+        ):
             return self._same_id(message, delivered.stamp.incarnation)
         if not retained:
             self.election.heard_from(message.sender)
@@ -263,9 +356,14 @@ class Peer:
         ROUTES[verdict](self, message, delivered.size, now)
 
     def _run_other_model(self, message: Message, size: int, now: float) -> None:
-        self.log.error("this run's model (fingerprint %s, controller %s) is not this peer's (%s, %s): start this "
-                       "peer with the run's --model and --dataset", message.model, message.controller,
-                       self.fingerprint, self.learner.model_description())
+        self.log.error(
+            "this run's model (fingerprint %s, controller %s) is not this peer's (%s, %s): start this "
+            "peer with the run's --model and --dataset",
+            message.model,
+            message.controller,
+            self.fingerprint,
+            self.learner.model_description(),
+        )
         self.exit_code = EXIT_REFUSED
 
     def _peer_other_model(self, message: Init, size: int, now: float) -> None:
@@ -273,9 +371,13 @@ class Peer:
         counted, in the election or as a trainer; it learns so from the controller's heartbeat and exits."""
         if message.peer not in self.misfits:
             self.misfits.add(message.peer)
-            self.log.warning("%s runs another model (fingerprint %s; this peer's is %s): it is not counted in this "
-                             "run (every peer needs the same --model and --dataset)", message.peer, message.model,
-                             self.fingerprint)
+            self.log.warning(
+                "%s runs another model (fingerprint %s; this peer's is %s): it is not counted in this "
+                "run (every peer needs the same --model and --dataset)",
+                message.peer,
+                message.model,
+                self.fingerprint,
+            )
         if message.peer in self.election.live:
             self.peer_gone(message.peer, now)
 
@@ -285,7 +387,7 @@ class Peer:
         if message.status == "online":
             self.peer_up(message.peer, now)
         elif message.peer == self.me:
-            if self.transport.connected:   # the broker thought us dead (we hung); we are back
+            if self.transport.connected:  # the broker thought us dead (we hung); we are back
                 self.send(Presence(self.me, "online"), retain=True)
         else:
             self.peer_gone(message.peer, now)
@@ -298,8 +400,9 @@ class Peer:
             self._answer_newcomer(now)
 
     def _ballot(self, message: Vote, size: int, now: float) -> None:
-        self.carry_out(self.election.on_vote(message.term, message.peer, message.vote, message.round, message.reason,
-                                             now), now)
+        self.carry_out(
+            self.election.on_vote(message.term, message.peer, message.vote, message.round, message.reason, now), now
+        )
 
     def _claim(self, message: Claim, size: int, now: float) -> None:
         self.carry_out(self.election.on_claim(message.term, message.peer, message.reason, message.members, now), now)
@@ -330,12 +433,20 @@ class Peer:
         """Another process announced itself with our peer id: two peers cannot share one. The one started later
         leaves; the earlier one answers with its own init, so the later one learns it is the later one."""
         if incarnation > self.stamper.incarnation:
-            self.quota.warn("same-id", logging.WARNING, "another process (pid %d) started with this peer id %s; it "
-                            "started later and will exit", message.pid, self.me)
+            self.quota.warn(
+                "same-id",
+                logging.WARNING,
+                "another process (pid %d) started with this peer id %s; it started later and will exit",
+                message.pid,
+                self.me,
+            )
             self._announce()
         else:
-            self.log.error("another process (pid %d) already runs as peer %s; this one exits: give every peer its "
-                           "own --peer-id", message.pid, self.me)
+            self.log.error(
+                "another process (pid %d) already runs as peer %s; this one exits: give every peer its own --peer-id",
+                message.pid,
+                self.me,
+            )
             self.exit_code = EXIT_DUPLICATE
 
     def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> None:
@@ -364,21 +475,27 @@ class Peer:
     def send(self, message: Message, retain: bool = False, expiry: int | None = None) -> None:
         """Publish `message`: one envelope, or, larger than the broker takes, one per chunk, paced."""
         publication = self.outbox.frames(message, retain, expiry)
-        if publication.chunked:   # (a retained model's stale chunks are cleared at the end, retained too)
-            self.transport.publish_paced(((f.topic, f.payload) for f in publication.frames), retain=retain,
-                                         expiry=expiry)
+        if publication.chunked:  # (a retained model's stale chunks are cleared at the end, retained too)
+            self.transport.publish_paced(
+                ((f.topic, f.payload) for f in publication.frames), retain=retain, expiry=expiry
+            )
         else:
             for frame in publication.frames:
                 self.transport.publish(frame.topic, frame.payload, retain=frame.retain, expiry=frame.expiry)
         if message.TOPIC in EVENT_KINDS:
-            self._event("sent", kind=message.TOPIC, term=message.term, round=message.round,
-                        **({"trainers": message.trainers, "attempt": message.attempt}
-                           if message.TOPIC == "training" else {}))
+            self._event(
+                "sent",
+                kind=message.TOPIC,
+                term=message.term,
+                round=message.round,
+                **({"trainers": message.trainers, "attempt": message.attempt} if message.TOPIC == "training" else {}),
+            )
 
     def _announce(self, reply: bool = False) -> None:
-        self._answer_due = None   # every init of ours reaches every newcomer heard so far: it answers them all
-        self.send(Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples, reply,
-                       self.fingerprint))
+        self._answer_due = None  # every init of ours reaches every newcomer heard so far: it answers them all
+        self.send(
+            Init(self.me, self.election.term, self.current_round, os.getpid(), *self.samples, reply, self.fingerprint)
+        )
 
     def _answer_newcomer(self, now: float) -> None:
         """Answer a newcomer's init: the controller at once (it is the one a newcomer must know); every other peer
@@ -390,15 +507,16 @@ class Peer:
         if self.controller:
             self._announce(reply=True)
         elif self._answer_due is None:
-            self._answer_due = now + self.settings.heartbeat * random.uniform(0.5, 1.5)   # not self.rng: the votes'
+            self._answer_due = now + self.settings.heartbeat * random.uniform(0.5, 1.5)  # not self.rng: the votes'
 
     def _write(self, what: str, write: Callable, *args, **kwargs) -> None:
         """A record written, or the failure logged: a full or read-only disk never stops the training."""
         try:
             write(*args, **kwargs)
         except OSError as err:
-            self.quota.warn(f"write:{what}", logging.ERROR, "could not write %s (%s); the run goes on without it",
-                            what, err)
+            self.quota.warn(
+                f"write:{what}", logging.ERROR, "could not write %s (%s); the run goes on without it", what, err
+            )
 
     def _event(self, name: str, **fields) -> None:
         """One line of events.jsonl (docs/RECORDS.md), stamped with the term unless it names its own."""
@@ -416,9 +534,13 @@ class Peer:
             deed(self, action, now)
 
     def _cast_vote(self, action: CastVote, now: float) -> None:
-        self.log.info("election for term %d (%s): voting %.4f%s", action.term, action.reason, action.vote,
-                      f"; waiting {action.patience:g}x the usual (the last terms came to nothing)"
-                      if action.patience > 1 else "")
+        self.log.info(
+            "election for term %d (%s): voting %.4f%s",
+            action.term,
+            action.reason,
+            action.vote,
+            f"; waiting {action.patience:g}x the usual (the last terms came to nothing)" if action.patience > 1 else "",
+        )
         self._event("vote", term=action.term, reason=action.reason, patience=action.patience)
         self.send(Vote(action.term, self.me, action.vote, action.round, action.reason))
 
@@ -433,11 +555,21 @@ class Peer:
         self.transport.subscribe(self.topics.subscriptions(controller=True))
         self._event("office", term=action.term, reason=action.reason, members=action.members)
         initial = self.learner.initial_weights() if self.store.latest is None else None
-        self.controller = Controller(self.me, self.settings.round_rules(), action.term, action.reason,
-                                     action.members, self.election.live, self.store, self.rng,
-                                     wall_offset=time.time() - time.monotonic(), initial_weights=initial,
-                                     announced=self.announced, model_fingerprint=self.fingerprint,
-                                     wire_cost=self.outbox.cost)
+        self.controller = Controller(
+            self.me,
+            self.settings.round_rules(),
+            action.term,
+            action.reason,
+            action.members,
+            self.election.live,
+            self.store,
+            self.rng,
+            wall_offset=time.time() - time.monotonic(),
+            initial_weights=initial,
+            announced=self.announced,
+            model_fingerprint=self.fingerprint,
+            wire_cost=self.outbox.cost,
+        )
         self.carry_out(self.controller.take_office(now), now)
 
     def _follow(self, action: FollowController, now: float) -> None:
@@ -487,12 +619,20 @@ class Peer:
         self._event("round", **action.row)
 
     def _record_election(self, action: RecordElection, now: float) -> None:
-        self._write("elections.csv", self.records.election, action.term, action.controller, action.reason,
-                    action.members)
+        self._write(
+            "elections.csv", self.records.election, action.term, action.controller, action.reason, action.members
+        )
 
     def _record_evaluation(self, action: RecordEvaluation, now: float) -> None:
-        self._write("evaluations.csv", self.records.evaluation, action.round, action.term, action.accuracy,
-                    action.loss, action.samples)
+        self._write(
+            "evaluations.csv",
+            self.records.evaluation,
+            action.round,
+            action.term,
+            action.accuracy,
+            action.loss,
+            action.samples,
+        )
 
     def _record_run(self, action: RecordRun, now: float) -> None:
         self._write("run.json", self.records.run, action.summary)
@@ -515,24 +655,47 @@ class Peer:
         return job.term == self.election.term and self.exit_code is None
 
 
-DEEDS: dict[type, Callable[[Peer, Action, float], None]] = {
-    CastVote: Peer._cast_vote, SendClaim: Peer._send_claim, TakeOffice: Peer._take_office,
-    FollowController: Peer._follow, StepDown: Peer._step_down, Unconfirmed: Peer._unconfirmed,
-    Publish: Peer._publish, Log: Peer._log, StartJob: Peer._start_job, FetchModel: Peer._fetch_model,
-    AdoptModel: Peer._adopt_model, FinishRound: Peer._finish_round, RecordRound: Peer._record_round,
-    RecordElection: Peer._record_election, RecordEvaluation: Peer._record_evaluation, RecordRun: Peer._record_run,
-    SaveCheckpoint: Peer._save_checkpoint, SaveModel: Peer._save_model, Print: Peer._print, Exit: Peer._exit,
+DEEDS: dict[type, Callable[..., None]] = {
+    CastVote: Peer._cast_vote,
+    SendClaim: Peer._send_claim,
+    TakeOffice: Peer._take_office,
+    FollowController: Peer._follow,
+    StepDown: Peer._step_down,
+    Unconfirmed: Peer._unconfirmed,
+    Publish: Peer._publish,
+    Log: Peer._log,
+    StartJob: Peer._start_job,
+    FetchModel: Peer._fetch_model,
+    AdoptModel: Peer._adopt_model,
+    FinishRound: Peer._finish_round,
+    RecordRound: Peer._record_round,
+    RecordElection: Peer._record_election,
+    RecordEvaluation: Peer._record_evaluation,
+    RecordRun: Peer._record_run,
+    SaveCheckpoint: Peer._save_checkpoint,
+    SaveModel: Peer._save_model,
+    Print: Peer._print,
+    Exit: Peer._exit,
 }
 
-ROUTES: dict[Route, Callable[[Peer, Message, int, float], None]] = {
-    Route.PEER_OTHER_MODEL: Peer._peer_other_model, Route.RUN_OTHER_MODEL: Peer._run_other_model,
-    Route.PRESENCE: Peer._presence, Route.ANNOUNCE: Peer._announcement, Route.BALLOT: Peer._ballot,
-    Route.CLAIM: Peer._claim, Route.RETAINED_LEADER: Peer._retained_leader, Route.RETAINED_MODEL: Peer._retained_model,
-    Route.RUN_FINISHED: Peer._run_finished, Route.FROM_CONTROLLER: Peer._from_controller,
+ROUTES: dict[Route, Callable[..., None]] = {
+    Route.PEER_OTHER_MODEL: Peer._peer_other_model,
+    Route.RUN_OTHER_MODEL: Peer._run_other_model,
+    Route.PRESENCE: Peer._presence,
+    Route.ANNOUNCE: Peer._announcement,
+    Route.BALLOT: Peer._ballot,
+    Route.CLAIM: Peer._claim,
+    Route.RETAINED_LEADER: Peer._retained_leader,
+    Route.RETAINED_MODEL: Peer._retained_model,
+    Route.RUN_FINISHED: Peer._run_finished,
+    Route.FROM_CONTROLLER: Peer._from_controller,
     Route.TO_CONTROLLER: Peer._to_controller,
 }
 
-EVENT_HANDLERS: dict[type, Callable[[Peer, object, float], None]] = {
-    Inbound: Peer._on_inbound, JobDone: Peer._on_job_done, Connected: Peer._on_connected,
-    Disconnected: Peer._on_disconnected, BrokerRefused: Peer._on_broker_refused,
+EVENT_HANDLERS: dict[type, Callable[..., None]] = {
+    Inbound: Peer._on_inbound,
+    JobDone: Peer._on_job_done,
+    Connected: Peer._on_connected,
+    Disconnected: Peer._on_disconnected,
+    BrokerRefused: Peer._on_broker_refused,
 }

@@ -5,6 +5,7 @@ thread silently, and waiting in one deadlocks it, so the callbacks only put even
 does everything else. paho reconnects by itself (the broker restarted, the network blipped); after each connect we
 subscribe again and tell the worker, which announces the peer again.
 """
+
 from __future__ import annotations
 
 import queue
@@ -41,6 +42,7 @@ class Disconnected:
 @dataclass(frozen=True)
 class BrokerRefused:
     """The broker refused the connection; `fatal`: retrying cannot help (bad login, not authorised, banned)."""
+
     reason: str
     fatal: bool
 
@@ -54,17 +56,27 @@ def _expiry(packet_type: int, seconds: int | None) -> Properties | None:
 
 
 class MqttTransport:
-    def __init__(self, host: str, port: int, client_id: str, subscriptions: list[tuple[str, bool]],
-                 events: queue.Queue, keepalive: int = 5, username: str | None = None, password: str | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        subscriptions: list[tuple[str, bool]],
+        events: queue.Queue,
+        keepalive: int = 5,
+        username: str | None = None,
+        password: str | None = None,
+    ):
         """`subscriptions`: (topic filter, no_local) pairs; no_local: the broker does not send our own messages back."""
         self.host, self.port, self.keepalive = host, port, keepalive
         self.events = events
-        self.subscriptions: dict[str, bool] = dict(subscriptions)   # renewed on every connect
+        self.subscriptions: dict[str, bool] = dict(subscriptions)  # renewed on every connect
         self._connected = threading.Event()
 
         self._disconnected = threading.Event()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
         if username:
             self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)
@@ -94,8 +106,9 @@ class MqttTransport:
 
     def start(self, will_topic: str, will_payload: bytes, will_expiry: int | None = None) -> None:
         """Connect in the background (retrying until the broker answers) with a retained Last Will."""
-        self.client.will_set(will_topic, will_payload, qos=1, retain=True,
-                             properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry))
+        self.client.will_set(
+            will_topic, will_payload, qos=1, retain=True, properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry)
+        )
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=True)
         self.client.loop_start()
 
@@ -103,8 +116,9 @@ class MqttTransport:
         # retainHandling 0: the broker sends the retained messages at every subscribe, also of a filter we hold
         # already, which is how `fetch_retained` gets them again.
         if pairs:
-            self.client.subscribe([(topic, SubscribeOptions(qos=1, noLocal=no_local, retainHandling=0))
-                                   for topic, no_local in pairs])
+            self.client.subscribe(
+                [(topic, SubscribeOptions(qos=1, noLocal=no_local, retainHandling=0)) for topic, no_local in pairs]
+            )
 
     def subscribe(self, pairs: list[tuple[str, bool]]) -> None:
         """Add subscriptions (kept across reconnects)."""
@@ -128,8 +142,9 @@ class MqttTransport:
         return self._connected.is_set()
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, expiry: int | None = None):
-        return self.client.publish(topic, payload, qos=1, retain=retain,
-                                   properties=_expiry(PacketTypes.PUBLISH, expiry))
+        return self.client.publish(
+            topic, payload, qos=1, retain=retain, properties=_expiry(PacketTypes.PUBLISH, expiry)
+        )
 
     def publish_paced(self, messages, retain: bool = False, expiry: int | None = None, timeout: float = 30.0) -> None:
         """Publish (topic, payload) pairs from an iterator, the next one only once the broker has the one before
@@ -143,7 +158,7 @@ class MqttTransport:
                 try:
                     sent[-2].wait_for_publish(0.05)
                 except (RuntimeError, ValueError):
-                    break   # not connected: paho queues the rest, as for any message
+                    break  # not connected: paho queues the rest, as for any message
 
     def close(self, last: list[tuple[str, bytes, bool]] = (), timeout: float = 5.0) -> None:
         """Publish the last messages, wait (bounded) until the broker has them, and disconnect cleanly, which

@@ -4,6 +4,7 @@
 the launchers need); this module turns the peer's state into what is written, and what is read into the state a peer
 goes on from (`--resume`). The weights are in the wire's format (`peer.wire.weights`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,26 +17,40 @@ from peer.wire.weights import WeightCodec
 @dataclass(frozen=True)
 class RunState:
     """A run's state read back from its checkpoint: what a peer goes on from."""
+
     run_id: str
     model: GlobalModel
     rounds: tuple[RoundSummary, ...]
     run_started: float | None
 
 
-def checkpoint_state(run_id: str, model: GlobalModel, rounds: tuple[RoundSummary, ...],
-                     run_started: float | None) -> dict:
+def checkpoint_state(
+    run_id: str, model: GlobalModel, rounds: tuple[RoundSummary, ...], run_started: float | None
+) -> dict:
     """The checkpoint's description (its JSON file); the weights go beside it (`WeightCodec.parts(model.weights)`)."""
-    return {"run_id": run_id, "round": model.round, "term": model.term, "trainers": list(model.trainers),
-            "run_started": run_started,
-            "rounds": [{"round": r.round, "term": r.term, "accuracy": r.accuracy, "loss": r.loss, "bytes": r.bytes}
-                       for r in rounds]}
+    return {
+        "run_id": run_id,
+        "round": model.round,
+        "term": model.term,
+        "trainers": list(model.trainers),
+        "run_started": run_started,
+        "rounds": [
+            {"round": r.round, "term": r.term, "accuracy": r.accuracy, "loss": r.loss, "bytes": r.bytes} for r in rounds
+        ],
+    }
 
 
 def run_state(checkpoint: Checkpoint) -> RunState:
     """The checkpoint as the peer holds a run: ProtocolError if its weights are damaged, KeyError/TypeError/ValueError
     if a round is."""
     weights = WeightCodec.decode(checkpoint.weights)
-    rounds = tuple(RoundSummary(int(r["round"]), int(r["term"]), float(r["accuracy"]), float(r["loss"]),
-                                int(r["bytes"])) for r in checkpoint.rounds)
-    return RunState(checkpoint.run_id, GlobalModel(checkpoint.round, checkpoint.term, weights,
-                                                   tuple(checkpoint.trainers)), rounds, checkpoint.run_started)
+    rounds = tuple(
+        RoundSummary(int(r["round"]), int(r["term"]), float(r["accuracy"]), float(r["loss"]), int(r["bytes"]))
+        for r in checkpoint.rounds
+    )
+    return RunState(
+        checkpoint.run_id,
+        GlobalModel(checkpoint.round, checkpoint.term, weights, tuple(checkpoint.trainers)),
+        rounds,
+        checkpoint.run_started,
+    )

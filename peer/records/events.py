@@ -4,12 +4,14 @@ One JSON object a line, `{"t": <wall seconds>, "peer": <id>, "event": <name>, ..
 node as it carries out what its machines decided (docs/RECORDS.md lists every event and its fields). The log says the
 same for people; a program reads this file and never parses log prose. Standard library only, like `run_dir`.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from peer.records.run_dir import PEERS_DIR, peer_dir
 
@@ -30,8 +32,11 @@ class EventLog:
         if self._out is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._out = open(self.path, "a", encoding="utf-8", buffering=1)
-        line = json.dumps({"t": round(self.clock(), 6), "peer": self.peer_id, "event": event, **fields},
-                          separators=(",", ":"), default=_plain)
+        line = json.dumps(
+            {"t": round(self.clock(), 6), "peer": self.peer_id, "event": event, **fields},
+            separators=(",", ":"),
+            default=_plain,
+        )
         self._out.write(line + "\n")
 
     def close(self) -> None:
@@ -62,7 +67,10 @@ def read_events(run_dir: str | Path, peer: str | None = None, kinds: set[str] | 
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and isinstance(event.get("t"), (int, float)) and \
-                    (kinds is None or event.get("event") in kinds):
+            if (
+                isinstance(event, dict)
+                and isinstance(event.get("t"), (int, float))
+                and (kinds is None or event.get("event") in kinds)
+            ):
                 events.append(event)
     return sorted(events, key=lambda e: e["t"])

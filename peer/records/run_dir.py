@@ -10,6 +10,7 @@ only a run dir that does not exist is an error (`RunDirError`), and the caller d
 
 Standard library only: `python -m scripts.chaos` runs on a bare host python.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,9 +21,10 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from peer.learning.metrics import weighted_mean
 
@@ -38,7 +40,7 @@ EVALUATIONS_FILE = "evaluations.csv"
 DATA_FILE = "data.json"
 STATUS_FILE = "status.json"
 PEER_LOG_FILE = "peer.log"
-CHECKPOINT_DIR = "checkpoint"            # the run's state after its last finished round, for --resume
+CHECKPOINT_DIR = "checkpoint"  # the run's state after its last finished round, for --resume
 CHECKPOINT_FILE = "checkpoint.json"
 
 ID_LIST_SEPARATOR = ";"
@@ -50,6 +52,7 @@ def peer_dir(run_dir: str | Path, peer: str) -> Path:
 
 
 # --- rows: one dataclass per CSV file, its fields are the file's columns in order -------------------------------------
+
 
 @dataclass(frozen=True)
 class RoundRecord:
@@ -106,6 +109,7 @@ OPTIONAL_COLUMNS = frozenset({"started_at"})
 
 
 # --- writing ----------------------------------------------------------------------------------------------------------
+
 
 def join_ids(ids: Iterable[str]) -> str:
     return ID_LIST_SEPARATOR.join(ids)
@@ -173,14 +177,20 @@ class RunRecorder:
         append_row(self.run_dir / ROUNDS_FILE, ROUNDS_COLUMNS, row)
 
     def election(self, term: int, controller: str, reason: str, members, *, at: float | None = None) -> None:
-        append_row(self.run_dir / ELECTIONS_FILE, ELECTIONS_COLUMNS,
-                   {"term": term, "controller": controller, "reason": reason, "time": _now(at), "members": members})
+        append_row(
+            self.run_dir / ELECTIONS_FILE,
+            ELECTIONS_COLUMNS,
+            {"term": term, "controller": controller, "reason": reason, "time": _now(at), "members": members},
+        )
 
-    def evaluation(self, round_: int, term: int, accuracy: float, loss: float, samples: int, *,
-                   at: float | None = None) -> None:
-        append_row(self.peer_dir / EVALUATIONS_FILE, EVALUATIONS_COLUMNS,
-                   {"round": round_, "term": term, "accuracy": accuracy, "loss": loss, "samples": samples,
-                    "time": _now(at)})
+    def evaluation(
+        self, round_: int, term: int, accuracy: float, loss: float, samples: int, *, at: float | None = None
+    ) -> None:
+        append_row(
+            self.peer_dir / EVALUATIONS_FILE,
+            EVALUATIONS_COLUMNS,
+            {"round": round_, "term": term, "accuracy": accuracy, "loss": loss, "samples": samples, "time": _now(at)},
+        )
 
     def data(self, description: dict) -> None:
         write_json(self.peer_dir / DATA_FILE, description)
@@ -203,19 +213,20 @@ class RunRecorder:
         folder = self.run_dir / CHECKPOINT_DIR
         name = f"weights-{state['round']}.bin"
         sha256 = write_bytes(folder / name, weights)
-        write_json(folder / CHECKPOINT_FILE, {**state, "weights_file": name, "weights_sha256": sha256,
-                                              "saved_at": time.time()})
+        write_json(
+            folder / CHECKPOINT_FILE, {**state, "weights_file": name, "weights_sha256": sha256, "saved_at": time.time()}
+        )
         for old in folder.glob("weights-*.bin"):
             if old.name != name:
                 old.unlink(missing_ok=True)
 
 
-
 def record_chaos(run_dir: str | Path, action: str, peer: str, signal: str, *, at: float | None = None) -> float:
     """A signal sent to a peer on purpose (kill, stop, cont); returns the time recorded."""
     when = _now(at)
-    append_row(Path(run_dir) / CHAOS_FILE, CHAOS_COLUMNS, {"time": when, "action": action, "peer": peer,
-                                                           "signal": signal})
+    append_row(
+        Path(run_dir) / CHAOS_FILE, CHAOS_COLUMNS, {"time": when, "action": action, "peer": peer, "signal": signal}
+    )
     return when
 
 
@@ -224,6 +235,7 @@ def _now(at: float | None) -> float:
 
 
 # --- reading: the checkpoint --------------------------------------------------------------------------------------------
+
 
 class CheckpointError(ValueError):
     """The run dir's checkpoint cannot be used; the message says why."""
@@ -236,8 +248,8 @@ class Checkpoint:
     term: int
     trainers: list[str]
     run_started: float | None
-    rounds: list[dict]          # per finished round: round, term, accuracy, loss, bytes
-    weights: bytes              # the global model of `round`, in the wire's weights format (peer.protocol)
+    rounds: list[dict]  # per finished round: round, term, accuracy, loss, bytes
+    weights: bytes  # the global model of `round`, in the wire's weights format (peer.protocol)
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
@@ -251,9 +263,15 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         weights = (folder / state["weights_file"]).read_bytes()
         if hashlib.sha256(weights).hexdigest() != state["weights_sha256"]:
             raise CheckpointError(f"{folder}: the weights file does not match its digest")
-        return Checkpoint(run_id=str(state["run_id"]), round=int(state["round"]), term=int(state["term"]),
-                          trainers=[str(p) for p in state.get("trainers", [])], run_started=state.get("run_started"),
-                          rounds=list(state.get("rounds", [])), weights=weights)
+        return Checkpoint(
+            run_id=str(state["run_id"]),
+            round=int(state["round"]),
+            term=int(state["term"]),
+            trainers=[str(p) for p in state.get("trainers", [])],
+            run_started=state.get("run_started"),
+            rounds=list(state.get("rounds", [])),
+            weights=weights,
+        )
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -261,6 +279,7 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
 
 
 # --- reading: one file ------------------------------------------------------------------------------------------------
+
 
 class RunDirError(Exception):
     """The run dir does not exist or is not a directory."""
@@ -296,8 +315,7 @@ def _optional_float(cell: str | None) -> float | None:
 Row = TypeVar("Row")
 
 
-def _read_csv(path: Path, columns: list[str], parse: Callable[[dict[str, str]], Row],
-              warnings: list[str]) -> list[Row]:
+def _read_csv(path: Path, columns: list[str], parse: Callable[[dict[str, str]], Row], warnings: list[str]) -> list[Row]:
     if not path.is_file():
         return []
     required = [name for name in columns if name not in OPTIONAL_COLUMNS]
@@ -318,8 +336,9 @@ def _read_csv(path: Path, columns: list[str], parse: Callable[[dict[str, str]], 
                     continue
                 line = reader.line_num
                 if len(cells) != len(header):
-                    warnings.append(f"{path}:{line}: skipped malformed row "
-                                    f"({len(cells)} fields, expected {len(header)})")
+                    warnings.append(
+                        f"{path}:{line}: skipped malformed row ({len(cells)} fields, expected {len(header)})"
+                    )
                     continue
                 try:
                     rows.append(parse(dict(zip(header, cells))))
@@ -333,25 +352,44 @@ def _read_csv(path: Path, columns: list[str], parse: Callable[[dict[str, str]], 
 
 def _parse_round(row: dict[str, str]) -> RoundRecord:
     return RoundRecord(
-        round=_round_number(row["round"]), term=int(row["term"]), controller=_text(row["controller"]),
-        trainers=_id_list(row["trainers"]), accuracy=float(row["accuracy"]), loss=float(row["loss"]),
-        duration_s=float(row["duration_s"]), bytes_sent=int(float(row["bytes_sent"])),
-        finished_at=float(row["finished_at"]), started_at=_optional_float(row.get("started_at")))
+        round=_round_number(row["round"]),
+        term=int(row["term"]),
+        controller=_text(row["controller"]),
+        trainers=_id_list(row["trainers"]),
+        accuracy=float(row["accuracy"]),
+        loss=float(row["loss"]),
+        duration_s=float(row["duration_s"]),
+        bytes_sent=int(float(row["bytes_sent"])),
+        finished_at=float(row["finished_at"]),
+        started_at=_optional_float(row.get("started_at")),
+    )
 
 
 def _parse_election(row: dict[str, str]) -> ElectionRecord:
-    return ElectionRecord(term=int(row["term"]), controller=_text(row["controller"]), reason=row["reason"].strip(),
-                          time=float(row["time"]), members=_id_list(row["members"]))
+    return ElectionRecord(
+        term=int(row["term"]),
+        controller=_text(row["controller"]),
+        reason=row["reason"].strip(),
+        time=float(row["time"]),
+        members=_id_list(row["members"]),
+    )
 
 
 def _parse_evaluation(row: dict[str, str]) -> EvaluationRecord:
-    return EvaluationRecord(round=_round_number(row["round"]), term=int(row["term"]), accuracy=float(row["accuracy"]),
-                            loss=float(row["loss"]), samples=int(float(row["samples"])), time=float(row["time"]))
+    return EvaluationRecord(
+        round=_round_number(row["round"]),
+        term=int(row["term"]),
+        accuracy=float(row["accuracy"]),
+        loss=float(row["loss"]),
+        samples=int(float(row["samples"])),
+        time=float(row["time"]),
+    )
 
 
 def _parse_chaos(row: dict[str, str]) -> ChaosRecord:
-    return ChaosRecord(time=float(row["time"]), action=_text(row["action"]), peer=_text(row["peer"]),
-                       signal=row["signal"].strip())
+    return ChaosRecord(
+        time=float(row["time"]), action=_text(row["action"]), peer=_text(row["peer"]), signal=row["signal"].strip()
+    )
 
 
 def _latest_per_round(rows: list[Row], round_of: Callable[[Row], int]) -> list[Row]:
@@ -389,8 +427,9 @@ def killed_on_purpose(run_dir: str | Path) -> set[str]:
 
 def read_evaluations(run_dir: str | Path, peer: str, warnings: list[str] | None = None) -> list[EvaluationRecord]:
     """A peer's evaluations.csv: one row per round, the row that counts (the later one), by round."""
-    rows = _read_csv(peer_dir(run_dir, peer) / EVALUATIONS_FILE, EVALUATIONS_COLUMNS, _parse_evaluation,
-                     _warnings(warnings))
+    rows = _read_csv(
+        peer_dir(run_dir, peer) / EVALUATIONS_FILE, EVALUATIONS_COLUMNS, _parse_evaluation, _warnings(warnings)
+    )
     return _latest_per_round(rows, lambda e: e.round)
 
 
@@ -423,8 +462,7 @@ class PeerData:
 
 
 def _class_counts(value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool)
-                                              for n in value):
+    if not isinstance(value, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in value):
         raise ValueError("class counts must be a list of numbers")
     return [int(n) for n in value]
 
@@ -442,12 +480,17 @@ def read_peer_data(run_dir: str | Path, peer: str, warnings: list[str] | None = 
         num_classes = int(content.get("num_classes") or max(len(train_classes), len(test_classes)))
         seed = content.get("seed")
         return PeerData(
-            peer=str(content.get("peer") or peer), dataset=str(content.get("dataset", "")),
-            shard=str(content.get("shard", "")), partition=str(content.get("partition", "")),
-            seed=int(seed) if isinstance(seed, (int, float)) else None, num_classes=num_classes,
+            peer=str(content.get("peer") or peer),
+            dataset=str(content.get("dataset", "")),
+            shard=str(content.get("shard", "")),
+            partition=str(content.get("partition", "")),
+            seed=int(seed) if isinstance(seed, (int, float)) else None,
+            num_classes=num_classes,
             train_samples=int(content.get("train_samples", sum(train_classes))),
             test_samples=int(content.get("test_samples", sum(test_classes))),
-            train_classes=train_classes, test_classes=test_classes)
+            train_classes=train_classes,
+            test_classes=test_classes,
+        )
     except (ValueError, TypeError) as error:
         warnings.append(f"{path}: skipped ({error})")
         return None
@@ -456,6 +499,7 @@ def read_peer_data(run_dir: str | Path, peer: str, warnings: list[str] | None = 
 @dataclass
 class RunSummary:
     """run.json: the settings and the outcome, as written; the properties give the numbers that are usable."""
+
     settings: dict[str, Any]
     outcome: dict[str, Any]
 
@@ -490,8 +534,9 @@ def read_run_summary(run_dir: str | Path, warnings: list[str] | None = None) -> 
         return None
     settings = content.get("settings")
     outcome = content.get("outcome")
-    return RunSummary(settings=settings if isinstance(settings, dict) else {},
-                      outcome=outcome if isinstance(outcome, dict) else {})
+    return RunSummary(
+        settings=settings if isinstance(settings, dict) else {}, outcome=outcome if isinstance(outcome, dict) else {}
+    )
 
 
 def read_statuses(run_dir: str | Path) -> dict[str, dict]:
@@ -506,6 +551,7 @@ def read_statuses(run_dir: str | Path) -> dict[str, dict]:
 
 
 # --- reading: the whole run -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class PeerHistory:
@@ -542,17 +588,23 @@ def _read_peers(run_dir: Path, warnings: list[str]) -> dict[str, PeerHistory]:
     if not peers_dir.is_dir():
         return {}
     names = sorted((p.name for p in peers_dir.iterdir() if p.is_dir()), key=natural_key)
-    return {name: PeerHistory(peer=name, evaluations=read_evaluations(run_dir, name, warnings),
-                              data=read_peer_data(run_dir, name, warnings))
-            for name in names}
+    return {
+        name: PeerHistory(
+            peer=name,
+            evaluations=read_evaluations(run_dir, name, warnings),
+            data=read_peer_data(run_dir, name, warnings),
+        )
+        for name in names
+    }
 
 
 def load_run(run_dir: str | Path) -> RunHistory:
     """Everything the run dir holds (status.json and peer.log aside). Raises RunDirError if there is no run dir."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunDirError(f"run dir {run_dir} does not exist" if not run_dir.exists()
-                          else f"run dir {run_dir} is not a directory")
+        raise RunDirError(
+            f"run dir {run_dir} does not exist" if not run_dir.exists() else f"run dir {run_dir} is not a directory"
+        )
     warnings: list[str] = []
     return RunHistory(
         run_dir=run_dir,
@@ -561,10 +613,12 @@ def load_run(run_dir: str | Path) -> RunHistory:
         chaos=read_chaos(run_dir, warnings),
         summary=read_run_summary(run_dir, warnings),
         peers=_read_peers(run_dir, warnings),
-        warnings=warnings)
+        warnings=warnings,
+    )
 
 
 # --- the global metric ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GlobalPoint:

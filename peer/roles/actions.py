@@ -5,17 +5,18 @@ or exits. At the end, `JobDone`: the one event that comes back from carrying an 
 
 Reading a machine's output is reading its behaviour: a test asserts on these values, not on side effects.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from peer.wire.messages import Message
 from peer.roles.rounds import GlobalModel, RoundSummary
-
+from peer.wire.messages import Message
 
 # --- the election's decisions ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CastVote:
@@ -23,7 +24,7 @@ class CastVote:
     vote: float
     round: int
     reason: str
-    patience: float = 1.0   # how many times the configured timings this term waits (worth a word in the log if > 1)
+    patience: float = 1.0  # how many times the configured timings this term waits (worth a word in the log if > 1)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class FollowController:
 
 @dataclass(frozen=True)
 class StepDown:
-    term: int       # the term this peer was controller of
+    term: int  # the term this peer was controller of
     reason: str
 
 
@@ -58,6 +59,7 @@ class StepDown:
 class Unconfirmed:
     """`peer` was not heard from since this peer (re)connected: it died while the broker could not say so (no Last
     Will outlives a broker restart). The node counts it gone."""
+
     peer: str
 
 
@@ -68,20 +70,22 @@ class Unconfirmed:
 class Publish:
     message: Message
     retain: bool = False
-    expiry: int | None = None     # seconds the broker keeps it (retained messages that must not outlive the run)
+    expiry: int | None = None  # seconds the broker keeps it (retained messages that must not outlive the run)
 
 
 @dataclass(frozen=True)
 class Log:
     """One log line; the node stamps it with the peer's id, role, term, round and phase."""
+
     text: str
-    level: str = "info"           # debug | info | warning | error
+    level: str = "info"  # debug | info | warning | error
 
 
 @dataclass(frozen=True)
 class StartJob:
     """Fit or evaluate these weights on the learner thread; the result comes back as a `jobs.JobDone` event."""
-    kind: str                     # "fit" | "evaluate"
+
+    kind: str  # "fit" | "evaluate"
     term: int
     round: int
     attempt: int
@@ -91,14 +95,16 @@ class StartJob:
 @dataclass(frozen=True)
 class AdoptModel:
     """This peer now holds this global model (the node writes it into the model store: its only writer)."""
+
     model: GlobalModel
-    note: str = ""                # why, for the log ("retained by the broker"); empty: nothing to say
+    note: str = ""  # why, for the log ("retained by the broker"); empty: nothing to say
 
 
 @dataclass(frozen=True)
 class FetchModel:
     """This peer lacks the global model an order names: have the broker send the retained aggregations again (they
     come back as retained models, through `Follower.on_retained_model`)."""
+
     round: int
     digest: str
 
@@ -106,6 +112,7 @@ class FetchModel:
 @dataclass(frozen=True)
 class FinishRound:
     """The round's metrics are known: remember them (model store) so any peer can resume the run."""
+
     summary: RoundSummary
     run_started: float | None = None
 
@@ -113,6 +120,7 @@ class FinishRound:
 @dataclass(frozen=True)
 class RecordRound:
     """A rounds.csv row (columns: docs/RECORDS.md)."""
+
     row: dict
 
 
@@ -136,12 +144,14 @@ class RecordEvaluation:
 @dataclass(frozen=True)
 class RecordRun:
     """run.json: the settings and the outcome of a finished run."""
+
     summary: dict
 
 
 @dataclass(frozen=True)
 class SaveCheckpoint:
     """The run's state after a finished round (checkpoint/ in the run dir), from which `--resume` goes on."""
+
     model: GlobalModel
     rounds: tuple[RoundSummary, ...]
     run_started: float | None
@@ -150,21 +160,23 @@ class SaveCheckpoint:
 @dataclass(frozen=True)
 class SaveModel:
     """Save these weights as the run's final Keras model (model.keras)."""
+
     weights: list[np.ndarray] = field(repr=False)
 
 
 @dataclass(frozen=True)
 class Print:
     """Text for the person at the terminal (stdout), e.g. the run summary table."""
+
     text: str
 
 
 # Exit codes of `python -m peer`, in one place.
-EXIT_OK = 0            # the run finished (or had finished before this peer came)
-EXIT_USAGE = 2         # a bad setting, a missing dataset, an unwritable run dir: said in one line at start
-EXIT_REFUSED = 3       # the broker refused the login
-EXIT_GAVE_UP = 4       # waited --wait-timeout for peers, or no peer could evaluate the model: the run cannot go on
-EXIT_DUPLICATE = 5     # another process already runs with this peer id
+EXIT_OK = 0  # the run finished (or had finished before this peer came)
+EXIT_USAGE = 2  # a bad setting, a missing dataset, an unwritable run dir: said in one line at start
+EXIT_REFUSED = 3  # the broker refused the login
+EXIT_GAVE_UP = 4  # waited --wait-timeout for peers, or no peer could evaluate the model: the run cannot go on
+EXIT_DUPLICATE = 5  # another process already runs with this peer id
 
 # Finish reasons that mean the run failed (its peers exit EXIT_GAVE_UP); the others (max-rounds, target-accuracy)
 # are a run that ended as asked.
@@ -174,20 +186,42 @@ GIVE_UP_REASONS = ("too-few-peers", "no-evaluations", "no-solutions")
 @dataclass(frozen=True)
 class Exit:
     """This peer is done: the node leaves the loop with this exit code."""
+
     code: int
 
 
-Action = (CastVote | SendClaim | TakeOffice | FollowController | StepDown | Unconfirmed | Publish | Log | StartJob
-          | AdoptModel | FetchModel | FinishRound | RecordRound | RecordElection | RecordEvaluation | RecordRun
-          | SaveCheckpoint | SaveModel | Print | Exit)
+Action = (
+    CastVote
+    | SendClaim
+    | TakeOffice
+    | FollowController
+    | StepDown
+    | Unconfirmed
+    | Publish
+    | Log
+    | StartJob
+    | AdoptModel
+    | FetchModel
+    | FinishRound
+    | RecordRound
+    | RecordElection
+    | RecordEvaluation
+    | RecordRun
+    | SaveCheckpoint
+    | SaveModel
+    | Print
+    | Exit
+)
 
 
 # --- what comes back to the machines -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class JobDone:
     """A learning job ended (posted by the learner thread): `result` is (weights, samples, loss) for a fit and
     (accuracy, loss, samples) for an evaluation; `error` says why there is none."""
+
     job: StartJob
     result: tuple | None
     error: str | None

@@ -26,6 +26,7 @@ The rules, in the order they apply:
 - after the election has seen a controller's message, only a follower of that very controller in that very term
   acts on it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -33,43 +34,61 @@ from dataclasses import dataclass
 
 from peer.roles.election import Role
 from peer.wire.errors import Refused
-from peer.wire.messages import MAX_TERM, Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Message, Metrics, Presence, Solution, Training, Vote
+from peer.wire.messages import (
+    MAX_TERM,
+    Aggregation,
+    Claim,
+    Evaluation,
+    Finish,
+    Heartbeat,
+    Init,
+    Message,
+    Metrics,
+    Presence,
+    Solution,
+    Training,
+    Vote,
+)
 
 CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish)
-TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)      # messages that can move this peer to a later term
-RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, Finish)   # the only messages a peer publishes retained
-MAX_TERM_STEP = 1000   # a term further ahead of ours than this is no election we could have missed
+TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)  # messages that can move this peer to a later term
+RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, Finish)  # the only messages a peer publishes retained
+MAX_TERM_STEP = 1000  # a term further ahead of ours than this is no election we could have missed
 
 
 class Route(str, enum.Enum):
-    PRESENCE = "presence"                # a peer is online or gone: election and controller
-    RUN_FINISHED = "run-finished"        # a retained finish: this run is over (this peer came, or came back, late)
-    ANNOUNCE = "announce"                # a peer (re)joined (init): election and controller
-    BALLOT = "ballot"                    # a vote: election
-    CLAIM = "claim"                      # a live claim: election
+    PRESENCE = "presence"  # a peer is online or gone: election and controller
+    RUN_FINISHED = "run-finished"  # a retained finish: this run is over (this peer came, or came back, late)
+    ANNOUNCE = "announce"  # a peer (re)joined (init): election and controller
+    BALLOT = "ballot"  # a vote: election
+    CLAIM = "claim"  # a live claim: election
     RETAINED_LEADER = "retained-leader"  # a retained claim or heartbeat: election
-    RETAINED_MODEL = "retained-model"    # a retained aggregation: follower (the model to start from)
+    RETAINED_MODEL = "retained-model"  # a retained aggregation: follower (the model to start from)
     FROM_CONTROLLER = "from-controller"  # heartbeat, training, aggregation, metrics, finish: election, then follower
     PEER_OTHER_MODEL = "peer-other-model"  # an init of a peer whose model is not ours: it is not counted
-    RUN_OTHER_MODEL = "run-other-model"    # a controller's heartbeat naming another model: this peer cannot take part
-    TO_CONTROLLER = "to-controller"      # solution, evaluation: the controller of that term
+    RUN_OTHER_MODEL = "run-other-model"  # a controller's heartbeat naming another model: this peer cannot take part
+    TO_CONTROLLER = "to-controller"  # solution, evaluation: the controller of that term
 
 
 @dataclass(frozen=True)
 class View:
     """What the rules need to know of this peer, as the election has it now."""
+
     me: str
     term: int
     role: Role
     controller: str | None
-    model: str = ""                            # this peer's model fingerprint ("" before it knows it: no check)
-    misfits: frozenset[str] = frozenset()      # peers that announced another model
+    model: str = ""  # this peer's model fingerprint ("" before it knows it: no check)
+    misfits: frozenset[str] = frozenset()  # peers that announced another model
 
 
 def admit(message: Message, retained: bool, view: View) -> Route | Refused:
     if retained and not isinstance(message, RETAINED_KINDS):
-        return Refused(f"ignored a retained {message.TYPE} from {message.sender}: no peer publishes one retained "
-                       "(left on the broker by hand, or planted)", "warning")
+        return Refused(
+            f"ignored a retained {message.TYPE} from {message.sender}: no peer publishes one retained "
+            "(left on the broker by hand, or planted)",
+            "warning",
+        )
     if isinstance(message, Presence):
         return Route.PRESENCE
     if isinstance(message, Init):
@@ -80,8 +99,11 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
         return Refused(f"ignored a {message.TYPE} of {message.peer}: it runs another model")
     if isinstance(message, Heartbeat) and view.model and message.model != view.model:
         if view.role is Role.CONTROLLER:
-            return Refused(f"ignored a heartbeat of {message.controller}, which runs another model "
-                           f"({message.model}; ours is {view.model})", "warning")
+            return Refused(
+                f"ignored a heartbeat of {message.controller}, which runs another model "
+                f"({message.model}; ours is {view.model})",
+                "warning",
+            )
         return Route.RUN_OTHER_MODEL
     if isinstance(message, TERM_MESSAGES) and (jump := _term_jump(message.term, view.term)):
         return jump
@@ -99,13 +121,16 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
         if message.term < view.term:
             return Refused(f"ignored a {message.TYPE} of stale term {message.term} from {message.controller}")
         if message.controller == view.me:
-            return Refused(f"ignored a {message.TYPE} naming this peer as controller of term {message.term} "
-                           "(our own echo, or an earlier life of this id)")
+            return Refused(
+                f"ignored a {message.TYPE} naming this peer as controller of term {message.term} "
+                "(our own echo, or an earlier life of this id)"
+            )
         return Route.FROM_CONTROLLER
     if isinstance(message, (Solution, Evaluation)):
         if view.role is not Role.CONTROLLER or message.term != view.term:
-            return Refused(f"ignored a {message.TYPE} of term {message.term} from {message.peer}: not the "
-                           f"controller of that term")
+            return Refused(
+                f"ignored a {message.TYPE} of term {message.term} from {message.peer}: not the controller of that term"
+            )
         return Route.TO_CONTROLLER
     return Refused(f"no rule admits a {message.TYPE}", "warning")
 
@@ -118,8 +143,11 @@ def _term_jump(term: int, ours: int) -> Refused | None:
     if term >= MAX_TERM:
         return Refused(f"ignored term {term}: the last usable term is {MAX_TERM - 1}", "warning")
     if ours > 0 and term > ours + MAX_TERM_STEP:
-        return Refused(f"ignored term {term}: {term - ours} terms ahead of ours ({ours}), more than the "
-                       f"{MAX_TERM_STEP} elections any peer could have missed", "warning")
+        return Refused(
+            f"ignored term {term}: {term - ours} terms ahead of ours ({ours}), more than the "
+            f"{MAX_TERM_STEP} elections any peer could have missed",
+            "warning",
+        )
     return None
 
 
@@ -127,6 +155,8 @@ def entitled(message: Message, view: View) -> Refused | None:
     """After the election has seen a controller's message: None if this peer acts on it (it follows that controller
     in that term), else why not."""
     if view.role is not Role.FOLLOWER or (message.term, message.controller) != (view.term, view.controller):
-        return Refused(f"ignored a {message.TYPE} of term {message.term} from {message.controller}: this peer is "
-                       f"{view.role.value} of term {view.term} (controller {view.controller})")
+        return Refused(
+            f"ignored a {message.TYPE} of term {message.term} from {message.controller}: this peer is "
+            f"{view.role.value} of term {view.term} (controller {view.controller})"
+        )
     return None

@@ -12,6 +12,7 @@ A new controller resumes from the latest global model its peer holds: if that mo
 (the old controller died in between), it evaluates that round first; otherwise it trains the next one. So no finished
 round is lost and none is counted twice.
 """
+
 from __future__ import annotations
 
 import enum
@@ -21,41 +22,64 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from peer.roles.actions import (EXIT_GAVE_UP, EXIT_OK, Action, AdoptModel, Exit, FinishRound, Log, Print, Publish,
-                      RecordElection, RecordRound, RecordRun, SaveCheckpoint, SaveModel)
 from peer.learning.aggregation import AggregationRefused, Aggregator
+from peer.roles.actions import (
+    EXIT_GAVE_UP,
+    EXIT_OK,
+    Action,
+    AdoptModel,
+    Exit,
+    FinishRound,
+    Log,
+    Print,
+    Publish,
+    RecordElection,
+    RecordRound,
+    RecordRun,
+    SaveCheckpoint,
+    SaveModel,
+)
+from peer.roles.rounds import (
+    EvaluationCollector,
+    GlobalModel,
+    ModelStore,
+    RoundOutcome,
+    RoundSummary,
+    SolutionCollector,
+    choose_evaluators,
+    choose_trainers,
+)
 from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
 from peer.wire.weights import WeightCodec
-from peer.roles.rounds import (EvaluationCollector, GlobalModel, ModelStore, RoundOutcome, RoundSummary, SolutionCollector,
-                     choose_evaluators, choose_trainers)
 
-FINISH_EXPIRY_S = 24 * 3600   # the retained Finish tells a peer (re)started for this run that it is over
-MAX_REPUBLISH = 3      # a model nobody evaluates is published this many more times, then the run gives up
-MAX_ATTEMPTS = 10      # a round that gets no quorum of solutions this many times in a row gives the run up
+FINISH_EXPIRY_S = 24 * 3600  # the retained Finish tells a peer (re)started for this run that it is over
+MAX_REPUBLISH = 3  # a model nobody evaluates is published this many more times, then the run gives up
+MAX_ATTEMPTS = 10  # a round that gets no quorum of solutions this many times in a row gives the run up
 
 
 class Phase(str, enum.Enum):
     STARTING = "starting"
-    TRAINING = "training"              # a training order is out; collecting solutions
-    EVALUATING = "evaluating"          # a global model is out; collecting evaluations
-    WAITING_PEERS = "waiting-peers"    # too few peers for the next step; resumes when one comes
+    TRAINING = "training"  # a training order is out; collecting solutions
+    EVALUATING = "evaluating"  # a global model is out; collecting evaluations
+    WAITING_PEERS = "waiting-peers"  # too few peers for the next step; resumes when one comes
     FINISHED = "finished"
 
 
 @dataclass(frozen=True)
 class RoundRules:
     """What the controller needs of the settings: how a round is run and when the run ends."""
+
     trainers: int = 3
     min_solutions: int = 2
-    evaluators: int = 0                  # peers asked to evaluate a round's model; 0: every peer
+    evaluators: int = 0  # peers asked to evaluate a round's model; 0: every peer
     max_rounds: int = 10
     target_accuracy: float = 0.99
     round_deadline: float = 60.0
     heartbeat: float = 1.0
     wait_timeout: float = 600.0
     aggregation: str = "fedavg"
-    wire_dtype: str = "float32"          # the global model is held as its peers receive it
-    run_settings: Mapping = field(default_factory=dict)   # every setting, for run.json
+    wire_dtype: str = "float32"  # the global model is held as its peers receive it
+    run_settings: Mapping = field(default_factory=dict)  # every setting, for run.json
 
 
 def _free(message: Message) -> int:
@@ -63,23 +87,34 @@ def _free(message: Message) -> int:
 
 
 class Controller:
-    def __init__(self, me: str, rules: RoundRules, term: int, reason: str, members: tuple[str, ...],
-                 live: Iterable[str], memory: ModelStore, rng: random.Random, wall_offset: float = 0.0,
-                 initial_weights: list[np.ndarray] | None = None,
-                 announced: Mapping[str, tuple[int, int]] | None = None, model_fingerprint: str = "0" * 16,
-                 wire_cost: Callable[[Message], int] = _free):
+    def __init__(
+        self,
+        me: str,
+        rules: RoundRules,
+        term: int,
+        reason: str,
+        members: tuple[str, ...],
+        live: Iterable[str],
+        memory: ModelStore,
+        rng: random.Random,
+        wall_offset: float = 0.0,
+        initial_weights: list[np.ndarray] | None = None,
+        announced: Mapping[str, tuple[int, int]] | None = None,
+        model_fingerprint: str = "0" * 16,
+        wire_cost: Callable[[Message], int] = _free,
+    ):
         """`memory` is what this peer knows of the run when it takes office (read here, never written: the node
         owns it); `initial_weights` start a run that has no global model yet; `announced` holds each peer's
         (train, test) sample counts from its init, the most it may declare; `wire_cost` says what a message puts
         on the wire (`peer.wire.session.Outbox.cost`), for the round's byte count."""
         self.me, self.rules, self.term, self.reason = me, rules, term, reason
-        self.fingerprint = model_fingerprint     # named in every heartbeat: peers of another model stay out
+        self.fingerprint = model_fingerprint  # named in every heartbeat: peers of another model stay out
         self.members, self.rng, self.wall_offset = members, rng, wall_offset
         self.wire_cost = wire_cost
-        self.live = set(live) | {self.me}          # its own set, kept current by peer_up / peer_down
+        self.live = set(live) | {self.me}  # its own set, kept current by peer_up / peer_down
         self.announced: dict[str, tuple[int, int]] = dict(announced or {})
         self.aggregator = Aggregator(rules.aggregation)
-        self.suspects: set[str] = set()            # trainers whose solutions broke a limit this term: chosen last
+        self.suspects: set[str] = set()  # trainers whose solutions broke a limit this term: chosen last
         self.model = memory.latest
         if self.model is None and initial_weights is None:
             raise ValueError("a controller without a global model needs initial weights")
@@ -93,15 +128,15 @@ class Controller:
         self.attempt = 0
         self.round_started: float | None = None
         self.round_bytes = 0
-        self.waiting_for = ""          # why nothing happens (too few peers); logged once per change
+        self.waiting_for = ""  # why nothing happens (too few peers); logged once per change
         self.waiting_since: float | None = None
-        self.republished = 0           # publications of the current model that brought no evaluation
-        self.on_broker: str | None = None      # digest of the model this controller last published (retained)
-        self.resend_due: float | None = None   # when to send the current order again (a waited-for peer is back)
+        self.republished = 0  # publications of the current model that brought no evaluation
+        self.on_broker: str | None = None  # digest of the model this controller last published (retained)
+        self.resend_due: float | None = None  # when to send the current order again (a waited-for peer is back)
         self.last_resend = float("-inf")
         self.next_heartbeat = 0.0
-        self.evaluators: tuple[str, ...] = ()   # the peers asked to evaluate the model out now; (): every peer
-        self.everyone_next = False     # the next publication asks every peer: its model may be the final one
+        self.evaluators: tuple[str, ...] = ()  # the peers asked to evaluate the model out now; (): every peer
+        self.everyone_next = False  # the next publication asks every peer: its model may be the final one
 
     @property
     def finished(self) -> bool:
@@ -110,8 +145,10 @@ class Controller:
     # --- inputs: each returns what the controller decided, in order ----------------------------------------------------
 
     def take_office(self, now: float) -> list[Action]:
-        out: list[Action] = [RecordElection(self.term, self.me, self.reason, self.members),
-                             Log(f"controller of term {self.term} ({self.reason}), members {','.join(self.members)}")]
+        out: list[Action] = [
+            RecordElection(self.term, self.me, self.reason, self.members),
+            Log(f"controller of term {self.term} ({self.reason}), members {','.join(self.members)}"),
+        ]
         if self.run_started is None:
             self.run_started = self._wall(now)
         if self.model is None:
@@ -119,8 +156,9 @@ class Controller:
             out.append(Log("no global model yet: starting from a fresh model (round 0)"))
             return out + self._publish_model(now)
         if self.model.round not in self.history:
-            out.append(Log(f"resuming: round {self.model.round} was aggregated but its metrics were lost; "
-                           "evaluating it again"))
+            out.append(
+                Log(f"resuming: round {self.model.round} was aggregated but its metrics were lost; evaluating it again")
+            )
             return out + self._publish_model(now)
         out.append(Log(f"resuming after round {self.model.round}"))
         return out + self._after_round(self.history[self.model.round], now)
@@ -130,19 +168,33 @@ class Controller:
         out: list[Action] = []
         if isinstance(message, Solution):
             if self.solutions and self.phase is Phase.TRAINING:
-                why_not = self.solutions.offer(message.term, message.round, message.attempt, message.peer,
-                                               message.weights, message.samples)
-            else:   # a late one (a thawed or slow trainer): say so, as for any other refused solution
-                why_not = (f"it is for term {message.term} round {message.round} attempt {message.attempt}, and "
-                           f"no round is collecting solutions ({self.phase.value})")
+                why_not = self.solutions.offer(
+                    message.term, message.round, message.attempt, message.peer, message.weights, message.samples
+                )
+            else:  # a late one (a thawed or slow trainer): say so, as for any other refused solution
+                why_not = (
+                    f"it is for term {message.term} round {message.round} attempt {message.attempt}, and "
+                    f"no round is collecting solutions ({self.phase.value})"
+                )
             if why_not:
                 return [Log(f"ignored a solution from {message.peer}: {why_not}")]
             self.round_bytes += size
-            out.append(Log(f"solution from {message.peer} ({message.samples} samples, loss {message.loss:.4f}), "
-                           f"{len(self.solutions.received)} of {len(self.solutions.trainers)}"))
+            out.append(
+                Log(
+                    f"solution from {message.peer} ({message.samples} samples, loss {message.loss:.4f}), "
+                    f"{len(self.solutions.received)} of {len(self.solutions.trainers)}"
+                )
+            )
         elif isinstance(message, Evaluation) and self.evaluations and self.phase is Phase.EVALUATING:
-            why_not = self.evaluations.offer(message.term, message.round, message.peer, message.accuracy,
-                                             message.loss, message.samples, cap=self._cap(message.peer, test=True))
+            why_not = self.evaluations.offer(
+                message.term,
+                message.round,
+                message.peer,
+                message.accuracy,
+                message.loss,
+                message.samples,
+                cap=self._cap(message.peer, test=True),
+            )
             if why_not:
                 return [Log(f"ignored an evaluation from {message.peer}: {why_not}", "debug")]
             self.round_bytes += size
@@ -163,7 +215,7 @@ class Controller:
         if peer not in self.live:
             out.append(Log(f"{peer} joined"))
         self.live.add(peer)
-        self.next_heartbeat = now   # tell the newcomer at once who leads
+        self.next_heartbeat = now  # tell the newcomer at once who leads
         if self.phase is Phase.WAITING_PEERS:
             out += self._resume_waiting(now)
         return out
@@ -183,8 +235,12 @@ class Controller:
         out: list[Action] = []
         if self.phase is Phase.TRAINING and self.solutions:
             # A restarted broker lost the retained model too, which a trainer lacking it would fetch.
-            out.append(Publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers,
-                                           self.model.weights), retain=True))
+            out.append(
+                Publish(
+                    Aggregation(self.term, self.me, self.model.round, self.model.trainers, self.model.weights),
+                    retain=True,
+                )
+            )
             self.on_broker = self.model.digest
         return out + self._resend(now, "reconnected")
 
@@ -192,14 +248,19 @@ class Controller:
         out: list[Action] = []
         if now >= self.next_heartbeat and not self.finished:
             self.next_heartbeat = now + self.rules.heartbeat
-            out.append(Publish(Heartbeat(self.term, self.me, self.round, self.phase.value, self.fingerprint),
-                               retain=True))
+            out.append(
+                Publish(Heartbeat(self.term, self.me, self.round, self.phase.value, self.fingerprint), retain=True)
+            )
         if self.resend_due is not None and now >= self.resend_due:
             out += self._resend(now, "a peer it waits for is back")
-        if (self.phase is Phase.WAITING_PEERS and self.waiting_since is not None
-                and now - self.waiting_since >= self.rules.wait_timeout):
-            return out + self._give_up("too-few-peers", f"waited {now - self.waiting_since:.0f}s (--wait-timeout): "
-                                                        f"{self.waiting_for}", now)
+        if (
+            self.phase is Phase.WAITING_PEERS
+            and self.waiting_since is not None
+            and now - self.waiting_since >= self.rules.wait_timeout
+        ):
+            return out + self._give_up(
+                "too-few-peers", f"waited {now - self.waiting_since:.0f}s (--wait-timeout): {self.waiting_for}", now
+            )
         return out + self._advance(now)
 
     # --- helpers ------------------------------------------------------------------------------------------------------
@@ -214,12 +275,27 @@ class Controller:
     def _resend(self, now: float, why: str) -> list[Action]:
         self.resend_due, self.last_resend = None, now
         if self.phase is Phase.TRAINING and self.solutions:
-            return [Log(f"round {self.round}: {why}; sending the training order again"),
-                    self._counted(Publish(self._order(self.solutions.trainers)))]
+            return [
+                Log(f"round {self.round}: {why}; sending the training order again"),
+                self._counted(Publish(self._order(self.solutions.trainers))),
+            ]
         if self.phase is Phase.EVALUATING and self.evaluations:
-            return [Log(f"round {self.round}: {why}; publishing the model again"),
-                    self._counted(Publish(Aggregation(self.term, self.me, self.model.round, self.model.trainers,
-                                                      self.model.weights, self.evaluators), retain=True))]
+            return [
+                Log(f"round {self.round}: {why}; publishing the model again"),
+                self._counted(
+                    Publish(
+                        Aggregation(
+                            self.term,
+                            self.me,
+                            self.model.round,
+                            self.model.trainers,
+                            self.model.weights,
+                            self.evaluators,
+                        ),
+                        retain=True,
+                    )
+                ),
+            ]
         return []
 
     def _counted(self, publish: Publish) -> Publish:
@@ -269,22 +345,35 @@ class Controller:
         candidates = self._others()
         if not candidates:
             self.solutions = None
-            return self._wait_for_peers("too few peers for a round: it needs a controller and at least one "
-                                        f"trainer, and only {self.me} is live", now)
+            return self._wait_for_peers(
+                "too few peers for a round: it needs a controller and at least one "
+                f"trainer, and only {self.me} is live",
+                now,
+            )
         if not retry:
             self.attempt, self.round_started, self.round_bytes = 0, now, 0
         self.attempt += 1
         self.round = self.model.round + 1
         trainers = choose_trainers(self._preferred(candidates), self.rules.trainers, self.rng)
         quorum = min(self.rules.min_solutions, len(trainers))
-        self.solutions = SolutionCollector(self.term, self.round, self.attempt, trainers, quorum,
-                                           now + self.rules.round_deadline,
-                                           shapes=tuple(w.shape for w in self.model.weights))
+        self.solutions = SolutionCollector(
+            self.term,
+            self.round,
+            self.attempt,
+            trainers,
+            quorum,
+            now + self.rules.round_deadline,
+            shapes=tuple(w.shape for w in self.model.weights),
+        )
         self.evaluations = None
         self.phase = Phase.TRAINING
-        return [self._counted(Publish(self._order(trainers))),
-                Log(f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
-                    f"{','.join(trainers)} (quorum {quorum})")]
+        return [
+            self._counted(Publish(self._order(trainers))),
+            Log(
+                f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
+                f"{','.join(trainers)} (quorum {quorum})"
+            ),
+        ]
 
     def _order(self, trainers: tuple[str, ...]) -> Training:
         """The training order: it names the model by digest, and carries it only when this controller has not
@@ -305,10 +394,17 @@ class Controller:
         self.round = model.round
         self.solutions = None
         self.evaluators = self._choose_evaluators(model.round)
-        self.evaluations = EvaluationCollector(self.term, model.round, set(self.evaluators) or self._others(),
-                                               now + self.rules.round_deadline)
-        out: list[Action] = [self._counted(Publish(Aggregation(self.term, self.me, model.round, model.trainers,
-                                                               model.weights, self.evaluators), retain=True))]
+        self.evaluations = EvaluationCollector(
+            self.term, model.round, set(self.evaluators) or self._others(), now + self.rules.round_deadline
+        )
+        out: list[Action] = [
+            self._counted(
+                Publish(
+                    Aggregation(self.term, self.me, model.round, model.trainers, model.weights, self.evaluators),
+                    retain=True,
+                )
+            )
+        ]
         self.on_broker = model.digest
         if not self._others():
             return out + self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}", now)
@@ -328,12 +424,18 @@ class Controller:
             outcome = self.solutions.outcome(now)
             if outcome is RoundOutcome.RETRY:
                 if self.attempt >= MAX_ATTEMPTS:
-                    return self._give_up("no-solutions", f"round {self.round} got too few solutions in "
-                                                         f"{self.attempt} attempts", now)
-                return [Log(f"round {self.round} attempt {self.attempt}: {len(self.solutions.received)} of "
-                            f"{len(self.solutions.trainers)} solutions (quorum {self.solutions.quorum}) by the "
-                            "deadline or with the rest gone; choosing trainers again", "warning"),
-                        *self._start_training(now, retry=True)]
+                    return self._give_up(
+                        "no-solutions", f"round {self.round} got too few solutions in {self.attempt} attempts", now
+                    )
+                return [
+                    Log(
+                        f"round {self.round} attempt {self.attempt}: {len(self.solutions.received)} of "
+                        f"{len(self.solutions.trainers)} solutions (quorum {self.solutions.quorum}) by the "
+                        "deadline or with the rest gone; choosing trainers again",
+                        "warning",
+                    ),
+                    *self._start_training(now, retry=True),
+                ]
             if outcome is RoundOutcome.CLOSE:
                 return self._aggregate(now)
         elif self.phase is Phase.EVALUATING and self.evaluations and self.evaluations.done(now):
@@ -344,13 +446,22 @@ class Controller:
         collector = self.solutions
         caps = {peer: self._cap(peer) for peer in collector.received if peer in self.announced}
         try:
-            result = self.aggregator.aggregate(self.model.weights, collector.contributions(),
-                                               max_samples=caps if len(caps) == len(collector.received) else None)
+            result = self.aggregator.aggregate(
+                self.model.weights,
+                collector.contributions(),
+                max_samples=caps if len(caps) == len(collector.received) else None,
+            )
         except AggregationRefused as refused:
             # A poisoned or diverging round never becomes the model: repeat it, choosing other trainers first.
             self.suspects |= set(refused.suspects)
-            return [Log(f"round {self.round} attempt {self.attempt}: aggregation refused: {refused}; choosing "
-                        "trainers again", "warning"), *self._start_training(now, retry=True)]
+            return [
+                Log(
+                    f"round {self.round} attempt {self.attempt}: aggregation refused: {refused}; choosing "
+                    "trainers again",
+                    "warning",
+                ),
+                *self._start_training(now, retry=True),
+            ]
         out: list[Action] = []
         used = tuple(result.used)
         missing = sorted(set(collector.trainers) - set(collector.received))
@@ -369,11 +480,21 @@ class Controller:
         result = collector.result()
         if result is None:
             if self.republished >= MAX_REPUBLISH:
-                return self._give_up("no-evaluations", f"the model of round {collector.round} was published "
-                                     f"{self.republished + 1} times and no peer evaluated it", now)
+                return self._give_up(
+                    "no-evaluations",
+                    f"the model of round {collector.round} was published "
+                    f"{self.republished + 1} times and no peer evaluated it",
+                    now,
+                )
             self.republished += 1
-            return [Log(f"round {collector.round}: no evaluation arrived; publishing the model again "
-                        f"({self.republished} of {MAX_REPUBLISH})", "warning"), *self._publish_model(now)]
+            return [
+                Log(
+                    f"round {collector.round}: no evaluation arrived; publishing the model again "
+                    f"({self.republished} of {MAX_REPUBLISH})",
+                    "warning",
+                ),
+                *self._publish_model(now),
+            ]
         self.republished = 0
         accuracy, loss, samples = result
         round_, trainers = collector.round, self.model.trainers
@@ -381,9 +502,13 @@ class Controller:
             # The sample says the target is reached: the run may end with this model, so every peer evaluates it,
             # and the round is recorded once, with the metric of all of them (which may yet fall short).
             self.everyone_next = True
-            return [Log(f"round {round_}: accuracy {accuracy:.4f} from {len(collector.received)} evaluators "
-                        "reaches the target; every peer evaluates the model before the run ends"),
-                    *self._publish_model(now)]
+            return [
+                Log(
+                    f"round {round_}: accuracy {accuracy:.4f} from {len(collector.received)} evaluators "
+                    "reaches the target; every peer evaluates the model before the run ends"
+                ),
+                *self._publish_model(now),
+            ]
         self.everyone_next = False
         trained_here = round_ > 0 and self.round_started is not None
         duration = now - self.round_started if trained_here else 0.0
@@ -391,19 +516,49 @@ class Controller:
         # The row first: killed between the two, the round is evaluated again by the next controller and recorded
         # twice (the later row counts); the other way round, it would be finished for everyone and never recorded.
         if round_ > 0:
-            out.append(RecordRound(dict(
-                round=round_, term=self.term, controller=self.me, trainers=trainers, accuracy=accuracy, loss=loss,
-                duration_s=duration, bytes_sent=self.round_bytes, finished_at=self._wall(now),
-                started_at=self._wall(self.round_started) if trained_here else None)))
-        out.append(Publish(Metrics(self.term, self.me, round_, accuracy, loss, samples, trainers, duration,
-                                   self.round_bytes, self.run_started)))
+            out.append(
+                RecordRound(
+                    dict(
+                        round=round_,
+                        term=self.term,
+                        controller=self.me,
+                        trainers=trainers,
+                        accuracy=accuracy,
+                        loss=loss,
+                        duration_s=duration,
+                        bytes_sent=self.round_bytes,
+                        finished_at=self._wall(now),
+                        started_at=self._wall(self.round_started) if trained_here else None,
+                    )
+                )
+            )
+        out.append(
+            Publish(
+                Metrics(
+                    self.term,
+                    self.me,
+                    round_,
+                    accuracy,
+                    loss,
+                    samples,
+                    trainers,
+                    duration,
+                    self.round_bytes,
+                    self.run_started,
+                )
+            )
+        )
         summary = RoundSummary(round_, self.term, accuracy, loss, self.round_bytes)
         self.history[round_] = summary
-        out += [FinishRound(summary, self.run_started),
-                SaveCheckpoint(self.model, tuple(self.history[r] for r in sorted(self.history)), self.run_started),
-                Log(f"round {round_}: global accuracy {accuracy:.4f}, loss {loss:.4f} over {samples} test samples "
-                    f"from {len(collector.received)} peers"
-                    + (f", {duration:.1f}s, {self.round_bytes} bytes" if round_ > 0 else " (initial model)"))]
+        out += [
+            FinishRound(summary, self.run_started),
+            SaveCheckpoint(self.model, tuple(self.history[r] for r in sorted(self.history)), self.run_started),
+            Log(
+                f"round {round_}: global accuracy {accuracy:.4f}, loss {loss:.4f} over {samples} test samples "
+                f"from {len(collector.received)} peers"
+                + (f", {duration:.1f}s, {self.round_bytes} bytes" if round_ > 0 else " (initial model)")
+            ),
+        ]
         return out + self._after_round(summary, now)
 
     def _after_round(self, summary: RoundSummary, now: float) -> list[Action]:
@@ -419,37 +574,55 @@ class Controller:
         self.phase = Phase.FINISHED
         outcome = self.outcome(reason, summary, now)
         out: list[Action] = [SaveModel(self.model.weights)] if self.model is not None else []
-        out += [RecordRun({"settings": dict(self.rules.run_settings), "outcome": outcome}),
-                Publish(Finish(self.term, self.me, summary.round if summary else 0, reason,
-                               summary.accuracy if summary else 0.0), retain=True, expiry=FINISH_EXPIRY_S)]
+        out += [
+            RecordRun({"settings": dict(self.rules.run_settings), "outcome": outcome}),
+            Publish(
+                Finish(
+                    self.term, self.me, summary.round if summary else 0, reason, summary.accuracy if summary else 0.0
+                ),
+                retain=True,
+                expiry=FINISH_EXPIRY_S,
+            ),
+        ]
         if code == EXIT_OK:
             out.append(Log(f"finished ({reason}) after round {summary.round}: accuracy {summary.accuracy:.4f}"))
         return out + [Print(format_summary(outcome)), Exit(code)]
 
     def _give_up(self, reason: str, why: str, now: float) -> list[Action]:
-        return [Log(f"giving up the run: {why}", "error"),
-                *self._finish(reason, self.history[max(self.history)] if self.history else None, now, EXIT_GAVE_UP)]
+        return [
+            Log(f"giving up the run: {why}", "error"),
+            *self._finish(reason, self.history[max(self.history)] if self.history else None, now, EXIT_GAVE_UP),
+        ]
 
     def outcome(self, reason: str, summary: RoundSummary | None, now: float) -> dict:
         initial = self.history.get(0)
         started = self.run_started if self.run_started is not None else self._wall(now)
         return {
-            "reason": reason, "rounds": summary.round if summary else 0,
+            "reason": reason,
+            "rounds": summary.round if summary else 0,
             "initial_accuracy": initial.accuracy if initial else None,
             "final_accuracy": summary.accuracy if summary else None,
             "final_loss": summary.loss if summary else None,
             "duration_s": round(self._wall(now) - started, 3),
             "bytes_sent": sum(s.bytes for s in self.history.values()),
-            "terms": self.term, "controller": self.me, "finished_at": self._wall(now),
+            "terms": self.term,
+            "controller": self.me,
+            "finished_at": self._wall(now),
         }
 
 
 def format_summary(outcome: dict) -> str:
-    rows = [("rounds", outcome["rounds"]), ("stopped by", outcome["reason"]),
-            ("initial accuracy", _pct(outcome["initial_accuracy"])), ("final accuracy", _pct(outcome["final_accuracy"])),
-            ("final loss", "n/a" if outcome["final_loss"] is None else f"{outcome['final_loss']:.4f}"),
-            ("time", f"{outcome['duration_s']:.1f} s"),
-            ("bytes", f"{outcome['bytes_sent']:,}"), ("terms", outcome["terms"]), ("controller", outcome["controller"])]
+    rows = [
+        ("rounds", outcome["rounds"]),
+        ("stopped by", outcome["reason"]),
+        ("initial accuracy", _pct(outcome["initial_accuracy"])),
+        ("final accuracy", _pct(outcome["final_accuracy"])),
+        ("final loss", "n/a" if outcome["final_loss"] is None else f"{outcome['final_loss']:.4f}"),
+        ("time", f"{outcome['duration_s']:.1f} s"),
+        ("bytes", f"{outcome['bytes_sent']:,}"),
+        ("terms", outcome["terms"]),
+        ("controller", outcome["controller"]),
+    ]
     width = max(len(k) for k, _ in rows)
     lines = ["run summary", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)

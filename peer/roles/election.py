@@ -22,22 +22,32 @@ How a term is decided
   overloaded machine (a hundred peers on two cores, timings set tight) votes, claims and heartbeats arrive late, and
   every new term adds a round of votes to the backlog: without this the peers would elect forever and never train.
 """
+
 from __future__ import annotations
 
 import enum
 import random
 from dataclasses import dataclass, field
 
-from peer.roles.actions import (EXIT_GAVE_UP, Action, CastVote, Exit, FollowController, Log, SendClaim, StepDown,
-                                TakeOffice, Unconfirmed)
+from peer.roles.actions import (
+    EXIT_GAVE_UP,
+    Action,
+    CastVote,
+    Exit,
+    FollowController,
+    Log,
+    SendClaim,
+    StepDown,
+    TakeOffice,
+    Unconfirmed,
+)
 
-
-MAX_DOUBLINGS = 3   # patience grows to at most 2**3 = 8x the configured timings
-STRIKES = ("no-claim", "controller-silent", "controller-stalled")   # reasons that say the last term came to nothing
+MAX_DOUBLINGS = 3  # patience grows to at most 2**3 = 8x the configured timings
+STRIKES = ("no-claim", "controller-silent", "controller-stalled")  # reasons that say the last term came to nothing
 
 
 class Role(str, enum.Enum):
-    WAITING = "waiting"        # no controller known yet, not enough peers for the first election
+    WAITING = "waiting"  # no controller known yet, not enough peers for the first election
     VOTING = "voting"
     CONTROLLER = "controller"
     FOLLOWER = "follower"
@@ -45,20 +55,21 @@ class Role(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ElectionTimings:
-    window: float = 1.0             # votes are collected this long before the best voter claims
-    claim_timeout: float = 3.0      # after the window, wait this long for a claim before the next term
+    window: float = 1.0  # votes are collected this long before the best voter claims
+    claim_timeout: float = 3.0  # after the window, wait this long for a claim before the next term
     heartbeat_timeout: float = 3.0  # a controller unheard for this long is silent (hung, or cut off)
-    join_grace: float = 2.5         # a new peer listens this long for a running controller before electing
-    give_up_after: float = float("inf")   # waiting this long for enough peers to start, the peer gives up
+    join_grace: float = 2.5  # a new peer listens this long for a running controller before electing
+    give_up_after: float = float("inf")  # waiting this long for enough peers to start, the peer gives up
 
     @classmethod
-    def from_heartbeat(cls, heartbeat: float, window: float,
-                       give_up_after: float = float("inf")) -> "ElectionTimings":
-        return cls(window=window, claim_timeout=max(3 * window, 3 * heartbeat),
-                   heartbeat_timeout=3 * heartbeat, join_grace=max(2.5 * heartbeat, window),
-                   give_up_after=give_up_after)
-
-
+    def from_heartbeat(cls, heartbeat: float, window: float, give_up_after: float = float("inf")) -> ElectionTimings:
+        return cls(
+            window=window,
+            claim_timeout=max(3 * window, 3 * heartbeat),
+            heartbeat_timeout=3 * heartbeat,
+            join_grace=max(2.5 * heartbeat, window),
+            give_up_after=give_up_after,
+        )
 
 
 @dataclass
@@ -71,16 +82,16 @@ class Election:
     term: int = 0
     role: Role = Role.WAITING
     controller: str | None = None
-    round: int = 0                              # latest global round this peer holds
+    round: int = 0  # latest global round this peer holds
     live: set[str] = field(default_factory=set)
-    votes: dict[str, tuple[int, float]] = field(default_factory=dict)   # this term's: peer -> (round, vote)
+    votes: dict[str, tuple[int, float]] = field(default_factory=dict)  # this term's: peer -> (round, vote)
     reason: str = "start"
     voted_at: float = 0.0
     claimed: bool = False
-    last_heard: float = 0.0                     # last sign of life of the controller
-    unconfirmed: set[str] = field(default_factory=set)   # live peers not heard from since this peer (re)connected
+    last_heard: float = 0.0  # last sign of life of the controller
+    unconfirmed: set[str] = field(default_factory=set)  # live peers not heard from since this peer (re)connected
     confirm_by: float = 0.0
-    strikes: int = 0                            # terms begun because the last came to nothing, less rounds since
+    strikes: int = 0  # terms begun because the last came to nothing, less rounds since
     _last_note: str = ""
 
     def __post_init__(self):
@@ -159,7 +170,7 @@ class Election:
     def on_vote(self, term: int, peer: str, vote: float, round_: int, reason: str, now: float) -> list[Action]:
         if term < self.term or term == 0:
             return []
-        self.live.add(peer)   # a vote of a current term is a sign of life, even one too late to count
+        self.live.add(peer)  # a vote of a current term is a sign of life, even one too late to count
         actions: list[Action] = []
         if term > self.term:
             actions = self._enter_term(term, reason, now)
@@ -216,10 +227,18 @@ class Election:
             if len(self.live) >= self.min_peers:
                 return self._new_term(now, "start")
             if now - self.started_at >= t.give_up_after:
-                return [Log(f"giving up: only {len(self.live)} of {self.min_peers} peers came within "
-                            f"{t.give_up_after:.0f}s (--wait-timeout); is every peer on this broker, with the same "
-                            "--topic-prefix?", "error"), Exit(EXIT_GAVE_UP)]
-            return self._note(f"waiting for peers: {len(self.live)} of {self.min_peers} present before the first election")
+                return [
+                    Log(
+                        f"giving up: only {len(self.live)} of {self.min_peers} peers came within "
+                        f"{t.give_up_after:.0f}s (--wait-timeout); is every peer on this broker, with the same "
+                        "--topic-prefix?",
+                        "error",
+                    ),
+                    Exit(EXIT_GAVE_UP),
+                ]
+            return self._note(
+                f"waiting for peers: {len(self.live)} of {self.min_peers} present before the first election"
+            )
         if self.role is Role.VOTING:
             if now - self.voted_at >= (t.window + t.claim_timeout) * patience:
                 return self._new_term(now, "no-claim")

@@ -9,30 +9,49 @@ Like the controller it does no I/O: messages that the admission rules let throug
 learning jobs go in, actions (`peer.roles.actions`) come out. It reads the peer's model store, never writes it: adopting a
 model is an action the node carries out.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from peer.roles.actions import (EXIT_GAVE_UP, EXIT_OK, GIVE_UP_REASONS, Action, AdoptModel, Exit, FetchModel, FinishRound,
-                      JobDone, Log, Publish, RecordEvaluation, StartJob)
+from peer.roles.actions import (
+    EXIT_GAVE_UP,
+    EXIT_OK,
+    GIVE_UP_REASONS,
+    Action,
+    AdoptModel,
+    Exit,
+    FetchModel,
+    FinishRound,
+    JobDone,
+    Log,
+    Publish,
+    RecordEvaluation,
+    StartJob,
+)
+from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
 from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
 from peer.wire.weights import WeightCodec
-from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
 
 
 class Follower:
-    def __init__(self, me: str, memory: ModelStore, shapes: tuple[tuple[int, ...], ...] | None = None,
-                 keep_solutions_up_to: int = 2**63):
+    def __init__(
+        self,
+        me: str,
+        memory: ModelStore,
+        shapes: tuple[tuple[int, ...], ...] | None = None,
+        keep_solutions_up_to: int = 2**63,
+    ):
         """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused.
         `keep_solutions_up_to`: a solution of more bytes than this is not kept once sent (a large model's memory
         matters more than sparing a fit: a repeated order is trained again)."""
         self.me, self.memory, self.shapes = me, memory, shapes
         self.keep_solutions_up_to = keep_solutions_up_to
-        self.phase: str | None = None          # the controller's phase, as its last heartbeat told it
+        self.phase: str | None = None  # the controller's phase, as its last heartbeat told it
         # What this peer last did for an order, by (term, round, attempt) and (term, round): a repeated order
         # (the controller re-sends after a broker outage) is answered from it instead of being done twice.
         self.fitting: tuple[int, int, int] | None = None
-        self.fitted: tuple[int, int, int] | None = None      # the last order whose fit finished
+        self.fitted: tuple[int, int, int] | None = None  # the last order whose fit finished
         self.solution: Solution | None = None
         self.evaluating: tuple[int, int] | None = None
         self.evaluation: Evaluation | None = None
@@ -49,31 +68,42 @@ class Follower:
                 return []
             key = (message.term, message.round, message.attempt)
             if key == self.fitting:
-                if self.solution is not None and (self.solution.term, self.solution.round,
-                                                  self.solution.attempt) == key:
-                    return [Publish(self.solution),
-                            Log(f"round {message.round}: the order came again; sending my solution again")]
+                if (
+                    self.solution is not None
+                    and (self.solution.term, self.solution.round, self.solution.attempt) == key
+                ):
+                    return [
+                        Publish(self.solution),
+                        Log(f"round {message.round}: the order came again; sending my solution again"),
+                    ]
                 if key != self.fitted:
                     return [Log(f"round {message.round}: the order came again; still training", "debug")]
                 # done, but the solution was too large to keep: train again
             held = self.memory.latest
             if held is not None and held.round == message.round - 1 and held.digest == message.digest:
                 return self._fit(message, held.weights)
-            if message.weights:   # a new controller's first orders: the model comes along
+            if message.weights:  # a new controller's first orders: the model comes along
                 if misfit := self._misfit(message):
                     return misfit
                 if WeightCodec.digest(message.weights) == message.digest:
                     return self._fit(message, message.weights)
             self.waiting = message
             have = f"round {held.round}" if held else "none"
-            return [Log(f"round {message.round}: chosen to train, but this peer lacks the model the order names "
-                        f"(round {message.round - 1}, {message.digest[:8]}; it holds {have}); fetching it"),
-                    FetchModel(message.round - 1, message.digest)]
+            return [
+                Log(
+                    f"round {message.round}: chosen to train, but this peer lacks the model the order names "
+                    f"(round {message.round - 1}, {message.digest[:8]}; it holds {have}); fetching it"
+                ),
+                FetchModel(message.round - 1, message.digest),
+            ]
         if isinstance(message, Aggregation):
             if misfit := self._misfit(message):
                 return misfit
             if message.evaluators and self.me not in message.evaluators:
-                return [*self._adopt(message), *self._waiting_for(message)]   # kept, as every peer keeps the latest model; others evaluate this one
+                return [
+                    *self._adopt(message),
+                    *self._waiting_for(message),
+                ]  # kept, as every peer keeps the latest model; others evaluate this one
             # Every live publication of a model this peer has not evaluated is evaluated (the controller
             # re-publishes a model when it lacks evaluations, e.g. in a new term); a model it has evaluated already
             # gets the same answer again. Retained copies come through `on_retained_model`.
@@ -83,37 +113,54 @@ class Follower:
                     return [Publish(self.evaluation)]
                 return []
             self.evaluating = key
-            return [*self._adopt(message), *self._waiting_for(message),
-                    StartJob("evaluate", message.term, message.round, 1, message.weights)]
+            return [
+                *self._adopt(message),
+                *self._waiting_for(message),
+                StartJob("evaluate", message.term, message.round, 1, message.weights),
+            ]
         if isinstance(message, Metrics):
             summary = RoundSummary(message.round, message.term, message.accuracy, message.loss, message.bytes)
             return [FinishRound(summary, message.run_started)]
         if isinstance(message, Finish):
             failed = message.reason in GIVE_UP_REASONS
-            return [Log(f"finish received from {message.controller} ({message.reason}) after round {message.round}: "
-                        f"accuracy {message.accuracy:.4f}", "error" if failed else "info"),
-                    Exit(EXIT_GAVE_UP if failed else EXIT_OK)]
+            return [
+                Log(
+                    f"finish received from {message.controller} ({message.reason}) after round {message.round}: "
+                    f"accuracy {message.accuracy:.4f}",
+                    "error" if failed else "info",
+                ),
+                Exit(EXIT_GAVE_UP if failed else EXIT_OK),
+            ]
         return []
 
     def on_finished_run(self, message: Finish) -> list[Action]:
         """The broker's retained finish: this run ended before this peer came (or came back)."""
         failed = message.reason in GIVE_UP_REASONS
-        return [Log(f"this run is over: {message.controller} ended it ({message.reason}) after round {message.round}"
-                    f" with accuracy {message.accuracy:.4f}; nothing to do here (a new run needs a new --run-id)",
-                    "error" if failed else "info"),
-                Exit(EXIT_GAVE_UP if failed else EXIT_OK)]
+        return [
+            Log(
+                f"this run is over: {message.controller} ended it ({message.reason}) after round {message.round}"
+                f" with accuracy {message.accuracy:.4f}; nothing to do here (a new run needs a new --run-id)",
+                "error" if failed else "info",
+            ),
+            Exit(EXIT_GAVE_UP if failed else EXIT_OK),
+        ]
 
     def on_retained_model(self, message: Aggregation) -> list[Action]:
         """The broker's retained aggregation, delivered when this peer subscribed: the model a late joiner starts
         from, not an order to evaluate it."""
-        return self._misfit(message) or [*self._adopt(message, note="retained by the broker"),
-                                         *self._waiting_for(message)]
+        return self._misfit(message) or [
+            *self._adopt(message, note="retained by the broker"),
+            *self._waiting_for(message),
+        ]
 
     def reconnected(self, current_term: int) -> list[Action]:
         """Back on the broker: what this peer sent while it was gone may be lost, so its answers of this term go
         out again (the controller ignores what it already has)."""
-        return [Publish(answer) for answer in (self.solution, self.evaluation)
-                if answer is not None and answer.term == current_term]
+        return [
+            Publish(answer)
+            for answer in (self.solution, self.evaluation)
+            if answer is not None and answer.term == current_term
+        ]
 
     def on_job_done(self, done: JobDone, current_term: int) -> list[Action]:
         job = done.job
@@ -127,20 +174,30 @@ class Follower:
             self.fitted = (job.term, job.round, job.attempt)
             small = sum(np.asarray(w).nbytes for w in weights) <= self.keep_solutions_up_to
             self.solution = solution if small else None
-            return [Publish(solution),
-                    Log(f"round {job.round}: trained {samples} samples in {done.seconds:.1f}s (loss {loss:.4f}), "
-                        "solution sent")]
+            return [
+                Publish(solution),
+                Log(
+                    f"round {job.round}: trained {samples} samples in {done.seconds:.1f}s (loss {loss:.4f}), "
+                    "solution sent"
+                ),
+            ]
         accuracy, loss, samples = done.result
         self.evaluation = Evaluation(job.term, job.round, self.me, accuracy, loss, samples)
-        return [RecordEvaluation(job.round, job.term, accuracy, loss, samples),
-                Publish(self.evaluation),
-                Log(f"round {job.round}: global model scores accuracy {accuracy:.4f}, loss {loss:.4f} on my "
-                    f"{samples} test samples ({done.seconds:.1f}s)")]
+        return [
+            RecordEvaluation(job.round, job.term, accuracy, loss, samples),
+            Publish(self.evaluation),
+            Log(
+                f"round {job.round}: global model scores accuracy {accuracy:.4f}, loss {loss:.4f} on my "
+                f"{samples} test samples ({done.seconds:.1f}s)"
+            ),
+        ]
 
     def _fit(self, order: Training, weights) -> list[Action]:
         self.fitting, self.waiting = (order.term, order.round, order.attempt), None
-        return [Log(f"round {order.round}: chosen to train (attempt {order.attempt})"),
-                StartJob("fit", order.term, order.round, order.attempt, weights)]
+        return [
+            Log(f"round {order.round}: chosen to train (attempt {order.attempt})"),
+            StartJob("fit", order.term, order.round, order.attempt, weights),
+        ]
 
     def _waiting_for(self, message: Aggregation) -> list[Action]:
         """The waiting order, started if `message` is the model it names."""
@@ -157,10 +214,15 @@ class Follower:
         shapes = tuple(tuple(w.shape) for w in message.weights)
         if self.shapes is None or shapes == self.shapes:
             return []
-        return [Log(f"refused the {message.TYPE} of round {message.round} from {message.controller}: its model "
-                    f"({len(shapes)} tensors) does not fit this peer's ({len(self.shapes)} tensors"
-                    f"{', other shapes' if len(shapes) == len(self.shapes) else ''}); is every peer running the "
-                    "same --dataset and model?", "warning")]
+        return [
+            Log(
+                f"refused the {message.TYPE} of round {message.round} from {message.controller}: its model "
+                f"({len(shapes)} tensors) does not fit this peer's ({len(self.shapes)} tensors"
+                f"{', other shapes' if len(shapes) == len(self.shapes) else ''}); is every peer running the "
+                "same --dataset and model?",
+                "warning",
+            )
+        ]
 
     def _adopt(self, message: Aggregation, note: str = "") -> list[Action]:
         if not self.memory.is_newer(message.round, message.term):

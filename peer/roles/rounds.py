@@ -4,12 +4,13 @@ The rules that say when a round's solutions or evaluations are complete, when a 
 deadline, and when it must be repeated; the sample-weighted global metric; and the model store every peer keeps.
 How solutions become a model is `peer.learning.aggregation`'s.
 """
+
 from __future__ import annotations
 
 import enum
 import functools
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,27 +36,32 @@ def choose_evaluators(candidates: Iterable[str], count: int, rng: random.Random)
 
 class RoundOutcome(str, enum.Enum):
     WAIT = "wait"
-    CLOSE = "close"      # aggregate what arrived
-    RETRY = "retry"      # too few solutions: choose trainers again and repeat the round
+    CLOSE = "close"  # aggregate what arrived
+    RETRY = "retry"  # too few solutions: choose trainers again and repeat the round
 
 
 @dataclass
 class SolutionCollector:
     """Solutions for one attempt of one round of one term."""
+
     term: int
     round: int
     attempt: int
     trainers: tuple[str, ...]
     quorum: int
     deadline: float
-    shapes: tuple[tuple[int, ...], ...] | None = None   # the global model's tensor shapes, when known
+    shapes: tuple[tuple[int, ...], ...] | None = None  # the global model's tensor shapes, when known
     received: dict[str, tuple[list[np.ndarray], int]] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)
 
-    def offer(self, term: int, round_: int, attempt: int, peer: str, weights: list[np.ndarray], samples: int) -> str | None:
+    def offer(
+        self, term: int, round_: int, attempt: int, peer: str, weights: list[np.ndarray], samples: int
+    ) -> str | None:
         """Accept a solution, or say why not (a reason for the log)."""
         if (term, round_, attempt) != (self.term, self.round, self.attempt):
-            return f"it is for term {term} round {round_} attempt {attempt}, not {self.term}/{self.round}/{self.attempt}"
+            return (
+                f"it is for term {term} round {round_} attempt {attempt}, not {self.term}/{self.round}/{self.attempt}"
+            )
         if peer not in self.trainers:
             return f"{peer} was not chosen"
         if peer in self.received:
@@ -91,17 +97,19 @@ class SolutionCollector:
 class EvaluationCollector:
     """Every live peer's evaluation of one global model; done when all expected peers answered, left, or the
     deadline passed."""
+
     term: int
     round: int
     expected: set[str]
     deadline: float
-    received: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # peer -> (accuracy, loss, samples)
+    received: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # peer -> (accuracy, loss, samples)
 
     def __post_init__(self):
-        self.expected = set(self.expected)   # ours to shrink as peers leave, not the caller's
+        self.expected = set(self.expected)  # ours to shrink as peers leave, not the caller's
 
-    def offer(self, term: int, round_: int, peer: str, accuracy: float, loss: float, samples: int,
-              cap: int | None = None) -> str | None:
+    def offer(
+        self, term: int, round_: int, peer: str, accuracy: float, loss: float, samples: int, cap: int | None = None
+    ) -> str | None:
         """Accept an evaluation of a peer this round waits for, once; `cap` (the test samples the peer announced)
         bounds the weight it declares, so no peer can outweigh the rest by claiming more than it holds."""
         if (term, round_) != (self.term, self.round):
@@ -125,7 +133,7 @@ class EvaluationCollector:
         accuracy = weighted_mean((a, n) for a, _, n in evaluations)
         if accuracy is None:
             return None
-        loss = weighted_mean((l, n) for _, l, n in evaluations)
+        loss = weighted_mean((loss, n) for _, loss, n in evaluations)
         return accuracy, loss, sum(n for _, _, n in evaluations)
 
 
@@ -134,7 +142,7 @@ class GlobalModel:
     round: int
     term: int
     weights: list[np.ndarray]
-    trainers: tuple[str, ...] = ()     # whose solutions were averaged into it
+    trainers: tuple[str, ...] = ()  # whose solutions were averaged into it
 
     @functools.cached_property
     def digest(self) -> str:
@@ -156,6 +164,7 @@ class RoundSummary:
 class ModelStore:
     """What every peer keeps so that any of them can take over as controller: the latest global model and the
     metrics of every finished round."""
+
     latest: GlobalModel | None = None
     finished: dict[int, RoundSummary] = field(default_factory=dict)
     run_started: float | None = None

@@ -25,14 +25,15 @@ or twice (QoS 1). The digest is checked once the last missing chunk is in.
 puts chunks back together in one preallocated buffer per message, within fixed memory bounds, and turns every bad
 input into a `Refused` verdict (one log line), never an exception.
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import struct
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from peer.wire.errors import Refused
 
@@ -41,7 +42,7 @@ CHUNK_VERSION = 1
 _CHUNK_HEAD = struct.Struct("<4sBxxxQIIIQ32s")
 # The same layout with the reserved bytes read, not skipped, so a receiver can insist they are zero.
 _CHUNK_HEAD_READ = struct.Struct("<4sB3sQIIIQ32s")
-CHUNK_HEAD_SIZE = _CHUNK_HEAD.size   # 68
+CHUNK_HEAD_SIZE = _CHUNK_HEAD.size  # 68
 _MAX_U32 = 2**32 - 1
 _MAX_U64 = 2**64 - 1
 
@@ -67,7 +68,9 @@ def chunk_count(total: int, limit: int) -> int:
 
 def _chunk_size(limit: int) -> int:
     if limit <= CHUNK_HEAD_SIZE:
-        raise ValueError(f"a chunk limit of {limit} bytes leaves no room for data after the {CHUNK_HEAD_SIZE}-byte head")
+        raise ValueError(
+            f"a chunk limit of {limit} bytes leaves no room for data after the {CHUNK_HEAD_SIZE}-byte head"
+        )
     return min(limit - CHUNK_HEAD_SIZE, _MAX_U32)
 
 
@@ -96,9 +99,10 @@ def split(parts: Iterable, limit: int, message_id: int) -> Iterator[bytes]:
     return _chunks(views, total, chunk_size, count, message_id, digest.digest())
 
 
-def _chunks(views: list[memoryview], total: int, chunk_size: int, count: int, message_id: int,
-            digest: bytes) -> Iterator[bytes]:
-    part, offset = 0, 0   # where the next chunk's data starts: views[part][offset:]
+def _chunks(
+    views: list[memoryview], total: int, chunk_size: int, count: int, message_id: int, digest: bytes
+) -> Iterator[bytes]:
+    part, offset = 0, 0  # where the next chunk's data starts: views[part][offset:]
     for index in range(count):
         pieces = [_CHUNK_HEAD.pack(CHUNK_MAGIC, CHUNK_VERSION, message_id, index, count, chunk_size, total, digest)]
         needed = min(chunk_size, total - index * chunk_size)
@@ -106,7 +110,7 @@ def _chunks(views: list[memoryview], total: int, chunk_size: int, count: int, me
             view = views[part]
             take = min(needed, len(view) - offset)
             if take:
-                pieces.append(view[offset:offset + take])
+                pieces.append(view[offset : offset + take])
             offset += take
             needed -= take
             if offset == len(view):
@@ -116,9 +120,11 @@ def _chunks(views: list[memoryview], total: int, chunk_size: int, count: int, me
 
 # --- reassembly --------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Complete:
     """Every chunk is in and the digest matches: `body` is the whole original body (the only reference to it)."""
+
     body: memoryview
 
 
@@ -126,11 +132,13 @@ class Complete:
 class Pending:
     """The chunk is in; the message waits for more. `evicted`: older partial messages of the same sender that were
     given up to make room for this one (each worth a log line)."""
+
     evicted: tuple[Refused, ...] = ()
 
 
 class _Partial:
     """One message being reassembled: its buffer, which chunks are in, and when."""
+
     __slots__ = ("count", "chunk_size", "total", "digest", "buffer", "received", "missing", "last_at")
 
     def __init__(self, count: int, chunk_size: int, total: int, digest: bytes, now: float):
@@ -172,16 +180,17 @@ class Reassembler:
     `timeout_s` ago is dropped by `expire`.
     """
 
-    def __init__(self, max_message_bytes: int, max_buffered_bytes: int, timeout_s: float,
-                 max_partials_per_sender: int = 2):
+    def __init__(
+        self, max_message_bytes: int, max_buffered_bytes: int, timeout_s: float, max_partials_per_sender: int = 2
+    ):
         if max_message_bytes < 1 or max_buffered_bytes < 1 or max_partials_per_sender < 1 or not timeout_s > 0:
             raise ValueError("the reassembler's limits and timeout must be positive")
         self.max_message_bytes = max_message_bytes
         self.max_buffered_bytes = max_buffered_bytes
         self.timeout_s = timeout_s
         self.max_partials_per_sender = max_partials_per_sender
-        self._partials: dict[tuple, _Partial] = {}   # in order of first chunk: the oldest first
-        self._finished: OrderedDict[tuple, str] = OrderedDict()   # key -> what became of it, the latest last
+        self._partials: dict[tuple, _Partial] = {}  # in order of first chunk: the oldest first
+        self._finished: OrderedDict[tuple, str] = OrderedDict()  # key -> what became of it, the latest last
         self._buffered = 0
 
     @property
@@ -195,10 +204,12 @@ class Reassembler:
         view = _byte_view(body)
         where = f"a chunk from {sender} ({kind})"
         if len(view) < CHUNK_HEAD_SIZE:
-            return Refused(f"{where}: truncated ({len(view)} bytes, the chunk head alone is {CHUNK_HEAD_SIZE})",
-                           "warning")
+            return Refused(
+                f"{where}: truncated ({len(view)} bytes, the chunk head alone is {CHUNK_HEAD_SIZE})", "warning"
+            )
         magic, version, reserved, message_id, index, count, chunk_size, total, digest = _CHUNK_HEAD_READ.unpack_from(
-            view)
+            view
+        )
         problem = _head_problem(magic, version, reserved, index, count, chunk_size, total, self.max_message_bytes)
         if problem:
             return Refused(f"{where}: {problem}", "warning")
@@ -223,12 +234,13 @@ class Reassembler:
             if refusal:
                 return Refused(f"{where}: {refusal}; refused", "warning")
         elif (count, chunk_size, total, digest) != (partial.count, partial.chunk_size, partial.total, partial.digest):
-            return Refused(f"{where}: count, chunk size, total or digest disagrees with its earlier chunks; ignored",
-                           "warning")
+            return Refused(
+                f"{where}: count, chunk size, total or digest disagrees with its earlier chunks; ignored", "warning"
+            )
         elif partial.has(index):
             return Refused(f"{where}: duplicate; ignored", "debug")
 
-        partial.buffer[start:start + expected] = data
+        partial.buffer[start : start + expected] = data
         partial.mark(index)
         partial.last_at = now
         if partial.missing:
@@ -243,30 +255,48 @@ class Reassembler:
         for key in stale:
             partial = self._forget(key)
             self._remember(key, "dropped")
-            dropped.append(Refused(f"{_name(key)}: {partial.missing} of {partial.count} chunks missing after "
-                                   f"{self.timeout_s:g}s; dropped", "warning"))
+            dropped.append(
+                Refused(
+                    f"{_name(key)}: {partial.missing} of {partial.count} chunks missing after "
+                    f"{self.timeout_s:g}s; dropped",
+                    "warning",
+                )
+            )
         return dropped
 
     def _open(self, key, count: int, chunk_size: int, total: int, digest: bytes, now: float):
         """A new partial message, the sender's partials evicted to make room for it, or why there is no room."""
         sender = key[0]
         cost = total + (count + 7) // 8
-        own = [k for k in self._partials if k[0] == sender]   # oldest first
+        own = [k for k in self._partials if k[0] == sender]  # oldest first
         own_cost = sum(self._partials[k].cost for k in own)
         if self._buffered - own_cost + cost > self.max_buffered_bytes:
             # Evicting would not be enough: keep the sender's older messages, which may still complete.
             self._remember(key, "refused")
-            return None, (), (f"{total} bytes would not fit in the {self.max_buffered_bytes}-byte reassembly buffer "
-                              f"({self._buffered - own_cost} bytes held for other senders)")
+            return (
+                None,
+                (),
+                (
+                    f"{total} bytes would not fit in the {self.max_buffered_bytes}-byte reassembly buffer "
+                    f"({self._buffered - own_cost} bytes held for other senders)"
+                ),
+            )
         evicted = []
         for old in own:
-            if self._buffered + cost <= self.max_buffered_bytes and len(own) - len(evicted) < \
-                    self.max_partials_per_sender:
+            if (
+                self._buffered + cost <= self.max_buffered_bytes
+                and len(own) - len(evicted) < self.max_partials_per_sender
+            ):
                 break
             partial = self._forget(old)
             self._remember(old, "evicted")
-            evicted.append(Refused(f"{_name(old)}: evicted with {partial.missing} of {partial.count} chunks missing, "
-                                   f"to make room for {_name(key)}", "warning"))
+            evicted.append(
+                Refused(
+                    f"{_name(old)}: evicted with {partial.missing} of {partial.count} chunks missing, "
+                    f"to make room for {_name(key)}",
+                    "warning",
+                )
+            )
         partial = _Partial(count, chunk_size, total, digest, now)
         self._partials[key] = partial
         self._buffered += partial.cost
@@ -275,8 +305,9 @@ class Reassembler:
     def _finish(self, key, buffer: bytearray, digest: bytes, where: str) -> Complete | Refused:
         if not hmac.compare_digest(hashlib.sha256(buffer).digest(), digest):
             self._remember(key, "dropped")
-            return Refused(f"{where}: digest mismatch: corrupted in transit (or a sender bug); the message is "
-                           "dropped", "warning")
+            return Refused(
+                f"{where}: digest mismatch: corrupted in transit (or a sender bug); the message is dropped", "warning"
+            )
         self._remember(key, "complete")
         return Complete(memoryview(buffer))
 
@@ -292,8 +323,16 @@ class Reassembler:
             self._finished.popitem(last=False)
 
 
-def _head_problem(magic: bytes, version: int, reserved: bytes, index: int, count: int, chunk_size: int, total: int,
-                  max_message_bytes: int) -> str | None:
+def _head_problem(
+    magic: bytes,
+    version: int,
+    reserved: bytes,
+    index: int,
+    count: int,
+    chunk_size: int,
+    total: int,
+    max_message_bytes: int,
+) -> str | None:
     """What is wrong with a chunk head on its own, or None. Checked before anything is allocated."""
     if magic != CHUNK_MAGIC:
         return f"no {CHUNK_MAGIC.decode()} magic"

@@ -2,6 +2,7 @@
 secret, an HMAC-SHA256 over the topic and all of it. Every message is published on `<prefix>/<run_id>/<kind>/<sender>`
 (`peer.wire.topics`), and the MAC covers the topic, so a payload cannot be moved to another kind, run or sender.
 Also what a body costs on the wire, chunked or not."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,16 +17,16 @@ from peer.wire.chunks import CHUNK_HEAD_SIZE
 from peer.wire.errors import require
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the brokers' message_size_limit (broker/*.conf): a larger payload is chunked
-MIN_CHUNKED_MESSAGE_BYTES = 65536     # the smallest broker limit a peer works with (a chunk must hold some data)
+MIN_CHUNKED_MESSAGE_BYTES = 65536  # the smallest broker limit a peer works with (a chunk must hold some data)
 
 # Every payload on the wire: a fixed head, the body (`encode(message)`), and with a federation secret a MAC.
 #   magic, envelope version, flags, reserved u16, incarnation u64, seq u64, sent_at f64 (little-endian, 32 bytes)
 ENVELOPE_MAGIC = b"SDEN"
 ENVELOPE_VERSION = 1
 _ENVELOPE_HEAD = struct.Struct("<4sBBHQQd")
-FLAG_MAC = 0x01                      # bit 0 of flags: a MAC follows the body; the other bits are reserved (zero)
-MAC_BYTES = 32                       # HMAC-SHA256
-ENVELOPE_OVERHEAD_OPEN = _ENVELOPE_HEAD.size               # 32
+FLAG_MAC = 0x01  # bit 0 of flags: a MAC follows the body; the other bits are reserved (zero)
+MAC_BYTES = 32  # HMAC-SHA256
+ENVELOPE_OVERHEAD_OPEN = _ENVELOPE_HEAD.size  # 32
 ENVELOPE_OVERHEAD_SEALED = _ENVELOPE_HEAD.size + MAC_BYTES  # 64
 MIN_SECRET_BYTES = 16
 _KEY_LABEL = b"sdfl federation key v1"
@@ -58,6 +59,7 @@ class Stamp:
 
     incarnation: identifies the sending process's life; a later life of the same peer id has a larger one
                  (`new_incarnation`). seq: that process's message counter. sent_at: its wall clock (Unix seconds)."""
+
     incarnation: int
     seq: int
     sent_at: float
@@ -67,8 +69,11 @@ class Stamp:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U64:
                 raise ValueError(f"stamp {name}: expected an integer from 0 to 2^64 - 1, not {value!r}")
-        if not isinstance(self.sent_at, (int, float)) or isinstance(self.sent_at, bool) \
-                or not math.isfinite(self.sent_at):
+        if (
+            not isinstance(self.sent_at, (int, float))
+            or isinstance(self.sent_at, bool)
+            or not math.isfinite(self.sent_at)
+        ):
             raise ValueError(f"stamp sent_at: expected a finite number, not {self.sent_at!r}")
 
 
@@ -87,7 +92,7 @@ class Stamper:
     def __init__(self, incarnation: int, clock: Callable[[], float]):
         self.incarnation = incarnation
         self.clock = clock
-        self.seq = 0                  # the last one handed out
+        self.seq = 0  # the last one handed out
 
     def next(self) -> Stamp:
         self.seq += 1
@@ -100,7 +105,7 @@ def _topic_bytes(topic) -> bytes | None:
         return None
     try:
         return topic.encode("utf-8")
-    except UnicodeEncodeError:   # a lone surrogate
+    except UnicodeEncodeError:  # a lone surrogate
         return None
 
 
@@ -122,8 +127,7 @@ class Seal:
             raise ValueError(f"the federation secret has {len(secret)} bytes; it needs at least {MIN_SECRET_BYTES}")
         self._key = hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
 
-
-    def __repr__(self) -> str:   # never the key
+    def __repr__(self) -> str:  # never the key
         return f"Seal({'sealed' if self.sealed else 'open'})"
 
     @property
@@ -152,8 +156,9 @@ class Seal:
         if topic_bytes is None:
             raise ValueError(f"cannot seal for topic {topic!r}: not a UTF-8 string without NUL")
         flags = FLAG_MAC if self.sealed else 0
-        head = _ENVELOPE_HEAD.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, flags, 0, stamp.incarnation, stamp.seq,
-                                   float(stamp.sent_at))
+        head = _ENVELOPE_HEAD.pack(
+            ENVELOPE_MAGIC, ENVELOPE_VERSION, flags, 0, stamp.incarnation, stamp.seq, float(stamp.sent_at)
+        )
         if not self.sealed:
             return b"".join((head, body))
         return b"".join((head, body, self._mac(topic_bytes, head, body)))
@@ -166,8 +171,10 @@ class Seal:
         head_size = _ENVELOPE_HEAD.size
         require(len(view) >= head_size, f"envelope: truncated ({len(view)} bytes, the head alone is {head_size})")
         magic, version, flags, reserved, incarnation, seq, sent_at = _ENVELOPE_HEAD.unpack_from(view)
-        require(magic == ENVELOPE_MAGIC, f"envelope: no {ENVELOPE_MAGIC.decode()} magic (a peer of an older version, "
-                                        "or not a peer)")
+        require(
+            magic == ENVELOPE_MAGIC,
+            f"envelope: no {ENVELOPE_MAGIC.decode()} magic (a peer of an older version, or not a peer)",
+        )
         require(version == ENVELOPE_VERSION, f"envelope: version {version} is not {ENVELOPE_VERSION}")
         require(flags & ~FLAG_MAC == 0, f"envelope: unknown flags 0x{flags:02x}")
         require(reserved == 0, "envelope: reserved bits are set")

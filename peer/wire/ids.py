@@ -1,6 +1,7 @@
 """What the names of the federation look like: peer ids, run ids, the topic prefix. Standard library only: the
 wire format (`peer.wire`), the settings, the run dir and the launchers (some of which run on a bare host
 Python) all use these, and nothing else defines them."""
+
 from __future__ import annotations
 
 import re

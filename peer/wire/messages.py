@@ -7,6 +7,7 @@ A message's body: control messages are UTF-8 JSON objects with a "type" field. M
 raises `ProtocolError` (the peer logs it in one line and drops the message). Encoding refuses the same things, so a
 peer never sends what its peers would drop. See docs/PROTOCOL.md for the reader's version.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,10 @@ from peer.wire.errors import ProtocolError, require
 from peer.wire.ids import PEER_ID_PATTERN
 from peer.wire.weights import DIGEST_HEX, FINGERPRINT_HEX, WIRE_DTYPES, WeightCodec
 
-PROTOCOL_VERSION = 2                  # 2: per-tensor dtype (float16 on the wire), weightless training orders
+PROTOCOL_VERSION = 2  # 2: per-tensor dtype (float16 on the wire), weightless training orders
 MAX_CONTROL_BYTES = 64 * 1024
-MAX_TERM = 2**31 - 1                  # the highest term: encode and decode refuse more
-_MAX_COUNT = 2**53 - 1                # the largest integer a JSON reader in any language reads exactly
-
+MAX_TERM = 2**31 - 1  # the highest term: encode and decode refuse more
+_MAX_COUNT = 2**53 - 1  # the largest integer a JSON reader in any language reads exactly
 
 
 # Binary frame of messages that carry weights: magic, version, JSON header length, JSON header, weights.
@@ -33,14 +33,17 @@ _FRAME_HEAD = struct.Struct("<4sBxxxI")  # magic, version, 3 reserved bytes, hea
 
 # --- field validation -------------------------------------------------------------------------------------------------
 
+
 def _peer_id(value, name: str) -> str:
     require(isinstance(value, str) and PEER_ID_PATTERN.fullmatch(value) is not None, f"{name}: not a valid peer id")
     return value
 
 
 def _count(value, name: str, low: int = 0, high: int = _MAX_COUNT) -> int:
-    require(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
-           f"{name}: expected an integer from {low} to {high}")
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+        f"{name}: expected an integer from {low} to {high}",
+    )
     return value
 
 
@@ -63,9 +66,12 @@ def _text(value, name: str, limit: int = 200) -> str:
 
 def _hex(length: int):
     def rule(value, name: str) -> str:
-        require(isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value),
-               f"{name}: expected {length} lowercase hex digits")
+        require(
+            isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value),
+            f"{name}: expected {length} lowercase hex digits",
+        )
         return value
+
     return rule
 
 
@@ -108,8 +114,8 @@ _FIELD_RULES = {
 @dataclass(frozen=True)
 class Message:
     TYPE: ClassVar[str]
-    TOPIC: ClassVar[str]          # the topic's kind level: <prefix>/<run_id>/<TOPIC>/<sender>
-    SENDER: ClassVar[str]         # the field that names the peer sending it
+    TOPIC: ClassVar[str]  # the topic's kind level: <prefix>/<run_id>/<TOPIC>/<sender>
+    SENDER: ClassVar[str]  # the field that names the peer sending it
     CARRIES_WEIGHTS: ClassVar[bool] = False
 
     @property
@@ -130,21 +136,27 @@ class Init(Message):
     """A peer announces itself (on start, after every reconnect, and to every newcomer): its train and test sample
     counts bound what it may later declare in a solution or an evaluation; `model` is its model's fingerprint (tensor
     shapes and dtypes): peers of another model are not counted in this run."""
-    TYPE = "init"; TOPIC = "init"; SENDER = "peer"
+
+    TYPE = "init"
+    TOPIC = "init"
+    SENDER = "peer"
     peer: str
     term: int
     round: int
     pid: int
     train_samples: int
     test_samples: int
-    reply: bool            # an answer to another peer's init (answers are not answered)
+    reply: bool  # an answer to another peer's init (answers are not answered)
     model: str
 
 
 @dataclass(frozen=True)
 class Presence(Message):
     """Retained on presence/<peer>; the broker publishes the offline one as the peer's Last Will."""
-    TYPE = "presence"; TOPIC = "presence"; SENDER = "peer"
+
+    TYPE = "presence"
+    TOPIC = "presence"
+    SENDER = "peer"
     peer: str
     status: str
 
@@ -153,7 +165,10 @@ class Presence(Message):
 class Vote(Message):
     """A ballot for `term`. The best (round, vote, peer) among the votes a peer has seen is its candidate;
     `round` is the voter's latest global model, so a peer that missed an aggregation cannot win."""
-    TYPE = "vote"; TOPIC = "election"; SENDER = "peer"
+
+    TYPE = "vote"
+    TOPIC = "election"
+    SENDER = "peer"
     term: int
     peer: str
     vote: float
@@ -164,7 +179,10 @@ class Vote(Message):
 @dataclass(frozen=True)
 class Claim(Message):
     """`peer` believes it won `term`. The first claim of a term that the broker delivers decides it for everyone."""
-    TYPE = "claim"; TOPIC = "election"; SENDER = "peer"
+
+    TYPE = "claim"
+    TOPIC = "election"
+    SENDER = "peer"
     term: int
     peer: str
     vote: float
@@ -177,7 +195,10 @@ class Claim(Message):
 class Heartbeat(Message):
     """The controller is alive (retained: the latest names the run's leader); `model` is the run's model
     fingerprint, so a peer started with another model learns at once that it cannot take part."""
-    TYPE = "heartbeat"; TOPIC = "heartbeat"; SENDER = "controller"
+
+    TYPE = "heartbeat"
+    TOPIC = "heartbeat"
+    SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -191,7 +212,11 @@ class Training(Message):
     send back a solution. Its weights are empty: every peer received that model as the controller's aggregation (a
     trainer that lacks it fetches the retained one). Only a controller that resumed from a model it did not publish
     itself (another controller's, before a failover) sends the model along."""
-    TYPE = "training"; TOPIC = "training"; SENDER = "controller"; CARRIES_WEIGHTS = True
+
+    TYPE = "training"
+    TOPIC = "training"
+    SENDER = "controller"
+    CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
@@ -203,7 +228,10 @@ class Training(Message):
 
 @dataclass(frozen=True)
 class Solution(Message):
-    TYPE = "solution"; TOPIC = "solution"; SENDER = "peer"; CARRIES_WEIGHTS = True
+    TYPE = "solution"
+    TOPIC = "solution"
+    SENDER = "peer"
+    CARRIES_WEIGHTS = True
     term: int
     round: int
     attempt: int
@@ -217,7 +245,11 @@ class Solution(Message):
 class Aggregation(Message):
     """The new global model (retained, so a peer that joins late starts from it). `evaluators`: the peers asked to
     evaluate it; empty: every peer (the default, and always for the last round's model)."""
-    TYPE = "aggregation"; TOPIC = "aggregation"; SENDER = "controller"; CARRIES_WEIGHTS = True
+
+    TYPE = "aggregation"
+    TOPIC = "aggregation"
+    SENDER = "controller"
+    CARRIES_WEIGHTS = True
     term: int
     controller: str
     round: int
@@ -228,7 +260,9 @@ class Aggregation(Message):
 
 @dataclass(frozen=True)
 class Evaluation(Message):
-    TYPE = "evaluation"; TOPIC = "evaluation"; SENDER = "peer"
+    TYPE = "evaluation"
+    TOPIC = "evaluation"
+    SENDER = "peer"
     term: int
     round: int
     peer: str
@@ -240,7 +274,10 @@ class Evaluation(Message):
 @dataclass(frozen=True)
 class Metrics(Message):
     """The round's global metric (sample-weighted mean of the evaluations); the round is finished."""
-    TYPE = "metrics"; TOPIC = "metrics"; SENDER = "controller"
+
+    TYPE = "metrics"
+    TOPIC = "metrics"
+    SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -255,7 +292,9 @@ class Metrics(Message):
 
 @dataclass(frozen=True)
 class Finish(Message):
-    TYPE = "finish"; TOPIC = "finish"; SENDER = "controller"
+    TYPE = "finish"
+    TOPIC = "finish"
+    SENDER = "controller"
     term: int
     controller: str
     round: int
@@ -264,12 +303,13 @@ class Finish(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Init, Presence, Vote, Claim, Heartbeat, Training, Solution, Aggregation, Evaluation,
-                              Metrics, Finish)
+    cls.TYPE: cls
+    for cls in (Init, Presence, Vote, Claim, Heartbeat, Training, Solution, Aggregation, Evaluation, Metrics, Finish)
 }
 
 
 # --- encode / decode --------------------------------------------------------------------------------------------------
+
 
 def _json(header: dict) -> bytes:
     return json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
@@ -293,8 +333,10 @@ def encode_parts(message: Message, wire_dtype: str = "float32") -> list:
         if name not in ("v", "type"):
             _FIELD_RULES[name](value, f"{message.TYPE}.{name}")
     raw = _json(header)
-    require(len(raw) <= MAX_CONTROL_BYTES,
-           f"{message.TYPE}: a JSON header of {len(raw)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
+    require(
+        len(raw) <= MAX_CONTROL_BYTES,
+        f"{message.TYPE}: a JSON header of {len(raw)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit",
+    )
     if not message.CARRIES_WEIGHTS:
         return [raw]
     arrays = WeightCodec.checked(message.weights)
@@ -325,24 +367,28 @@ def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Me
         require(header_len <= MAX_CONTROL_BYTES, "frame: header too large")
         start = _FRAME_HEAD.size
         require(start + header_len <= len(view), "frame: truncated JSON header")
-        raw_header = view[start:start + header_len]
-        weights_view = view[start + header_len:]
+        raw_header = view[start : start + header_len]
+        weights_view = view[start + header_len :]
     else:
         require(len(view) <= MAX_CONTROL_BYTES, f"control message of {len(view)} bytes is too large")
         raw_header = view
     try:
         header = json.loads(raw_header.tobytes().decode("utf-8"))
-    except (ValueError, RecursionError) as err:   # bad UTF-8 or JSON, a 5000-digit number, "[[[[..." nesting
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, a 5000-digit number, "[[[[..." nesting
         raise ProtocolError(f"not valid JSON: {str(err)[:200]}") from None
     require(isinstance(header, dict), "expected a JSON object")
     version, type_ = header.get("v"), header.get("type")
-    require(type(version) is int and version == PROTOCOL_VERSION,
-           f"protocol version {str(version)[:20]} is not {PROTOCOL_VERSION}")
+    require(
+        type(version) is int and version == PROTOCOL_VERSION,
+        f"protocol version {str(version)[:20]} is not {PROTOCOL_VERSION}",
+    )
     cls = MESSAGE_TYPES.get(type_) if isinstance(type_, str) else None
     require(cls is not None, f"unknown message type {str(type_)[:40]!r}")
     require(cls.TOPIC == kind, f"a {cls.TYPE} message does not belong on topic {str(kind)[:80]!r}")
-    require(cls.CARRIES_WEIGHTS == (weights_view is not None),
-           f"a {cls.TYPE} message {'needs' if cls.CARRIES_WEIGHTS else 'cannot carry'} weights")
+    require(
+        cls.CARRIES_WEIGHTS == (weights_view is not None),
+        f"a {cls.TYPE} message {'needs' if cls.CARRIES_WEIGHTS else 'cannot carry'} weights",
+    )
     values = {}
     for f in fields(cls):
         if f.name == "weights":
@@ -352,9 +398,10 @@ def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Me
     extra = set(header) - {f.name for f in fields(cls) if f.name != "weights"} - {"v", "type"}
     require(not extra, f"{cls.TYPE}: unexpected fields {sorted(extra)}")
     claimed = values[cls.SENDER]
-    require(sender is None or claimed == sender,
-           f"a {cls.TYPE} claims to be {claimed} but was published as {str(sender)[:80]}")
+    require(
+        sender is None or claimed == sender,
+        f"a {cls.TYPE} claims to be {claimed} but was published as {str(sender)[:80]}",
+    )
     if weights_view is not None:
         values["weights"] = WeightCodec.decode(weights_view)
     return cls(**values)
-

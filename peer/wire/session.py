@@ -16,6 +16,7 @@ wire, without encoding its weights: the controller counts a round's bytes with i
 No I/O, no clock, no threads: the caller passes `now` (wall-clock seconds: the age check compares it with the
 sender's clock) and publishes the frames.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -28,9 +29,9 @@ from peer.wire.messages import Message, decode, encode_parts, encoded_size
 from peer.wire.topics import Topics
 from peer.wire.weights import MAX_WEIGHT_BYTES
 
-MAX_AGE_S = 120.0          # a live message sent longer ago than this (its sender's clock against ours) is a replay
-CHUNK_TIMEOUT_S = 60.0     # a chunked message whose next chunk is this late is dropped (the round logic retries)
-CHUNKED_KINDS = frozenset({"training", "solution", "aggregation"})   # the kinds whose messages carry weights
+MAX_AGE_S = 120.0  # a live message sent longer ago than this (its sender's clock against ours) is a replay
+CHUNK_TIMEOUT_S = 60.0  # a chunked message whose next chunk is this late is dropped (the round logic retries)
+CHUNKED_KINDS = frozenset({"training", "solution", "aggregation"})  # the kinds whose messages carry weights
 
 
 @dataclass
@@ -45,12 +46,13 @@ class ReplayGuard:
     age: the broker publishes a Last Will, signed when its peer connected, only when the peer dies. Retained messages
     are history (delivered when this peer subscribes): exempt from the age, not from the order. Our own messages are
     the node's to judge (an echo, or another process with our id)."""
+
     me: str
     # (sender, incarnation) -> (highest seq, the seqs seen within WINDOW of it)
     seen: dict[tuple[str, int], tuple[int, set[int]]] = field(default_factory=dict)
-    lives: dict[str, list[int]] = field(default_factory=dict)        # sender -> its incarnations seen, newest last
+    lives: dict[str, list[int]] = field(default_factory=dict)  # sender -> its incarnations seen, newest last
 
-    LIVES_KEPT = 4   # per sender: a peer restarted more often than this within MAX_AGE_S is not worth remembering
+    LIVES_KEPT = 4  # per sender: a peer restarted more often than this within MAX_AGE_S is not worth remembering
     # Messages of one sender may arrive out of order: the broker hands a subscriber the retained messages of several
     # topics (a claim, a heartbeat, the chunks of a model) in no particular order. So a seq below the highest is
     # fresh if it is within WINDOW of it and not seen yet (as IPsec's anti-replay window).
@@ -60,8 +62,11 @@ class ReplayGuard:
         if sender == self.me or kind == "presence":
             return None
         if not retained and abs(wall_now - stamp.sent_at) > MAX_AGE_S:
-            return Refused(f"ignored a {kind} from {sender} sent {wall_now - stamp.sent_at:.0f}s ago by its clock: "
-                           f"a replay, or clocks more than {MAX_AGE_S:.0f}s apart", "warning")
+            return Refused(
+                f"ignored a {kind} from {sender} sent {wall_now - stamp.sent_at:.0f}s ago by its clock: "
+                f"a replay, or clocks more than {MAX_AGE_S:.0f}s apart",
+                "warning",
+            )
         key = (sender, stamp.incarnation)
         highest, recent = self.seen.get(key, (0, set()))
         if stamp.seq in recent or stamp.seq <= highest - self.WINDOW or stamp.seq == 0:
@@ -74,7 +79,7 @@ class ReplayGuard:
         recent.add(stamp.seq)
         if stamp.seq > highest:
             highest = stamp.seq
-            if len(recent) > 2 * self.WINDOW:   # forget what the window has passed
+            if len(recent) > 2 * self.WINDOW:  # forget what the window has passed
                 recent = {seq for seq in recent if seq > highest - self.WINDOW}
         self.seen[key] = (highest, recent)
         return None
@@ -83,18 +88,25 @@ class ReplayGuard:
 @dataclass(frozen=True)
 class Delivered:
     """A message that is whole, signed, fresh and well formed: for the admission rules to route."""
+
     message: Message
     stamp: Stamp
     retained: bool
-    size: int                  # the bytes it took on the wire (a chunked message: its body, sealed once)
+    size: int  # the bytes it took on the wire (a chunked message: its body, sealed once)
 
 
 class Inbox:
     """Publications in, messages out (see the module's doc). Memory is bounded: partial chunked messages hold at most
     two models per sender and four in all; the replay guard a window of sequence numbers per sender life."""
 
-    def __init__(self, me: str, topics: Topics, seal: Seal, guard: ReplayGuard | None = None,
-                 reassembler: Reassembler | None = None):
+    def __init__(
+        self,
+        me: str,
+        topics: Topics,
+        seal: Seal,
+        guard: ReplayGuard | None = None,
+        reassembler: Reassembler | None = None,
+    ):
         self.me, self.topics, self.seal = me, topics, seal
         self.guard = guard or ReplayGuard(me)
         self.reassembler = reassembler or Reassembler(MAX_WEIGHT_BYTES + 4096, 4 * MAX_WEIGHT_BYTES, CHUNK_TIMEOUT_S)
@@ -104,7 +116,7 @@ class Inbox:
         located = self.topics.locate(topic)
         if located is None:
             return Refused(f"ignored a message on {topic[:120]!r}: not a topic of this run")
-        if not payload:   # a cleared retained slot: anyone can send one, and it says nothing
+        if not payload:  # a cleared retained slot: anyone can send one, and it says nothing
             return Refused(f"ignored an empty payload on {topic}")
         kind, sender, index = located
         try:
@@ -125,8 +137,9 @@ class Inbox:
             message = decode(kind, result.body, sender=sender)
             return Delivered(message, stamp, retained, sealed_size(len(result.body), self.seal.sealed))
         except ProtocolError as err:
-            return Refused(f"dropped a malformed message on {topic} ({len(payload)} bytes): {err}", "warning",
-                           f"malformed:{kind}")
+            return Refused(
+                f"dropped a malformed message on {topic} ({len(payload)} bytes): {err}", "warning", f"malformed:{kind}"
+            )
 
     def expire(self, now: float) -> list[Refused]:
         """The chunked messages given up because their next chunk is more than CHUNK_TIMEOUT_S late."""
@@ -136,15 +149,17 @@ class Inbox:
 @dataclass(frozen=True)
 class Frame:
     """One publication: what the transport hands the broker."""
+
     topic: str
     payload: bytes
     retain: bool = False
-    expiry: int | None = None     # seconds the broker keeps it (MQTT v5 message expiry); None: no expiry
+    expiry: int | None = None  # seconds the broker keeps it (MQTT v5 message expiry); None: no expiry
 
 
 @dataclass(frozen=True)
 class Publication:
     """The frames of one message; `chunked`: more than one, to be published paced (two in flight at a time)."""
+
     frames: Iterator[Frame]
     chunked: bool
 
@@ -153,11 +168,17 @@ class Outbox:
     """Messages in, frames out (see the module's doc). Remembers how many chunks each retained topic's last message
     took, so a later, smaller model leaves no stale chunk behind."""
 
-    def __init__(self, topics: Topics, seal: Seal, stamper: Stamper, wire_dtype: str = "float32",
-                 max_message_bytes: int = 16 * 1024 * 1024):
+    def __init__(
+        self,
+        topics: Topics,
+        seal: Seal,
+        stamper: Stamper,
+        wire_dtype: str = "float32",
+        max_message_bytes: int = 16 * 1024 * 1024,
+    ):
         self.topics, self.seal, self.stamper = topics, seal, stamper
         self.wire_dtype, self.max_message_bytes = wire_dtype, max_message_bytes
-        self.chunks_out: dict[str, int] = {}   # retained topic -> chunks its last message took
+        self.chunks_out: dict[str, int] = {}  # retained topic -> chunks its last message took
 
     def frames(self, message: Message, retain: bool = False, expiry: int | None = None) -> Publication:
         """The frames that publish `message`. ProtocolError if it is not a valid message (`encode`)."""
@@ -178,6 +199,7 @@ class Outbox:
                 chunk_topic = Topics.chunk(topic, index)
                 yield Frame(chunk_topic, self._seal(chunk_topic, body), retain, expiry)
             yield from stale
+
         return Publication(chunked(), chunked=True)
 
     def sealed(self, message: Message) -> bytes:

@@ -1,12 +1,13 @@
 """Topic names: every message of a run on `<prefix>/<run_id>/<kind>/<sender>`, a chunk on `<topic>/<index>`."""
+
 from __future__ import annotations
 
 from peer.wire.ids import TOPIC_PREFIX_PATTERN, valid_peer_id, valid_run_id
 from peer.wire.messages import MESSAGE_TYPES, Message
 
-_KINDS = frozenset(cls.TOPIC for cls in MESSAGE_TYPES.values())   # the kind level of every topic
-_TO_CONTROLLER = frozenset({"solution", "evaluation"})           # kinds only the controller subscribes to
-_NO_ECHO = frozenset({"training", "aggregation"})                # kinds a peer need not hear from itself
+_KINDS = frozenset(cls.TOPIC for cls in MESSAGE_TYPES.values())  # the kind level of every topic
+_TO_CONTROLLER = frozenset({"solution", "evaluation"})  # kinds only the controller subscribes to
+_NO_ECHO = frozenset({"training", "aggregation"})  # kinds a peer need not hear from itself
 
 
 class Topics:
@@ -79,13 +80,12 @@ class Topics:
         """(kind, sender, chunk index or None) of a message's or a chunk's topic of this run; else None."""
         if not isinstance(topic, str) or not topic.startswith(self._head):
             return None
-        kind, slash, rest = topic[len(self._head):].partition("/")
+        kind, slash, rest = topic[len(self._head) :].partition("/")
         sender, slash2, index = rest.partition("/")
-        if not slash or kind not in _KINDS or not valid_peer_id(sender):   # a peer id has no "/"
+        if not slash or kind not in _KINDS or not valid_peer_id(sender):  # a peer id has no "/"
             return None
         if not slash2:
             return kind, sender, None
         if not (index.isascii() and index.isdigit() and len(index) <= 6) or (index != "0" and index[0] == "0"):
             return None
         return kind, sender, int(index)
-

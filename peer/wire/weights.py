@@ -1,4 +1,5 @@
 """Model weights on the wire: a list of float tensors as bytes (no pickle), their digest, their size."""
+
 from __future__ import annotations
 
 import hashlib
@@ -71,14 +72,16 @@ class WeightCodec:
         MAX_TENSORS tensors or MAX_TENSOR_DIMS dimensions, more than MAX_WEIGHT_BYTES in all, NaN or infinity
         (also a float64 value too large for float32)."""
         try:
-            with np.errstate(over="ignore"):   # a float64 beyond float32 becomes infinity, refused below
+            with np.errstate(over="ignore"):  # a float64 beyond float32 becomes infinity, refused below
                 arrays = [np.asarray(tensor, dtype="<f4") for tensor in tensors]
-        except (TypeError, ValueError) as err:   # not a list of tensors, ragged lists, strings
+        except (TypeError, ValueError) as err:  # not a list of tensors, ragged lists, strings
             raise ProtocolError(f"weights: not a list of float tensors ({str(err)[:100]})") from None
         require(len(arrays) <= MAX_TENSORS, f"weights: {len(arrays)} tensors exceeds the limit of {MAX_TENSORS}")
         for index, array in enumerate(arrays):
-            require(array.ndim <= MAX_TENSOR_DIMS,
-                   f"weights: tensor {index}: {array.ndim} dimensions exceeds {MAX_TENSOR_DIMS}")
+            require(
+                array.ndim <= MAX_TENSOR_DIMS,
+                f"weights: tensor {index}: {array.ndim} dimensions exceeds {MAX_TENSOR_DIMS}",
+            )
             require(all(dim < 2**32 for dim in array.shape), f"weights: tensor {index}: a dimension exceeds 2^32 - 1")
         size = WeightCodec.size(arrays)
         require(size <= MAX_WEIGHT_BYTES, f"weights: {size} bytes exceeds the {MAX_WEIGHT_BYTES}-byte limit")
@@ -135,8 +138,9 @@ class WeightCodec:
             if offset + size > len(view):
                 raise ProtocolError(f"weights: tensor {index}: truncated values ({len(view) - offset} of {size} bytes)")
             # float32 values are used in place (no copy of a large model); float16 ones are widened
-            array = np.frombuffer(view[offset:offset + size], dtype=dtype).reshape(shape).astype(np.float32,
-                                                                                               copy=False)
+            array = (
+                np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape).astype(np.float32, copy=False)
+            )
             if not np.isfinite(array).all():
                 raise ProtocolError(f"weights: tensor {index}: contains NaN or infinity")
             tensors.append(array)
@@ -147,8 +151,8 @@ class WeightCodec:
 
 
 WIRE_DTYPES = ("float32", "float16")
-_DTYPES = {1: "<f4", 2: "<f2"}                      # the dtype byte of each tensor
+_DTYPES = {1: "<f4", 2: "<f2"}  # the dtype byte of each tensor
 _DTYPE_CODES = {"<f4": 1, "<f2": 2}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-DIGEST_HEX = 32                                     # 128 bits: a model's name in a training order
-FINGERPRINT_HEX = 16                                # a model architecture's name (peer.models.fingerprint)
+DIGEST_HEX = 32  # 128 bits: a model's name in a training order
+FINGERPRINT_HEX = 16  # a model architecture's name (peer.models.fingerprint)

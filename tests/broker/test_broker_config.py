@@ -4,6 +4,7 @@ broker/mosquitto.conf is written for the broker image (login files under /etc/sd
 temp folder and a free loopback port, with the login made by scripts.up.make_credentials exactly as a real network
 gets it (one login per peer, hashed by the launcher itself). MQTT v5 is used so that refusals come back as reason codes instead of silence.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,10 +28,13 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO = shutil.which("mosquitto") or next(
-    (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+    (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+)
 
-pytestmark = pytest.mark.skipif(MOSQUITTO is None or shutil.which("mosquitto_passwd") is None,
-                                reason="needs the mosquitto package (mosquitto, mosquitto_passwd)")
+pytestmark = pytest.mark.skipif(
+    MOSQUITTO is None or shutil.which("mosquitto_passwd") is None,
+    reason="needs the mosquitto package (mosquitto, mosquitto_passwd)",
+)
 
 WAIT = 5.0
 
@@ -53,9 +57,9 @@ def read_env(path: Path) -> dict[str, str]:
 class Broker:
     def __init__(self, port: int, peer_password: str, health_password: str, other_password: str):
         self.port = port
-        self.peer_password = peer_password        # peer-1's
+        self.peer_password = peer_password  # peer-1's
         self.health_password = health_password
-        self.other_password = other_password      # peer-2's
+        self.other_password = other_password  # peer-2's
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +97,12 @@ def broker(tmp_path_factory):
                     pytest.fail("mosquitto did not open its port")
                 time.sleep(0.05)
         assert creds["FL_USERNAME"] == "peer-1"
-        broker = Broker(port, creds["FL_PASSWORD"], health["MQTT_HEALTH_PASSWORD"],
-                        read_env(login.env_file("peer-2"))["FL_PASSWORD"])
+        broker = Broker(
+            port,
+            creds["FL_PASSWORD"],
+            health["MQTT_HEALTH_PASSWORD"],
+            read_env(login.env_file("peer-2"))["FL_PASSWORD"],
+        )
         broker.logins = {peer: read_env(login.env_file(peer)) for peer in ("peer-1", "peer-2", "peer-3")}
         yield broker
     finally:
@@ -111,8 +119,11 @@ class Client:
     """A paho client driven synchronously: each call waits for the broker's answer."""
 
     def __init__(self, broker: Broker, username: str | None, password: str | None):
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"test-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv5,
+        )
         if username is not None:
             self.client.username_pw_set(username, password)
         self.connected = threading.Event()
@@ -214,8 +225,14 @@ def test_peer_publishes_and_subscribes_on_federation_topics(broker, clients):
 def test_a_peer_cannot_publish_as_another_peer(broker, clients):
     # The ACL: a login publishes only on topics whose last level (the sender) is itself.
     peer = clients(broker, "peer-1", broker.peer_password)
-    for topic in ("sd/run-a/finish/peer-2", "sd/run-a/presence/peer-2", "sd/run-a/solution/peer-3",
-                  "sd/run-a/solution/peer-3/0", "sd/run-a/solution/peer-1/0/1", "sd/solution"):
+    for topic in (
+        "sd/run-a/finish/peer-2",
+        "sd/run-a/presence/peer-2",
+        "sd/run-a/solution/peer-3",
+        "sd/run-a/solution/peer-3/0",
+        "sd/run-a/solution/peer-1/0/1",
+        "sd/solution",
+    ):
         assert peer.publish(topic, b"x").is_failure, topic
     # the chunks of its own large model (<topic>/<i>) are its to publish
     assert not peer.publish("sd/run-a/solution/peer-1/0", b"x").is_failure
@@ -276,17 +293,26 @@ def test_compose_healthcheck_logs_in_for_real(broker, tmp_path):
     command = compose_healthcheck(tmp_path)
     assert "-p 1883" in command
     command = command.replace("-p 1883", f"-p {broker.port}")
-    ok = subprocess.run(["sh", "-c", command], env={**os.environ, "MQTT_HEALTH_PASSWORD": broker.health_password},
-                        capture_output=True, timeout=30)
+    ok = subprocess.run(
+        ["sh", "-c", command],
+        env={**os.environ, "MQTT_HEALTH_PASSWORD": broker.health_password},
+        capture_output=True,
+        timeout=30,
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(["sh", "-c", command], env={**os.environ, "MQTT_HEALTH_PASSWORD": "wrong"},
-                         capture_output=True, timeout=30)
+    bad = subprocess.run(
+        ["sh", "-c", command], env={**os.environ, "MQTT_HEALTH_PASSWORD": "wrong"}, capture_output=True, timeout=30
+    )
     assert bad.returncode != 0
     # The same command with the peer's login must fail too: the ACL gives the healthcheck topic to health only.
     # (-W 1: the refusal shows as a timeout, no need to wait the healthcheck's full 5 s for it.)
     as_peer = re.sub(r"-W \d+", "-W 1", command.replace("-u health", "-u peer-1"))
-    denied = subprocess.run(["sh", "-c", as_peer], env={**os.environ, "MQTT_HEALTH_PASSWORD": broker.peer_password},
-                            capture_output=True, timeout=30)
+    denied = subprocess.run(
+        ["sh", "-c", as_peer],
+        env={**os.environ, "MQTT_HEALTH_PASSWORD": broker.peer_password},
+        capture_output=True,
+        timeout=30,
+    )
     assert denied.returncode != 0, shlex.quote(as_peer)
 
 
@@ -303,10 +329,16 @@ def test_peers_complete_a_run_behind_the_login_and_acl(broker, tmp_path):
         address = f"127.0.0.1:{broker.port}"
 
     # Each peer logs in as itself, as in containers: the ACL lets it publish only as itself.
-    env = {"FL_DATASET": "fashion-mnist", "FL_MIN_PEERS": "3", "FL_MAX_ROUNDS": "2", "FL_TRAIN_SAMPLES": "200",
-           "FL_TEST_SAMPLES": "100"}
-    net = LocalNetwork(tmp_path / "run", peers=3, broker=Address(), env=env, python=sys.executable,
-                       peer_env=broker.logins)
+    env = {
+        "FL_DATASET": "fashion-mnist",
+        "FL_MIN_PEERS": "3",
+        "FL_MAX_ROUNDS": "2",
+        "FL_TRAIN_SAMPLES": "200",
+        "FL_TEST_SAMPLES": "100",
+    }
+    net = LocalNetwork(
+        tmp_path / "run", peers=3, broker=Address(), env=env, python=sys.executable, peer_env=broker.logins
+    )
     with net:
         codes = net.wait(180)
     assert codes == {"peer-1": 0, "peer-2": 0, "peer-3": 0}, {p: net.peer_log(p)[-2000:] for p in codes}

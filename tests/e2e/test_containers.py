@@ -8,6 +8,7 @@ starts one. Without an engine they are skipped, which CI counts as a failure. Th
 TLS-intercepting proxy). Every test uses its own compose project and a private state folder (UP_STATE_DIR), so the
 checkout is never touched.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -27,12 +28,25 @@ from scripts.localnet import free_port
 from tests.netutil import ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
 
 UP = str(ROOT / "up.sh")
-FAST = ["--dataset", "fashion-mnist", "--heartbeat", "0.5", "--election-window", "0.5", "--keepalive", "2",
-        "--round-deadline", "30", "--target-accuracy", "1.0"]
+FAST = [
+    "--dataset",
+    "fashion-mnist",
+    "--heartbeat",
+    "0.5",
+    "--election-window",
+    "0.5",
+    "--keepalive",
+    "2",
+    "--round-deadline",
+    "30",
+    "--target-accuracy",
+    "1.0",
+]
 
-pytestmark = pytest.mark.skipif(up.docker_problem(10) is not None,
-                                reason=f"needs a Docker engine with compose v2 ({up.docker_problem(10)}); "
-                                       "CI runs these under .ci/with-docker")
+pytestmark = pytest.mark.skipif(
+    up.docker_problem(10) is not None,
+    reason=f"needs a Docker engine with compose v2 ({up.docker_problem(10)}); CI runs these under .ci/with-docker",
+)
 
 
 def docker(*args: str) -> str:
@@ -51,12 +65,14 @@ def leftovers(project: str) -> dict[str, list[str]]:
     """What a project may leave on the engine: containers, networks, anonymous volumes (a named dataset cache may
     stay)."""
     label = f"label=com.docker.compose.project={project}"
-    return {"containers": docker("ps", "-aq", "--filter", label).split(),
-            "networks": docker("network", "ls", "-q", "--filter", label).split(),
-            "volumes": [v for v in docker("volume", "ls", "-q").split() if ANONYMOUS.fullmatch(v)]}
+    return {
+        "containers": docker("ps", "-aq", "--filter", label).split(),
+        "networks": docker("network", "ls", "-q", "--filter", label).split(),
+        "volumes": [v for v in docker("volume", "ls", "-q").split() if ANONYMOUS.fullmatch(v)],
+    }
 
 
-ANONYMOUS = re.compile(r"[0-9a-f]{64}")   # a volume without a name: what a base image's VOLUME leaves
+ANONYMOUS = re.compile(r"[0-9a-f]{64}")  # a volume without a name: what a base image's VOLUME leaves
 NOTHING = {"containers": [], "networks": [], "volumes": []}
 
 
@@ -75,9 +91,13 @@ def engine(tmp_path_factory):
 @pytest.fixture
 def env(engine, tmp_path):
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("FL_", "UP_"))}
-    return {**environ, "UP_STATE_DIR": str(tmp_path / "state"), "UP_DOCKER_TIMEOUT": "10",
-            **({"UP_CA_BUNDLE": os.environ["UP_CA_BUNDLE"]} if os.environ.get("UP_CA_BUNDLE") else {}),
-            **({"UP_BASE": os.environ["UP_BASE"]} if os.environ.get("UP_BASE") else {})}
+    return {
+        **environ,
+        "UP_STATE_DIR": str(tmp_path / "state"),
+        "UP_DOCKER_TIMEOUT": "10",
+        **({"UP_CA_BUNDLE": os.environ["UP_CA_BUNDLE"]} if os.environ.get("UP_CA_BUNDLE") else {}),
+        **({"UP_BASE": os.environ["UP_BASE"]} if os.environ.get("UP_BASE") else {}),
+    }
 
 
 def upsh(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -85,8 +105,7 @@ def upsh(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProc
 
 
 def start(env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([UP, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen([UP, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
@@ -106,8 +125,9 @@ def container_state(project: str, peer: str) -> str:
 
 def checkout_state() -> tuple[str, dict[str, tuple[int, int, int]]]:
     """git's view of the checkout, and the owner and mode of every file in it (runs/ and .up/ aside)."""
-    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
-                            text=True).stdout
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
     owners = {}
     for path in ROOT.rglob("*"):
         rel = path.relative_to(ROOT).parts
@@ -121,8 +141,25 @@ def checkout_state() -> tuple[str, dict[str, tuple[int, int, int]]]:
 def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
     project, run_dir = "sdfl-test-main", tmp_path / "run"
     before = checkout_state()
-    proc = start(env, "--peers", "5", "--run-dir", str(run_dir), "--project", project, "--",
-                 *FAST, "--train-samples", "1500", "--test-samples", "200", "--epochs", "2", "--max-rounds", "4")
+    proc = start(
+        env,
+        "--peers",
+        "5",
+        "--run-dir",
+        str(run_dir),
+        "--project",
+        project,
+        "--",
+        *FAST,
+        "--train-samples",
+        "1500",
+        "--test-samples",
+        "200",
+        "--epochs",
+        "2",
+        "--max-rounds",
+        "4",
+    )
     try:
         wait_until(lambda: rounds(run_dir), 300, "round 1 to finish")
         shown = upsh(env, "status", "--project", project)
@@ -142,7 +179,9 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
         killed = upsh(env, "kill", "controller", "--run-dir", str(run_dir))
         assert killed.returncode == 0, killed.stdout + killed.stderr
         assert f"sent SIGKILL to {first}" in killed.stdout
-        wait_until(lambda: container_state(project, first).startswith("exited"), 10, "the controller's container to die")
+        wait_until(
+            lambda: container_state(project, first).startswith("exited"), 10, "the controller's container to die"
+        )
         # Its status.json still says controller: status and kill look at the containers.
         again = upsh(env, "kill", "peer", first, "--project", project)
         assert again.returncode == 1 and "nothing to act on" in again.stderr, again.stderr
@@ -165,9 +204,17 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
         if proc.poll() is None:
             proc.kill()
         upsh(env, "down", "--project", project)
-    assert proc.returncode == 0, output[-4000:]   # the peer killed on purpose is no failure of the run
-    for line in ("broker healthy", "peers joined 5/5", "term 1: ", "round 1/4: accuracy", "finished (max-rounds)",
-                 f"records: {run_dir}", f"-m graphs {run_dir}", "no container or network left"):
+    assert proc.returncode == 0, output[-4000:]  # the peer killed on purpose is no failure of the run
+    for line in (
+        "broker healthy",
+        "peers joined 5/5",
+        "term 1: ",
+        "round 1/4: accuracy",
+        "finished (max-rounds)",
+        f"records: {run_dir}",
+        f"-m graphs {run_dir}",
+        "no container or network left",
+    ):
         assert line in output, (line, output)
     assert_rounds_complete(run_dir, 4)
     chaos_rows = [(r["action"], r["peer"], r["signal"]) for r in read_csv(run_dir / "chaos.csv")]
@@ -185,8 +232,9 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
             assert "finish" in "".join(log.splitlines()[-15:]), log[-1500:]
     assert "New client connected" in (run_dir / "broker.log").read_text()
 
-    drawn = subprocess.run([sys.executable, "-m", "graphs", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=180)
+    drawn = subprocess.run(
+        [sys.executable, "-m", "graphs", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
     assert drawn.returncode == 0, drawn.stderr
     assert (run_dir / "graphs" / "election_timeline.png").exists()
 
@@ -202,16 +250,36 @@ def test_containers_hosting_three_peers_each_lose_one_with_the_controller_and_fi
     """`--peers-per-process 3`: six peers in two containers (python -m peer.host), each peer with its own broker login.
     Killing the controller's container kills its three peers at once; the other three elect and finish."""
     project, run_dir = "sdfl-test-hosts", tmp_path / "run"
-    proc = start(env, "--peers", "6", "--peers-per-process", "3", "--run-dir", str(run_dir), "--project", project,
-                 "--", *FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", "4")
+    proc = start(
+        env,
+        "--peers",
+        "6",
+        "--peers-per-process",
+        "3",
+        "--run-dir",
+        str(run_dir),
+        "--project",
+        project,
+        "--",
+        *FAST,
+        "--train-samples",
+        "300",
+        "--test-samples",
+        "100",
+        "--max-rounds",
+        "4",
+    )
     try:
         wait_until(lambda: rounds(run_dir), 300, "round 1 to finish")
         shown = upsh(env, "status", "--project", project)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert f"network {project}: 2 peer containers (6 peers)" in shown.stdout, shown.stdout
         first = next(p for p, s in statuses(run_dir).items() if s["role"] == "controller")
-        mates = ["peer-1", "peer-2", "peer-3"] if first in ("peer-1", "peer-2", "peer-3") else \
-            ["peer-4", "peer-5", "peer-6"]
+        mates = (
+            ["peer-1", "peer-2", "peer-3"]
+            if first in ("peer-1", "peer-2", "peer-3")
+            else ["peer-4", "peer-5", "peer-6"]
+        )
         assert re.search(rf"{first} +running +controller +1 +\d+  host-{mates[0]}", shown.stdout), shown.stdout
 
         killed = upsh(env, "kill", "controller", "--project", project)
@@ -229,8 +297,10 @@ def test_containers_hosting_three_peers_each_lose_one_with_the_controller_and_fi
         upsh(env, "down", "--project", project)
     # The three peers that died with the controller were killed on purpose: no failure of the run.
     assert proc.returncode == 0, output[-4000:]
-    assert "6 peers started in 2 containers, up to 3 to a container (host-peer-1: peer-1..peer-3, " \
-           "host-peer-4: peer-4..peer-6)" in output, output
+    assert (
+        "6 peers started in 2 containers, up to 3 to a container (host-peer-1: peer-1..peer-3, "
+        "host-peer-4: peer-4..peer-6)" in output
+    ), output
     assert "finished (max-rounds)" in output and "no container or network left" in output
     assert_rounds_complete(run_dir, 4)
     # Each peer connected with its own login (the broker's client id is the login), and its log holds its own lines.
@@ -285,17 +355,45 @@ def test_two_hosts_one_publishes_the_broker_the_other_joins_by_address(env, tmp_
     try:
         # Host A publishes its broker as a user would (every address of the machine); host B joins by one of
         # them that containers of another project reach here: the gateway of A's project network.
-        broker = upsh(host_a, "broker", "--project", "sdfl-test-host-a", "--peers", "3",
-                      "--publish", f"0.0.0.0:{port}:1883", timeout=300)
+        broker = upsh(
+            host_a,
+            "broker",
+            "--project",
+            "sdfl-test-host-a",
+            "--peers",
+            "3",
+            "--publish",
+            f"0.0.0.0:{port}:1883",
+            timeout=300,
+        )
         assert broker.returncode == 0, broker.stdout + broker.stderr
         assert f"published at 0.0.0.0:{port}" in broker.stdout
         ipam = json.loads(docker("network", "inspect", "sdfl-test-host-a_default"))[0]["IPAM"]["Config"][0]
         gateway = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
         login = tmp_path / "copied-login"
         subprocess.run(["cp", "-r", str(tmp_path / "host-a" / "sdfl-test-host-a" / "login"), str(login)], check=True)
-        peers = upsh(host_b, "--join", f"{gateway}:{port}", "--login", str(login), "--project", "sdfl-test-host-b",
-                     "--peers", "3", "--run-dir", str(run_dir), "--", *FAST, "--train-samples", "300",
-                     "--test-samples", "100", "--max-rounds", "2", timeout=400)
+        peers = upsh(
+            host_b,
+            "--join",
+            f"{gateway}:{port}",
+            "--login",
+            str(login),
+            "--project",
+            "sdfl-test-host-b",
+            "--peers",
+            "3",
+            "--run-dir",
+            str(run_dir),
+            "--",
+            *FAST,
+            "--train-samples",
+            "300",
+            "--test-samples",
+            "100",
+            "--max-rounds",
+            "2",
+            timeout=400,
+        )
         assert peers.returncode == 0, peers.stdout[-3000:] + peers.stderr
         assert_rounds_complete(run_dir, 2)
         assert f"starting: broker {gateway}:{port}" in (run_dir / "peers" / "peer-1" / "peer.log").read_text()

@@ -1,5 +1,6 @@
 """Kill any peer, the controller included: real broker, real peer processes, real signals. The federation
 re-elects, resumes from the last global model, and finishes with every round counted exactly once."""
+
 from __future__ import annotations
 
 import signal
@@ -9,9 +10,19 @@ import time
 
 from scripts import chaos
 from scripts.localnet import LocalNetwork
-from tests.netutil import (ROOT, SMALL, assert_all_exited_zero, assert_rounds_complete,
-                           assert_rounds_complete_but_reevaluated, controller_now, elections,
-                           log_matches, read_csv, rounds, wait_until)
+from tests.netutil import (
+    ROOT,
+    SMALL,
+    assert_all_exited_zero,
+    assert_rounds_complete,
+    assert_rounds_complete_but_reevaluated,
+    controller_now,
+    elections,
+    log_matches,
+    read_csv,
+    rounds,
+    wait_until,
+)
 
 
 def network(run_dir, peers=5, extra=(), **kw) -> LocalNetwork:
@@ -27,8 +38,13 @@ def test_sigkill_the_controller_mid_round_a_new_one_finishes_every_round(tmp_pat
     with network(run_dir, extra=["--max-rounds", "4", "--epochs", "3"]) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         # Through the command users have (it finds the controller in the peers' status files).
-        result = subprocess.run([sys.executable, "-m", "scripts.chaos", "--run-dir", str(run_dir), "kill", "controller"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "scripts.chaos", "--run-dir", str(run_dir), "kill", "controller"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 0, result.stderr
         victim = result.stdout.split()[3]
         codes = net.wait(180)
@@ -48,21 +64,23 @@ def test_sigkill_the_controller_mid_round_a_new_one_finishes_every_round(tmp_pat
 def test_sigkill_a_trainer_mid_round_closes_with_the_rest_and_it_rejoins_under_its_id(tmp_path):
     run_dir = tmp_path / "run"
     # Enough rounds after the kill for the restarted process (seconds of TensorFlow start-up) to take part.
-    with network(run_dir, extra=["--max-rounds", "8", "--epochs", "5", "--trainers", "3", "--min-solutions", "2"]) as net:
+    with network(
+        run_dir, extra=["--max-rounds", "8", "--epochs", "5", "--trainers", "3", "--min-solutions", "2"]
+    ) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         victim = wait_until(lambda: chosen_in_round(net, 2), 60, "round 2's trainers", net, interval=0.02)[0]
         net.signal(victim, signal.SIGKILL)
         wait_until(lambda: len(rounds(run_dir)) >= 2, 60, "round 2 to close", net)
         old = net.procs[victim]
-        net.start_peer(victim, shard=f"{int(victim.split('-')[1]) - 1}/5")     # the same id comes back
+        net.start_peer(victim, shard=f"{int(victim.split('-')[1]) - 1}/5")  # the same id comes back
         codes = net.wait(180)
     assert old.wait(10) == -signal.SIGKILL
-    assert_all_exited_zero(codes, net)                                       # the restarted one included
+    assert_all_exited_zero(codes, net)  # the restarted one included
     rows = assert_rounds_complete(run_dir, 8)
     assert victim not in rows[1]["trainers"].split(";") and len(rows[1]["trainers"].split(";")) == 2
     controller = rows[1]["controller"]
     assert log_matches(net, controller, rf"round 2: FedAvg of 2 solutions .* \(closed without {victim}\)")
-    assert len(elections(run_dir)) == 1                                      # a trainer's death is no election
+    assert len(elections(run_dir)) == 1  # a trainer's death is no election
     # The restarted peer rejoined: it took the running controller and evaluated later global models.
     log = net.peer_log(victim)
     assert f"controller is {controller}" in log.split("starting: broker")[-1]
@@ -74,8 +92,20 @@ def test_a_hung_trainer_round_closes_at_the_deadline_with_the_quorum_and_its_lat
     run_dir = tmp_path / "run"
     # keepalive 10: the broker would only declare the hung trainer gone after 15 s, so the 4 s deadline decides.
     # Rounds enough after round 2 that the controller is still running when the thawed trainer's late solution comes.
-    extra = ["--max-rounds", "6", "--epochs", "5", "--trainers", "3", "--min-solutions", "2", "--keepalive", "10",
-             "--round-deadline", "4"]
+    extra = [
+        "--max-rounds",
+        "6",
+        "--epochs",
+        "5",
+        "--trainers",
+        "3",
+        "--min-solutions",
+        "2",
+        "--keepalive",
+        "10",
+        "--round-deadline",
+        "4",
+    ]
     with network(run_dir, extra=extra) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         victim = wait_until(lambda: chosen_in_round(net, 2), 60, "round 2's trainers", net, interval=0.02)[0]
@@ -108,7 +138,7 @@ def test_sigstop_the_controller_a_new_term_runs_and_the_old_one_steps_down_after
         time.sleep(1.0)
         chaos.kill(run_dir, victim, "CONT")
         codes = net.wait(180)
-    assert_all_exited_zero(codes, net)                                  # the old controller too: it followed
+    assert_all_exited_zero(codes, net)  # the old controller too: it followed
     rows = assert_rounds_complete(run_dir, 4)
     first, second = elections(run_dir)[:2]
     assert first["controller"] == victim and second["reason"] == "controller-silent"
@@ -138,7 +168,9 @@ def test_a_peer_joining_after_round_1_gets_the_model_and_is_chosen_later(tmp_pat
     run_dir = tmp_path / "run"
     # Four peers start (shards of five); every non-controller peer trains each round, so the newcomer is chosen.
     # Enough rounds remain after round 1 to cover the newcomer's seconds of TensorFlow start-up.
-    with network(run_dir, peers=4, extra=["--max-rounds", "10", "--trainers", "4", "--epochs", "3"], num_shards=5) as net:
+    with network(
+        run_dir, peers=4, extra=["--max-rounds", "10", "--trainers", "4", "--epochs", "3"], num_shards=5
+    ) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         net.start_peer("peer-5", shard="4/5")
         codes = net.wait(180)
@@ -166,7 +198,7 @@ def test_too_few_peers_the_controller_waits_and_goes_on_when_a_peer_returns(tmp_
         time.sleep(3)
         assert net.procs[controller].poll() is None, "the controller must wait, not exit"
         assert len(rounds(run_dir)) == rows_while_waiting
-        assert len(log_matches(net, controller, r"waiting: too few peers")) == 1    # said once, no spinning
+        assert len(log_matches(net, controller, r"waiting: too few peers")) == 1  # said once, no spinning
         net.start_peer(others[0], shard=f"{int(others[0].split('-')[1]) - 1}/3")
         codes = net.wait(180)
     assert codes[controller] == 0 and codes[others[0]] == 0

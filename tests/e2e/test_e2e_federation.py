@@ -1,6 +1,7 @@
 """End to end: a real mosquitto and five real peer processes federate to the finish, on Fashion-MNIST and on the
 real MNIST digits. Asserts outcomes: one controller everybody agrees on, accuracy rose, every peer got the finish
 and exited 0, the records and graphs exist."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,18 @@ import zipfile
 import pytest
 
 from scripts.localnet import LocalNetwork
-from tests.netutil import (ROOT, SHARED_MNIST, SMALL, assert_all_exited_zero, assert_rounds_complete,
-                           elections, log_matches, read_csv, run_json, statuses)
+from tests.netutil import (
+    ROOT,
+    SHARED_MNIST,
+    SMALL,
+    assert_all_exited_zero,
+    assert_rounds_complete,
+    elections,
+    log_matches,
+    read_csv,
+    run_json,
+    statuses,
+)
 
 PEERS = 5
 
@@ -59,7 +70,7 @@ def check_run(run_dir, net):
         data = json.loads((run_dir / "peers" / peer / "data.json").read_text())
         assert data["train_samples"] == 500 and sum(data["train_classes"]) == 500
         evaluations = read_csv(run_dir / "peers" / peer / "evaluations.csv")
-        if peer != controller:   # the controller never trains and never evaluates
+        if peer != controller:  # the controller never trains and never evaluates
             assert [int(e["round"]) for e in evaluations] == [0, 1, 2, 3]
         else:
             assert evaluations == []
@@ -72,11 +83,17 @@ def test_five_peers_federate_fashion_mnist_to_the_finish_and_the_graphs_draw(tmp
     check_run(run_dir, net)
 
     # The graph tool, on the records of this real run.
-    result = subprocess.run([sys.executable, "-m", "graphs", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "graphs", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
-    expected = {"accuracy_all_peers.png", "global_accuracy_loss.png", "round_durations.png",
-                "election_timeline.png", "class_distribution.png"}
+    expected = {
+        "accuracy_all_peers.png",
+        "global_accuracy_loss.png",
+        "round_durations.png",
+        "election_timeline.png",
+        "class_distribution.png",
+    }
     expected |= {f"accuracy_peer_peer-{i}.png" for i in range(1, PEERS + 1)}
     written = {p.name for p in (run_dir / "graphs").glob("*.png")}
     missing = expected - written

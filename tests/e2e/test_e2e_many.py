@@ -3,6 +3,7 @@ the controller is SIGKILLed after the first round, so ten peers die at once; the
 and finish the run. Asserts: one controller per term, every round exactly once, every surviving peer exits 0, and
 every peer's log names only that peer. Ten random peers evaluate each round's model (--evaluators), and every
 peer the last one."""
+
 from __future__ import annotations
 
 import re
@@ -11,16 +12,37 @@ import time
 from collections import Counter
 
 from scripts.localnet import LocalNetwork
-from tests.netutil import (SMALL, assert_all_exited_zero, assert_rounds_complete, controller_now, elections,
-                           read_csv, rounds, run_json, statuses, wait_until)
+from tests.netutil import (
+    SMALL,
+    assert_all_exited_zero,
+    assert_rounds_complete,
+    controller_now,
+    elections,
+    read_csv,
+    rounds,
+    run_json,
+    statuses,
+    wait_until,
+)
 
 PEERS, PER_PROCESS, ROUNDS, TRAINERS, EVALUATORS = 30, 10, 3, 10, 10
 
 
 def test_thirty_peers_ten_to_a_process_survive_the_loss_of_the_controllers_process(tmp_path):
     run_dir = tmp_path / "run"
-    flags = [*SMALL, "--min-peers", str(PEERS), "--max-rounds", str(ROUNDS), "--trainers", str(TRAINERS),
-             "--min-solutions", "5", "--evaluators", str(EVALUATORS)]
+    flags = [
+        *SMALL,
+        "--min-peers",
+        str(PEERS),
+        "--max-rounds",
+        str(ROUNDS),
+        "--trainers",
+        str(TRAINERS),
+        "--min-solutions",
+        "5",
+        "--evaluators",
+        str(EVALUATORS),
+    ]
     with LocalNetwork(run_dir, PEERS, flags, peers_per_process=PER_PROCESS) as net:
         assert len(net.processes()) == PEERS // PER_PROCESS
         wait_until(lambda: rounds(run_dir), 150, "the first round", net)
@@ -75,19 +97,33 @@ def test_a_host_stopped_by_sigterm_mid_fit_lets_each_of_its_peers_leave_cleanly(
     keepalive to wait out) and finish the run. (CI saw such a host abort, exit -6: its main thread stopped waiting
     for a peer still in TensorFlow.)"""
     run_dir = tmp_path / "run"
-    flags = [*SMALL, "--min-peers", "6", "--max-rounds", "3", "--trainers", "4", "--keepalive", "30",
-             "--train-samples", "3000", "--epochs", "2"]   # fits of seconds, to be caught in the middle of
+    flags = [
+        *SMALL,
+        "--min-peers",
+        "6",
+        "--max-rounds",
+        "3",
+        "--trainers",
+        "4",
+        "--keepalive",
+        "30",
+        "--train-samples",
+        "3000",
+        "--epochs",
+        "2",
+    ]  # fits of seconds, to be caught in the middle of
     with LocalNetwork(run_dir, 6, flags, peers_per_process=2) as net:
         wait_until(lambda: rounds(run_dir), 150, "the first round", net)
         controller = controller_now(run_dir)
         hosts = [net.host_of(p) for p in sorted(net.procs) if controller not in net.host_of(p)]
         # The host's first peer: the one its main thread waits for first (and, before the fix, stopped waiting for).
-        stopped = wait_until(lambda: next((h for h in hosts if fitting(net, h[:1])), None), 60,
-                             "a host's first peer fitting", net)
+        stopped = wait_until(
+            lambda: next((h for h in hosts if fitting(net, h[:1])), None), 60, "a host's first peer fitting", net
+        )
         stopped_at = time.time()
         net.signal(stopped[0], signal.SIGTERM)
         codes = net.wait(150)
-    assert {codes[p] for p in stopped} == {130}, codes   # as `python -m peer` stopped by a signal; not -6
+    assert {codes[p] for p in stopped} == {130}, codes  # as `python -m peer` stopped by a signal; not -6
     assert_all_exited_zero(codes, net, allowed_killed=set(stopped))
     assert_rounds_complete(run_dir, 3)
     for peer in stopped:

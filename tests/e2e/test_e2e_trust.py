@@ -2,6 +2,7 @@
 broker and docs/PROTOCOL.md (no federation secret). Each test asserts the run's outcome: every round once, the
 accuracy, the exits; or, where a run cannot go on, a clear error and no hang. (The same rules, one by one and under
 fuzzing, are unit-tested in tests/test_admission.py, test_controller.py, test_follower.py and test_node.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,37 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.netutil import fresh_stamper
-from peer.wire.envelope import Seal, Stamper
-from peer.wire.messages import MAX_TERM, Aggregation, Claim, Evaluation, Finish, Heartbeat, Solution, Training, Vote, encode
+from peer.wire.envelope import Seal
+from peer.wire.messages import (
+    MAX_TERM,
+    Aggregation,
+    Claim,
+    Evaluation,
+    Finish,
+    Heartbeat,
+    Solution,
+    Training,
+    Vote,
+    encode,
+)
 from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
 from scripts.localnet import Broker, LocalNetwork
-from tests.netutil import (ROOT, SMALL, assert_all_exited_zero, assert_rounds_complete,
-                           assert_rounds_complete_but_reevaluated, controller_now, elections,
-                           log_matches, read_csv, rounds, run_json, wait_until)
+from tests.netutil import (
+    ROOT,
+    SMALL,
+    assert_all_exited_zero,
+    assert_rounds_complete,
+    assert_rounds_complete_but_reevaluated,
+    controller_now,
+    elections,
+    fresh_stamper,
+    log_matches,
+    read_csv,
+    rounds,
+    run_json,
+    wait_until,
+)
 
 UNSIGNED = Seal(None)
 
@@ -34,8 +57,11 @@ class Attacker:
 
     def __init__(self, address: str, client_id: str | None = None):
         host, port = address.rsplit(":", 1)
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or f"attacker-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"attacker-{uuid.uuid4().hex[:6]}",
+            protocol=paho.MQTTv5,
+        )
         self.heard: list[tuple[str, bytes]] = []
         self.connected = threading.Event()
         self.client.on_connect = lambda *args: self.connected.set()
@@ -80,8 +106,11 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
         try:
             # Lying in wait on the broker before anyone joins: a model of another shape and a planted order.
             attacker.forge(topics, Aggregation(1, "peer-1", 9, (), weights_like(run_dir, 0.0, [(2, 2)])), retain=True)
-            attacker.forge(topics, Training(1, "peer-1", 1, 1, ("peer-2", "peer-3"),
-                                            WeightCodec.digest(weights_like(run_dir, 0.0))), retain=True)
+            attacker.forge(
+                topics,
+                Training(1, "peer-1", 1, 1, ("peer-2", "peer-3"), WeightCodec.digest(weights_like(run_dir, 0.0))),
+                retain=True,
+            )
             wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
             controller = controller_now(run_dir)
             term = int(elections(run_dir)[-1]["term"])
@@ -98,8 +127,9 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
             for _ in range(5):
                 attacker.forge(topics, Heartbeat(term + 50, "mallory", 3, "training", "0" * 16))
             attacker.forge(topics, Aggregation(term, controller, 2, tuple(others), weights_like(run_dir, 0.0)))
-            attacker.forge(topics, Training(term, controller, 2, 1, tuple(others),
-                                            WeightCodec.digest(weights_like(run_dir, 0.0))))
+            attacker.forge(
+                topics, Training(term, controller, 2, 1, tuple(others), WeightCodec.digest(weights_like(run_dir, 0.0)))
+            )
             for peer in others:
                 attacker.forge(topics, Solution(term, 2, 1, peer, 2**53 - 1, 0.0, weights_like(run_dir, 1e30)))
             attacker.forge(topics, Evaluation(term, 2, "mallory", 1.0, 0.0, 2**53 - 1))
@@ -117,11 +147,11 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
             attacker.close()
     assert_all_exited_zero(codes, net)
     rows = assert_rounds_complete(run_dir, 12)
-    assert len(elections(run_dir)) == 1, elections(run_dir)                  # no forged term, no kicked controller
+    assert len(elections(run_dir)) == 1, elections(run_dir)  # no forged term, no kicked controller
     summary = run_json(run_dir)["outcome"]
     assert summary["reason"] == "max-rounds" and summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
     assert all(0.3 < float(r["accuracy"]) <= 1 for r in rows[1:])
-    for peer in net.procs:                                                    # nobody trained twice in a round
+    for peer in net.procs:  # nobody trained twice in a round
         trained = [m[1] for m in log_matches(net, peer, r"round (\d+): trained")]
         assert len(trained) == len(set(trained)), (peer, trained)
     assert log_matches(net, others[0], r"already runs as peer .*; this one exits")
@@ -179,26 +209,36 @@ def test_a_failing_disk_mid_run_is_logged_and_the_run_finishes(tmp_path):
         (run_dir / "rounds.csv").mkdir()
         for peer in net.procs:
             evaluations = run_dir / "peers" / peer / "evaluations.csv"
-            evaluations.unlink(missing_ok=True)          # (the controller evaluates nothing)
+            evaluations.unlink(missing_ok=True)  # (the controller evaluates nothing)
             evaluations.mkdir()
         codes = net.wait(180)
     assert_all_exited_zero(codes, net)
-    assert run_json(run_dir)["outcome"]["rounds"] == 4                      # the finish happened, and was recorded
+    assert run_json(run_dir)["outcome"]["rounds"] == 4  # the finish happened, and was recorded
     assert any(log_matches(net, p, r"could not write rounds.csv .*; the run goes on without it") for p in net.procs)
-    assert all(log_matches(net, p, r"could not write evaluations.csv") for p in net.procs
-               if p != run_json(run_dir)["outcome"]["controller"])
+    assert all(
+        log_matches(net, p, r"could not write evaluations.csv")
+        for p in net.procs
+        if p != run_json(run_dir)["outcome"]["controller"]
+    )
 
 
 def peer_command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peer", "--dataset", "fashion-mnist", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "peer", "--dataset", "fashion-mnist", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_an_unwritable_run_dir_or_a_missing_checkpoint_is_a_one_line_error(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
-    for result, words in ((peer_command("--run-dir", str(not_a_folder)), "is not writable"),
-                          (peer_command("--run-dir", str(tmp_path / "empty"), "--resume"), "no checkpoint in")):
+    for result, words in (
+        (peer_command("--run-dir", str(not_a_folder)), "is not writable"),
+        (peer_command("--run-dir", str(tmp_path / "empty"), "--resume"), "no checkpoint in"),
+    ):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr, result.stderr
@@ -209,16 +249,34 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_the_numbering_going_on(tm
     with network(run_dir, extra=["--max-rounds", "5", "--epochs", "2"]) as net:
         wait_until(lambda: len(rounds(run_dir)) >= 2, 120, "round 2 to finish", net)
         for peer in net.procs:
-            net.signal(peer, signal.SIGKILL)                # the whole run dies at once
+            net.signal(peer, signal.SIGKILL)  # the whole run dies at once
         net.wait(10)
         run_id = net.run_id
     done = len(rounds(run_dir))
     checkpoint = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
     assert checkpoint["run_id"] == run_id and checkpoint["round"] >= 2
     terms_before = int(elections(run_dir)[-1]["term"])
-    result = subprocess.run([sys.executable, "-m", "scripts.localnet", "--peers", "3", "--run-dir", str(run_dir),
-                             "--resume", "--quiet", "--", *SMALL, "--max-rounds", "5"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.localnet",
+            "--peers",
+            "3",
+            "--run-dir",
+            str(run_dir),
+            "--resume",
+            "--quiet",
+            "--",
+            *SMALL,
+            "--max-rounds",
+            "5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"going on with run {run_id}" in result.stdout
     rows = assert_rounds_complete(run_dir, 5)
@@ -226,5 +284,5 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_the_numbering_going_on(tm
     assert all(int(e["term"]) > terms_before for e in elections(run_dir)[-1:])
     outcome = run_json(run_dir)["outcome"]
     assert outcome["rounds"] == 5 and outcome["final_accuracy"] > outcome["initial_accuracy"]
-    follower = next(p for p in ("peer-1", "peer-2", "peer-3") if p != outcome["controller"])   # (it evaluates)
+    follower = next(p for p in ("peer-1", "peer-2", "peer-3") if p != outcome["controller"])  # (it evaluates)
     assert read_csv(run_dir / "peers" / follower / "evaluations.csv")[-1]["round"] == "5"

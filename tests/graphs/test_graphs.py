@@ -1,4 +1,5 @@
 """Tests for `python -m graphs`: the pictures of a recorded run, and what survives a partial or damaged run dir."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,8 +17,13 @@ from peer.records.run_dir import global_series, load_run
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "run_sample"
 PEERS = [f"peer-{n}" for n in range(1, 6)]
-RUN_WIDE_FILES = ["accuracy_all_peers.png", "global_accuracy_loss.png", "round_durations.png",
-                  "election_timeline.png", "class_distribution.png"]
+RUN_WIDE_FILES = [
+    "accuracy_all_peers.png",
+    "global_accuracy_loss.png",
+    "round_durations.png",
+    "election_timeline.png",
+    "class_distribution.png",
+]
 EVERY_FILE = sorted([f"accuracy_peer_{peer}.png" for peer in PEERS] + RUN_WIDE_FILES)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,8 +69,13 @@ def test_cli_draws_every_promised_file_from_a_full_run(run_dir: Path, capsys: py
 
 def test_module_runs_as_a_subprocess_with_out_dir(run_dir: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "pictures"
-    result = subprocess.run([sys.executable, "-m", "graphs", str(run_dir), "--out", str(out_dir)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "graphs", str(run_dir), "--out", str(out_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert written_names(result.stdout) == EVERY_FILE
@@ -80,16 +91,18 @@ def test_draw_all_defaults_to_graphs_dir_and_returns_paths(run_dir: Path) -> Non
     assert messages == []
 
 
-def test_partial_run_with_rounds_and_one_peer_draws_what_it_can(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_partial_run_with_rounds_and_one_peer_draws_what_it_can(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     partial = tmp_path / "partial"
     (partial / "peers" / "peer-2").mkdir(parents=True)
     shutil.copy(SAMPLE_RUN / "rounds.csv", partial / "rounds.csv")
     shutil.copy(SAMPLE_RUN / "peers" / "peer-2" / "evaluations.csv", partial / "peers" / "peer-2")
     assert main([str(partial)]) == 0
     captured = capsys.readouterr()
-    assert written_names(captured.out) == sorted(["accuracy_peer_peer-2.png", "accuracy_all_peers.png",
-                                                  "global_accuracy_loss.png", "round_durations.png"])
+    assert written_names(captured.out) == sorted(
+        ["accuracy_peer_peer-2.png", "accuracy_all_peers.png", "global_accuracy_loss.png", "round_durations.png"]
+    )
     for line in captured.out.splitlines():
         assert_sensible_png(Path(line))
     # round 0 is not drawn as global: one peer's score of the initial model is not the federation's
@@ -115,8 +128,9 @@ def test_run_killed_mid_write_skips_the_torn_pieces(run_dir: Path, capsys: pytes
 
 
 @pytest.mark.parametrize("make_dir", [False, True], ids=["missing", "empty"])
-def test_missing_or_empty_run_dir_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                         make_dir: bool) -> None:
+def test_missing_or_empty_run_dir_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make_dir: bool
+) -> None:
     target = tmp_path / "run"
     if make_dir:
         (target / "peers" / "peer-1").mkdir(parents=True)
@@ -138,7 +152,8 @@ def test_malformed_rows_are_skipped_with_a_warning(run_dir: Path, capsys: pytest
         + "4,2,peer-5,peer-1;peer-2,0.91,0.27,15.8,1000,1790003661.0,extra\n"
         + "5,2,,peer-1,0.92,0.26,15.0,1000,1790003675.0\n"
         + "-1,2,peer-5,peer-1,0.92,0.26,15.0,1000,1790003675.0\n"
-        + "6,2,peer-5,peer-1;peer-2,0.93,0.25,14.1,1000,1790003690.0\n")
+        + "6,2,peer-5,peer-1;peer-2,0.93,0.25,14.1,1000,1790003690.0\n"
+    )
     with (run_dir / "peers" / "peer-1" / "evaluations.csv").open("a") as evaluations:
         evaluations.write("7,two,0.5,0.5,100,1790003700.0\n")
     records = load_run(run_dir)
@@ -165,7 +180,8 @@ def test_later_evaluation_of_a_round_counts(tmp_path: Path) -> None:
     peer_dir = tmp_path / "peers" / "peer-1"
     peer_dir.mkdir(parents=True)
     (peer_dir / "evaluations.csv").write_text(
-        EVALUATIONS_HEADER + "0,1,0.10,2.30,100,10.0\n3,1,0.80,0.60,100,20.0\n3,2,0.82,0.55,100,30.0\n")
+        EVALUATIONS_HEADER + "0,1,0.10,2.30,100,10.0\n3,1,0.80,0.60,100,20.0\n3,2,0.82,0.55,100,30.0\n"
+    )
     evaluations = load_run(tmp_path).peers["peer-1"].evaluations
     assert [(e.round, e.term, e.accuracy) for e in evaluations] == [(0, 1, 0.10), (3, 2, 0.82)]
 
@@ -175,9 +191,15 @@ def test_sample_run_reads_as_recorded() -> None:
     assert records.warnings == []
     assert list(records.peers) == PEERS
     assert [(r.round, r.term, r.controller) for r in records.rounds] == [
-        (1, 1, "peer-3"), (2, 1, "peer-3"), (3, 2, "peer-5"), (4, 2, "peer-5")]
+        (1, 1, "peer-3"),
+        (2, 1, "peer-3"),
+        (3, 2, "peer-5"),
+        (4, 2, "peer-5"),
+    ]
     assert [(e.term, e.controller, e.reason) for e in records.elections] == [
-        (1, "peer-3", "start"), (2, "peer-5", "controller-lost")]
+        (1, "peer-3", "start"),
+        (2, "peer-5", "controller-lost"),
+    ]
     assert [(c.action, c.peer) for c in records.chaos][0] == ("kill", "peer-3")
     assert records.summary is not None and records.summary.target_accuracy == 0.95
     assert records.peers["peer-3"].evaluations[-1].round == 3
@@ -208,10 +230,15 @@ def test_global_series_rebuilds_rounds_from_complete_peer_evaluations(run_dir: P
 
 
 def test_plot_comparison_writes_a_valid_png(tmp_path: Path) -> None:
-    path = plot_comparison({"iid": [(0, 0.10), (1, 0.85), (2, 0.93), (3, 0.95)],
-                            "dirichlet 0.5": [(0, 0.10), (2, 0.86), (1, 0.74), (3, 0.91)],
-                            "shards 2": [(0, 0.09), (1, 0.55), (2, 0.72), (3, 0.80)]},
-                           tmp_path / "compare" / "partitions.png", "Global accuracy by partition")
+    path = plot_comparison(
+        {
+            "iid": [(0, 0.10), (1, 0.85), (2, 0.93), (3, 0.95)],
+            "dirichlet 0.5": [(0, 0.10), (2, 0.86), (1, 0.74), (3, 0.91)],
+            "shards 2": [(0, 0.09), (1, 0.55), (2, 0.72), (3, 0.80)],
+        },
+        tmp_path / "compare" / "partitions.png",
+        "Global accuracy by partition",
+    )
     assert path == tmp_path / "compare" / "partitions.png"
     assert_sensible_png(path)
     assert_sensible_png(plot_comparison({}, tmp_path / "empty.png", "Nothing yet"))

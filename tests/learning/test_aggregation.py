@@ -2,12 +2,26 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peer.learning.aggregation import (
-    AGGREGATIONS, STRATEGIES, AggregationRefused, AggregationResult, Aggregator, Contribution, aggregate,
-    default_byzantine, fedavg, krum_scores, krum_select, median_rule, squared_distances, trim_count,
-    trimmed_mean_rule, update_norm,
+    AGGREGATIONS,
+    STRATEGIES,
+    AggregationRefused,
+    AggregationResult,
+    Aggregator,
+    Contribution,
+    aggregate,
+    default_byzantine,
+    fedavg,
+    krum_scores,
+    krum_select,
+    median_rule,
+    squared_distances,
+    trim_count,
+    trimmed_mean_rule,
+    update_norm,
 )
 
 MAX_SAMPLES = 2**53 - 1
@@ -30,6 +44,7 @@ def one_d(*values):
 
 # --- the old FedAvg, moved unchanged ----------------------------------------------------------------------------------
 
+
 def old_fedavg(solutions):
     """The oracle: FedAvg as the peer computed it before aggregation.py (float64 accumulation in solution order)."""
     total = sum(samples for _, samples in solutions)
@@ -45,17 +60,23 @@ def old_fedavg(solutions):
 def test_fedavg_is_bit_identical_to_the_old_one():
     rng = np.random.default_rng(0)
     for _ in range(20):
-        solutions = [([rng.normal(size=s).astype(np.float32) for s in SHAPES], int(rng.integers(1, 10**6)))
-                     for _ in range(int(rng.integers(1, 7)))]
+        solutions = [
+            ([rng.normal(size=s).astype(np.float32) for s in SHAPES], int(rng.integers(1, 10**6)))
+            for _ in range(int(rng.integers(1, 7)))
+        ]
         for got, want in zip(fedavg(solutions), old_fedavg(solutions)):
             assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
             np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("solutions, error", [
-    ([], "fedavg needs at least one solution"),
-    ([([f32(1)], 0)], "fedavg needs a positive total sample count"),
-    ([([f32(1)], 1), ([f32(1, 2)], 1)], "fedavg: solutions have different tensor shapes")])
+@pytest.mark.parametrize(
+    "solutions, error",
+    [
+        ([], "fedavg needs at least one solution"),
+        ([([f32(1)], 0)], "fedavg needs a positive total sample count"),
+        ([([f32(1)], 1), ([f32(1, 2)], 1)], "fedavg: solutions have different tensor shapes"),
+    ],
+)
 def test_fedavg_keeps_the_old_errors(solutions, error):
     with pytest.raises(ValueError, match=f"^{error}$"):
         fedavg(solutions)
@@ -63,18 +84,24 @@ def test_fedavg_keeps_the_old_errors(solutions, error):
 
 # --- the rules, by hand -------------------------------------------------------------------------------------------
 
+
 def test_fedavg_strategy_by_hand():
     result = aggregate([f32(0, 0)], [("a", [f32(1, 2)], 1), ("b", [f32(3, 4)], 3)])
-    np.testing.assert_allclose(result.weights[0], [2.5, 3.5], atol=1e-7)   # (1 + 9)/4, (2 + 12)/4
+    np.testing.assert_allclose(result.weights[0], [2.5, 3.5], atol=1e-7)  # (1 + 9)/4, (2 + 12)/4
     assert result.used == result.accepted == ("a", "b") and not result.clipped and result.strategy == "fedavg"
 
 
 def test_median_by_hand_odd_and_even():
-    points = [[f32(1, 10), f32(5)], [f32(2, 20), f32(4)], [f32(3, 30), f32(3)], [f32(4, 40), f32(2)],
-              [f32(100, -100), f32(1)]]
+    points = [
+        [f32(1, 10), f32(5)],
+        [f32(2, 20), f32(4)],
+        [f32(3, 30), f32(3)],
+        [f32(4, 40), f32(2)],
+        [f32(100, -100), f32(1)],
+    ]
     np.testing.assert_array_equal(median_rule(points)[0], [3, 20])
     np.testing.assert_array_equal(median_rule(points)[1], [3])
-    np.testing.assert_array_equal(median_rule(points[:4])[0], [2.5, 25])   # even count: mean of the middle two
+    np.testing.assert_array_equal(median_rule(points[:4])[0], [2.5, 25])  # even count: mean of the middle two
 
 
 def test_median_ignores_sample_counts():
@@ -82,10 +109,25 @@ def test_median_ignores_sample_counts():
     np.testing.assert_array_equal(result.weights[0], [2])
 
 
-@pytest.mark.parametrize("n, fraction, cut", [
-    (1, 0.2, 0), (2, 0.2, 0), (3, 0.2, 1), (4, 0.2, 1), (5, 0.2, 1), (9, 0.2, 1), (10, 0.2, 2), (15, 0.2, 3),
-    (5, 0.4, 2), (10, 0.49, 4), (3, 0.49, 1), (10, 0.0, 0), (3, 0.01, 1), (2, 0.4, 0),
-])
+@pytest.mark.parametrize(
+    "n, fraction, cut",
+    [
+        (1, 0.2, 0),
+        (2, 0.2, 0),
+        (3, 0.2, 1),
+        (4, 0.2, 1),
+        (5, 0.2, 1),
+        (9, 0.2, 1),
+        (10, 0.2, 2),
+        (15, 0.2, 3),
+        (5, 0.4, 2),
+        (10, 0.49, 4),
+        (3, 0.49, 1),
+        (10, 0.0, 0),
+        (3, 0.01, 1),
+        (2, 0.4, 0),
+    ],
+)
 def test_trim_count(n, fraction, cut):
     assert trim_count(n, fraction) == cut
 
@@ -98,11 +140,11 @@ def test_trim_count_refuses_bad_fractions(fraction):
 
 def test_trimmed_mean_by_hand():
     five = [[f32(v, -v)] for v in (4, 1, 100, 2, 3)]
-    np.testing.assert_allclose(trimmed_mean_rule(five, 0.2)[0], [3, -3])            # mean of 2, 3, 4
-    np.testing.assert_allclose(trimmed_mean_rule(five[:4], 0.2)[0], [3, -3])        # 1, 2, 4, 100: mean of 2, 4
-    np.testing.assert_allclose(trimmed_mean_rule(five, 0.4)[0], [3, -3])            # the median
-    np.testing.assert_allclose(trimmed_mean_rule(five, 0.0)[0], [22, -22])          # the mean
-    np.testing.assert_allclose(trimmed_mean_rule(five[:2], 0.2)[0], [2.5, -2.5])    # two values: their mean
+    np.testing.assert_allclose(trimmed_mean_rule(five, 0.2)[0], [3, -3])  # mean of 2, 3, 4
+    np.testing.assert_allclose(trimmed_mean_rule(five[:4], 0.2)[0], [3, -3])  # 1, 2, 4, 100: mean of 2, 4
+    np.testing.assert_allclose(trimmed_mean_rule(five, 0.4)[0], [3, -3])  # the median
+    np.testing.assert_allclose(trimmed_mean_rule(five, 0.0)[0], [22, -22])  # the mean
+    np.testing.assert_allclose(trimmed_mean_rule(five[:2], 0.2)[0], [2.5, -2.5])  # two values: their mean
 
 
 @pytest.mark.parametrize("n, f", [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1), (7, 2), (8, 2), (9, 3)])
@@ -154,10 +196,12 @@ def test_registry_names_and_default():
 
 # --- norm bound and sample cap ----------------------------------------------------------------------------------------
 
+
 def test_update_norm_spans_all_tensors_and_does_not_overflow():
     assert update_norm([f32(3, 1), f32(4)], [f32(0, 1), f32(0)]) == 5.0
-    assert update_norm([np.full(1000, 3e38, np.float32)], [np.full(1000, -3e38, np.float32)]) == \
-        pytest.approx(6e38 * math.sqrt(1000), rel=1e-6)
+    assert update_norm([np.full(1000, 3e38, np.float32)], [np.full(1000, -3e38, np.float32)]) == pytest.approx(
+        6e38 * math.sqrt(1000), rel=1e-6
+    )
     assert update_norm([f32(1)], [f32(1)]) == 0.0
 
 
@@ -191,7 +235,7 @@ def test_honest_updates_pass_untouched(strategy):
     rng = np.random.default_rng(7)
     start = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
     solutions = []
-    for peer, size in zip("abcde", (0.4, 1.0, 1.1, 1.2, 2.9)):    # the largest is 2.9 times the median
+    for peer, size in zip("abcde", (0.4, 1.0, 1.1, 1.2, 2.9)):  # the largest is 2.9 times the median
         step = [rng.normal(size=s) for s in SHAPES]
         scale = size / update_norm(step, zeros())
         solutions.append((peer, [(w + scale * d).astype(np.float32) for w, d in zip(start, step)], 10))
@@ -214,21 +258,25 @@ def test_claimed_samples_are_capped_at_what_the_peer_announced():
 
 # --- admission --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weights, samples, reason", [
-    ([f32(1, 2)], 1, "tensors, not 3"),
-    ([np.zeros((4, 3), np.float32), f32(1, 2, 3, 4), f32(0)], 1, "tensor 0 is (4, 3), not (3, 4)"),
-    ([np.zeros((3, 4), np.float32), f32(1, 2, 3, 4), f32(0, 0)], 1, "tensor 2 is (2,), not ()"),
-    ([np.zeros((3, 4), np.float32), f32(1, 2, math.nan, 4), np.float32(0)], 1, "tensor 1 has NaN or infinite"),
-    ([np.zeros((3, 4), np.float32), f32(1, 2, math.inf, 4), np.float32(0)], 1, "tensor 1 has NaN or infinite"),
-    ([np.zeros((3, 4), np.float32), np.array(list("abcd")), np.float32(0)], 1, "tensor 1 is not real numbers"),
-    ([np.zeros((3, 4), np.float32), [1, [2]], np.float32(0)], 1, "tensor 1 is not an array of numbers"),
-    (None, 1, "not a list of tensors"),
-    ("weights", 1, "not a list of tensors"),
-    (zeros(), 0, "it reports no samples"),
-    (zeros(), -5, "it reports no samples"),
-    (zeros(), True, "not a whole number"),
-    (zeros(), 2.5, "not a whole number"),
-])
+
+@pytest.mark.parametrize(
+    "weights, samples, reason",
+    [
+        ([f32(1, 2)], 1, "tensors, not 3"),
+        ([np.zeros((4, 3), np.float32), f32(1, 2, 3, 4), f32(0)], 1, "tensor 0 is (4, 3), not (3, 4)"),
+        ([np.zeros((3, 4), np.float32), f32(1, 2, 3, 4), f32(0, 0)], 1, "tensor 2 is (2,), not ()"),
+        ([np.zeros((3, 4), np.float32), f32(1, 2, math.nan, 4), np.float32(0)], 1, "tensor 1 has NaN or infinite"),
+        ([np.zeros((3, 4), np.float32), f32(1, 2, math.inf, 4), np.float32(0)], 1, "tensor 1 has NaN or infinite"),
+        ([np.zeros((3, 4), np.float32), np.array(list("abcd")), np.float32(0)], 1, "tensor 1 is not real numbers"),
+        ([np.zeros((3, 4), np.float32), [1, [2]], np.float32(0)], 1, "tensor 1 is not an array of numbers"),
+        (None, 1, "not a list of tensors"),
+        ("weights", 1, "not a list of tensors"),
+        (zeros(), 0, "it reports no samples"),
+        (zeros(), -5, "it reports no samples"),
+        (zeros(), True, "not a whole number"),
+        (zeros(), 2.5, "not a whole number"),
+    ],
+)
 @pytest.mark.parametrize("strategy", AGGREGATIONS)
 def test_a_bad_solution_is_rejected_with_a_reason_not_a_crash(weights, samples, reason, strategy):
     good = [(p, [w + 0.1 * (i + 1) for w in zeros()], 5) for i, p in enumerate("abc")]
@@ -255,8 +303,9 @@ def test_no_usable_solution_is_a_refusal_naming_every_reason():
 
 def test_arrival_order_does_not_matter():
     rng = np.random.default_rng(5)
-    solutions = [(p, [rng.normal(size=s).astype(np.float32) for s in SHAPES], int(rng.integers(1, 99)))
-                 for p in "qwert"]
+    solutions = [
+        (p, [rng.normal(size=s).astype(np.float32) for s in SHAPES], int(rng.integers(1, 99))) for p in "qwert"
+    ]
     for strategy in AGGREGATIONS:
         first = aggregate(zeros(), solutions, strategy)
         again = aggregate(zeros(), solutions[::-1], strategy)
@@ -290,11 +339,23 @@ def test_a_non_finite_global_model_is_a_caller_error():
         aggregate([f32(math.nan)], one_d(1))
 
 
-@pytest.mark.parametrize("options", [
-    {"strategy": "mean"}, {"trim_fraction": 0.5}, {"trim_fraction": -0.1}, {"byzantine": -1}, {"byzantine": 1.5},
-    {"byzantine": True}, {"clip_multiplier": 0.5}, {"clip_multiplier": math.inf}, {"clip_floor": 0},
-    {"refuse_multiplier": math.nan}, {"max_growth": -1}, {"clip_floor": "1"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"strategy": "mean"},
+        {"trim_fraction": 0.5},
+        {"trim_fraction": -0.1},
+        {"byzantine": -1},
+        {"byzantine": 1.5},
+        {"byzantine": True},
+        {"clip_multiplier": 0.5},
+        {"clip_multiplier": math.inf},
+        {"clip_floor": 0},
+        {"refuse_multiplier": math.nan},
+        {"max_growth": -1},
+        {"clip_floor": "1"},
+    ],
+)
 def test_bad_options_fail_at_start_up(options):
     with pytest.raises(ValueError):
         Aggregator(**options)
@@ -302,13 +363,14 @@ def test_bad_options_fail_at_start_up(options):
 
 # --- refusals -------------------------------------------------------------------------------------------------------
 
+
 def test_a_non_finite_aggregate_is_refused():
     # float64 values past float32's range: the mean is finite in float64 but not as a float32 model
     solutions = [("a", [np.array([1.0])], 1), ("b", [np.array([2.0])], 1), ("x", [np.array([1e300])], 1)]
     with pytest.raises(AggregationRefused) as refused:
         aggregate([np.array([0.0])], solutions, clip_multiplier=None)
     assert "NaN or infinite" in str(refused.value) and refused.value.suspects == ("x",)
-    assert aggregate([np.array([0.0])], solutions).clipped.keys() == {"x"}    # clipped, it is harmless
+    assert aggregate([np.array([0.0])], solutions).clipped.keys() == {"x"}  # clipped, it is harmless
 
 
 def test_an_exploding_fedavg_is_refused_when_clipping_is_off():
@@ -327,10 +389,11 @@ def test_a_lone_exploding_solution_is_refused_against_the_global_model():
         with pytest.raises(AggregationRefused, match="over 1000 times the global model's norm") as refused:
             aggregate(start, [("x", [np.full(s, 1e30, np.float32) for s in SHAPES], 1)], strategy)
         assert refused.value.suspects == ("x",)
-    aggregate(start, [("a", [np.full(s, 50.0, np.float32) for s in SHAPES], 1)])     # a big honest step is fine
+    aggregate(start, [("a", [np.full(s, 50.0, np.float32) for s in SHAPES], 1)])  # a big honest step is fine
 
 
 # --- one attacker among five ------------------------------------------------------------------------------------------
+
 
 def honest_round(seed: int, count: int, noise: float = 0.05):
     """A global model and `count` honest solutions: one common step of norm 1 plus a little noise each."""
@@ -380,7 +443,7 @@ def test_one_attacker_of_five_robust_rules_stay_in_the_honest_range(strategy, ki
     start, step, solutions = honest_round(1, 4)
     weights, samples = attack(kind, start, step, np.random.default_rng(2))
     solutions.append(("x", weights, samples))
-    result = aggregate(start, solutions, strategy)     # no sample cap: these rules ignore sample counts
+    result = aggregate(start, solutions, strategy)  # no sample cap: these rules ignore sample counts
     assert_within(result.weights, *honest_range(solutions))
     assert not result.rejected and all(p.startswith("h") or p == "x" for p in result.accepted)
     if strategy == "krum":
@@ -409,16 +472,16 @@ def test_without_a_cap_a_huge_sample_claim_still_moves_fedavg_by_no_more_than_th
 
 # --- properties -----------------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 7),
-       st.lists(st.integers(1, 10**7), min_size=7, max_size=7))
+@given(st.integers(0, 2**32 - 1), st.integers(1, 7), st.lists(st.integers(1, 10**7), min_size=7, max_size=7))
 def test_fedavg_equals_the_old_fedavg_when_nothing_is_clipped(seed, count, samples):
     rng = np.random.default_rng(seed)
     start = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
     solutions = []
     for i in range(count):
         step = [rng.normal(size=s) for s in SHAPES]
-        size = rng.uniform(1.0, 2.9) / update_norm(step, zeros())    # sizes within 2.9x: none is clipped
+        size = rng.uniform(1.0, 2.9) / update_norm(step, zeros())  # sizes within 2.9x: none is clipped
         solutions.append((f"p{i}", [(w + size * d).astype(np.float32) for w, d in zip(start, step)], samples[i]))
     result = aggregate(start, solutions)
     assert not result.clipped
@@ -473,8 +536,9 @@ def test_fedavg_with_one_capped_attacker_stays_near_the_honest_mean(seed, kind, 
     start, step, solutions = honest_round(seed, 4)
     honest_mean = old_fedavg([(w, n) for _, w, n in solutions])
     weights, samples = attack(kind, start, step, np.random.default_rng(seed), scale)
-    result = aggregate(start, solutions + [("x", weights, samples)],
-                       max_samples=dict.fromkeys(("h0", "h1", "h2", "h3", "x"), 100))
+    result = aggregate(
+        start, solutions + [("x", weights, samples)], max_samples=dict.fromkeys(("h0", "h1", "h2", "h3", "x"), 100)
+    )
     assert all(np.isfinite(w).all() for w in result.weights)
     assert update_norm(result.weights, honest_mean) <= 0.8 * 1.05 + 1e-6
 
@@ -483,13 +547,16 @@ def test_fedavg_and_norms_work_block_by_block_with_the_same_results(monkeypatch)
     # A model larger than a block gives the same average and norms as one worked on whole (the block size only
     # bounds the float64 temporaries of a controller aggregating a large model).
     from peer.learning import aggregation
+
     rng = np.random.default_rng(5)
-    solutions = [([rng.normal(size=(50, 7)).astype(np.float32), rng.normal(size=3).astype(np.float32)], n)
-                 for n in (10, 30, 7)]
+    solutions = [
+        ([rng.normal(size=(50, 7)).astype(np.float32), rng.normal(size=3).astype(np.float32)], n) for n in (10, 30, 7)
+    ]
     whole = fedavg(solutions)
     norm = aggregation.update_norm(solutions[0][0], solutions[1][0])
     monkeypatch.setattr(aggregation, "BLOCK", 16)
     assert all(np.array_equal(a, b) for a, b in zip(fedavg(solutions), whole))
     assert aggregation.update_norm(solutions[0][0], solutions[1][0]) == pytest.approx(norm, rel=1e-12)
     assert aggregation.update_norm(solutions[0][0], None) == pytest.approx(
-        float(np.sqrt(sum(np.square(t.astype(np.float64)).sum() for t in solutions[0][0]))), rel=1e-12)
+        float(np.sqrt(sum(np.square(t.astype(np.float64)).sum() for t in solutions[0][0]))), rel=1e-12
+    )

@@ -1,5 +1,6 @@
 """Loading a peer's shard: from IDX folders (full, or the MNIST test set alone), from split_dataset's output, from the
 Keras cache; only the shard's rows; train and test partitioned alike; clear errors that say how to get the data."""
+
 from __future__ import annotations
 
 import gzip
@@ -20,8 +21,10 @@ def settings(*flags, **env):
 
 
 def test_mnist_test_set_alone_is_split_into_train_and_test_and_partitioned():
-    shards = [load_shard(settings("--dataset", "mnist", "--data-dir", str(SHARED_MNIST), "--shard", f"{k}/5"))
-              for k in range(5)]
+    shards = [
+        load_shard(settings("--dataset", "mnist", "--data-dir", str(SHARED_MNIST), "--shard", f"{k}/5"))
+        for k in range(5)
+    ]
     assert sum(len(s.y_train) for s in shards) == 8000 and sum(len(s.y_test) for s in shards) == 2000
     for s in shards:
         assert s.x_train.shape[1:] == (28, 28, 1) and s.x_train.dtype == np.float32
@@ -29,12 +32,21 @@ def test_mnist_test_set_alone_is_split_into_train_and_test_and_partitioned():
         assert set(np.unique(s.y_train)) == set(range(10))
     # disjoint: no image is in two shards' training data
     flat = np.concatenate([s.x_train.reshape(len(s.y_train), -1) for s in shards])
-    assert len(np.unique(flat, axis=0)) >= len(flat) - 5   # a handful of MNIST digits are true duplicates
+    assert len(np.unique(flat, axis=0)) >= len(flat) - 5  # a handful of MNIST digits are true duplicates
 
 
 def test_the_pre_split_folder_gives_the_same_shard_as_splitting_on_the_fly(tmp_path):
-    split_dataset("mnist", SHARED_MNIST, 5, tmp_path, partition_scheme="dirichlet", seed=3, alpha=0.5,
-                  test_fraction=0.2, log=lambda *a: None)
+    split_dataset(
+        "mnist",
+        SHARED_MNIST,
+        5,
+        tmp_path,
+        partition_scheme="dirichlet",
+        seed=3,
+        alpha=0.5,
+        test_fraction=0.2,
+        log=lambda *a: None,
+    )
     args = ("--dataset", "mnist", "--shard", "2/5", "--partition", "dirichlet", "--seed", "3")
     pre = load_shard(settings(*args, "--data-dir", str(tmp_path)))
     fly = load_shard(settings(*args, "--data-dir", str(SHARED_MNIST)))
@@ -42,13 +54,25 @@ def test_the_pre_split_folder_gives_the_same_shard_as_splitting_on_the_fly(tmp_p
 
 
 def test_fashion_mnist_is_found_in_debians_folder_and_caps_keep_the_class_mix():
-    s = load_shard(settings("--dataset", "fashion-mnist", "--shard", "1/4", "--partition", "skewed",
-                            "--train-samples", "400", "--test-samples", "100"))
+    s = load_shard(
+        settings(
+            "--dataset",
+            "fashion-mnist",
+            "--shard",
+            "1/4",
+            "--partition",
+            "skewed",
+            "--train-samples",
+            "400",
+            "--test-samples",
+            "100",
+        )
+    )
     assert (len(s.y_train), len(s.y_test)) == (400, 100) and str(FASHION) in s.source
     train_mix = np.bincount(s.y_train, minlength=10) / 400
     test_mix = np.bincount(s.y_test, minlength=10) / 100
     assert set(np.argsort(train_mix)[-2:]) == set(np.argsort(test_mix)[-2:])
-    assert train_mix.max() > 0.3 and test_mix.max() > 0.3        # skewed towards its major classes, both alike
+    assert train_mix.max() > 0.3 and test_mix.max() > 0.3  # skewed towards its major classes, both alike
 
 
 def test_only_the_shards_rows_are_read():
@@ -61,9 +85,13 @@ def test_the_keras_cache_is_used_without_a_download(tmp_path, monkeypatch):
     cache = tmp_path / "keras" / "datasets"
     cache.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    np.savez(cache / "mnist.npz", x_train=rng.integers(0, 255, (600, 28, 28), dtype=np.uint8),
-             y_train=np.repeat(np.arange(10), 60).astype(np.uint8),
-             x_test=rng.integers(0, 255, (100, 28, 28), dtype=np.uint8), y_test=np.repeat(np.arange(10), 10).astype(np.uint8))
+    np.savez(
+        cache / "mnist.npz",
+        x_train=rng.integers(0, 255, (600, 28, 28), dtype=np.uint8),
+        y_train=np.repeat(np.arange(10), 60).astype(np.uint8),
+        x_test=rng.integers(0, 255, (100, 28, 28), dtype=np.uint8),
+        y_test=np.repeat(np.arange(10), 10).astype(np.uint8),
+    )
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     s = load_shard(settings("--dataset", "mnist", "--shard", "0/3"))
     assert len(s.y_train) == 200 and len(s.y_test) in (33, 34) and "keras" in s.source

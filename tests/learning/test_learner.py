@@ -1,5 +1,6 @@
 """The model: built for each dataset's input, trains and evaluates on a few samples, saves a loadable .keras file,
 and every peer builds the same initial weights (so any controller starts the same run)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,15 @@ from peer.learning.learner import Learner
 def tiny_shard(dataset: str, shape) -> Shard:
     rng = np.random.default_rng(0)
     y = np.arange(40) % 10
-    return Shard(dataset, rng.random((40, *shape), dtype=np.float32), y, rng.random((20, *shape), dtype=np.float32),
-                 y[:20], 10, "test")
+    return Shard(
+        dataset,
+        rng.random((40, *shape), dtype=np.float32),
+        y,
+        rng.random((20, *shape), dtype=np.float32),
+        y[:20],
+        10,
+        "test",
+    )
 
 
 @pytest.mark.parametrize("dataset, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
@@ -29,6 +37,7 @@ def test_fit_evaluate_save(tmp_path, dataset, shape):
     path = tmp_path / "model.keras"
     learner.save(new, path)
     import keras
+
     loaded = keras.models.load_model(path)
     assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), new))
 

@@ -1,5 +1,6 @@
 """--model: the built-ins, a user's factory from a module or a file, every way a spec can fail (one clear ModelError
 naming the value and the fix), and the fingerprint that tells whether two peers hold the same architecture."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = "docs/examples/custom_model.py"
 
 # A user's file holding one factory per way a model can be wrong (and a few right ones).
-USER_MODELS = '''
+USER_MODELS = """
 import keras
 from keras import layers
 
@@ -66,7 +67,7 @@ def wrong_classes(input_shape, num_classes):
     return mlp(input_shape, 5)
 
 NOT_CALLABLE = 3
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -79,28 +80,55 @@ def user_file(tmp_path_factory) -> Path:
 def tiny_shard(dataset: str) -> Shard:
     rng = np.random.default_rng(0)
     shape, y = SHAPES[dataset], np.arange(20) % 10
-    return Shard(dataset, rng.random((20, *shape), dtype=np.float32), y, rng.random((20, *shape), dtype=np.float32),
-                 y, 10, "test")
+    return Shard(
+        dataset,
+        rng.random((20, *shape), dtype=np.float32),
+        y,
+        rng.random((20, *shape), dtype=np.float32),
+        y,
+        10,
+        "test",
+    )
 
 
 # --- the spec's form and the defaults: no Keras needed ------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("seed-cnn", models.Spec("seed-cnn", builtin="seed-cnn")),
-    (" Cifar10-CNN ", models.Spec("cifar10-cnn", builtin="cifar10-cnn")),
-    ("mymodels:build", models.Spec("mymodels:build", module="mymodels", function="build")),
-    ("pkg.sub.mod:make_model", models.Spec("pkg.sub.mod:make_model", module="pkg.sub.mod", function="make_model")),
-    ("docs/examples/custom_model.py:build_model",
-     models.Spec("docs/examples/custom_model.py:build_model", path=Path(EXAMPLE), function="build_model")),
-    ("model.py:f", models.Spec("model.py:f", path=Path("model.py"), function="f")),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("seed-cnn", models.Spec("seed-cnn", builtin="seed-cnn")),
+        (" Cifar10-CNN ", models.Spec("cifar10-cnn", builtin="cifar10-cnn")),
+        ("mymodels:build", models.Spec("mymodels:build", module="mymodels", function="build")),
+        ("pkg.sub.mod:make_model", models.Spec("pkg.sub.mod:make_model", module="pkg.sub.mod", function="make_model")),
+        (
+            "docs/examples/custom_model.py:build_model",
+            models.Spec("docs/examples/custom_model.py:build_model", path=Path(EXAMPLE), function="build_model"),
+        ),
+        ("model.py:f", models.Spec("model.py:f", path=Path("model.py"), function="f")),
+    ],
+)
 def test_a_spec_is_a_built_in_a_module_or_a_file(text, expected):
     assert models.parse_spec(text) == expected
 
 
-@pytest.mark.parametrize("text", ["nonsense", "cnn", "mymodels", "mymodels:", ":build", "my models:build",
-                                  "a..b:build", "mymodels:not-a-name", "mymodels:class", "models/x.txt:build",
-                                  "model.py", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "nonsense",
+        "cnn",
+        "mymodels",
+        "mymodels:",
+        ":build",
+        "my models:build",
+        "a..b:build",
+        "mymodels:not-a-name",
+        "mymodels:class",
+        "models/x.txt:build",
+        "model.py",
+        "",
+    ],
+)
 def test_a_bad_spec_names_the_built_ins_and_the_forms(text):
     with pytest.raises(ModelError) as err:
         models.parse_spec(text)
@@ -112,15 +140,20 @@ def test_a_bad_spec_names_the_built_ins_and_the_forms(text):
 
 def test_each_dataset_defaults_to_the_model_it_had_before_model_existed():
     assert {d: models.default_model(d) for d in DATASETS} == {
-        "mnist": "cnn-small", "fashion-mnist": "cnn-small", "cifar10": "cifar10-cnn"}
+        "mnist": "cnn-small",
+        "fashion-mnist": "cnn-small",
+        "cifar10": "cifar10-cnn",
+    }
     assert models.defaults_text() == "cifar10-cnn for cifar10, cnn-small otherwise"
 
 
 def test_the_settings_check_a_spec_without_importing_tensorflow():
-    code = ("import sys; from peer.config import load_settings; "
-            "assert load_settings(['--model=seed-cnn'], {}).model == 'seed-cnn'; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow')); "
-            "assert not bad, bad")
+    code = (
+        "import sys; from peer.config import load_settings; "
+        "assert load_settings(['--model=seed-cnn'], {}).model == 'seed-cnn'; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow')); "
+        "assert not bad, bad"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
@@ -141,14 +174,17 @@ def test_the_fingerprint_is_short_hex_and_stable():
     assert models.fingerprint([(list(shape), dtype) for shape, dtype in TENSORS]) == value
 
 
-@pytest.mark.parametrize("changed", [
-    [((3, 3, 1, 32), "float32"), *TENSORS[1:]],          # another shape
-    [((3, 3, 1, 16), "float16"), *TENSORS[1:]],          # another dtype
-    [TENSORS[1], TENSORS[0], *TENSORS[2:]],              # another order
-    TENSORS[:-1],                                        # a tensor fewer
-    [*TENSORS, ((10,), "float32")],                      # a tensor more
-    [((3, 3, 16), "float32"), *TENSORS[1:]],             # the same numbers, another rank
-])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        [((3, 3, 1, 32), "float32"), *TENSORS[1:]],  # another shape
+        [((3, 3, 1, 16), "float16"), *TENSORS[1:]],  # another dtype
+        [TENSORS[1], TENSORS[0], *TENSORS[2:]],  # another order
+        TENSORS[:-1],  # a tensor fewer
+        [*TENSORS, ((10,), "float32")],  # a tensor more
+        [((3, 3, 16), "float32"), *TENSORS[1:]],  # the same numbers, another rank
+    ],
+)
 def test_any_other_architecture_has_another_fingerprint(changed):
     assert models.fingerprint(changed) != models.fingerprint(TENSORS)
 
@@ -166,6 +202,7 @@ def test_the_accuracy_is_read_under_any_of_its_metric_names():
 
 # --- the built-ins ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", BUILT_INS)
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_built_in_fits_every_dataset(name, dataset):
@@ -177,8 +214,16 @@ def test_every_built_in_fits_every_dataset(name, dataset):
 def test_seed_cnn_is_the_seed_documents_cnn():
     model = models.build("seed-cnn", SHAPES["mnist"], 10, seed=0)
     layers = [(type(layer).__name__, layer.get_config()) for layer in model.layers]
-    assert [kind for kind, _ in layers] == ["Conv2D", "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense",
-                                            "Dropout", "Dense"]
+    assert [kind for kind, _ in layers] == [
+        "Conv2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Dropout",
+        "Flatten",
+        "Dense",
+        "Dropout",
+        "Dense",
+    ]
     (_, conv1), (_, conv2), (_, pool), (_, drop1), _, (_, dense1), (_, drop2), (_, dense2) = layers
     assert (conv1["filters"], conv1["kernel_size"], conv1["activation"]) == (32, (3, 3), "relu")
     assert (conv2["filters"], conv2["kernel_size"], conv2["activation"]) == (64, (3, 3), "relu")
@@ -202,8 +247,11 @@ def test_a_learner_runs_the_datasets_default_unless_told_otherwise():
 def test_peers_with_the_same_model_share_a_fingerprint_and_other_models_differ():
     default = Learner("mnist", None, seed=1)
     assert default.fingerprint() == Learner("fashion-mnist", None, seed=2, model="cnn-small").fingerprint()
-    others = [Learner("mnist", None, model="seed-cnn"), Learner("cifar10", None, model="cnn-small"),
-              Learner("mnist", None, model="cifar10-cnn")]
+    others = [
+        Learner("mnist", None, model="seed-cnn"),
+        Learner("cifar10", None, model="cnn-small"),
+        Learner("mnist", None, model="cifar10-cnn"),
+    ]
     assert len({default.fingerprint(), *(learner.fingerprint() for learner in others)}) == 4
     # The weights as the learner hands them out (float32, the wire's type) fingerprint alike.
     assert default.fingerprint() == models.fingerprint((w.shape, w.dtype) for w in default.initial_weights())
@@ -213,8 +261,9 @@ def test_peers_with_the_same_model_share_a_fingerprint_and_other_models_differ()
 
 # --- a user's model ---------------------------------------------------------------------------------------------------
 
+
 def test_the_example_file_loads_by_path_and_as_a_module(monkeypatch):
-    monkeypatch.chdir(ROOT)   # the documented path is relative to the repository's root, where peers run
+    monkeypatch.chdir(ROOT)  # the documented path is relative to the repository's root, where peers run
     by_path = models.build(f"{EXAMPLE}:build_model", SHAPES["fashion-mnist"], 10, seed=5)
     monkeypatch.syspath_prepend(str(ROOT / "docs" / "examples"))
     by_module = models.build("custom_model:build_model", SHAPES["fashion-mnist"], 10, seed=5)
@@ -247,19 +296,22 @@ def test_a_module_on_the_path_is_imported(user_file, monkeypatch):
     assert model.input_shape == (None, 32, 32, 3)
 
 
-@pytest.mark.parametrize("function, words", [
-    ("missing", ["has no function missing", "its functions: ", "mlp", "boom"]),
-    ("NOT_CALLABLE", ["NOT_CALLABLE", "is a int, not a function"]),
-    ("boom", ["boom(input_shape=(28, 28, 1), num_classes=10) failed: RuntimeError: boom"]),
-    ("no_arguments", ["failed: TypeError"]),
-    ("not_a_model", ["returned dict, not a Keras model", "model.compile"]),
-    ("not_compiled", ["not compiled", "model.compile(optimizer="]),
-    ("no_loss", ["not compiled with a loss"]),
-    ("no_accuracy", ["accuracy metric", "metrics=['accuracy']"]),
-    ("no_input", ["no defined input", "keras.Input(input_shape)", "(28, 28, 1)"]),
-    ("wrong_input", ["inputs of shape (32, 32, 3)", "images are (28, 28, 1)", "input_shape argument"]),
-    ("wrong_classes", ["outputs shape (5,)", "10 classes", "Dense(num_classes"]),
-])
+@pytest.mark.parametrize(
+    "function, words",
+    [
+        ("missing", ["has no function missing", "its functions: ", "mlp", "boom"]),
+        ("NOT_CALLABLE", ["NOT_CALLABLE", "is a int, not a function"]),
+        ("boom", ["boom(input_shape=(28, 28, 1), num_classes=10) failed: RuntimeError: boom"]),
+        ("no_arguments", ["failed: TypeError"]),
+        ("not_a_model", ["returned dict, not a Keras model", "model.compile"]),
+        ("not_compiled", ["not compiled", "model.compile(optimizer="]),
+        ("no_loss", ["not compiled with a loss"]),
+        ("no_accuracy", ["accuracy metric", "metrics=['accuracy']"]),
+        ("no_input", ["no defined input", "keras.Input(input_shape)", "(28, 28, 1)"]),
+        ("wrong_input", ["inputs of shape (32, 32, 3)", "images are (28, 28, 1)", "input_shape argument"]),
+        ("wrong_classes", ["outputs shape (5,)", "10 classes", "Dense(num_classes"]),
+    ],
+)
 def test_a_model_that_cannot_be_used_is_one_clear_error(user_file, function, words):
     spec = f"{user_file}:{function}"
     with pytest.raises(ModelError) as err:
@@ -272,12 +324,14 @@ def test_a_model_that_cannot_be_used_is_one_clear_error(user_file, function, wor
 
 def test_a_missing_file_or_module_or_a_broken_one_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cases = {"nowhere/models.py:build": "there is no file nowhere/models.py",
-             "no_such_module_for_fl:build": "no module named no_such_module_for_fl",
-             "broken.py:build": "running broken.py failed: SyntaxError",
-             "needs_more:build": "importing needs_more failed: ModuleNotFoundError: No module named "
-                                 "'a_dependency_nobody_has'",
-             "raises.py:build": "running raises.py failed: ValueError: bad config"}
+    cases = {
+        "nowhere/models.py:build": "there is no file nowhere/models.py",
+        "no_such_module_for_fl:build": "no module named no_such_module_for_fl",
+        "broken.py:build": "running broken.py failed: SyntaxError",
+        "needs_more:build": "importing needs_more failed: ModuleNotFoundError: No module named "
+        "'a_dependency_nobody_has'",
+        "raises.py:build": "running raises.py failed: ValueError: bad config",
+    }
     (tmp_path / "broken.py").write_text("def build(:\n")
     (tmp_path / "needs_more.py").write_text("import a_dependency_nobody_has\n")
     (tmp_path / "raises.py").write_text("raise ValueError('bad\\n config')\n")
@@ -291,18 +345,41 @@ def test_a_missing_file_or_module_or_a_broken_one_is_one_clear_error(tmp_path, m
 
 # --- python -m peer ---------------------------------------------------------------------------------------------------
 
+
 def test_the_peer_exits_2_with_one_line_when_the_model_cannot_be_loaded(tmp_path):
     user = tmp_path / "user.py"
     user.write_text(USER_MODELS)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
     result = subprocess.run(
-        [sys.executable, "-m", "peer", "--model", f"{user}:wrong_classes", "--dataset", "fashion-mnist",
-         "--train-samples", "20", "--test-samples", "20", "--run-dir", str(tmp_path / "run"),
-         "--broker", "127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=clean)
+        [
+            sys.executable,
+            "-m",
+            "peer",
+            "--model",
+            f"{user}:wrong_classes",
+            "--dataset",
+            "fashion-mnist",
+            "--train-samples",
+            "20",
+            "--test-samples",
+            "20",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--broker",
+            "127.0.0.1:9",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean,
+    )
     if "How to get it" in result.stderr:
         pytest.skip("Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist)")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"python -m peer: error: --model {user}:wrong_classes: the model outputs shape (5,), but the "
-                      "dataset has 10 classes; end it with Dense(num_classes, activation='softmax')"]
+    assert errors == [
+        f"python -m peer: error: --model {user}:wrong_classes: the model outputs shape (5,), but the "
+        "dataset has 10 classes; end it with Dense(num_classes, activation='softmax')"
+    ]

@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peer.learning.partition import (
-    SCHEMES, PartitionError, class_histogram, partition, split_train_test,
+    SCHEMES,
+    PartitionError,
+    class_histogram,
+    partition,
+    split_train_test,
 )
 
 NUM_CLASSES = 10
@@ -32,6 +37,7 @@ def mean_max_class_share(labels, parts):
 
 
 # --- every scheme ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("num_parts", [1, 5, 7])
@@ -81,6 +87,7 @@ def test_explicit_num_classes_keeps_the_plan_when_a_class_is_missing():
 
 # --- sizes ------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scheme", ["iid", "random-equal"])
 def test_equal_size_schemes_use_everything_and_differ_by_at_most_one(scheme):
     sizes = [len(p) for p in partition(TRAIN, 7, scheme, seed=2)]
@@ -120,6 +127,7 @@ def test_schemes_that_promise_to_use_every_sample_do(scheme):
 
 # --- class mixes ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("num_parts", [5, 7, 13])
 def test_skewed_two_major_classes_hold_eighty_percent(num_parts):
     counts = histograms(BALANCED, partition(BALANCED, num_parts, "skewed", seed=6))
@@ -137,6 +145,7 @@ def test_skewed_majors_depend_on_the_seed():
     def majors(seed):
         counts = histograms(BALANCED, partition(BALANCED, 5, "skewed", seed=seed))
         return [frozenset(np.argsort(row)[-2:].tolist()) for row in counts]
+
     assert majors(1) != majors(2)
 
 
@@ -162,6 +171,7 @@ def test_shards_hold_few_classes():
 
 # --- property ---------------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=120, deadline=None)
 @given(
     labels=st.lists(st.integers(0, 11), min_size=1, max_size=200),
@@ -182,6 +192,7 @@ def test_any_input_gives_a_valid_nonempty_partition(labels, scheme, data, seed, 
 
 # --- errors -----------------------------------------------------------------------------------------------------
 
+
 def test_unknown_scheme_lists_the_valid_ones():
     with pytest.raises(PartitionError, match="valid schemes: iid, uniform, .*shards"):
         partition(TRAIN, 3, "noniid")
@@ -199,13 +210,16 @@ def test_alpha_must_be_positive(alpha):
         partition(TRAIN, 3, "dirichlet", alpha=alpha)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"labels": np.zeros((4, 2), int)}, "1-D integer"),
-    ({"labels": np.array([0.5, 1.0])}, "1-D integer"),
-    ({"labels": np.array([0, -1, 2])}, "non-negative"),
-    ({"labels": np.array([0, 1, 7]), "num_classes": 5}, "does not fit"),
-    ({"labels": np.array([0, 1, 2]), "seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"labels": np.zeros((4, 2), int)}, "1-D integer"),
+        ({"labels": np.array([0.5, 1.0])}, "1-D integer"),
+        ({"labels": np.array([0, -1, 2])}, "non-negative"),
+        ({"labels": np.array([0, 1, 7]), "num_classes": 5}, "does not fit"),
+        ({"labels": np.array([0, 1, 2]), "seed": -1}, "seed"),
+    ],
+)
 def test_bad_labels_or_seed(kwargs, message):
     labels = kwargs.pop("labels")
     with pytest.raises(PartitionError, match=message):
@@ -213,6 +227,7 @@ def test_bad_labels_or_seed(kwargs, message):
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
+
 
 def test_class_histogram():
     assert class_histogram(np.array([0, 2, 2, 1, 2], dtype=np.uint8), 4) == [1, 1, 3, 0]

@@ -3,6 +3,7 @@ broker, no TensorFlow, no threads. The fake transport loops every publication ba
 a subscriber of `sd/#`; the other peers' messages are handed in by the test.
 
 A whole round as controller and as follower, a failover, refused messages, the finish."""
+
 from __future__ import annotations
 
 import json
@@ -12,23 +13,39 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from tests.netutil import fresh_stamper
-from peer.roles.actions import JobDone, StartJob
 from peer.config import Settings
 from peer.node.loop import Peer
-from peer.wire.session import CHUNK_TIMEOUT_S
+from peer.node.transport import Inbound
+from peer.roles.actions import JobDone, StartJob
 from peer.wire.envelope import Seal, Stamper
 from peer.wire.errors import ProtocolError
-from peer.wire.messages import Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, Solution, Training, Vote, decode, encode
+from peer.wire.messages import (
+    Aggregation,
+    Claim,
+    Evaluation,
+    Finish,
+    Heartbeat,
+    Init,
+    Metrics,
+    Presence,
+    Solution,
+    Training,
+    Vote,
+    decode,
+    encode,
+)
+from peer.wire.session import CHUNK_TIMEOUT_S
 from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
-from peer.node.transport import Inbound
-from tests.netutil import read_csv
+from tests.netutil import fresh_stamper, read_csv
 
 TOPICS = Topics("sd", "default")
 OPEN = Seal(None)
-STAMPERS: dict[str, Stamper] = {}     # one process life per other peer the tests speak for
+STAMPERS: dict[str, Stamper] = {}  # one process life per other peer the tests speak for
 
 
 def sealed(message, seal=OPEN, topic=None, stamper=None):
@@ -45,7 +62,7 @@ def digest(tensors) -> str:
     return WeightCodec.digest(tensors)
 
 
-FP = "0" * 16          # the fake learner's model fingerprint
+FP = "0" * 16  # the fake learner's model fingerprint
 
 
 class FakeTransport:
@@ -54,7 +71,7 @@ class FakeTransport:
     def __init__(self):
         self.published: list[tuple[str, bytes, bool]] = []
         self.connected = True
-        self.events = None          # the peer's queue, for the loop-back
+        self.events = None  # the peer's queue, for the loop-back
         self.subscriptions = dict(TOPICS.subscriptions())
         self.fetches: list[str] = []
 
@@ -150,8 +167,18 @@ def lines():
 
 
 def make_peer(tmp_path, me="p1", **overrides) -> tuple[Peer, FakeTransport, FakeRunner, FakeLearner]:
-    options = dict(peer_id=me, min_peers=2, trainers=1, min_solutions=1, max_rounds=1, target_accuracy=0.99,
-                   heartbeat=0.5, election_window=0.5, round_deadline=10.0, run_dir=tmp_path)
+    options = dict(
+        peer_id=me,
+        min_peers=2,
+        trainers=1,
+        min_solutions=1,
+        max_rounds=1,
+        target_accuracy=0.99,
+        heartbeat=0.5,
+        election_window=0.5,
+        round_deadline=10.0,
+        run_dir=tmp_path,
+    )
     options.update(overrides)
     transport, runner, learner = FakeTransport(), FakeRunner(), FakeLearner()
     peer = Peer(Settings(**options), learner, rng=random.Random(1), transport=transport, runner=runner)
@@ -183,8 +210,15 @@ def pump(peer: Peer, now: float) -> None:
     peer._write_status()
 
 
-def deliver(peer: Peer, message, now: float, retained: bool = False, topic: str | None = None,
-            seal: Seal = OPEN, stamper: Stamper | None = None) -> None:
+def deliver(
+    peer: Peer,
+    message,
+    now: float,
+    retained: bool = False,
+    topic: str | None = None,
+    seal: Seal = OPEN,
+    stamper: Stamper | None = None,
+) -> None:
     topic = topic or TOPICS.of(message)
     peer.handle(Inbound(topic, sealed(message, seal, topic, stamper), retained), now)
     pump(peer, now)
@@ -203,11 +237,12 @@ def follow(peer, clock, controller="c", term=1):
     deliver(peer, Presence(controller, "online"), clock.now)
     deliver(peer, Heartbeat(term, controller, 0, "evaluating", FP), clock.now)
     assert (peer.election.term, peer.election.controller) == (term, controller)
-    if peer.store.latest is None:     # it holds the run's initial model, as if it had come as the round-0 aggregation
+    if peer.store.latest is None:  # it holds the run's initial model, as if it had come as the round-0 aggregation
         peer.store.offer(0, term, weights(0))
 
 
 # --- as follower --------------------------------------------------------------------------------------------------------
+
 
 def test_a_follower_evaluates_trains_and_remembers_a_whole_round(tmp_path, lines):
     peer, transport, runner, _ = make_peer(tmp_path)
@@ -225,7 +260,7 @@ def test_a_follower_evaluates_trains_and_remembers_a_whole_round(tmp_path, lines
     assert peer.store.finished[0].accuracy == 0.25 and peer.store.run_started == 123.0
 
     deliver(peer, Training(1, "c", 1, 1, ("p2",), digest(weights(0))), clock.now)
-    assert len(runner.jobs) == 1                                   # not chosen: nothing to do
+    assert len(runner.jobs) == 1  # not chosen: nothing to do
     deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     fit = runner.jobs[-1]
     assert (fit.kind, fit.round, fit.attempt) == ("fit", 1, 1)
@@ -239,8 +274,13 @@ def test_a_follower_evaluates_trains_and_remembers_a_whole_round(tmp_path, lines
     deliver(peer, Aggregation(1, "c", 1, ("p1",), weights(3)), clock.now)
     assert peer.store.latest.round == 1 and peer.election.round == 1 and runner.jobs[-1].kind == "evaluate"
     status = json.loads((tmp_path / "peers" / "p1" / "status.json").read_text())
-    assert (status["role"], status["term"], status["round"], status["phase"], status["controller"]) == \
-        ("follower", 1, 1, "evaluating", "c")
+    assert (status["role"], status["term"], status["round"], status["phase"], status["controller"]) == (
+        "follower",
+        1,
+        1,
+        "evaluating",
+        "c",
+    )
 
 
 def test_a_follower_exits_on_the_finish_of_its_run(tmp_path, lines):
@@ -264,11 +304,12 @@ def test_a_late_joiner_holds_the_retained_model_without_evaluating_it(tmp_path, 
     clock = Clock(peer)
     deliver(peer, Aggregation(1, "c", 4, ("p2",), weights(4)), clock.now, retained=True)
     assert peer.store.latest.round == 4 and runner.jobs == []
-    assert peer.election.round == 4          # its vote will say it holds round 4
+    assert peer.election.round == 4  # its vote will say it holds round 4
     assert lines.having("holding the global model of round 4 (retained by the broker)")
 
 
 # --- as controller -------------------------------------------------------------------------------------------------------
+
 
 def test_a_lone_pair_elects_this_peer_and_it_runs_a_whole_round_to_the_finish(tmp_path, lines):
     peer, transport, runner, learner = make_peer(tmp_path, me="c")
@@ -300,9 +341,12 @@ def test_a_lone_pair_elects_this_peer_and_it_runs_a_whole_round_to_the_finish(tm
     # model: the retained finish alone stays, for peers (re)started for this run.
     last = peer._last_words()
     assert [(t, bool(p), r) for t, p, r in last] == [
-        ("sd/default/presence/c", True, False), ("sd/default/presence/c", False, True),
-        ("sd/default/election/c", False, True), ("sd/default/heartbeat/c", False, True),
-        ("sd/default/aggregation/c", False, True)]
+        ("sd/default/presence/c", True, False),
+        ("sd/default/presence/c", False, True),
+        ("sd/default/election/c", False, True),
+        ("sd/default/heartbeat/c", False, True),
+        ("sd/default/aggregation/c", False, True),
+    ]
     assert decode("presence", OPEN.open(last[0][0], last[0][1])[0]).status == "offline"
 
 
@@ -321,7 +365,7 @@ def test_failover_the_controller_is_lost_and_this_peer_resumes_from_the_model_it
     run_until(peer, clock, lambda: peer.controller is not None)
     assert lines.having("controller of term 2 (controller-lost)")
     [training] = transport.messages(Training)
-    assert (training.term, training.round, training.trainers) == (2, 3, ("p2",))   # round 2 was finished: go on
+    assert (training.term, training.round, training.trainers) == (2, 3, ("p2",))  # round 2 was finished: go on
     assert training.digest == digest(weights(2))
     assert "c" not in peer.controller.live
 
@@ -335,10 +379,11 @@ def test_a_controller_steps_down_when_a_higher_term_is_claimed(tmp_path, lines):
     deliver(peer, Claim(5, "p1", 0.9, 0, "conflict", ("c", "p1")), clock.now)
     assert peer.controller is None and peer.election.controller == "p1"
     assert lines.having("stepping down as controller of term 1")
-    assert transport.messages(Init)[-1].term == 5            # it says it is here, as a peer now
+    assert transport.messages(Init)[-1].term == 5  # it says it is here, as a peer now
 
 
 # --- refused --------------------------------------------------------------------------------------------------------------
+
 
 def test_refused_messages_are_logged_and_change_nothing(tmp_path, lines):
     peer, transport, runner, _ = make_peer(tmp_path)
@@ -371,7 +416,7 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
     deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     fit = runner.jobs[-1]
     assert peer._job_wanted(fit)
-    deliver(peer, Heartbeat(2, "c2", 0, "training", FP), clock.now)     # a new term began meanwhile
+    deliver(peer, Heartbeat(2, "c2", 0, "training", FP), clock.now)  # a new term began meanwhile
     assert not peer._job_wanted(fit)
     peer.handle(JobDone(fit, (weights(1), 10, 0.1), None, 1.0), clock.now)
     assert transport.messages(Solution) == [] and lines.having("term 1 is over; solution dropped")
@@ -379,21 +424,23 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
 
 # --- trust and robustness ---------------------------------------------------------------------------------------------
 
+
 def test_every_announcement_is_answered_once_per_burst_and_no_answer_is(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
 
     def mine():
         return [m for m in transport.messages(Init) if m.peer == "p1"]
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # a newcomer, or a peer back on the broker
-    deliver(peer, Init("p6", 0, 0, 112, 400, 90, False, FP), clock.now)     # another, in the same burst
-    deliver(peer, Init("p8", 0, 0, 222, 400, 90, True, FP), clock.now)      # an answer to someone: not answered
-    assert mine() == []                                                 # not at once: within a heartbeat or so
+
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)  # a newcomer, or a peer back on the broker
+    deliver(peer, Init("p6", 0, 0, 112, 400, 90, False, FP), clock.now)  # another, in the same burst
+    deliver(peer, Init("p8", 0, 0, 222, 400, 90, True, FP), clock.now)  # an answer to someone: not answered
+    assert mine() == []  # not at once: within a heartbeat or so
     run_until(peer, clock, lambda: mine(), seconds=2 * peer.settings.heartbeat)
     for _ in range(20):
         pump(peer, clock.advance(0.1))
-    assert len(mine()) == 1                                              # one answer for the burst
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # announcing again (it reconnected)
+    assert len(mine()) == 1  # one answer for the burst
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)  # announcing again (it reconnected)
     for _ in range(20):
         pump(peer, clock.advance(0.1))
     assert len(mine()) == 2 and all(m.reply for m in mine())
@@ -407,22 +454,23 @@ def test_the_controller_answers_a_newcomer_at_once(tmp_path):
     deliver(peer, Presence("p2", "online"), clock.now)
     run_until(peer, clock, lambda: peer.controller is not None, seconds=10)
     assert [m for m in transport.messages(Init) if m.reply] == []
-    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)     # no time passes
+    deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)  # no time passes
     assert len([m for m in transport.messages(Init) if m.peer == "p1" and m.reply]) == 1
 
 
 def test_after_a_reconnect_a_peer_not_heard_from_is_counted_gone(tmp_path, lines):
     from peer.node.transport import Connected
+
     peer, transport, runner, _ = make_peer(tmp_path, max_rounds=5)
     clock = Clock(peer)
     follow(peer, clock)
     for other in ("p2", "p3"):
         deliver(peer, Presence(other, "online"), clock.now)
-    peer.handle(Connected(), clock.now)              # the broker restarted: no Last Will survived it
-    deliver(peer, Init("p2", 1, 0, 5, 10, 10, False, FP), clock.now)       # p2 and the controller come back; p3 died
+    peer.handle(Connected(), clock.now)  # the broker restarted: no Last Will survived it
+    deliver(peer, Init("p2", 1, 0, 5, 10, 10, False, FP), clock.now)  # p2 and the controller come back; p3 died
     run_until(peer, clock, lambda: "p3" not in peer.election.live, seconds=3.5, step=0.25)
     assert "p2" in peer.election.live and lines.having("p3 was not heard from since this peer reconnected")
-    assert "c" in peer.election.live or peer.election.term == 2          # c: heard, or silent (then a new term)
+    assert "c" in peer.election.live or peer.election.term == 2  # c: heard, or silent (then a new term)
 
 
 def test_with_too_few_peers_the_peer_gives_up_after_the_wait_timeout(tmp_path, lines):
@@ -439,11 +487,12 @@ def test_a_failing_disk_is_logged_once_and_the_run_goes_on(tmp_path, lines, monk
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(peer.records, "evaluation", full)
     for round_ in (0, 1):
         deliver(peer, Aggregation(1, "c", round_, (), weights(round_)), clock.now)
         peer.handle(JobDone(runner.jobs[-1], (0.5, 1.0, 10), None, 0.1), clock.now)
-    assert [m.round for m in transport.messages(Evaluation)] == [0, 1]        # reported all the same
+    assert [m.round for m in transport.messages(Evaluation)] == [0, 1]  # reported all the same
     errors = lines.having("could not write evaluations.csv")
     assert len(errors) == 1 and "No space left" in errors[0][1] and errors[0][0] == "ERROR"
 
@@ -454,13 +503,14 @@ def test_malformed_messages_are_logged_at_most_once_per_quiet_period(tmp_path, l
     for _ in range(50):
         peer.handle(Inbound("sd/default/heartbeat/x", b"{not json", False), clock.now)
     assert len(lines.having("dropped a malformed message")) == 1
-    peer.quota.last = {k: v - 11 for k, v in peer.quota.last.items()}      # the quiet period has passed
+    peer.quota.last = {k: v - 11 for k, v in peer.quota.last.items()}  # the quiet period has passed
     peer.handle(Inbound("sd/default/heartbeat/x", b"{not json", False), clock.now)
     assert lines.having("(49 more like it in the last 10s)")
 
 
 def test_after_a_reconnect_a_follower_sends_its_answers_again(tmp_path):
     from peer.node.transport import Connected
+
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     follow(peer, clock)
@@ -470,25 +520,25 @@ def test_after_a_reconnect_a_follower_sends_its_answers_again(tmp_path):
     assert len(transport.messages(Solution)) == 2
 
 
-
 # --- the envelope: signed, fresh, one process per id -------------------------------------------------------------------
+
 
 def test_with_a_secret_unsigned_and_wrongly_signed_messages_are_ignored(tmp_path, lines):
     secret = b"federation-secret-0123456789"
     peer, transport, runner, _ = make_peer(tmp_path, secret=secret)
     clock = Clock(peer)
     ours, theirs = Seal(secret), Seal(b"another-secret-0123456789")
-    deliver(peer, Finish(9, "x", 1, "max-rounds", 1.0), clock.now)                  # unsigned
-    deliver(peer, Heartbeat(9, "x", 1, "training", FP), clock.now, seal=theirs)     # signed with another secret
+    deliver(peer, Finish(9, "x", 1, "max-rounds", 1.0), clock.now)  # unsigned
+    deliver(peer, Heartbeat(9, "x", 1, "training", FP), clock.now, seal=theirs)  # signed with another secret
     assert peer.exit_code is None and peer.election.term == 0
     assert lines.having("not sealed with the federation secret") and lines.having("bad signature")
     deliver(peer, Init("c", 0, 0, 7, 10, 10, False, FP), clock.now, seal=ours)
     deliver(peer, Heartbeat(1, "c", 0, "training", FP), clock.now, seal=ours)
     assert peer.election.controller == "c"
-    pump(peer, clock.advance(2 * peer.settings.heartbeat))                  # its answer to c's init is due
-    [answer] = transport.messages(Init, seal=ours)                                 # what it sends is signed
+    pump(peer, clock.advance(2 * peer.settings.heartbeat))  # its answer to c's init is due
+    [answer] = transport.messages(Init, seal=ours)  # what it sends is signed
     assert answer.peer == "p1"
-    with pytest.raises(ProtocolError, match="this peer has none"):          # a peer without the secret refuses it
+    with pytest.raises(ProtocolError, match="this peer has none"):  # a peer without the secret refuses it
         OPEN.open(*transport.published[0][:2])
 
 
@@ -499,7 +549,7 @@ def test_a_copy_or_a_stale_replay_of_a_live_message_is_not_acted_on_twice(tmp_pa
     order = Training(1, "c", 1, 1, ("p1",), digest(weights(0)))
     payload = sealed(order)
     peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)
-    peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)             # a QoS 1 duplicate, or a replay
+    peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)  # a QoS 1 duplicate, or a replay
     assert len(runner.jobs) == 1 and lines.having("ignored a copy of c's message")
     old = fresh_stamper(clock=lambda: time.time() - 600)
     deliver(peer, Training(1, "c", 1, 2, ("p1",), digest(weights(0))), clock.now, stamper=old)
@@ -513,7 +563,7 @@ def test_of_two_processes_with_one_peer_id_the_later_one_exits_with_a_clear_erro
     later = fresh_stamper(incarnation=peer.stamper.incarnation + 1000)
     deliver(peer, Init("p1", 0, 0, 4242, 10, 10, False, FP), clock.now, stamper=later)
     assert peer.exit_code is None and lines.having("started later and will exit")
-    assert transport.messages(Init)[-1].pid != 4242                              # it answered: "I was here first"
+    assert transport.messages(Init)[-1].pid != 4242  # it answered: "I was here first"
     deliver(peer, Init("p1", 0, 0, 4141, 10, 10, False, FP), clock.now, stamper=earlier)
     assert peer.exit_code == 5 and lines.having("already runs as peer p1; this one exits")
 
@@ -522,19 +572,23 @@ def test_its_own_echo_never_looks_like_a_second_process(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     peer.handle(__import__("peer.node.transport", fromlist=["Connected"]).Connected(), clock.now)
-    pump(peer, clock.now)                                  # its init comes back from the broker
+    pump(peer, clock.now)  # its init comes back from the broker
     assert peer.exit_code is None
 
 
 # --- fuzz: random sequences of real and forged messages -----------------------------------------------------------------
 
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 
 SECRET = b"the-federation-secret-0123"
-REAL_SCRIPT = [Heartbeat(1, "c", 0, "evaluating", FP), Aggregation(1, "c", 0, (), weights(0)),
-               Training(1, "c", 1, 1, ("p1",), digest(weights(0))), Aggregation(1, "c", 1, ("p1",), weights(1)),
-               Metrics(1, "c", 1, 0.5, 1.0, 10, ("p1",), 1.0, 10, 5.0), Training(1, "c", 2, 1, ("p1",), digest(weights(1))),
-               Aggregation(1, "c", 2, ("p1",), weights(2))]
+REAL_SCRIPT = [
+    Heartbeat(1, "c", 0, "evaluating", FP),
+    Aggregation(1, "c", 0, (), weights(0)),
+    Training(1, "c", 1, 1, ("p1",), digest(weights(0))),
+    Aggregation(1, "c", 1, ("p1",), weights(1)),
+    Metrics(1, "c", 1, 0.5, 1.0, 10, ("p1",), 1.0, 10, 5.0),
+    Training(1, "c", 2, 1, ("p1",), digest(weights(1))),
+    Aggregation(1, "c", 2, ("p1",), weights(2)),
+]
 FORGERIES = st.sampled_from(["unsigned", "other-secret", "moved", "replay", "stale", "impostor"])
 
 
@@ -542,11 +596,13 @@ def forged_payload(kind: str, message, real_payloads: list[tuple[str, bytes]], s
     ours = Seal(SECRET)
     if kind == "replay" and real_payloads:
         return real_payloads[-1]
-    if kind == "moved" and real_payloads:                       # a real payload on another sender's topic
+    if kind == "moved" and real_payloads:  # a real payload on another sender's topic
         topic, payload = real_payloads[-1]
         return topic.rsplit("/", 1)[0] + "/p2", payload
-    forged = {"stale": Training(0, "c", 9, 1, ("p1",), digest(weights(9))),
-              "impostor": Aggregation(1, "c", 9, (), weights(9))}.get(kind, Finish(1, "c", 9, "max-rounds", 1.0))
+    forged = {
+        "stale": Training(0, "c", 9, 1, ("p1",), digest(weights(9))),
+        "impostor": Aggregation(1, "c", 9, (), weights(9)),
+    }.get(kind, Finish(1, "c", 9, "max-rounds", 1.0))
     topic = TOPICS.of(forged)
     seal = {"unsigned": OPEN, "other-secret": Seal(b"x" * 32), "stale": ours}.get(kind, Seal(b"y" * 32))
     return topic, seal.seal(topic, encode(forged), stamper.next())
@@ -573,23 +629,29 @@ def test_fuzz_forged_messages_among_real_ones_change_nothing(tmp_path_factory, f
                 peer.handle(Inbound(topic, payload, False), clock.now)
                 pump(peer, clock.now)
         latest = peer.store.latest
-        return ([(j.kind, j.term, j.round, j.attempt) for j in runner.jobs], peer.exit_code,
-                (latest.round, latest.term), sorted(peer.store.finished), peer.election.term)
+        return (
+            [(j.kind, j.term, j.round, j.attempt) for j in runner.jobs],
+            peer.exit_code,
+            (latest.round, latest.term),
+            sorted(peer.store.finished),
+            peer.election.term,
+        )
 
     assert run(True) == run(False)
 
 
 # --- fewest bytes: weightless orders, models fetched when missing, chunks, other models ---------------------------------
 
+
 def test_an_order_for_a_model_this_peer_lacks_fetches_the_retained_one_then_trains(tmp_path, lines):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
-    follow(peer, clock)                                            # it holds round 0 = weights(0)
-    deliver(peer, Training(1, "c", 2, 1, ("p1",), digest(weights(1))), clock.now)   # trains from round 1: missing
+    follow(peer, clock)  # it holds round 0 = weights(0)
+    deliver(peer, Training(1, "c", 2, 1, ("p1",), digest(weights(1))), clock.now)  # trains from round 1: missing
     assert runner.jobs == [] and transport.fetches == [TOPICS.aggregations()]
-    deliver(peer, Training(1, "c", 2, 1, ("p1",), digest(weights(1))), clock.now)   # the order again: no new fetch
+    deliver(peer, Training(1, "c", 2, 1, ("p1",), digest(weights(1))), clock.now)  # the order again: no new fetch
     assert transport.fetches == [TOPICS.aggregations()]
-    deliver(peer, Aggregation(1, "c", 1, ("p2",), weights(1)), clock.now, retained=True)   # the broker sends it
+    deliver(peer, Aggregation(1, "c", 1, ("p2",), weights(1)), clock.now, retained=True)  # the broker sends it
     [fit] = runner.jobs
     assert (fit.kind, fit.round) == ("fit", 2) and np.array_equal(fit.weights[0], weights(1)[0])
     assert lines.having("lacks the model the order names")
@@ -605,17 +667,17 @@ def test_the_controller_alone_subscribes_to_solutions_and_evaluations(tmp_path):
     deliver(peer, Vote(1, "p1", 0.0, 0, "start"), clock.now)
     run_until(peer, clock, lambda: peer.controller is not None)
     assert answers <= set(transport.subscriptions)
-    deliver(peer, Heartbeat(2, "p1", 0, "training", FP), clock.now)          # a later term's controller: step down
+    deliver(peer, Heartbeat(2, "p1", 0, "training", FP), clock.now)  # a later term's controller: step down
     assert peer.controller is None and not answers & set(transport.subscriptions)
 
 
 def big_weights(value: float):
-    return [np.full((300, 300), value, np.float32), np.full(7, value, np.float32)]   # 360 KB
+    return [np.full((300, 300), value, np.float32), np.full(7, value, np.float32)]  # 360 KB
 
 
 def big_receiver(tmp_path, **settings):
     peer, transport, runner, learner = make_peer(tmp_path / "receiver", **settings)
-    peer.follower.shapes = tuple(w.shape for w in big_weights(0))    # its model is the big one
+    peer.follower.shapes = tuple(w.shape for w in big_weights(0))  # its model is the big one
     return peer, transport, runner, learner
 
 
@@ -634,7 +696,7 @@ def test_a_model_larger_than_a_broker_message_travels_in_chunks_in_any_order(tmp
     peer, transport, runner, _ = big_receiver(tmp_path)
     clock = Clock(peer)
     follow(peer, clock)
-    for topic, payload in [*reversed(pieces[1:]), pieces[0], pieces[2]]:    # retained: any order, and a duplicate
+    for topic, payload in [*reversed(pieces[1:]), pieces[0], pieces[2]]:  # retained: any order, and a duplicate
         peer.handle(Inbound(topic, payload, True), clock.now)
     pump(peer, clock.now)
     assert peer.store.latest.round == 1 and np.array_equal(peer.store.latest.weights[0], big_weights(0.5)[0])
@@ -648,13 +710,13 @@ def test_a_corrupted_or_lost_chunk_is_logged_and_never_adopted(tmp_path, lines):
     follow(peer, clock)
     topic, payload = pieces[3]
     damaged = bytearray(payload)
-    damaged[-5] ^= 0xFF                                  # a data byte (open mode: no MAC, the digest catches it)
+    damaged[-5] ^= 0xFF  # a data byte (open mode: no MAC, the digest catches it)
     for t, p in [*pieces[:3], (topic, bytes(damaged)), *pieces[4:]]:
         peer.handle(Inbound(t, p, False), clock.now)
     pump(peer, clock.now)
     assert peer.store.latest.round == 0 and lines.having("digest")
     again = chunked(tmp_path / "again", Aggregation(1, "c", 1, ("p2",), big_weights(0.5)))
-    for t, p in again[:-1]:                              # the same model sent again, its last chunk lost
+    for t, p in again[:-1]:  # the same model sent again, its last chunk lost
         peer.handle(Inbound(t, p, False), clock.now)
     pump(peer, clock.now)
     run_until(peer, clock, lambda: lines.having("missing"), seconds=CHUNK_TIMEOUT_S + 5, step=1.0)
@@ -670,8 +732,8 @@ def test_with_a_secret_every_chunk_is_signed_and_a_forged_one_refused(tmp_path, 
     for message in follow_signed:
         deliver(peer, message, clock.now, seal=Seal(secret))
     topic, payload = pieces[2]
-    peer.handle(Inbound(topic, payload[:-40] + bytes(8) + payload[-32:], False), clock.now)   # forged data
-    peer.handle(Inbound(pieces[1][0], pieces[2][1], False), clock.now)        # chunk 2 moved to chunk 1's topic
+    peer.handle(Inbound(topic, payload[:-40] + bytes(8) + payload[-32:], False), clock.now)  # forged data
+    peer.handle(Inbound(pieces[1][0], pieces[2][1], False), clock.now)  # chunk 2 moved to chunk 1's topic
     assert lines.having("bad signature")
     for t, p in pieces:
         peer.handle(Inbound(t, p, False), clock.now)
@@ -686,7 +748,7 @@ def test_a_peer_of_another_model_is_not_counted_and_a_run_of_another_model_sends
     deliver(peer, Init("p2", 0, 0, 5, 10, 10, False, "f" * 16), clock.now)
     assert "p2" in peer.misfits and "p2" not in peer.election.live
     assert len(lines.having("p2 runs another model")) == 1
-    deliver(peer, Init("p2", 0, 0, 5, 10, 10, False, "f" * 16), clock.now)   # said once
+    deliver(peer, Init("p2", 0, 0, 5, 10, 10, False, "f" * 16), clock.now)  # said once
     assert len(lines.having("p2 runs another model")) == 1
     deliver(peer, Heartbeat(1, "c", 0, "training", "f" * 16), clock.now)
     assert peer.exit_code == 3

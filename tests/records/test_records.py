@@ -1,4 +1,5 @@
 """peer.records.run_dir: what the writer puts in a run dir, the readers get back, file by file; old files still read."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,56 @@ from pathlib import Path
 import pytest
 
 from peer.records.run_dir import (
-    CHAOS_COLUMNS, ELECTIONS_COLUMNS, EVALUATIONS_COLUMNS, ROUNDS_COLUMNS, ChaosRecord, ElectionRecord,
-    EvaluationRecord, PeerData, RoundRecord, RunDirError, RunRecorder, global_series, load_run, read_chaos,
-    read_elections, read_evaluations, read_peer_data, read_rounds, read_run_summary, read_statuses, record_chaos,
+    CHAOS_COLUMNS,
+    ELECTIONS_COLUMNS,
+    EVALUATIONS_COLUMNS,
+    ROUNDS_COLUMNS,
+    ChaosRecord,
+    ElectionRecord,
+    EvaluationRecord,
+    PeerData,
+    RoundRecord,
+    RunDirError,
+    RunRecorder,
+    global_series,
+    load_run,
+    read_chaos,
+    read_elections,
+    read_evaluations,
+    read_peer_data,
+    read_rounds,
+    read_run_summary,
+    read_statuses,
+    record_chaos,
     weighted_mean,
 )
 
 T0 = 1_790_000_000.25
-ROUND = dict(round=1, term=2, controller="peer-1", trainers=["peer-2", "peer-3"], accuracy=0.8125, loss=0.5,
-             duration_s=3.5, bytes_sent=123456, finished_at=T0 + 10, started_at=T0 + 6.5)
-DATA = {"peer": "peer-2", "dataset": "mnist", "shard": "1/5", "partition": "skewed", "seed": 42, "source": "here",
-        "num_classes": 3, "train_samples": 60, "test_samples": 9, "train_classes": [10, 20, 30],
-        "test_classes": [3, 3, 3]}
+ROUND = dict(
+    round=1,
+    term=2,
+    controller="peer-1",
+    trainers=["peer-2", "peer-3"],
+    accuracy=0.8125,
+    loss=0.5,
+    duration_s=3.5,
+    bytes_sent=123456,
+    finished_at=T0 + 10,
+    started_at=T0 + 6.5,
+)
+DATA = {
+    "peer": "peer-2",
+    "dataset": "mnist",
+    "shard": "1/5",
+    "partition": "skewed",
+    "seed": 42,
+    "source": "here",
+    "num_classes": 3,
+    "train_samples": 60,
+    "test_samples": 9,
+    "train_classes": [10, 20, 30],
+    "test_classes": [3, 3, 3],
+}
 
 
 def test_every_csv_file_reads_back_what_was_written(tmp_path):
@@ -31,11 +70,14 @@ def test_every_csv_file_reads_back_what_was_written(tmp_path):
 
     warnings: list[str] = []
     assert read_elections(tmp_path, warnings) == [
-        ElectionRecord(term=2, controller="peer-1", reason="controller-lost", time=T0,
-                       members=["peer-1", "peer-2", "peer-3"])]
+        ElectionRecord(
+            term=2, controller="peer-1", reason="controller-lost", time=T0, members=["peer-1", "peer-2", "peer-3"]
+        )
+    ]
     assert read_rounds(tmp_path, warnings) == [RoundRecord(**ROUND)]
     assert read_evaluations(tmp_path, "peer-2", warnings) == [
-        EvaluationRecord(round=1, term=2, accuracy=0.75, loss=0.625, samples=100, time=T0 + 9)]
+        EvaluationRecord(round=1, term=2, accuracy=0.75, loss=0.625, samples=100, time=T0 + 9)
+    ]
     assert read_chaos(tmp_path, warnings) == [ChaosRecord(time=T0 - 1, action="kill", peer="peer-4", signal="KILL")]
     assert warnings == []
 
@@ -47,14 +89,23 @@ def test_every_json_file_reads_back_what_was_written(tmp_path):
     recorder.run({"settings": {"target_accuracy": 0.9}, "outcome": {"initial_accuracy": 0.1, "finished_at": T0}})
 
     assert read_peer_data(tmp_path, "peer-2") == PeerData(
-        peer="peer-2", dataset="mnist", shard="1/5", partition="skewed", seed=42, num_classes=3, train_samples=60,
-        test_samples=9, train_classes=[10, 20, 30], test_classes=[3, 3, 3])
+        peer="peer-2",
+        dataset="mnist",
+        shard="1/5",
+        partition="skewed",
+        seed=42,
+        num_classes=3,
+        train_samples=60,
+        test_samples=9,
+        train_classes=[10, 20, 30],
+        test_classes=[3, 3, 3],
+    )
     status = read_statuses(tmp_path)["peer-2"]
     assert status["role"] == "trainer" and status["term"] == 2 and status["pid"] == os.getpid()
     summary = read_run_summary(tmp_path)
     assert (summary.target_accuracy, summary.initial_accuracy, summary.finished_at) == (0.9, 0.1, T0)
     assert recorder.model_path == tmp_path / "model.keras"
-    assert not list(tmp_path.rglob("*.tmp"))       # the atomic writes leave no temporary file behind
+    assert not list(tmp_path.rglob("*.tmp"))  # the atomic writes leave no temporary file behind
 
 
 def test_load_run_gathers_every_file(tmp_path):
@@ -68,7 +119,7 @@ def test_load_run_gathers_every_file(tmp_path):
 
     history = load_run(tmp_path)
     assert history.warnings == [] and not history.is_empty
-    assert list(history.peers) == ["peer-1", "peer-2", "peer-10"]          # natural order
+    assert list(history.peers) == ["peer-1", "peer-2", "peer-10"]  # natural order
     assert [r.round for r in history.rounds] == [1] and [e.term for e in history.elections] == [1]
     assert history.peers["peer-10"].data.dataset == "mnist" and history.peers["peer-1"].data is None
     assert history.chaos[0].action == "stop" and history.controller_of_term() == {1: "peer-1"}
@@ -81,13 +132,25 @@ def test_load_run_gathers_every_file(tmp_path):
 
 def test_a_rounds_file_without_started_at_still_reads(tmp_path):
     old_columns = [c for c in ROUNDS_COLUMNS if c != "started_at"]
-    (tmp_path / "rounds.csv").write_text(",".join(old_columns) + "\n"
-                                         "1,1,peer-1,peer-2;peer-3,0.500000,1.000000,2.0,100,1790000000.0\n")
+    (tmp_path / "rounds.csv").write_text(
+        ",".join(old_columns) + "\n1,1,peer-1,peer-2;peer-3,0.500000,1.000000,2.0,100,1790000000.0\n"
+    )
     warnings: list[str] = []
     rounds = read_rounds(tmp_path, warnings)
     assert warnings == []
-    assert rounds == [RoundRecord(round=1, term=1, controller="peer-1", trainers=["peer-2", "peer-3"], accuracy=0.5,
-                                  loss=1.0, duration_s=2.0, bytes_sent=100, finished_at=1790000000.0)]
+    assert rounds == [
+        RoundRecord(
+            round=1,
+            term=1,
+            controller="peer-1",
+            trainers=["peer-2", "peer-3"],
+            accuracy=0.5,
+            loss=1.0,
+            duration_s=2.0,
+            bytes_sent=100,
+            finished_at=1790000000.0,
+        )
+    ]
     assert rounds[0].started_at is None
 
 
@@ -138,12 +201,16 @@ def test_a_torn_status_file_is_left_out(tmp_path):
     assert json.loads((tmp_path / "peers" / "peer-1" / "status.json").read_text())["role"] == "trainer"
 
 
-@pytest.mark.parametrize("pairs, expected", [
-    ([(0.5, 1), (1.0, 3)], 0.875),
-    ([(0.9, 0), (0.3, 4)], 0.3),           # a count of 0 weighs nothing
-    ([(0.9, -5), (0.3, 4)], 0.3),          # nor does a negative one
-    ([], None), ([(0.7, 0)], None),        # nothing to weigh
-])
+@pytest.mark.parametrize(
+    "pairs, expected",
+    [
+        ([(0.5, 1), (1.0, 3)], 0.875),
+        ([(0.9, 0), (0.3, 4)], 0.3),  # a count of 0 weighs nothing
+        ([(0.9, -5), (0.3, 4)], 0.3),  # nor does a negative one
+        ([], None),
+        ([(0.7, 0)], None),  # nothing to weigh
+    ],
+)
 def test_weighted_mean(pairs, expected):
     result = weighted_mean(iter(pairs))
     assert result == (pytest.approx(expected) if expected is not None else None)
@@ -151,11 +218,19 @@ def test_weighted_mean(pairs, expected):
 
 # --- the checkpoint -----------------------------------------------------------------------------------------------------
 
+
 def test_a_checkpoint_is_written_whole_and_read_back(tmp_path):
     from peer.records.run_dir import CHECKPOINT_DIR, read_checkpoint
+
     recorder = RunRecorder(tmp_path, "c")
-    state = {"run_id": "r1", "round": 2, "term": 3, "trainers": ["a", "b"], "run_started": 10.0,
-             "rounds": [{"round": 0, "term": 1, "accuracy": 0.1, "loss": 2.0, "bytes": 5}]}
+    state = {
+        "run_id": "r1",
+        "round": 2,
+        "term": 3,
+        "trainers": ["a", "b"],
+        "run_started": 10.0,
+        "rounds": [{"round": 0, "term": 1, "accuracy": 0.1, "loss": 2.0, "bytes": 5}],
+    }
     recorder.checkpoint(state, b"weights-2")
     recorder.checkpoint({**state, "round": 3}, b"weights-3")
     checkpoint = read_checkpoint(tmp_path)
@@ -166,6 +241,7 @@ def test_a_checkpoint_is_written_whole_and_read_back(tmp_path):
 
 def test_no_checkpoint_is_none_and_a_damaged_one_says_why(tmp_path):
     from peer.records.run_dir import CHECKPOINT_DIR, CheckpointError, read_checkpoint
+
     assert read_checkpoint(tmp_path) is None
     RunRecorder(tmp_path, "c").checkpoint({"run_id": "r", "round": 1, "term": 1}, b"abc")
     (tmp_path / CHECKPOINT_DIR / "weights-1.bin").write_bytes(b"abd")

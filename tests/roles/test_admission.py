@@ -1,18 +1,32 @@
 """The admission rules, one test per rule, and a fuzz of random forged and real messages: whatever arrives, the
 verdict is a route or a refusal, and no rule lets a message reach a machine it is not for."""
+
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peer.roles.admission import Route, View, admit, entitled
 from peer.roles.election import Role
 from peer.wire.errors import Refused
-from peer.wire.messages import Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, Solution, Training, Vote
+from peer.wire.messages import (
+    Aggregation,
+    Claim,
+    Evaluation,
+    Finish,
+    Heartbeat,
+    Init,
+    Metrics,
+    Presence,
+    Solution,
+    Training,
+    Vote,
+)
 
 W = [np.zeros(2, np.float32)]
-FP, OTHER_FP = "0" * 16, "f" * 16     # model fingerprints: ours, another model's
-D = "ab" * 16                          # a model digest, as a training order names it
+FP, OTHER_FP = "0" * 16, "f" * 16  # model fingerprints: ours, another model's
+D = "ab" * 16  # a model digest, as a training order names it
 FOLLOWER = View("me", 3, Role.FOLLOWER, "c")
 CONTROLLER = View("me", 3, Role.CONTROLLER, "me")
 NEW = View("me", 0, Role.WAITING, None)
@@ -42,7 +56,7 @@ def test_a_heartbeat_of_another_model_tells_a_peer_the_run_is_not_for_it():
         for retained in (False, True):
             assert admit(Heartbeat(3, "c", 1, "x", OTHER_FP), retained, view) is Route.RUN_OTHER_MODEL
     refused = admit(Heartbeat(3, "c", 1, "x", OTHER_FP), False, View("me", 3, Role.CONTROLLER, "me", FP))
-    assert isinstance(refused, Refused) and refused.level == "warning"      # a controller is not told to leave
+    assert isinstance(refused, Refused) and refused.level == "warning"  # a controller is not told to leave
     assert admit(Heartbeat(3, "c", 1, "x", FP), False, View("me", 3, Role.FOLLOWER, "c", FP)) is Route.FROM_CONTROLLER
 
 
@@ -65,20 +79,30 @@ def test_a_retained_finish_says_this_run_is_over_whenever_this_peer_comes():
     # topics are per run: a retained finish on them is this run's, for a peer just started or one in the run
     assert verdict(Finish(7, "c", 9, "max-rounds", 0.9), NEW, retained=True) is Route.RUN_FINISHED
     assert verdict(Finish(3, "c", 9, "max-rounds", 0.9), retained=True) is Route.RUN_FINISHED
-    assert verdict(Finish(3, "c", 9, "max-rounds", 0.9)) is Route.FROM_CONTROLLER          # live: the controller's
+    assert verdict(Finish(3, "c", 9, "max-rounds", 0.9)) is Route.FROM_CONTROLLER  # live: the controller's
 
 
 def test_a_retained_message_of_a_kind_no_peer_retains_is_refused():
-    for message in (Training(3, "c", 1, 1, ("me",), D), Metrics(3, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
-                    Vote(4, "p2", 0.5, 0, "x"), Init("p2", 0, 0, 1, 1, 1, False, FP), Solution(3, 1, 1, "p2", 1, 0.1, W),
-                    Evaluation(3, 1, "p2", 0.5, 1.0, 1)):
+    for message in (
+        Training(3, "c", 1, 1, ("me",), D),
+        Metrics(3, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
+        Vote(4, "p2", 0.5, 0, "x"),
+        Init("p2", 0, 0, 1, 1, 1, False, FP),
+        Solution(3, 1, 1, "p2", 1, 0.1, W),
+        Evaluation(3, 1, "p2", 0.5, 1.0, 1),
+    ):
         refused = verdict(message, CONTROLLER, retained=True)
         assert isinstance(refused, Refused) and refused.level == "warning" and "retained" in refused.reason
 
 
 def test_a_controller_message_of_an_older_term_is_stale():
-    for message in (Heartbeat(2, "c", 1, "x", FP), Training(2, "c", 1, 1, ("me",), D), Aggregation(2, "c", 1, (), W),
-                    Metrics(2, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0), Finish(2, "c", 1, "max-rounds", 0.5)):
+    for message in (
+        Heartbeat(2, "c", 1, "x", FP),
+        Training(2, "c", 1, 1, ("me",), D),
+        Aggregation(2, "c", 1, (), W),
+        Metrics(2, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
+        Finish(2, "c", 1, "max-rounds", 0.5),
+    ):
         refused = verdict(message)
         assert isinstance(refused, Refused) and "stale term 2" in refused.reason
 
@@ -125,8 +149,19 @@ messages = st.one_of(
     st.builds(Heartbeat, terms, ids, terms, st.just("p")),
     st.builds(Training, terms, ids, terms, st.just(1), st.just(("me",)), st.just(W)),
     st.builds(Aggregation, terms, ids, terms, st.just(()), st.just(W)),
-    st.builds(Metrics, terms, ids, terms, st.just(0.5), st.just(1.0), st.just(1), st.just(()), st.just(0.0),
-              st.just(0), st.just(0.0)),
+    st.builds(
+        Metrics,
+        terms,
+        ids,
+        terms,
+        st.just(0.5),
+        st.just(1.0),
+        st.just(1),
+        st.just(()),
+        st.just(0.0),
+        st.just(0),
+        st.just(0.0),
+    ),
     st.builds(Finish, terms, ids, terms, st.just("r"), st.just(0.5)),
     st.builds(Solution, terms, terms, st.just(1), ids, st.just(1), st.just(0.1), st.just(W)),
     st.builds(Evaluation, terms, terms, ids, st.just(0.5), st.just(1.0), st.just(1)),
@@ -152,12 +187,16 @@ def test_fuzz_every_verdict_respects_who_may_hear_what(message, view, retained):
 def test_a_term_can_only_move_forward_by_a_bounded_step_never_to_the_last_one():
     from peer.roles.admission import MAX_TERM_STEP
     from peer.wire.messages import MAX_TERM
-    for message in (Vote(MAX_TERM, "p2", 0.5, 0, "x"), Claim(MAX_TERM, "p2", 0.5, 0, "x", ()),
-                    Heartbeat(MAX_TERM, "c", 1, "x", FP)):
+
+    for message in (
+        Vote(MAX_TERM, "p2", 0.5, 0, "x"),
+        Claim(MAX_TERM, "p2", 0.5, 0, "x", ()),
+        Heartbeat(MAX_TERM, "c", 1, "x", FP),
+    ):
         assert "last usable term" in verdict(message, NEW).reason
     far = 3 + MAX_TERM_STEP + 1
     for message in (Vote(far, "p2", 0.5, 0, "x"), Training(far, "c", 1, 1, ("me",), D)):
         refused = verdict(message)
         assert isinstance(refused, Refused) and refused.level == "warning" and "ahead of ours" in refused.reason
     assert verdict(Vote(3 + MAX_TERM_STEP, "p2", 0.5, 0, "x")) is Route.BALLOT
-    assert verdict(Heartbeat(MAX_TERM - 1, "c", 1, "x", FP), NEW) is Route.FROM_CONTROLLER   # a newcomer joins any run
+    assert verdict(Heartbeat(MAX_TERM - 1, "c", 1, "x", FP), NEW) is Route.FROM_CONTROLLER  # a newcomer joins any run

@@ -3,26 +3,38 @@
 Covers every action of a round in order, quorum and retry, the deadline, the resume rules after a failover, waiting
 with too few peers, the finish, and, as a property, that no solution of another term, round or attempt (or from a
 peer not chosen) is ever averaged into the global model."""
+
 from __future__ import annotations
 
 import random
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from peer.roles.actions import (AdoptModel, Exit, FinishRound, Log, Print, Publish, RecordElection, RecordRound, RecordRun,
-                          SaveModel)
+from peer.learning.aggregation import fedavg
+from peer.roles.actions import (
+    AdoptModel,
+    Exit,
+    FinishRound,
+    Log,
+    Print,
+    Publish,
+    RecordElection,
+    RecordRound,
+    RecordRun,
+    SaveModel,
+)
 from peer.roles.controller import FINISH_EXPIRY_S, Controller, Phase, RoundRules
+from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
 from peer.wire.envelope import ENVELOPE_OVERHEAD_OPEN, Seal, Stamper
+from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training, encode
 from peer.wire.session import Outbox
 from peer.wire.topics import Topics
-from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training, encode
-from peer.learning.aggregation import fedavg
-from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
 
 PEERS = {"c", "p1", "p2", "p3", "p4"}
-WALL = 1_000_000.0     # wall clock = now + WALL
-WIRE = Outbox(Topics(), Seal(None), Stamper(1, lambda: WALL))   # what a message costs on the wire, unsealed
+WALL = 1_000_000.0  # wall clock = now + WALL
+WIRE = Outbox(Topics(), Seal(None), Stamper(1, lambda: WALL))  # what a message costs on the wire, unsealed
 
 
 def weights(value: float):
@@ -36,10 +48,20 @@ class Run:
         options = dict(trainers=3, min_solutions=2, max_rounds=3, target_accuracy=0.99, round_deadline=10.0)
         options.update(overrides)
         memory = memory or ModelStore()
-        self.c = Controller("c", RoundRules(**options), term=term, wire_cost=WIRE.cost,
-                            reason="start", members=tuple(sorted(live or PEERS)), live=set(live or PEERS),
-                            memory=memory, rng=random.Random(0), wall_offset=WALL,
-                            initial_weights=weights(0) if memory.latest is None else None, announced=announced)
+        self.c = Controller(
+            "c",
+            RoundRules(**options),
+            term=term,
+            wire_cost=WIRE.cost,
+            reason="start",
+            members=tuple(sorted(live or PEERS)),
+            live=set(live or PEERS),
+            memory=memory,
+            rng=random.Random(0),
+            wall_offset=WALL,
+            initial_weights=weights(0) if memory.latest is None else None,
+            announced=announced,
+        )
         self.actions: list = []
 
     def __getattr__(self, name):
@@ -49,6 +71,7 @@ class Run:
             out = method(*args, **kwargs)
             self.actions += out
             return out
+
         return call
 
     def sent(self, kind):
@@ -72,7 +95,7 @@ def test_a_fresh_controller_publishes_round_0_then_runs_rounds_to_the_limit():
     assert (election.term, election.controller, election.reason) == (1, "c", "start")
     [agg0] = r.sent(Aggregation)
     assert agg0.round == 0 and r.c.phase is Phase.EVALUATING
-    assert r.of(AdoptModel)[0].model.round == 0            # the node's store learns the initial model
+    assert r.of(AdoptModel)[0].model.round == 0  # the node's store learns the initial model
     r.evaluate_all(0, 1)
     for round_ in (1, 2, 3):
         training = r.sent(Training)[-1]
@@ -99,7 +122,7 @@ def test_every_action_of_a_round_in_order():
         r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1)), 500, 2)
     closing = r.on_message(Solution(1, 1, 1, training.trainers[2], 10, 0.1, weights(1.5)), 500, 3)
     kinds = [type(a).__name__ if not isinstance(a, Publish) else type(a.message).__name__ for a in closing]
-    assert kinds == ["Log", "AdoptModel", "Log", "Aggregation"]     # solution noted, model adopted, FedAvg, publish
+    assert kinds == ["Log", "AdoptModel", "Log", "Aggregation"]  # solution noted, model adopted, FedAvg, publish
     agg = closing[3]
     assert agg.retain and np.allclose(agg.message.weights[0], 3.5 / 3)
     assert closing[1].model == GlobalModel(1, 1, agg.message.weights, tuple(sorted(training.trainers)))
@@ -116,15 +139,16 @@ def test_every_action_of_a_round_in_order():
     assert row["round"] == 1 and row["trainers"] == tuple(sorted(training.trainers))
     assert row["started_at"] == WALL + 1 and row["finished_at"] == WALL + 5 and row["duration_s"] == 4
     # bytes: the order, three solutions, the aggregation and four evaluations (each of ours in its envelope)
-    assert row["bytes_sent"] == (len(encode(training)) + 3 * 500 + len(encode(agg.message)) + 4 * 50
-                                 + 2 * ENVELOPE_OVERHEAD_OPEN)
+    assert row["bytes_sent"] == (
+        len(encode(training)) + 3 * 500 + len(encode(agg.message)) + 4 * 50 + 2 * ENVELOPE_OVERHEAD_OPEN
+    )
     assert closing[1].message.run_started == WALL
 
 
 def test_target_accuracy_stops_early_with_every_finishing_action():
     r = Run(target_accuracy=0.6, max_rounds=10)
     r.take_office(0)
-    r.evaluate_all(0, 0, accuracy=0.7)           # round 0 never stops the run, whatever its accuracy
+    r.evaluate_all(0, 0, accuracy=0.7)  # round 0 never stops the run, whatever its accuracy
     training = r.sent(Training)[-1]
     for peer in training.trainers:
         r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1)), 1, 1)
@@ -136,7 +160,7 @@ def test_target_accuracy_stops_early_with_every_finishing_action():
     outcome = tail[1].summary["outcome"]
     assert outcome["initial_accuracy"] == 0.7 and outcome["final_accuracy"] == 0.65 and outcome["rounds"] == 1
     assert "run summary" in tail[4].text and "target-accuracy" in tail[4].text
-    assert r.tick(100) == []                       # a finished controller is silent
+    assert r.tick(100) == []  # a finished controller is silent
 
 
 def test_the_deadline_closes_with_a_quorum_or_repeats_the_round_with_new_trainers():
@@ -145,7 +169,7 @@ def test_the_deadline_closes_with_a_quorum_or_repeats_the_round_with_new_trainer
     r.evaluate_all(0, 0)
     first = r.sent(Training)[-1]
     r.on_message(Solution(1, 1, 1, first.trainers[0], 10, 0.1, weights(1)), 1, 1)
-    r.tick(5.5)                                           # 1 of 3 < quorum 2: repeat
+    r.tick(5.5)  # 1 of 3 < quorum 2: repeat
     retry = r.sent(Training)[-1]
     assert (retry.round, retry.attempt) == (1, 2)
     assert r.logs("choosing trainers again")[0].level == "warning"
@@ -154,7 +178,7 @@ def test_the_deadline_closes_with_a_quorum_or_repeats_the_round_with_new_trainer
     assert r.logs(f"ignored a solution from {first.trainers[1]}: it is for term 1 round 1 attempt 1")
     for peer in retry.trainers[:2]:
         r.on_message(Solution(1, 1, 2, peer, 10, 0.1, weights(2)), 1, 7)
-    r.tick(11.0)                                          # deadline of attempt 2 with 2 of 3: close
+    r.tick(11.0)  # deadline of attempt 2 with 2 of 3: close
     agg = r.sent(Aggregation)[-1]
     assert agg.round == 1 and np.allclose(agg.weights[0], 2) and len(agg.trainers) == 2
     assert r.logs("closed without")
@@ -188,7 +212,7 @@ def test_a_new_controller_evaluates_a_round_whose_metrics_were_lost_then_trains_
     store = ModelStore()
     store.offer(0, 1, weights(0))
     store.finish_round(RoundSummary(0, 1, 0.1, 2.3, 0), run_started=1.0)
-    store.offer(1, 1, weights(1), ("p1", "p2"))          # aggregated by the dead controller, no metrics seen
+    store.offer(1, 1, weights(1), ("p1", "p2"))  # aggregated by the dead controller, no metrics seen
     r = Run(memory=store, term=2)
     r.take_office(0)
     [agg] = r.sent(Aggregation)
@@ -197,8 +221,8 @@ def test_a_new_controller_evaluates_a_round_whose_metrics_were_lost_then_trains_
     assert r.sent(Metrics)[-1].round == 1 and r.sent(Training)[-1].round == 2
     [row] = r.of(RecordRound)
     assert row.row["trainers"] == ("p1", "p2") and row.row["duration_s"] == 0 and row.row["started_at"] is None
-    assert r.sent(Metrics)[-1].run_started == 1.0          # the run's start is the first controller's
-    assert store.latest.round == 1 and 1 not in store.finished   # the machine never writes the peer's store
+    assert r.sent(Metrics)[-1].run_started == 1.0  # the run's start is the first controller's
+    assert store.latest.round == 1 and 1 not in store.finished  # the machine never writes the peer's store
 
 
 def test_a_new_controller_after_finished_metrics_trains_the_next_round_at_once():
@@ -224,10 +248,10 @@ def test_too_few_peers_waits_once_and_resumes_when_one_returns():
     r = Run(live={"c", "p1"})
     r.take_office(0)
     r.evaluate_all(0, 0)
-    r.peer_down("p1", 1)                                  # the only trainer is gone: repeat, but nobody is left
+    r.peer_down("p1", 1)  # the only trainer is gone: repeat, but nobody is left
     for now in range(2, 30):
         r.tick(now)
-    assert r.c.phase is Phase.WAITING_PEERS and len(r.sent(Training)) == 1     # no order to nobody, no spinning
+    assert r.c.phase is Phase.WAITING_PEERS and len(r.sent(Training)) == 1  # no order to nobody, no spinning
     assert len(r.logs("too few peers")) == 1
     r.peer_up("p2", 31)
     assert r.sent(Training)[-1].trainers == ("p2",)
@@ -255,14 +279,17 @@ def test_a_controller_without_a_model_or_initial_weights_is_a_programming_error(
         raise AssertionError("expected ValueError")
 
 
-solution_events = st.lists(st.tuples(
-    st.sampled_from([0, 1, 2]),                 # term (1 is the controller's)
-    st.sampled_from([0, 1, 2]),                 # round (1 is current)
-    st.sampled_from([1, 2]),                    # attempt (1 is current)
-    st.sampled_from(sorted(PEERS - {"c"}) + ["intruder"]),
-    st.integers(1, 50),                         # samples
-    st.floats(-5, 5, allow_nan=False, width=32),
-), max_size=25)
+solution_events = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 2]),  # term (1 is the controller's)
+        st.sampled_from([0, 1, 2]),  # round (1 is current)
+        st.sampled_from([1, 2]),  # attempt (1 is current)
+        st.sampled_from(sorted(PEERS - {"c"}) + ["intruder"]),
+        st.integers(1, 50),  # samples
+        st.floats(-5, 5, allow_nan=False, width=32),
+    ),
+    max_size=25,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -304,7 +331,7 @@ def test_a_poisoned_solution_is_clipped_and_its_trainer_chosen_last():
     assert agg.round == 1 and all(np.isfinite(w).all() and np.abs(w).max() < 1 for w in agg.weights)
     assert liar in r.c.suspects and r.logs("clipped")
     r.evaluate_all(1, 2)
-    assert liar not in r.sent(Training)[-1].trainers        # 4 candidates, 3 chosen: the suspect is left out
+    assert liar not in r.sent(Training)[-1].trainers  # 4 candidates, 3 chosen: the suspect is left out
 
 
 def test_a_refused_aggregate_repeats_the_round_with_other_trainers():
@@ -312,7 +339,7 @@ def test_a_refused_aggregate_repeats_the_round_with_other_trainers():
     r.take_office(0)
     r.evaluate_all(0, 0)
     [first] = r.sent(Training)[-1].trainers
-    r.on_message(Solution(1, 1, 1, first, 10, 0.1, weights(1e30)), 1, 1)   # alone: nothing to clip it against
+    r.on_message(Solution(1, 1, 1, first, 10, 0.1, weights(1e30)), 1, 1)  # alone: nothing to clip it against
     retry = r.sent(Training)[-1]
     assert (retry.round, retry.attempt) == (1, 2) and retry.trainers != (first,)
     assert r.logs("aggregation refused") and r.sent(Aggregation)[-1].round == 0
@@ -329,13 +356,12 @@ def test_declared_sample_counts_are_bounded_by_what_each_peer_announced():
     r.on_message(Solution(1, 1, 1, big, 2**53 - 1, 0.1, weights(0.25)), 1, 1)
     for peer in rest:
         r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(0.1)), 1, 1)
-    assert np.allclose(r.sent(Aggregation)[-1].weights[0], 0.15)       # an equal third, not all of it
+    assert np.allclose(r.sent(Aggregation)[-1].weights[0], 0.15)  # an equal third, not all of it
     # evaluations: a non-member is not heard; a member's weight is what it announced
     r.on_message(Evaluation(1, 1, "intruder", 1.0, 0.0, 2**53 - 1), 1, 2)
     for peer in sorted(r.c.evaluations.expected):
-        r.on_message(Evaluation(1, 1, peer, 1.0 if peer == big else 0.0, 1.0, 2**53 - 1 if peer == big else 100),
-                     1, 2)
-    assert r.sent(Metrics)[-1].accuracy == 0.25                        # 100 of 400 samples, not ~1.0
+        r.on_message(Evaluation(1, 1, peer, 1.0 if peer == big else 0.0, 1.0, 2**53 - 1 if peer == big else 100), 1, 2)
+    assert r.sent(Metrics)[-1].accuracy == 0.25  # 100 of 400 samples, not ~1.0
 
 
 def test_a_model_nobody_evaluates_is_published_a_bounded_number_of_times_then_the_run_gives_up():
@@ -343,7 +369,7 @@ def test_a_model_nobody_evaluates_is_published_a_bounded_number_of_times_then_th
     r.take_office(0)
     for now in range(1, 10):
         r.tick(now)
-    assert len(r.sent(Aggregation)) == 4                      # the first and MAX_REPUBLISH (3) more
+    assert len(r.sent(Aggregation)) == 4  # the first and MAX_REPUBLISH (3) more
     [finish] = r.sent(Finish)
     assert finish.reason == "no-evaluations" and r.actions[-1] == Exit(4) and r.c.finished
     assert r.logs("giving up the run")[0].level == "error"
@@ -364,7 +390,7 @@ def test_a_controller_waiting_for_peers_gives_up_after_the_wait_timeout():
 def test_after_a_reconnect_the_current_order_goes_out_again():
     r = Run()
     r.take_office(0)
-    assert [a.message.round for a in r.reconnected(1) if isinstance(a, Publish)] == [0]   # evaluating: the model
+    assert [a.message.round for a in r.reconnected(1) if isinstance(a, Publish)] == [0]  # evaluating: the model
     r.evaluate_all(0, 1)
     order = r.sent(Training)[-1]
     again = [a.message for a in r.reconnected(2) if isinstance(a, Publish)]
@@ -379,16 +405,16 @@ def test_a_waited_for_peer_that_comes_back_gets_the_order_again_at_most_once_a_h
     r.take_office(0)
     r.evaluate_all(0, 1)
     order = r.sent(Training)[-1]
-    r.peer_up("p9", 1.5, samples=(10, 10))                  # a newcomer the round does not wait for: nothing
+    r.peer_up("p9", 1.5, samples=(10, 10))  # a newcomer the round does not wait for: nothing
     r.tick(1.6)
     assert r.sent(Training) == [order]
-    for peer in order.trainers:                                # all of them come back (the broker restarted)
+    for peer in order.trainers:  # all of them come back (the broker restarted)
         r.peer_up(peer, 1.7, samples=(10, 10))
     r.tick(1.8)
-    assert r.sent(Training) == [order, order]                  # once, not three times
+    assert r.sent(Training) == [order, order]  # once, not three times
     r.peer_up(order.trainers[0], 2.0, samples=(10, 10))
     r.tick(2.1)
-    assert len(r.sent(Training)) == 2                          # not before a heartbeat has passed
+    assert len(r.sent(Training)) == 2  # not before a heartbeat has passed
     r.tick(2.9)
     assert len(r.sent(Training)) == 3 and r.logs("a peer it waits for is back")
 
@@ -415,12 +441,13 @@ def test_a_controller_resuming_from_another_controllers_model_sends_it_with_its_
     for peer in order.trainers:
         r.on_message(Solution(2, 3, 1, peer, 10, 0.1, weights(3)), 500, 2)
     r.evaluate_all(3, 3)
-    assert r.sent(Training)[-1].round == 4 and r.sent(Training)[-1].weights == []   # its own model now
+    assert r.sent(Training)[-1].round == 4 and r.sent(Training)[-1].weights == []  # its own model now
 
 
 def test_a_round_that_never_gets_its_solutions_gives_the_run_up_after_a_bounded_number_of_attempts():
     # e.g. the only trainer cannot get the model it is told to train: retrying forever would hang the run.
     from peer.roles.controller import MAX_ATTEMPTS
+
     r = Run(round_deadline=1.0, live={"c", "p1"})
     r.take_office(0)
     r.evaluate_all(0, 0.5)
@@ -437,16 +464,16 @@ def test_named_evaluators_evaluate_each_round_and_every_peer_the_last_one():
     r.take_office(now=0)
     [agg0] = r.sent(Aggregation)
     assert len(agg0.evaluators) == 3 and set(agg0.evaluators) <= others
-    assert r.c.evaluations.expected == set(agg0.evaluators)           # it waits for the named ones only
+    assert r.c.evaluations.expected == set(agg0.evaluators)  # it waits for the named ones only
     r.evaluate_all(0, 1)
-    assert r.sent(Metrics)[-1].samples == 300                            # the metric: theirs, sample-weighted
+    assert r.sent(Metrics)[-1].samples == 300  # the metric: theirs, sample-weighted
     for round_ in (1, 2):
         training = r.sent(Training)[-1]
         for peer in training.trainers:
             r.on_message(Solution(1, round_, 1, peer, 10, 0.1, weights(round_)), 500, 2)
         agg = r.sent(Aggregation)[-1]
         assert agg.round == round_
-        assert (len(agg.evaluators) == 3) if round_ < 2 else (agg.evaluators == ())   # the last: every peer
+        assert (len(agg.evaluators) == 3) if round_ < 2 else (agg.evaluators == ())  # the last: every peer
         r.evaluate_all(round_, 3)
     assert r.c.finished and r.sent(Metrics)[-1].samples == 800
     # a peer not named sends an evaluation anyway: ignored, not counted
@@ -464,9 +491,9 @@ def test_a_sample_that_reaches_the_target_is_evaluated_by_everyone_before_the_fi
     r.evaluate_all(0, 1, accuracy=0.1)
     for peer in r.sent(Training)[-1].trainers:
         r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1)), 500, 2)
-    r.evaluate_all(1, 3, accuracy=0.9)                                   # the sample says: target reached
+    r.evaluate_all(1, 3, accuracy=0.9)  # the sample says: target reached
     again = r.sent(Aggregation)[-1]
     assert again.round == 1 and again.evaluators == () and not r.c.finished and r.of(RecordRound) == []
-    r.evaluate_all(1, 4, accuracy=0.85)                                  # everyone agrees
+    r.evaluate_all(1, 4, accuracy=0.85)  # everyone agrees
     [row] = r.of(RecordRound)
     assert r.c.finished and row.row["accuracy"] == 0.85 and r.sent(Finish)[-1].accuracy == 0.85

@@ -7,6 +7,7 @@ dying, hanging and coming back at random times. Thousands of seeded runs check t
 - safety: at no moment do two peers act as controller of the same term;
 - agreement: once joins and failures stop, every live peer follows the same live controller of the same term.
 """
+
 from __future__ import annotations
 
 import random
@@ -26,12 +27,13 @@ def machine(me="a", min_peers=3, now=0.0, seed=1, **kw) -> Election:
 
 # --- direct transitions -----------------------------------------------------------------------------------------------
 
+
 def test_waits_for_min_peers_then_votes_after_the_grace():
     e = machine(min_peers=3)
-    assert e.tick(1.0) == []                        # grace not over
+    assert e.tick(1.0) == []  # grace not over
     notes = e.tick(3.0)
     assert "1 of 3" in notes[0].text and e.role is Role.WAITING
-    assert e.tick(3.1) == []                        # the same note is not repeated
+    assert e.tick(3.1) == []  # the same note is not repeated
     e.peer_up("b", 3.2), e.peer_up("c", 3.2)
     [vote] = e.tick(3.3)
     assert isinstance(vote, CastVote) and vote.term == 1 and vote.reason == "start" and e.role is Role.VOTING
@@ -48,11 +50,11 @@ def test_best_voter_claims_after_the_window_and_takes_office_only_when_its_claim
     e = machine(min_peers=2, seed=3)
     e.peer_up("b", 0)
     [vote] = e.tick(3.0)
-    e.on_vote(1, "b", vote.vote / 2, 0, "start", 3.1)       # b's vote is lower
-    assert e.tick(3.5) == []                                # window not over
+    e.on_vote(1, "b", vote.vote / 2, 0, "start", 3.1)  # b's vote is lower
+    assert e.tick(3.5) == []  # window not over
     [claim] = e.tick(4.0)
     assert isinstance(claim, SendClaim) and claim.members == ("a", "b")
-    assert e.role is Role.VOTING                            # not yet: the claim must come back first
+    assert e.role is Role.VOTING  # not yet: the claim must come back first
     [office] = e.on_claim(1, "a", "start", claim.members, 4.1)
     assert isinstance(office, TakeOffice) and e.role is Role.CONTROLLER
 
@@ -67,8 +69,8 @@ def test_the_first_claim_wins_and_a_later_claim_of_the_term_is_ignored():
 
 def test_a_peer_holding_an_older_model_does_not_claim():
     e = machine(min_peers=2)
-    e.on_vote(1, "b", 0.01, 5, "start", 0)     # b holds round 5
-    e.votes["a"] = (4, 0.99)                   # a holds round 4: its higher vote must not win
+    e.on_vote(1, "b", 0.01, 5, "start", 0)  # b holds round 5
+    e.votes["a"] = (4, 0.99)  # a holds round 4: its higher vote must not win
     assert e.best_voter() == "b"
     assert not any(isinstance(a, SendClaim) for a in e.tick(1.5))
 
@@ -88,9 +90,9 @@ def test_controller_lost_or_silent_starts_the_next_term():
     e.on_claim(1, "b", "start", (), 0)
     e.on_controller_seen(1, "b", 2.0)
     assert e.tick(4.9) == []
-    [vote] = e.tick(5.0)                                    # 3 s after the last heartbeat
+    [vote] = e.tick(5.0)  # 3 s after the last heartbeat
     assert vote.term == 2 and vote.reason == "controller-silent"
-    assert "b" not in e.live                                # silent counts as gone until it speaks again
+    assert "b" not in e.live  # silent counts as gone until it speaks again
     e.on_claim(2, "c", "controller-silent", (), 6)
     [vote] = e.peer_down("c", 7)
     assert vote.term == 3 and vote.reason == "controller-lost"
@@ -107,7 +109,7 @@ def test_a_controller_steps_down_when_a_higher_term_appears():
 
 def test_no_claim_moves_on_to_the_next_term():
     e = machine(min_peers=2)
-    e.on_vote(1, "b", 0.99, 0, "start", 0)                  # b is best but never claims (it died)
+    e.on_vote(1, "b", 0.99, 0, "start", 0)  # b is best but never claims (it died)
     assert e.tick(3.9) == []
     [vote] = e.tick(4.0)
     assert vote.term == 2 and vote.reason == "no-claim"
@@ -115,27 +117,27 @@ def test_no_claim_moves_on_to_the_next_term():
 
 def test_patience_doubles_from_the_second_failed_term_up_to_8x_and_rounds_bring_it_back():
     e = machine(min_peers=2)
-    e.on_vote(1, "b", 0.99, 0, "start", 0)                  # b is best but its claim never comes (late, or dead)
-    [vote] = e.tick(4.0)                                    # (window 1 + claim timeout 3) after voting
-    assert vote.reason == "no-claim" and vote.patience == 1 # one failure costs nothing
+    e.on_vote(1, "b", 0.99, 0, "start", 0)  # b is best but its claim never comes (late, or dead)
+    [vote] = e.tick(4.0)  # (window 1 + claim timeout 3) after voting
+    assert vote.reason == "no-claim" and vote.patience == 1  # one failure costs nothing
     e.on_vote(2, "b", 0.99, 0, "no-claim", 4.0)
     [vote] = e.tick(8.0)
-    assert vote.term == 3 and vote.patience == 2            # the second in a row: twice the window and timeouts
+    assert vote.term == 3 and vote.patience == 2  # the second in a row: twice the window and timeouts
     e.on_vote(3, "b", 0.99, 0, "no-claim", 8.0)
     assert e.tick(15.9) == []
-    [vote] = e.tick(16.0)                                   # 8 s, not 4
+    [vote] = e.tick(16.0)  # 8 s, not 4
     assert vote.term == 4 and vote.patience == 4
     e.on_vote(4, "b", 0.99, 0, "no-claim", 16.0)
     [vote] = e.tick(32.0)
     assert vote.patience == 8
     e.on_vote(5, "b", 0.99, 0, "no-claim", 32.0)
     [vote] = e.tick(64.0)
-    assert vote.term == 6 and vote.patience == 8            # at most 8x
+    assert vote.term == 6 and vote.patience == 8  # at most 8x
     # A claim decides term 6; the controller's silence is judged with the same patience (3 s x 8)...
     e.on_claim(6, "b", "no-claim", (), 64.5)
     assert e.tick(64.5 + 23.9) == []
     e.on_controller_seen(6, "b", 89.0)
-    e.progress(1)                                           # ...until rounds finish: one step back per round
+    e.progress(1)  # ...until rounds finish: one step back per round
     assert e.patience == 4
     e.progress(3)
     assert e.patience == 1
@@ -150,7 +152,7 @@ def test_a_frozen_controller_is_replaced_as_fast_as_ever_and_a_lost_one_is_no_st
     e.on_claim(2, "c", "controller-silent", (), 3.5)
     [vote] = e.peer_down("c", 4.0)
     assert vote.reason == "controller-lost" and vote.patience == 1
-    assert isinstance(e.tick(5.0)[0], SendClaim)            # the window is still 1 s
+    assert isinstance(e.tick(5.0)[0], SendClaim)  # the window is still 1 s
 
 
 def test_a_dead_best_voter_is_passed_over_at_the_window():
@@ -181,8 +183,8 @@ def test_a_follower_resumed_after_a_freeze_waits_a_full_timeout_before_judging_t
     e = machine(min_peers=2)
     e.on_claim(1, "b", "start", (), 0)
     assert e.thawed(10) == []
-    assert e.tick(10.1) == []                      # not "controller-silent" on the stale clock
-    e.on_controller_seen(1, "b", 10.2)             # the queued heartbeats arrive
+    assert e.tick(10.1) == []  # not "controller-silent" on the stale clock
+    e.on_controller_seen(1, "b", 10.2)  # the queued heartbeats arrive
     assert e.tick(12) == []
 
 
@@ -199,6 +201,7 @@ def test_a_late_joiner_adopts_the_running_controller():
 
 # --- simulated federation ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class SimPeer:
     name: str
@@ -206,26 +209,28 @@ class SimPeer:
     joined: bool = False
     alive: bool = True
     paused_until: float = 0.0
-    cursor: int = 0                                           # position in the broker's election log
-    lagging_until: float = 0.0                                # its deliveries are held up (busy link, slow host)
-    inbox: list = field(default_factory=list)                 # (deliver_at, kind, payload) for other topics
+    cursor: int = 0  # position in the broker's election log
+    lagging_until: float = 0.0  # its deliveries are held up (busy link, slow host)
+    inbox: list = field(default_factory=list)  # (deliver_at, kind, payload) for other topics
     next_heartbeat: float = 0.0
 
 
 class Simulation:
     HEARTBEAT = 1.0
-    lag_probability = 0.01     # per peer and step: deliveries to it stall for 0.5-2.5 s
+    lag_probability = 0.01  # per peer and step: deliveries to it stall for 0.5-2.5 s
 
     def __init__(self, seed: int):
         rng = self.rng = random.Random(seed)
         self.n = rng.randint(2, 7)
         self.min_peers = rng.randint(2, self.n)
-        self.peers = [SimPeer(f"p{i}", Election(f"p{i}", self.min_peers, T, random.Random(rng.random()), 0.0))
-                      for i in range(self.n)]
+        self.peers = [
+            SimPeer(f"p{i}", Election(f"p{i}", self.min_peers, T, random.Random(rng.random()), 0.0))
+            for i in range(self.n)
+        ]
         self.join_at = {p.name: rng.uniform(0, 4) for p in self.peers}
-        self.log: list[tuple] = []                            # the election topic, in the broker's one order
+        self.log: list[tuple] = []  # the election topic, in the broker's one order
         self.offices: dict[int, set[str]] = {}
-        self.retained: dict[str, tuple] = {}                  # the broker's retained claim and heartbeat
+        self.retained: dict[str, tuple] = {}  # the broker's retained claim and heartbeat
         # Failures: deaths (the will arrives), hangs (SIGSTOP then SIGCONT), restarts under the same id.
         self.events: list[tuple[float, str, str]] = []
         for _ in range(rng.randint(0, 3)):
@@ -279,11 +284,11 @@ class Simulation:
     # events --------------------------------------------------------------------------------------------------------
     def join(self, p: SimPeer) -> None:
         p.joined, p.alive = True, True
-        p.cursor = len(self.log)                               # sees only what is published from now on
+        p.cursor = len(self.log)  # sees only what is published from now on
         p.machine.started_at = self.now
-        for term, controller in self.retained.values():       # delivered on subscribe, before anything live
+        for term, controller in self.retained.values():  # delivered on subscribe, before anything live
             self.carry_out(p, p.machine.on_retained(term, controller, self.now))
-        for other in self.peers:                               # retained presence of everyone live
+        for other in self.peers:  # retained presence of everyone live
             if other.joined and other.alive and other is not p:
                 p.inbox.append((self.now + self.delay(), "up", other.name))
         self.broadcast(p.name, "up", p.name)
@@ -299,7 +304,7 @@ class Simulation:
             self.events.append((restart, "restart", p.name))
         else:
             p.paused_until = self.now + self.rng.uniform(2, 9)
-            if p.paused_until - self.now > 7.5:                # longer than 1.5 x keepalive: the will goes out
+            if p.paused_until - self.now > 7.5:  # longer than 1.5 x keepalive: the will goes out
                 self.broadcast(p.name, "down", p.name)
                 self.events.append((p.paused_until, "reconnect", p.name))
 
@@ -364,7 +369,9 @@ class Simulation:
     def agreement(self) -> tuple[int, str]:
         live = [p for p in self.peers if p.joined and p.alive and p.paused_until <= self.now]
         views = {(p.machine.term, p.machine.controller) for p in live}
-        assert len(views) == 1, f"peers disagree: {[(p.name, p.machine.term, p.machine.controller, p.machine.role) for p in live]}"
+        assert len(views) == 1, (
+            f"peers disagree: {[(p.name, p.machine.term, p.machine.controller, p.machine.role) for p in live]}"
+        )
         term, controller = views.pop()
         assert controller in {p.name for p in live}, f"controller {controller} of term {term} is not live"
         leader = next(p for p in live if p.name == controller)
@@ -399,4 +406,4 @@ def test_without_failures_or_stalls_the_first_term_elects_the_highest_vote():
             best = max(votes, key=lambda v: (v[4], v[3], v[2]))
             assert controller == best[2], f"seed {seed}"
             seeds_checked += 1
-    assert seeds_checked > 200   # most runs decide in the first term
+    assert seeds_checked > 200  # most runs decide in the first term

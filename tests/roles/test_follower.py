@@ -1,15 +1,26 @@
 """The follower as a pure machine: what it does with each of the controller's messages and each finished job."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from peer.roles.actions import AdoptModel, Exit, FetchModel, FinishRound, JobDone, Log, Publish, RecordEvaluation, StartJob
+from peer.roles.actions import (
+    AdoptModel,
+    Exit,
+    FetchModel,
+    FinishRound,
+    JobDone,
+    Log,
+    Publish,
+    RecordEvaluation,
+    StartJob,
+)
 from peer.roles.follower import Follower
-from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training
 from peer.roles.rounds import GlobalModel, ModelStore
+from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training
 
 W = [np.ones(2, np.float32)]
-D = GlobalModel(1, 1, W).digest       # the digest a training order names for W
+D = GlobalModel(1, 1, W).digest  # the digest a training order names for W
 
 
 def holding(round_: int, weights=W) -> ModelStore:
@@ -29,12 +40,12 @@ def test_chosen_it_fits_not_chosen_it_waits():
     log, job = f.on_controller(Training(1, "c", 2, 3, ("me", "p2"), D))
     assert isinstance(log, Log) and "chosen to train (attempt 3)" in log.text
     assert (job.kind, job.term, job.round, job.attempt) == ("fit", 1, 2, 3)
-    assert job.weights is W                  # the model it holds: the order carries none
+    assert job.weights is W  # the model it holds: the order carries none
 
 
 def test_an_order_for_a_model_it_lacks_fetches_it_and_starts_when_it_comes():
     other = [np.zeros(2, np.float32)]
-    for memory in (ModelStore(), holding(0), holding(1, other)):   # none, an older one, another one of that round
+    for memory in (ModelStore(), holding(0), holding(1, other)):  # none, an older one, another one of that round
         f = Follower("me", memory)
         log, fetch = f.on_controller(Training(1, "c", 2, 1, ("me",), D))
         assert fetch == FetchModel(1, D) and "lacks the model the order names" in log.text
@@ -42,7 +53,7 @@ def test_an_order_for_a_model_it_lacks_fetches_it_and_starts_when_it_comes():
         out = f.on_retained_model(Aggregation(1, "c", 1, (), W))
         assert kinds(out) == ["AdoptModel", "Log", "StartJob"]
         assert out[-1].kind == "fit" and out[-1].round == 2 and out[-1].weights is W
-        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]   # started once
+        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]  # started once
 
 
 def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
@@ -53,12 +64,12 @@ def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
 
 def test_a_live_aggregation_is_adopted_when_newer_and_always_evaluated():
     memory = ModelStore()
-    adopt, evaluate = f_actions = Follower("me", memory).on_controller(Aggregation(2, "c", 4, ("p2",), W))
+    adopt, evaluate = Follower("me", memory).on_controller(Aggregation(2, "c", 4, ("p2",), W))
     assert adopt == AdoptModel(GlobalModel(4, 2, W, ("p2",)))
     assert isinstance(evaluate, StartJob) and (evaluate.kind, evaluate.round) == ("evaluate", 4)
     memory.offer(5, 2, W)
     assert kinds(Follower("me", memory).on_controller(Aggregation(2, "c", 4, (), W))) == ["StartJob"]
-    assert memory.latest.round == 5          # the machine reads the store, never writes it
+    assert memory.latest.round == 5  # the machine reads the store, never writes it
 
 
 def test_a_retained_aggregation_is_held_not_evaluated():
@@ -103,21 +114,21 @@ def test_a_repeated_order_is_answered_from_what_was_done_not_done_twice():
     f = Follower("me", holding(1))
     order = Training(1, "c", 2, 1, ("me",), D)
     assert kinds(f.on_controller(order)) == ["Log", "StartJob"]
-    assert kinds(f.on_controller(order)) == ["Log"]                     # still training: nothing new
+    assert kinds(f.on_controller(order)) == ["Log"]  # still training: nothing new
     f.on_job_done(JobDone(StartJob("fit", 1, 2, 1, W), (W, 30, 0.5), None, 1.0), current_term=1)
     again = f.on_controller(order)
     assert kinds(again) == ["Solution", "Log"] and again[0].message.samples == 30
-    assert kinds(f.on_controller(Training(1, "c", 2, 2, ("me",), D))) == ["Log", "StartJob"]   # a new attempt
+    assert kinds(f.on_controller(Training(1, "c", 2, 2, ("me",), D))) == ["Log", "StartJob"]  # a new attempt
 
 
 def test_a_repeated_model_is_answered_with_the_evaluation_already_made():
     f = Follower("me", ModelStore())
     model = Aggregation(1, "c", 2, (), W)
     assert kinds(f.on_controller(model)) == ["AdoptModel", "StartJob"]
-    assert f.on_controller(model) == []                                 # evaluating: nothing new
+    assert f.on_controller(model) == []  # evaluating: nothing new
     f.on_job_done(JobDone(StartJob("evaluate", 1, 2, 1, W), (0.5, 1.0, 10), None, 0.1), current_term=1)
     assert kinds(f.on_controller(model)) == ["Evaluation"]
-    assert kinds(f.on_controller(Aggregation(2, "c2", 2, (), W))) == ["AdoptModel", "StartJob"]   # a new term's
+    assert kinds(f.on_controller(Aggregation(2, "c2", 2, (), W))) == ["AdoptModel", "StartJob"]  # a new term's
 
 
 def test_after_a_reconnect_answers_of_this_term_go_out_again():
@@ -126,13 +137,16 @@ def test_after_a_reconnect_answers_of_this_term_go_out_again():
     f.on_job_done(JobDone(StartJob("fit", 1, 2, 1, W), (W, 30, 0.5), None, 1.0), current_term=1)
     f.on_job_done(JobDone(StartJob("evaluate", 1, 1, 1, W), (0.5, 1.0, 10), None, 0.1), current_term=1)
     assert kinds(f.reconnected(1)) == ["Solution", "Evaluation"]
-    assert f.reconnected(2) == []                                       # a later term does not want them
+    assert f.reconnected(2) == []  # a later term does not want them
 
 
 def test_a_model_that_does_not_fit_this_peers_is_refused_in_one_line():
     f = Follower("me", ModelStore(), shapes=((2,),))
     other = [np.ones((3, 3), np.float32)]
-    for out in (f.on_controller(Aggregation(1, "c", 1, (), other)), f.on_retained_model(Aggregation(1, "c", 1, (), other))):
+    for out in (
+        f.on_controller(Aggregation(1, "c", 1, (), other)),
+        f.on_retained_model(Aggregation(1, "c", 1, (), other)),
+    ):
         [warning] = out
         assert warning.level == "warning" and "does not fit this peer's" in warning.text
     assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]
@@ -145,21 +159,21 @@ def test_a_finish_that_gives_the_run_up_ends_the_peer_with_exit_4():
 
 def test_an_order_that_brings_its_model_is_fitted_from_it_if_the_digest_matches():
     newer = [np.full(2, 7.0, np.float32)]
-    f = Follower("me", holding(2, newer))           # it moved on to a model the new controller never had
+    f = Follower("me", holding(2, newer))  # it moved on to a model the new controller never had
     log, job = f.on_controller(Training(2, "c", 2, 1, ("me",), D, W))
     assert job.kind == "fit" and job.weights is W
     forged = Follower("me", holding(2, newer))
-    log, fetch = forged.on_controller(Training(2, "c", 2, 1, ("me",), D, newer))   # weights that are not D
+    log, fetch = forged.on_controller(Training(2, "c", 2, 1, ("me",), D, newer))  # weights that are not D
     assert isinstance(fetch, FetchModel)
 
 
 def test_a_solution_larger_than_a_broker_message_is_not_kept_and_a_repeated_order_is_trained_again():
-    f = Follower("me", holding(1), keep_solutions_up_to=4)           # W is 8 bytes: "large"
+    f = Follower("me", holding(1), keep_solutions_up_to=4)  # W is 8 bytes: "large"
     order = Training(1, "c", 2, 1, ("me",), D)
     f.on_controller(order)
-    assert kinds(f.on_controller(order)) == ["Log"]                     # still training
+    assert kinds(f.on_controller(order)) == ["Log"]  # still training
     sent = f.on_job_done(JobDone(StartJob("fit", 1, 2, 1, W), (W, 30, 0.5), None, 1.0), current_term=1)
-    assert kinds(sent) == ["Solution", "Log"] and f.solution is None     # sent, not kept
+    assert kinds(sent) == ["Solution", "Log"] and f.solution is None  # sent, not kept
     again = f.on_controller(order)
     assert kinds(again) == ["Log", "StartJob"] and again[1].kind == "fit"
     assert f.reconnected(1) == []

@@ -2,11 +2,18 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peer.learning.aggregation import fedavg
 from peer.roles.rounds import (
-    EvaluationCollector, GlobalModel, ModelStore, RoundOutcome, RoundSummary, SolutionCollector, choose_trainers,
+    EvaluationCollector,
+    GlobalModel,
+    ModelStore,
+    RoundOutcome,
+    RoundSummary,
+    SolutionCollector,
+    choose_trainers,
     weighted_mean,
 )
 
@@ -16,6 +23,7 @@ def f32(*values):
 
 
 # --- fedavg -----------------------------------------------------------------------------------------------------------
+
 
 def test_fedavg_two_solutions_by_hand():
     (avg,) = fedavg([([f32(1, 2)], 1), ([f32(3, 4)], 3)])
@@ -29,8 +37,9 @@ def test_fedavg_three_solutions_multi_tensor_by_hand():
     c = [np.array([[9, 0], [-3, 4]], np.float32), f32(-10), np.array(-6.0, np.float32)]
     out = fedavg([(a, 2), (b, 1), (c, 1)])
     # weights 1/2, 1/4, 1/4
-    np.testing.assert_allclose(out[0], [[(2 + 5 + 9) / 4, (4 + 6 + 0) / 4], [(6 + 7 - 3) / 4, (8 + 8 + 4) / 4]],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out[0], [[(2 + 5 + 9) / 4, (4 + 6 + 0) / 4], [(6 + 7 - 3) / 4, (8 + 8 + 4) / 4]], atol=1e-6
+    )
     np.testing.assert_allclose(out[1], [(20 + 20 - 10) / 4], atol=1e-6)
     np.testing.assert_allclose(out[2], 0.0, atol=1e-6)
     assert [t.shape for t in out] == [(2, 2), (1,), ()]
@@ -38,8 +47,10 @@ def test_fedavg_three_solutions_multi_tensor_by_hand():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.floats(-1e3, 1e3, width=32), min_size=3, max_size=3), min_size=1, max_size=6),
-       st.integers(1, 10_000))
+@given(
+    st.lists(st.lists(st.floats(-1e3, 1e3, width=32), min_size=3, max_size=3), min_size=1, max_size=6),
+    st.integers(1, 10_000),
+)
 def test_fedavg_equal_weights_is_plain_mean(rows, samples):
     solutions = [([f32(*row)], samples) for row in rows]
     (avg,) = fedavg(solutions)
@@ -74,28 +85,37 @@ def test_fedavg_result_is_within_the_inputs_range():
     assert np.all(avg >= stack.min(axis=0) - 1e-6) and np.all(avg <= stack.max(axis=0) + 1e-6)
 
 
-@pytest.mark.parametrize("solutions", [
-    [],
-    [([f32(1)], 0)],
-    [([f32(1)], 0), ([f32(2)], 0)],
-], ids=["empty", "zero samples", "all zero samples"])
+@pytest.mark.parametrize(
+    "solutions",
+    [
+        [],
+        [([f32(1)], 0)],
+        [([f32(1)], 0), ([f32(2)], 0)],
+    ],
+    ids=["empty", "zero samples", "all zero samples"],
+)
 def test_fedavg_rejects_nothing_to_average(solutions):
     with pytest.raises(ValueError):
         fedavg(solutions)
 
 
-@pytest.mark.parametrize("other", [
-    [f32(1, 2, 3)],                                   # different length
-    [np.array([[1, 2]], np.float32)],                 # same size, different shape
-    [f32(1, 2), f32(0)],                              # extra tensor
-    [],                                               # no tensors
-], ids=["length", "shape", "extra tensor", "no tensors"])
+@pytest.mark.parametrize(
+    "other",
+    [
+        [f32(1, 2, 3)],  # different length
+        [np.array([[1, 2]], np.float32)],  # same size, different shape
+        [f32(1, 2), f32(0)],  # extra tensor
+        [],  # no tensors
+    ],
+    ids=["length", "shape", "extra tensor", "no tensors"],
+)
 def test_fedavg_rejects_mismatched_shapes(other):
     with pytest.raises(ValueError, match="shape"):
         fedavg([([f32(1, 2)], 1), (other, 1)])
 
 
 # --- weighted_mean ----------------------------------------------------------------------------------------------------
+
 
 def test_weighted_mean_by_hand():
     assert weighted_mean([(0.5, 1), (1.0, 3)]) == pytest.approx(0.875)
@@ -146,8 +166,9 @@ def test_choose_trainers_is_deterministic_for_a_seed():
 
 def test_choose_trainers_sequence_is_reproducible():
     rng_a, rng_b = random.Random(99), random.Random(99)
-    assert [choose_trainers(set(CANDIDATES), 2, rng_a) for _ in range(10)] == \
-           [choose_trainers(set(CANDIDATES), 2, rng_b) for _ in range(10)]
+    assert [choose_trainers(set(CANDIDATES), 2, rng_a) for _ in range(10)] == [
+        choose_trainers(set(CANDIDATES), 2, rng_b) for _ in range(10)
+    ]
 
 
 def test_every_candidate_is_eventually_chosen():
@@ -167,8 +188,9 @@ W = [f32(1, 1)]
 
 
 def collector(trainers=("a", "b", "c"), quorum=2, deadline=100.0, term=2, round_=5, attempt=1):
-    return SolutionCollector(term=term, round=round_, attempt=attempt, trainers=tuple(trainers), quorum=quorum,
-                             deadline=deadline)
+    return SolutionCollector(
+        term=term, round=round_, attempt=attempt, trainers=tuple(trainers), quorum=quorum, deadline=deadline
+    )
 
 
 def test_collector_accepts_chosen_trainers():
@@ -236,7 +258,7 @@ def test_all_outstanding_lost_decides_at_once():
     c = collector(quorum=2)
     c.offer(2, 5, 1, "a", W, 1)
     c.trainer_lost("b")
-    assert c.outcome(now=0.0) is RoundOutcome.WAIT     # c may still answer
+    assert c.outcome(now=0.0) is RoundOutcome.WAIT  # c may still answer
     c.trainer_lost("c")
     assert c.outcome(now=0.0) is RoundOutcome.RETRY
 
@@ -262,6 +284,7 @@ def test_collector_contributions_are_every_received_solution_in_peer_order():
 
 
 # --- EvaluationCollector ----------------------------------------------------------------------------------------------
+
 
 def evaluations(expected=("a", "b", "c"), deadline=50.0):
     return EvaluationCollector(term=1, round=3, expected=set(expected), deadline=deadline)
@@ -328,6 +351,7 @@ def test_evaluation_result_none_when_nothing_arrived():
 
 # --- ModelStore -------------------------------------------------------------------------------------------------------
 
+
 def summary(round_, term=1, accuracy=0.5):
     return RoundSummary(round=round_, term=term, accuracy=accuracy, loss=1.0, bytes=10)
 
@@ -346,8 +370,8 @@ def test_store_refuses_older_round_or_term():
     store = ModelStore()
     store.offer(5, 3, W)
     assert not store.offer(4, 3, [f32(9, 9)])
-    assert not store.offer(4, 9, [f32(9, 9)])      # a later term does not make an older round newer
-    assert not store.offer(5, 2, [f32(9, 9)])      # same round from a deposed controller
+    assert not store.offer(4, 9, [f32(9, 9)])  # a later term does not make an older round newer
+    assert not store.offer(5, 2, [f32(9, 9)])  # same round from a deposed controller
     assert (store.latest.round, store.latest.term) == (5, 3)
     np.testing.assert_array_equal(store.latest.weights[0], [1, 1])
 

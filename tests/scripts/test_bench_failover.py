@@ -1,4 +1,5 @@
 """The failover benchmark's measurement, from records alone: a run dir written with peer.records, no network."""
+
 from __future__ import annotations
 
 from peer.records.run_dir import RunRecorder, load_run, record_chaos
@@ -8,9 +9,18 @@ T0 = 1_790_000_000.0
 
 
 def round_row(number: int, term: int, controller: str, started_at: float | None, finished_at: float) -> dict:
-    return dict(round=number, term=term, controller=controller, trainers=["peer-3"], accuracy=0.5, loss=1.0,
-                duration_s=finished_at - (started_at or finished_at), bytes_sent=10, finished_at=finished_at,
-                started_at=started_at)
+    return dict(
+        round=number,
+        term=term,
+        controller=controller,
+        trainers=["peer-3"],
+        accuracy=0.5,
+        loss=1.0,
+        duration_s=finished_at - (started_at or finished_at),
+        bytes_sent=10,
+        finished_at=finished_at,
+        started_at=started_at,
+    )
 
 
 def test_a_kill_is_measured_from_elections_and_the_next_terms_first_training_order(tmp_path):
@@ -18,8 +28,8 @@ def test_a_kill_is_measured_from_elections_and_the_next_terms_first_training_ord
     one.election(1, "peer-1", "start", ["peer-2", "peer-3"], at=T0)
     one.round(**round_row(1, 1, "peer-1", T0 + 1, T0 + 4))
     record_chaos(tmp_path, "kill", "peer-1", "KILL", at=T0 + 5)
-    two.election(3, "peer-2", "controller-lost", ["peer-3"], at=T0 + 6.5)       # term 2 produced no controller
-    two.round(**round_row(1, 3, "peer-2", None, T0 + 7))                        # a re-evaluation: no training order
+    two.election(3, "peer-2", "controller-lost", ["peer-3"], at=T0 + 6.5)  # term 2 produced no controller
+    two.round(**round_row(1, 3, "peer-2", None, T0 + 7))  # a re-evaluation: no training order
     two.round(**round_row(2, 3, "peer-2", T0 + 7.25, T0 + 12))
     two.round(**round_row(3, 3, "peer-2", T0 + 12.5, T0 + 15))
 
@@ -36,6 +46,6 @@ def test_nothing_after_the_kill_yet(tmp_path):
 
 def test_a_peer_elected_after_the_kill_is_not_taken_for_the_victim(tmp_path):
     RunRecorder(tmp_path, "peer-2").election(1, "peer-2", "start", [], at=T0)
-    RunRecorder(tmp_path, "peer-1").election(2, "peer-1", "controller-lost", [], at=T0 + 20)   # came back later
+    RunRecorder(tmp_path, "peer-1").election(2, "peer-1", "controller-lost", [], at=T0 + 20)  # came back later
     failover = measure(load_run(tmp_path), "peer-1", T0 + 5)
     assert failover.term == 1 and failover.elected_at == T0 + 20

@@ -1,16 +1,30 @@
 """The wire benchmark's arithmetic and parsing, without a broker or peers: $SYS values, log lines, per-round figures,
 the model's size and the table."""
+
 from __future__ import annotations
 
-
 import numpy as np
-
-from peer.wire.weights import WeightCodec
 import pytest
 
-from scripts.bench_wire import (TABLE_COLUMNS, JobTimes, Result, RoundTime, SysBroker, accuracy_difference,
-                                accuracy_table, config_args, count_parameters, format_table, main, parse_job_times,
-                                parse_sys_value, per_round, round_times, table_row)
+from peer.wire.weights import WeightCodec
+from scripts.bench_wire import (
+    TABLE_COLUMNS,
+    JobTimes,
+    Result,
+    RoundTime,
+    SysBroker,
+    accuracy_difference,
+    accuracy_table,
+    config_args,
+    count_parameters,
+    format_table,
+    main,
+    parse_job_times,
+    parse_sys_value,
+    per_round,
+    round_times,
+    table_row,
+)
 
 LOG = """\
 2026-01-01 10:00:01,000 INFO    peer=peer-2 role=trainer term=1 round=1 phase=training | round 1: trained 1000 samples in 2.3s (loss 1.2345), solution sent
@@ -29,7 +43,7 @@ OLD = "... | round 3: global model scores accuracy 0.7000, loss 0.8000 on my 500
 def test_sys_values_are_whole_numbers_under_the_broker_tree():
     assert parse_sys_value("$SYS/broker/publish/bytes/sent", b"20021") == ("publish/bytes/sent", 20021)
     assert parse_sys_value("$SYS/broker/bytes/received", b"0\n") == ("bytes/received", 0)
-    assert parse_sys_value("$SYS/broker/load/bytes/sent/1min", b"2182.42") is None      # a load average
+    assert parse_sys_value("$SYS/broker/load/bytes/sent/1min", b"2182.42") is None  # a load average
     assert parse_sys_value("$SYS/broker/version", b"mosquitto version 2.0.11") is None
     assert parse_sys_value("sd/run/metrics/peer-1", b"12") is None
     assert parse_sys_value("$SYS/broker/bytes/sent", b"\xff\xfe") is None
@@ -49,8 +63,10 @@ def test_per_round_is_the_growth_between_the_short_and_the_long_run():
     short = {"publish/bytes/received": 1_598_017, "publish/bytes/sent": 7_987_868}
     long = {"publish/bytes/received": 5_689_027, "publish/bytes/sent": 28_441_979}
     growth = per_round(short, long, 1, 4)
-    assert growth == {"publish/bytes/received": (5_689_027 - 1_598_017) / 3,
-                      "publish/bytes/sent": (28_441_979 - 7_987_868) / 3}
+    assert growth == {
+        "publish/bytes/received": (5_689_027 - 1_598_017) / 3,
+        "publish/bytes/sent": (28_441_979 - 7_987_868) / 3,
+    }
     with pytest.raises(ValueError):
         per_round(short, long, 4, 4)
 
@@ -69,23 +85,37 @@ def test_an_evaluation_line_without_seconds_is_counted_as_untimed():
 def test_the_overhead_is_the_duration_beyond_the_slowest_fit_and_evaluation():
     times = round_times({1: 4.5, 2: 2.0, 3: 1.5}, parse_job_times([LOG, OTHER, OLD]))
     assert times[0] == RoundTime(1, 4.5, 3.0, 0.7) and times[0].overhead_s == pytest.approx(0.8)
-    assert times[1] == RoundTime(2, 2.0, 1.1, None) and times[1].overhead_s == pytest.approx(0.9)   # no evaluation
-    assert times[2].slowest_fit_s is None and times[2].overhead_s is None                           # no fit logged
+    assert times[1] == RoundTime(2, 2.0, 1.1, None) and times[1].overhead_s == pytest.approx(0.9)  # no evaluation
+    assert times[2].slowest_fit_s is None and times[2].overhead_s is None  # no fit logged
 
 
 def test_the_parameter_count_comes_from_a_weights_blob_of_float32_or_float16_values():
     tensors = [np.zeros((3, 3, 1, 16)), np.zeros(16), np.zeros(())]
     for dtype in ("float32", "float16"):
         assert count_parameters(WeightCodec.encode(tensors, dtype)) == 144 + 16 + 1
-    assert count_parameters(b"\x01\x00\x00\x00\x01\x01\x05\x00\x00\x00" + b"\x00" * 7) is None   # truncated
+    assert count_parameters(b"\x01\x00\x00\x00\x01\x01\x05\x00\x00\x00" + b"\x00" * 7) is None  # truncated
     assert count_parameters(b"") is None
 
 
 def result(**changes) -> Result:
-    values = dict(model="cnn-small", dtype="float32", peers=5, trainers=4, model_bytes=226_856,
-                  published_per_round=1_363_670.0, delivered_per_round=6_818_037.0, wire_sent_per_round=0.0,
-                  wire_received_per_round=0.0, controller_bytes_per_round=1_363_527, s_per_round=1.5449,
-                  overhead_per_round=0.2449, overhead_without_evaluation=False, clean=True, runs=[], rounds=[])
+    values = dict(
+        model="cnn-small",
+        dtype="float32",
+        peers=5,
+        trainers=4,
+        model_bytes=226_856,
+        published_per_round=1_363_670.0,
+        delivered_per_round=6_818_037.0,
+        wire_sent_per_round=0.0,
+        wire_received_per_round=0.0,
+        controller_bytes_per_round=1_363_527,
+        s_per_round=1.5449,
+        overhead_per_round=0.2449,
+        overhead_without_evaluation=False,
+        clean=True,
+        runs=[],
+        rounds=[],
+    )
     return Result(**{**values, **changes})
 
 
@@ -98,8 +128,17 @@ def test_copies_and_the_goal_ratio():
 
 
 def test_a_table_row_marks_an_overhead_without_evaluation_and_an_unclean_run():
-    assert table_row(result()) == ["cnn-small", "float32", "226,856", "1,363,670", "6,818,037", "30.05", "3.76",
-                                   "1.54", "0.24"]
+    assert table_row(result()) == [
+        "cnn-small",
+        "float32",
+        "226,856",
+        "1,363,670",
+        "6,818,037",
+        "30.05",
+        "3.76",
+        "1.54",
+        "0.24",
+    ]
     row = table_row(result(overhead_without_evaluation=True, clean=False, model_bytes=None))
     assert row[0] == "cnn-small (unclean)" and row[2] == "n/a" and row[5] == "n/a" and row[-1] == "0.24*"
 
@@ -109,7 +148,7 @@ def test_the_table_is_markdown_with_figures_aligned_right():
     lines = text.splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert lines[0].startswith("| model ") and "| goal ratio |" in lines[0]
-    assert lines[1].startswith("|-----------|---------|") and lines[1].endswith(":|")      # text left, figures right
+    assert lines[1].startswith("|-----------|---------|") and lines[1].endswith(":|")  # text left, figures right
     assert lines[3].startswith("| seed-cnn  | float16 |")
 
 
@@ -131,8 +170,12 @@ def test_a_configuration_is_passed_as_flags_or_for_legacy_code_in_the_environmen
 
 
 def test_the_command_refuses_what_it_cannot_run(capsys):
-    for argv, reason in ((["--legacy", "--dtypes", "float16"], "float32 only"), (["--models", "resnet"], "choose from"),
-                         (["--rounds", "4", "1"], "SHORT < LONG"), (["--trainers", "5"], "--trainers < --peers")):
+    for argv, reason in (
+        (["--legacy", "--dtypes", "float16"], "float32 only"),
+        (["--models", "resnet"], "choose from"),
+        (["--rounds", "4", "1"], "SHORT < LONG"),
+        (["--trainers", "5"], "--trainers < --peers"),
+    ):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and reason in capsys.readouterr().err

@@ -3,6 +3,7 @@
 The end-to-end run is real (mosquitto and peer processes on Fashion-MNIST) but small, and shared by the tests that
 inspect its outputs, so the file stays well under a minute and a half.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,16 +28,36 @@ SMALL_PEER_ARGS = ["--min-peers", "3", "--trainers", "2", "--train-samples", "30
 needs_federation = pytest.mark.skipif(
     not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
     or not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-    reason="needs mosquitto and the Fashion-MNIST IDX files")
+    reason="needs mosquitto and the Fashion-MNIST IDX files",
+)
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.experiment", "--out", str(out), "--partitions", ",".join(PARTITIONS),
-         "--peers", "3", "--rounds", str(ROUNDS), "--timeout", "120", "--", *SMALL_PEER_ARGS],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "scripts.experiment",
+            "--out",
+            str(out),
+            "--partitions",
+            ",".join(PARTITIONS),
+            "--peers",
+            "3",
+            "--rounds",
+            str(ROUNDS),
+            "--timeout",
+            "120",
+            "--",
+            *SMALL_PEER_ARGS,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return out, proc
 
 
@@ -53,7 +74,7 @@ def test_every_partition_runs_to_the_end(experiment):
         assert (out / label / "run.json").is_file()
         assert (out / label / "rounds.csv").is_file()
     # the table names every partition with its round count
-    table = proc.stdout[proc.stdout.index("partition"):]
+    table = proc.stdout[proc.stdout.index("partition") :]
     for label in PARTITIONS:
         line = next(line for line in table.splitlines() if line.startswith(label + " "))
         assert line.split()[1:3] == ["ok", str(ROUNDS)]
@@ -106,8 +127,22 @@ def test_summary_agrees_with_csv_and_run_records(experiment):
 @needs_federation
 def test_a_failed_run_is_reported_and_the_rest_still_run(tmp_path, capsys):
     # far too short for any federation to finish: both runs time out, and the second is still attempted
-    code = main(["--out", str(tmp_path), "--partitions", "iid,skewed", "--peers", "3", "--rounds", "1",
-                 "--timeout", "2", "--", *SMALL_PEER_ARGS])
+    code = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--partitions",
+            "iid,skewed",
+            "--peers",
+            "3",
+            "--rounds",
+            "1",
+            "--timeout",
+            "2",
+            "--",
+            *SMALL_PEER_ARGS,
+        ]
+    )
     assert code == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] is False
@@ -118,23 +153,26 @@ def test_a_failed_run_is_reported_and_the_rest_still_run(tmp_path, capsys):
     assert (tmp_path / "comparison.png").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--partitions", "iid,nonsense"], "unknown partition 'nonsense'"),
-    (["--partitions", "iid,,skewed"], "empty item"),
-    (["--partitions", "iid:0.3"], "only dirichlet takes a parameter"),
-    (["--partitions", "dirichlet:zero"], "is not a number"),
-    (["--partitions", "dirichlet:0"], "alpha must be a positive number"),
-    (["--partitions", "dirichlet,dirichlet:0.5"], "given twice"),
-    (["--peers", "1"], "--peers must be at least 2"),
-    (["--rounds", "0"], "--rounds must be at least 1"),
-    (["--timeout", "0"], "--timeout must be a positive"),
-    (["--peers", "many"], "invalid int value"),
-    (["--", "--partition", "skewed"], "use --partitions"),
-    (["--", "--max-rounds=3"], "use --rounds"),
-    (["--", "--run-dir", "x"], "use --out"),
-    (["--", "--epochs", "0"], "epochs"),
-    (["--", "--no-such-flag"], "rejected"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--partitions", "iid,nonsense"], "unknown partition 'nonsense'"),
+        (["--partitions", "iid,,skewed"], "empty item"),
+        (["--partitions", "iid:0.3"], "only dirichlet takes a parameter"),
+        (["--partitions", "dirichlet:zero"], "is not a number"),
+        (["--partitions", "dirichlet:0"], "alpha must be a positive number"),
+        (["--partitions", "dirichlet,dirichlet:0.5"], "given twice"),
+        (["--peers", "1"], "--peers must be at least 2"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--timeout", "0"], "--timeout must be a positive"),
+        (["--peers", "many"], "invalid int value"),
+        (["--", "--partition", "skewed"], "use --partitions"),
+        (["--", "--max-rounds=3"], "use --rounds"),
+        (["--", "--run-dir", "x"], "use --out"),
+        (["--", "--epochs", "0"], "epochs"),
+        (["--", "--no-such-flag"], "rejected"),
+    ],
+)
 def test_bad_arguments_explain_themselves(argv, message, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--out", str(out), *argv]) == 2

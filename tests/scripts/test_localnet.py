@@ -1,5 +1,6 @@
 """scripts.localnet's command line: the peers wait for the N peers it starts unless told otherwise (no broker, no
 peers: LocalNetwork is replaced by a stand-in that records what it was given)."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,7 +37,7 @@ class FakeNetwork:
 @pytest.fixture
 def run(monkeypatch, tmp_path):
     monkeypatch.setattr(localnet, "LocalNetwork", FakeNetwork)
-    monkeypatch.setattr(localnet.signal, "signal", lambda *args: None)   # main's SIGTERM handler is not pytest's
+    monkeypatch.setattr(localnet.signal, "signal", lambda *args: None)  # main's SIGTERM handler is not pytest's
     monkeypatch.delenv("FL_MIN_PEERS", raising=False)
     FakeNetwork.started = []
 
@@ -44,6 +45,7 @@ def run(monkeypatch, tmp_path):
         assert localnet.main(["--run-dir", str(tmp_path), "--quiet", *argv]) == 0
         [(_, peer_args)] = FakeNetwork.started
         return peer_args
+
     return run
 
 
@@ -69,7 +71,7 @@ def test_fl_min_peers_in_the_environment_wins(run, monkeypatch):
 
 
 def test_a_single_peer_gets_no_default(run):
-    assert run("--peers", "1") == []      # --min-peers 1 would be refused; the peer's own default applies
+    assert run("--peers", "1") == []  # --min-peers 1 would be refused; the peer's own default applies
 
 
 def test_peers_per_process_reaches_the_network(run):

@@ -44,8 +44,7 @@ def check_output(out_dir: Path, manifest: dict, peers: int, total: int) -> None:
 @pytest.mark.parametrize("scheme", ["dirichlet", "iid"])
 def test_splits_the_mnist_test_set_into_shards(tmp_path, scheme):
     lines = []
-    manifest = split_dataset("mnist", MNIST, 5, tmp_path, partition_scheme=scheme, seed=1, alpha=0.5,
-                             log=lines.append)
+    manifest = split_dataset("mnist", MNIST, 5, tmp_path, partition_scheme=scheme, seed=1, alpha=0.5, log=lines.append)
     check_output(tmp_path, manifest, peers=5, total=10_000)
     assert len(lines) == 1 and "t10k" in lines[0] and "8000 train / 2000 test" in lines[0]
     assert manifest["partition"] == scheme and manifest["seed"] == 1 and manifest["num_classes"] == 10
@@ -56,8 +55,24 @@ def test_splits_the_mnist_test_set_into_shards(tmp_path, scheme):
 
 @needs_mnist
 def test_command_line_run_prints_a_table(tmp_path, capsys):
-    code = main(["--dataset", "mnist", "--data-dir", str(MNIST), "--peers", "3", "--out", str(tmp_path),
-                 "--partition", "skewed", "--seed", "2", "--test-fraction", "0.5"])
+    code = main(
+        [
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(MNIST),
+            "--peers",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--partition",
+            "skewed",
+            "--seed",
+            "2",
+            "--test-fraction",
+            "0.5",
+        ]
+    )
     assert code == 0
     output = capsys.readouterr().out
     assert "5000 train / 5000 test" in output
@@ -76,8 +91,9 @@ def test_full_train_and_test_files_are_used_as_they_are(tmp_path):
         write_idx(data_dir / f"{prefix}-images-idx3-ubyte{gz}", rng.integers(0, 256, (count, 28, 28)))
         write_idx(data_dir / f"{prefix}-labels-idx1-ubyte{gz}", np.arange(count) % 10)
     lines = []
-    manifest = split_dataset("fashion-mnist", data_dir, 4, tmp_path / "out", partition_scheme="uniform",
-                             log=lines.append)
+    manifest = split_dataset(
+        "fashion-mnist", data_dir, 4, tmp_path / "out", partition_scheme="uniform", log=lines.append
+    )
     assert lines == []
     assert "train and t10k" in manifest["source"]
     check_output(tmp_path / "out", manifest, peers=4, total=280 + 80)
@@ -85,8 +101,18 @@ def test_full_train_and_test_files_are_used_as_they_are(tmp_path):
 
 
 def test_missing_data_dir_explains_what_is_expected(tmp_path, capsys):
-    code = main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nothing"), "--peers", "2",
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(tmp_path / "nothing"),
+            "--peers",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert "does not exist" in error and "t10k-labels-idx1-ubyte" in error
@@ -105,7 +131,7 @@ def test_incomplete_data_dir_names_the_missing_files(tmp_path, capsys):
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
 def test_errors_say_how_to_get_the_data_as_the_peer_does(tmp_path, dataset):
-    with pytest.raises(DatasetError) as error:      # peer.data's error type, caught by the peer and by main alike
+    with pytest.raises(DatasetError) as error:  # peer.data's error type, caught by the peer and by main alike
         split_dataset(dataset, tmp_path / "nothing", 2, tmp_path / "out")
     message = str(error.value)
     assert expected_idx_files() in message
@@ -127,14 +153,17 @@ def test_more_peers_than_samples_is_an_error(tmp_path, capsys):
     assert "cannot split" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--peers", "0"], "at least 1"),
-    (["--peers", "two"], "not a whole number"),
-    (["--partition", "noniid"], "invalid choice"),
-    (["--alpha", "0"], "positive"),
-    (["--test-fraction", "1"], "between 0 and 1"),
-    (["--seed", "-3"], "negative"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--peers", "0"], "at least 1"),
+        (["--peers", "two"], "not a whole number"),
+        (["--partition", "noniid"], "invalid choice"),
+        (["--alpha", "0"], "positive"),
+        (["--test-fraction", "1"], "between 0 and 1"),
+        (["--seed", "-3"], "negative"),
+    ],
+)
 def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
     base = {"--dataset": "mnist", "--data-dir": str(tmp_path), "--peers": "2", "--out": str(tmp_path / "o")}
     for flag, value in zip(args[::2], args[1::2]):
@@ -146,8 +175,22 @@ def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
 
 
 def test_runs_as_a_script_with_a_clean_error(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "split_dataset.py"), "--dataset", "mnist",
-                             "--data-dir", str(tmp_path / "absent"), "--peers", "2", "--out", str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "split_dataset.py"),
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "absent"),
+            "--peers",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "split_dataset: error:" in result.stderr and "Traceback" not in result.stderr

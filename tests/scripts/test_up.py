@@ -2,6 +2,7 @@
 containers and local processes, the compose file it generates, the logins, the images' files, and the local path
 end to end with a real broker and real peers. The container path on a real engine is tests/test_containers.py.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,8 +32,9 @@ def clean_env(tmp_path: Path, **extra) -> dict:
 
 
 def upsh(tmp_path: Path, *args: str, timeout: float = 60, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([UP, *args], cwd=ROOT, env=clean_env(tmp_path, **env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [UP, *args], cwd=ROOT, env=clean_env(tmp_path, **env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -47,6 +49,7 @@ def no_docker(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ usage
+
 
 def test_up_sh_is_a_short_shim():
     text = Path(UP).read_text()
@@ -64,33 +67,54 @@ def test_shellcheck_passes_on_the_shell_scripts():
 def test_help_explains_itself(tmp_path):
     result = upsh(tmp_path, "--help")
     assert result.returncode == 0
-    for words in ("--peers", "--run-dir", "--local", "status", "kill controller", "kill random | peer ID", "down",
-                  "broker --publish", "--join HOST:PORT", "--base", "--ca-bundle", "--data-dir", "Docker",
-                  "local processes", "FL_", "docs/RECORDS.md"):
+    for words in (
+        "--peers",
+        "--run-dir",
+        "--local",
+        "status",
+        "kill controller",
+        "kill random | peer ID",
+        "down",
+        "broker --publish",
+        "--join HOST:PORT",
+        "--base",
+        "--ca-bundle",
+        "--data-dir",
+        "Docker",
+        "local processes",
+        "FL_",
+        "docs/RECORDS.md",
+    ):
         assert words in result.stdout, words
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--peers", "x"], "argument --peers: invalid int value: 'x'"),
-    (["--peers", "1"], "--peers needs at least 2 peers in the federation, not 1"),
-    (["--first", "0"], "--first counts from 1, not 0"),
-    (["--peers-per-process", "0"], "--peers-per-process must be at least 1, not 0"),
-    (["--peers", "4", "--peers-per-process", "2", "--resume", "x"], "--resume needs one peer per process"),
-    (["--peers", "3", "--first", "3", "--total", "4"], "peers 3..5 do not fit in --total 4"),
-    (["--project", "Bad Name"], "--project 'Bad Name': use lowercase letters"),
-    (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
-    (["--", "--bogus"], "peer flags: unrecognized arguments: --bogus"),
-    (["--", "--max-rounds", "0"], "peer flags: --max-rounds: must be at least 1, got 0"),
-    (["--", "--peer-id", "x"], "--peer-id is set by up.sh for each peer"),
-    (["--", "--run-dir", "x"], "--run-dir is set by up.sh for each peer: leave it out of the peer flags (--run-dir goes"),
-    (["kill"], "the following arguments are required"),
-    (["kill", "a", "b"], "kill takes one target: controller, random or peer ID"),
-    (["kill", "controller", "--signal", "HUP"], "--signal must be KILL, TERM, STOP or CONT, not 'HUP'"),
-    (["status", "--bogus"], "unrecognized arguments: --bogus"),
-    (["status", "--", "x"], "status takes no peer flags"),
-    (["frobnicate"], "unknown command 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--peers", "x"], "argument --peers: invalid int value: 'x'"),
+        (["--peers", "1"], "--peers needs at least 2 peers in the federation, not 1"),
+        (["--first", "0"], "--first counts from 1, not 0"),
+        (["--peers-per-process", "0"], "--peers-per-process must be at least 1, not 0"),
+        (["--peers", "4", "--peers-per-process", "2", "--resume", "x"], "--resume needs one peer per process"),
+        (["--peers", "3", "--first", "3", "--total", "4"], "peers 3..5 do not fit in --total 4"),
+        (["--project", "Bad Name"], "--project 'Bad Name': use lowercase letters"),
+        (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
+        (["--", "--bogus"], "peer flags: unrecognized arguments: --bogus"),
+        (["--", "--max-rounds", "0"], "peer flags: --max-rounds: must be at least 1, got 0"),
+        (["--", "--peer-id", "x"], "--peer-id is set by up.sh for each peer"),
+        (
+            ["--", "--run-dir", "x"],
+            "--run-dir is set by up.sh for each peer: leave it out of the peer flags (--run-dir goes",
+        ),
+        (["kill"], "the following arguments are required"),
+        (["kill", "a", "b"], "kill takes one target: controller, random or peer ID"),
+        (["kill", "controller", "--signal", "HUP"], "--signal must be KILL, TERM, STOP or CONT, not 'HUP'"),
+        (["status", "--bogus"], "unrecognized arguments: --bogus"),
+        (["status", "--", "x"], "status takes no peer flags"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+    ],
+)
 def test_wrong_arguments_fail_clearly(tmp_path, args, message):
     result = upsh(tmp_path, *args)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -107,12 +131,18 @@ def test_control_commands_without_a_network_say_what_to_do(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ choosing the path
 
+
 def test_without_docker_engine_says_so_once_and_runs_local(tmp_path, no_docker):
     # The local path stops at its first check here: an interpreter without the project's packages.
     result = upsh(tmp_path, "--peers", "3", "--run-dir", str(tmp_path / "out"), PATH=no_docker, PYTHON="/bin/false")
     lines = result.stdout.splitlines()
-    assert lines.count("up.sh: no Docker engine reachable (docker info failed: Cannot connect to the Docker "
-                       "daemon); running the same network as local processes (./up.sh --local)") == 1, result.stdout
+    assert (
+        lines.count(
+            "up.sh: no Docker engine reachable (docker info failed: Cannot connect to the Docker "
+            "daemon); running the same network as local processes (./up.sh --local)"
+        )
+        == 1
+    ), result.stdout
     assert result.returncode == 1
     assert "/bin/false cannot import the project's packages" in result.stderr
     assert "pip install -r requirements.txt" in result.stderr
@@ -130,8 +160,11 @@ def test_local_without_mosquitto_prints_the_install_command(monkeypatch, capsys,
     assert up.main(["--local", "--peers", "2", "--run-dir", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "the local network needs the mosquitto broker: " in err
-    assert re.search(r": (sudo )?(apt-get install -y|dnf install -y|brew install|pacman -S|apk add|zypper install) "
-                     r"mosquitto$", err.strip()), err
+    assert re.search(
+        r": (sudo )?(apt-get install -y|dnf install -y|brew install|pacman -S|apk add|zypper install) "
+        r"mosquitto$",
+        err.strip(),
+    ), err
     assert not (tmp_path / "r").exists()
 
 
@@ -151,8 +184,14 @@ def test_local_without_venv_creates_it(tmp_path):
     (copy / "requirements.txt").write_text("# nothing: the test only needs the venv made\n")
     env = clean_env(tmp_path)
     env.pop("PYTHON", None)
-    result = subprocess.run([str(copy / "up.sh"), "--local", "--peers", "2"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [str(copy / "up.sh"), "--local", "--peers", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert f"up.sh: no .venv in {copy}: creating it and installing requirements.txt" in result.stdout
     assert (copy / ".venv" / "bin" / "python").exists()
     assert result.returncode == 1 and "cannot import the project's packages" in result.stderr, result.stderr
@@ -176,8 +215,9 @@ def test_a_failed_build_says_what_failed_and_how_to_fix_it(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "docker").write_text(FAILING_BUILD)
     (bin_dir / "docker").chmod(0o755)
-    result = upsh(tmp_path, "--peers", "2", "--run-dir", str(tmp_path / "run"),
-                  PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = upsh(
+        tmp_path, "--peers", "2", "--run-dir", str(tmp_path / "run"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "up.sh: images: building sd-fl-peer:latest on python:3.11-slim" in result.stdout
     err = result.stderr
@@ -189,10 +229,16 @@ def test_a_failed_build_says_what_failed_and_how_to_fix_it(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ compose file
 
+
 def network(tmp_path: Path, **kw) -> up.Network:
-    defaults = dict(project="t", run_dir=tmp_path / "run $HOME", peers=["peer-1", "peer-2", "peer-3"], total=3,
-                    peer_flags=["--max-rounds", "2", "--dataset", "fashion-mnist", "--seed", "$7"],
-                    env={"FL_EPOCHS": "2"})
+    defaults = dict(
+        project="t",
+        run_dir=tmp_path / "run $HOME",
+        peers=["peer-1", "peer-2", "peer-3"],
+        total=3,
+        peer_flags=["--max-rounds", "2", "--dataset", "fashion-mnist", "--seed", "$7"],
+        env={"FL_EPOCHS": "2"},
+    )
     return up.Network(**{**defaults, **kw})
 
 
@@ -221,8 +267,10 @@ def test_compose_file_is_data_for_n_peers(tmp_path):
         assert peer["labels"][up.LABEL_PEER] == f"peer-{k}"
     broker = compose["services"]["broker"]
     # The login is mounted read-only, away from /mosquitto (whose entrypoint re-owns what it finds there).
-    assert {(m["target"], m["read_only"]) for m in broker["volumes"]} == {("/etc/sdfl/login/passwd", True),
-                                                                          ("/etc/sdfl/login/acl", True)}
+    assert {(m["target"], m["read_only"]) for m in broker["volumes"]} == {
+        ("/etc/sdfl/login/passwd", True),
+        ("/etc/sdfl/login/acl", True),
+    }
     assert set(up.MOSQUITTO_VOLUMES) <= set(broker["tmpfs"]), "a base image VOLUME without a mount leaks"
     assert broker["ports"] == [up.DEFAULT_PUBLISH]
     assert "$$MQTT_HEALTH_PASSWORD" in broker["healthcheck"]["test"][1]
@@ -230,8 +278,9 @@ def test_compose_file_is_data_for_n_peers(tmp_path):
     # The live page: an observer with the read-only login, the secret to check messages, its port on loopback only.
     page = compose["services"]["dashboard"]
     assert page["entrypoint"] == ["python", "-m", "graphs.live"] and page["env_file"] == [str(login.observer_env)]
-    assert "--secret-file" in page["command"] and page["command"][page["command"].index("--broker") + 1] == \
-        "broker:1883"
+    assert (
+        "--secret-file" in page["command"] and page["command"][page["command"].index("--broker") + 1] == "broker:1883"
+    )
     assert page["ports"] == [f"127.0.0.1::{up.DASHBOARD_PORT}"] and "environment" not in page
     assert up.read_env_file(login.observer_env)["FL_USERNAME"] == up.OBSERVER
 
@@ -241,26 +290,44 @@ def test_compose_file_hosts_k_peers_per_container_each_with_its_own_login(tmp_pa
     login = up.make_credentials(tmp_path / "login", net.peers)
     compose = up.compose_config(net, login, 1234, 5678)
     assert yaml.safe_load(json.dumps(compose)) == compose
-    assert net.containers() == {"host-peer-1": ["peer-1", "peer-2", "peer-3"],
-                                "host-peer-4": ["peer-4", "peer-5", "peer-6"], "host-peer-7": ["peer-7"]}
+    assert net.containers() == {
+        "host-peer-1": ["peer-1", "peer-2", "peer-3"],
+        "host-peer-4": ["peer-4", "peer-5", "peer-6"],
+        "host-peer-7": ["peer-7"],
+    }
     assert sorted(compose["services"]) == ["broker", "dashboard", "host-peer-1", "host-peer-4", "host-peer-7"]
     host = compose["services"]["host-peer-4"]
     assert host["entrypoint"] == ["python", "-m", "peer.host"]
-    assert host["command"] == ["--hosted", "peer-4=3/7,peer-5=4/7,peer-6=5/7", "--login-dir", up.HOSTED_LOGINS,
-                               "--max-rounds", "2", "--dataset", "fashion-mnist", "--seed", "$$7"]
+    assert host["command"] == [
+        "--hosted",
+        "peer-4=3/7,peer-5=4/7,peer-6=5/7",
+        "--login-dir",
+        up.HOSTED_LOGINS,
+        "--max-rounds",
+        "2",
+        "--dataset",
+        "fashion-mnist",
+        "--seed",
+        "$$7",
+    ]
     assert host["labels"][up.LABEL_PEER] == "peer-4,peer-5,peer-6"
     env = host["environment"]
     assert "FL_PEER_ID" not in env and "FL_SHARD" not in env and "env_file" not in host
     assert env["FL_MIN_PEERS"] == "7" and env["FL_EPOCHS"] == "2"
     # Its peers' logins, read-only, and no one else's: a host cannot publish as a peer it does not run.
     logins = {m["target"]: m for m in host["volumes"] if m["target"].startswith(up.HOSTED_LOGINS)}
-    assert logins == {f"{up.HOSTED_LOGINS}/peer-{k}.env": {"type": "bind", "source": str(login.env_file(f"peer-{k}")),
-                                                          "target": f"{up.HOSTED_LOGINS}/peer-{k}.env",
-                                                          "read_only": True} for k in (4, 5, 6)}
+    assert logins == {
+        f"{up.HOSTED_LOGINS}/peer-{k}.env": {
+            "type": "bind",
+            "source": str(login.env_file(f"peer-{k}")),
+            "target": f"{up.HOSTED_LOGINS}/peer-{k}.env",
+            "read_only": True,
+        }
+        for k in (4, 5, 6)
+    }
     assert compose["services"]["host-peer-7"]["command"][:2] == ["--hosted", "peer-7=6/7"]
     # Peers joining a broker elsewhere (--join, --first 4 of 6) are hosted the same way, named after their first.
-    net = network(tmp_path, peers=["peer-4", "peer-5", "peer-6"], first=4, total=6, join="10.1.2.3:1883",
-                  per_process=2)
+    net = network(tmp_path, peers=["peer-4", "peer-5", "peer-6"], first=4, total=6, join="10.1.2.3:1883", per_process=2)
     compose = up.compose_config(net, up.make_credentials(tmp_path / "login2", net.peers), 1, 1)
     assert sorted(compose["services"]) == ["host-peer-4", "host-peer-6"]
     host = compose["services"]["host-peer-4"]
@@ -278,37 +345,52 @@ def test_a_kill_counts_for_every_peer_of_the_killed_container(tmp_path, capsys):
     assert network(tmp_path, peers=["peer-1", "peer-2", "peer-3"]).killed_on_purpose() == {"peer-2"}
     # The launcher's progress says it once for the three, and apart for a peer that exited otherwise.
     progress = up.Progress(net, 0)
-    progress.update({"peer-1": "exited 137", "peer-2": "exited 137", "peer-3": "exited 137", "peer-4": "running",
-                     "peer-5": "exited 1"})
+    progress.update(
+        {
+            "peer-1": "exited 137",
+            "peer-2": "exited 137",
+            "peer-3": "exited 137",
+            "peer-4": "running",
+            "peer-5": "exited 1",
+        }
+    )
     progress.update({"peer-1": "exited 137", "peer-4": "exited 0"})
     said = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if " exited " in line]
     assert said == ["peer-1..peer-3 exited 137 (killed on purpose)", "peer-5 exited 1", "peer-4 exited 0"]
-    assert up.spans(["peer-10", "peer-2", "peer-1", "peer-3", "peer-4", "peer-7", "peer-8"]) == \
-        "peer-1..peer-4, peer-7, peer-8, peer-10"
+    assert (
+        up.spans(["peer-10", "peer-2", "peer-1", "peer-3", "peer-4", "peer-7", "peer-8"])
+        == "peer-1..peer-4, peer-7, peer-8, peer-10"
+    )
     assert up.spans(["peer-1", "x"]) == "peer-1, x"
 
 
 def test_a_hosts_log_is_split_into_its_peers_logs(tmp_path):
     combined = tmp_path / "hosts" / "host-peer-1.log"
     combined.parent.mkdir()
-    combined.write_bytes(b"t INFO peer=host-peer-1 role=host | loading\n"
-                         b"t INFO peer=peer-1 role=waiting | one\n"
-                         b"t INFO peer=peer-2 role=controller | two\n"
-                         b"  summary table row\n"
-                         b"t INFO peer=peer-1 role=trainer | three\n")
+    combined.write_bytes(
+        b"t INFO peer=host-peer-1 role=host | loading\n"
+        b"t INFO peer=peer-1 role=waiting | one\n"
+        b"t INFO peer=peer-2 role=controller | two\n"
+        b"  summary table row\n"
+        b"t INFO peer=peer-1 role=trainer | three\n"
+    )
     up.split_host_log(combined, ["peer-1", "peer-2"], tmp_path)
     assert (tmp_path / "peers" / "peer-1" / "peer.log").read_text().splitlines() == [
-        "t INFO peer=peer-1 role=waiting | one", "t INFO peer=peer-1 role=trainer | three"]
+        "t INFO peer=peer-1 role=waiting | one",
+        "t INFO peer=peer-1 role=trainer | three",
+    ]
     assert (tmp_path / "peers" / "peer-2" / "peer.log").read_text().splitlines() == [
-        "t INFO peer=peer-2 role=controller | two", "  summary table row"]
+        "t INFO peer=peer-2 role=controller | two",
+        "  summary table row",
+    ]
 
 
 def test_the_observer_login_only_reads(tmp_path):
     login = up.make_credentials(tmp_path / "login", ["peer-1"])
     acl = login.acl.read_text()
-    block = acl[acl.index(f"user {up.OBSERVER}"):].split("\n\n")[0].splitlines()
+    block = acl[acl.index(f"user {up.OBSERVER}") :].split("\n\n")[0].splitlines()
     assert block == [f"user {up.OBSERVER}", "topic read sd/#"]
-    assert up.OBSERVER in login.passwd.read_text() and login.peers() == ["peer-1"]   # no peer's login
+    assert up.OBSERVER in login.passwd.read_text() and login.peers() == ["peer-1"]  # no peer's login
 
 
 def test_compose_file_of_peers_that_join_a_broker_elsewhere(tmp_path):
@@ -323,8 +405,20 @@ def test_compose_file_of_peers_that_join_a_broker_elsewhere(tmp_path):
 def test_compose_file_command_passes_settings_and_mounts_datasets(tmp_path):
     data = tmp_path / "mnist"
     data.mkdir()
-    result = upsh(tmp_path, "compose-file", "--peers", "2", "--data-dir", str(data), "--", "--max-rounds", "3",
-                  FL_EPOCHS="2", FL_BROKER="elsewhere:1", FL_PEER_ID="nope")
+    result = upsh(
+        tmp_path,
+        "compose-file",
+        "--peers",
+        "2",
+        "--data-dir",
+        str(data),
+        "--",
+        "--max-rounds",
+        "3",
+        FL_EPOCHS="2",
+        FL_BROKER="elsewhere:1",
+        FL_PEER_ID="nope",
+    )
     assert result.returncode == 0, result.stderr
     compose = json.loads(result.stdout)
     env = compose["services"]["peer-2"]["environment"]
@@ -341,6 +435,7 @@ def test_compose_file_command_passes_settings_and_mounts_datasets(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ logins
+
 
 def verify(password: str, hashed: str) -> bool:
     _, seven, iterations, salt, digest = hashed.split("$")
@@ -397,6 +492,7 @@ def test_generated_state_is_git_ignored():
 
 # ------------------------------------------------------------------------------------------------ images
 
+
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     out = []
     for line in re.sub(r"\\\n", " ", dockerfile.read_text()).splitlines():
@@ -407,8 +503,13 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("dockerfile, arg, default", [("peer/Dockerfile", "PYTHON_BASE", "python:3.11-slim"),
-                                                      ("broker/Dockerfile", "MOSQUITTO_BASE", "eclipse-mosquitto:2")])
+@pytest.mark.parametrize(
+    "dockerfile, arg, default",
+    [
+        ("peer/Dockerfile", "PYTHON_BASE", "python:3.11-slim"),
+        ("broker/Dockerfile", "MOSQUITTO_BASE", "eclipse-mosquitto:2"),
+    ],
+)
 def test_dockerfiles_take_their_base_as_a_build_argument(dockerfile, arg, default):
     steps = instructions(ROOT / dockerfile)
     assert steps[0] == ("ARG", f"{arg}={default}")
@@ -449,8 +550,11 @@ def test_build_context_holds_what_the_images_copy_and_nothing_else():
 
 
 def test_requirements_are_pinned():
-    reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    reqs = [
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for line in reqs:
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][A-Za-z0-9.+!-]*", line), line
     # The Dockerfile swaps tensorflow-cpu for tensorflow on arm64 by this exact spelling.
@@ -459,6 +563,7 @@ def test_requirements_are_pinned():
 
 
 # ------------------------------------------------------------------------------------------------ local, for real
+
 
 def leftovers(run_dir) -> list[str]:
     """Processes of this run still alive: peers (their command line names the run dir) or its broker."""
@@ -476,38 +581,60 @@ def leftovers(run_dir) -> list[str]:
 def test_local_runs_to_the_finish_through_a_controller_kill_and_leaves_nothing_behind(tmp_path):
     run_dir = tmp_path / "run"
     env = clean_env(tmp_path, PYTHON=sys.executable)
-    proc = subprocess.Popen([UP, "--local", "--peers", "5", "--run-dir", str(run_dir), "--", *SMALL,
-                             "--max-rounds", "4", "--epochs", "3"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [UP, "--local", "--peers", "5", "--run-dir", str(run_dir), "--", *SMALL, "--max-rounds", "4", "--epochs", "3"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: rounds(run_dir), 150, "round 1 to finish")
         status = subprocess.run([UP, "status"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
         assert status.returncode == 0 and "controller: peer-" in status.stdout, status.stdout + status.stderr
-        killed = subprocess.run([UP, "kill", "controller", "--run-dir", str(run_dir)], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=30)
+        killed = subprocess.run(
+            [UP, "kill", "controller", "--run-dir", str(run_dir)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert killed.returncode == 0 and "sent SIGKILL to peer-" in killed.stdout, killed.stdout + killed.stderr
         output, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(30)
-    assert proc.returncode == 0, output[-3000:]   # the peer killed on purpose is no failure of the run
-    for line in ("starting the broker and 5 peers as local processes", "peers joined 5/5", "round 1/4: accuracy",
-                 "finished (max-rounds)", f"records: {run_dir}", f"-m graphs {run_dir}"):
+    assert proc.returncode == 0, output[-3000:]  # the peer killed on purpose is no failure of the run
+    for line in (
+        "starting the broker and 5 peers as local processes",
+        "peers joined 5/5",
+        "round 1/4: accuracy",
+        "finished (max-rounds)",
+        f"records: {run_dir}",
+        f"-m graphs {run_dir}",
+    ):
         assert line in output, (line, output)
     terms = elections(run_dir)
     assert len(terms) >= 2 and terms[1]["reason"] == "controller-lost"
     assert_rounds_complete(run_dir, 4)
-    assert sum(s["role"] == "finished" for s in statuses(run_dir).values()) == 4   # every survivor got the finish
+    assert sum(s["role"] == "finished" for s in statuses(run_dir).values()) == 4  # every survivor got the finish
     assert leftovers(run_dir) == []
 
 
 def test_local_down_stops_the_network(tmp_path):
     run_dir = tmp_path / "run"
     env = clean_env(tmp_path, PYTHON=sys.executable)
-    proc = subprocess.Popen([UP, "--local", "--peers", "2", "--run-dir", str(run_dir), "--", *SMALL,
-                             "--max-rounds", "1000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [UP, "--local", "--peers", "2", "--run-dir", str(run_dir), "--", *SMALL, "--max-rounds", "1000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: rounds(run_dir), 150, "round 1 to finish")
         down = subprocess.run([UP, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -528,6 +655,7 @@ def test_local_down_stops_the_network(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ runs
+
 
 def compose_env(tmp_path, *args, **env) -> dict:
     result = upsh(tmp_path, "compose-file", "--peers", "2", *args, **env)
@@ -551,12 +679,15 @@ def test_peers_joining_from_another_machine_take_the_brokers_run(tmp_path):
 
 def test_resume_goes_on_with_the_checkpointed_run_in_its_run_dir(tmp_path):
     from peer.records.run_dir import RunRecorder
+
     run_dir = tmp_path / "killed"
     RunRecorder(run_dir, "peer-1").checkpoint({"run_id": "r-42", "round": 3, "term": 2}, b"weights")
     env = compose_env(tmp_path, "--resume", str(run_dir))
     assert env["FL_RUN_ID"] == "r-42" and env["FL_RESUME"] == "yes"
-    for args, words in ((["--resume", str(tmp_path / "nothing")], "no checkpoint in"),
-                        (["--resume", str(run_dir), "--", "--run-id", "other"], "is of run r-42, not other"),
-                        (["--resume", str(run_dir), "--run-dir", str(tmp_path / "x")], "leave --run-dir out")):
+    for args, words in (
+        (["--resume", str(tmp_path / "nothing")], "no checkpoint in"),
+        (["--resume", str(run_dir), "--", "--run-id", "other"], "is of run r-42, not other"),
+        (["--resume", str(run_dir), "--run-dir", str(tmp_path / "x")], "leave --run-dir out"),
+    ):
         result = upsh(tmp_path, "compose-file", "--peers", "2", *args)
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr

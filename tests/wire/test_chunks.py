@@ -6,10 +6,17 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from peer.wire.errors import Refused
 from peer.wire.chunks import (
-    CHUNK_HEAD_SIZE, CHUNK_MAGIC, Complete, Pending, Reassembler, chunk_count, is_chunk, split,
+    CHUNK_HEAD_SIZE,
+    CHUNK_MAGIC,
+    Complete,
+    Pending,
+    Reassembler,
+    chunk_count,
+    is_chunk,
+    split,
 )
+from peer.wire.errors import Refused
 
 HEAD = struct.Struct("<4sBxxxQIIIQ32s")
 MB = 1024 * 1024
@@ -29,8 +36,16 @@ def deliver(assembler, chunks, sender="peer-3", incarnation=7, kind="aggregation
 
 def head_of(chunk):
     magic, version, message_id, index, count, chunk_size, total, digest = HEAD.unpack_from(chunk)
-    return dict(magic=magic, version=version, message_id=message_id, index=index, count=count, chunk_size=chunk_size,
-                total=total, digest=digest)
+    return dict(
+        magic=magic,
+        version=version,
+        message_id=message_id,
+        index=index,
+        count=count,
+        chunk_size=chunk_size,
+        total=total,
+        digest=digest,
+    )
 
 
 def with_head(chunk, **changes):
@@ -40,26 +55,31 @@ def with_head(chunk, **changes):
 
 # --- split ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size, limit", [
-    (1000, CHUNK_HEAD_SIZE + 100),      # an exact multiple: 10 full chunks
-    (1001, CHUNK_HEAD_SIZE + 100),      # a 1-byte last chunk
-    (999, CHUNK_HEAD_SIZE + 100),
-    (1000, CHUNK_HEAD_SIZE + 1),        # one byte per chunk
-    (1000, CHUNK_HEAD_SIZE + 999),      # 2 chunks, the last of 1 byte
-    (1000, CHUNK_HEAD_SIZE + 1000),     # fits one chunk: count 1
-    (300_000, 64 * 1024),
-])
+
+@pytest.mark.parametrize(
+    "size, limit",
+    [
+        (1000, CHUNK_HEAD_SIZE + 100),  # an exact multiple: 10 full chunks
+        (1001, CHUNK_HEAD_SIZE + 100),  # a 1-byte last chunk
+        (999, CHUNK_HEAD_SIZE + 100),
+        (1000, CHUNK_HEAD_SIZE + 1),  # one byte per chunk
+        (1000, CHUNK_HEAD_SIZE + 999),  # 2 chunks, the last of 1 byte
+        (1000, CHUNK_HEAD_SIZE + 1000),  # fits one chunk: count 1
+        (300_000, 64 * 1024),
+    ],
+)
 def test_split_then_reassemble_gives_the_body_back(size, limit):
     body = body_of(size, seed=size + limit)
     chunks = list(split([body], limit, message_id=12))
     assert len(chunks) == chunk_count(size, limit) == -(-size // (limit - CHUNK_HEAD_SIZE))
     assert all(len(chunk) <= limit for chunk in chunks)
-    assert all(len(chunk) == limit for chunk in chunks[:-1])   # every chunk but the last is full
+    assert all(len(chunk) == limit for chunk in chunks[:-1])  # every chunk but the last is full
     assert len(chunks[-1]) == CHUNK_HEAD_SIZE + size - (len(chunks) - 1) * (limit - CHUNK_HEAD_SIZE)
     heads = [head_of(chunk) for chunk in chunks]
     assert [h["index"] for h in heads] == list(range(len(chunks)))
     assert {(h["magic"], h["version"], h["message_id"], h["count"], h["total"], h["digest"]) for h in heads} == {
-        (CHUNK_MAGIC, 1, 12, len(chunks), size, hashlib.sha256(body).digest())}
+        (CHUNK_MAGIC, 1, 12, len(chunks), size, hashlib.sha256(body).digest())
+    }
     assert all(chunk[5:8] == b"\0\0\0" for chunk in chunks)
     results = deliver(reassembler(), chunks)
     assert all(isinstance(r, Pending) for r in results[:-1])
@@ -76,11 +96,16 @@ def test_split_reads_across_part_boundaries_including_empty_parts_and_numpy_view
         assert isinstance(deliver(reassembler(), chunks)[-1], Complete)
 
 
-@pytest.mark.parametrize("parts, limit, message_id", [
-    ([], 1000, 1), ([b""], 1000, 1),                   # nothing to send
-    ([b"abc"], CHUNK_HEAD_SIZE, 1),                   # no room for data
-    ([b"abc"], 1000, -1), ([b"abc"], 1000, 2**64),    # not a u64
-])
+@pytest.mark.parametrize(
+    "parts, limit, message_id",
+    [
+        ([], 1000, 1),
+        ([b""], 1000, 1),  # nothing to send
+        ([b"abc"], CHUNK_HEAD_SIZE, 1),  # no room for data
+        ([b"abc"], 1000, -1),
+        ([b"abc"], 1000, 2**64),  # not a u64
+    ],
+)
 def test_split_refuses_what_it_cannot_encode(parts, limit, message_id):
     with pytest.raises(ValueError):
         split(parts, limit, message_id)
@@ -89,7 +114,7 @@ def test_split_refuses_what_it_cannot_encode(parts, limit, message_id):
 def test_split_never_copies_the_whole_body():
     total = 64 * MB
     weights = np.random.default_rng(0).random(total // 4, dtype=np.float32)
-    parts = [b"frame head", memoryview(weights[: total // 8]).cast("B"), memoryview(weights[total // 8:]).cast("B")]
+    parts = [b"frame head", memoryview(weights[: total // 8]).cast("B"), memoryview(weights[total // 8 :]).cast("B")]
     limit = 1 * MB
     tracemalloc.start()
     try:
@@ -109,6 +134,7 @@ def test_split_never_copies_the_whole_body():
 
 # --- delivery order ---------------------------------------------------------------------------------------------------
 
+
 def test_chunks_in_reverse_and_shuffled_order_reassemble():
     body = body_of(5000)
     chunks = list(split([body], CHUNK_HEAD_SIZE + 333, message_id=3))
@@ -121,7 +147,7 @@ def test_chunks_in_reverse_and_shuffled_order_reassemble():
 
 def test_duplicates_are_ignored_and_the_message_still_completes():
     body = body_of(1000)
-    chunks = list(split([body], CHUNK_HEAD_SIZE + 300, message_id=3))   # 4 chunks
+    chunks = list(split([body], CHUNK_HEAD_SIZE + 300, message_id=3))  # 4 chunks
     assembler = reassembler()
     results = deliver(assembler, [chunks[0], chunks[0], chunks[2], chunks[0], chunks[2], chunks[1], chunks[3]])
     assert [type(r) for r in results] == [Pending, Refused, Pending, Refused, Refused, Pending, Complete]
@@ -135,7 +161,7 @@ def test_a_chunk_of_a_finished_message_does_not_open_it_again():
     chunks = list(split([body], CHUNK_HEAD_SIZE + 300, message_id=3))
     assembler = reassembler()
     assert isinstance(deliver(assembler, chunks)[-1], Complete)
-    late = deliver(assembler, [chunks[3]])[0]   # QoS 1 may deliver it twice
+    late = deliver(assembler, [chunks[3]])[0]  # QoS 1 may deliver it twice
     assert isinstance(late, Refused) and late.level == "debug" and "already complete" in late.reason
     assert assembler.buffered_bytes == 0 and assembler.expire(1000.0) == []
 
@@ -150,8 +176,11 @@ def test_complete_is_the_only_reference_and_memory_is_freed():
 
 def test_interleaved_messages_of_two_senders_and_two_kinds_stay_apart():
     limit = CHUNK_HEAD_SIZE + 100
-    bodies = {("peer-1", "solution"): body_of(950, 1), ("peer-2", "solution"): body_of(950, 2),
-              ("peer-1", "training"): body_of(720, 3)}
+    bodies = {
+        ("peer-1", "solution"): body_of(950, 1),
+        ("peer-2", "solution"): body_of(950, 2),
+        ("peer-1", "training"): body_of(720, 3),
+    }
     # the same message id everywhere: only sender and kind tell them apart
     streams = {key: list(split([body], limit, message_id=1)) for key, body in bodies.items()}
     assembler = reassembler()
@@ -174,20 +203,20 @@ def test_a_new_incarnation_is_a_new_message():
     deliver(assembler, chunks[:2], incarnation=1)
     results = deliver(assembler, chunks, incarnation=2)
     assert isinstance(results[-1], Complete)
-    assert isinstance(deliver(assembler, chunks[2:3], incarnation=1)[0], Pending)   # the old one still waits
+    assert isinstance(deliver(assembler, chunks[2:3], incarnation=1)[0], Pending)  # the old one still waits
 
 
 # --- loss and corruption ----------------------------------------------------------------------------------------------
 
+
 def test_a_lost_chunk_expires_with_the_number_missing():
-    chunks = list(split([body_of(700)], CHUNK_HEAD_SIZE + 100, message_id=12))   # 7 chunks
+    chunks = list(split([body_of(700)], CHUNK_HEAD_SIZE + 100, message_id=12))  # 7 chunks
     assembler = reassembler(timeout_s=60.0)
     deliver(assembler, [c for i, c in enumerate(chunks) if i not in (1, 4, 5)], now=10.0)
     assert assembler.buffered_bytes > 0
-    assert assembler.expire(70.0) == []   # 60 s after the last chunk, not more
+    assert assembler.expire(70.0) == []  # 60 s after the last chunk, not more
     [dropped] = assembler.expire(70.5)
-    assert dropped == Refused("message 12 of peer-3 (aggregation): 3 of 7 chunks missing after 60s; dropped",
-                              "warning")
+    assert dropped == Refused("message 12 of peer-3 (aggregation): 3 of 7 chunks missing after 60s; dropped", "warning")
     assert assembler.buffered_bytes == 0 and assembler.expire(1000.0) == []
 
 
@@ -220,21 +249,24 @@ def test_a_corrupted_lone_chunk_fails_the_digest():
 
 
 def valid_chunks():
-    return list(split([body_of(1000)], CHUNK_HEAD_SIZE + 300, message_id=3))   # 4 chunks: 300, 300, 300, 100
+    return list(split([body_of(1000)], CHUNK_HEAD_SIZE + 300, message_id=3))  # 4 chunks: 300, 300, 300, 100
 
 
-@pytest.mark.parametrize("changes, why", [
-    (dict(magic=b"SDFL"), "magic"),
-    (dict(version=2), "version"),
-    (dict(count=0), "count of 0"),
-    (dict(index=4), "not below the count"),
-    (dict(chunk_size=0), "chunk size of 0"),
-    (dict(total=10 * MB + 1), "exceeds"),
-    (dict(total=900), "do not make"),            # 3 chunks of 300 hold it: count 4 is wrong
-    (dict(total=1201), "do not make"),
-    (dict(count=3), "do not make"),
-    (dict(chunk_size=334), "do not make"),     # 3 chunks of 334 are already 1002 bytes
-])
+@pytest.mark.parametrize(
+    "changes, why",
+    [
+        (dict(magic=b"SDFL"), "magic"),
+        (dict(version=2), "version"),
+        (dict(count=0), "count of 0"),
+        (dict(index=4), "not below the count"),
+        (dict(chunk_size=0), "chunk size of 0"),
+        (dict(total=10 * MB + 1), "exceeds"),
+        (dict(total=900), "do not make"),  # 3 chunks of 300 hold it: count 4 is wrong
+        (dict(total=1201), "do not make"),
+        (dict(count=3), "do not make"),
+        (dict(chunk_size=334), "do not make"),  # 3 chunks of 334 are already 1002 bytes
+    ],
+)
 def test_a_bad_head_field_is_dropped_with_a_reason(changes, why):
     chunk = with_head(valid_chunks()[1], **changes)
     result = reassembler().offer("peer-3", 7, "aggregation", chunk, 0.0)
@@ -250,7 +282,7 @@ def test_reserved_bytes_must_be_zero():
 
 @pytest.mark.parametrize("data_change", [-1, +1])
 def test_data_of_the_wrong_length_is_dropped(data_change):
-    for chunk in (valid_chunks()[0], valid_chunks()[3]):   # a full chunk and the short last one
+    for chunk in (valid_chunks()[0], valid_chunks()[3]):  # a full chunk and the short last one
         chunk = chunk[:-1] if data_change < 0 else chunk + b"\0"
         result = reassembler().offer("peer-3", 7, "aggregation", chunk, 0.0)
         assert isinstance(result, Refused) and "data bytes, expected" in result.reason
@@ -258,13 +290,13 @@ def test_data_of_the_wrong_length_is_dropped(data_change):
 
 def test_a_later_chunk_that_disagrees_with_the_first_is_dropped():
     chunks = valid_chunks()
-    other = list(split([body_of(1000, seed=99)], CHUNK_HEAD_SIZE + 300, message_id=3))   # same id, other digest
+    other = list(split([body_of(1000, seed=99)], CHUNK_HEAD_SIZE + 300, message_id=3))  # same id, other digest
     assembler = reassembler()
     assert isinstance(assembler.offer("peer-3", 7, "aggregation", chunks[0], 0.0), Pending)
     result = assembler.offer("peer-3", 7, "aggregation", other[1], 0.0)
     assert isinstance(result, Refused) and "disagrees" in result.reason
     results = deliver(assembler, chunks[1:])
-    assert isinstance(results[-1], Complete)   # the refused chunk left no trace in the buffer
+    assert isinstance(results[-1], Complete)  # the refused chunk left no trace in the buffer
 
 
 def test_truncated_heads_are_dropped():
@@ -282,16 +314,21 @@ def test_no_input_bytes_ever_raise():
         chunk = bytearray(rng.choice(chunks))
         mutation = rng.randrange(4)
         if mutation == 0:
-            chunk = chunk[:rng.randrange(len(chunk))]
+            chunk = chunk[: rng.randrange(len(chunk))]
         elif mutation == 1:
             for _ in range(rng.randint(1, 4)):
-                chunk[rng.randrange(CHUNK_HEAD_SIZE)] = rng.randrange(256)   # mostly the head: that is parsed
+                chunk[rng.randrange(CHUNK_HEAD_SIZE)] = rng.randrange(256)  # mostly the head: that is parsed
         elif mutation == 2:
             chunk[rng.randrange(len(chunk))] ^= 1 << rng.randrange(8)
         else:
             chunk = bytearray(CHUNK_MAGIC + bytes([1, 0, 0, 0]) + rng.randbytes(rng.randrange(200)))
-        result = assembler.offer(f"peer-{rng.randrange(3)}", rng.randrange(2), rng.choice(["solution", "training"]),
-                                 bytes(chunk), float(attempt))
+        result = assembler.offer(
+            f"peer-{rng.randrange(3)}",
+            rng.randrange(2),
+            rng.choice(["solution", "training"]),
+            bytes(chunk),
+            float(attempt),
+        )
         assert isinstance(result, (Complete, Pending, Refused))
         assert result.level in ("debug", "warning") if isinstance(result, Refused) else True
         assert assembler.buffered_bytes <= 20_000
@@ -303,12 +340,13 @@ def test_no_input_bytes_ever_raise():
 
 # --- memory bounds ----------------------------------------------------------------------------------------------------
 
+
 def first_chunks(sender_ids, size=1000, limit=CHUNK_HEAD_SIZE + 100):
     """The first chunk of a `size`-byte message per message id (10 chunks each: a 2-byte bitmap)."""
     return {i: next(split([body_of(size, seed=i)], limit, message_id=i)) for i in sender_ids}
 
 
-COST = 1000 + 2   # the buffer and the chunk bitmap of one such message
+COST = 1000 + 2  # the buffer and the chunk bitmap of one such message
 
 
 def test_a_message_over_the_size_limit_is_refused_before_allocating():
@@ -372,10 +410,11 @@ def test_a_message_larger_than_the_whole_budget_is_refused_without_evicting():
     deliver(assembler, [firsts[1]])
     result = deliver(assembler, [big])[0]
     assert isinstance(result, Refused) and "would not fit" in result.reason
-    assert [key[3] for key in assembler._partials] == [1]   # the sender's older message may still complete
+    assert [key[3] for key in assembler._partials] == [1]  # the sender's older message may still complete
 
 
 # --- is_chunk ---------------------------------------------------------------------------------------------------------
+
 
 def test_is_chunk_checks_the_magic():
     chunk = valid_chunks()[0]

@@ -1,4 +1,5 @@
 """The envelope (`Seal`, `Stamp`): layout, sealing, opening, and everything opening must refuse."""
+
 import hashlib
 import hmac
 import math
@@ -6,14 +7,28 @@ import struct
 import tracemalloc
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.netutil import fresh_stamper
 from peer.config import read_secret_file
-from peer.wire.envelope import ENVELOPE_MAGIC, ENVELOPE_OVERHEAD_OPEN, ENVELOPE_OVERHEAD_SEALED, ENVELOPE_VERSION, FLAG_MAC, MAC_BYTES, MIN_SECRET_BYTES, Seal, Stamp, Stamper, new_incarnation, sealed_size
+from peer.wire.envelope import (
+    ENVELOPE_MAGIC,
+    ENVELOPE_OVERHEAD_OPEN,
+    ENVELOPE_OVERHEAD_SEALED,
+    ENVELOPE_VERSION,
+    FLAG_MAC,
+    MAC_BYTES,
+    MIN_SECRET_BYTES,
+    Seal,
+    Stamp,
+    Stamper,
+    new_incarnation,
+    sealed_size,
+)
 from peer.wire.errors import ProtocolError
 from peer.wire.messages import FRAME_MAGIC, decode, encode
 from peer.wire.topics import Topics
+from tests.netutil import fresh_stamper
 from tests.wire.test_protocol import SAMPLES, assert_same_message
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -36,8 +51,16 @@ def expected_mac(secret: bytes, topic: str, signed: bytes) -> bytes:
     return hmac.new(key, topic.encode() + b"\x00" + signed, hashlib.sha256).digest()
 
 
-def hand_built(version=ENVELOPE_VERSION, flags=FLAG_MAC, reserved=0, sent_at=1.5, body=BODY, magic=ENVELOPE_MAGIC,
-               secret=SECRET, topic=TOPIC) -> bytes:
+def hand_built(
+    version=ENVELOPE_VERSION,
+    flags=FLAG_MAC,
+    reserved=0,
+    sent_at=1.5,
+    body=BODY,
+    magic=ENVELOPE_MAGIC,
+    secret=SECRET,
+    topic=TOPIC,
+) -> bytes:
     """An envelope built by hand, with a MAC that is valid for whatever it holds (when flags say MAC)."""
     head = struct.pack("<4sBBHQQd", magic, version, flags, reserved, STAMP.incarnation, STAMP.seq, sent_at)
     signed = head + body
@@ -51,14 +74,17 @@ def refuses(seal, payload, match=None, topic=TOPIC):
 
 # --- layout -----------------------------------------------------------------------------------------------------------
 
+
 def test_sealed_layout_matches_hand_built_example():
-    head = (b"SDEN"                                   # magic
-            + b"\x01"                                 # envelope version 1
-            + b"\x01"                                 # flags: bit 0, a MAC follows
-            + b"\x00\x00"                             # reserved
-            + b"\x08\x07\x06\x05\x04\x03\x02\x01"     # incarnation 0x0102030405060708, u64 LE
-            + b"\x09\x00\x00\x00\x00\x00\x00\x00"     # seq 9
-            + b"\x00\x00\x00\x00\x00\x00\xf8\x3f")    # sent_at 1.5, f64 LE
+    head = (
+        b"SDEN"  # magic
+        + b"\x01"  # envelope version 1
+        + b"\x01"  # flags: bit 0, a MAC follows
+        + b"\x00\x00"  # reserved
+        + b"\x08\x07\x06\x05\x04\x03\x02\x01"  # incarnation 0x0102030405060708, u64 LE
+        + b"\x09\x00\x00\x00\x00\x00\x00\x00"  # seq 9
+        + b"\x00\x00\x00\x00\x00\x00\xf8\x3f"
+    )  # sent_at 1.5, f64 LE
     want = head + BODY + expected_mac(SECRET, TOPIC, head + BODY)
     assert SEALED.seal(TOPIC, BODY, STAMP) == want == hand_built()
     assert len(head) == ENVELOPE_OVERHEAD_OPEN == 32 and MAC_BYTES == 32
@@ -106,6 +132,7 @@ def test_every_message_through_topic_envelope_and_decoder(seal):
 
 # --- opening refuses --------------------------------------------------------------------------------------------------
 
+
 def test_mode_mismatch_is_refused_both_ways():
     refuses(SEALED, OPEN.seal(TOPIC, BODY, STAMP), NOT_SEALED)
     refuses(OPEN, SEALED.seal(TOPIC, BODY, STAMP), HAS_NO_SECRET)
@@ -115,13 +142,19 @@ def test_another_secret_is_a_bad_signature():
     refuses(Seal(OTHER_SECRET), SEALED.seal(TOPIC, BODY, STAMP), BAD_SIGNATURE)
 
 
-@pytest.mark.parametrize("moved_to", [
-    "sd/default/heartbeat/peer-3",      # another sender
-    "sd/other/heartbeat/peer-2",        # another run
-    "sd/default/training/peer-2",       # another kind
-    "fl/default/heartbeat/peer-2",      # another prefix
-    "sd/default/heartbeat/peer-2/", "sd/default/heartbeat/peer-", "", "sd/default/heartbeat/peer-2\x00",
-])
+@pytest.mark.parametrize(
+    "moved_to",
+    [
+        "sd/default/heartbeat/peer-3",  # another sender
+        "sd/other/heartbeat/peer-2",  # another run
+        "sd/default/training/peer-2",  # another kind
+        "fl/default/heartbeat/peer-2",  # another prefix
+        "sd/default/heartbeat/peer-2/",
+        "sd/default/heartbeat/peer-",
+        "",
+        "sd/default/heartbeat/peer-2\x00",
+    ],
+)
 def test_a_payload_moved_to_another_topic_is_refused(moved_to):
     refuses(SEALED, SEALED.seal(TOPIC, BODY, STAMP), topic=moved_to)
 
@@ -168,18 +201,28 @@ def test_a_sealed_envelope_too_short_for_its_mac_says_truncated():
 
 
 @pytest.mark.parametrize("seal, flags", [(SEALED, FLAG_MAC), (OPEN, 0)], ids=["sealed", "open"])
-@pytest.mark.parametrize("change, match", [
-    ({"version": 0}, "version 0"), ({"version": 2}, "version 2"), ({"version": 255}, "version 255"),
-    ({"reserved": 1}, "reserved"), ({"reserved": 0x8000}, "reserved"),
-    ({"sent_at": math.nan}, "sent_at"), ({"sent_at": math.inf}, "sent_at"), ({"sent_at": -math.inf}, "sent_at"),
-    ({"magic": b"SDFL"}, "magic"), ({"magic": b"sden"}, "magic"), ({"magic": b"{\"v\""}, "magic"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"version": 0}, "version 0"),
+        ({"version": 2}, "version 2"),
+        ({"version": 255}, "version 255"),
+        ({"reserved": 1}, "reserved"),
+        ({"reserved": 0x8000}, "reserved"),
+        ({"sent_at": math.nan}, "sent_at"),
+        ({"sent_at": math.inf}, "sent_at"),
+        ({"sent_at": -math.inf}, "sent_at"),
+        ({"magic": b"SDFL"}, "magic"),
+        ({"magic": b"sden"}, "magic"),
+        ({"magic": b'{"v"'}, "magic"),
+    ],
+)
 def test_malformed_heads_are_refused_even_with_a_valid_mac(seal, flags, change, match):
     refuses(seal, hand_built(flags=flags, **change), match)
 
 
 @pytest.mark.parametrize("seal", [SEALED, OPEN], ids=["sealed", "open"])
-@pytest.mark.parametrize("flags", [0x02, 0x03, 0x80, 0xff])
+@pytest.mark.parametrize("flags", [0x02, 0x03, 0x80, 0xFF])
 def test_unknown_flags_are_refused(seal, flags):
     refuses(seal, hand_built(flags=flags), "flags")
 
@@ -207,8 +250,9 @@ def test_edge_stamps_and_empty_body_round_trip():
 
 topics_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=80)
 any_topic = st.text(max_size=40) | st.binary(max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape"))
-stamps = st.builds(Stamp, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
-                   st.floats(allow_nan=False, allow_infinity=False))
+stamps = st.builds(
+    Stamp, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False)
+)
 secrets_ = st.binary(min_size=MIN_SECRET_BYTES, max_size=64)
 
 
@@ -221,7 +265,7 @@ def test_fuzz_round_trip(secret, topic, body, stamp):
     got, back = seal.open(topic, payload)
     assert bytes(got) == body
     assert back == stamp
-    assert got.obj is payload   # a view into the payload, not a copy
+    assert got.obj is payload  # a view into the payload, not a copy
 
 
 @FAST
@@ -280,6 +324,7 @@ def test_fuzz_mode_mismatch_is_refused_both_ways(secret, topic, body, stamp):
 
 # --- large bodies -----------------------------------------------------------------------------------------------------
 
+
 def test_a_100_mb_body_is_copied_once_to_seal_and_never_to_open():
     body = bytes(100 * 1024 * 1024)
     tracemalloc.start()
@@ -287,18 +332,19 @@ def test_a_100_mb_body_is_copied_once_to_seal_and_never_to_open():
         payload = SEALED.seal(TOPIC, body, STAMP)
         _, sealing_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
-        before, _ = tracemalloc.get_traced_memory()   # the payload, allocated while tracing
+        before, _ = tracemalloc.get_traced_memory()  # the payload, allocated while tracing
         opened, stamp = SEALED.open(TOPIC, payload)
         opening_peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    assert sealing_peak < len(body) + 1024 * 1024        # the payload itself, and no second copy
-    assert opening_peak < 1024 * 1024                    # nothing of the body's size
+    assert sealing_peak < len(body) + 1024 * 1024  # the payload itself, and no second copy
+    assert opening_peak < 1024 * 1024  # nothing of the body's size
     assert len(opened) == len(body) and opened.obj is payload and stamp == STAMP
     del opened
 
 
 # --- Seal, Stamp, Stamper ---------------------------------------------------------------------------------------------
+
 
 def test_seal_does_not_keep_or_show_the_secret():
     seal = Seal(SECRET)
@@ -326,9 +372,16 @@ def test_secret_file_strips_trailing_newlines(tmp_path, content):
     assert Seal(read_secret_file(str(path))).sealed
 
 
-@pytest.mark.parametrize("content, match", [(b"", "is empty"), (b"\n", "is empty"), (b"\r\n\n", "is empty"),
-                                            (b"short\n", "5 bytes; it needs at least 16"),
-                                            (b"x" * 15, "15 bytes")])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "is empty"),
+        (b"\n", "is empty"),
+        (b"\r\n\n", "is empty"),
+        (b"short\n", "5 bytes; it needs at least 16"),
+        (b"x" * 15, "15 bytes"),
+    ],
+)
 def test_secret_file_refuses_empty_or_short(tmp_path, content, match):
     path = tmp_path / "fl.secret"
     path.write_bytes(content)
@@ -344,8 +397,21 @@ def test_secret_file_that_cannot_be_read(tmp_path):
         assert str(path) in str(caught.value)
 
 
-@pytest.mark.parametrize("fields", [(-1, 0, 0.0), (0, -1, 0.0), (2**64, 0, 0.0), (0, 2**64, 0.0), (True, 0, 0.0),
-                                    (0, 0, math.nan), (0, 0, math.inf), (0, 0, "1"), (1.0, 0, 0.0), (0, 0, None)])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (-1, 0, 0.0),
+        (0, -1, 0.0),
+        (2**64, 0, 0.0),
+        (0, 2**64, 0.0),
+        (True, 0, 0.0),
+        (0, 0, math.nan),
+        (0, 0, math.inf),
+        (0, 0, "1"),
+        (1.0, 0, 0.0),
+        (0, 0, None),
+    ],
+)
 def test_invalid_stamps_cannot_be_made(fields):
     with pytest.raises(ValueError):
         Stamp(*fields)
@@ -381,4 +447,4 @@ def test_incarnation_of_now_is_ordered_and_fits():
     a = new_incarnation(__import__("time").time_ns())
     b = new_incarnation(__import__("time").time_ns() + 1_000)
     assert 0 < a < b < 2**64
-    assert new_incarnation(2**52 * 1000 - 1) < 2**64   # microseconds fit 52 bits until the year 2112
+    assert new_incarnation(2**52 * 1000 - 1) < 2**64  # microseconds fit 52 bits until the year 2112

@@ -4,17 +4,38 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from peer.wire import weights
-from peer.wire.ids import RUN_ID_PATTERN, valid_run_id
 from peer.wire.errors import ProtocolError
-from peer.wire.messages import FRAME_MAGIC, MAX_CONTROL_BYTES, MAX_TERM, MESSAGE_TYPES, PROTOCOL_VERSION, Aggregation, Claim, Evaluation, Finish, Heartbeat, Init, Metrics, Presence, Solution, Training, Vote, decode, encode, encoded_size
+from peer.wire.ids import RUN_ID_PATTERN, valid_run_id
+from peer.wire.messages import (
+    FRAME_MAGIC,
+    MAX_CONTROL_BYTES,
+    MAX_TERM,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Aggregation,
+    Claim,
+    Evaluation,
+    Finish,
+    Heartbeat,
+    Init,
+    Metrics,
+    Presence,
+    Solution,
+    Training,
+    Vote,
+    decode,
+    encode,
+    encoded_size,
+)
 from peer.wire.topics import Topics
-from peer.wire.weights import MAX_TENSOR_DIMS, MAX_TENSORS, MAX_WEIGHT_BYTES, WeightCodec
+from peer.wire.weights import MAX_TENSOR_DIMS, MAX_TENSORS, WeightCodec
 
-TOPICS = sorted({cls.TOPIC for cls in MESSAGE_TYPES.values()})   # every topic a message type is sent on
+TOPICS = sorted({cls.TOPIC for cls in MESSAGE_TYPES.values()})  # every topic a message type is sent on
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -23,7 +44,8 @@ def weights_equal(a, b):
     """Bit-for-bit, so -0.0 and subnormals count too."""
     return len(a) == len(b) and all(
         x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x.view(np.uint32), y.view(np.uint32))
-        for x, y in zip(a, b))
+        for x, y in zip(a, b)
+    )
 
 
 def header_of(message):
@@ -39,14 +61,26 @@ def assert_same_message(got, want):
 
 def small_weights():
     # No 0-d tensor here: scalars have their own tests, so a scalar bug does not mask everything else.
-    return [np.arange(6, dtype=np.float32).reshape(2, 3) / 7, np.array([-1.5, 0.0, 2.25], np.float32),
-            np.array([[3.0]], np.float32), np.zeros((0, 4), np.float32)]
+    return [
+        np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+        np.array([-1.5, 0.0, 2.25], np.float32),
+        np.array([[3.0]], np.float32),
+        np.zeros((0, 4), np.float32),
+    ]
 
 
 # One valid instance of every message type.
 SAMPLES = [
-    Init(peer="peer-1", term=0, round=0, pid=4321, train_samples=600, test_samples=200, reply=False,
-         model="0123456789abcdef"),
+    Init(
+        peer="peer-1",
+        term=0,
+        round=0,
+        pid=4321,
+        train_samples=600,
+        test_samples=200,
+        reply=False,
+        model="0123456789abcdef",
+    ),
     Presence(peer="peer-1", status="online"),
     Presence(peer="peer_2.b", status="offline"),
     Vote(term=3, peer="peer-2", vote=0.625, round=4, reason="controller silent"),
@@ -56,8 +90,18 @@ SAMPLES = [
     Solution(term=3, round=5, attempt=2, peer="peer-3", samples=1200, loss=0.314159, weights=small_weights()),
     Aggregation(term=3, controller="peer-2", round=5, trainers=("peer-1", "peer-3"), weights=small_weights()),
     Evaluation(term=3, round=5, peer="peer-4", accuracy=0.9123, loss=0.25, samples=2000),
-    Metrics(term=3, controller="peer-2", round=5, accuracy=1.0, loss=0.0, samples=10000,
-            trainers=("peer-1", "peer-3"), duration_s=12.5, bytes=1_234_567, run_started=1_700_000_000.25),
+    Metrics(
+        term=3,
+        controller="peer-2",
+        round=5,
+        accuracy=1.0,
+        loss=0.0,
+        samples=10000,
+        trainers=("peer-1", "peer-3"),
+        duration_s=12.5,
+        bytes=1_234_567,
+        run_started=1_700_000_000.25,
+    ),
     Finish(term=3, controller="peer-2", round=10, reason="target accuracy reached", accuracy=0.991),
 ]
 WEIGHTLESS = [m for m in SAMPLES if not m.CARRIES_WEIGHTS]
@@ -92,13 +136,18 @@ def rejects(topic, payload):
 
 # --- WeightCodec ------------------------------------------------------------------------------------------------------
 
+
 def test_weight_bytes_layout_matches_hand_built_example():
     tensors = [np.array([1.0, -2.0], np.float32), np.zeros((0, 3), np.float32)]
     expected = (
-        b"\x02\x00\x00\x00"                                        # 2 tensors
-        + b"\x01\x01" + b"\x02\x00\x00\x00"                        # float32, ndim 1, shape (2,)
-        + b"\x00\x00\x80\x3f" + b"\x00\x00\x00\xc0"                # 1.0, -2.0
-        + b"\x01\x02" + b"\x00\x00\x00\x00" + b"\x03\x00\x00\x00"  # float32, ndim 2, shape (0, 3), no values
+        b"\x02\x00\x00\x00"  # 2 tensors
+        + b"\x01\x01"
+        + b"\x02\x00\x00\x00"  # float32, ndim 1, shape (2,)
+        + b"\x00\x00\x80\x3f"
+        + b"\x00\x00\x00\xc0"  # 1.0, -2.0
+        + b"\x01\x02"
+        + b"\x00\x00\x00\x00"
+        + b"\x03\x00\x00\x00"  # float32, ndim 2, shape (0, 3), no values
     )
     assert WeightCodec.encode(tensors) == expected
     assert weights_equal(WeightCodec.decode(expected), tensors)
@@ -106,7 +155,7 @@ def test_weight_bytes_layout_matches_hand_built_example():
 
 def test_scalar_weight_layout_has_zero_dimensions():
     scalar = np.array(0.5, np.float32)
-    expected = b"\x01\x00\x00\x00" + b"\x01\x00" + b"\x00\x00\x00\x3f"   # 1 tensor, float32, ndim 0, 0.5
+    expected = b"\x01\x00\x00\x00" + b"\x01\x00" + b"\x00\x00\x00\x3f"  # 1 tensor, float32, ndim 0, 0.5
     assert WeightCodec.decode(expected)[0].shape == ()
     assert WeightCodec.encode([scalar]) == expected
 
@@ -133,9 +182,14 @@ def test_empty_weight_list():
 
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
+
 def tensors_of(min_dims):
-    return st.lists(hnp.arrays(np.float32, hnp.array_shapes(min_dims=min_dims, max_dims=4, min_side=0, max_side=5),
-                               elements=finite_f32), max_size=6)
+    return st.lists(
+        hnp.arrays(
+            np.float32, hnp.array_shapes(min_dims=min_dims, max_dims=4, min_side=0, max_side=5), elements=finite_f32
+        ),
+        max_size=6,
+    )
 
 
 @FAST
@@ -179,25 +233,33 @@ def test_weight_limits_are_inclusive():
 GOOD_WEIGHTS = WeightCodec.encode([np.array([1.0, 2.0], np.float32), np.array(3.0, np.float32)])
 
 
-@pytest.mark.parametrize("data, why", [
-    (b"", "empty"),
-    (b"\x01\x00\x00", "truncated count"),
-    (b"\x01\x00\x00\x00", "tensor promised, no header"),
-    (b"\x01\x00\x00\x00\x01", "truncated tensor header"),
-    (b"\x01\x00\x00\x00\x01\x02\x02\x00\x00\x00", "truncated shape"),
-    (b"\x01\x00\x00\x00\x01\x01\x02\x00\x00\x00" + b"\x00" * 7, "truncated values"),
-    (b"\x01\x00\x00\x00\x02\x01\x02\x00\x00\x00" + b"\x00" * 3, "truncated float16 values"),
-    (b"\x01\x00\x00\x00\x03\x01\x01\x00\x00\x00" + b"\x00" * 4, "unknown dtype"),
-    (b"\x01\x00\x00\x00\x00\x01\x01\x00\x00\x00" + b"\x00" * 4, "dtype zero"),
-    (GOOD_WEIGHTS[:-1], "last byte cut"),
-    (GOOD_WEIGHTS + b"\x00", "one trailing byte"),
-    (GOOD_WEIGHTS + GOOD_WEIGHTS, "two frames glued"),
-    (struct.pack("<I", MAX_TENSORS + 1) + b"\x00\x00\x00\x00" * (MAX_TENSORS + 1), "too many tensors"),
-    (struct.pack("<I", 2**32 - 1), "absurd tensor count"),
-    (b"\x01\x00\x00\x00\x01" + bytes([MAX_TENSOR_DIMS + 1]) + b"\x01\x00\x00\x00" * (MAX_TENSOR_DIMS + 1)
-     + b"\x00" * 4, "too many dimensions"),
-    (b"\x01\x00\x00\x00\x01\x02" + struct.pack("<2I", 2**32 - 1, 2**32 - 1), "shape far larger than the data"),
-])
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"", "empty"),
+        (b"\x01\x00\x00", "truncated count"),
+        (b"\x01\x00\x00\x00", "tensor promised, no header"),
+        (b"\x01\x00\x00\x00\x01", "truncated tensor header"),
+        (b"\x01\x00\x00\x00\x01\x02\x02\x00\x00\x00", "truncated shape"),
+        (b"\x01\x00\x00\x00\x01\x01\x02\x00\x00\x00" + b"\x00" * 7, "truncated values"),
+        (b"\x01\x00\x00\x00\x02\x01\x02\x00\x00\x00" + b"\x00" * 3, "truncated float16 values"),
+        (b"\x01\x00\x00\x00\x03\x01\x01\x00\x00\x00" + b"\x00" * 4, "unknown dtype"),
+        (b"\x01\x00\x00\x00\x00\x01\x01\x00\x00\x00" + b"\x00" * 4, "dtype zero"),
+        (GOOD_WEIGHTS[:-1], "last byte cut"),
+        (GOOD_WEIGHTS + b"\x00", "one trailing byte"),
+        (GOOD_WEIGHTS + GOOD_WEIGHTS, "two frames glued"),
+        (struct.pack("<I", MAX_TENSORS + 1) + b"\x00\x00\x00\x00" * (MAX_TENSORS + 1), "too many tensors"),
+        (struct.pack("<I", 2**32 - 1), "absurd tensor count"),
+        (
+            b"\x01\x00\x00\x00\x01"
+            + bytes([MAX_TENSOR_DIMS + 1])
+            + b"\x01\x00\x00\x00" * (MAX_TENSOR_DIMS + 1)
+            + b"\x00" * 4,
+            "too many dimensions",
+        ),
+        (b"\x01\x00\x00\x00\x01\x02" + struct.pack("<2I", 2**32 - 1, 2**32 - 1), "shape far larger than the data"),
+    ],
+)
 def test_weight_decode_rejects_malformed(data, why):
     with pytest.raises(ProtocolError):
         WeightCodec.decode(data)
@@ -232,6 +294,7 @@ def test_zero_size_tensor_with_huge_other_dim_is_fine():
 
 # --- every message type -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_message_round_trip(message):
     payload = encode(message)
@@ -244,8 +307,8 @@ def test_encoding_form(message):
     if message.CARRIES_WEIGHTS:
         assert payload[:4] == FRAME_MAGIC and payload[4] == PROTOCOL_VERSION
         (header_len,) = struct.unpack_from("<I", payload, 8)
-        header = json.loads(payload[12:12 + header_len])
-        assert weights_equal(WeightCodec.decode(payload[12 + header_len:]), message.weights)
+        header = json.loads(payload[12 : 12 + header_len])
+        assert weights_equal(WeightCodec.decode(payload[12 + header_len :]), message.weights)
     else:
         header = json.loads(payload)
     assert header["v"] == PROTOCOL_VERSION and header["type"] == message.TYPE
@@ -280,9 +343,19 @@ def test_weighted_message_with_no_tensors_round_trips():
 
 # --- Topics -----------------------------------------------------------------------------------------------------------
 
-SENDERS = {Init: "peer", Presence: "peer", Vote: "peer", Claim: "peer", Solution: "peer", Evaluation: "peer",
-           Heartbeat: "controller", Training: "controller", Aggregation: "controller", Metrics: "controller",
-           Finish: "controller"}
+SENDERS = {
+    Init: "peer",
+    Presence: "peer",
+    Vote: "peer",
+    Claim: "peer",
+    Solution: "peer",
+    Evaluation: "peer",
+    Heartbeat: "controller",
+    Training: "controller",
+    Aggregation: "controller",
+    Metrics: "controller",
+    Finish: "controller",
+}
 
 
 def test_every_type_names_its_sender():
@@ -297,8 +370,11 @@ def test_topics_with_custom_prefix_and_run():
     assert topics.presence("peer-9") == "fl/test/run-7/presence/peer-9"
     assert topics.topic("evaluation", "peer-1") == "fl/test/run-7/evaluation/peer-1"
     assert topics.of(Presence(peer="peer-9", status="online")) == "fl/test/run-7/presence/peer-9"
-    assert topics.of(sample(Vote)) == topics.of(dataclasses.replace(sample(Claim), peer="peer-2")) \
+    assert (
+        topics.of(sample(Vote))
+        == topics.of(dataclasses.replace(sample(Claim), peer="peer-2"))
         == "fl/test/run-7/election/peer-2"
+    )
     assert topics.of(sample(Heartbeat)) == "fl/test/run-7/heartbeat/peer-2"
     assert topics.parse("fl/test/run-7/metrics/peer-2") == ("metrics", "peer-2")
     assert topics.parse("fl/test/run-7/presence/peer-9") == ("presence", "peer-9")
@@ -312,19 +388,41 @@ def test_default_prefix_and_run():
     assert Topics("sd").run_id == "default"
 
 
-@pytest.mark.parametrize("foreign", [
-    "sd/default/metrics/peer-2",                             # another prefix
-    "fl/test/run-8/metrics/peer-2", "fl/test/run/metrics/peer-2", "fl/test/run-7x/metrics/peer-2",   # another run
-    "fl/test/metrics/peer-2", "fl/test/run-7/metrics", "fl/test/run-7/metrics/", "fl/test/run-7",
-    "fl/test/run-7/", "fl/test", "fl", "", "/fl/test/run-7/metrics/peer-2",                           # levels
-    "fl/test/run-7/metrics/peer-2/x", "fl/test/run-7/presence/peer-9/extra",
-    "other/fl/test/run-7/metrics/peer-2", "fl/testing/run-7/metrics/peer-2",
-    "fl/test/run-7/nope/peer-2", "fl/test/run-7/Metrics/peer-2", "fl/test/run-7/vote/peer-2",      # unknown kind
-    "fl/test/run-7/claim/peer-2", "fl/test/run-7//peer-2",
-    "fl/test/run-7/metrics/has space", "fl/test/run-7/metrics/+", "fl/test/run-7/metrics/#",        # bad sender
-    "fl/test/run-7/metrics/" + "x" * 65, "fl/test/run-7/metrics/pe\u00e9r", "fl/test/run-7/metrics/peer\n",
-    "fl/test/run-7/+/peer-2", "fl/test/run-7/#",
-])
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        "sd/default/metrics/peer-2",  # another prefix
+        "fl/test/run-8/metrics/peer-2",
+        "fl/test/run/metrics/peer-2",
+        "fl/test/run-7x/metrics/peer-2",  # another run
+        "fl/test/metrics/peer-2",
+        "fl/test/run-7/metrics",
+        "fl/test/run-7/metrics/",
+        "fl/test/run-7",
+        "fl/test/run-7/",
+        "fl/test",
+        "fl",
+        "",
+        "/fl/test/run-7/metrics/peer-2",  # levels
+        "fl/test/run-7/metrics/peer-2/x",
+        "fl/test/run-7/presence/peer-9/extra",
+        "other/fl/test/run-7/metrics/peer-2",
+        "fl/testing/run-7/metrics/peer-2",
+        "fl/test/run-7/nope/peer-2",
+        "fl/test/run-7/Metrics/peer-2",
+        "fl/test/run-7/vote/peer-2",  # unknown kind
+        "fl/test/run-7/claim/peer-2",
+        "fl/test/run-7//peer-2",
+        "fl/test/run-7/metrics/has space",
+        "fl/test/run-7/metrics/+",
+        "fl/test/run-7/metrics/#",  # bad sender
+        "fl/test/run-7/metrics/" + "x" * 65,
+        "fl/test/run-7/metrics/pe\u00e9r",
+        "fl/test/run-7/metrics/peer\n",
+        "fl/test/run-7/+/peer-2",
+        "fl/test/run-7/#",
+    ],
+)
 def test_parse_refuses_every_other_topic(foreign):
     assert Topics("fl/test", "run-7").parse(foreign) is None
 
@@ -340,8 +438,19 @@ def test_kinds_are_the_message_topics():
         assert topics.parse(topics.topic(kind, "p")) == (kind, "p")
 
 
-@pytest.mark.parametrize("kind, sender", [("vote", "p"), ("nope", "p"), ("", "p"), ("init", ""), ("init", "a/b"),
-                                          ("init", "+"), ("init", "x" * 65), ("init", None)])
+@pytest.mark.parametrize(
+    "kind, sender",
+    [
+        ("vote", "p"),
+        ("nope", "p"),
+        ("", "p"),
+        ("init", ""),
+        ("init", "a/b"),
+        ("init", "+"),
+        ("init", "x" * 65),
+        ("init", None),
+    ],
+)
 def test_topic_refuses_bad_kind_or_sender(kind, sender):
     with pytest.raises(ValueError):
         Topics().topic(kind, sender)
@@ -383,6 +492,7 @@ def test_full_topic_round_trip(message):
 
 # --- decode binds the sender ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_message_published_as_another_peer_is_refused(message):
     with pytest.raises(ProtocolError, match=f"claims to be {message.sender} but was published as peer-x"):
@@ -410,10 +520,29 @@ def test_decode_reads_a_memoryview_body():
 
 # --- decode rejects, always with ProtocolError --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("payload", [
-    b"", b" ", b"\x00", b"\xff\xfe\xfd", b"hello", b"{", b"{}", b"[]", b"null", b"1", b"\"evaluation\"", b"true",
-    b"{\"v\":1,\"type\":\"evaluation\"", "{\"v\":1}".encode("utf-16"), b"SDF", b"SDFL", b"SDFL\x01\x00\x00",
-])
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b" ",
+        b"\x00",
+        b"\xff\xfe\xfd",
+        b"hello",
+        b"{",
+        b"{}",
+        b"[]",
+        b"null",
+        b"1",
+        b'"evaluation"',
+        b"true",
+        b'{"v":1,"type":"evaluation"',
+        '{"v":1}'.encode("utf-16"),
+        b"SDF",
+        b"SDFL",
+        b"SDFL\x01\x00\x00",
+    ],
+)
 def test_garbage_is_rejected(payload):
     for topic in TOPICS:
         rejects(topic, payload)
@@ -504,20 +633,30 @@ NOT_TEXT = [5, None, True, ["text"], {"a": "b"}, "x" * 201]
 NOT_PEER_LISTS = ["peer-1", None, 5, {"peer-1": 1}, ["peer-1", "peer-1"], ["bad id"], [1], [None], [["peer-1"]]]
 
 BAD_VALUES = {
-    "peer": NOT_PEER_IDS, "controller": NOT_PEER_IDS,
-    "term": NOT_COUNTS + [MAX_TERM + 1, 2**53 - 1], "round": NOT_COUNTS, "samples": NOT_COUNTS, "bytes": NOT_COUNTS,
-    "pid": NOT_COUNTS, "train_samples": NOT_COUNTS, "test_samples": NOT_COUNTS, "reply": [1, 0, "true", None, []],
+    "peer": NOT_PEER_IDS,
+    "controller": NOT_PEER_IDS,
+    "term": NOT_COUNTS + [MAX_TERM + 1, 2**53 - 1],
+    "round": NOT_COUNTS,
+    "samples": NOT_COUNTS,
+    "bytes": NOT_COUNTS,
+    "pid": NOT_COUNTS,
+    "train_samples": NOT_COUNTS,
+    "test_samples": NOT_COUNTS,
+    "reply": [1, 0, "true", None, []],
     "attempt": NOT_COUNTS + [0],
-    "vote": NOT_UNIT, "accuracy": NOT_UNIT,
-    "loss": NOT_NON_NEGATIVE, "duration_s": NOT_NON_NEGATIVE, "run_started": NOT_NON_NEGATIVE,
+    "vote": NOT_UNIT,
+    "accuracy": NOT_UNIT,
+    "loss": NOT_NON_NEGATIVE,
+    "duration_s": NOT_NON_NEGATIVE,
+    "run_started": NOT_NON_NEGATIVE,
     "status": ["away", "", "Online", True, None, ["online"], 1],
-    "reason": NOT_TEXT, "phase": NOT_TEXT,
-    "trainers": NOT_PEER_LISTS, "members": NOT_PEER_LISTS,
+    "reason": NOT_TEXT,
+    "phase": NOT_TEXT,
     "model": ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "0123456789abcdeg", "", 7, None, []],
     "digest": ["AB" * 16, "ab" * 15, "ab" * 17, "xy" * 16, "", 0, None, ["ab" * 16]],
-
-
-    "trainers": NOT_PEER_LISTS, "members": NOT_PEER_LISTS, "evaluators": NOT_PEER_LISTS,
+    "trainers": NOT_PEER_LISTS,
+    "members": NOT_PEER_LISTS,
+    "evaluators": NOT_PEER_LISTS,
 }
 
 
@@ -542,8 +681,7 @@ NUMBER_FIELDS = [(m, name) for m in SAMPLES for name, v in header_of(m).items() 
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
-@pytest.mark.parametrize("message, name", NUMBER_FIELDS,
-                         ids=[f"{type(m).__name__}.{n}" for m, n in NUMBER_FIELDS])
+@pytest.mark.parametrize("message, name", NUMBER_FIELDS, ids=[f"{type(m).__name__}.{n}" for m, n in NUMBER_FIELDS])
 def test_non_finite_numbers_written_by_hand(message, name, literal):
     # Python's json reads these non-standard literals; the validator must still say no.
     text = json.dumps(message.header() | {name: "@@"}).replace('"@@"', literal)
@@ -551,14 +689,19 @@ def test_non_finite_numbers_written_by_hand(message, name, literal):
 
 
 def test_nan_accuracy_literal():
-    rejects("evaluation", b'{"v":1,"type":"evaluation","term":1,"round":1,"peer":"p","accuracy":NaN,'
-                          b'"loss":0.5,"samples":10}')
+    rejects(
+        "evaluation",
+        b'{"v":1,"type":"evaluation","term":1,"round":1,"peer":"p","accuracy":NaN,"loss":0.5,"samples":10}',
+    )
 
 
 def test_huge_integer_in_a_float_field_is_a_protocol_error():
     # Fits in the JSON size limit, but float() of it overflows.
-    text = ('{"v":1,"type":"evaluation","term":1,"round":1,"peer":"p","accuracy":0.5,"loss":1' + "0" * 400
-            + ',"samples":10}')
+    text = (
+        '{"v":1,"type":"evaluation","term":1,"round":1,"peer":"p","accuracy":0.5,"loss":1'
+        + "0" * 400
+        + ',"samples":10}'
+    )
     rejects("evaluation", text.encode())
 
 
@@ -591,6 +734,7 @@ def test_invalid_utf8_in_json():
 
 # --- frames -----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("message", WEIGHTED, ids=lambda m: type(m).__name__)
 def test_frame_defects(message):
     good = encode(message)
@@ -617,8 +761,9 @@ def test_frame_limits_on_weights(message):
     header = message.header()
     too_many = struct.pack("<I", MAX_TENSORS + 1) + b"\x00\x00\x00\x00" * (MAX_TENSORS + 1)
     rejects(message.TOPIC, raw_frame(header, too_many))
-    too_deep = (b"\x01\x00\x00\x00" + bytes([MAX_TENSOR_DIMS + 1]) + b"\x01\x00\x00\x00" * (MAX_TENSOR_DIMS + 1)
-                + b"\x00" * 4)
+    too_deep = (
+        b"\x01\x00\x00\x00" + bytes([MAX_TENSOR_DIMS + 1]) + b"\x01\x00\x00\x00" * (MAX_TENSOR_DIMS + 1) + b"\x00" * 4
+    )
     rejects(message.TOPIC, raw_frame(header, too_deep))
     for bad in (np.nan, np.inf, -np.inf):
         weights = [np.ones(3, np.float32), np.array([[0.0, bad]], np.float32)]
@@ -639,6 +784,7 @@ def test_frame_reserved_bytes_do_not_matter():
 
 
 # --- fuzzing ----------------------------------------------------------------------------------------------------------
+
 
 def decodes_or_rejects(topic, payload):
     """The property every input must satisfy: a valid message, or ProtocolError, nothing else."""
@@ -669,14 +815,14 @@ def mutate(data: bytes, draw) -> bytes:
     if not data or kind == "extend":
         return data + draw(st.binary(min_size=1, max_size=16))
     if kind == "truncate":
-        return data[:draw(st.integers(0, len(data) - 1))]
+        return data[: draw(st.integers(0, len(data) - 1))]
     at = draw(st.integers(0, len(data) - 1))
     if kind == "flip":
-        return data[:at] + bytes([data[at] ^ (1 << draw(st.integers(0, 7)))]) + data[at + 1:]
+        return data[:at] + bytes([data[at] ^ (1 << draw(st.integers(0, 7)))]) + data[at + 1 :]
     if kind == "set":
-        return data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1:]
+        return data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1 :]
     if kind == "delete":
-        return data[:at] + data[at + 1:]
+        return data[:at] + data[at + 1 :]
     return data[:at] + draw(st.binary(min_size=1, max_size=8)) + data[at:]
 
 
@@ -710,6 +856,7 @@ def test_fuzz_json_field_values(data):
 
 
 # --- encode refuses what decode refuses ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_encoded_size_is_the_encoded_length(message):
@@ -756,19 +903,22 @@ def test_encode_refuses_a_header_over_the_limit():
 
 
 @pytest.mark.parametrize("message", WEIGHTED, ids=lambda m: type(m).__name__)
-@pytest.mark.parametrize("weights, why", [
-    ([np.ones(3, np.float32), np.array([[0.0, np.nan]], np.float32)], "NaN or infinity"),
-    ([np.array(np.inf, np.float32)], "NaN or infinity"),
-    ([np.array([-np.inf])], "NaN or infinity"),
-    ([np.array([1e39])], "NaN or infinity"),                      # a float64 beyond float32: infinity on the wire
-    ([np.zeros(1, np.float32)] * (MAX_TENSORS + 1), "tensors exceeds"),
-    ([np.ones((1,) * (MAX_TENSOR_DIMS + 1), np.float32)], "dimensions exceeds"),
-    ([np.zeros(2**20, np.float32)], "byte limit"),
-    ([np.zeros((0, 2**32), np.float32)], r"2\^32 - 1"),
-    ([["a", "b"]], "not a list of float tensors"),
-    ([[[1.0], [1.0, 2.0]]], "not a list of float tensors"),
-    (None, "not a list of float tensors"),
-])
+@pytest.mark.parametrize(
+    "weights, why",
+    [
+        ([np.ones(3, np.float32), np.array([[0.0, np.nan]], np.float32)], "NaN or infinity"),
+        ([np.array(np.inf, np.float32)], "NaN or infinity"),
+        ([np.array([-np.inf])], "NaN or infinity"),
+        ([np.array([1e39])], "NaN or infinity"),  # a float64 beyond float32: infinity on the wire
+        ([np.zeros(1, np.float32)] * (MAX_TENSORS + 1), "tensors exceeds"),
+        ([np.ones((1,) * (MAX_TENSOR_DIMS + 1), np.float32)], "dimensions exceeds"),
+        ([np.zeros(2**20, np.float32)], "byte limit"),
+        ([np.zeros((0, 2**32), np.float32)], r"2\^32 - 1"),
+        ([["a", "b"]], "not a list of float tensors"),
+        ([[[1.0], [1.0, 2.0]]], "not a list of float tensors"),
+        (None, "not a list of float tensors"),
+    ],
+)
 def test_encode_refuses_weights_decode_would_refuse(message, weights, why, small_weight_limit):
     with pytest.raises(ProtocolError, match=why):
         encode(dataclasses.replace(message, weights=weights))
@@ -777,9 +927,13 @@ def test_encode_refuses_weights_decode_would_refuse(message, weights, why, small
 def test_weights_at_the_limits_are_encoded(small_weight_limit):
     message = sample(Solution)
     largest = (small_weight_limit - 4 - 2 - 4) // 4
-    for weights in ([np.zeros(largest, np.float32)], [np.array(1.0, np.float32)] * MAX_TENSORS,
-                    [np.ones((1,) * MAX_TENSOR_DIMS, np.float32)], [np.full(3, np.finfo(np.float32).max)]):
-        message = dataclasses.replace(message, weights=weights)
+    for tensors in (
+        [np.zeros(largest, np.float32)],
+        [np.array(1.0, np.float32)] * MAX_TENSORS,
+        [np.ones((1,) * MAX_TENSOR_DIMS, np.float32)],
+        [np.full(3, np.finfo(np.float32).max)],
+    ):
+        message = dataclasses.replace(message, weights=tensors)
         payload = encode(message)
         assert len(payload) == encoded_size(message)
         assert_same_message(decode("solution", payload), message)
@@ -791,8 +945,9 @@ def test_fuzz_encode_accepts_exactly_what_decode_accepts(data):
     # Any JSON values in any fields: encode(message) refuses it if and only if decode refuses its header.
     message = data.draw(st.sampled_from(SAMPLES))
     header = message.header()
-    for name in data.draw(st.lists(st.sampled_from(sorted(set(header) - {"v", "type"})), min_size=1, max_size=3,
-                                   unique=True)):
+    for name in data.draw(
+        st.lists(st.sampled_from(sorted(set(header) - {"v", "type"})), min_size=1, max_size=3, unique=True)
+    ):
         header[name] = data.draw(json_values)
     raw = json.dumps(header).encode()
     changed = {k: v for k, v in json.loads(raw).items() if k not in ("v", "type")}
@@ -811,10 +966,15 @@ def test_fuzz_encode_accepts_exactly_what_decode_accepts(data):
 
 # --- float16 on the wire, digests, chunk topics -------------------------------------------------------------------------
 
+
 def test_float16_round_trip_halves_the_values_and_keeps_them_to_float16_precision():
     rng = np.random.default_rng(3)
-    tensors = [rng.normal(0, 0.05, (64, 32)).astype(np.float32), rng.normal(0, 1, 10).astype(np.float32),
-               np.array(0.25, np.float32), np.zeros((0, 3), np.float32)]
+    tensors = [
+        rng.normal(0, 0.05, (64, 32)).astype(np.float32),
+        rng.normal(0, 1, 10).astype(np.float32),
+        np.array(0.25, np.float32),
+        np.zeros((0, 3), np.float32),
+    ]
     data = WeightCodec.encode(tensors, "float16")
     assert len(data) == WeightCodec.size(tensors, "float16") == 4 + sum(2 + 4 * t.ndim + 2 * t.size for t in tensors)
     assert len(data) < 0.55 * len(WeightCodec.encode(tensors))
@@ -829,10 +989,10 @@ def test_float16_round_trip_halves_the_values_and_keeps_them_to_float16_precisio
 
 
 def test_float16_keeps_a_tensor_beyond_its_range_as_float32():
-    big = np.array([1.0, 70000.0, -3.0], np.float32)       # 70000 overflows float16 (max 65504)
+    big = np.array([1.0, 70000.0, -3.0], np.float32)  # 70000 overflows float16 (max 65504)
     small = np.array([0.5, 2.0], np.float32)
     data = WeightCodec.encode([big, small], "float16")
-    assert data[4] == 1 and data[4 + 2 + 4 + 12] == 2        # dtype bytes: float32, then float16
+    assert data[4] == 1 and data[4 + 2 + 4 + 12] == 2  # dtype bytes: float32, then float16
     assert len(data) == WeightCodec.size([big, small], "float16")
     back = WeightCodec.decode(data)
     assert np.array_equal(back[0], big) and np.array_equal(back[1], small)
@@ -889,6 +1049,7 @@ def test_subscriptions_keep_solutions_and_evaluations_for_the_controller():
 def test_wire_size_counts_one_envelope_or_one_per_chunk():
     from peer.wire.chunks import CHUNK_HEAD_SIZE, split
     from peer.wire.envelope import chunk_limit, sealed_size, wire_size
+
     for sealed in (False, True):
         assert wire_size(1000, sealed, 65536) == sealed_size(1000, sealed)
         body = bytes(300_000)

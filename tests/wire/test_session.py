@@ -1,12 +1,14 @@
 """The wire session: the replay guard, the Inbox (publications in, messages out) and the Outbox (messages in, frames
 out), with real envelopes and chunks and no broker."""
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peer.wire.chunks import Pending
 from peer.wire.envelope import Seal, Stamp, Stamper, sealed_size
@@ -17,6 +19,7 @@ from peer.wire.topics import Topics
 
 # --- the replay guard ---------------------------------------------------------------------------------------------------
 
+
 def stamp(incarnation=100, seq=1, sent_at=1000.0):
     return Stamp(incarnation, seq, sent_at)
 
@@ -26,7 +29,7 @@ def test_a_copy_of_a_message_already_seen_is_refused_and_a_later_one_taken():
     assert guard.check("heartbeat", "c", stamp(seq=5), False, 1000.0) is None
     assert "a copy of c's message 5" in guard.check("heartbeat", "c", stamp(seq=5), False, 1000.0).reason
     assert guard.check("training", "c", stamp(seq=6), False, 1000.0) is None
-    assert guard.check("training", "c", stamp(seq=6), False, 1000.0) is not None      # whatever the kind
+    assert guard.check("training", "c", stamp(seq=6), False, 1000.0) is not None  # whatever the kind
 
 
 def test_messages_out_of_order_are_fresh_within_the_window_once():
@@ -34,10 +37,10 @@ def test_messages_out_of_order_are_fresh_within_the_window_once():
     guard = ReplayGuard("me")
     top = ReplayGuard.WINDOW + 100
     assert guard.check("aggregation", "c", stamp(seq=top), True, 1000.0) is None
-    assert guard.check("aggregation", "c", stamp(seq=top - 3), True, 1000.0) is None       # earlier, unseen
-    assert guard.check("aggregation", "c", stamp(seq=top - 3), True, 1000.0) is not None   # seen now
-    assert guard.check("heartbeat", "c", stamp(seq=100), False, 1000.0) is not None       # behind the window
-    for seq in range(top + 1, top + 3 * ReplayGuard.WINDOW, 7):                            # memory stays bounded
+    assert guard.check("aggregation", "c", stamp(seq=top - 3), True, 1000.0) is None  # earlier, unseen
+    assert guard.check("aggregation", "c", stamp(seq=top - 3), True, 1000.0) is not None  # seen now
+    assert guard.check("heartbeat", "c", stamp(seq=100), False, 1000.0) is not None  # behind the window
+    for seq in range(top + 1, top + 3 * ReplayGuard.WINDOW, 7):  # memory stays bounded
         assert guard.check("heartbeat", "c", stamp(seq=seq), False, 1000.0) is None
     assert len(guard.seen[("c", 100)][1]) <= 2 * ReplayGuard.WINDOW + 1
 
@@ -50,7 +53,7 @@ def test_each_life_of_a_sender_is_judged_on_its_own():
     assert guard.check("heartbeat", "c", stamp(incarnation=100, seq=3), False, 1000.0) is None
     assert guard.check("heartbeat", "c", stamp(incarnation=100, seq=3), False, 1000.0) is not None
     assert guard.check("init", "c", stamp(incarnation=200, seq=7), False, 1000.0) is not None
-    for life in range(300, 306):                             # only the last few lives are remembered
+    for life in range(300, 306):  # only the last few lives are remembered
         guard.check("init", "c", stamp(incarnation=life, seq=1), False, 1000.0)
     assert len(guard.lives["c"]) == ReplayGuard.LIVES_KEPT == len([k for k in guard.seen if k[0] == "c"])
 
@@ -78,8 +81,11 @@ def test_our_own_messages_are_not_the_guards_to_judge():
 
 
 @settings(max_examples=500, deadline=None)
-@given(events=st.lists(st.tuples(st.sampled_from(["c", "p2"]), st.integers(1, 3), st.integers(1, 6),
-                                 st.booleans()), max_size=40))
+@given(
+    events=st.lists(
+        st.tuples(st.sampled_from(["c", "p2"]), st.integers(1, 3), st.integers(1, 6), st.booleans()), max_size=40
+    )
+)
 def test_fuzz_the_guard_never_lets_a_message_through_twice(events):
     guard, passed = ReplayGuard("me"), set()
     for sender, incarnation, seq, retained in events:
@@ -129,11 +135,11 @@ def test_a_model_larger_than_a_broker_message_travels_in_chunks_and_comes_back_o
     frames = list(publication.frames)
     assert publication.chunked and len(frames) == 4
     assert [f.topic for f in frames] == [TOPICS.chunk(TOPICS.of(message), i) for i in range(4)]
-    verdicts = deliver(inbox, reversed(frames))          # any order
+    verdicts = deliver(inbox, reversed(frames))  # any order
     assert [type(v) for v in verdicts] == [Pending, Pending, Pending, Delivered]
     assert np.array_equal(verdicts[-1].message.weights[0], message.weights[0])
     assert outbox.cost(message) == sum(len(f.payload) for f in frames)
-    assert all(isinstance(v, Refused) for v in deliver(inbox, frames))   # copies
+    assert all(isinstance(v, Refused) for v in deliver(inbox, frames))  # copies
 
 
 def test_a_smaller_model_on_a_retained_topic_clears_the_stale_chunks_of_the_last():
@@ -150,21 +156,29 @@ def test_only_models_may_be_chunked():
     init = Init("c", 0, 0, 1, 10, 10, False, "0" * 16)
     big = list(outbox.frames(Aggregation(1, "c", 1, (), model(60_000))).frames)
     init_topic = TOPICS.of(init)
-    forged = [(TOPICS.chunk(init_topic, i), Seal(SECRET).seal(TOPICS.chunk(init_topic, i),
-                                                               inbox.seal.open(f.topic, f.payload)[0].tobytes(),
-                                                               Stamp(8, i + 1, NOW)))
-              for i, f in enumerate(big)]
+    forged = [
+        (
+            TOPICS.chunk(init_topic, i),
+            Seal(SECRET).seal(
+                TOPICS.chunk(init_topic, i), inbox.seal.open(f.topic, f.payload)[0].tobytes(), Stamp(8, i + 1, NOW)
+            ),
+        )
+        for i, f in enumerate(big)
+    ]
     verdicts = [inbox.receive(topic, payload, False, NOW) for topic, payload in forged]
     assert all(isinstance(v, Refused) and "never chunked" in v.reason for v in verdicts)
     assert inbox.reassembler.buffered_bytes == 0
 
 
-@pytest.mark.parametrize("topic, payload, why", [
-    ("other/run-1/heartbeat/c", b"x", "not a topic of this run"),
-    ("sd/run-2/heartbeat/c", b"x", "not a topic of this run"),
-    ("sd/run-1/heartbeat/c", b"", "empty payload"),
-    ("sd/run-1/heartbeat/c", b"SDEN" + bytes(40), "malformed"),
-])
+@pytest.mark.parametrize(
+    "topic, payload, why",
+    [
+        ("other/run-1/heartbeat/c", b"x", "not a topic of this run"),
+        ("sd/run-2/heartbeat/c", b"x", "not a topic of this run"),
+        ("sd/run-1/heartbeat/c", b"", "empty payload"),
+        ("sd/run-1/heartbeat/c", b"SDEN" + bytes(40), "malformed"),
+    ],
+)
 def test_what_is_not_a_message_of_this_run_is_refused_in_one_line(topic, payload, why):
     _, inbox = sides()
     verdict = inbox.receive(topic, payload, False, NOW)
@@ -186,7 +200,7 @@ def test_an_old_capture_is_a_replay_and_a_copy_is_refused():
     outbox, inbox = sides(sender_clock=lambda: NOW - MAX_AGE_S - 1)
     [frame] = outbox.frames(Heartbeat(1, "c", 0, "training", "0" * 16)).frames
     assert "ago" in inbox.receive(frame.topic, frame.payload, False, NOW).reason
-    assert isinstance(inbox.receive(frame.topic, frame.payload, True, NOW), Delivered)   # retained: history
+    assert isinstance(inbox.receive(frame.topic, frame.payload, True, NOW), Delivered)  # retained: history
     assert "copy" in inbox.receive(frame.topic, frame.payload, True, NOW).reason
 
 
