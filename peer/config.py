@@ -12,6 +12,7 @@ import math
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -498,7 +499,7 @@ def _secret(path: Path | None, text: str | None) -> bytes | None:
     return None
 
 
-def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Flags, then FL_* variables, then defaults. Raises SettingsError naming the flag or variable at fault."""
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)

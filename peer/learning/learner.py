@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,8 @@ class Learner:
         self.dataset, self.shard = dataset, shard
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.model_name = models.check_spec(model) if model else models.default_model(dataset)
-        self._model = None
-        self._initial: list[np.ndarray] | None = None
+        self._model: Any = None  # the Keras model, built by prepare()
+        self._initial: list[np.ndarray] = []
         self._tensors: list[tuple[tuple[int, ...], str]] = []  # (shape, dtype) of each weight tensor, once built
         # The learner thread fits while the main loop may save the final model: one user of the model at a time.
         self._lock = threading.Lock()
@@ -80,25 +81,30 @@ class Learner:
         self.prepare()
         with self._lock:
             self._model.set_weights(weights)
+            shard = self._data()
             history = self._model.fit(
-                self.shard.x_train,
-                self.shard.y_train,
+                shard.x_train,
+                shard.y_train,
                 epochs=self.epochs,
                 batch_size=self.batch_size,
                 shuffle=True,
                 verbose=0,
             )
-            return self._weights(), int(len(self.shard.y_train)), float(history.history["loss"][-1])
+            return self._weights(), int(len(shard.y_train)), float(history.history["loss"][-1])
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]:
         """(accuracy, loss, samples) of the given weights on this peer's test shard."""
         self.prepare()
         with self._lock:
             self._model.set_weights(weights)
-            results = self._model.evaluate(
-                self.shard.x_test, self.shard.y_test, batch_size=256, verbose=0, return_dict=True
-            )
-        return models.accuracy_of(results), float(results["loss"]), int(len(self.shard.y_test))
+            shard = self._data()
+            results = self._model.evaluate(shard.x_test, shard.y_test, batch_size=256, verbose=0, return_dict=True)
+        return models.accuracy_of(results), float(results["loss"]), int(len(shard.y_test))
+
+    def _data(self) -> Shard:
+        if self.shard is None:
+            raise RuntimeError("this learner holds no data: it can build the model, not fit or evaluate it")
+        return self.shard
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:
         self.prepare()

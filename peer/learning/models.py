@@ -214,20 +214,20 @@ def load_factory(spec: Spec) -> Callable:
     """The function the spec names, imported; ModelError says what is missing and how to fix it."""
     if spec.builtin:
         return _FACTORIES[spec.builtin]
-    where = f"--model {spec.text}"
+    where, function = f"--model {spec.text}", spec.function or ""
     if spec.path is not None:
-        module, place = _import_file(spec, where), str(spec.path)
+        module, place = _import_file(spec.path, where), str(spec.path)
     else:
-        module, place = _import_module(spec, where), f"module {spec.module}"
-    if not hasattr(module, spec.function):
+        module, place = _import_module(spec.module or "", function, where), f"module {spec.module}"
+    if not hasattr(module, function):
         found = sorted(
             name
             for name, value in vars(module).items()
             if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
         )
         hint = f" (its functions: {', '.join(found)})" if found else ""
-        raise ModelError(f"{where}: {place} has no function {spec.function}{hint}")
-    factory = getattr(module, spec.function)
+        raise ModelError(f"{where}: {place} has no function {function}{hint}")
+    factory = getattr(module, function)
     if not callable(factory):
         raise ModelError(
             f"{where}: {spec.function} in {place} is a {type(factory).__name__}, not a function; name "
@@ -236,8 +236,7 @@ def load_factory(spec: Spec) -> Callable:
     return factory
 
 
-def _import_file(spec: Spec, where: str):
-    path = spec.path
+def _import_file(path: Path, where: str):
     if not path.is_file():
         raise ModelError(
             f"{where}: there is no file {path} (a relative path counts from the folder the peer runs in, {Path.cwd()})"
@@ -258,18 +257,18 @@ def _import_file(spec: Spec, where: str):
     return module
 
 
-def _import_module(spec: Spec, where: str):
+def _import_module(name: str, function: str, where: str):
     try:
-        return importlib.import_module(spec.module)
+        return importlib.import_module(name)
     except ModuleNotFoundError as err:
-        if err.name and (spec.module == err.name or spec.module.startswith(err.name + ".")):
+        if err.name and (name == err.name or name.startswith(err.name + ".")):
             raise ModelError(
                 f"{where}: no module named {err.name} (put it in the folder the peer runs in, "
-                f"{Path.cwd()}, or on PYTHONPATH; or name a file: path/to/file.py:{spec.function})"
+                f"{Path.cwd()}, or on PYTHONPATH; or name a file: path/to/file.py:{function})"
             ) from None
-        raise ModelError(f"{where}: importing {spec.module} failed: {_one_line(err)}") from None
+        raise ModelError(f"{where}: importing {name} failed: {_one_line(err)}") from None
     except Exception as err:  # the user's code may raise anything; one line says what, no traceback
-        raise ModelError(f"{where}: importing {spec.module} failed: {_one_line(err)}") from None
+        raise ModelError(f"{where}: importing {name} failed: {_one_line(err)}") from None
 
 
 def _one_line(err: BaseException) -> str:

@@ -62,7 +62,7 @@ from peer.roles.rounds import ModelStore
 from peer.wire.chunks import Pending
 from peer.wire.envelope import Seal, Stamper, new_incarnation
 from peer.wire.errors import Refused
-from peer.wire.messages import Claim, Init, Message, Presence, Vote
+from peer.wire.messages import Aggregation, Claim, Finish, Heartbeat, Init, Message, Metrics, Presence, Training, Vote
 from peer.wire.session import Delivered, Inbox, Outbox
 from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
@@ -355,7 +355,7 @@ class Peer:
             return self._refused(verdict, "admission")
         ROUTES[verdict](self, message, delivered.size, now)
 
-    def _run_other_model(self, message: Message, size: int, now: float) -> None:
+    def _run_other_model(self, message: Heartbeat, size: int, now: float) -> None:
         self.log.error(
             "this run's model (fingerprint %s, controller %s) is not this peer's (%s, %s): start this "
             "peer with the run's --model and --dataset",
@@ -407,17 +407,19 @@ class Peer:
     def _claim(self, message: Claim, size: int, now: float) -> None:
         self.carry_out(self.election.on_claim(message.term, message.peer, message.reason, message.members, now), now)
 
-    def _retained_leader(self, message: Message, size: int, now: float) -> None:
+    def _retained_leader(self, message: Claim | Heartbeat, size: int, now: float) -> None:
         leader = message.peer if isinstance(message, Claim) else message.controller
         self.carry_out(self.election.on_retained(message.term, leader, now), now)
 
-    def _retained_model(self, message: Message, size: int, now: float) -> None:
+    def _retained_model(self, message: Aggregation, size: int, now: float) -> None:
         self.carry_out(self.follower.on_retained_model(message), now)
 
-    def _run_finished(self, message: Message, size: int, now: float) -> None:
+    def _run_finished(self, message: Finish, size: int, now: float) -> None:
         self.carry_out(self.follower.on_finished_run(message), now)
 
-    def _from_controller(self, message: Message, size: int, now: float) -> None:
+    def _from_controller(
+        self, message: Heartbeat | Training | Aggregation | Metrics | Finish, size: int, now: float
+    ) -> None:
         self.carry_out(self.election.on_controller_seen(message.term, message.controller, now), now)
         refusal = entitled(message, self._view())
         if refusal:
@@ -483,13 +485,12 @@ class Peer:
             for frame in publication.frames:
                 self.transport.publish(frame.topic, frame.payload, retain=frame.retain, expiry=frame.expiry)
         if message.TOPIC in EVENT_KINDS:
-            self._event(
-                "sent",
-                kind=message.TOPIC,
-                term=message.term,
-                round=message.round,
-                **({"trainers": message.trainers, "attempt": message.attempt} if message.TOPIC == "training" else {}),
-            )
+            fields = {
+                name: getattr(message, name)
+                for name in ("term", "round", "attempt", "trainers")
+                if hasattr(message, name) and (name != "trainers" or message.TOPIC == "training")
+            }
+            self._event("sent", kind=message.TOPIC, **fields)
 
     def _announce(self, reply: bool = False) -> None:
         self._answer_due = None  # every init of ours reaches every newcomer heard so far: it answers them all

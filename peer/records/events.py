@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from peer.records.run_dir import PEERS_DIR, peer_dir
 
@@ -25,19 +25,20 @@ class EventLog:
     def __init__(self, run_dir: str | Path, peer_id: str, clock: Callable[[], float] = time.time):
         self.path = peer_dir(run_dir, peer_id) / EVENTS_FILE
         self.peer_id, self.clock = peer_id, clock
-        self._out = None
+        self._out: IO[str] | None = None
 
     def write(self, event: str, **fields: Any) -> None:
         """Append one event (OSError if the disk refuses: the caller decides what that means)."""
         if self._out is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._out = open(self.path, "a", encoding="utf-8", buffering=1)
+        out = self._out
         line = json.dumps(
             {"t": round(self.clock(), 6), "peer": self.peer_id, "event": event, **fields},
             separators=(",", ":"),
             default=_plain,
         )
-        self._out.write(line + "\n")
+        out.write(line + "\n")
 
     def close(self) -> None:
         if self._out is not None:

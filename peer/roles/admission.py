@@ -151,7 +151,7 @@ def _term_jump(term: int, ours: int) -> Refused | None:
     return None
 
 
-def entitled(message: Message, view: View) -> Refused | None:
+def entitled(message: Heartbeat | Training | Aggregation | Metrics | Finish, view: View) -> Refused | None:
     """After the election has seen a controller's message: None if this peer acts on it (it follows that controller
     in that term), else why not."""
     if view.role is not Role.FOLLOWER or (message.term, message.controller) != (view.term, view.controller):

@@ -115,14 +115,15 @@ class Controller:
         self.announced: dict[str, tuple[int, int]] = dict(announced or {})
         self.aggregator = Aggregator(rules.aggregation)
         self.suspects: set[str] = set()  # trainers whose solutions broke a limit this term: chosen last
-        self.model = memory.latest
-        if self.model is None and initial_weights is None:
+        if memory.latest is None and initial_weights is None:
             raise ValueError("a controller without a global model needs initial weights")
-        self.initial_weights = initial_weights
+        # A run without a global model yet starts from the initial weights as round 0 (`take_office` adopts them).
+        self.fresh = memory.latest is None
+        self.model: GlobalModel = memory.latest or GlobalModel(0, term, initial_weights or [])
         self.history: dict[int, RoundSummary] = dict(memory.finished)
         self.run_started = memory.run_started
         self.phase = Phase.STARTING
-        self.round = self.model.round if self.model else 0
+        self.round = self.model.round
         self.solutions: SolutionCollector | None = None
         self.evaluations: EvaluationCollector | None = None
         self.attempt = 0
@@ -151,8 +152,8 @@ class Controller:
         ]
         if self.run_started is None:
             self.run_started = self._wall(now)
-        if self.model is None:
-            out += self._adopt(GlobalModel(0, self.term, self.initial_weights))
+        if self.fresh:
+            out += self._adopt(self.model)
             out.append(Log("no global model yet: starting from a fresh model (round 0)"))
             return out + self._publish_model(now)
         if self.model.round not in self.history:
@@ -167,22 +168,25 @@ class Controller:
         """A solution or an evaluation of this term (`size`: its payload bytes, counted in the round's traffic)."""
         out: list[Action] = []
         if isinstance(message, Solution):
-            if self.solutions and self.phase is Phase.TRAINING:
-                why_not = self.solutions.offer(
-                    message.term, message.round, message.attempt, message.peer, message.weights, message.samples
-                )
-            else:  # a late one (a thawed or slow trainer): say so, as for any other refused solution
-                why_not = (
-                    f"it is for term {message.term} round {message.round} attempt {message.attempt}, and "
-                    f"no round is collecting solutions ({self.phase.value})"
-                )
+            solutions = self.solutions if self.phase is Phase.TRAINING else None
+            if solutions is None:  # a late one (a thawed or slow trainer): say so, as for any other refused solution
+                return [
+                    Log(
+                        f"ignored a solution from {message.peer}: it is for term {message.term} round "
+                        f"{message.round} attempt {message.attempt}, and no round is collecting solutions "
+                        f"({self.phase.value})"
+                    )
+                ]
+            why_not = solutions.offer(
+                message.term, message.round, message.attempt, message.peer, message.weights, message.samples
+            )
             if why_not:
                 return [Log(f"ignored a solution from {message.peer}: {why_not}")]
             self.round_bytes += size
             out.append(
                 Log(
                     f"solution from {message.peer} ({message.samples} samples, loss {message.loss:.4f}), "
-                    f"{len(self.solutions.received)} of {len(self.solutions.trainers)}"
+                    f"{len(solutions.received)} of {len(solutions.trainers)}"
                 )
             )
         elif isinstance(message, Evaluation) and self.evaluations and self.phase is Phase.EVALUATING:
@@ -420,8 +424,9 @@ class Controller:
         return choose_evaluators(self._others(), self.rules.evaluators, self.rng)
 
     def _advance(self, now: float) -> list[Action]:
-        if self.phase is Phase.TRAINING and self.solutions:
-            outcome = self.solutions.outcome(now)
+        solutions, evaluations = self.solutions, self.evaluations
+        if self.phase is Phase.TRAINING and solutions:
+            outcome = solutions.outcome(now)
             if outcome is RoundOutcome.RETRY:
                 if self.attempt >= MAX_ATTEMPTS:
                     return self._give_up(
@@ -429,22 +434,21 @@ class Controller:
                     )
                 return [
                     Log(
-                        f"round {self.round} attempt {self.attempt}: {len(self.solutions.received)} of "
-                        f"{len(self.solutions.trainers)} solutions (quorum {self.solutions.quorum}) by the "
+                        f"round {self.round} attempt {self.attempt}: {len(solutions.received)} of "
+                        f"{len(solutions.trainers)} solutions (quorum {solutions.quorum}) by the "
                         "deadline or with the rest gone; choosing trainers again",
                         "warning",
                     ),
                     *self._start_training(now, retry=True),
                 ]
             if outcome is RoundOutcome.CLOSE:
-                return self._aggregate(now)
-        elif self.phase is Phase.EVALUATING and self.evaluations and self.evaluations.done(now):
-            return self._close_evaluation(now)
+                return self._aggregate(solutions, now)
+        elif self.phase is Phase.EVALUATING and evaluations and evaluations.done(now):
+            return self._close_evaluation(evaluations, now)
         return []
 
-    def _aggregate(self, now: float) -> list[Action]:
-        collector = self.solutions
-        caps = {peer: self._cap(peer) for peer in collector.received if peer in self.announced}
+    def _aggregate(self, collector: SolutionCollector, now: float) -> list[Action]:
+        caps = {peer: cap for peer in collector.received if (cap := self._cap(peer)) is not None}
         try:
             result = self.aggregator.aggregate(
                 self.model.weights,
@@ -475,8 +479,8 @@ class Controller:
         self.republished = 0
         return out + self._publish_model(now)
 
-    def _close_evaluation(self, now: float) -> list[Action]:
-        collector, self.evaluations = self.evaluations, None
+    def _close_evaluation(self, collector: EvaluationCollector, now: float) -> list[Action]:
+        self.evaluations = None
         result = collector.result()
         if result is None:
             if self.republished >= MAX_REPUBLISH:
@@ -510,8 +514,9 @@ class Controller:
                 *self._publish_model(now),
             ]
         self.everyone_next = False
-        trained_here = round_ > 0 and self.round_started is not None
-        duration = now - self.round_started if trained_here else 0.0
+        started = self.round_started if round_ > 0 else None  # None: not a round this controller trained
+        duration = now - started if started is not None else 0.0
+        run_started = self.run_started if self.run_started is not None else self._wall(now)
         out: list[Action] = []
         # The row first: killed between the two, the round is evaluated again by the next controller and recorded
         # twice (the later row counts); the other way round, it would be finished for everyone and never recorded.
@@ -528,7 +533,7 @@ class Controller:
                         duration_s=duration,
                         bytes_sent=self.round_bytes,
                         finished_at=self._wall(now),
-                        started_at=self._wall(self.round_started) if trained_here else None,
+                        started_at=self._wall(started) if started is not None else None,
                     )
                 )
             )
@@ -544,7 +549,7 @@ class Controller:
                     trainers,
                     duration,
                     self.round_bytes,
-                    self.run_started,
+                    run_started,
                 )
             )
         )
@@ -573,7 +578,7 @@ class Controller:
         summary printed, this peer's exit. A failed disk write does not stop the rest (the node logs it)."""
         self.phase = Phase.FINISHED
         outcome = self.outcome(reason, summary, now)
-        out: list[Action] = [SaveModel(self.model.weights)] if self.model is not None else []
+        out: list[Action] = [SaveModel(self.model.weights)]
         out += [
             RecordRun({"settings": dict(self.rules.run_settings), "outcome": outcome}),
             Publish(
@@ -584,7 +589,7 @@ class Controller:
                 expiry=FINISH_EXPIRY_S,
             ),
         ]
-        if code == EXIT_OK:
+        if code == EXIT_OK and summary is not None:
             out.append(Log(f"finished ({reason}) after round {summary.round}: accuracy {summary.accuracy:.4f}"))
         return out + [Print(format_summary(outcome)), Exit(code)]
 

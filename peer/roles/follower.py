@@ -66,17 +66,17 @@ class Follower:
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
-            key = (message.term, message.round, message.attempt)
-            if key == self.fitting:
+            order = (message.term, message.round, message.attempt)
+            if order == self.fitting:
                 if (
                     self.solution is not None
-                    and (self.solution.term, self.solution.round, self.solution.attempt) == key
+                    and (self.solution.term, self.solution.round, self.solution.attempt) == order
                 ):
                     return [
                         Publish(self.solution),
                         Log(f"round {message.round}: the order came again; sending my solution again"),
                     ]
-                if key != self.fitted:
+                if order != self.fitted:
                     return [Log(f"round {message.round}: the order came again; still training", "debug")]
                 # done, but the solution was too large to keep: train again
             held = self.memory.latest
@@ -107,12 +107,12 @@ class Follower:
             # Every live publication of a model this peer has not evaluated is evaluated (the controller
             # re-publishes a model when it lacks evaluations, e.g. in a new term); a model it has evaluated already
             # gets the same answer again. Retained copies come through `on_retained_model`.
-            key = (message.term, message.round)
-            if key == self.evaluating:
-                if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == key:
+            model = (message.term, message.round)
+            if model == self.evaluating:
+                if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == model:
                     return [Publish(self.evaluation)]
                 return []
-            self.evaluating = key
+            self.evaluating = model
             return [
                 *self._adopt(message),
                 *self._waiting_for(message),
@@ -164,7 +164,7 @@ class Follower:
 
     def on_job_done(self, done: JobDone, current_term: int) -> list[Action]:
         job = done.job
-        if done.error:
+        if done.error or done.result is None:
             return [Log(f"round {job.round}: {job.kind} failed: {done.error}", "error")]
         if job.kind == "fit":
             weights, samples, loss = done.result

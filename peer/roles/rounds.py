@@ -134,7 +134,7 @@ class EvaluationCollector:
         if accuracy is None:
             return None
         loss = weighted_mean((loss, n) for _, loss, n in evaluations)
-        return accuracy, loss, sum(n for _, _, n in evaluations)
+        return accuracy, loss if loss is not None else 0.0, sum(n for _, _, n in evaluations)
 
 
 @dataclass(frozen=True)
