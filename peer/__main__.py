@@ -27,8 +27,9 @@ def _main(argv: list[str] | None) -> int:
 
     # Imported after the settings are valid: a typo in a flag should not wait for TensorFlow.
     from peer.learning.data import DatasetError, load_shard
-    from peer.learning.learner import Learner
+    from peer.learning.link import LinkError
     from peer.learning.models import ModelError
+    from peer.learning.remote import RemoteLearner, ServiceHandle
     from peer.node.logs import configure_logging
     from peer.node.loop import Peer
     from peer.records.run_dir import RunRecorder
@@ -49,18 +50,24 @@ def _main(argv: list[str] | None) -> int:
         settings = dataclasses.replace(settings, run_id=resume.run_id)
 
     log = configure_logging(settings.peer_id, settings.log_level)  # before the dataset: its loader has things to say
+    spec = settings.shard_spec
     try:
-        shard = load_shard(settings.shard_spec)
+        labels = load_shard(spec, images=False)  # the images are the learning service's to load
     except DatasetError as err:
         return _error(str(err))
-    recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
-    learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model)
+    recorder.data(labels.describe(spec, settings.peer_id))
+    service = ServiceHandle(settings.learning_service)
+    learner = RemoteLearner(
+        service, settings.peer_id, spec, labels, settings.model, settings.seed, settings.epochs, settings.batch_size
+    )
     try:
         learner.prepare()
-    except ModelError as err:
+    except (ModelError, DatasetError, LinkError) as err:
+        service.close()
         return _error(str(err))
     log.info("model: %s, fingerprint %s", learner.model_description(), learner.fingerprint())
     if resume and [w.shape for w in resume.model.weights] != [w.shape for w in learner.initial_weights()]:
+        service.close()
         return _error(
             f"--resume: the checkpoint's model in {settings.run_dir} does not fit this peer's model (is it "
             "the same --dataset and --model?)"
@@ -76,6 +83,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         peer.log.info("stopped by signal")
         return 130
+    finally:
+        service.close()
 
 
 def _error(text: str) -> int:

@@ -89,6 +89,7 @@ class Settings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    learning_service: Path | None = None  # the Unix socket of this machine's learning service
 
     @property
     def broker(self) -> str:
@@ -451,6 +452,15 @@ OPTIONS = [
         "log_level",
         _choice(("debug", "info", "warning", "error")),
         "debug | info | warning | error (default info)",
+    ),
+    (
+        "--learning-service",
+        "FL_LEARNING_SERVICE",
+        "learning_service",
+        Path,
+        "the Unix socket of this machine's learning service (python -m peer.learning.service), which runs the "
+        "learning jobs of every peer of the machine; the launchers start one per run of local peers. Without it, or "
+        "when it does not answer, the peer starts a service of its own",
     ),
 ]
 

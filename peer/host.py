@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, str]]) -> int:
     from peer.learning.data import DatasetError, load_shard
-    from peer.learning.learner import Learner
+    from peer.learning.link import LinkError
     from peer.learning.models import ModelError
+    from peer.learning.remote import RemoteLearner, ServiceHandle
     from peer.node.loop import Peer
     from peer.records.run_dir import RunRecorder
 
@@ -162,7 +163,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
 
     loggers = configure_host_logging(host, ids, base.log_level)
     log = logging.getLogger("peer")
-    learner: Learner | None = None
+    service = ServiceHandle(base.learning_service)  # the K peers' learning: the machine's service, or one of theirs
     learners = []
     # Every shard first, then every peer: a peer's loop counts from its construction, and one built before seconds
     # of loading would start out believing it had been frozen.
@@ -173,7 +174,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
         recorder = RunRecorder(settings.run_dir, peer_id)
         try:
             recorder.check_writable()
-            shard = load_shard(settings.shard_spec)
+            labels = load_shard(settings.shard_spec, images=False)
         except OSError as err:
             print(
                 f"python -m peer.host: error: the run dir {settings.run_dir} is not writable ({err.strerror or err})",
@@ -183,19 +184,24 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
         except DatasetError as err:
             print(f"python -m peer.host: error: {peer_id}: {err}", file=sys.stderr)
             return 2
-        recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
-        if learner is None:
-            learner = Learner(
-                settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model
-            )
-            try:
-                learner.prepare()
-            except ModelError as err:
-                print(f"python -m peer.host: error: {err}", file=sys.stderr)
-                return 2
-            learners.append((settings, learner))
-        else:
-            learners.append((settings, learner.twin(shard)))
+        recorder.data(labels.describe(settings.shard_spec, settings.peer_id))
+        learner = RemoteLearner(
+            service,
+            peer_id,
+            settings.shard_spec,
+            labels,
+            settings.model,
+            settings.seed,
+            settings.epochs,
+            settings.batch_size,
+        )
+        try:
+            learner.prepare()
+        except (ModelError, DatasetError, LinkError) as err:
+            print(f"python -m peer.host: error: {peer_id}: {err}", file=sys.stderr)
+            service.close()
+            return 2
+        learners.append((settings, learner))
     peers = [Peer(settings, mine, log=loggers[settings.peer_id]) for settings, mine in learners]
     log.info("hosting %d peers: %s", len(peers), ",".join(ids))
 
@@ -227,6 +233,8 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
                 peer.log.info("stopped by signal")  # in each peer's own log, as a peer of its own says it
                 peer.exit_code = STOPPED  # its loop sees it within one tick and says goodbye on the broker
         loops.wait(LEAVE_S)
+    finally:
+        service.close()
     failed = [codes.get(peer_id, STOPPED) for peer_id in ids if codes.get(peer_id, STOPPED) != 0]
     return failed[0] if failed else 0
 

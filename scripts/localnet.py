@@ -133,6 +133,60 @@ class Broker:
         self.close()
 
 
+class LearningService:
+    """The machine's learning service for a network of local peers (`python -m peer.learning.service`): one
+    TensorFlow for all of them, its jobs `workers` at a time with `threads` threads in all."""
+
+    def __init__(
+        self,
+        log_path: Path | None = None,
+        workers: int = 1,
+        threads: int | None = None,
+        python: str = sys.executable,
+        env: dict | None = None,
+    ):
+        self._dir = Path(tempfile.mkdtemp(prefix="fl-learn-"))  # 0700: only this user reaches the socket
+        self.socket = self._dir / "learn.sock"
+        self.log_path, self.workers, self.threads = log_path, workers, threads or os.cpu_count() or 1
+        self.python, self.env = python, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LearningService:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [
+                self.python,
+                "-m",
+                "peer.learning.service",
+                "--socket",
+                str(self.socket),
+                "--workers",
+                str(self.workers),
+                "--threads",
+                str(self.threads),
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists() and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class LocalNetwork:
     """N peer processes against one broker. Every process it starts, it stops."""
 
@@ -151,6 +205,7 @@ class LocalNetwork:
         secret: bool = True,
         peer_env: dict[str, dict] | None = None,
         peers_per_process: int = 1,
+        learning_workers: int | None = None,
     ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
@@ -178,6 +233,14 @@ class LocalNetwork:
         self.hosts: dict[str, list[str]] = {}  # host name (its first peer's id) -> the peers it runs
         self._threads: list[threading.Thread] = []
         self._print_lock = threading.Lock()
+        # One learning service for every peer of the network (their jobs share the machine's cores); 0: none, each
+        # peer process starts its own.
+        workers = int(os.environ.get("SDFL_LEARNING_WORKERS", "1")) if learning_workers is None else learning_workers
+        self.learning = (
+            LearningService(self.run_dir / "learning.log", workers, python=python, env=self.env)
+            if workers > 0
+            else None
+        )
 
     @staticmethod
     def peer_id(index: int) -> str:
@@ -185,6 +248,8 @@ class LocalNetwork:
 
     def start(self) -> LocalNetwork:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.learning is not None:
+            self.learning.start()
         if self.broker is None:
             self.broker = Broker(self.broker_port, log_path=self.run_dir / "broker.log").start()
         if self.per_process == 1:
@@ -202,6 +267,8 @@ class LocalNetwork:
 
     def _common_args(self) -> list[str]:
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
+        if self.learning is not None:
+            run += ["--learning-service", str(self.learning.socket)]
         return ["--broker", self.broker.address, *run, "--run-dir", str(self.run_dir)]
 
     def start_host(self, members: list[tuple[str, str]], extra_args: list[str] = ()) -> subprocess.Popen:
@@ -256,6 +323,8 @@ class LocalNetwork:
         log_path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
         log_path.parent.mkdir(parents=True, exist_ok=True)
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
+        if self.learning is not None:
+            run += ["--learning-service", str(self.learning.socket)]
         cmd = [
             self.python,
             "-m",
@@ -330,6 +399,8 @@ class LocalNetwork:
                 proc.wait()
         if self.owns_broker and self.broker:
             self.broker.close()
+        if self.learning is not None:
+            self.learning.stop()
         if self._secret_dir:
             shutil.rmtree(self._secret_dir, ignore_errors=True)
 

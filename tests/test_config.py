@@ -67,6 +67,10 @@ SAMPLES = {
     "--username": [("alice", {"username": "alice"}), ("bob", {"username": "bob"})],
     "--password": [("s3cret", {"password": "s3cret"}), ("p w", {"password": "p w"})],
     "--log-level": [("DEBUG", {"log_level": "debug"}), ("warning", {"log_level": "warning"})],
+    "--learning-service": [
+        ("/run/sdfl/learn.sock", {"learning_service": Path("/run/sdfl/learn.sock")}),
+        ("learn.sock", {"learning_service": Path("learn.sock")}),
+    ],
 }
 # A password alone is refused, so its samples need a user name too.
 NEEDS = {"--password": {"--username": "someone"}}

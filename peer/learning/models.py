@@ -128,10 +128,18 @@ def tensors_of(model) -> list[tuple[tuple[int, ...], str]]:
 # --- Keras and the built-ins -------------------------------------------------------------------------------------------
 
 _configured = False
+_threads = (1, 1)  # TensorFlow's intra-op and inter-op pools in this process
+
+
+def configure_threads(intra: int, inter: int = 1) -> None:
+    """The threads TensorFlow's pools get in this process: the learning service sizes them to the machine; a process
+    that imports Keras without it keeps one of each. Effective only before Keras is first imported."""
+    global _threads
+    _threads = (intra, inter)
 
 
 def keras_module():
-    """Import Keras with TensorFlow kept small: several peers share two cores, so one thread each."""
+    """Import Keras with TensorFlow's thread pools sized as configured (`configure_threads`)."""
     global _configured
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # oneDNN's start-up notice bypasses TF_CPP_MIN_LOG_LEVEL and would break the one-line-per-event logs; its
@@ -142,8 +150,8 @@ def keras_module():
     import tensorflow as tf
 
     if not _configured:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(_threads[0])
+        tf.config.threading.set_inter_op_parallelism_threads(_threads[1])
         _configured = True
     return keras
 

@@ -21,8 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from peer.config import Settings
-from peer.learning.learner import Learner
-from peer.node.jobs import JobRunner
+from peer.node.jobs import JobRunner, Learning
 from peer.node.logs import Quota, attach, configure_logging
 from peer.node.transport import BrokerRefused, Connected, Disconnected, Inbound, MqttTransport
 from peer.records.checkpoint import RunState, checkpoint_state
@@ -77,7 +76,7 @@ class Peer:
     def __init__(
         self,
         settings: Settings,
-        learner: Learner,
+        learner: Learning,
         rng: random.Random | None = None,
         transport=None,
         runner=None,
