@@ -171,10 +171,7 @@ class LearningService:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while not self.socket.exists() and self.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self
+        return self  # not waited for: a peer waits for the socket when it first needs the service
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

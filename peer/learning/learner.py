@@ -81,30 +81,42 @@ class Learner:
         self.prepare()
         with self._lock:
             self._model.set_weights(weights)
-            shard = self._data()
+            x_train, y_train, _, _ = self._data()
             history = self._model.fit(
-                shard.x_train,
-                shard.y_train,
+                x_train,
+                y_train,
                 epochs=self.epochs,
                 batch_size=self.batch_size,
                 shuffle=True,
                 verbose=0,
             )
-            return self._weights(), int(len(shard.y_train)), float(history.history["loss"][-1])
+            return self._weights(), int(len(y_train)), float(history.history["loss"][-1])
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]:
         """(accuracy, loss, samples) of the given weights on this peer's test shard."""
         self.prepare()
         with self._lock:
             self._model.set_weights(weights)
-            shard = self._data()
-            results = self._model.evaluate(shard.x_test, shard.y_test, batch_size=256, verbose=0, return_dict=True)
-        return models.accuracy_of(results), float(results["loss"]), int(len(shard.y_test))
+            _, _, x_test, y_test = self._data()
+            results = self._model.evaluate(x_test, y_test, batch_size=256, verbose=0, return_dict=True)
+        return models.accuracy_of(results), float(results["loss"]), int(len(y_test))
 
-    def _data(self) -> Shard:
-        if self.shard is None:
-            raise RuntimeError("this learner holds no data: it can build the model, not fit or evaluate it")
-        return self.shard
+    def warm(self) -> None:
+        """Fit and evaluate one batch, so that the first real job does not pay for tracing Keras's functions (a
+        second or so, which would otherwise land in the first round)."""
+        self.prepare()
+        with self._lock:
+            x_train, y_train, x_test, y_test = self._data()
+            n = min(self.batch_size, len(y_train), len(y_test))
+            self._model.fit(x_train[:n], y_train[:n], epochs=1, batch_size=n, verbose=0)
+            self._model.evaluate(x_test[:n], y_test[:n], batch_size=256, verbose=0)
+
+    def _data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x_train, y_train, x_test, y_test) of this learner's shard, images included."""
+        shard = self.shard
+        if shard is None or shard.x_train is None or shard.x_test is None:
+            raise RuntimeError("this learner holds no images: it can build the model, not fit or evaluate it")
+        return shard.x_train, shard.y_train, shard.x_test, shard.y_test
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:
         self.prepare()

@@ -158,7 +158,16 @@ class RemoteLearner:
             if self.facts is None:
                 header, weights = self._request({"op": "facts"})
                 self.facts = ModelFacts(header["name"], header["fingerprint"], header["description"], weights or [])
+            else:  # the service loads this shard and traces the model while the peer joins, not at its first job
+                threading.Thread(target=self._greet, name="learning-hello", daemon=True).start()
         return self.facts
+
+    def _greet(self) -> None:
+        with self._lock:
+            try:
+                self._link()
+            except (link.LinkError, OSError, RuntimeError, ModelError, DatasetError):
+                pass  # said again, and failing then in the open, at the first job
 
     def fingerprint(self) -> str:
         return self.prepare().fingerprint
@@ -200,9 +209,7 @@ class RemoteLearner:
         with self._lock:
             for attempt in (1, 2):
                 try:
-                    if self._sock is None:
-                        self._sock = self.handle.connect()
-                        self._exchange({**self._hello()}, None)
+                    self._link()
                     return self._exchange(header, weights)
                 except link.LinkError:
                     if self._sock is not None:
@@ -211,6 +218,17 @@ class RemoteLearner:
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
+
+    def _link(self) -> None:
+        """Connected to the service, and introduced (its session holds this peer's shard and model)."""
+        if self._sock is None:
+            self._sock = self.handle.connect()
+            try:
+                self._exchange(self._hello(), None)
+            except Exception:
+                self._sock.close()
+                self._sock = None
+                raise
 
     def _exchange(self, header: dict, weights: list[np.ndarray] | None) -> tuple[dict, list | None]:
         assert self._sock is not None

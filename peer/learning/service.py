@@ -79,6 +79,7 @@ class Worker:
     def __init__(self, service: Service, index: int):
         self.service, self.index = service, index
         self.learners: dict[tuple, Learner] = {}
+        self.warm: set[tuple] = set()  # the models whose Keras functions this worker has traced
         self.thread = threading.Thread(target=self._run, name=f"learner-{index}", daemon=True)
 
     def _learner(self, session: Session) -> Learner:
@@ -120,6 +121,11 @@ class Worker:
         if job.op == "save" and weights is not None:
             learner.save(weights, Path(job.header["path"]))
             return {"ok": True}, None
+        if job.op == "warm":
+            if job.session.model_key not in self.warm:
+                learner.warm()
+                self.warm.add(job.session.model_key)
+            return {"ok": True}, None
         if job.op == "facts":
             facts = ModelFacts(
                 learner.model_name, learner.fingerprint(), learner.model_description(), learner.initial_weights()
@@ -154,6 +160,11 @@ class Service:
         threading.Thread(target=_import_tensorflow, name="warm-up", daemon=True).start()
         return self
 
+    def warm_up(self, session: Session) -> None:
+        """Build and trace the session's model on every worker while the peers elect, before the first real job."""
+        for _ in self.workers:
+            self.jobs.put(Job(session, "warm", {}, None))
+
     def serve(self, listener: socket.socket) -> None:
         while True:
             conn, _ = listener.accept()
@@ -176,6 +187,7 @@ class Service:
                         link.send(conn, {"ok": False, "error": str(err), "kind": "DatasetError"})
                         continue
                     link.send(conn, {"ok": True})
+                    self.warm_up(session)
                 elif session is None:
                     link.send(conn, {"ok": False, "error": "say hello first", "kind": "request"})
                 else:
@@ -217,6 +229,32 @@ def _import_tensorflow() -> None:
     keras_module()
 
 
+# TensorFlow's start-up notices, written to stderr from C++ whatever TF_CPP_MIN_LOG_LEVEL says: no event of the run.
+NOISE = (
+    b"All log messages before absl::InitializeLog",
+    b"oneDNN custom operations are on",
+    b"This TensorFlow binary is optimized",
+    b"cpu_feature_guard",
+    b"Unable to register cu",
+)
+
+
+def _quiet_stderr() -> None:
+    """This process's stderr (TensorFlow's C++ included) through a filter that drops TensorFlow's start-up notices."""
+    read_end, write_end = os.pipe()
+    original = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as lines, os.fdopen(original, "wb", buffering=0) as out:
+            for line in lines:
+                if not any(noise in line for noise in NOISE):
+                    out.write(line)
+
+    threading.Thread(target=pump, name="stderr", daemon=True).start()
+
+
 def _watch_parent(parent: int) -> None:
     """A private service ends with the process that started it, however that one ended (a SIGKILL included)."""
     while True:
@@ -238,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.threads < 1:
         parser.error("--workers and --threads must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _quiet_stderr()
     if args.nice:
         try:
             os.nice(args.nice)

@@ -14,6 +14,7 @@ store (this module is its only writer), the final model, the exit.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -112,6 +113,7 @@ class Peer:
             self.store,
             tuple(tuple(w.shape) for w in learner.initial_weights()),
             keep_solutions_up_to=settings.max_message_bytes,
+            answers_expire_after=max(1, math.ceil(settings.round_deadline)),
         )
         self.controller: Controller | None = None
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.

@@ -16,6 +16,7 @@ round is lost and none is counted twice.
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -281,7 +282,7 @@ class Controller:
         if self.phase is Phase.TRAINING and self.solutions:
             return [
                 Log(f"round {self.round}: {why}; sending the training order again"),
-                self._counted(Publish(self._order(self.solutions.trainers))),
+                self._counted(Publish(self._order(self.solutions.trainers), expiry=self._order_expiry)),
             ]
         if self.phase is Phase.EVALUATING and self.evaluations:
             return [
@@ -372,12 +373,17 @@ class Controller:
         self.evaluations = None
         self.phase = Phase.TRAINING
         return [
-            self._counted(Publish(self._order(trainers))),
+            self._counted(Publish(self._order(trainers), expiry=self._order_expiry)),
             Log(
                 f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
                 f"{','.join(trainers)} (quorum {quorum})"
             ),
         ]
+
+    @property
+    def _order_expiry(self) -> int:
+        """An order that waited on the broker longer than a round's deadline is of a round that has moved on."""
+        return max(1, math.ceil(self.rules.round_deadline))
 
     def _order(self, trainers: tuple[str, ...]) -> Training:
         """The training order: it names the model by digest, and carries it only when this controller has not

@@ -41,11 +41,15 @@ class Follower:
         memory: ModelStore,
         shapes: tuple[tuple[int, ...], ...] | None = None,
         keep_solutions_up_to: int = 2**63,
+        answers_expire_after: int | None = None,
     ):
         """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused.
         `keep_solutions_up_to`: a solution of more bytes than this is not kept once sent (a large model's memory
-        matters more than sparing a fit: a repeated order is trained again)."""
+        matters more than sparing a fit: a repeated order is trained again). `answers_expire_after`: seconds after
+        which the broker drops a solution or evaluation still waiting for its controller (the round has moved on):
+        a stalled controller's queue holds no stale models."""
         self.me, self.memory, self.shapes = me, memory, shapes
+        self.expiry = answers_expire_after
         self.keep_solutions_up_to = keep_solutions_up_to
         self.phase: str | None = None  # the controller's phase, as its last heartbeat told it
         # What this peer last did for an order, by (term, round, attempt) and (term, round): a repeated order
@@ -73,7 +77,7 @@ class Follower:
                     and (self.solution.term, self.solution.round, self.solution.attempt) == order
                 ):
                     return [
-                        Publish(self.solution),
+                        Publish(self.solution, expiry=self.expiry),
                         Log(f"round {message.round}: the order came again; sending my solution again"),
                     ]
                 if order != self.fitted:
@@ -110,7 +114,7 @@ class Follower:
             model = (message.term, message.round)
             if model == self.evaluating:
                 if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == model:
-                    return [Publish(self.evaluation)]
+                    return [Publish(self.evaluation, expiry=self.expiry)]
                 return []
             self.evaluating = model
             return [
@@ -157,7 +161,7 @@ class Follower:
         """Back on the broker: what this peer sent while it was gone may be lost, so its answers of this term go
         out again (the controller ignores what it already has)."""
         return [
-            Publish(answer)
+            Publish(answer, expiry=self.expiry)
             for answer in (self.solution, self.evaluation)
             if answer is not None and answer.term == current_term
         ]
@@ -175,7 +179,7 @@ class Follower:
             small = sum(np.asarray(w).nbytes for w in weights) <= self.keep_solutions_up_to
             self.solution = solution if small else None
             return [
-                Publish(solution),
+                Publish(solution, expiry=self.expiry),
                 Log(
                     f"round {job.round}: trained {samples} samples in {done.seconds:.1f}s (loss {loss:.4f}), "
                     "solution sent"
@@ -185,7 +189,7 @@ class Follower:
         self.evaluation = Evaluation(job.term, job.round, self.me, accuracy, loss, samples)
         return [
             RecordEvaluation(job.round, job.term, accuracy, loss, samples),
-            Publish(self.evaluation),
+            Publish(self.evaluation, expiry=self.expiry),
             Log(
                 f"round {job.round}: global model scores accuracy {accuracy:.4f}, loss {loss:.4f} on my "
                 f"{samples} test samples ({done.seconds:.1f}s)"
