@@ -197,3 +197,24 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_peers_of_a_round_send_its_model_once_then_name_it_by_digest(service, monkeypatch):
+    path, _ = service
+    sent = []
+    real = link.send
+
+    def counting(sock, header, weights=None):
+        sent.append((header.get("op"), header.get("digest") is not None, weights is not None))
+        real(sock, header, weights)
+
+    monkeypatch.setattr(link, "send", counting)
+    first, second = learner(path), learner(path, ShardSpec("fashion-mnist", FASHION, 3, 5, test_samples=50), peer="p4")
+    weights = first.prepare().initial
+    first.evaluate(weights)
+    second.evaluate(weights)
+    evaluations = [s for s in sent if s[0] == "evaluate"]
+    # the first asks by digest, is told to send it, sends it; the second asks by digest and is served
+    assert evaluations == [("evaluate", True, False), ("evaluate", False, True), ("evaluate", True, False)]
+    changed = [w + 1 for w in weights]
+    assert second.evaluate(changed)[2] == 50  # another model: sent, not mistaken for the last
