@@ -157,7 +157,7 @@ def test_a_bad_model_names_the_built_ins_and_the_forms():
     with pytest.raises(SettingsError) as err:
         load_settings(["--model=nonsense"], {})
     assert str(err.value).startswith(
-        "--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | cifar10-cnn) nor MODULE:FUNCTION"
+        "--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | cifar10-cnn | fedavg-cnn) nor MODULE:FUNCTION"
     )
     assert "FILE.py:FUNCTION" in str(err.value)
 

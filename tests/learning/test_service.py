@@ -135,7 +135,6 @@ def test_a_peer_learns_through_the_service_and_the_next_one_reads_the_facts_from
     second = learner(path, ShardSpec("fashion-mnist", FASHION, 2, 5, train_samples=200, test_samples=100), peer="p3")
     assert read_facts(facts_key("cnn-small", (28, 28, 1), 10, 42)) is not None
     assert second.prepare().fingerprint == facts.fingerprint
-    assert second._sock is None  # it has not needed the service yet
 
 
 def test_a_model_that_cannot_be_built_is_a_model_error_with_the_services_reason(service, tmp_path):
