@@ -425,11 +425,11 @@ def test_a_returning_evaluator_gets_no_model_published_to_everyone_again():
     r = Run(heartbeat=1.0)
     r.take_office(0)
     models = len(r.sent(Aggregation))
-    for peer in sorted(PEERS - {"c"}):   # every evaluator comes back while the model waits for evaluations
+    for peer in sorted(PEERS - {"c"}):  # every evaluator comes back while the model waits for evaluations
         r.peer_up(peer, 0.5, samples=(10, 10), returned=True)
     r.tick(1.0)
     r.tick(2.0)
-    assert len(r.sent(Aggregation)) == models   # they evaluate the retained model (Follower.on_retained_model)
+    assert len(r.sent(Aggregation)) == models  # they evaluate the retained model (Follower.on_retained_model)
 
 
 def test_orders_carry_no_weights_once_the_controller_has_published_the_model_itself():

@@ -195,10 +195,10 @@ def test_back_on_the_broker_it_evaluates_the_retained_model_the_controller_waits
     actions = f.on_retained_model(Aggregation(2, "c", 4, ("p2",), W))
     assert kinds(actions) == ["AdoptModel"]
     memory.offer(4, 2, W)
-    assert f.on_controller(Heartbeat(2, "c", 4, "training", "0" * 16)) == []   # not evaluating that round
+    assert f.on_controller(Heartbeat(2, "c", 4, "training", "0" * 16)) == []  # not evaluating that round
     log, job = f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
     assert isinstance(job, StartJob) and (job.kind, job.term, job.round) == ("evaluate", 2, 4)
-    assert f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16)) == []   # once
+    assert f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16)) == []  # once
     # the other way round: the heartbeat first, then the retained model
     g = Follower("me", ModelStore())
     assert g.on_controller(Heartbeat(3, "c", 5, "evaluating", "0" * 16)) == []
@@ -211,4 +211,4 @@ def test_a_retained_model_is_not_evaluated_by_a_peer_not_asked_or_when_it_is_ano
     assert kinds(f.on_retained_model(Aggregation(2, "c", 4, (), W, ("p2", "p3")))) == ["AdoptModel"]
     g = Follower("me", ModelStore())
     g.on_controller(Heartbeat(2, "c", 5, "evaluating", "0" * 16))
-    assert kinds(g.on_retained_model(Aggregation(2, "c", 4, (), W))) == ["AdoptModel"]   # an older round's model
+    assert kinds(g.on_retained_model(Aggregation(2, "c", 4, (), W))) == ["AdoptModel"]  # an older round's model
