@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
 
 from peer.config import SettingsError, build_parser, load_settings
+from peer.node.signals import StopSignals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,16 +66,13 @@ def _main(argv: list[str] | None) -> int:
             "the same --dataset and --model?)"
         )
 
-    def stop(signum, frame):  # SIGTERM (docker stop, launcher shutdown): leave cleanly, as Ctrl-C does
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     peer = Peer(settings, learner, resume=resume)
-    try:
-        return peer.run()
-    except KeyboardInterrupt:
-        peer.log.info("stopped by signal")
-        return 130
+    with StopSignals():  # SIGTERM (docker stop, launcher shutdown): leave cleanly, as Ctrl-C does
+        try:
+            return peer.run()
+        except KeyboardInterrupt:
+            peer.log.info("stopped by signal")
+            return 130
 
 
 def _error(text: str) -> int:

@@ -25,13 +25,13 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
 from peer.config import SettingsError, _peer_id, build_parser, load_settings, parse_shard
+from peer.node.signals import StopSignals
 
 STOPPED = 130  # as `python -m peer` stopped by a signal
 CRASHED = 1
@@ -208,25 +208,22 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
             peer.log.exception("the peer's loop failed")
             codes[peer.me] = CRASHED
 
-    def stop(signum, frame):  # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     loops = Loops()
-    for peer in peers:
-        loops.start(run, peer, name=f"peer-loop-{peer.me}")
-    try:
-        loops.wait()
-    except KeyboardInterrupt:
-        # Leaving takes a moment (a fit in progress ends first): a second signal must not cut it short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        log.info("stopped by signal: every hosted peer leaves")
+    # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C.
+    with StopSignals() as stops:
         for peer in peers:
-            if peer.exit_code is None:
-                peer.log.info("stopped by signal")  # in each peer's own log, as a peer of its own says it
-                peer.exit_code = STOPPED  # its loop sees it within one tick and says goodbye on the broker
-        loops.wait(LEAVE_S)
+            loops.start(run, peer, name=f"peer-loop-{peer.me}")
+        try:
+            loops.wait()
+        except KeyboardInterrupt:
+            # Leaving takes a moment (a fit in progress ends first): a second signal must not cut it short.
+            stops.shield()
+            log.info("stopped by signal: every hosted peer leaves")
+            for peer in peers:
+                if peer.exit_code is None:
+                    peer.log.info("stopped by signal")  # in each peer's own log, as a peer of its own says it
+                    peer.exit_code = STOPPED  # its loop sees it within one tick and says goodbye on the broker
+            loops.wait(LEAVE_S)
     failed = [codes.get(peer_id, STOPPED) for peer_id in ids if codes.get(peer_id, STOPPED) != 0]
     return failed[0] if failed else 0
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from peer.node.signals import StopSignals
 from peer.records.run_dir import read_elections, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
@@ -297,6 +298,11 @@ def draw(results: list[Result], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with StopSignals():  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv, extra = split_peer_args(argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -316,10 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     root = args.run_dir or Path(tempfile.mkdtemp(prefix="fl-scale-"))
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
     print(f"bench_scale: sizes {args.sizes}, {args.processes} processes each, records in {root}", flush=True)
     print(f"peer flags: {' '.join([*PEER_ARGS, *extra])}", flush=True)
     results = []

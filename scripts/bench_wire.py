@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import sys
 import tempfile
@@ -67,6 +66,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from peer.node.signals import StopSignals
 from peer.records.run_dir import PEER_LOG_FILE, CheckpointError, load_run, read_checkpoint
 from peer.wire.errors import ProtocolError
 from peer.wire.weights import WeightCodec
@@ -506,6 +506,11 @@ def config_args(model: str, dtype: str, legacy: bool) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with StopSignals():  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv, extra = split_peer_args(argv)
     parser = argparse.ArgumentParser(
         prog="python -m scripts.bench_wire",
@@ -583,10 +588,6 @@ def main(argv: list[str] | None = None) -> int:
         "600",
     ]
 
-    def interrupted(signum, frame):  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
     print(
         f"bench_wire: N={args.peers} peers, T={args.trainers} trainers, models {','.join(models)}, wire dtypes "
         f"{','.join(dtypes)}{' (legacy peers)' if args.legacy else ''}; records in {base}",
