@@ -163,8 +163,7 @@ def _main(argv: list[str] | None) -> int:
                 chaos.record(run_dir, "cont", victim, "CONT")
             else:
                 net.procs[victim].wait(10)
-                shard = f"{int(victim.split('-')[1]) - 1}/{args.peers}"
-                net.start_peer(victim, shard)  # the same id comes back, as a user restarting it would
+                net.start_peer_by_id(victim)  # the same id comes back, on its shard, as a user restarting it would
             # let it rejoin before the next kill, so every kill meets a full network
             wait_for(
                 lambda: (

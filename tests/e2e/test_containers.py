@@ -23,8 +23,8 @@ import urllib.request
 
 import pytest
 
-from scripts import up
 from scripts.localnet import free_port
+from scripts.up import compose, containers
 from tests.netutil import ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
 
 UP = str(ROOT / "up.sh")
@@ -44,8 +44,8 @@ FAST = [
 ]
 
 pytestmark = pytest.mark.skipif(
-    up.docker_problem(10) is not None,
-    reason=f"needs a Docker engine with compose v2 ({up.docker_problem(10)}); CI runs these under .ci/with-docker",
+    containers.docker_problem(10) is not None,
+    reason=f"needs a Docker engine with compose v2 ({containers.docker_problem(10)}); CI runs these under .ci/with-docker",
 )
 
 
@@ -119,8 +119,8 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def container_state(project: str, peer: str) -> str:
-    found = up.containers(**{up.LABEL_PROJECT: project, up.LABEL_PEER: peer})
-    return up.state_of(found[0]) if found else "gone"
+    found = containers.containers(**{compose.LABEL_PROJECT: project, compose.LABEL_PEER: peer})
+    return containers.state_of(found[0]) if found else "gone"
 
 
 def checkout_state() -> tuple[str, dict[str, tuple[int, int, int]]]:
@@ -171,8 +171,10 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
             assert f"peer-{k} " in shown.stdout
         assert "running" in shown.stdout and "broker: running, healthy" in shown.stdout
         # The live page's container (read-only login) sees the same controller, on a loopback port.
-        [page] = up.containers(**{up.LABEL_PROJECT: project, "com.docker.compose.service": up.DASHBOARD})
-        address = docker("port", page["Id"], str(up.DASHBOARD_PORT)).split()[0]
+        [page] = containers.containers(
+            **{compose.LABEL_PROJECT: project, "com.docker.compose.service": compose.DASHBOARD}
+        )
+        address = docker("port", page["Id"], str(compose.DASHBOARD_PORT)).split()[0]
         assert address.startswith("127.0.0.1:"), address
         wait_until(lambda: page_shows(address).get("controller") == first, 30, "the live page to show the controller")
 
@@ -311,7 +313,7 @@ def test_containers_hosting_three_peers_each_lose_one_with_the_controller_and_fi
         named = [line for line in lines if " peer=" in line]
         assert named and all(f" peer=peer-{k} " in line for line in named), lines[:5]
         assert any("starting: broker broker:1883" in line for line in named)
-    assert "hosting 3 peers: peer-1,peer-2,peer-3" in (run_dir / "hosts" / "host-peer-1.log").read_text()
+    assert "hosting 3 peers: peer-1,peer-2,peer-3" in (run_dir / "hosts" / "peer-1.log").read_text()
     assert leftovers(project) == NOTHING
 
 

@@ -72,7 +72,7 @@ def test_sigkill_a_trainer_mid_round_closes_with_the_rest_and_it_rejoins_under_i
         net.signal(victim, signal.SIGKILL)
         wait_until(lambda: len(rounds(run_dir)) >= 2, 60, "round 2 to close", net)
         old = net.procs[victim]
-        net.start_peer(victim, shard=f"{int(victim.split('-')[1]) - 1}/5")  # the same id comes back
+        net.start_peer_by_id(victim)  # the same id comes back
         codes = net.wait(180)
     assert old.wait(10) == -signal.SIGKILL
     assert_all_exited_zero(codes, net)  # the restarted one included
@@ -172,7 +172,7 @@ def test_a_peer_joining_after_round_1_gets_the_model_and_is_chosen_later(tmp_pat
         run_dir, peers=4, extra=["--max-rounds", "10", "--trainers", "4", "--epochs", "3"], num_shards=5
     ) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
-        net.start_peer("peer-5", shard="4/5")
+        net.start_peer_by_id("peer-5")
         codes = net.wait(180)
     assert_all_exited_zero(codes, net)
     rows = assert_rounds_complete(run_dir, 10)
@@ -199,7 +199,7 @@ def test_too_few_peers_the_controller_waits_and_goes_on_when_a_peer_returns(tmp_
         assert net.procs[controller].poll() is None, "the controller must wait, not exit"
         assert len(rounds(run_dir)) == rows_while_waiting
         assert len(log_matches(net, controller, r"waiting: too few peers")) == 1  # said once, no spinning
-        net.start_peer(others[0], shard=f"{int(others[0].split('-')[1]) - 1}/3")
+        net.start_peer_by_id(others[0])
         codes = net.wait(180)
     assert codes[controller] == 0 and codes[others[0]] == 0
     assert_rounds_complete(run_dir, 3)

@@ -117,7 +117,7 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
             others = [p for p in net.procs if p != controller]
             # A second process with a peer id already in the run (started first: TensorFlow takes seconds).
             first = net.procs[others[0]]
-            duplicate = net.start_peer(others[0], shard=f"{int(others[0].split('-')[1]) - 1}/3")
+            duplicate = net.start_peer_by_id(others[0])
             net.procs[others[0]] = first
             # Every row of the table that a message can do, as an outsider sends it.
             attacker.forge(topics, Finish(term, controller, 1, "max-rounds", 0.99))
@@ -190,7 +190,7 @@ def test_a_finished_run_stays_finished_and_a_new_run_on_the_same_broker_is_not_d
             assert_all_exited_zero(codes, first)
             # A peer (re)started for the run that is over: it learns so at once and exits 0.
             started = time.monotonic()
-            late = first.start_peer("peer-1", shard="0/3")
+            late = first.start_peer_by_id("peer-1")
             assert late.wait(60) == 0 and time.monotonic() - started < 40
             assert log_matches(first, "peer-1", r"this run is over: peer-\d ended it \(max-rounds\) after round 2")
         # The next run on the same broker, right away: the first run's finish is not its business.

@@ -192,7 +192,7 @@ def test_a_peer_started_with_another_model_is_refused_in_one_line_and_the_run_go
     ]
     with LocalNetwork(run_dir, 2, args, num_shards=3) as net:
         # at the same time as the others: it hears their inits, they hear its; then the controller's heartbeat
-        stranger = net.start_peer("peer-3", shard="2/3", extra_args=["--model", "seed-cnn"])
+        stranger = net.start_peer_by_id("peer-3", extra_args=["--model", "seed-cnn"])
         assert stranger.wait(120) == 3
         finished = len(rounds(run_dir))
         wait_until(lambda: len(rounds(run_dir)) >= finished + 2, 90, "two more rounds after it left", net)

@@ -1,0 +1,107 @@
+"""What the launcher says while a network runs and when it ends: one line per step (peers joined, elections, rounds,
+exits, the finish) from the run's records, and an end report (failed peers, where the records are, how to draw them)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from pathlib import Path
+
+from peer.records.run_dir import read_elections, read_rounds, read_run_summary
+from scripts import chaos
+from scripts.up.common import ROOT, say
+from scripts.up.network import Network
+
+
+class Progress:
+    """Turns what the run dir shows into one line per step: peers joined, elections, rounds, exits, the finish."""
+
+    def __init__(self, net: Network, started: float):
+        self.net, self.started = net, started
+        self.joined: set[str] = set()
+        self.terms_seen = 0
+        self.rounds_seen: set[tuple] = set()
+        self.exited: set[str] = set()
+        self.finished = False
+
+    def update(self, states: dict[str, str] | None = None) -> None:
+        run_dir = self.net.run_dir
+        statuses = chaos.read_statuses(run_dir)
+        joined = {p for p in statuses if p in self.net.peers}
+        if len(joined) > len(self.joined):
+            self.joined = joined
+            say(f"peers joined {len(joined)}/{len(self.net.peers)}")
+        elections = read_elections(run_dir)
+        for row in elections[self.terms_seen :]:
+            say(f"term {row.term}: {row.controller} is controller ({row.reason})")
+        self.terms_seen = max(self.terms_seen, len(elections))
+        for row in read_rounds(run_dir):
+            key = (row.round, row.term, row.finished_at)
+            if key in self.rounds_seen:
+                continue
+            self.rounds_seen.add(key)
+            say(
+                f"round {row.round}/{self.net.max_rounds}: accuracy {row.accuracy:.4f} ({row.duration_s:.1f} s; "
+                f"{time.time() - self.started:.0f} s since the peers started)"
+            )
+        exits: dict[str, list[str]] = {}  # one line for the peers that exit alike (a host's K peers do at once)
+        for peer, state in (states or {}).items():
+            if peer not in self.exited and state.startswith(("exited", "dead")):
+                self.exited.add(peer)
+                code = state.split()[-1]
+                why = " (killed on purpose)" if code != "0" and peer in self.net.killed_on_purpose() else ""
+                exits.setdefault(f"exited {code}{why}", []).append(peer)
+        for what, peers in exits.items():
+            say(f"{spans(peers)} {what}")
+        summary = read_run_summary(run_dir)
+        if summary and not self.finished:
+            outcome = summary.outcome
+            if (summary.finished_at or 0) >= self.started - 1:
+                self.finished = True
+                accuracy = summary.final_accuracy
+                say(
+                    f"finished ({outcome.get('reason')}): {outcome.get('rounds')} rounds, final accuracy "
+                    f"{'n/a' if accuracy is None else format(accuracy, '.4f')}, {outcome.get('terms')} term(s), "
+                    f"{time.time() - self.started:.0f} s since the peers started"
+                )
+
+
+def spans(peers: list[str]) -> str:
+    """peer-1, peer-2, peer-3, peer-7 as `peer-1..peer-3, peer-7`: a hundred peers in one short line."""
+    if not all(re.fullmatch(r"peer-\d+", p) for p in peers):
+        return ", ".join(peers)
+    numbers = sorted(int(p.rsplit("-", 1)[1]) for p in peers)
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(
+        f"peer-{r[0]}" + (f"..peer-{r[-1]}" if len(r) > 2 else f", peer-{r[-1]}" if len(r) == 2 else "") for r in runs
+    )
+
+
+def verdict(codes: dict[str, int | None], killed: set[str]) -> dict[str, int | None]:
+    """The peers whose exit is a failure of the run: not 0, and not killed on purpose (`killed`)."""
+    return {p: c for p, c in codes.items() if c != 0 and not (p in killed and c is not None)}
+
+
+def graphs_command(run_dir: Path, tool: str = "graphs") -> str:
+    python = ".venv/bin/python" if (ROOT / ".venv" / "bin" / "python").exists() else "python3"
+    command = f"{python} -m {tool} {'--run-dir ' if tool == 'graphs.live' else ''}{shlex.quote(str(run_dir))}"
+    return command if Path.cwd() == ROOT else f"cd {shlex.quote(str(ROOT))} && {command}"
+
+
+def report_end(run_dir: Path, failed: dict[str, int | None], interrupted: bool) -> None:
+    for peer, code in sorted(failed.items()):
+        log = run_dir / "peers" / peer / "peer.log"
+        lines = log.read_text(errors="replace").splitlines()[-4:] if log.exists() else []
+        say(f"{peer} failed (exit {code}); its last lines:" + "".join(f"\n    {line}" for line in lines))
+    if read_rounds(run_dir):
+        say(f"records: {run_dir} (layout: docs/RECORDS.md)")
+        say(f"graphs:  {graphs_command(run_dir)}")
+        say(f"page:    {graphs_command(run_dir, 'graphs.live')} (the live page, of the finished run)")
+    elif failed or interrupted:
+        say(f"no round finished; logs in {run_dir}/peers/<id>/peer.log")
