@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from peer.config import SettingsError, build_parser, load_settings
+from peer.config import Settings, SettingsError, build_parser, load_settings
+from peer.node.banners import without_tensorflow_banners
 from peer.node.signals import StopSignals
 
 
@@ -41,29 +42,32 @@ def _main(argv: list[str] | None) -> int:
             f"the run dir {settings.run_dir} is not writable ({err.strerror or err}): pass --run-dir with a "
             "folder this user can write"
         )
+    # From here on, an error is also this peer's `exit` event, with its reason (the launcher prints it).
     try:
         resume = _resume(settings) if settings.resume else None
     except ValueError as err:
-        return _error(str(err))
+        return _error(str(err), settings)
     if resume:
         settings = dataclasses.replace(settings, run_id=resume.run_id)
 
     log = configure_logging(settings.peer_id, settings.log_level)  # before the dataset: its loader has things to say
-    try:
-        shard = load_shard(settings.shard_spec)
-    except DatasetError as err:
-        return _error(str(err))
-    recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
-    learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model)
-    try:
-        learner.prepare()
-    except ModelError as err:
-        return _error(str(err))
+    with without_tensorflow_banners():
+        try:
+            shard = load_shard(settings.shard_spec)
+        except DatasetError as err:
+            return _error(str(err), settings)
+        recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
+        learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model)
+        try:
+            learner.prepare()
+        except ModelError as err:
+            return _error(str(err), settings)
     log.info("model: %s, fingerprint %s", learner.model_description(), learner.fingerprint())
     if resume and [w.shape for w in resume.model.weights] != [w.shape for w in learner.initial_weights()]:
         return _error(
             f"--resume: the checkpoint's model in {settings.run_dir} does not fit this peer's model (is it "
-            "the same --dataset and --model?)"
+            "the same --dataset and --model?)",
+            settings,
         )
 
     peer = Peer(settings, learner, resume=resume)
@@ -73,11 +77,22 @@ def _main(argv: list[str] | None) -> int:
         except KeyboardInterrupt:
             peer.log.info("stopped by signal")
             return 130
+        except Exception as err:  # a bug: the traceback goes to the log, the one line to the events
+            _record_exit(settings, 1, f"crashed: {type(err).__name__}: {err}")
+            raise
 
 
-def _error(text: str) -> int:
+def _error(text: str, settings: Settings | None = None) -> int:
     print(f"python -m peer: error: {text}", file=sys.stderr)
+    if settings is not None:
+        _record_exit(settings, 2, text)
     return 2
+
+
+def _record_exit(settings: Settings, code: int, reason: str) -> None:
+    from peer.records.events import record_exit
+
+    record_exit(settings.run_dir, settings.peer_id, code, reason)
 
 
 def _resume(settings):

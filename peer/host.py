@@ -28,9 +28,11 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from peer.config import SettingsError, _peer_id, build_parser, load_settings, parse_shard
+from peer.node.banners import without_tensorflow_banners
 from peer.node.signals import StopSignals
 
 STOPPED = 130  # as `python -m peer` stopped by a signal
@@ -154,6 +156,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
     from peer.learning.learner import Learner
     from peer.learning.models import ModelError
     from peer.node.loop import Peer
+    from peer.records.events import record_exit
     from peer.records.run_dir import RunRecorder
 
     ids = [peer for peer, _, _ in hosted]
@@ -166,36 +169,32 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
     learners = []
     # Every shard first, then every peer: a peer's loop counts from its construction, and one built before seconds
     # of loading would start out believing it had been frozen.
-    for peer_id, k, n in hosted:
-        settings = dataclasses.replace(base, peer_id=peer_id, shard=k, num_shards=n)
-        if peer_id in logins:
-            settings = dataclasses.replace(settings, username=logins[peer_id][0], password=logins[peer_id][1])
-        recorder = RunRecorder(settings.run_dir, peer_id)
-        try:
-            recorder.check_writable()
-            shard = load_shard(settings.shard_spec)
-        except OSError as err:
-            print(
-                f"python -m peer.host: error: the run dir {settings.run_dir} is not writable ({err.strerror or err})",
-                file=sys.stderr,
-            )
-            return 2
-        except DatasetError as err:
-            print(f"python -m peer.host: error: {peer_id}: {err}", file=sys.stderr)
-            return 2
-        recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
-        if learner is None:
-            learner = Learner(
-                settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model
-            )
+    with without_tensorflow_banners():
+        for peer_id, k, n in hosted:
+            settings = dataclasses.replace(base, peer_id=peer_id, shard=k, num_shards=n)
+            if peer_id in logins:
+                settings = dataclasses.replace(settings, username=logins[peer_id][0], password=logins[peer_id][1])
+            recorder = RunRecorder(settings.run_dir, peer_id)
             try:
-                learner.prepare()
-            except ModelError as err:
-                print(f"python -m peer.host: error: {err}", file=sys.stderr)
-                return 2
-            learners.append((settings, learner))
-        else:
-            learners.append((settings, learner.twin(shard)))
+                recorder.check_writable()
+            except OSError as err:
+                return _error(f"the run dir {settings.run_dir} is not writable ({err.strerror or err})")
+            try:
+                shard = load_shard(settings.shard_spec)
+            except DatasetError as err:
+                return _error(f"{peer_id}: {err}", base.run_dir, ids)
+            recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
+            if learner is None:
+                learner = Learner(
+                    settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model
+                )
+                try:
+                    learner.prepare()
+                except ModelError as err:
+                    return _error(str(err), base.run_dir, ids)
+                learners.append((settings, learner))
+            else:
+                learners.append((settings, learner.twin(shard)))
     peers = [Peer(settings, mine, log=loggers[settings.peer_id]) for settings, mine in learners]
     log.info("hosting %d peers: %s", len(peers), ",".join(ids))
 
@@ -204,9 +203,10 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
     def run(peer: Peer) -> None:
         try:
             codes[peer.me] = peer.run()
-        except Exception:  # one peer's bug must not take the others down silently: say which, with the trace
+        except Exception as err:  # one peer's bug must not take the others down silently: say which, with the trace
             peer.log.exception("the peer's loop failed")
             codes[peer.me] = CRASHED
+            record_exit(base.run_dir, peer.me, CRASHED, f"crashed: {type(err).__name__}: {err}")
 
     loops = Loops()
     # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C.
@@ -226,6 +226,17 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
             loops.wait(LEAVE_S)
     failed = [codes.get(peer_id, STOPPED) for peer_id in ids if codes.get(peer_id, STOPPED) != 0]
     return failed[0] if failed else 0
+
+
+def _error(text: str, run_dir: Path | None = None, peers: Sequence[str] = ()) -> int:
+    """Say why the host cannot run its peers; each of `peers` records it as its `exit` event's reason too."""
+    print(f"python -m peer.host: error: {text}", file=sys.stderr)
+    if run_dir is not None:
+        from peer.records.events import record_exit
+
+        for peer_id in peers:
+            record_exit(run_dir, peer_id, 2, text)
+    return 2
 
 
 if __name__ == "__main__":

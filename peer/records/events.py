@@ -74,3 +74,16 @@ def read_events(run_dir: str | Path, peer: str | None = None, kinds: set[str] | 
             ):
                 events.append(event)
     return sorted(events, key=lambda e: e["t"])
+
+
+def record_exit(run_dir: str | Path, peer_id: str, code: int, reason: str) -> None:
+    """The `exit` event of a peer that stops on an error of its own before or after its loop (a missing dataset, a
+    model that does not load, a crash), with `reason`, the error as the peer printed it: a launcher prints it for
+    the peer instead of its log. Best effort: the run dir may be what failed."""
+    log = EventLog(run_dir, peer_id)
+    try:
+        log.write("exit", term=0, code=code, reason=reason)
+    except OSError:
+        pass
+    finally:
+        log.close()
