@@ -115,32 +115,18 @@ def ensure_images(base: str = "auto", ca_bundle: Path | None = None) -> None:
     """Build the peer and broker images (Docker's layer cache makes a rebuild take seconds)."""
     bases = choose_bases(base)
     extra_ca = ca_bundle.read_text() if ca_bundle else ""
-    network = os.environ.get("UP_BUILD_NETWORK", "host")
     for tag, (dockerfile, kind) in IMAGES.items():
         started = time.monotonic()
-        cmd = [
-            "docker",
-            "build",
-            "--network",
-            network,
-            "-f",
-            str(ROOT / dockerfile),
-            "-t",
-            tag,
-            "--build-arg",
-            f"{BUILD_ARG[kind]}={bases[kind]}",
-        ]
+        args = {BUILD_ARG[kind]: bases[kind]}
         if kind == "python" and extra_ca:
-            cmd += ["--build-arg", f"EXTRA_CA_CERTS={extra_ca}"]
+            args["EXTRA_CA_CERTS"] = extra_ca
         if not image_exists(tag):
             say(
                 f"images: building {tag} on {bases[kind]}"
                 + (" (the first time takes a few minutes: TensorFlow)" if kind == "python" else "")
             )
         log = private_dir(state_dir()) / f"build-{tag.split(':')[0]}.log"
-        with open(log, "w") as out:
-            # In the launcher's process group: a Ctrl-C stops the build too.
-            code = subprocess.run([*cmd, str(ROOT)], stdout=out, stderr=subprocess.STDOUT).returncode
+        code = build_image(tag, ROOT / dockerfile, args, ROOT, log)
         if code != 0:
             lines = log.read_text(errors="replace").splitlines()
             tail = "".join(f"\n  | {line}" for line in lines[-15:])
@@ -154,3 +140,15 @@ def ensure_images(base: str = "auto", ca_bundle: Path | None = None) -> None:
                 f"building {tag} ({dockerfile}) failed (status {code}); its last lines:{tail}{hint}\n  full log: {log}"
             )
         say(f"images: {tag} ready ({time.monotonic() - started:.1f} s, base {bases[kind]})")
+
+
+def build_image(tag: str, dockerfile: Path, args: dict[str, str], context: Path, log: Path) -> int:
+    """`docker build`, its output to `log`; its status. A failed build leaves nothing behind: the container of the
+    step that failed is removed too (--force-rm; the classic builder keeps it, stopped, otherwise)."""
+    network = os.environ.get("UP_BUILD_NETWORK", "host")
+    cmd = ["docker", "build", "--force-rm", "--network", network, "-f", str(dockerfile), "-t", tag]
+    for name, value in args.items():
+        cmd += ["--build-arg", f"{name}={value}"]
+    with open(log, "w") as out:
+        # In the launcher's process group: a Ctrl-C stops the build too.
+        return subprocess.run([*cmd, str(context)], stdout=out, stderr=subprocess.STDOUT).returncode

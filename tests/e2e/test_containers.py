@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 
 from scripts.localnet import free_port
-from scripts.up import compose, containers
+from scripts.up import compose, containers, images
 from tests.netutil import ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
 
 UP = str(ROOT / "up.sh")
@@ -407,3 +407,16 @@ def test_two_hosts_one_publishes_the_broker_the_other_joins_by_address(env, tmp_
         upsh(host_b, "down", "--project", "sdfl-test-host-b")
     assert down.returncode == 0, down.stderr
     assert leftovers("sdfl-test-host-a") == NOTHING
+
+
+def test_a_failed_build_leaves_nothing_behind(engine, tmp_path):
+    """The classic builder keeps the container of the step that failed, stopped, unless told otherwise: a user
+    whose build failed behind a proxy found one after every try."""
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {images.BROKER_IMAGE}\nRUN echo a step that fails && false\n")
+    before = docker("ps", "-aq", "--no-trunc").split()
+    log = tmp_path / "build.log"
+    code = images.build_image("sdfl-test/failing:latest", context / "Dockerfile", {}, context, log)
+    assert code != 0 and "a step that fails" in log.read_text(), log.read_text()
+    assert docker("ps", "-aq", "--no-trunc").split() == before, "the failed step's container is still there"

@@ -20,7 +20,8 @@ info) echo 20.10 ;;
 compose) exit 0 ;;
 image) [ "$3" = python:3.11-slim ] || [ "$3" = eclipse-mosquitto:2 ] || exit 1 ;;
 ps) ;;
-build) printf 'Step 5/12 : RUN pip install\n...\nERROR: Could not fetch: [SSL: CERTIFICATE_VERIFY_FAILED]\n'; exit 1 ;;
+build) printf '%s\n' "$@" > "$(dirname "$0")/build-args"
+	printf 'Step 5/12 : RUN pip install\n...\nERROR: Could not fetch: [SSL: CERTIFICATE_VERIFY_FAILED]\n'; exit 1 ;;
 *) exit 1 ;;
 esac
 """
@@ -41,6 +42,9 @@ def test_a_failed_build_says_what_failed_and_how_to_fix_it(tmp_path):
     assert "  | ERROR: Could not fetch: [SSL: CERTIFICATE_VERIFY_FAILED]" in err
     assert "--ca-bundle FILE (or UP_CA_BUNDLE=FILE)" in err and "full log: " in err
     assert "records:" not in result.stdout and "Traceback" not in err
+    # The failed step's container goes too (the classic builder keeps it otherwise; tests/e2e/test_containers.py
+    # shows it on a real engine).
+    assert "--force-rm" in (bin_dir / "build-args").read_text().splitlines()
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
