@@ -441,11 +441,9 @@ def start_dashboard(net: LocalNetwork, port: int) -> subprocess.Popen:
     cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
-    page = subprocess.Popen(
+    return subprocess.Popen(
         cmd, cwd=ROOT, env=net.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    print(f"localnet: live page http://127.0.0.1:{port}/", flush=True)
-    return page
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,6 +523,7 @@ def _run(net: LocalNetwork, args: argparse.Namespace) -> int:
         net.start()
         if args.dashboard_port:
             page = start_dashboard(net, args.dashboard_port)
+            print(f"localnet: live page http://127.0.0.1:{args.dashboard_port}/", flush=True)
         hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
         print(
             f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "

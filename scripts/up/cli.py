@@ -4,6 +4,7 @@ credentials, compose-file, images)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -11,12 +12,24 @@ from pathlib import Path
 
 from peer.node.signals import exit_status
 from peer.wire.ids import launched_peer_id
+from scripts.localnet import install_command
 from scripts.up import containers, local
-from scripts.up.common import PROG, UpError, abs_path, say, state_dir
+from scripts.up.common import PROG, ROOT, UpError, abs_path, say, state_dir
 from scripts.up.compose import compose_config
-from scripts.up.images import ensure_images
+from scripts.up.images import PEER_IMAGE, ensure_images, image_exists
 from scripts.up.logins import Login, login_for, make_credentials
-from scripts.up.network import DEFAULT_PROJECT, DEFAULT_PUBLISH, Network, last, network_from_args, run_settings
+from scripts.up.network import (
+    DEFAULT_PROJECT,
+    DEFAULT_PUBLISH,
+    FASHION_MNIST,
+    Network,
+    apply_settings,
+    last,
+    network_from_args,
+    preflight,
+    preflight_env,
+    run_settings,
+)
 
 
 def cmd_run(args, peer_flags: list[str]) -> int:
@@ -24,19 +37,42 @@ def cmd_run(args, peer_flags: list[str]) -> int:
     if net.resume:
         say(f"going on with run {net.run_id} from its checkpoint in {net.run_dir}")
     if args.local:
-        run_settings(net)
         return local.run_local(net)
     problem = containers.docker_problem(docker_timeout())
     if problem:
         if args.docker or args.join:
             raise UpError(f"no Docker engine reachable ({problem})")
         say(f"no Docker engine reachable ({problem}); running the same network as local processes (./up.sh --local)")
-        run_settings(net)
         return local.run_local(net)
     ca = ca_bundle(args)
+    containers.check_not_running(net.project)
+    python = settings_python()
+    if python:  # the flags checked before the images are built: a typo costs no build
+        apply_settings(net, preflight(python, net, preflight_env(None)))
+    ensure_images(args.base, ca)
+    if not python:
+        apply_settings(net, containers.preflight_in_image(net))
+    if net.dataset == "fashion-mnist" and net.data_dir is None and not FASHION_MNIST.is_dir():
+        say(
+            f"fashion-mnist is not on this host ({install_command('dataset-fashion-mnist')}); the peers will "
+            "download it into the datasets volume (needs internet)"
+        )
     login = login_for(net, args.login)
     run_settings(net, Login(abs_path(args.login)).run_id_file if args.login else None)
-    return containers.run_containers(net, login, args.base, ca)
+    return containers.run_containers(net, login)
+
+
+def settings_python() -> list[str] | None:
+    """The command that runs scripts/preflight.py in a Python with the project's packages on this host: $PYTHON,
+    the checkout's .venv, or the launcher's own interpreter if it has them; None: only the peer image has them."""
+    if os.environ.get("PYTHON"):
+        return [os.environ["PYTHON"], "-m", "scripts.preflight"]
+    venv = ROOT / ".venv" / "bin" / "python"
+    if venv.exists():
+        return [str(venv), "-m", "scripts.preflight"]
+    if all(importlib.util.find_spec(name) for name in ("numpy", "paho", "tensorflow")):
+        return [sys.executable, "-m", "scripts.preflight"]
+    return None
 
 
 def cmd_broker(args) -> int:
@@ -149,6 +185,17 @@ def cmd_credentials(args) -> int:
 
 def cmd_compose_file(args, peer_flags: list[str]) -> int:
     net = network_from_args(args, peer_flags)
+    python = settings_python()
+    if python:
+        apply_settings(net, preflight(python, net, preflight_env(None)))
+    elif not containers.docker_problem(docker_timeout()) and image_exists(PEER_IMAGE):
+        apply_settings(net, containers.preflight_in_image(net))
+    else:
+        raise UpError(
+            "compose-file reads the peer flags with the project's Python: make the checkout's .venv "
+            "(python3 -m venv .venv && .venv/bin/pip install -r requirements.txt), set PYTHON, or build the "
+            "images (./up.sh images)"
+        )
     login = Login(net.state / "login")
     run_settings(net, Login(abs_path(args.login)).run_id_file if args.login else None)
     print(json.dumps(compose_config(net, login, os.getuid(), os.getgid()), indent=2))

@@ -8,27 +8,27 @@ from pathlib import Path
 
 from scripts.up.images import BROKER_IMAGE, MOSQUITTO_VOLUMES, PEER_IMAGE
 from scripts.up.logins import Login
-from scripts.up.network import Network
+from scripts.up.network import FASHION_MNIST, Network
 
 LABEL_RUN_DIR = "org.sdfl.run-dir"
-
-
 LABEL_PEER = "org.sdfl.peer"  # on a peer container: the peers it runs (its id, or ids joined by commas on a host)
-
-
 LABEL_PROJECT = "com.docker.compose.project"
-
-
 DASHBOARD = "dashboard"  # its compose service; the page listens on DASHBOARD_PORT inside
-
-
 DASHBOARD_PORT = 8765
-
-
 HOSTED_LOGINS = "/run/secrets/logins"  # where a host container finds its peers' logins (peer.host --login-dir)
-
-
 DOWN_GRACE_S = 5  # a peer gets this long to leave after SIGTERM (it takes well under a second)
+DATA_MOUNT = "/data/input"  # where a container finds the host's --data-dir
+
+
+def data_mounts(net: Network) -> tuple[list[tuple[Path, str]], dict[str, str]]:
+    """The dataset folders a peer container gets (host folder, container path; read-only) and the settings that
+    point the peer at them: --data-dir at DATA_MOUNT; else, for fashion-mnist, Debian's copy of the host at the same
+    path, where the peers look for it by default."""
+    if net.data_dir is not None:
+        return [(net.data_dir, DATA_MOUNT)], {"FL_DATA_DIR": DATA_MOUNT}
+    if net.dataset == "fashion-mnist" and FASHION_MNIST.is_dir():
+        return [(FASHION_MNIST, str(FASHION_MNIST))], {}
+    return [], {}
 
 
 def dollar(text: str) -> str:
@@ -63,6 +63,7 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
             "restart": "no",
         }
     broker = net.join or "broker:1883"
+    data_dirs, data_env = data_mounts(net)
     for name, peers in net.containers().items():
         env = {
             "FL_BROKER": broker,
@@ -70,6 +71,7 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
             "FL_MIN_PEERS": str(net.total),
             "FL_SECRET_FILE": "/run/secrets/federation",
             **net.env,
+            **data_env,
         }
         volumes = [
             {"type": "bind", "source": str(net.run_dir), "target": "/run-dir"},
@@ -77,7 +79,7 @@ def compose_config(net: Network, login: Login, uid: int, gid: int) -> dict:
             {"type": "volume", "source": "datasets", "target": "/data/keras"},
         ]
         volumes += [
-            {"type": "bind", "source": str(host), "target": target, "read_only": True} for host, target in net.data_dirs
+            {"type": "bind", "source": str(host), "target": target, "read_only": True} for host, target in data_dirs
         ]
         command = list(net.peer_flags)
         if name in peers:  # one peer: `python -m peer`, its login in its environment

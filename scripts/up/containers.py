@@ -18,7 +18,7 @@ from peer.records.run_dir import host_log, peer_log
 from peer.wire.ids import new_run_id
 from scripts import chaos
 from scripts.localnet import split_host_log
-from scripts.up.common import UpError, run, say, state_dir, write_file
+from scripts.up.common import ROOT, UpError, run, say, state_dir, write_file
 from scripts.up.compose import (
     DASHBOARD,
     DASHBOARD_PORT,
@@ -29,9 +29,9 @@ from scripts.up.compose import (
     compose_cmd,
     compose_config,
 )
-from scripts.up.images import ensure_images
+from scripts.up.images import PEER_IMAGE, ensure_images
 from scripts.up.logins import Login, login_for
-from scripts.up.network import Network, launcher_alive, remember
+from scripts.up.network import Network, launcher_alive, preflight, remember
 from scripts.up.progress import Progress, report_end, spans, verdict
 
 SIGNALS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}  # signal -> chaos.csv action
@@ -186,14 +186,29 @@ def start_broker(net: Network, compose: list[str]) -> str:
     return port
 
 
-def run_containers(net: Network, login: Login, base: str, ca_bundle: Path | None) -> int:
-    busy = [c for c in containers(**{LABEL_PROJECT: net.project}) if c["State"].get("Running")]
+def check_not_running(project: str) -> None:
+    busy = [c for c in containers(**{LABEL_PROJECT: project}) if c["State"].get("Running")]
     if busy:
         raise UpError(
-            f"network {net.project} is already running ({len(busy)} containers): `./up.sh status`, "
+            f"network {project} is already running ({len(busy)} containers): `./up.sh status`, "
             f"`./up.sh down`, or start another with --project NAME"
         )
-    ensure_images(base, ca_bundle)
+
+
+def preflight_in_image(net: Network) -> dict:
+    """`network.preflight` in the peer image, for a host without the project's Python packages (the launcher runs
+    on a bare python3): scripts/preflight.py mounted, the shell's FL_* variables passed, no network."""
+    script = ROOT / "scripts" / "preflight.py"
+    env = [f"--env={k}" for k in os.environ if k.startswith("FL_") and k != "FL_DATA_DIR"]
+    python = [
+        "docker", "run", "--rm", "--network", "none", "--entrypoint", "python",
+        "--volume", f"{script}:/app/preflight.py:ro", *env, PEER_IMAGE, "/app/preflight.py",
+    ]  # fmt: skip
+    return preflight(python, net, dict(os.environ))
+
+
+def run_containers(net: Network, login: Login) -> int:
+    """Start the network (its images built and its settings checked), follow it to the finish, take it down."""
     uid, gid = os.getuid(), os.getgid()
     net.run_dir.mkdir(parents=True, exist_ok=True)
     write_file(net.compose_file, json.dumps(compose_config(net, login, uid, gid), indent=2) + "\n")

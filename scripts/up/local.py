@@ -1,5 +1,7 @@
-"""The network as local processes (no Docker): a real mosquitto and the peers of scripts.localnet, run by the
-project's Python (its .venv, made if missing, or $PYTHON)."""
+"""The network as local processes (no Docker): a real mosquitto and the peers of scripts.localnet (the one local
+network, the tests' and benchmarks' too), run by the project's Python (its .venv, made if missing, or $PYTHON). The
+launcher itself stays on the standard library: what needs the project's packages (checking the peer flags and the
+dataset, once, before the peers start) runs in that Python (scripts/preflight.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,18 @@ from pathlib import Path
 
 from peer.node.signals import StopSignals, exit_status
 from scripts import chaos
-from scripts.localnet import find_mosquitto, free_port, install_command
+from scripts.localnet import LocalNetwork, find_mosquitto, free_port, install_command, start_dashboard
 from scripts.up.common import ROOT, UpError, run, say
-from scripts.up.network import Network, launcher_alive, remember
-from scripts.up.progress import Progress, report_end
+from scripts.up.network import (
+    Network,
+    apply_settings,
+    launcher_alive,
+    preflight,
+    preflight_env,
+    remember,
+    run_settings,
+)
+from scripts.up.progress import Progress, report_end, verdict
 
 
 def local_python() -> str:
@@ -45,63 +55,77 @@ def run_local(net: Network) -> int:
             "`python -m peer --broker HOST:PORT ...` (README: Several machines)",
             2,
         )
-    mosquitto = find_mosquitto()
-    if mosquitto is None:
+    if find_mosquitto() is None:
         raise UpError(f"the local network needs the mosquitto broker: {install_command('mosquitto')}")
     python = local_python()
-    probe = (
-        "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('paho', 'numpy', 'tensorflow')))"
+    # Once, before N peers: refused flags or a missing dataset are said here, in a peer's own words.
+    found = preflight([python, "-m", "scripts.preflight"], net, preflight_env(net.data_dir), load_data=True)
+    apply_settings(net, found)
+    data = found["data"]
+    say(
+        f"dataset {net.dataset}: {data['source']} (peer-1's shard {data['shard']}: {data['train']} train, {data['test']} test samples)"
     )
-    if subprocess.run([python, "-c", probe], capture_output=True).returncode != 0:
-        raise UpError(
-            f"{python} cannot import the project's packages (paho-mqtt, numpy, tensorflow): "
-            f"`{python} -m pip install -r requirements.txt`, or set PYTHON"
-        )
-    net.run_dir.mkdir(parents=True, exist_ok=True)
+    run_settings(net)
+    env = {**net.env, "FL_MIN_PEERS": net.env.get("FL_MIN_PEERS", str(net.total))}
+    if net.data_dir is not None:
+        env["FL_DATA_DIR"] = str(net.data_dir)  # the host's folder itself (no container to mount it in)
+    peers = LocalNetwork(
+        net.run_dir,
+        len(net.peers),
+        net.peer_flags,
+        env=env,
+        python=python,
+        run_id=net.run_id,
+        peers_per_process=net.per_process,
+    )
     page_port = free_port()
-    cmd = [
-        python,
-        "-m",
-        "scripts.localnet",
-        "--peers",
-        str(len(net.peers)),
-        "--run-dir",
-        str(net.run_dir),
-        "--quiet",
-        "--dashboard-port",
-        str(page_port),
-        *(["--resume"] if net.resume else []),
-        *(["--peers-per-process", str(net.per_process)] if net.per_process > 1 else []),
-    ]
-    if net.peer_flags:
-        cmd += ["--", *net.peer_flags]
-    env = {**os.environ, **net.env, "FL_MIN_PEERS": net.env.get("FL_MIN_PEERS", str(net.total))}
     say(f"starting the broker and {len(net.peers)} peers as local processes; records in {net.run_dir}")
-    say(f"live page: http://127.0.0.1:{page_port}/ (python -m graphs.live; it only watches)")
-    started = time.time()
-    progress = Progress(net, started)
+    progress = Progress(net, time.time())
     interrupted: KeyboardInterrupt | None = None
+    codes: dict[str, int | None] = {}
+    page = None
     # Ctrl-C, SIGTERM (./up.sh down) and SIGHUP stop the network; during the clean-up they are ignored, so that a
-    # second Ctrl-C cannot leave anything behind.
+    # second Ctrl-C cannot leave a process behind.
     with StopSignals(signal.SIGTERM, signal.SIGHUP) as signals:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
         remember(mode="local", project="local", run_dir=str(net.run_dir), pid=os.getpid(), peers=net.peers)
         try:
-            while proc.poll() is None:
-                progress.update()
+            peers.start()
+            page = start_dashboard(peers, page_port)
+            say(f"live page: http://127.0.0.1:{page_port}/ (python -m graphs.live; it only watches)")
+            progress.started = time.time()
+            while peers.running():
+                progress.update(exit_states(peers))
                 time.sleep(0.5)
+            codes = peers.wait(0)
         except KeyboardInterrupt as stop:
             interrupted = stop
             signals.shield()
             say("stopping the broker and every peer")
-            proc.terminate()
-        signals.shield()
-        code = proc.wait()
-        progress.update()
-    report_end(net.run_dir, {} if code == 0 or interrupted else {"the launcher": code}, interrupted is not None)
+        finally:
+            signals.shield()
+            if page is not None:
+                page.terminate()
+                page.wait(10)
+            peers.stop()
+        progress.update(exit_states(peers))
+    failed = verdict({p: exit_code(c) for p, c in codes.items()}, net.killed_on_purpose()) if not interrupted else {}
+    report_end(net.run_dir, failed, interrupted is not None)
     if interrupted:
         return exit_status(interrupted)
-    return 0 if code == 0 else 1
+    return 1 if failed else 0
+
+
+def exit_code(code: int | None) -> int | None:
+    """A process's exit code as a shell (and docker) gives it: 128 + N for one killed by signal N."""
+    return 128 - code if code is not None and code < 0 else code
+
+
+def exit_states(peers: LocalNetwork) -> dict[str, str]:
+    """Each peer process's state, as the progress lines say a container's: running, or exited with its code."""
+    return {
+        peer: "running" if proc.poll() is None else f"exited {exit_code(proc.poll())}"
+        for peer, proc in peers.procs.items()
+    }
 
 
 def status(run_dir: Path) -> str:

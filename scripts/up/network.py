@@ -7,18 +7,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer.records.run_dir import CheckpointError, killed_on_purpose, read_checkpoint
 from peer.wire.ids import launched_peer_id, new_run_id, valid_run_id
-from scripts.localnet import install_command, launched_shard, processes_of
-from scripts.up.common import ROOT, UpError, abs_path, private_dir, say, state_dir, write_file
+from scripts.localnet import launched_shard, processes_of
+from scripts.up.common import ROOT, UpError, abs_path, private_dir, state_dir, write_file
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_PROJECT = "sdfl"
 DEFAULT_PUBLISH = "127.0.0.1::1883"
+PREFLIGHT_S = 600  # the peers' Python may try a Keras download of the dataset: give it time
 # Settings the launcher sets for each peer itself; a peer flag or FL_* variable for them would be a mistake.
 OWNED_FLAGS = {
     "--broker": "FL_BROKER",
@@ -43,7 +46,8 @@ class Network:
     env: dict[str, str] = field(default_factory=dict)  # FL_* settings passed to every peer
     join: str | None = None  # HOST:PORT of a broker elsewhere (no broker here)
     publish: str = DEFAULT_PUBLISH
-    data_dirs: list[tuple[Path, str]] = field(default_factory=list)  # (host folder, container path), read-only
+    data_dir: Path | None = None  # a host folder of dataset files (--data-dir)
+    dataset: str = ""  # the peers' --dataset, as preflight found it
     max_rounds: int = 10
     topic_prefix: str = "sd"
     run_id: str = ""  # the run (FL_RUN_ID); empty: a new one, or with --join the broker's
@@ -106,29 +110,9 @@ def without_flag(flags: list[str], name: str) -> list[str]:
     return out
 
 
-def peer_settings(flags: list[str], env: dict[str, str]):
-    """The peers' settings as they will read them, validated now: a typo fails here, not in N containers."""
-    from peer.config import SettingsError, build_parser, load_settings
-
-    class Refusal(Exception):
-        pass
-
-    class Parser(type(build_parser())):
-        def error(self, message):
-            raise Refusal(message)
-
-    parser = build_parser()
-    parser.__class__ = Parser
-    try:
-        parser.parse_args(flags)
-        return load_settings([*flags, "--peer-id", "peer-1", "--shard", "0/2"], {**env, "FL_MIN_PEERS": "2"})
-    except (Refusal, SettingsError) as err:
-        raise UpError(f"peer flags: {err} (python -m peer --help lists them)", 2) from None
-
-
 def network_from_args(args, peer_flags: list[str]) -> Network:
-    from peer.config import ENV_NAMES
-
+    """The network the command line asks for, its usage checked (status 2 for a mistake): who, where, how many. The
+    peers' own settings come next, from the peers' Python (`preflight`)."""
     project = args.project or DEFAULT_PROJECT
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
         raise UpError(f"--project {project!r}: use lowercase letters, digits, '-' and '_'", 2)
@@ -143,34 +127,19 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
     total = args.total or args.first - 1 + args.peers
     if args.first - 1 + args.peers > total:
         raise UpError(f"peers {args.first}..{args.first + args.peers - 1} do not fit in --total {total}", 2)
-    for flag, env_name in OWNED_FLAGS.items():
+    for flag in OWNED_FLAGS:
         if peer_flag(peer_flags, flag) is not None:
             raise UpError(
                 f"{flag} is set by up.sh for each peer: leave it out of the peer flags "
                 + ("(--run-dir goes before --)" if flag == "--run-dir" else ""),
                 2,
             )
-    # Every FL_* setting of the calling shell reaches the peers, except those the launcher sets itself.
-    env = {k: v for k, v in os.environ.items() if k in ENV_NAMES and v and k not in OWNED_FLAGS.values()}
-    data_dirs = []
-    data_dir = args.data_dir or peer_flag(peer_flags, "--data-dir") or env.pop("FL_DATA_DIR", None)
-    peer_flags = without_flag(peer_flags, "--data-dir")
-    if data_dir:
-        host = abs_path(data_dir)
-        if not host.is_dir():
-            raise UpError(f"--data-dir {data_dir}: no such folder", 2)
-        data_dirs.append((host, "/data/input"))
-        env["FL_DATA_DIR"] = "/data/input"
-    if FASHION_MNIST.is_dir():
-        data_dirs.append((FASHION_MNIST, str(FASHION_MNIST)))  # where the peers look for it by default
-    settings = peer_settings(peer_flags, env)
-    if settings.dataset == "fashion-mnist" and not data_dir and not FASHION_MNIST.is_dir() and not args.local:
-        say(
-            f"fashion-mnist is not on this host ({install_command('dataset-fashion-mnist')}); the peers will "
-            "download it into the datasets volume (needs internet)"
-        )
+    # The dataset folder is the host's: containers get it mounted at DATA_MOUNT, local peers as it is.
+    data_dir = args.data_dir or peer_flag(peer_flags, "--data-dir") or os.environ.get("FL_DATA_DIR") or None
+    if data_dir and not abs_path(data_dir).is_dir():
+        raise UpError(f"--data-dir {data_dir}: no such folder", 2)
     run_dir = abs_path(args.run_dir) if args.run_dir else default_run_dir()
-    run_id = settings.run_id if settings.run_id != "default" else ""
+    run_id = ""
     if args.resume:
         resume_dir = abs_path(args.resume)
         if args.run_dir and run_dir != resume_dir:
@@ -181,8 +150,6 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
             raise UpError(f"--resume: {err}", 2) from None
         if checkpoint is None:
             raise UpError(f"--resume: no checkpoint in {resume_dir} (a run writes one after every finished round)", 2)
-        if run_id and run_id != checkpoint.run_id:
-            raise UpError(f"--resume: the checkpoint is of run {checkpoint.run_id}, not {run_id}", 2)
         run_dir, run_id = resume_dir, checkpoint.run_id
     return Network(
         project=project,
@@ -190,17 +157,73 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         total=total,
         first=args.first,
         peers=[launched_peer_id(k) for k in range(args.first, args.first + args.peers)],
-        peer_flags=peer_flags,
-        env=env,
+        peer_flags=without_flag(peer_flags, "--data-dir"),
         join=args.join,
         publish=args.publish,
-        data_dirs=data_dirs,
-        max_rounds=settings.max_rounds,
-        topic_prefix=settings.topic_prefix,
+        data_dir=abs_path(data_dir) if data_dir else None,
         run_id=run_id,
         resume=bool(args.resume),
         per_process=args.peers_per_process,
     )
+
+
+def preflight(python: list[str], net: Network, env: dict[str, str], *, load_data: bool = False) -> dict:
+    """What a peer of `net` would make of its flags (and, with `load_data`, of its dataset), asked once of the
+    peers' Python (`python`: the command that runs scripts/preflight.py) before any peer starts; UpError with the
+    peer's own reason if it would not start (status 2 for refused flags)."""
+    cmd = [*python, "--shards", str(net.total), *(["--load-data"] if load_data else []), "--", *net.peer_flags]
+    try:
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=PREFLIGHT_S, start_new_session=True
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UpError(f"checking the peer flags with `{shlex.join(python)}` failed: {err}") from None
+    answer = last_json_line(done.stdout)
+    if done.returncode == 0 and "dataset" in answer:
+        return answer
+    reason = str(answer.get("error", ""))
+    if done.returncode == 2 and reason:
+        raise UpError(reason, 2)
+    if done.returncode == 3 and reason:
+        raise UpError(f"the peers cannot start: {reason}")
+    detail = reason or "".join(f"\n  | {line}" for line in (done.stderr or "").strip().splitlines()[-5:])
+    raise UpError(
+        f"{python[0]} cannot import the project's packages (paho-mqtt, numpy, tensorflow): "
+        f"`{python[0]} -m pip install -r requirements.txt`, or set PYTHON ({detail})"
+    )
+
+
+def last_json_line(text: str) -> dict:
+    """The last line of `text` that is a JSON object ({} if none): a program's answer after whatever it printed."""
+    for line in reversed(text.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def apply_settings(net: Network, found: dict) -> None:
+    """The peers' settings as preflight found them: the rounds to expect, the topics (the ACL), the dataset (the
+    mounts) and a run id given with --run-id; and every FL_* variable of the calling shell that the peers read,
+    except those the launcher sets itself, to pass on."""
+    net.dataset, net.max_rounds, net.topic_prefix = found["dataset"], found["max_rounds"], found["topic_prefix"]
+    given = found["run_id"] if found["run_id"] != "default" else ""
+    if net.resume and given and given != net.run_id:
+        raise UpError(f"--resume: the checkpoint is of run {net.run_id}, not {given}", 2)
+    net.run_id = net.run_id or given
+    names = set(found.get("env_names", ())) - set(OWNED_FLAGS.values()) - {"FL_DATA_DIR"}
+    net.env = {k: v for k, v in os.environ.items() if k in names and v}
+
+
+def preflight_env(data_dir: Path | None) -> dict[str, str]:
+    """The environment the peers' Python answers for: this one, with the dataset folder as local peers get it."""
+    env = {k: v for k, v in os.environ.items() if k != "FL_DATA_DIR"}
+    if data_dir is not None:
+        env["FL_DATA_DIR"] = str(data_dir)
+    return env
 
 
 def run_settings(net: Network, run_id_file: Path | None = None) -> None:

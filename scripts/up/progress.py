@@ -8,10 +8,13 @@ import shlex
 import time
 from pathlib import Path
 
-from peer.records.run_dir import read_elections, read_rounds, read_run_summary
+from peer.records.events import read_events
+from peer.records.run_dir import peer_log, read_elections, read_rounds, read_run_summary
 from scripts import chaos
 from scripts.up.common import ROOT, say
 from scripts.up.network import Network
+
+ERROR_LINE = re.compile(r"^python -m peer(?:\.host)?: error: (.*)$")
 
 
 class Progress:
@@ -94,14 +97,39 @@ def graphs_command(run_dir: Path, tool: str = "graphs") -> str:
     return command if Path.cwd() == ROOT else f"cd {shlex.quote(str(ROOT))} && {command}"
 
 
+def failure_reason(run_dir: Path, peer: str) -> str | None:
+    """Why `peer` stopped, in its own words: the reason of its last `exit` event (events.jsonl), else the last
+    `python -m peer: error:` (or peer.host's) line of its log; None if it said neither (a crash, a kill)."""
+    for event in reversed(read_events(run_dir, peer, kinds={"exit"})):
+        if isinstance(event.get("reason"), str) and event["reason"]:
+            return event["reason"]
+    log = peer_log(run_dir, peer)
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    for index in range(len(lines) - 1, -1, -1):
+        match = ERROR_LINE.match(lines[index])
+        if match:
+            return "\n".join([match[1], *lines[index + 1 :]])  # (an error may run on, "How to get it: ...")
+    return None
+
+
 def report_end(run_dir: Path, failed: dict[str, int | None], interrupted: bool) -> None:
+    """What became of the run: each failed peer's reason (one line for the peers that failed alike, a host's K or N
+    peers without their dataset), where the records are and how to draw them."""
+    alike: dict[tuple[int | None, str | None], list[str]] = {}
     for peer, code in sorted(failed.items()):
-        log = run_dir / "peers" / peer / "peer.log"
-        lines = log.read_text(errors="replace").splitlines()[-4:] if log.exists() else []
-        say(f"{peer} failed (exit {code}); its last lines:" + "".join(f"\n    {line}" for line in lines))
+        alike.setdefault((code, failure_reason(run_dir, peer)), []).append(peer)
+    for (code, reason), peers in alike.items():
+        if reason:
+            first, *rest = reason.splitlines() or [""]
+            say(f"{spans(peers)} failed (exit {code}): {first}" + "".join(f"\n    {line}" for line in rest))
+            continue
+        for peer in peers:
+            log = peer_log(run_dir, peer)
+            lines = log.read_text(errors="replace").splitlines()[-4:] if log.exists() else []
+            say(f"{peer} failed (exit {code}); its last lines:" + "".join(f"\n    {line}" for line in lines))
     if read_rounds(run_dir):
         say(f"records: {run_dir} (layout: docs/RECORDS.md)")
         say(f"graphs:  {graphs_command(run_dir)}")
         say(f"page:    {graphs_command(run_dir, 'graphs.live')} (the live page, of the finished run)")
     elif failed or interrupted:
-        say(f"no round finished; logs in {run_dir}/peers/<id>/peer.log")
+        say(f"no round finished; logs in {peer_log(run_dir, '<id>')}")

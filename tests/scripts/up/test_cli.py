@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.netutil import ROOT
-from tests.scripts.up.helpers import UP, upsh
+from tests.scripts.up.helpers import UP, clean_env, upsh
 
 
 def test_up_sh_is_a_short_shim():
@@ -120,3 +121,26 @@ def test_generated_state_is_git_ignored():
     paths = [".up/sdfl/login/peer-1.env", ".up/last.json", ".up/sdfl/compose.json"]
     result = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.split() == paths
+
+
+def test_the_launcher_runs_on_a_bare_python_with_the_standard_library_only(tmp_path):
+    """./up.sh runs on the host's python3, which may have nothing but the standard library: no module of the
+    launcher (nor scripts.localnet, which it runs local networks with) may import a third-party package, and what
+    needs them (the peer flags' check) runs in the peers' Python. `-S`: no site-packages at all."""
+    modules = ["scripts.up." + path.stem for path in (ROOT / "scripts" / "up").glob("*.py")] + ["scripts.localnet"]
+    program = (
+        "import importlib, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"for name in {sorted(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        "third = sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'paho', 'tensorflow', 'keras', 'yaml'})\n"
+        "assert not third, third\n"
+        "from scripts.up import main\n"
+        "sys.exit(main(['compose-file', '--peers', '2', '--', '--max-rounds', '3']))\n"
+    )
+    env = {**clean_env(tmp_path), "PYTHON": sys.executable}  # the peers' Python, which has the packages
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--max-rounds" in done.stdout and "Traceback" not in done.stderr

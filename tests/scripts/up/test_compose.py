@@ -153,8 +153,19 @@ def test_compose_file_command_passes_settings_and_mounts_datasets(tmp_path):
     assert env["FL_DATA_DIR"] == "/data/input" and env["FL_MIN_PEERS"] == "2"
     mounts = {m["target"]: m for m in config["services"]["peer-2"]["volumes"]}
     assert mounts["/data/input"] == {"type": "bind", "source": str(data), "target": "/data/input", "read_only": True}
+    assert str(network.FASHION_MNIST) not in mounts  # the peers read the folder they are given
+    # Without one, fashion-mnist peers get Debian's copy of the host where they look for it; mnist peers nothing.
+    fashion = json.loads(upsh(tmp_path, "compose-file", "--peers", "2", "--", "--dataset", "fashion-mnist").stdout)
+    mounts = {m["target"]: m for m in fashion["services"]["peer-1"]["volumes"]}
     if network.FASHION_MNIST.is_dir():
         assert mounts[str(network.FASHION_MNIST)]["read_only"]
+        assert mounts[str(network.FASHION_MNIST)]["source"] == str(network.FASHION_MNIST)
+    mnist = json.loads(upsh(tmp_path, "compose-file", "--peers", "2").stdout)
+    assert {m["target"] for m in mnist["services"]["peer-1"]["volumes"]} == {
+        "/run-dir",
+        "/run/secrets/federation",
+        "/data/keras",
+    }
     # --data-dir after -- is taken out of the peer flags and mounted the same way.
     moved = json.loads(upsh(tmp_path, "compose-file", "--peers", "2", "--", "--data-dir", str(data)).stdout)
     assert "command" not in moved["services"]["peer-1"]
