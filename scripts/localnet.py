@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import IO
 
 from peer.node.signals import StopSignals
-from peer.records.run_dir import CheckpointError, host_log, killed_on_purpose, peer_log, read_checkpoint
+from peer.records.run_dir import (
+    BROKER_LOG_FILE,
+    CheckpointError,
+    host_log,
+    killed_on_purpose,
+    peer_log,
+    read_checkpoint,
+)
 from peer.wire.ids import launched_peer_id, new_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,7 +308,7 @@ class LocalNetwork:
     def start(self) -> LocalNetwork:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.broker is None:
-            self.broker = Broker(self.broker_port, log_path=self.run_dir / "broker.log").start()
+            self.broker = Broker(self.broker_port, log_path=self.run_dir / BROKER_LOG_FILE).start()
         shards = dict(roster(self.count, self.num_shards))
         for group in processes_of(list(shards), self.per_process):
             if self.per_process == 1:

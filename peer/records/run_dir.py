@@ -40,6 +40,7 @@ EVALUATIONS_FILE = "evaluations.csv"
 DATA_FILE = "data.json"
 STATUS_FILE = "status.json"
 PEER_LOG_FILE = "peer.log"
+BROKER_LOG_FILE = "broker.log"  # the broker's output (written by the launchers)
 HOSTS_DIR = "hosts"  # the whole output of each process that hosts several peers (written by the launchers)
 CHECKPOINT_DIR = "checkpoint"  # the run's state after its last finished round, for --resume
 CHECKPOINT_FILE = "checkpoint.json"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from peer.node.signals import StopSignals, exit_status
-from peer.records.run_dir import host_log, peer_log
+from peer.records.run_dir import BROKER_LOG_FILE, host_log, peer_log
 from peer.wire.ids import new_run_id
 from scripts import chaos
 from scripts.localnet import split_host_log
@@ -106,8 +106,8 @@ def hosted_with(container: dict) -> list[str]:
 
 
 def save_logs(net: Network, found: list[dict]) -> None:
-    """Each container's whole log, where a local run keeps it (peers/<id>/peer.log, broker.log, dashboard.log; a
-    host's in hosts/<first peer>.log and split by peer into theirs), after what an earlier run in the same run dir left (a
+    """Each container's whole log, where a local run keeps it (peers/<id>/peer.log, broker.log; a host's in
+    hosts/<first peer>.log and split by peer into theirs), after what an earlier run in the same run dir left (a
     --resume): written by the launcher, so they belong to the same user as every other record."""
     for container in found:
         service = service_of(container)
@@ -116,8 +116,10 @@ def save_logs(net: Network, found: list[dict]) -> None:
             path = host_log(net.run_dir, hosted[0])
         elif hosted:
             path = peer_log(net.run_dir, hosted[0])
+        elif service == "broker":
+            path = net.run_dir / BROKER_LOG_FILE
         else:
-            path = net.run_dir / f"{service}.log"  # broker.log, dashboard.log (the live page's)
+            continue  # the live page: it only watches, as a local one (whose output is not kept either)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as out:
             subprocess.run(

@@ -1,5 +1,6 @@
 """What the launcher says while a network runs and when it ends: one line per step (peers joined, elections, rounds,
-exits, the finish) from the run's records, and an end report (failed peers, where the records are, how to draw them)."""
+exits, the finish) from the peers' typed events, and an end report (each failed peer's reason, where the records
+are, how to draw them). Never from log prose, but for the one line a peer prints when it cannot start at all."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import shlex
 import time
 from pathlib import Path
 
-from peer.records.events import read_events
-from peer.records.run_dir import peer_log, read_elections, read_rounds, read_run_summary
-from scripts import chaos
+from peer.records.events import EventTail, read_events
+from peer.records.run_dir import peer_log, read_rounds
 from scripts.up.common import ROOT, say
 from scripts.up.network import Network
 
@@ -18,36 +18,37 @@ ERROR_LINE = re.compile(r"^python -m peer(?:\.host)?: error: (.*)$")
 
 
 class Progress:
-    """Turns what the run dir shows into one line per step: peers joined, elections, rounds, exits, the finish."""
+    """One line per step of the run, from the peers' typed events (events.jsonl: `start`, `office`, `round`,
+    `finish`, those written since the launch) and the states of their processes or containers: peers joined,
+    elections, rounds, exits, the finish."""
 
     def __init__(self, net: Network, started: float):
-        self.net, self.started = net, started
+        self.net, self.started = net, started  # `started`: when the peers started, for the lines' "N s since"
+        self.launched = started  # events older than this are an earlier run's
+        self.events = EventTail(net.run_dir, kinds={"start", "office", "round", "finish"})
         self.joined: set[str] = set()
-        self.terms_seen = 0
         self.rounds_seen: set[tuple] = set()
         self.exited: set[str] = set()
         self.finished = False
 
     def update(self, states: dict[str, str] | None = None) -> None:
-        run_dir = self.net.run_dir
-        statuses = chaos.read_statuses(run_dir)
-        joined = {p for p in statuses if p in self.net.peers}
-        if len(joined) > len(self.joined):
-            self.joined = joined
-            say(f"peers joined {len(joined)}/{len(self.net.peers)}")
-        elections = read_elections(run_dir)
-        for row in elections[self.terms_seen :]:
-            say(f"term {row.term}: {row.controller} is controller ({row.reason})")
-        self.terms_seen = max(self.terms_seen, len(elections))
-        for row in read_rounds(run_dir):
-            key = (row.round, row.term, row.finished_at)
-            if key in self.rounds_seen:
+        joined = set(self.joined)
+        for event in self.events.new():
+            if event["t"] < self.launched - 1:  # an earlier run's, in a run dir used again (--resume)
                 continue
-            self.rounds_seen.add(key)
-            say(
-                f"round {row.round}/{self.net.max_rounds}: accuracy {row.accuracy:.4f} ({row.duration_s:.1f} s; "
-                f"{time.time() - self.started:.0f} s since the peers started)"
-            )
+            if event["event"] == "start" and event["peer"] in self.net.peers:
+                joined.add(event["peer"])
+                continue
+            if len(joined) > len(self.joined):
+                self._joined(joined)
+            if event["event"] == "office":
+                say(f"term {event.get('term')}: {event['peer']} is controller ({event.get('reason')})")
+            elif event["event"] == "round":
+                self._round(event)
+            elif event["event"] == "finish" and not self.finished:
+                self._finished(event)
+        if len(joined) > len(self.joined):
+            self._joined(joined)
         exits: dict[str, list[str]] = {}  # one line for the peers that exit alike (a host's K peers do at once)
         for peer, state in (states or {}).items():
             if peer not in self.exited and state.startswith(("exited", "dead")):
@@ -57,17 +58,32 @@ class Progress:
                 exits.setdefault(f"exited {code}{why}", []).append(peer)
         for what, peers in exits.items():
             say(f"{spans(peers)} {what}")
-        summary = read_run_summary(run_dir)
-        if summary and not self.finished:
-            outcome = summary.outcome
-            if (summary.finished_at or 0) >= self.started - 1:
-                self.finished = True
-                accuracy = summary.final_accuracy
-                say(
-                    f"finished ({outcome.get('reason')}): {outcome.get('rounds')} rounds, final accuracy "
-                    f"{'n/a' if accuracy is None else format(accuracy, '.4f')}, {outcome.get('terms')} term(s), "
-                    f"{time.time() - self.started:.0f} s since the peers started"
-                )
+
+    def _joined(self, joined: set[str]) -> None:
+        self.joined = joined
+        say(f"peers joined {len(joined)}/{len(self.net.peers)}")
+
+    def _round(self, row: dict) -> None:
+        key = (row.get("round"), row.get("term"), row.get("finished_at"))
+        if key in self.rounds_seen:
+            return
+        self.rounds_seen.add(key)
+        say(
+            f"round {row.get('round')}/{self.net.max_rounds}: accuracy {number(row.get('accuracy'))} "
+            f"({number(row.get('duration_s'), 1)} s; {time.time() - self.started:.0f} s since the peers started)"
+        )
+
+    def _finished(self, outcome: dict) -> None:
+        self.finished = True
+        say(
+            f"finished ({outcome.get('reason')}): {outcome.get('rounds')} rounds, final accuracy "
+            f"{number(outcome.get('final_accuracy'))}, {outcome.get('terms')} term(s), "
+            f"{time.time() - self.started:.0f} s since the peers started"
+        )
+
+
+def number(value, digits: int = 4) -> str:
+    return format(value, f".{digits}f") if isinstance(value, (int, float)) else "n/a"
 
 
 def spans(peers: list[str]) -> str:
