@@ -218,9 +218,10 @@ def run_containers(net: Network, login: Login) -> int:
     remember(mode="docker", project=net.project, run_dir=str(net.run_dir), pid=os.getpid(), peers=net.peers)
     progress = Progress(net, time.time())
     interrupted: KeyboardInterrupt | None = None
-    # Ctrl-C, SIGTERM (./up.sh down) and SIGHUP stop the network; during the clean-up they are ignored, so that a
-    # second Ctrl-C cannot leave anything behind.
-    with StopSignals(signal.SIGTERM, signal.SIGHUP) as signals:
+    # Ctrl-C, SIGTERM (./up.sh down) and SIGHUP stop the network (Ctrl-C even if the launcher was started with it
+    # ignored, as a background job is); during the clean-up they are ignored: a second Ctrl-C cannot leave
+    # anything behind.
+    with StopSignals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             take_down(net.project, net.compose_file)  # an earlier run's exited containers, if any
             if not net.join:

@@ -84,9 +84,10 @@ def run_local(net: Network) -> int:
     interrupted: KeyboardInterrupt | None = None
     codes: dict[str, int | None] = {}
     page = None
-    # Ctrl-C, SIGTERM (./up.sh down) and SIGHUP stop the network; during the clean-up they are ignored, so that a
-    # second Ctrl-C cannot leave a process behind.
-    with StopSignals(signal.SIGTERM, signal.SIGHUP) as signals:
+    # Ctrl-C, SIGTERM (./up.sh down) and SIGHUP stop the network (Ctrl-C even if the launcher was started with it
+    # ignored, as a background job is); during the clean-up they are ignored: a second Ctrl-C cannot leave
+    # a process behind.
+    with StopSignals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         remember(mode="local", project="local", run_dir=str(net.run_dir), pid=os.getpid(), peers=net.peers)
         try:
             peers.start()
