@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,9 +12,9 @@ from pathlib import Path
 from peer.node.signals import exit_status
 from peer.wire.ids import launched_peer_id
 from scripts.localnet import install_command
-from scripts.up import containers, local
-from scripts.up.common import PROG, ROOT, UpError, abs_path, say, state_dir
-from scripts.up.compose import compose_config
+from scripts.up import compose, containers, local
+from scripts.up.common import PROG, ROOT, UpError, abs_path, say, state_dir, write_file
+from scripts.up.compose import compose_text
 from scripts.up.images import PEER_IMAGE, ensure_images, image_exists
 from scripts.up.logins import Login, login_for, make_credentials
 from scripts.up.network import (
@@ -180,7 +179,34 @@ def cmd_credentials(args) -> int:
         f"logins of network {project} (peer-1..peer-{args.peers}, health) in {login.folder}: "
         f"<peer>.env holds FL_USERNAME/FL_PASSWORD"
     )
+    if project == DEFAULT_PROJECT:  # what the repository's docker-compose.yml needs besides
+        values: dict[str, str | None] = {"SDFL_UID": str(os.getuid()), "SDFL_GID": str(os.getgid())}
+        # (the file's default is the checkout's own .up/sdfl/login; UP_STATE_DIR puts them elsewhere)
+        values["SDFL_LOGIN_DIR"] = None if state_dir() == ROOT / ".up" else str(login.folder)
+        set_env_file(ROOT / ".env", values)
+        (ROOT / compose.PLAIN_RUN_DIR).mkdir(parents=True, exist_ok=True)
+        say(
+            f".env: the peers run as uid {values['SDFL_UID']}; records in {compose.PLAIN_RUN_DIR}; "
+            "then: docker compose up"
+        )
     return 0
+
+
+def set_env_file(path: Path, values: dict[str, str | None]) -> None:
+    """`values` into the dotenv file at `path` (compose's .env), each in place of its line if there is one (None:
+    its line goes); the file's other lines are left as they are."""
+    lines = (
+        path.read_text().splitlines() if path.is_file() else ["# docker-compose.yml's variables (./up.sh credentials)"]
+    )
+    for name, value in values.items():
+        at = next((i for i, old in enumerate(lines) if old.split("=", 1)[0].strip() == name), None)
+        if value is None:
+            lines = [old for i, old in enumerate(lines) if i != at]  # (at None: nothing to take out)
+        elif at is None:
+            lines.append(f"{name}={value}")
+        else:
+            lines[at] = f"{name}={value}"
+    write_file(path, "\n".join(lines) + "\n", 0o644)
 
 
 def cmd_compose_file(args, peer_flags: list[str]) -> int:
@@ -196,9 +222,9 @@ def cmd_compose_file(args, peer_flags: list[str]) -> int:
             "(python3 -m venv .venv && .venv/bin/pip install -r requirements.txt), set PYTHON, or build the "
             "images (./up.sh images)"
         )
-    login = Login(net.state / "login")
-    run_settings(net, Login(abs_path(args.login)).run_id_file if args.login else None)
-    print(json.dumps(compose_config(net, login, os.getuid(), os.getgid()), indent=2))
+    if args.login:  # --join: the run is the joined broker's
+        run_settings(net, Login(abs_path(args.login)).run_id_file)
+    print(compose_text(net), end="")
     return 0
 
 

@@ -26,8 +26,7 @@ from scripts.up.compose import (
     LABEL_PEER,
     LABEL_PROJECT,
     LABEL_RUN_DIR,
-    compose_cmd,
-    compose_config,
+    Compose,
 )
 from scripts.up.images import PEER_IMAGE, ensure_images
 from scripts.up.logins import Login, login_for
@@ -129,7 +128,7 @@ def save_logs(net: Network, found: list[dict]) -> None:
             split_host_log(path, hosted, net.run_dir)
 
 
-def take_down(project: str, compose_file: Path | None, net: Network | None = None) -> float:
+def take_down(project: str, compose: Compose | None, net: Network | None = None) -> float:
     """Stop the project's containers (thawing paused ones first: a frozen peer cannot take SIGTERM), keep their
     logs when a run dir is known, remove containers and network. Returns the seconds it took."""
     started = time.monotonic()
@@ -147,8 +146,8 @@ def take_down(project: str, compose_file: Path | None, net: Network | None = Non
             run(["docker", "stop", "-t", str(DOWN_GRACE_S), *running], check=False)
     if net is not None and found:
         save_logs(net, found)
-    if compose_file and compose_file.exists():
-        run([*compose_cmd(project, compose_file), "down", "--remove-orphans", "-t", "1"], check=False)
+    if compose and compose.file.exists():
+        run(compose.command("down", "--remove-orphans", "-t", "1"), check=False, env=compose.env())
     # Whatever the compose file no longer names (or if it is gone): by label.
     left = containers(**{LABEL_PROJECT: project})
     if left:
@@ -161,10 +160,14 @@ def take_down(project: str, compose_file: Path | None, net: Network | None = Non
     return time.monotonic() - started
 
 
-def start_broker(net: Network, compose: list[str]) -> str:
+def start_broker(net: Network, compose: Compose) -> str:
     """Start the broker and wait until its healthcheck logs in; returns where it is published on the host."""
     started = time.monotonic()
-    run([*compose, "up", "-d", "--force-recreate", "--remove-orphans", "broker"], timeout=120)
+    run(
+        compose.command("up", "-d", "--no-build", "--force-recreate", "--remove-orphans", "broker"),
+        timeout=120,
+        env=compose.env(),
+    )
     deadline = started + 90
     while True:
         found = containers(**{LABEL_PROJECT: net.project, "com.docker.compose.service": "broker"})
@@ -180,7 +183,7 @@ def start_broker(net: Network, compose: list[str]) -> str:
                 f" its last words:{tail}"
             )
         time.sleep(0.3)
-    port = run([*compose, "port", "broker", "1883"], check=False).stdout.strip() or net.publish
+    port = run(compose.command("port", "broker", "1883"), check=False, env=compose.env()).stdout.strip() or net.publish
     say(
         f"broker healthy in {time.monotonic() - started:.1f} s (published at {port}; "
         f"{len(Login(net.state / 'login').peers())} peer logins)"
@@ -209,12 +212,26 @@ def preflight_in_image(net: Network) -> dict:
     return preflight(python, net, dict(os.environ))
 
 
+def compose_for(net: Network, login: Login) -> Compose:
+    """The network's compose file (the one `./up.sh compose-file` prints) and this launcher's values for it."""
+    compose = Compose(net.project, net.state)
+    compose.write(
+        net,
+        {
+            "SDFL_UID": str(os.getuid()),
+            "SDFL_GID": str(os.getgid()),
+            "SDFL_LOGIN_DIR": str(login.folder),
+            "SDFL_RUN_DIR": str(net.run_dir),
+            "SDFL_RUN_ID": net.run_id,
+        },
+    )
+    return compose
+
+
 def run_containers(net: Network, login: Login) -> int:
     """Start the network (its images built and its settings checked), follow it to the finish, take it down."""
-    uid, gid = os.getuid(), os.getgid()
     net.run_dir.mkdir(parents=True, exist_ok=True)
-    write_file(net.compose_file, json.dumps(compose_config(net, login, uid, gid), indent=2) + "\n")
-    compose = compose_cmd(net.project, net.compose_file)
+    compose = compose_for(net, login)
     remember(mode="docker", project=net.project, run_dir=str(net.run_dir), pid=os.getpid(), peers=net.peers)
     progress = Progress(net, time.time())
     interrupted: KeyboardInterrupt | None = None
@@ -223,13 +240,15 @@ def run_containers(net: Network, login: Login) -> int:
     # anything behind.
     with StopSignals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
-            take_down(net.project, net.compose_file)  # an earlier run's exited containers, if any
+            take_down(net.project, compose)  # an earlier run's exited containers, if any
             if not net.join:
                 start_broker(net, compose)
             groups = net.containers()
+            services = [*groups, *([] if net.join else [DASHBOARD])]
             run(
-                [*compose, "up", "-d", "--force-recreate", "--no-deps", *groups, *([] if net.join else [DASHBOARD])],
+                compose.command("up", "-d", "--no-build", "--force-recreate", "--no-deps", *services),
                 timeout=120,
+                env=compose.env(),
             )
             progress.started = time.time()
             if net.per_process > 1:
@@ -241,7 +260,8 @@ def run_containers(net: Network, login: Login) -> int:
             else:
                 say(f"{len(net.peers)} peer containers started ({', '.join(net.peers)}); records in {net.run_dir}")
             if not net.join:
-                page = run([*compose, "port", DASHBOARD, str(DASHBOARD_PORT)], check=False).stdout.strip()
+                page = run(compose.command("port", DASHBOARD, str(DASHBOARD_PORT)), check=False, env=compose.env())
+                page = page.stdout.strip()
                 if page:
                     say(f"live page: http://{page}/ (python -m graphs.live; it only watches)")
             while True:
@@ -261,11 +281,11 @@ def run_containers(net: Network, login: Login) -> int:
             codes = {}
         except UpError:
             signals.shield()
-            took = take_down(net.project, net.compose_file, net)
+            took = take_down(net.project, compose, net)
             say(f"network {net.project} taken down in {took:.1f} s")
             raise
         signals.shield()
-        took = take_down(net.project, net.compose_file, net)
+        took = take_down(net.project, compose, net)
         progress.update()
         say(f"network {net.project} taken down in {took:.1f} s: no container or network left")
     failed = verdict(codes, net.killed_on_purpose()) if not interrupted else {}
@@ -280,11 +300,11 @@ def broker_alone(net: Network, base: str, ca_bundle: Path | None) -> tuple[Login
     away); its login folder (with the id of its run) and where it is published."""
     ensure_images(base, ca_bundle)
     login = login_for(net, None)
-    write_file(net.compose_file, json.dumps(compose_config(net, login, os.getuid(), os.getgid()), indent=2) + "\n")
+    compose = compose_for(net, login)
     try:
-        address = start_broker(net, compose_cmd(net.project, net.compose_file))
+        address = start_broker(net, compose)
     except UpError:
-        take_down(net.project, net.compose_file)
+        take_down(net.project, compose)
         raise
     remember(mode="broker", project=net.project, run_dir=None, pid=None, peers=[])
     write_file(login.run_id_file, new_run_id(time.time()) + "\n")
@@ -405,5 +425,5 @@ def down(project: str, launcher_pid: int | None) -> str:
     if not containers(**{LABEL_PROJECT: project}) and not launcher_alive(launcher_pid):
         took = time.monotonic() - started
         return f"network {project} is down" + (f" ({took:.1f} s)" if took > 0.5 else ": nothing was running")
-    take_down(project, state_dir() / project / "compose.json")
+    take_down(project, Compose(project, state_dir() / project))
     return f"network {project} taken down in {time.monotonic() - started:.1f} s: no container or network left"

@@ -16,6 +16,18 @@ from scripts.up.common import UpError, abs_path, private_dir, read_env_file, wri
 from scripts.up.network import Network
 
 OBSERVER = "observer"  # the live page's read-only broker login
+# The login folder's files (Login names them in a folder; the compose file, in the folder its variable names).
+HEALTH_ENV = "health.env"
+OBSERVER_LOGIN = f"{OBSERVER}.login"
+PASSWD = "passwd"
+ACL = "acl"
+SECRET = "federation.secret"
+RUN_ID = "run-id"
+
+
+def peer_env(peer: str) -> str:
+    """The file of `peer`'s login (FL_USERNAME, FL_PASSWORD)."""
+    return f"{peer}.env"
 
 
 def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -67,38 +79,38 @@ class Login:
     folder: Path
 
     def env_file(self, peer: str) -> Path:
-        return self.folder / f"{peer}.env"
+        return self.folder / peer_env(peer)
 
     @property
     def health_env(self) -> Path:
-        return self.folder / "health.env"
+        return self.folder / HEALTH_ENV
 
     @property
     def observer_env(self) -> Path:
         """The live page's read-only login (not a .env file: it is no peer's)."""
-        return self.folder / f"{OBSERVER}.login"
+        return self.folder / OBSERVER_LOGIN
 
     @property
     def passwd(self) -> Path:
-        return self.folder / "passwd"
+        return self.folder / PASSWD
 
     @property
     def acl(self) -> Path:
-        return self.folder / "acl"
+        return self.folder / ACL
 
     @property
     def secret(self) -> Path:
-        return self.folder / "federation.secret"
+        return self.folder / SECRET
 
     @property
     def run_id_file(self) -> Path:
         """The run id of the broker's current run (written by `./up.sh broker`): peers joining from other machines
         with a copy of this folder take part in that run."""
-        return self.folder / "run-id"
+        return self.folder / RUN_ID
 
     def peers(self) -> list[str]:
         return sorted(
-            (p.name[:-4] for p in self.folder.glob("*.env") if p.name != "health.env"),
+            (p.name[:-4] for p in self.folder.glob("*.env") if p.name != HEALTH_ENV),
             key=lambda name: (len(name), name),
         )
 

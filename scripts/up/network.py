@@ -58,10 +58,6 @@ class Network:
     def state(self) -> Path:
         return state_dir() / self.project
 
-    @property
-    def compose_file(self) -> Path:
-        return self.state / "compose.json"
-
     def shard(self, peer: str) -> str:
         return launched_shard(peer, self.total)
 

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +25,9 @@ import urllib.request
 import pytest
 
 from scripts.localnet import free_port
-from scripts.up import compose, containers, images
-from tests.netutil import ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
+from scripts.up import compose as compose_labels
+from scripts.up import containers, images
+from tests.netutil import FASHION, ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
 
 UP = str(ROOT / "up.sh")
 FAST = [
@@ -119,7 +121,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def container_state(project: str, peer: str) -> str:
-    found = containers.containers(**{compose.LABEL_PROJECT: project, compose.LABEL_PEER: peer})
+    found = containers.containers(**{compose_labels.LABEL_PROJECT: project, compose_labels.LABEL_PEER: peer})
     return containers.state_of(found[0]) if found else "gone"
 
 
@@ -172,9 +174,9 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
         assert "running" in shown.stdout and "broker: running, healthy" in shown.stdout
         # The live page's container (read-only login) sees the same controller, on a loopback port.
         [page] = containers.containers(
-            **{compose.LABEL_PROJECT: project, "com.docker.compose.service": compose.DASHBOARD}
+            **{compose_labels.LABEL_PROJECT: project, "com.docker.compose.service": compose_labels.DASHBOARD}
         )
-        address = docker("port", page["Id"], str(compose.DASHBOARD_PORT)).split()[0]
+        address = docker("port", page["Id"], str(compose_labels.DASHBOARD_PORT)).split()[0]
         assert address.startswith("127.0.0.1:"), address
         wait_until(lambda: page_shows(address).get("controller") == first, 30, "the live page to show the controller")
 
@@ -420,3 +422,59 @@ def test_a_failed_build_leaves_nothing_behind(engine, tmp_path):
     code = images.build_image("sdfl-test/failing:latest", context / "Dockerfile", {}, context, log)
     assert code != 0 and "a step that fails" in log.read_text(), log.read_text()
     assert docker("ps", "-aq", "--no-trunc").split() == before, "the failed step's container is still there"
+
+
+def test_the_repository_s_docker_compose_yml_runs_with_plain_compose(engine, tmp_path):
+    """A user who knows compose, in (a copy of) the checkout: the one-liner the file names, then `docker compose up`,
+    `logs` and `down`, with a docker-compose.override.yml of their own (compose reads it beside the file) for a
+    short run on the machine's Fashion-MNIST (no internet for mnist here)."""
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("docker-compose.yml", "up.sh", "scripts", "peer", "broker", "graphs", "requirements.txt"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, copy / name)
+    settings = {
+        "FL_DATASET": "fashion-mnist",
+        "FL_TRAIN_SAMPLES": "300",
+        "FL_TEST_SAMPLES": "100",
+        "FL_MAX_ROUNDS": "2",
+        "FL_HEARTBEAT": "0.5",
+        "FL_ELECTION_WINDOW": "0.5",
+        "FL_TARGET_ACCURACY": "1.0",
+    }
+    fashion = {"type": "bind", "source": str(FASHION), "target": str(FASHION), "read_only": True}
+    override = {f"peer-{k}": {"environment": settings, "volumes": [fashion]} for k in range(1, 6)}
+    (copy / "docker-compose.override.yml").write_text(json.dumps({"services": override}))
+    user = {k: v for k, v in os.environ.items() if not k.startswith(("FL_", "UP_", "SDFL_", "COMPOSE_"))}
+    plain = {**user, "COMPOSE_PROJECT_NAME": "sdfl-test-plain"}
+
+    def compose(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["docker", "compose", *args], cwd=copy, env=plain, capture_output=True, text=True, timeout=timeout
+        )
+
+    forgot = compose("config")
+    assert forgot.returncode != 0 and "run ./up.sh credentials first" in forgot.stderr, forgot.stderr
+    made = subprocess.run([str(copy / "up.sh"), "credentials"], cwd=copy, env=user, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    run_dir = copy / "runs" / "compose"
+    try:
+        up = compose("up", "-d", timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        peers = [f"peer-{k}" for k in range(1, 6)]
+
+        def states() -> dict[str, str]:
+            found = containers.containers(**{compose_labels.LABEL_PROJECT: "sdfl-test-plain"})
+            return {containers.service_of(c): containers.state_of(c) for c in found}
+
+        wait_until(lambda: all(states().get(p, "").startswith("exited") for p in peers), 400, "the peers to finish")
+        assert {states()[p] for p in peers} == {"exited 0"}, states()
+        assert states()["broker"] == "running" and states()[compose_labels.DASHBOARD] == "running"
+        logs = compose("logs", "peer-3")
+        assert logs.returncode == 0 and "starting: broker broker:1883" in logs.stdout, logs.stdout[-2000:]
+    finally:
+        down = compose("down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert_rounds_complete(run_dir, 2)
+    for path in [run_dir, *run_dir.rglob("*")]:
+        assert (path.stat().st_uid, path.stat().st_gid) == (os.getuid(), os.getgid()), path
+    assert leftovers("sdfl-test-plain") == NOTHING
