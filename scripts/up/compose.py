@@ -83,9 +83,12 @@ def bind(source: str, target: str, read_only: bool = True) -> dict:
 
 
 def build(kind: str) -> dict:
-    """How compose builds an image the first time (./up.sh builds them itself, on other bases if need be)."""
+    """How compose builds an image the first time (./up.sh builds them itself, on other bases if need be). Every
+    service of an image says so alike, with `pull_policy: never`: compose then builds it once and pulls nothing (a
+    service without it would try the registry, and fail loudly, for an image only this repository makes). Host
+    networking, as ./up.sh builds (UP_BUILD_NETWORK): some machines resolve no name on the default bridge."""
     dockerfile = next(path for path, image_kind in IMAGES.values() if image_kind == kind)
-    return {"context": ".", "dockerfile": dockerfile}
+    return {"context": ".", "dockerfile": dockerfile, "network": "host"}
 
 
 def compose_config(net: Network) -> dict:
@@ -103,6 +106,7 @@ def compose_config(net: Network) -> dict:
         services["broker"] = {
             "image": BROKER_IMAGE,
             "build": build("mosquitto"),
+            "pull_policy": "never",
             "hostname": "broker",
             "labels": labels,
             "env_file": [f"{logins}/{HEALTH_ENV}"],
@@ -144,6 +148,7 @@ def compose_config(net: Network) -> dict:
         service = {
             "image": PEER_IMAGE,
             "build": build("python"),
+            "pull_policy": "never",
             "hostname": name,
             "labels": {**labels, LABEL_PEER: ",".join(peers)},
             "user": user,
@@ -170,6 +175,7 @@ def compose_config(net: Network) -> dict:
         services[DASHBOARD] = {
             "image": PEER_IMAGE,
             "build": build("python"),
+            "pull_policy": "never",
             "hostname": DASHBOARD,
             "labels": labels,
             "user": user,

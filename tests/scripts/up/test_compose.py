@@ -48,7 +48,8 @@ def test_compose_file_is_data_for_n_peers(tmp_path):
         assert env["FL_RUN_ID"] == "${SDFL_RUN_ID:-default}", "the run's id is the launcher's to give"
         assert peer["env_file"] == [f"{LOGINS}/peer-{k}.env"]
         assert peer["user"] == user and peer["init"] is True and peer["image"] == images.PEER_IMAGE
-        assert peer["build"] == {"context": ".", "dockerfile": "peer/Dockerfile"}
+        assert peer["build"] == {"context": ".", "dockerfile": "peer/Dockerfile", "network": "host"}
+        assert peer["pull_policy"] == "never", "built here, never pulled"
         assert peer["depends_on"] == {"broker": {"condition": "service_healthy"}}
         # Compose interpolates $: the literal dollars of a flag survive doubled.
         assert peer["command"] == ["--max-rounds", "2", "--dataset", "fashion-mnist", "--seed", "$$7"]
