@@ -282,7 +282,7 @@ class LocalNetwork:
         self.run_dir = Path(run_dir)
         self.run_id = run_id or new_run_id(time.time())
         self._secret_dir = Path(tempfile.mkdtemp(prefix="fl-secret-")) if secret else None
-        self.secret_file = self._secret_dir / "federation.key" if secret else None
+        self.secret_file = self._secret_dir / "federation.key" if self._secret_dir else None
         if self.secret_file:
             self.secret_file.write_bytes(secrets.token_hex(32).encode())
             self.secret_file.chmod(0o600)
@@ -445,6 +445,7 @@ def with_min_peers(peer_args: list[str], peers: int, environ=os.environ) -> list
 
 def start_dashboard(net: LocalNetwork, port: int) -> subprocess.Popen:
     """The live page of this network (graphs.live): an observer process; the federation does not depend on it."""
+    assert net.broker is not None, "start the network first"
     cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
@@ -532,6 +533,7 @@ def _run(net: LocalNetwork, args: argparse.Namespace) -> int:
             page = start_dashboard(net, args.dashboard_port)
             print(f"localnet: live page http://127.0.0.1:{args.dashboard_port}/", flush=True)
         hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
+        assert net.broker is not None  # (started)
         print(
             f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
             f"{args.run_dir}",

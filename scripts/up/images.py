@@ -67,7 +67,8 @@ def build_local_base(kind: str) -> None:
             capture_output=True,
             text=True,
         )
-        debootstrap.stdout.close()
+        if debootstrap.stdout is not None:  # (always: it is a pipe)
+            debootstrap.stdout.close()
         code = debootstrap.wait()
     if code != 0 or importer.returncode != 0:
         tail = "".join(f"\n  {line}" for line in log.read_text().splitlines()[-8:])

@@ -4,6 +4,7 @@ containers and local processes."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,17 @@ def test_shellcheck_passes_on_the_shell_scripts():
     scripts = [UP, str(ROOT / ".ci" / "run"), str(ROOT / ".ci" / "with-docker")]
     result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ci_checks_lint_format_and_types_before_the_tests():
+    """.ci/run (a fresh machine's CI): ruff's lint and format check and mypy (pyproject.toml's settings), with the
+    tools the development requirements pin, before the README's test command."""
+    steps = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(".")]
+    checks = [".venv/bin/ruff check .", ".venv/bin/ruff format --check .", ".venv/bin/mypy"]
+    tests = next(i for i, step in enumerate(steps) if "pytest" in step)
+    assert all(steps.index(check) < tests for check in checks), steps
+    pinned = (ROOT / "requirements-dev.txt").read_text()
+    assert re.search(r"^ruff==", pinned, re.M) and re.search(r"^mypy==", pinned, re.M)
 
 
 def test_help_explains_itself(tmp_path):
