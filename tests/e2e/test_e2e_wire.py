@@ -136,7 +136,8 @@ def test_a_100_mb_model_federates_in_chunks_through_the_16_mib_limit_in_bounded_
     at_rest: dict[str, int] = {}  # RSS once the peer also holds the run's global model (round 0): its baseline
     peak: dict[str, int] = {}
     with LocalNetwork(run_dir, 2, args) as net:
-        while net.running():
+        deadline = time.monotonic() + 600  # against a hang only
+        while net.running() and time.monotonic() < deadline:
             for peer, proc in net.procs.items():
                 rss = rss_bytes(proc.pid)
                 if rss is None:
