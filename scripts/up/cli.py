@@ -14,7 +14,6 @@ from peer.wire.ids import launched_peer_id
 from scripts.localnet import install_command
 from scripts.up import compose, containers, local
 from scripts.up.common import PROG, ROOT, UpError, abs_path, say, state_dir, write_file
-from scripts.up.compose import compose_text
 from scripts.up.images import PEER_IMAGE, ensure_images, image_exists
 from scripts.up.logins import Login, login_for, make_credentials
 from scripts.up.network import (
@@ -224,7 +223,7 @@ def cmd_compose_file(args, peer_flags: list[str]) -> int:
         )
     if args.login:  # --join: the run is the joined broker's
         run_settings(net, Login(abs_path(args.login)).run_id_file)
-    print(compose_text(net), end="")
+    print(compose.compose_text(net), end="")
     return 0
 
 

@@ -18,7 +18,7 @@ from peer.wire.ids import launched_peer_id, new_run_id, valid_run_id
 from scripts.localnet import launched_shard, processes_of
 from scripts.up.common import ROOT, UpError, abs_path, private_dir, state_dir, write_file
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's, as peer.learning.data knows it (numpy: not here)
 DEFAULT_PROJECT = "sdfl"
 DEFAULT_PUBLISH = "127.0.0.1::1883"
 PREFLIGHT_S = 600  # the peers' Python may try a Keras download of the dataset: give it time
@@ -181,7 +181,7 @@ def preflight(python: list[str], net: Network, env: dict[str, str], *, load_data
     if done.returncode == 2 and reason:
         raise UpError(reason, 2)
     if done.returncode == 3 and reason:
-        raise UpError(f"the peers cannot start: {reason}")
+        raise UpError("the peers cannot start: " + reason.replace("\n", "\n  "))
     detail = reason or "".join(f"\n  | {line}" for line in (done.stderr or "").strip().splitlines()[-5:])
     raise UpError(
         f"{python[0]} cannot import the project's packages (paho-mqtt, numpy, tensorflow): "
