@@ -1,7 +1,8 @@
 """A whole federation on this machine, without Docker: a real mosquitto on a free port and N peer processes.
 
-Used by `./up.sh --local`, the end-to-end tests, the benchmarks and the experiment script, so all of them run the
-network the same way.
+The one local network: `./up.sh --local` (in the launcher's own process), the end-to-end tests, the benchmarks and
+the experiment script all run it, so all of them run the network the same way. Standard library only, as the
+launcher: the peers run in the Python it is given (`python=`).
 
     python -m scripts.localnet --peers 5 --run-dir runs/demo -- --dataset fashion-mnist --max-rounds 3
 
