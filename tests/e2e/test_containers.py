@@ -70,17 +70,23 @@ def leftovers(project: str) -> dict[str, list[str]]:
     return {
         "containers": docker("ps", "-aq", "--filter", label).split(),
         "networks": docker("network", "ls", "-q", "--filter", label).split(),
-        "volumes": [v for v in docker("volume", "ls", "-q").split() if ANONYMOUS.fullmatch(v)],
+        "volumes": [v for v in anonymous_volumes() if v not in BEFORE],
     }
+
+
+def anonymous_volumes() -> list[str]:
+    return [v for v in docker("volume", "ls", "-q").split() if ANONYMOUS.fullmatch(v)]
 
 
 ANONYMOUS = re.compile(r"[0-9a-f]{64}")  # a volume without a name: what a base image's VOLUME leaves
 NOTHING = {"containers": [], "networks": [], "volumes": []}
+BEFORE: set[str] = set()  # the anonymous volumes of the engine before these tests (DOCKER_DATA_ROOT kept): not theirs
 
 
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory):
     """The images, built once for every test here; and the volumes that existed before (another test's cache)."""
+    BEFORE.update(anonymous_volumes())
     state = tmp_path_factory.mktemp("up-state")
     env = {**os.environ, "UP_STATE_DIR": str(state)}
     started = time.monotonic()
