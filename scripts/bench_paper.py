@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", type=int, default=100)
     parser.add_argument("--per-process", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=1, help="learning jobs the machine runs at once")
+    parser.add_argument(
+        "--workers", type=int, help="learning jobs the machine runs at once (default: a process per core)"
+    )
     parser.add_argument("--run-dir", help="keep the records here (default: a temporary folder)")
     args = parser.parse_args(own)
     peer_args = [

@@ -287,6 +287,7 @@ class LearningService:
                 str(self.workers),
                 "--threads",
                 str(self.threads),
+                *(["--processes"] if self.workers > 1 else []),
             ],
             cwd=ROOT,
             env=self.env,
@@ -353,9 +354,11 @@ class LocalNetwork:
         self.hosts: dict[str, list[str]] = {}  # host name (its first peer's id) -> the peers it runs
         self._threads: list[threading.Thread] = []
         self._print_lock = threading.Lock()
-        # One learning service for every peer of the network (their jobs share the machine's cores); 0: none, each
-        # peer process starts its own.
-        workers = int(os.environ.get("SDFL_LEARNING_WORKERS", "1")) if learning_workers is None else learning_workers
+        # One learning service for every peer of the network (their jobs share the machine's cores), a worker process
+        # per core (SDFL_LEARNING_WORKERS: another count; 0: none, each peer process starts its own).
+        if learning_workers is None:
+            learning_workers = int(os.environ.get("SDFL_LEARNING_WORKERS") or os.cpu_count() or 1)
+        workers = learning_workers
         self.learning = (
             LearningService(self.run_dir / "learning.log", workers, python=python, env=self.env)
             if workers > 0

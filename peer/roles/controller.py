@@ -257,10 +257,7 @@ class Controller:
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
         if now >= self.next_heartbeat and not self.finished:
-            self.next_heartbeat = now + self.rules.heartbeat
-            out.append(
-                Publish(Heartbeat(self.term, self.me, self.round, self.phase.value, self.fingerprint), retain=True)
-            )
+            out.append(self._heartbeat(now))
         if self.resend_due is not None and now >= self.resend_due:
             out += self._resend(now, "a peer it waits for is back")
         if (
@@ -412,19 +409,28 @@ class Controller:
         self.evaluations = EvaluationCollector(
             self.term, model.round, set(self.evaluators) or self._others(), now + self.rules.round_deadline
         )
-        out: list[Action] = [
+        others = self._others()
+        if others:
+            self.phase = Phase.EVALUATING
+        # A heartbeat first: the model after it takes the broker a while to deliver to every peer, and the peers,
+        # told it is coming, do not take the wait for silence (Election.expect_model).
+        out: list[Action] = [self._heartbeat(now)] if others else []
+        out.append(
             self._counted(
                 Publish(
                     Aggregation(self.term, self.me, model.round, model.trainers, model.weights, self.evaluators),
                     retain=True,
                 )
             )
-        ]
+        )
         self.on_broker = model.digest
-        if not self._others():
+        if not others:
             return out + self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}", now)
-        self.phase = Phase.EVALUATING
         return out
+
+    def _heartbeat(self, now: float) -> Publish:
+        self.next_heartbeat = now + self.rules.heartbeat
+        return Publish(Heartbeat(self.term, self.me, self.round, self.phase.value, self.fingerprint), retain=True)
 
     def _choose_evaluators(self, round_: int) -> tuple[str, ...]:
         """With --evaluators M, M random peers evaluate a round's model (the fan-in of a hundred evaluations per

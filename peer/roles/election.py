@@ -89,6 +89,7 @@ class Election:
     voted_at: float = 0.0
     claimed: bool = False
     last_heard: float = 0.0  # last sign of life of the controller
+    patient_until: float = 0.0  # a model the controller announced is on its way: not silent before this
     unconfirmed: set[str] = field(default_factory=set)  # live peers not heard from since this peer (re)connected
     confirm_by: float = 0.0
     strikes: int = 0  # terms begun because the last came to nothing, less rounds since
@@ -123,6 +124,14 @@ class Election:
     def silent_after(self) -> float:
         """How long a controller may go unheard before this peer judges it silent, now."""
         return self.timings.heartbeat_timeout * self.patience
+
+    def expect_model(self, term: int, controller: str, until: float) -> None:
+        """The controller this peer follows announced a model on its way here (its heartbeat names a round whose
+        model this peer does not hold yet). Its next messages come behind that model, however long the broker takes
+        to deliver a large model to every peer: until `until` that is no silence. (A controller that dies meanwhile
+        is still found by its Last Will, at once when killed, within 1.5 keepalives when hung.)"""
+        if self.role is Role.FOLLOWER and term == self.term and controller == self.controller:
+            self.patient_until = max(self.patient_until, until)
 
     def on_retained(self, term: int, controller: str, now: float) -> list[Action]:
         """The broker's retained claim or heartbeat, delivered when this peer subscribes: who led most recently.
@@ -247,7 +256,7 @@ class Election:
                 round_, vote = self.votes[self.me]
                 return [SendClaim(self.term, vote, round_, self.reason, tuple(sorted(self.votes)))]
             return []
-        if self.role is Role.FOLLOWER and now - self.last_heard >= self.silent_after:
+        if self.role is Role.FOLLOWER and now - self.last_heard >= self.silent_after and now >= self.patient_until:
             return self._new_term(now, "controller-silent")
         return []
 
@@ -279,6 +288,7 @@ class Election:
     def _set_term(self, term: int, reason: str) -> list[Action]:
         self.term, self.reason = term, reason
         self.controller, self.votes, self.claimed = None, {}, False
+        self.patient_until = 0.0
         self._last_note = ""
         return []
 

@@ -3,11 +3,13 @@ peer's jobs; a private service started when the machine's does not answer, and s
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +219,44 @@ def test_the_peers_of_a_round_send_its_model_once_then_name_it_by_digest(service
     assert evaluations == [("evaluate", True, False), ("evaluate", False, True), ("evaluate", True, False)]
     changed = [w + 1 for w in weights]
     assert second.evaluate(changed)[2] == 50  # another model: sent, not mistaken for the last
+
+
+def test_worker_processes_run_the_jobs_hold_a_round_s_model_and_come_back_if_killed(tmp_path):
+    path = tmp_path / "learn.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer.learning.service", "--socket", str(path), "--workers", "2", "--processes"],
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = lambda: [  # noqa: E731  (of every thread: each worker's thread starts its process)
+            int(pid)
+            for task in Path(f"/proc/{proc.pid}/task").iterdir()
+            for pid in (task / "children").read_text().split()
+        ]
+        first, second = (
+            learner(path),
+            learner(path, ShardSpec("fashion-mnist", FASHION, 3, 5, test_samples=50), peer="p4"),
+        )
+        weights = first.prepare().initial
+        trained, samples, _ = first.fit(weights)
+        assert samples == 200 and not all(np.array_equal(a, b) for a, b in zip(trained, weights))
+        assert first.evaluate(trained)[2] == 100 and second.evaluate(trained)[2] == 50  # the same model, twice
+        deadline = time.monotonic() + 60  # the second starts once the first has imported TensorFlow
+        while len(children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(children()) == 2  # TensorFlow is theirs: the service's own process never imports it
+        assert second.evaluate(weights)[2] == 50
+        for child in children():
+            os.kill(child, signal.SIGKILL)
+        assert first.evaluate(trained)[2] == 100  # a worker process started again for it
+        kids = children()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    deadline = time.monotonic() + 30  # a guard against a hang only: they end at once
+    while any(_alive(kid) for kid in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(kid) for kid in kids), "the worker processes end with the service"

@@ -122,8 +122,11 @@ def test_every_action_of_a_round_in_order():
         r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(1)), 500, 2)
     closing = r.on_message(Solution(1, 1, 1, training.trainers[2], 10, 0.1, weights(1.5)), 500, 3)
     kinds = [type(a).__name__ if not isinstance(a, Publish) else type(a.message).__name__ for a in closing]
-    assert kinds == ["Log", "AdoptModel", "Log", "Aggregation"]  # solution noted, model adopted, FedAvg, publish
-    agg = closing[3]
+    # solution noted, model adopted, FedAvg, a heartbeat saying the model is coming (Election.expect_model), publish
+    assert kinds == ["Log", "AdoptModel", "Log", "Heartbeat", "Aggregation"]
+    heartbeat = closing[3].message
+    assert (heartbeat.round, heartbeat.phase) == (1, "evaluating")
+    agg = closing[4]
     assert agg.retain and np.allclose(agg.message.weights[0], 3.5 / 3)
     assert closing[1].model == GlobalModel(1, 1, agg.message.weights, tuple(sorted(training.trainers)))
     evaluations = sorted(r.c.evaluations.expected)

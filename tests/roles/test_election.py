@@ -98,6 +98,21 @@ def test_controller_lost_or_silent_starts_the_next_term():
     assert vote.term == 3 and vote.reason == "controller-lost"
 
 
+def test_a_model_announced_on_its_way_is_no_silence_until_it_could_have_come():
+    e = machine(min_peers=2)
+    e.on_claim(1, "b", "start", (), 0)
+    e.on_controller_seen(1, "b", 2.0)
+    e.expect_model(1, "c", 9.0)  # not the controller it follows: no grace
+    e.expect_model(0, "b", 9.0)  # nor of another term
+    e.expect_model(1, "b", 9.0)  # its heartbeat: round r's model is on its way here
+    assert e.tick(5.0) == [] and e.tick(8.9) == []  # the broker is still delivering the model to everyone
+    [vote] = e.tick(9.0)
+    assert vote.term == 2 and vote.reason == "controller-silent"
+    e.on_claim(2, "c", "controller-silent", (), 9.5)
+    e.on_controller_seen(2, "c", 10.0)
+    assert e.tick(13.0)[0].reason == "controller-silent"  # a new term starts without the old grace
+
+
 def test_a_controller_steps_down_when_a_higher_term_appears():
     e = machine(min_peers=2)
     e.on_claim(1, "a", "start", (), 0)
