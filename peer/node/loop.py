@@ -422,7 +422,12 @@ class Peer:
         self, message: Heartbeat | Training | Aggregation | Metrics | Finish, size: int, now: float
     ) -> None:
         self.carry_out(self.election.on_controller_seen(message.term, message.controller, now), now)
-        if isinstance(message, Heartbeat) and message.phase == "evaluating" and message.round > self.current_round:
+        held = self.store.latest
+        if (
+            isinstance(message, Heartbeat)
+            and message.phase == "evaluating"
+            and (held is None or held.round < message.round)
+        ):
             # its model is on the way, behind which the controller's next messages wait: a keepalive's grace
             self.election.expect_model(message.term, message.controller, now + 1.5 * self.settings.keepalive)
         refusal = entitled(message, self._view())

@@ -67,7 +67,9 @@ class ElectionTimings:
             window=window,
             claim_timeout=max(3 * window, 3 * heartbeat),
             heartbeat_timeout=3 * heartbeat,
-            join_grace=max(2.5 * heartbeat, window),
+            # A running controller's heartbeat is retained: a newcomer has it as it subscribes. The grace covers the
+            # delivery of the retained messages and the others' presence, not a heartbeat interval's wait.
+            join_grace=max(1.5 * heartbeat, window),
             give_up_after=give_up_after,
         )
 
