@@ -46,11 +46,19 @@ DATASET = "fashion-mnist"
 
 
 def _children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (a process started by a thread is listed under that thread's task)."""
+    children = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return children
 
 
 def tree(pids: list[int]) -> set[int]:
