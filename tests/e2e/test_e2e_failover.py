@@ -118,7 +118,11 @@ def test_a_hung_trainer_round_closes_at_the_deadline_with_the_quorum_and_its_lat
     rows = assert_rounds_complete(run_dir, 6)
     assert victim not in rows[1]["trainers"].split(";")
     controller = rows[1]["controller"]
-    assert log_matches(net, controller, rf"closed without {victim}")
+    # It closed with the quorum without the hung trainer, or, on a machine too busy for the others to fit in 4 s, its
+    # attempt was retried with other trainers: either way at the deadline and without it.
+    assert log_matches(net, controller, rf"closed without {victim}") or log_matches(
+        net, controller, r"round 2 attempt 1: .* by the deadline or with the rest gone; choosing trainers again"
+    )
     # It closed at the deadline, not before and not for the hung peer counted gone (which the keepalive of 10 s would
     # have done 15 s after the stop): the controller's own record of the round, whatever the machine's load.
     events = read_events(run_dir, peer=controller)  # (its file: a peer-gone's `peer` is the one gone)
