@@ -233,7 +233,11 @@ class Controller:
         if why_not:
             return [Log(f"ignored the {message.TYPE} of {message.peer}: {why_not}", "debug")]
         self.round_bytes += size
-        return self._advance(now)
+        out: list[Action] = []
+        if isinstance(message, Masked):
+            masked = len(self.secure.samples)
+            out.append(Log(f"round {self.round}: masked update from {message.peer} ({masked} in)"))
+        return out + self._advance(now)
 
     def peer_up(
         self, peer: str, now: float, samples: tuple[int, int] | None = None, returned: bool = False
