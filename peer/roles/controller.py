@@ -227,6 +227,14 @@ class Controller:
 
     def on_secure(self, message: Keys | Shares | Masked | Reveal, size: int, now: float) -> list[Action]:
         """A trainer's step of the secure aggregation of this attempt (`peer.roles.secure`)."""
+        if not self.rules.secure_aggregation:
+            return [
+                Log(
+                    f"ignored the {message.TYPE} of {message.peer}: it runs --secure-aggregation and this controller "
+                    "does not (every peer of a run needs the same setting)",
+                    "warning",
+                )
+            ]
         if self.phase is not Phase.TRAINING or self.secure is None:
             return [Log(f"ignored the {message.TYPE} of {message.peer}: no securely aggregated round is on", "debug")]
         why_not = self.secure.offer(message)

@@ -111,6 +111,8 @@ class SecureCollector:
         if isinstance(message, Shares):
             if self.roster is None or sender not in self.roster.peers:
                 return f"{sender} is not in the roster"
+            if {recipient for recipient, _ in message.ciphertexts} != set(self.roster.peers) - {sender}:
+                return f"the shares of {sender} are not one for every other member of the roster"
             self.sharers.add(sender)  # the controller cannot read them: it only learns who shared
             return None
         if isinstance(message, Masked):
@@ -341,7 +343,9 @@ class SecureTrainer:
         return out + self._mask_if_ready()
 
     def _shares(self, message: Shares) -> list[Action]:
-        if self.roster is None:
+        if message.peer not in self.order.trainers:
+            return []
+        if self.roster is None:  # held until the roster comes: one per trainer of the order
             self.early.setdefault(message.peer, message)
             return []
         mine = [c for recipient, c in message.ciphertexts if recipient == self.me]

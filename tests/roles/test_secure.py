@@ -213,3 +213,28 @@ def test_requests_of_another_attempt_are_ignored(kind):
         Unmask: Unmask(2, "c", 2, 9, ("p1", "p2"), ()),
     }[kind]
     assert follower.on_controller(stale) == []
+
+
+def test_the_controller_takes_no_shares_that_leave_a_member_out():
+    fed = Federation(live=("p1", "p2", "p3", "p4"))
+    fed.controller.take_office(0.0)  # the order goes out; nobody answers yet
+    secure = fed.controller.secure
+    keys = {}
+    for peer in ("p1", "p2", "p3", "p4"):
+        follower = fed.followers[peer]
+        follower.on_controller(secure.order)
+        keys[peer] = follower.secure.keys
+        assert secure.offer(keys[peer]) is None
+    fed.controller.tick(0.1)
+    assert secure.roster is not None
+    partial = Shares(2, 2, 1, "p1", (("p2", "A" * 107 + "="), ("p3", "A" * 107 + "=")))
+    assert "not one for every other member" in secure.offer(partial)
+    assert "not in the roster" in secure.offer(Shares(2, 2, 1, "p9", ()))
+
+
+def test_a_controller_without_the_setting_says_so_when_a_trainer_has_it():
+    fed = Federation(secure_aggregation=False)
+    fed.controller.take_office(0.0)
+    actions = fed.controller.on_message(Keys(2, 2, 1, "p1", "ab" * 32, "cd" * 32, "ef" * 32), 1, 0.5)
+    assert [a.level for a in actions if isinstance(a, Log)] == ["warning"]
+    assert "same setting" in actions[0].text
