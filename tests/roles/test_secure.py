@@ -238,3 +238,43 @@ def test_a_controller_without_the_setting_says_so_when_a_trainer_has_it():
     actions = fed.controller.on_message(Keys(2, 2, 1, "p1", "ab" * 32, "cd" * 32, "ef" * 32), 1, 0.5)
     assert [a.level for a in actions if isinstance(a, Log)] == ["warning"]
     assert "same setting" in actions[0].text
+
+
+def test_a_new_controller_retries_the_round_with_fresh_keys():
+    # The first controller dies once its roster is out: the trainers' shares and masked updates go nowhere. A
+    # controller of the next term trains the round again; every trainer makes new keys for it.
+    fed = Federation(live=("p1", "p2", "p3", "p4"))
+    old = fed.controller
+    original_on_message = old.on_message
+
+    def die_after_roster(message, size, now):
+        return (
+            [] if old.secure is not None and old.secure.roster is not None else original_on_message(message, size, now)
+        )
+
+    old.on_message = die_after_roster  # nothing reaches it once the roster is out
+    old.on_secure = lambda message, size, now: []
+    fed.start()
+    assert not fed.adopted
+    first_keys = {m.peer: m.mask_key for m in fed.seen_by_controller if isinstance(m, Keys)}
+    announced = {p: (n, 10) for p, n in SAMPLES.items()}
+    fed.controller = Controller(
+        "p5",
+        RoundRules(trainers=4, min_solutions=2, max_rounds=5, round_deadline=20.0, secure_aggregation=True),
+        3,
+        "controller-lost",
+        ("p1", "p2", "p3", "p4", "p5"),
+        ("p1", "p2", "p3", "p4"),
+        memory(),
+        random.Random(1),
+        announced=announced,
+    )
+    fed.seen_by_controller.clear()
+    fed.start()
+    second = fed.orders[-1]
+    assert (second.term, second.round, second.attempt) == (3, 2, 1)
+    model = fed.adopted[-1]
+    assert (model.round, model.term) == (2, 3) and model.trainers == ("p1", "p2", "p3", "p4")
+    assert_close(model, fedavg(("p1", "p2", "p3", "p4")), 4)
+    second_keys = {m.peer: m.mask_key for m in fed.seen_by_controller if isinstance(m, Keys)}
+    assert set(second_keys) == set(first_keys) and not set(second_keys.values()) & set(first_keys.values())
