@@ -21,7 +21,8 @@ or MQTT headers around them, which docs/PROTOCOL.md gives):
   4 L of masked vector, 32 per share it reveals;
 - `delivered B`: what the broker hands out for the round's secure-aggregation messages: each trainer's shares go to
   the n - 1 other trainers and the controller, keys, masked vectors and reveals to the controller, the roster
-  (128 bytes a member) to every trainer; `plain B`: the n float32 solutions of the same round without it (4 L each);
+  (128 bytes a member) to every trainer (in a federation of more peers than the trainers and the controller, every
+  other peer also receives every trainer's shares and the roster: n(n - 1) * 80 + 128 n bytes more each); `plain B`: the n float32 solutions of the same round without it (4 L each);
   the aggregation that follows is the same size either way and left out of both.
 
 A benchmark, not a test: it prints figures and asserts nothing about their size.
