@@ -76,6 +76,7 @@ def test_secure_aggregation_survives_a_trainer_killed_after_masking_and_matches_
     # round 2 was unmasked with the victim's update in it and without its answer
     assert victim in rows[1]["trainers"].split(";") and len(rows[1]["trainers"].split(";")) == 4
     assert log_matches(net, controller, r"round 2: secure FedAvg of 4 masked updates")
+    assert not log_matches(net, victim, r"round 2: shares revealed")  # it died before the unmask request
     assert all(len(r["trainers"].split(";")) >= 3 for r in rows)
     # the controller never got a plain solution, and no trainer sent one
     assert not log_matches(net, controller, r"solution from")
