@@ -24,7 +24,11 @@ from peer.learning.partition import DEFAULT_ALPHA, SCHEMES
 from peer.roles.controller import RoundRules
 from peer.wire.envelope import MAX_MESSAGE_BYTES, MIN_CHUNKED_MESSAGE_BYTES, MIN_SECRET_BYTES
 from peer.wire.ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_run_id
+from peer.wire.messages import MAX_SECURE_TRAINERS
 from peer.wire.weights import WIRE_DTYPES
+
+# Aggregation rules that look at each trainer's update, which --secure-aggregation hides.
+NEEDS_EACH_UPDATE = ("median", "trimmed-mean", "krum")
 
 
 def read_secret_file(path) -> bytes:
@@ -79,6 +83,7 @@ class Settings:
     election_window: float = 1.0
     round_deadline: float = 60.0
     aggregation: str = "fedavg"
+    secure_aggregation: bool = False
     wire_dtype: str = "float32"
     max_message_bytes: int = MAX_MESSAGE_BYTES
     wait_timeout: float = 600.0
@@ -128,6 +133,7 @@ class Settings:
             self.aggregation,
             self.wire_dtype,
             self.public_dict(),
+            secure_aggregation=self.secure_aggregation,
         )
 
     def public_dict(self) -> dict:
@@ -396,6 +402,14 @@ OPTIONS = [
         "trainers that lie, see docs/SECURITY.md)",
     ),
     (
+        "--secure-aggregation",
+        "FL_SECURE_AGGREGATION",
+        "secure_aggregation",
+        _switch,
+        "the controller learns only the sum of the trainers' updates, masked so that nobody sees one (with fedavg; "
+        "every peer of a run needs the same setting; see docs/SECURITY.md)",
+    ),
+    (
         "--wire-dtype",
         "FL_WIRE_DTYPE",
         "wire_dtype",
@@ -536,4 +550,20 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         settings = dataclasses.replace(settings, model=default_model(settings.dataset))
     if not settings.username and settings.password:
         raise SettingsError("--password given without --username")
+    if settings.secure_aggregation:
+        _check_secure_aggregation(settings)
     return settings
+
+
+def _check_secure_aggregation(settings: Settings) -> None:
+    """--secure-aggregation hides each trainer's update: refused with rules that need every update, and with more
+    trainers than its messages hold."""
+    if settings.aggregation in NEEDS_EACH_UPDATE:
+        raise SettingsError(
+            f"--secure-aggregation cannot be used with --aggregation {settings.aggregation}: it needs each trainer's "
+            "update, which secure aggregation hides (use fedavg, or drop --secure-aggregation)"
+        )
+    if not 2 <= settings.trainers <= MAX_SECURE_TRAINERS:
+        raise SettingsError(
+            f"--secure-aggregation needs --trainers from 2 to {MAX_SECURE_TRAINERS}, got {settings.trainers}"
+        )

@@ -93,7 +93,7 @@ def fields_of(settings: Settings, expected: dict) -> dict:
 
 # --- the table --------------------------------------------------------------------------------------------------------
 
-SWITCHES = {"--resume"}  # flags without a value: tested on their own below
+SWITCHES = {"--resume", "--secure-aggregation"}  # flags without a value: tested on their own below
 
 
 def test_every_option_has_samples():
@@ -509,3 +509,17 @@ def test_resume_is_a_switch_its_variable_a_yes_or_no():
     assert load_settings(["--resume"], {"FL_RESUME": "no"}).resume is True  # the flag wins
     with pytest.raises(SettingsError, match="FL_RESUME: 'maybe' is not yes or no"):
         load_settings([], {"FL_RESUME": "maybe"})
+
+
+def test_secure_aggregation_is_a_switch_refused_with_rules_that_need_each_update():
+    assert load_settings([], {}).secure_aggregation is False
+    assert load_settings(["--secure-aggregation"], {}).secure_aggregation is True
+    assert load_settings([], {"FL_SECURE_AGGREGATION": "yes"}).round_rules().secure_aggregation is True
+    for rule in ("median", "trimmed-mean", "krum"):
+        with pytest.raises(SettingsError, match=f"--aggregation {rule}") as refused:
+            load_settings(["--secure-aggregation", f"--aggregation={rule}"], {})
+        assert "\n" not in str(refused.value)
+    assert load_settings(["--secure-aggregation", "--aggregation=fedavg"], {}).aggregation == "fedavg"
+    for trainers in ("1", "201"):
+        with pytest.raises(SettingsError, match="--trainers from 2 to 200"):
+            load_settings(["--secure-aggregation", f"--trainers={trainers}"], {})

@@ -29,7 +29,9 @@ LAYERS = [
     "peer.__main__",
 ]
 PURE_PACKAGES = ["wire", "roles"]
-PURE_MODULES = ["learning/aggregation.py", "learning/metrics.py", "learning/partition.py"]
+PURE_MODULES = ["learning/aggregation.py", "learning/metrics.py", "learning/partition.py"] + sorted(
+    str(path.relative_to(PEER)) for path in (PEER / "learning" / "secagg").glob("*.py")
+)
 FORBIDDEN_IMPORTS = {
     "paho",
     "tensorflow",

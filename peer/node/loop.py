@@ -62,7 +62,19 @@ from peer.roles.rounds import ModelStore
 from peer.wire.chunks import Pending
 from peer.wire.envelope import Seal, Stamper, new_incarnation
 from peer.wire.errors import Refused
-from peer.wire.messages import Aggregation, Claim, Finish, Heartbeat, Init, Message, Metrics, Presence, Training, Vote
+from peer.wire.messages import (
+    Aggregation,
+    Claim,
+    Finish,
+    Heartbeat,
+    Init,
+    Message,
+    Metrics,
+    Presence,
+    Shares,
+    Training,
+    Vote,
+)
 from peer.wire.session import Delivered, Inbox, Outbox
 from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
@@ -70,7 +82,7 @@ from peer.wire.weights import WeightCodec
 TICK_S = 0.05
 PRESENCE_EXPIRY_S = 3600  # a dead peer's "offline" will does not linger on a long-lived broker forever
 # Kinds whose sending is worth an event in events.jsonl (heartbeats, votes and presence are told otherwise or not).
-EVENT_KINDS = frozenset({"training", "solution", "aggregation", "evaluation", "metrics", "finish"})
+EVENT_KINDS = frozenset({"training", "solution", "aggregation", "evaluation", "metrics", "finish", "masked"})
 
 
 class Peer:
@@ -114,6 +126,7 @@ class Peer:
             tuple(tuple(w.shape) for w in learner.initial_weights()),
             keep_solutions_up_to=settings.max_message_bytes,
             answers_expire_after=max(1, math.ceil(settings.round_deadline)),
+            secure_aggregation=settings.secure_aggregation,
         )
         self.controller: Controller | None = None
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
@@ -440,6 +453,14 @@ class Peer:
         if self.controller:
             self.carry_out(self.controller.on_message(message, size, now), now)
 
+    def _shares(self, message: Shares, size: int, now: float) -> None:
+        """A trainer's encrypted shares (secure aggregation): the controller learns who shared, a trainer keeps its
+        own."""
+        if self.controller:
+            self.carry_out(self.controller.on_secure(message, size, now), now)
+        else:
+            self.carry_out(self.follower.on_shares(message), now)
+
     def _same_id(self, message: Init, incarnation: int) -> None:
         """Another process announced itself with our peer id: two peers cannot share one. The one started later
         leaves; the earlier one answers with its own init, so the later one learns it is the later one."""
@@ -493,13 +514,13 @@ class Peer:
         else:
             for frame in publication.frames:
                 self.transport.publish(frame.topic, frame.payload, retain=frame.retain, expiry=frame.expiry)
-        if message.TOPIC in EVENT_KINDS:
+        if message.TYPE in EVENT_KINDS:
             fields = {
                 name: getattr(message, name)
                 for name in ("term", "round", "attempt", "trainers")
-                if hasattr(message, name) and (name != "trainers" or message.TOPIC == "training")
+                if hasattr(message, name) and (name != "trainers" or message.TYPE == "training")
             }
-            self._event("sent", kind=message.TOPIC, **fields)
+            self._event("sent", kind=message.TYPE, **fields)
 
     def _announce(self, reply: bool = False) -> None:
         self._answer_due = None  # every init of ours reaches every newcomer heard so far: it answers them all
@@ -700,6 +721,7 @@ ROUTES: dict[Route, Callable[..., None]] = {
     Route.RUN_FINISHED: Peer._run_finished,
     Route.FROM_CONTROLLER: Peer._from_controller,
     Route.TO_CONTROLLER: Peer._to_controller,
+    Route.SHARES: Peer._shares,
 }
 
 EVENT_HANDLERS: dict[type, Callable[..., None]] = {

@@ -22,7 +22,9 @@ The rules, in the order they apply:
   run, so it is this run's);
 - a controller's message of a term older than ours is stale; one that names this peer as its controller is our own
   echo (or an earlier life of this id, restarted): the controller acts on what it decides, not on what comes back;
-- solutions and evaluations are for the controller of their term, and only it hears them;
+- solutions and evaluations are for the controller of their term, and only it hears them (and so are secure
+  aggregation's keys, masked vectors and reveals); a trainer's encrypted shares (secure aggregation) are for the
+  peers of its term: the controller and the attempt's trainers;
 - after the election has seen a controller's message, only a follower of that very controller in that very term
   acts on it.
 """
@@ -42,15 +44,23 @@ from peer.wire.messages import (
     Finish,
     Heartbeat,
     Init,
+    Keys,
+    Masked,
+    Maskers,
     Message,
     Metrics,
     Presence,
+    Reveal,
+    Roster,
+    Shares,
     Solution,
     Training,
+    Unmask,
     Vote,
 )
 
-CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish)
+CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish, Roster, Maskers, Unmask)
+TO_CONTROLLER_MESSAGES = (Solution, Evaluation, Keys, Masked, Reveal)
 TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)  # messages that can move this peer to a later term
 RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, Finish)  # the only messages a peer publishes retained
 MAX_TERM_STEP = 1000  # a term further ahead of ours than this is no election we could have missed
@@ -67,7 +77,8 @@ class Route(str, enum.Enum):
     FROM_CONTROLLER = "from-controller"  # heartbeat, training, aggregation, metrics, finish: election, then follower
     PEER_OTHER_MODEL = "peer-other-model"  # an init of a peer whose model is not ours: it is not counted
     RUN_OTHER_MODEL = "run-other-model"  # a controller's heartbeat naming another model: this peer cannot take part
-    TO_CONTROLLER = "to-controller"  # solution, evaluation: the controller of that term
+    TO_CONTROLLER = "to-controller"  # solution, evaluation (and secure aggregation's): the controller of that term
+    SHARES = "shares"  # a trainer's encrypted shares (secure aggregation): the controller and the trainers
 
 
 @dataclass(frozen=True)
@@ -126,12 +137,18 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
                 "(our own echo, or an earlier life of this id)"
             )
         return Route.FROM_CONTROLLER
-    if isinstance(message, (Solution, Evaluation)):
+    if isinstance(message, TO_CONTROLLER_MESSAGES):
         if view.role is not Role.CONTROLLER or message.term != view.term:
             return Refused(
                 f"ignored a {message.TYPE} of term {message.term} from {message.peer}: not the controller of that term"
             )
         return Route.TO_CONTROLLER
+    if isinstance(message, Shares):
+        if message.term != view.term or view.role not in (Role.CONTROLLER, Role.FOLLOWER):
+            return Refused(
+                f"ignored the shares of term {message.term} from {message.peer}: this peer is in {view.term}"
+            )
+        return Route.SHARES
     return Refused(f"no rule admits a {message.TYPE}", "warning")
 
 
@@ -151,7 +168,9 @@ def _term_jump(term: int, ours: int) -> Refused | None:
     return None
 
 
-def entitled(message: Heartbeat | Training | Aggregation | Metrics | Finish, view: View) -> Refused | None:
+def entitled(
+    message: Heartbeat | Training | Aggregation | Metrics | Finish | Roster | Maskers | Unmask, view: View
+) -> Refused | None:
     """After the election has seen a controller's message: None if this peer acts on it (it follows that controller
     in that term), else why not."""
     if view.role is not Role.FOLLOWER or (message.term, message.controller) != (view.term, view.controller):

@@ -50,7 +50,21 @@ from peer.roles.rounds import (
     choose_evaluators,
     choose_trainers,
 )
-from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
+from peer.roles.secure import SecureCollector, SecureResult
+from peer.wire.messages import (
+    Aggregation,
+    Evaluation,
+    Finish,
+    Heartbeat,
+    Keys,
+    Masked,
+    Message,
+    Metrics,
+    Reveal,
+    Shares,
+    Solution,
+    Training,
+)
 from peer.wire.weights import WeightCodec
 
 FINISH_EXPIRY_S = 24 * 3600  # the retained Finish tells a peer (re)started for this run that it is over
@@ -81,6 +95,7 @@ class RoundRules:
     aggregation: str = "fedavg"
     wire_dtype: str = "float32"  # the global model is held as its peers receive it
     run_settings: Mapping = field(default_factory=dict)  # every setting, for run.json
+    secure_aggregation: bool = False  # the controller sees only the sum of the updates (peer.roles.secure)
 
 
 def _free(message: Message) -> int:
@@ -126,6 +141,7 @@ class Controller:
         self.phase = Phase.STARTING
         self.round = self.model.round
         self.solutions: SolutionCollector | None = None
+        self.secure: SecureCollector | None = None  # with --secure-aggregation: this attempt's masked exchange
         self.evaluations: EvaluationCollector | None = None
         self.attempt = 0
         self.round_started: float | None = None
@@ -168,6 +184,10 @@ class Controller:
     def on_message(self, message: Message, size: int, now: float) -> list[Action]:
         """A solution or an evaluation of this term (`size`: its payload bytes, counted in the round's traffic)."""
         out: list[Action] = []
+        if isinstance(message, (Keys, Masked, Reveal)):
+            return self.on_secure(message, size, now)
+        if isinstance(message, Solution) and self.secure is not None:
+            return [Log(f"ignored a plain solution from {message.peer}: this round is securely aggregated", "warning")]
         if isinstance(message, Solution):
             solutions = self.solutions if self.phase is Phase.TRAINING else None
             if solutions is None:  # a late one (a thawed or slow trainer): say so, as for any other refused solution
@@ -205,6 +225,28 @@ class Controller:
             self.round_bytes += size
         return out + self._advance(now)
 
+    def on_secure(self, message: Keys | Shares | Masked | Reveal, size: int, now: float) -> list[Action]:
+        """A trainer's step of the secure aggregation of this attempt (`peer.roles.secure`)."""
+        if not self.rules.secure_aggregation:
+            return [
+                Log(
+                    f"ignored the {message.TYPE} of {message.peer}: it runs --secure-aggregation and this controller "
+                    "does not (every peer of a run needs the same setting)",
+                    "warning",
+                )
+            ]
+        if self.phase is not Phase.TRAINING or self.secure is None:
+            return [Log(f"ignored the {message.TYPE} of {message.peer}: no securely aggregated round is on", "debug")]
+        why_not = self.secure.offer(message)
+        if why_not:
+            return [Log(f"ignored the {message.TYPE} of {message.peer}: {why_not}", "debug")]
+        self.round_bytes += size
+        out: list[Action] = []
+        if isinstance(message, Masked):
+            masked = len(self.secure.samples)
+            out.append(Log(f"round {self.round}: masked update from {message.peer} ({masked} in)"))
+        return out + self._advance(now)
+
     def peer_up(
         self, peer: str, now: float, samples: tuple[int, int] | None = None, returned: bool = False
     ) -> list[Action]:
@@ -234,6 +276,8 @@ class Controller:
         self.live.discard(peer)
         if self.solutions:
             self.solutions.trainer_lost(peer)
+        if self.secure:
+            self.secure.trainer_lost(peer)
         if self.evaluations:
             self.evaluations.peer_lost(peer)
         return self._advance(now)
@@ -285,6 +329,7 @@ class Controller:
             return [
                 Log(f"round {self.round}: {why}; sending the training order again"),
                 self._counted(Publish(self._order(self.solutions.trainers), expiry=self._order_expiry)),
+                *(self._counted(p) for p in (self.secure.resend() if self.secure else []) if isinstance(p, Publish)),
             ]
         if self.phase is Phase.EVALUATING and self.evaluations:
             return [
@@ -374,8 +419,15 @@ class Controller:
         )
         self.evaluations = None
         self.phase = Phase.TRAINING
+        order = self._order(trainers)
+        self.secure = None
+        if self.rules.secure_aggregation:
+            caps = {peer: announced[0] for peer, announced in self.announced.items()}
+            self.secure = SecureCollector(
+                self.me, order, self.model.weights, quorum, caps, now, self.rules.round_deadline
+            )
         return [
-            self._counted(Publish(self._order(trainers), expiry=self._order_expiry)),
+            self._counted(Publish(order, expiry=self._order_expiry)),
             Log(
                 f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
                 f"{','.join(trainers)} (quorum {quorum})"
@@ -405,6 +457,7 @@ class Controller:
         model = self.model
         self.round = model.round
         self.solutions = None
+        self.secure = None
         self.evaluators = self._choose_evaluators(model.round)
         self.evaluations = EvaluationCollector(
             self.term, model.round, set(self.evaluators) or self._others(), now + self.rules.round_deadline
@@ -442,6 +495,8 @@ class Controller:
 
     def _advance(self, now: float) -> list[Action]:
         solutions, evaluations = self.solutions, self.evaluations
+        if self.phase is Phase.TRAINING and self.secure:
+            return self._advance_secure(self.secure, now)
         if self.phase is Phase.TRAINING and solutions:
             outcome = solutions.outcome(now)
             if outcome is RoundOutcome.RETRY:
@@ -493,6 +548,57 @@ class Controller:
         without = f" (closed without {','.join(missing)})" if missing else ""
         name = "FedAvg" if result.strategy == "fedavg" else result.strategy
         out.append(Log(f"round {self.round}: {name} of {len(used)} solutions from {','.join(used)}{without}"))
+        self.republished = 0
+        return out + self._publish_model(now)
+
+    def _advance_secure(self, secure: SecureCollector, now: float) -> list[Action]:
+        out: list[Action] = [self._counted(a) if isinstance(a, Publish) else a for a in secure.advance(now)]
+        if secure.failed is not None:
+            if self.attempt >= MAX_ATTEMPTS:
+                return out + self._give_up(
+                    "no-solutions",
+                    f"round {self.round} could not be securely aggregated in {self.attempt} attempts",
+                    now,
+                )
+            return [
+                *out,
+                Log(
+                    f"round {self.round} attempt {self.attempt}: secure aggregation failed: {secure.failed}; choosing "
+                    "trainers again",
+                    "warning",
+                ),
+                *self._start_training(now, retry=True),
+            ]
+        if secure.result is not None:
+            return out + self._aggregate_secure(secure.result, now)
+        return out
+
+    def _aggregate_secure(self, result: SecureResult, now: float) -> list[Action]:
+        """The unmasked mean as the new model, if it passes the checks every aggregate passes (finite, not grown
+        beyond reason): the controller has no single update to check, only their sum."""
+        self.suspects |= set(result.liars)
+        try:
+            checked = self.aggregator.aggregate(self.model.weights, [("the sum", result.weights, 1)])
+        except AggregationRefused as refused:
+            return [
+                Log(
+                    f"round {self.round} attempt {self.attempt}: the unmasked sum was refused: {refused}; choosing "
+                    "trainers again",
+                    "warning",
+                ),
+                *self._start_training(now, retry=True),
+            ]
+        out: list[Action] = []
+        if result.liars:
+            out.append(Log(f"round {self.round}: wrong shares from {','.join(result.liars)}", "warning"))
+        out += self._adopt(GlobalModel(self.round, self.term, checked.weights, result.survivors))
+        without = f" (closed without {','.join(result.dropped)})" if result.dropped else ""
+        out.append(
+            Log(
+                f"round {self.round}: secure FedAvg of {len(result.survivors)} masked updates from "
+                f"{','.join(result.survivors)}{without}"
+            )
+        )
         self.republished = 0
         return out + self._publish_model(now)
 

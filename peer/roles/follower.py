@@ -30,7 +30,21 @@ from peer.roles.actions import (
     StartJob,
 )
 from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
-from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
+from peer.roles.secure import SecureTrainer
+from peer.wire.messages import (
+    Aggregation,
+    Evaluation,
+    Finish,
+    Heartbeat,
+    Maskers,
+    Message,
+    Metrics,
+    Roster,
+    Shares,
+    Solution,
+    Training,
+    Unmask,
+)
 from peer.wire.weights import WeightCodec
 
 
@@ -42,13 +56,17 @@ class Follower:
         shapes: tuple[tuple[int, ...], ...] | None = None,
         keep_solutions_up_to: int = 2**63,
         answers_expire_after: int | None = None,
+        secure_aggregation: bool = False,
     ):
         """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused.
         `keep_solutions_up_to`: a solution of more bytes than this is not kept once sent (a large model's memory
         matters more than sparing a fit: a repeated order is trained again). `answers_expire_after`: seconds after
         which the broker drops a solution or evaluation still waiting for its controller (the round has moved on):
-        a stalled controller's queue holds no stale models."""
+        a stalled controller's queue holds no stale models. `secure_aggregation`: a fit is answered with a masked
+        update (`peer.roles.secure`), never a plain solution."""
         self.me, self.memory, self.shapes = me, memory, shapes
+        self.secure_aggregation = secure_aggregation
+        self.secure: SecureTrainer | None = None  # the attempt this peer trains for, with --secure-aggregation
         self.expiry = answers_expire_after
         self.keep_solutions_up_to = keep_solutions_up_to
         self.phase: str | None = None  # the controller's phase, as its last heartbeat told it
@@ -71,10 +89,17 @@ class Follower:
             self.phase = message.phase
             self.heard = (message.term, message.round, message.phase)
             return self._evaluate_if_due()
+        if isinstance(message, (Roster, Maskers, Unmask)):
+            return self.secure.on_message(message) if self.secure else []
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
             order = (message.term, message.round, message.attempt)
+            if self.secure is not None and self.secure.key == order:
+                return [
+                    *self.secure.resend(),
+                    Log(f"round {message.round}: the order came again; sending my answers again", "debug"),
+                ]
             if order == self.fitting:
                 if (
                     self.solution is not None
@@ -141,6 +166,10 @@ class Follower:
             ]
         return []
 
+    def on_shares(self, message: Shares) -> list[Action]:
+        """Another trainer's encrypted shares (secure aggregation): for this peer's attempt, if it has one."""
+        return self.secure.on_message(message) if self.secure else []
+
     def on_finished_run(self, message: Finish) -> list[Action]:
         """The broker's retained finish: this run ended before this peer came (or came back)."""
         failed = message.reason in GIVE_UP_REASONS
@@ -188,11 +217,14 @@ class Follower:
     def reconnected(self, current_term: int) -> list[Action]:
         """Back on the broker: what this peer sent while it was gone may be lost, so its answers of this term go
         out again (the controller ignores what it already has)."""
-        return [
+        out: list[Action] = [
             Publish(answer, expiry=self.expiry)
             for answer in (self.solution, self.evaluation)
             if answer is not None and answer.term == current_term
         ]
+        if self.secure is not None and self.secure.order.term == current_term:
+            out += self.secure.resend()
+        return out
 
     def on_job_done(self, done: JobDone, current_term: int) -> list[Action]:
         job = done.job
@@ -202,6 +234,12 @@ class Follower:
             weights, samples, loss = done.result
             if job.term != current_term:
                 return [Log(f"round {job.round}: training done but term {job.term} is over; solution dropped")]
+            if self.secure_aggregation:
+                self.fitted = (job.term, job.round, job.attempt)
+                if self.secure is None or self.secure.key != self.fitted:
+                    return [Log(f"round {job.round}: training done for an attempt that is over; nothing sent")]
+                log = Log(f"round {job.round}: trained {samples} samples in {done.seconds:.1f}s (loss {loss:.4f})")
+                return [log, *self.secure.on_fit(weights, samples, loss)]
             solution = Solution(job.term, job.round, job.attempt, self.me, samples, loss, weights)
             self.fitted = (job.term, job.round, job.attempt)
             small = sum(np.asarray(w).nbytes for w in weights) <= self.keep_solutions_up_to
@@ -226,8 +264,13 @@ class Follower:
 
     def _fit(self, order: Training, weights) -> list[Action]:
         self.fitting, self.waiting = (order.term, order.round, order.attempt), None
+        keys: list[Action] = []
+        if self.secure_aggregation:  # fresh keys for every attempt, exchanged while the model trains
+            self.secure = SecureTrainer(self.me, order, weights, self.expiry)
+            keys = self.secure.start()
         return [
             Log(f"round {order.round}: chosen to train (attempt {order.attempt})"),
+            *keys,
             StartJob("fit", order.term, order.round, order.attempt, weights),
         ]
 

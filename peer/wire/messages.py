@@ -10,20 +10,26 @@ peer never sends what its peers would drop. See docs/PROTOCOL.md for the reader'
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import struct
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+import numpy as np
+
 from peer.wire.errors import ProtocolError, require
 from peer.wire.ids import PEER_ID_PATTERN
-from peer.wire.weights import DIGEST_HEX, FINGERPRINT_HEX, WIRE_DTYPES, WeightCodec
+from peer.wire.weights import DIGEST_HEX, FINGERPRINT_HEX, INTEGERS, WIRE_DTYPES, WeightCodec
 
 PROTOCOL_VERSION = 2  # 2: per-tensor dtype (float16 on the wire), weightless training orders
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_TERM = 2**31 - 1  # the highest term: encode and decode refuse more
 _MAX_COUNT = 2**53 - 1  # the largest integer a JSON reader in any language reads exactly
+MAX_SECURE_TRAINERS = 200  # secure aggregation: a roster of this many rows still fits a JSON message
+KEY_HEX = 64  # secure aggregation: a 32-byte key, commitment or share in hex
+CIPHERTEXT_BYTES = 80  # secure aggregation: a trainer's two shares for one member, encrypted (peer.learning.secagg)
 
 
 # Binary frame of messages that carry weights: magic, version, JSON header length, JSON header, weights.
@@ -82,6 +88,33 @@ def _peer_list(value, name: str) -> tuple[str, ...]:
     return ids
 
 
+def _rows(width: int, cells, limit: int = MAX_SECURE_TRAINERS):
+    """A list of at most `limit` rows [peer id, cell, ...] (`width` values each), one per peer, in order of peer id;
+    `cells` validates the other values of a row. As a tuple of tuples."""
+
+    def rule(value, name: str) -> tuple:
+        require(isinstance(value, (list, tuple)) and len(value) <= limit, f"{name}: expected at most {limit} rows")
+        rows = []
+        for row in value:
+            require(isinstance(row, (list, tuple)) and len(row) == width, f"{name}: a row is {width} values")
+            rows.append((_peer_id(row[0], f"{name}[]"), *(cells(cell, f"{name}[]") for cell in row[1:])))
+        peers = [row[0] for row in rows]
+        require(peers == sorted(set(peers)), f"{name}: one row per peer, in order of peer id")
+        return tuple(rows)
+
+    return rule
+
+
+def _ciphertext(value, name: str) -> str:
+    require(isinstance(value, str) and len(value) == 4 * ((CIPHERTEXT_BYTES + 2) // 3), f"{name}: not a ciphertext")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ProtocolError(f"{name}: not base64") from None
+    require(len(raw) == CIPHERTEXT_BYTES, f"{name}: a ciphertext is {CIPHERTEXT_BYTES} bytes")
+    return value
+
+
 def _one_of(value, name: str, allowed: tuple, spelled: str) -> object:
     """`value` if it is one of `allowed`, of the same type too (JSON's true is not 1); `spelled` names them."""
     require(any(type(value) is type(a) and value == a for a in allowed), f"{name}: expected {spelled}")
@@ -114,6 +147,19 @@ _FIELD_RULES = {
     "reply": lambda v, n: _one_of(v, n, (True, False), "true or false"),
     "model": _hex(FINGERPRINT_HEX),
     "digest": _hex(DIGEST_HEX),
+    # secure aggregation (docs/PROTOCOL.md, Secure aggregation)
+    "share_key": _hex(KEY_HEX),
+    "mask_key": _hex(KEY_HEX),
+    "seed_digest": _hex(KEY_HEX),
+    "threshold": lambda v, n: _count(v, n, 2, MAX_SECURE_TRAINERS),
+    "clip": lambda v, n: _number(v, n, 2.0**-20, 2.0**20),
+    "weight_bound": lambda v, n: _count(v, n, 1),
+    "keys": _rows(4, _hex(KEY_HEX)),
+    "ciphertexts": _rows(2, _ciphertext),
+    "shares": _rows(2, _hex(KEY_HEX)),
+    "maskers": _peer_list,
+    "survivors": _peer_list,
+    "dropped": _peer_list,
 }
 
 
@@ -123,6 +169,7 @@ class Message:
     TOPIC: ClassVar[str]  # the topic's kind level: <prefix>/<run_id>/<TOPIC>/<sender>
     SENDER: ClassVar[str]  # the field that names the peer sending it
     CARRIES_WEIGHTS: ClassVar[bool] = False
+    INTEGER_WEIGHTS: ClassVar[bool] = False  # its weights are uint32 (a masked vector), not float
 
     @property
     def sender(self) -> str:
@@ -308,9 +355,142 @@ class Finish(Message):
     accuracy: float
 
 
+# --- secure aggregation: one round attempt's exchange (docs/PROTOCOL.md, Secure aggregation) -----------------------
+# Trainer to controller on the solution kind, controller to trainers on the training kind, trainer to trainers on
+# the shares kind. Each is bound to (term, round, attempt); its values are checked again by peer.learning.secagg.
+
+
+@dataclass(frozen=True)
+class Keys(Message):
+    """A chosen trainer's fresh public keys for this attempt and its commitment to its self-mask seed."""
+
+    TYPE = "keys"
+    TOPIC = "solution"
+    SENDER = "peer"
+    term: int
+    round: int
+    attempt: int
+    peer: str
+    share_key: str
+    mask_key: str
+    seed_digest: str
+
+
+@dataclass(frozen=True)
+class Roster(Message):
+    """The controller fixes the attempt's trainers (U1: rows [peer, share_key, mask_key, seed_digest]), the
+    threshold, the quantization clip and the weight bound (the sum of their announced sample counts)."""
+
+    TYPE = "roster"
+    TOPIC = "training"
+    SENDER = "controller"
+    term: int
+    controller: str
+    round: int
+    attempt: int
+    threshold: int
+    clip: float
+    weight_bound: int
+    keys: tuple[tuple[str, str, str, str], ...]
+
+
+@dataclass(frozen=True)
+class Shares(Message):
+    """A roster member's shares of its seed and mask key, encrypted to each other member: rows [recipient, base64]."""
+
+    TYPE = "shares"
+    TOPIC = "shares"
+    SENDER = "peer"
+    term: int
+    round: int
+    attempt: int
+    peer: str
+    ciphertexts: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Maskers(Message):
+    """The controller names U2: the members whose shares went out, who now mask their updates."""
+
+    TYPE = "maskers"
+    TOPIC = "training"
+    SENDER = "controller"
+    term: int
+    controller: str
+    round: int
+    attempt: int
+    maskers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Masked(Message):
+    """A masker's quantized, masked update: one uint32 tensor of the model's parameter count."""
+
+    TYPE = "masked"
+    TOPIC = "solution"
+    SENDER = "peer"
+    CARRIES_WEIGHTS = True
+    INTEGER_WEIGHTS = True
+    term: int
+    round: int
+    attempt: int
+    peer: str
+    samples: int
+    loss: float
+    weights: list
+
+
+@dataclass(frozen=True)
+class Unmask(Message):
+    """The controller's one request to every survivor: the seed shares of `survivors`, the key shares of `dropped`."""
+
+    TYPE = "unmask"
+    TOPIC = "training"
+    SENDER = "controller"
+    term: int
+    controller: str
+    round: int
+    attempt: int
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reveal(Message):
+    """A survivor's answer: rows [owner, its share in hex] for the owners whose shares it holds."""
+
+    TYPE = "reveal"
+    TOPIC = "solution"
+    SENDER = "peer"
+    term: int
+    round: int
+    attempt: int
+    peer: str
+    shares: tuple[tuple[str, str], ...]
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Init, Presence, Vote, Claim, Heartbeat, Training, Solution, Aggregation, Evaluation, Metrics, Finish)
+    for cls in (
+        Init,
+        Presence,
+        Vote,
+        Claim,
+        Heartbeat,
+        Training,
+        Solution,
+        Aggregation,
+        Evaluation,
+        Metrics,
+        Finish,
+        Keys,
+        Roster,
+        Shares,
+        Maskers,
+        Masked,
+        Unmask,
+        Reveal,
+    )
 }
 
 
@@ -345,8 +525,9 @@ def encode_parts(message: Message, wire_dtype: str = "float32") -> list:
     )
     if not message.CARRIES_WEIGHTS:
         return [raw]
-    arrays = WeightCodec.checked(getattr(message, "weights"))
-    return [_FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(raw)), raw, *WeightCodec.parts(arrays, wire_dtype)]
+    arrays = WeightCodec.checked(getattr(message, "weights"), integers=message.INTEGER_WEIGHTS)
+    dtype = INTEGERS if message.INTEGER_WEIGHTS else wire_dtype
+    return [_FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(raw)), raw, *WeightCodec.parts(arrays, dtype)]
 
 
 def encoded_size(message: Message, wire_dtype: str = "float32") -> int:
@@ -355,7 +536,8 @@ def encoded_size(message: Message, wire_dtype: str = "float32") -> int:
     header = len(_json(message.header()))
     if not message.CARRIES_WEIGHTS:
         return header
-    return _FRAME_HEAD.size + header + WeightCodec.size(getattr(message, "weights"), wire_dtype)
+    dtype = INTEGERS if message.INTEGER_WEIGHTS else wire_dtype
+    return _FRAME_HEAD.size + header + WeightCodec.size(getattr(message, "weights"), dtype)
 
 
 def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Message:
@@ -410,5 +592,11 @@ def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Me
         f"a {cls.TYPE} claims to be {claimed} but was published as {str(sender)[:80]}",
     )
     if weights_view is not None:
-        values["weights"] = WeightCodec.decode(weights_view)
+        weights = WeightCodec.decode(weights_view)
+        integers = [w.dtype == np.uint32 for w in weights]
+        require(
+            all(integers) if cls.INTEGER_WEIGHTS else not any(integers),
+            f"a {cls.TYPE} message carries {'uint32' if cls.INTEGER_WEIGHTS else 'float'} tensors only",
+        )
+        values["weights"] = weights
     return cls(**values)

@@ -7,7 +7,7 @@ from peer.wire.messages import MESSAGE_TYPES, Message
 
 _KINDS = frozenset(cls.TOPIC for cls in MESSAGE_TYPES.values())  # the kind level of every topic
 _TO_CONTROLLER = frozenset({"solution", "evaluation"})  # kinds only the controller subscribes to
-_NO_ECHO = frozenset({"training", "aggregation"})  # kinds a peer need not hear from itself
+_NO_ECHO = frozenset({"training", "aggregation", "shares"})  # kinds a peer need not hear from itself
 
 
 class Topics:

@@ -19,10 +19,12 @@ class WeightCodec:
     """A list of tensors as bytes, little-endian throughout:
 
         u32 tensor_count
-        per tensor: u8 dtype (1 = float32, 2 = float16), u8 ndim, ndim x u32 dims, prod(dims) values (C order)
+        per tensor: u8 dtype (1 = float32, 2 = float16, 3 = uint32), u8 ndim, ndim x u32 dims, prod(dims) values
+        (C order)
 
-    No pickle and no JSON lists of floats: a decoder can check every length before reading. Decoding always gives
-    float32 arrays. float16 (`--wire-dtype float16`) halves the bytes; a tensor with a value beyond float16's range
+    No pickle and no JSON lists of floats: a decoder can check every length before reading. Decoding gives float32
+    arrays, and uint32 ones for dtype 3 (secure aggregation's masked vectors: integers modulo 2^32, `INTEGERS` as the
+    wire dtype; a message says which of the two it carries). float16 (`--wire-dtype float16`) halves the bytes; a tensor with a value beyond float16's range
     travels as float32, so nothing is lost to overflow. `digest` names a model by its float32 values.
     """
 
@@ -30,12 +32,13 @@ class WeightCodec:
     def encode(tensors: list[np.ndarray], wire_dtype: str = "float32") -> bytes:
         """Any tensors, unchecked (tests build bad payloads with it); `encode(message)` checks them first."""
         # not ascontiguousarray: it turns a scalar into shape (1,)
-        return b"".join(WeightCodec._parts([np.asarray(t, dtype="<f4") for t in tensors], wire_dtype))
+        return b"".join(WeightCodec.parts(tensors, wire_dtype))
 
     @staticmethod
     def parts(tensors: list[np.ndarray], wire_dtype: str = "float32") -> list:
         """`encode(tensors)` as a list of bytes-like parts to write one after the other, without joining them."""
-        return WeightCodec._parts([np.asarray(t, dtype="<f4") for t in tensors], wire_dtype)
+        dtype = "<u4" if wire_dtype == INTEGERS else "<f4"
+        return WeightCodec._parts([np.asarray(t, dtype=dtype) for t in tensors], wire_dtype)
 
     @staticmethod
     def _on_wire(array: np.ndarray, wire_dtype: str) -> np.ndarray:
@@ -67,15 +70,21 @@ class WeightCodec:
         return [WeightCodec._on_wire(np.asarray(t, "<f4"), wire_dtype).astype(np.float32) for t in tensors]
 
     @staticmethod
-    def checked(tensors) -> list[np.ndarray]:
+    def checked(tensors, integers: bool = False) -> list[np.ndarray]:
         """The tensors as little-endian float32 arrays, or ProtocolError for anything `decode` would refuse: more than
         MAX_TENSORS tensors or MAX_TENSOR_DIMS dimensions, more than MAX_WEIGHT_BYTES in all, NaN or infinity
-        (also a float64 value too large for float32)."""
-        try:
-            with np.errstate(over="ignore"):  # a float64 beyond float32 becomes infinity, refused below
-                arrays = [np.asarray(tensor, dtype="<f4") for tensor in tensors]
-        except (TypeError, ValueError) as err:  # not a list of tensors, ragged lists, strings
-            raise ProtocolError(f"weights: not a list of float tensors ({str(err)[:100]})") from None
+        (also a float64 value too large for float32). `integers`: uint32 arrays instead, which they must be already
+        (a float is never rounded into one)."""
+        if integers:
+            arrays = [np.asarray(tensor) for tensor in tensors]
+            require(all(a.dtype == np.uint32 for a in arrays), "weights: integer tensors must be uint32")
+            arrays = [a.astype("<u4", copy=False) for a in arrays]
+        else:
+            try:
+                with np.errstate(over="ignore"):  # a float64 beyond float32 becomes infinity, refused below
+                    arrays = [np.asarray(tensor, dtype="<f4") for tensor in tensors]
+            except (TypeError, ValueError) as err:  # not a list of tensors, ragged lists, strings
+                raise ProtocolError(f"weights: not a list of float tensors ({str(err)[:100]})") from None
         require(len(arrays) <= MAX_TENSORS, f"weights: {len(arrays)} tensors exceeds the limit of {MAX_TENSORS}")
         for index, array in enumerate(arrays):
             require(
@@ -119,7 +128,8 @@ class WeightCodec:
         (count,) = struct.unpack_from("<I", view, 0)
         if count > MAX_TENSORS:
             raise ProtocolError(f"weights: {count} tensors exceeds the limit of {MAX_TENSORS}")
-        offset, tensors = 4, []
+        offset = 4
+        tensors: list[np.ndarray] = []
         for index in range(count):
             if offset + 2 > len(view):
                 raise ProtocolError(f"weights: tensor {index}: truncated header")
@@ -137,10 +147,13 @@ class WeightCodec:
             size = math.prod(shape) * np.dtype(dtype).itemsize
             if offset + size > len(view):
                 raise ProtocolError(f"weights: tensor {index}: truncated values ({len(view) - offset} of {size} bytes)")
+            values = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape)
+            if dtype == "<u4":  # integers modulo 2^32: every bit pattern is a value
+                tensors.append(values.astype(np.uint32, copy=False))
+                offset += size
+                continue
             # float32 values are used in place (no copy of a large model); float16 ones are widened
-            array = (
-                np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape).astype(np.float32, copy=False)
-            )
+            array = values.astype(np.float32, copy=False)
             if not np.isfinite(array).all():
                 raise ProtocolError(f"weights: tensor {index}: contains NaN or infinity")
             tensors.append(array)
@@ -151,8 +164,9 @@ class WeightCodec:
 
 
 WIRE_DTYPES = ("float32", "float16")
-_DTYPES = {1: "<f4", 2: "<f2"}  # the dtype byte of each tensor
-_DTYPE_CODES = {"<f4": 1, "<f2": 2}
+INTEGERS = "uint32"  # the wire dtype of integer tensors (secure aggregation), never a user's choice
+_DTYPES = {1: "<f4", 2: "<f2", 3: "<u4"}  # the dtype byte of each tensor
+_DTYPE_CODES = {"<f4": 1, "<f2": 2, "<u4": 3}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 DIGEST_HEX = 32  # 128 bits: a model's name in a training order
 FINGERPRINT_HEX = 16  # a model architecture's name (peer.models.fingerprint)
