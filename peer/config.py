@@ -51,8 +51,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    broker_host: str = "localhost"
-    broker_port: int = 1883
+    # The brokers in the order to try them: the first reachable one, and on losing it the next (peer.node.transport).
+    brokers: tuple[tuple[str, int], ...] = (("localhost", 1883),)
     peer_id: str = ""
     min_peers: int = 5
     trainers: int = 3
@@ -93,7 +93,8 @@ class Settings:
 
     @property
     def broker(self) -> str:
-        return f"{self.broker_host}:{self.broker_port}"
+        """The brokers as the user gives them: HOST:PORT[,HOST:PORT...]."""
+        return ",".join(f"{host}:{port}" for host, port in self.brokers)
 
     @property
     def shard_label(self) -> str:
@@ -142,7 +143,7 @@ class Settings:
             out[f.name] = value
         out["broker"] = self.broker
         out["shard"] = self.shard_label
-        del out["broker_host"], out["broker_port"], out["num_shards"]
+        del out["brokers"], out["num_shards"]
         return out
 
 
@@ -162,6 +163,20 @@ def parse_broker(text: str) -> tuple[str, int]:
     if not 1 <= number <= 65535:
         raise SettingsError(f"broker {text!r}: port must be 1..65535")
     return host, number
+
+
+def parse_brokers(text: str) -> tuple[tuple[str, int], ...]:
+    """HOST:PORT[,HOST:PORT...]: the brokers of one federation (bridged, or one cluster), in the order to try them."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if not any(entries):
+        raise SettingsError(f"broker {text!r}: expected HOST:PORT, e.g. localhost:1883")
+    if not all(entries):
+        raise SettingsError(f"broker list {text!r} has an empty entry: expected HOST:PORT,HOST:PORT,...")
+    brokers = tuple(parse_broker(entry) for entry in entries)
+    twice = sorted({f"{host}:{port}" for host, port in brokers if brokers.count((host, port)) > 1})
+    if twice:
+        raise SettingsError(f"broker list {text!r} names {', '.join(twice)} more than once")
+    return brokers
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -277,9 +292,11 @@ OPTIONS = [
     (
         "--broker",
         "FL_BROKER",
-        ("broker_host", "broker_port"),
-        parse_broker,
-        "MQTT broker as HOST:PORT (default localhost:1883)",
+        "brokers",
+        parse_brokers,
+        "MQTT broker as HOST:PORT (default localhost:1883), or several brokers of one federation (bridged, or nodes "
+        "of one cluster) as HOST:PORT,HOST:PORT,...: the peer uses the first it reaches and, when it loses it, moves "
+        "to the next",
     ),
     ("--peer-id", "FL_PEER_ID", "peer_id", _peer_id, "this peer's unique id (default: random, e.g. peer-3f9a2c)"),
     (

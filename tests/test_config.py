@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # a test can tell which source won. Extra settings that a value needs to be legal go in the third slot.
 SAMPLES = {
     "--broker": [
-        ("mqtt.example:8883", {"broker_host": "mqtt.example", "broker_port": 8883}),
-        ("10.0.0.7", {"broker_host": "10.0.0.7", "broker_port": 1883}),
+        ("mqtt.example:8883", {"brokers": (("mqtt.example", 8883),)}),
+        (" 10.0.0.7 , b.example:8884", {"brokers": (("10.0.0.7", 1883), ("b.example", 8884))}),
     ],
     "--peer-id": [("peer-7", {"peer_id": "peer-7"}), ("A.b_c-9", {"peer_id": "A.b_c-9"})],
     "--min-peers": [("2", {"min_peers": 2}), ("12", {"min_peers": 12})],
@@ -124,7 +124,7 @@ def test_flags_are_unique_and_cover_every_setting():
 
 def test_defaults():
     s = load_settings([], {})
-    assert (s.broker_host, s.broker_port, s.broker) == ("localhost", 1883, "localhost:1883")
+    assert (s.brokers, s.broker) == ((("localhost", 1883),), "localhost:1883")
     assert (s.min_peers, s.trainers, s.min_solutions, s.max_rounds) == (5, 3, 2, 10)
     assert s.target_accuracy == 0.99
     assert (s.dataset, s.data_dir, s.partition, s.alpha, s.seed) == ("mnist", None, "iid", 0.5, 42)
@@ -243,6 +243,18 @@ def test_separate_value_form_of_flags():
     assert (s.trainers, s.shard, s.num_shards, s.peer_id) == (4, 1, 2, "p1")
 
 
+def test_several_brokers_keep_their_order_and_read_back_as_given():
+    s = load_settings([], {"FL_BROKER": "b2:1884,b1:1883,b3"})
+    assert s.brokers == (("b2", 1884), ("b1", 1883), ("b3", 1883))
+    assert s.broker == "b2:1884,b1:1883,b3:1883" and s.public_dict()["broker"] == s.broker
+    assert "brokers" not in s.public_dict()
+
+
+def test_a_broker_named_twice_is_refused_in_one_line_naming_it():
+    with pytest.raises(SettingsError, match=r"^--broker: .*names a:1883 more than once$"):
+        load_settings(["--broker", "a:1883,b:1,a"], {})
+
+
 def test_sources_mix():
     s = load_settings(["--trainers=4"], {"FL_MAX_ROUNDS": "7", "FL_TRAINERS": "9"})
     assert (s.trainers, s.max_rounds, s.min_peers) == (4, 7, 5)
@@ -257,6 +269,11 @@ BAD = [
     ("--broker", "host:65536"),
     ("--broker", "host:"),
     ("--broker", "host:-1"),
+    ("--broker", "a:1883,,b:1883"),
+    ("--broker", "a:1883,"),
+    ("--broker", ","),
+    ("--broker", "a:1883,b:x"),
+    ("--broker", "a:1883,b:1,a:1883"),
     ("--peer-id", "has space"),
     ("--peer-id", "a/b"),
     ("--peer-id", "x" * 65),

@@ -127,8 +127,7 @@ class Peer:
         # The client id is ours alone (a random suffix): nobody can take our session over by guessing it. A broker
         # with a login per peer replaces it with the login (use_username_as_clientid).
         self.transport = transport or MqttTransport(
-            settings.broker_host,
-            settings.broker_port,
+            settings.brokers,
             f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
             self.topics.subscriptions(),
             self.events,
@@ -303,8 +302,8 @@ class Peer:
         self.carry_out(self.follower.on_job_done(done, self.election.term), now)
 
     def _on_connected(self, event: Connected, now: float) -> None:
-        self.log.info("connected to broker %s", self.settings.broker)
-        self._event("connected", broker=self.settings.broker)
+        self.log.info("connected to broker %s", event.broker)
+        self._event("connected", broker=event.broker)
         self.election.reconnected(now)
         self.send(Presence(self.me, "online"), retain=True)
         self._announce()
@@ -315,8 +314,13 @@ class Peer:
             self.carry_out(self.follower.reconnected(self.election.term), now)
 
     def _on_disconnected(self, event: Disconnected, now: float) -> None:
-        self.log.warning("disconnected from broker (%s); reconnecting", event.reason)
-        self._event("disconnected", reason=event.reason)
+        self.log.warning(
+            "disconnected from broker %s (%s); reconnecting%s",
+            event.broker,
+            event.reason,
+            f" to {event.next_broker}" if event.next_broker != event.broker else "",
+        )
+        self._event("disconnected", reason=event.reason, broker=event.broker, next_broker=event.next_broker)
 
     def _on_broker_refused(self, event: BrokerRefused, now: float) -> None:
         self.log.error(

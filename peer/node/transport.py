@@ -4,6 +4,13 @@ paho runs its network loop in its own thread and calls our callbacks there. An e
 thread silently, and waiting in one deadlocks it, so the callbacks only put events on a queue; the peer's worker
 does everything else. paho reconnects by itself (the broker restarted, the network blipped); after each connect we
 subscribe again and tell the worker, which announces the peer again.
+
+Given several brokers (bridged, or nodes of one cluster), the transport connects to the first it reaches and, when
+it loses that one or cannot reach it, moves to the next in the list (round the list, for ever): a broker killed
+outright is noticed at once (the connection resets), a hung one after paho's keepalive, and the next broker is tried
+within the reconnect delay (0.2 s, doubling up to 2 s while none answers). The session starts clean on every
+broker; paho sends again the QoS 1 messages the lost broker had not acknowledged, and the copies a bridge may have
+passed on already are dropped by the receivers' replay guard (peer.wire.session).
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ class Inbound:
 
 @dataclass(frozen=True)
 class Connected:
-    pass
+    broker: str  # HOST:PORT of the broker this connection is to
 
 
 @dataclass(frozen=True)
 class Disconnected:
     reason: str
+    broker: str  # the broker lost
+    next_broker: str  # the broker tried next (the same one when there is only one)
 
 
 @dataclass(frozen=True)
@@ -56,11 +65,14 @@ def _expiry(packet_type: int, seconds: int | None) -> Properties | None:
     return props
 
 
+def address(broker: tuple[str, int]) -> str:
+    return f"{broker[0]}:{broker[1]}"
+
+
 class MqttTransport:
     def __init__(
         self,
-        host: str,
-        port: int,
+        brokers: Sequence[tuple[str, int]],
         client_id: str,
         subscriptions: list[tuple[str, bool]],
         events: queue.Queue,
@@ -68,8 +80,13 @@ class MqttTransport:
         username: str | None = None,
         password: str | None = None,
     ):
-        """`subscriptions`: (topic filter, no_local) pairs; no_local: the broker does not send our own messages back."""
-        self.host, self.port, self.keepalive = host, port, keepalive
+        """`brokers`: (host, port) of every broker of the federation, in the order to try them. `subscriptions`:
+        (topic filter, no_local) pairs; no_local: the broker does not send our own messages back."""
+        if not brokers:
+            raise ValueError("a transport needs at least one broker")
+        self.brokers, self.keepalive = list(brokers), keepalive
+        self.current = 0  # index in `brokers` of the broker connected to, or being tried
+        self._closing = False
         self.events = events
         self.subscriptions: dict[str, bool] = dict(subscriptions)  # renewed on every connect
         self._connected = threading.Event()
@@ -82,8 +99,22 @@ class MqttTransport:
             self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)  # type: ignore[arg-type]  # paho takes floats
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+
+    @property
+    def broker(self) -> str:
+        """HOST:PORT of the broker connected to, or being tried."""
+        return address(self.brokers[self.current])
+
+    def _move_on(self) -> None:
+        """Aim paho's next reconnect at the next broker of the list (paho's thread, between two attempts: its
+        connect_async only records where to connect; the loop's reconnect does it after the reconnect delay)."""
+        if len(self.brokers) > 1 and not self._closing:
+            self.current = (self.current + 1) % len(self.brokers)
+            host, port = self.brokers[self.current]
+            self.client.connect_async(host, port, keepalive=self.keepalive, clean_start=True)
 
     # --- paho callbacks (paho's thread: hand over, never block, never raise) ----------------------------------------
 
@@ -93,12 +124,18 @@ class MqttTransport:
             return
         self._subscribe(list(self.subscriptions.items()))
         self._connected.set()
-        self.events.put(Connected())
+        self.events.put(Connected(self.broker))
+
+    def _on_connect_fail(self, client, userdata):
+        self._move_on()  # not reachable (refused, no route): the next broker, after the reconnect delay
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
         self._disconnected.set()
-        self.events.put(Disconnected(str(reason_code)))
+        lost = self.broker
+        self._move_on()
+        if not self._closing:
+            self.events.put(Disconnected(str(reason_code), lost, self.broker))
 
     def _on_message(self, client, userdata, message):
         self.events.put(Inbound(message.topic, message.payload, bool(message.retain)))
@@ -110,7 +147,8 @@ class MqttTransport:
         self.client.will_set(
             will_topic, will_payload, qos=1, retain=True, properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry)
         )
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+        host, port = self.brokers[self.current]
+        self.client.connect_async(host, port, keepalive=self.keepalive, clean_start=True)
         self.client.loop_start()
 
     def _subscribe(self, pairs: list[tuple[str, bool]]) -> None:
@@ -170,6 +208,7 @@ class MqttTransport:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass  # not connected any more: nothing more can be delivered
+        self._closing = True  # no moving on to another broker from here
         if self.connected:
             self._disconnected.clear()
             self.client.disconnect()
