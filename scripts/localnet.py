@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -38,10 +39,12 @@ from peer.node.signals import StopSignals
 from peer.records.run_dir import (
     BROKER_LOG_FILE,
     CheckpointError,
+    broker_log,
     host_log,
     killed_on_purpose,
     peer_log,
     read_checkpoint,
+    write_brokers,
 )
 from peer.wire.ids import launched_peer_id, new_run_id
 
@@ -181,9 +184,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float) -> bool:
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Whether something listens on the loopback `port` within `timeout` (False at once if `proc` exits)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return True
@@ -192,15 +196,81 @@ def wait_for_port(port: int, timeout: float) -> bool:
     return False
 
 
-class Broker:
-    """A real mosquitto process on 127.0.0.1 with the project's local configuration and a port of its own."""
+@dataclass(frozen=True)
+class BrokerLogin:
+    """What a broker that refuses anonymous clients reads (mosquitto's hashed password file and ACL, from
+    scripts.up.logins.make_credentials), and the login its bridge uses on both ends (the ACL lets it read and write
+    the federation's topics: it carries every peer's messages)."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None, settings: dict[str, str] | None = None):
+    passwd: Path
+    acl: Path
+    bridge_username: str
+    bridge_password: str
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """A broker's one bridge, up to its parent in the tree of brokers (MQTT v5, mosquitto `connection`): every
+    topic under `prefix` both ways. `addresses`: the parent first, then its stand-ins, which mosquitto tries in turn
+    when the parent is lost, going back to the parent once it answers again (round_robin false)."""
+
+    name: str
+    addresses: tuple[str, ...]
+    prefix: str = "sd"
+    keepalive: int = 5  # mosquitto's least: a hung parent is noticed after about 1.5x this
+
+    def conf_lines(self, login: BrokerLogin | None) -> list[str]:
+        lines = [
+            f"connection {self.name}",
+            f"address {' '.join(self.addresses)}",
+            "round_robin false",
+            "bridge_protocol_version mqttv50",
+            # mosquitto marks its own bridges' subscriptions no-local and retain-as-published (try_private): a message
+            # never goes back over the bridge it came in by, and a retained one stays retained on every broker.
+            "try_private true",
+            "cleansession true",
+            f"remote_clientid {self.name}",
+            f"local_clientid local.{self.name}",
+            f"keepalive_interval {self.keepalive}",
+            "restart_timeout 1",
+            "start_type automatic",
+            "notifications false",
+            f"topic {self.prefix}/# both 1",
+        ]
+        if login is not None:
+            lines += [
+                f"remote_username {login.bridge_username}",
+                f"remote_password {login.bridge_password}",
+                f"local_username {login.bridge_username}",
+                f"local_password {login.bridge_password}",
+            ]
+        return lines
+
+
+class Broker:
+    """A real mosquitto process on 127.0.0.1 with the project's local configuration and a port of its own; with an
+    `uplink`, bridged to its parent broker; with a `login`, refusing anonymous clients and holding each login to
+    the ACL."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        settings: dict[str, str] | None = None,
+        name: str = "broker",
+        uplink: Uplink | None = None,
+        login: BrokerLogin | None = None,
+    ):
         """`settings`: mosquitto options that replace or add to the local configuration's (e.g. `sys_interval`, for
         a benchmark that reads the broker's $SYS counters, or a smaller `message_size_limit`)."""
         self.port = port or free_port()
         self.log_path = log_path
         self.settings = dict(settings or {})
+        self.name, self.uplink, self.login = name, uplink, login
+        if login is not None:
+            self.settings.update(
+                {"allow_anonymous": "false", "password_file": str(login.passwd), "acl_file": str(login.acl)}
+            )
         self.proc: subprocess.Popen | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="fl-broker-"))
         self.conf = self._dir / "mosquitto.conf"
@@ -214,24 +284,42 @@ class Broker:
         lines = [f"listener {self.port} 127.0.0.1" if line.startswith("listener ") else line for line in lines]
         lines = [line for line in lines if line.split(" ", 1)[0] not in self.settings]
         lines += [f"{name} {value}" for name, value in self.settings.items()]
+        if self.login is not None and os.geteuid() == 0:
+            # As root, mosquitto drops to the mosquitto user before it reads the login files, which sit in this
+            # user's private folder: a local broker stays this user's process, as the peers are.
+            lines.append("user root")
+        if self.uplink is not None:  # last: a bridge's options run from its `connection` line to the file's end
+            lines += self.uplink.conf_lines(self.login)
         self.conf.write_text("\n".join(lines) + "\n")
+        self.conf.chmod(0o600)  # a bridge's password may be in it
 
     def start(self) -> Broker:
         binary = find_mosquitto()
         if not binary:
             raise MosquittoMissing(f"the local network needs the mosquitto broker: {install_command('mosquitto')}")
         self._write_conf()
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        if not wait_for_port(self.port, 10):
+        if not wait_for_port(self.port, 10, self.proc):
             self.stop()
-            raise RuntimeError(f"mosquitto did not start listening on port {self.port}")
+            raise RuntimeError(f"mosquitto did not start listening on port {self.port}{self._last_words()}")
         return self
+
+    def _last_words(self) -> str:
+        """The broker's last line of output (why it would not start), if its log holds one."""
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path else []
+        except OSError:
+            lines = []
+        return f": {lines[-1]}" if lines else ""
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped broker cannot die of SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(5)
@@ -249,11 +337,53 @@ class Broker:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
+    def record(self) -> dict:
+        """What brokers.json says of it (`./up.sh status` and `kill broker` read it)."""
+        return {
+            "name": self.name,
+            "address": self.address,
+            "pid": self.proc.pid if self.proc else None,
+            "uplink": list(self.uplink.addresses) if self.uplink else [],
+        }
+
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.close()
+
+
+def broker_name(index: int) -> str:
+    """The name of the broker `index` (from 1) of a network: broker-1 is the root of the tree."""
+    return f"broker-{index}"
+
+
+def bridged_brokers(
+    count: int, run_dir: Path | None = None, prefix: str = "sd", login: BrokerLogin | None = None
+) -> list[Broker]:
+    """`count` brokers bridged into one tree (not started). broker-1 is the root; broker-2 bridges up to it; every
+    other broker bridges up to broker-1, with broker-2 as its stand-in. Each broker has one uplink at a time, so the
+    bridges always form a tree (no loop, so no message goes round, and a message reaches each broker once): a
+    broker killed takes only its own bridges down, and when the root is lost, the others join up under broker-2.
+    (A broker and its peers cut off from every parent are cut off: peers fail over to another broker of their list
+    only when theirs is lost.)"""
+    if count < 1:
+        raise ValueError(f"a network needs at least one broker, not {count}")
+    ports = [free_port() for _ in range(count)]
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    brokers = []
+    for index, port in enumerate(ports, start=1):
+        name = broker_name(index)
+        parents = () if index == 1 else tuple(addresses[: min(index - 1, 2)])
+        uplink = Uplink(f"bridge-{name}", parents, prefix) if parents else None
+        log = broker_log(run_dir, name) if run_dir is not None else None
+        brokers.append(Broker(port, log_path=log, name=name, uplink=uplink, login=login))
+    return brokers
+
+
+def broker_order(own: int, count: int) -> list[int]:
+    """The brokers (indices from 0) a peer on broker `own` tries: its own, then the ones after it, round the list."""
+    return [(own + step) % count for step in range(count)]
 
 
 class LearningService:
@@ -326,12 +456,19 @@ class LocalNetwork:
         peer_env: dict[str, dict] | None = None,
         peers_per_process: int = 1,
         learning_workers: int | None = None,
+        brokers: int = 1,
+        broker_login: BrokerLogin | None = None,
+        topic_prefix: str = "sd",
     ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
-        `peers_per_process` K > 1 the peers run K to a process (peer.host)."""
+        `peers_per_process` K > 1 the peers run K to a process (peer.host). With `brokers` B > 1 it runs B brokers
+        bridged into a tree (`bridged_brokers`, under `topic_prefix`) and spreads the peers over them: peer-K on
+        broker (K-1) mod B, given every broker, its own first (`broker_order`)."""
         if peers_per_process < 1:
             raise ValueError(f"peers_per_process must be at least 1, not {peers_per_process}")
+        if brokers < 1 or (brokers > 1 and broker is not None):
+            raise ValueError(f"brokers must be at least 1 (and 1 with a broker given), not {brokers}")
         self.run_dir = Path(run_dir)
         self.run_id = run_id or new_run_id(time.time())
         self._secret_dir = Path(tempfile.mkdtemp(prefix="fl-secret-")) if secret else None
@@ -341,9 +478,11 @@ class LocalNetwork:
             self.secret_file.chmod(0o600)
         self.count, self.peer_args = peers, list(peer_args)
         self.num_shards = num_shards or peers  # more shards than peers leaves room for peers that join later
-        self.broker = broker
+        self.broker = broker  # the first (the root of the tree of several)
         self.owns_broker = broker is None
         self.broker_port = broker_port
+        self.broker_count, self.broker_login, self.topic_prefix = brokers, broker_login, topic_prefix
+        self.brokers: list[Broker] = [broker] if broker is not None else []
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
         self.peer_env = peer_env or {}  # per peer id: variables of its own (e.g. its broker login)
@@ -371,7 +510,7 @@ class LocalNetwork:
         if self.learning is not None:
             self.learning.start()
         if self.broker is None:
-            self.broker = Broker(self.broker_port, log_path=self.run_dir / BROKER_LOG_FILE).start()
+            self.start_brokers()
         shards = dict(roster(self.count, self.num_shards))
         for group in processes_of(list(shards), self.per_process):
             if self.per_process == 1:
@@ -380,16 +519,40 @@ class LocalNetwork:
                 self.start_host([(peer_id, shards[peer_id]) for peer_id in group])
         return self
 
-    def _common_args(self) -> list[str]:
+    def start_brokers(self) -> None:
+        """The network's own broker, or its brokers bridged into a tree (the root first: the others' bridges find
+        it listening); brokers.json names them for `./up.sh status` and `kill broker`."""
+        if self.broker_count == 1:
+            self.brokers = [Broker(self.broker_port, log_path=self.run_dir / BROKER_LOG_FILE, login=self.broker_login)]
+        else:
+            self.brokers = bridged_brokers(self.broker_count, self.run_dir, self.topic_prefix, self.broker_login)
+        for broker in self.brokers:
+            broker.start()
+        self.broker = self.brokers[0]
+        if self.broker_count > 1:
+            self.record_brokers()
+
+    def record_brokers(self) -> None:
+        write_brokers(self.run_dir, [broker.record() for broker in self.brokers])
+
+    def home_broker(self, peer_id: str) -> int:
+        """The broker (index from 0) a launched peer connects to first: peer-K's is (K-1) mod B."""
+        return (int(peer_id.rsplit("-", 1)[1]) - 1) % len(self.brokers)
+
+    def broker_list(self, peer_id: str) -> str:
+        """--broker of a launched peer: every broker of the network, its own first."""
+        return ",".join(self.brokers[i].address for i in broker_order(self.home_broker(peer_id), len(self.brokers)))
+
+    def _common_args(self, peer_id: str) -> list[str]:
         assert self.broker is not None, "start() first"
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
         if self.learning is not None:
             run += ["--learning-service", str(self.learning.socket)]
-        return ["--broker", self.broker.address, *run, "--run-dir", str(self.run_dir)]
+        return ["--broker", self.broker_list(peer_id), *run, "--run-dir", str(self.run_dir)]
 
     def start_peer(self, peer_id: str, shard: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
         """One peer process (`python -m peer`)."""
-        cmd = [self.python, "-m", "peer", "--peer-id", peer_id, "--shard", shard, *self._common_args()]
+        cmd = [self.python, "-m", "peer", "--peer-id", peer_id, "--shard", shard, *self._common_args(peer_id)]
         return self._launch([peer_id], [*cmd, *self.peer_args, *extra_args], hosted=False)
 
     def start_peer_by_id(self, peer_id: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
@@ -400,8 +563,8 @@ class LocalNetwork:
     def start_host(self, members: list[tuple[str, str]], extra_args: Iterable[str] = ()) -> subprocess.Popen:
         """One process (peer.host) running the peers `members` [(id, shard)]; its name is its first peer's id."""
         hosted = ",".join(f"{peer_id}={shard}" for peer_id, shard in members)
-        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args()]
         ids = [peer_id for peer_id, _ in members]
+        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args(ids[0])]
         proc = self._launch(ids, [*cmd, *self.peer_args, *extra_args], hosted=True)
         self.hosts[ids[0]] = ids
         return proc
@@ -474,8 +637,9 @@ class LocalNetwork:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self.owns_broker and self.broker:
-            self.broker.close()
+        if self.owns_broker:
+            for broker in self.brokers:
+                broker.close()
         if self.learning is not None:
             self.learning.stop()
         if self._secret_dir:
