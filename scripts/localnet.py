@@ -178,6 +178,24 @@ def split_host_log(path: Path, peers: list[str], run_dir: Path) -> None:
             logs.write(line)
 
 
+def peers_topic_prefix(peer_args: list[str], environ) -> str:
+    """The topic prefix the peers will use: the last --topic-prefix among their flags, else FL_TOPIC_PREFIX, else sd."""
+    prefix = environ.get("FL_TOPIC_PREFIX") or "sd"
+    for i, word in enumerate(peer_args):
+        if word == "--topic-prefix" and i + 1 < len(peer_args):
+            prefix = peer_args[i + 1]
+        elif word.startswith("--topic-prefix="):
+            prefix = word.split("=", 1)[1]
+    return prefix
+
+
+def read_login(login_dir: Path, peer_id: str) -> dict[str, str]:
+    """A launched peer's broker login, FL_USERNAME and FL_PASSWORD, from `login_dir/<id>.env` (KEY=VALUE lines)."""
+    pairs = (line.split("=", 1) for line in (Path(login_dir) / f"{peer_id}.env").read_text().splitlines())
+    login = {key.strip(): value.strip() for key, value in (pair for pair in pairs if len(pair) == 2)}
+    return {name: login[name] for name in ("FL_USERNAME", "FL_PASSWORD") if name in login}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -458,13 +476,15 @@ class LocalNetwork:
         learning_workers: int | None = None,
         brokers: int = 1,
         broker_login: BrokerLogin | None = None,
-        topic_prefix: str = "sd",
+        topic_prefix: str | None = None,
+        login_dir: Path | None = None,
     ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
         `peers_per_process` K > 1 the peers run K to a process (peer.host). With `brokers` B > 1 it runs B brokers
         bridged into a tree (`bridged_brokers`, under `topic_prefix`) and spreads the peers over them: peer-K on
-        broker (K-1) mod B, given every broker, its own first (`broker_order`)."""
+        broker (K-1) mod B, given every broker, its own first (`broker_order`). With `broker_login` the brokers
+        refuse anonymous clients; each peer then logs in with its login from `login_dir/<id>.env`."""
         if peers_per_process < 1:
             raise ValueError(f"peers_per_process must be at least 1, not {peers_per_process}")
         if brokers < 1 or (brokers > 1 and broker is not None):
@@ -481,11 +501,17 @@ class LocalNetwork:
         self.broker = broker  # the first (the root of the tree of several)
         self.owns_broker = broker is None
         self.broker_port = broker_port
-        self.broker_count, self.broker_login, self.topic_prefix = brokers, broker_login, topic_prefix
+        self.broker_count, self.broker_login = brokers, broker_login
+        # What the bridges carry: the peers' topics (their --topic-prefix, else FL_TOPIC_PREFIX, else sd).
+        self.topic_prefix = topic_prefix or peers_topic_prefix(self.peer_args, {**os.environ, **(env or {})})
         self.brokers: list[Broker] = [broker] if broker is not None else []
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
-        self.peer_env = peer_env or {}  # per peer id: variables of its own (e.g. its broker login)
+        self.peer_env = dict(peer_env or {})  # per peer id: variables of its own (e.g. its broker login)
+        self.login_dir = login_dir
+        if login_dir is not None:
+            for peer_id, _ in roster(peers, self.num_shards):
+                self.peer_env.setdefault(peer_id, read_login(login_dir, peer_id))
         self.echo, self.python = echo, python
         self.per_process = peers_per_process
         self.procs: dict[str, subprocess.Popen] = {}  # per peer id; the K peers of one host share one
@@ -523,14 +549,14 @@ class LocalNetwork:
         """The network's own broker, or its brokers bridged into a tree (the root first: the others' bridges find
         it listening); brokers.json names them for `./up.sh status` and `kill broker`."""
         if self.broker_count == 1:
-            self.brokers = [Broker(self.broker_port, log_path=self.run_dir / BROKER_LOG_FILE, login=self.broker_login)]
+            log = self.run_dir / BROKER_LOG_FILE
+            self.brokers = [Broker(self.broker_port, log_path=log, name=broker_name(1), login=self.broker_login)]
         else:
             self.brokers = bridged_brokers(self.broker_count, self.run_dir, self.topic_prefix, self.broker_login)
         for broker in self.brokers:
             broker.start()
         self.broker = self.brokers[0]
-        if self.broker_count > 1:
-            self.record_brokers()
+        self.record_brokers()
 
     def record_brokers(self) -> None:
         write_brokers(self.run_dir, [broker.record() for broker in self.brokers])
@@ -565,6 +591,8 @@ class LocalNetwork:
         hosted = ",".join(f"{peer_id}={shard}" for peer_id, shard in members)
         ids = [peer_id for peer_id, _ in members]
         cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args(ids[0])]
+        if self.login_dir is not None:
+            cmd += ["--login-dir", str(self.login_dir)]
         proc = self._launch(ids, [*cmd, *self.peer_args, *extra_args], hosted=True)
         self.hosts[ids[0]] = ids
         return proc
@@ -674,14 +702,20 @@ def with_min_peers(peer_args: list[str], peers: int, environ=os.environ) -> list
     return ["--min-peers", str(peers), *peer_args]
 
 
-def start_dashboard(net: LocalNetwork, port: int) -> subprocess.Popen:
-    """The live page of this network (graphs.live): an observer process; the federation does not depend on it."""
+def start_dashboard(net: LocalNetwork, port: int, login: dict[str, str] | None = None) -> subprocess.Popen:
+    """The live page of this network (graphs.live): an observer process; the federation does not depend on it.
+    `login`: its FL_USERNAME and FL_PASSWORD on brokers that want one."""
     assert net.broker is not None, "start the network first"
     cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=net.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env={**net.env, **(login or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -699,6 +733,14 @@ def main(argv: list[str] | None = None) -> int:
         "--run-dir", type=Path, default=Path("runs/latest"), help="records folder (default runs/latest)"
     )
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        metavar="B",
+        help="run B brokers bridged into a tree and spread the peers over them, each peer given every broker, its "
+        "own first (default 1)",
+    )
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
     parser.add_argument(
@@ -726,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--peers must be at least 1")
     if args.peers_per_process < 1:
         parser.error("--peers-per-process must be at least 1")
+    if args.brokers < 1 or (args.brokers > 1 and args.port):
+        parser.error("--brokers must be at least 1 (and --port goes with one broker)")
     run_id = os.environ.get("FL_RUN_ID") or None  # a launcher's (./up.sh), or a new one
     if args.resume:
         if args.peers_per_process > 1:
@@ -751,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         broker_port=args.port,
         run_id=run_id,
         peers_per_process=args.peers_per_process,
+        brokers=args.brokers,
     )
     with StopSignals():  # SIGTERM stops every process it started, as Ctrl-C does
         return _run(net, args)
@@ -766,8 +811,8 @@ def _run(net: LocalNetwork, args: argparse.Namespace) -> int:
         hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
         assert net.broker is not None  # (started)
         print(
-            f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
-            f"{args.run_dir}",
+            f"localnet: broker {','.join(b.address for b in net.brokers)}, run {net.run_id}, {args.peers} "
+            f"peers{hosted}, records in {args.run_dir}",
             flush=True,
         )
         codes = net.wait(args.timeout or float("inf"))

@@ -36,7 +36,11 @@ def cmd_run(args, peer_flags: list[str]) -> int:
         say(f"going on with run {net.run_id} from its checkpoint in {net.run_dir}")
     if args.local:
         return local.run_local(net)
-    problem = containers.docker_problem(docker_timeout())
+    if net.brokers > 1 and args.docker:
+        raise UpError("--brokers B runs local networks for now: ./up.sh --local --brokers B", 2)
+    problem = containers.docker_problem(docker_timeout()) or (
+        "several bridged brokers run as local processes for now" if net.brokers > 1 else None
+    )
     if problem:
         if args.docker or args.join:
             raise UpError(f"no Docker engine reachable ({problem})")
@@ -142,15 +146,22 @@ def cmd_kill(args) -> int:
     sig = args.signal.upper().removeprefix("SIG")
     if sig not in containers.SIGNALS:
         raise UpError(f"--signal must be KILL, TERM, STOP or CONT, not {args.signal!r}", 2)
-    if len(args.target) == 2 and args.target[0] == "peer":
+    broker: str | None = None
+    if args.target[0] == "broker" and len(args.target) <= 2:
+        broker = args.target[1] if len(args.target) == 2 else ""  # "": the controller's broker
+    elif len(args.target) == 2 and args.target[0] == "peer":
         target = args.target[1]
     elif len(args.target) == 1 and args.target[0] != "peer":
         target = args.target[0]
     else:
-        raise UpError("kill takes one target: controller, random or peer ID", 2)
+        raise UpError("kill takes one target: controller, random, peer ID, or broker [N]", 2)
     info = locate(args)
     run_dir = Path(info["run_dir"]) if info.get("run_dir") else None
-    if info["mode"] == "local":
+    if broker is not None:
+        if info["mode"] != "local":
+            raise UpError("kill broker acts on local networks (./up.sh --local) for now", 2)
+        say(local.kill_broker(run_dir or Path("."), broker or None, sig))
+    elif info["mode"] == "local":
         say(local.kill(run_dir or Path("."), target, sig))
     else:
         say(containers.kill(info["project"], run_dir, target, sig))
@@ -254,6 +265,7 @@ USAGE = """\
   ./up.sh status              [--run-dir DIR | --project NAME]
   ./up.sh kill controller     [--signal KILL|TERM|STOP|CONT] [--run-dir DIR | --project NAME]
   ./up.sh kill random | peer ID   [--signal ...]
+  ./up.sh kill broker [N]     [--signal ...]   (the controller's broker, or broker-N; local networks)
   ./up.sh down                [--run-dir DIR | --project NAME]
   ./up.sh broker --publish ADDR --peers T   (several hosts: the broker alone; peers join with --join)
   ./up.sh --join HOST:PORT --login DIR --peers N [--first K] [--total T] [-- PEER_FLAGS...]
@@ -330,6 +342,15 @@ def run_parser(prog: str = "./up.sh") -> argparse.ArgumentParser:
         help="where the broker is published on the host (default 127.0.0.1::1883, a free port)",
     )
     p.add_argument(
+        "--brokers",
+        type=int,
+        default=int(os.environ.get("UP_BROKERS") or 1),
+        metavar="B",
+        help="B Mosquitto brokers bridged into one federation (MQTT v5 bridges, a tree: docs/PROTOCOL.md), the "
+        "peers spread over them, each given every broker, its own first, to fail over to (default 1; local "
+        "networks for now)",
+    )
+    p.add_argument(
         "--data-dir",
         metavar="DIR",
         help="a host folder of dataset files, mounted read-only "
@@ -379,10 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "kill":
             p = Parser(
                 prog="./up.sh kill",
-                description="signal a peer: KILL (default), TERM, STOP (freeze its "
-                "container) or CONT (thaw it); every signal is recorded in the run's chaos.csv",
+                description="signal a peer, or a broker of a local network (broker: the controller's; broker N: "
+                "broker-N): KILL (default), TERM, STOP (freeze its container or process) or CONT (thaw it); every "
+                "signal is recorded in the run's chaos.csv",
             )
-            p.add_argument("target", nargs="+", metavar="controller|random|peer ID")
+            p.add_argument("target", nargs="+", metavar="controller|random|peer ID|broker [N]")
             p.add_argument("--signal", default="KILL")
             add_common(p)
             return cmd_kill(p.parse_args(rest))
