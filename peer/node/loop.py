@@ -146,6 +146,10 @@ class Peer:
         self._status: tuple = ()
         self._last_tick = time.monotonic()
         self._answer_due: float | None = None  # when this peer answers the newcomers heard since its last init
+        # What the brokers delivered to this peer, every publication counted (duplicates and refusals included):
+        # told in the exit event, so a benchmark sees what a bridge or a failover costs the peers.
+        self.received_messages = 0
+        self.received_bytes = 0
 
     # --- state shown in logs and status.json ----------------------------------------------------------------------------
 
@@ -244,7 +248,12 @@ class Peer:
             self.runner.stop()
             self._write_status()
             self.transport.close(last=self._last_words())
-            self._event("exit", code=self.exit_code)
+            self._event(
+                "exit",
+                code=self.exit_code,
+                received_messages=self.received_messages,
+                received_bytes=self.received_bytes,
+            )
             self.event_log.close()
         return self.exit_code
 
@@ -335,6 +344,8 @@ class Peer:
     # --- inbound: the wire session, the admission rules, the machine it is for ------------------------------------------
 
     def _on_inbound(self, event: Inbound, now: float) -> None:
+        self.received_messages += 1
+        self.received_bytes += len(event.payload)
         verdict = self.inbox.receive(event.topic, event.payload, event.retained, self.wall_clock())
         if isinstance(verdict, Delivered):
             self.on_message(verdict, now)
