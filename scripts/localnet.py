@@ -47,10 +47,12 @@ from peer.records.run_dir import (
     write_brokers,
 )
 from peer.wire.ids import launched_peer_id, new_run_id
+from scripts.certs import authority, certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
 _PEER_FIELD = re.compile(rb" peer=(\S+) ")
+BRIDGE_IDENTITY = "bridge"  # the bridges' login, and the common name of their certificate under mutual TLS
 MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
@@ -227,6 +229,33 @@ class BrokerLogin:
 
 
 @dataclass(frozen=True)
+class BrokerTls:
+    """A broker's TLS (scripts.certs): its one listener takes TLS only, with `cert` and `key`, and its bridge checks
+    the parent's certificate against `ca`. With `clients_certified`, every client must present a certificate `ca`
+    signed, whose common name is its login (mutual TLS: require_certificate, use_identity_as_username); the
+    bridge presents `bridge_cert`/`bridge_key` (common name: the bridges' login)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    clients_certified: bool = False
+    bridge_cert: Path | None = None
+    bridge_key: Path | None = None
+
+    def listener_lines(self) -> list[str]:
+        lines = [f"cafile {self.ca}", f"certfile {self.cert}", f"keyfile {self.key}", "tls_version tlsv1.2"]
+        if self.clients_certified:
+            lines += ["require_certificate true", "use_identity_as_username true"]
+        return lines
+
+    def bridge_lines(self) -> list[str]:
+        lines = [f"bridge_cafile {self.ca}", "bridge_insecure false", "bridge_tls_version tlsv1.2"]
+        if self.clients_certified and self.bridge_cert and self.bridge_key:
+            lines += [f"bridge_certfile {self.bridge_cert}", f"bridge_keyfile {self.bridge_key}"]
+        return lines
+
+
+@dataclass(frozen=True)
 class Uplink:
     """A broker's one bridge, up to its parent in the tree of brokers (MQTT v5, mosquitto `connection`): every
     topic under `prefix` both ways. `addresses`: the parent first, then its stand-ins, which mosquitto tries in turn
@@ -237,7 +266,7 @@ class Uplink:
     prefix: str = "sd"
     keepalive: int = 5  # mosquitto's least: a hung parent is noticed after about 1.5x this
 
-    def conf_lines(self, login: BrokerLogin | None) -> list[str]:
+    def conf_lines(self, login: BrokerLogin | None, tls: BrokerTls | None = None) -> list[str]:
         lines = [
             f"connection {self.name}",
             f"address {' '.join(self.addresses)}",
@@ -262,7 +291,7 @@ class Uplink:
                 f"local_username {login.bridge_username}",
                 f"local_password {login.bridge_password}",
             ]
-        return lines
+        return lines + (tls.bridge_lines() if tls else [])
 
 
 class Broker:
@@ -278,13 +307,14 @@ class Broker:
         name: str = "broker",
         uplink: Uplink | None = None,
         login: BrokerLogin | None = None,
+        tls: BrokerTls | None = None,
     ):
         """`settings`: mosquitto options that replace or add to the local configuration's (e.g. `sys_interval`, for
         a benchmark that reads the broker's $SYS counters, or a smaller `message_size_limit`)."""
         self.port = port or free_port()
         self.log_path = log_path
         self.settings = dict(settings or {})
-        self.name, self.uplink, self.login = name, uplink, login
+        self.name, self.uplink, self.login, self.tls = name, uplink, login, tls
         if login is not None:
             self.settings.update(
                 {"allow_anonymous": "false", "password_file": str(login.passwd), "acl_file": str(login.acl)}
@@ -299,15 +329,16 @@ class Broker:
 
     def _write_conf(self) -> None:
         lines = LOCAL_CONF.read_text().splitlines()
-        lines = [f"listener {self.port} 127.0.0.1" if line.startswith("listener ") else line for line in lines]
+        listener = [f"listener {self.port} 127.0.0.1", *(self.tls.listener_lines() if self.tls else [])]
+        lines = [part for line in lines for part in (listener if line.startswith("listener ") else [line])]
         lines = [line for line in lines if line.split(" ", 1)[0] not in self.settings]
         lines += [f"{name} {value}" for name, value in self.settings.items()]
-        if self.login is not None and os.geteuid() == 0:
-            # As root, mosquitto drops to the mosquitto user before it reads the login files, which sit in this
-            # user's private folder: a local broker stays this user's process, as the peers are.
+        if (self.login is not None or self.tls is not None) and os.geteuid() == 0:
+            # As root, mosquitto drops to the mosquitto user before it reads the login and key files, which sit in
+            # this user's private folders: a local broker stays this user's process, as the peers are.
             lines.append("user root")
         if self.uplink is not None:  # last: a bridge's options run from its `connection` line to the file's end
-            lines += self.uplink.conf_lines(self.login)
+            lines += self.uplink.conf_lines(self.login, self.tls)
         self.conf.write_text("\n".join(lines) + "\n")
         self.conf.chmod(0o600)  # a bridge's password may be in it
 
@@ -376,15 +407,31 @@ def broker_name(index: int) -> str:
     return f"broker-{index}"
 
 
+def broker_tls(certs: Path, name: str, clients_certified: bool = False) -> BrokerTls:
+    """The TLS of the local broker `name`, its certificate (for 127.0.0.1 and localhost) made in `certs` with the
+    network's CA (scripts.certs), and the bridges' client certificate when clients need one."""
+    ca = authority(certs)
+    own = certificate(ca, name, ["127.0.0.1", "localhost"])
+    bridge = certificate(ca, BRIDGE_IDENTITY) if clients_certified else None
+    return BrokerTls(
+        ca.ca, own.cert, own.key, clients_certified, bridge.cert if bridge else None, bridge.key if bridge else None
+    )
+
+
 def bridged_brokers(
-    count: int, run_dir: Path | None = None, prefix: str = "sd", login: BrokerLogin | None = None
+    count: int,
+    run_dir: Path | None = None,
+    prefix: str = "sd",
+    login: BrokerLogin | None = None,
+    certs: Path | None = None,
 ) -> list[Broker]:
     """`count` brokers bridged into one tree (not started). broker-1 is the root; broker-2 bridges up to it; every
     other broker bridges up to broker-1, with broker-2 as its stand-in. Each broker has one uplink at a time, so the
     bridges always form a tree (no loop, so no message goes round, and a message reaches each broker once): a
     broker killed takes only its own bridges down, and when the root is lost, the others join up under broker-2.
     (A broker and its peers cut off from every parent are cut off: peers fail over to another broker of their list
-    only when theirs is lost.)"""
+    only when theirs is lost.) With `certs`, a folder for the network's CA and certificates, every broker takes TLS
+    only and every bridge checks its parent's certificate."""
     if count < 1:
         raise ValueError(f"a network needs at least one broker, not {count}")
     ports = [free_port() for _ in range(count)]
@@ -395,7 +442,8 @@ def bridged_brokers(
         parents = () if index == 1 else tuple(addresses[: min(index - 1, 2)])
         uplink = Uplink(f"bridge-{name}", parents, prefix) if parents else None
         log = broker_log(run_dir, name) if run_dir is not None else None
-        brokers.append(Broker(port, log_path=log, name=name, uplink=uplink, login=login))
+        tls = broker_tls(certs, name) if certs is not None else None
+        brokers.append(Broker(port, log_path=log, name=name, uplink=uplink, login=login, tls=tls))
     return brokers
 
 
@@ -478,13 +526,16 @@ class LocalNetwork:
         broker_login: BrokerLogin | None = None,
         topic_prefix: str | None = None,
         login_dir: Path | None = None,
+        tls: bool = False,
     ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
         `peers_per_process` K > 1 the peers run K to a process (peer.host). With `brokers` B > 1 it runs B brokers
         bridged into a tree (`bridged_brokers`, under `topic_prefix`) and spreads the peers over them: peer-K on
         broker (K-1) mod B, given every broker, its own first (`broker_order`). With `broker_login` the brokers
-        refuse anonymous clients; each peer then logs in with its login from `login_dir/<id>.env`."""
+        refuse anonymous clients; each peer then logs in with its login from `login_dir/<id>.env`. With `tls` every
+        broker takes TLS only, with a certificate of the network's own CA (made in a private folder, removed when
+        the network stops), which the peers and bridges check (--tls-ca)."""
         if peers_per_process < 1:
             raise ValueError(f"peers_per_process must be at least 1, not {peers_per_process}")
         if brokers < 1 or (brokers > 1 and broker is not None):
@@ -505,6 +556,7 @@ class LocalNetwork:
         # What the bridges carry: the peers' topics (their --topic-prefix, else FL_TOPIC_PREFIX, else sd).
         self.topic_prefix = topic_prefix or peers_topic_prefix(self.peer_args, {**os.environ, **(env or {})})
         self.brokers: list[Broker] = [broker] if broker is not None else []
+        self.certs = Path(tempfile.mkdtemp(prefix="fl-certs-")) if tls else None
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
         self.peer_env = dict(peer_env or {})  # per peer id: variables of its own (e.g. its broker login)
@@ -549,10 +601,13 @@ class LocalNetwork:
         """The network's own broker, or its brokers bridged into a tree (the root first: the others' bridges find
         it listening); brokers.json names them for `./up.sh status` and `kill broker`."""
         if self.broker_count == 1:
-            log = self.run_dir / BROKER_LOG_FILE
-            self.brokers = [Broker(self.broker_port, log_path=log, name=broker_name(1), login=self.broker_login)]
+            log, name = self.run_dir / BROKER_LOG_FILE, broker_name(1)
+            tls = broker_tls(self.certs, name) if self.certs else None
+            self.brokers = [Broker(self.broker_port, log_path=log, name=name, login=self.broker_login, tls=tls)]
         else:
-            self.brokers = bridged_brokers(self.broker_count, self.run_dir, self.topic_prefix, self.broker_login)
+            self.brokers = bridged_brokers(
+                self.broker_count, self.run_dir, self.topic_prefix, self.broker_login, self.certs
+            )
         for broker in self.brokers:
             broker.start()
         self.broker = self.brokers[0]
@@ -574,6 +629,8 @@ class LocalNetwork:
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
         if self.learning is not None:
             run += ["--learning-service", str(self.learning.socket)]
+        if self.certs is not None:
+            run += ["--tls-ca", str(authority(self.certs).ca)]
         return ["--broker", self.broker_list(peer_id), *run, "--run-dir", str(self.run_dir)]
 
     def start_peer(self, peer_id: str, shard: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
@@ -672,6 +729,8 @@ class LocalNetwork:
             self.learning.stop()
         if self._secret_dir:
             shutil.rmtree(self._secret_dir, ignore_errors=True)
+        if self.certs:
+            shutil.rmtree(self.certs, ignore_errors=True)
 
     def peer_log(self, peer_id: str) -> str:
         path = peer_log(self.run_dir, peer_id)

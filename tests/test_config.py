@@ -1,6 +1,8 @@
 import dataclasses
 import json
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -12,12 +14,20 @@ import pytest
 from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings, number, whole_number
 from peer.learning import data, partition
 from peer.wire.ids import PEER_ID_PATTERN
+from scripts.certs import authority, certificate
 
 # Two secret files for the samples below (a file flag needs a file to read).
 _KEYS = Path(tempfile.mkdtemp(prefix="fl-config-test-"))
 KEY_A, KEY_B = _KEYS / "a.key", _KEYS / "b.key"
 KEY_A.write_bytes(b"a" * 16 + b"\n")
 KEY_B.write_bytes(b"b" * 40)
+# TLS files for the samples (scripts.certs: the openssl command): a CA, and one client certificate and key, each also
+# under a second name, so two samples of a flag differ and still fit the other flags' files.
+_CA = authority(_KEYS / "tls")
+_PEER = certificate(_CA, "peer-1")
+CERT_COPY, KEY_COPY = _KEYS / "peer-copy.pem", _KEYS / "peer-copy.key"
+shutil.copyfile(_PEER.cert, CERT_COPY)
+shutil.copyfile(_PEER.key, KEY_COPY)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,9 +81,16 @@ SAMPLES = {
         ("/run/sdfl/learn.sock", {"learning_service": Path("/run/sdfl/learn.sock")}),
         ("learn.sock", {"learning_service": Path("learn.sock")}),
     ],
+    "--tls-ca": [("system", {"tls_ca": Path("system")}), (str(_CA.ca), {"tls_ca": _CA.ca})],
+    "--tls-cert": [(str(_PEER.cert), {"tls_cert": _PEER.cert}), (str(CERT_COPY), {"tls_cert": CERT_COPY})],
+    "--tls-key": [(str(_PEER.key), {"tls_key": _PEER.key}), (str(KEY_COPY), {"tls_key": KEY_COPY})],
 }
-# A password alone is refused, so its samples need a user name too.
-NEEDS = {"--password": {"--username": "someone"}}
+# A password alone is refused, so its samples need a user name too; a certificate needs its key and a CA.
+NEEDS = {
+    "--password": {"--username": "someone"},
+    "--tls-cert": {"--tls-key": str(_PEER.key), "--tls-ca": str(_CA.ca)},
+    "--tls-key": {"--tls-cert": str(_PEER.cert), "--tls-ca": str(_CA.ca)},
+}
 
 FLAG_TO_ENV = {flag: env for flag, env, *_ in OPTIONS}
 
@@ -253,6 +270,27 @@ def test_several_brokers_keep_their_order_and_read_back_as_given():
 def test_a_broker_named_twice_is_refused_in_one_line_naming_it():
     with pytest.raises(SettingsError, match=r"^--broker: .*names a:1883 more than once$"):
         load_settings(["--broker", "a:1883,b:1,a"], {})
+
+
+def test_tls_files_are_checked_at_start_and_named_in_one_line(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = [
+        (["--tls-ca", str(tmp_path / "none.pem")], r"^--tls-ca .*none\.pem: cannot read it \(No such file"),
+        (["--tls-ca", str(junk)], r"^--tls-ca .*junk\.pem: not usable \("),
+        (["--tls-cert", str(_PEER.cert)], r"^--tls-cert and --tls-key go together"),
+        (["--tls-cert", str(_PEER.cert), "--tls-key", str(_PEER.key)], r"^--tls-cert needs --tls-ca"),
+        (
+            ["--tls-ca", str(_CA.ca), "--tls-cert", str(junk), "--tls-key", str(_PEER.key)],
+            r"^--tls-cert .*: not usable",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SettingsError, match=message):
+            load_settings(argv, {})
+    tls = load_settings(["--tls-ca", str(_CA.ca)], {}).tls_context()
+    assert tls is not None and tls.check_hostname and tls.verify_mode == ssl.CERT_REQUIRED
+    assert load_settings([], {}).tls_context() is None
 
 
 def test_sources_mix():

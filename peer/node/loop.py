@@ -134,6 +134,7 @@ class Peer:
             settings.keepalive,
             settings.username,
             settings.password,
+            settings.tls_context(),
         )
         self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
         if resume:
@@ -150,6 +151,7 @@ class Peer:
         # told in the exit event, so a benchmark sees what a bridge or a failover costs the peers.
         self.received_messages = 0
         self.received_bytes = 0
+        self.exit_reason: str | None = None  # why this peer stops on an error of its own (the exit event's reason)
 
     # --- state shown in logs and status.json ----------------------------------------------------------------------------
 
@@ -248,11 +250,13 @@ class Peer:
             self.runner.stop()
             self._write_status()
             self.transport.close(last=self._last_words())
+            reason = {"reason": self.exit_reason} if self.exit_reason else {}
             self._event(
                 "exit",
                 code=self.exit_code,
                 received_messages=self.received_messages,
                 received_bytes=self.received_bytes,
+                **reason,
             )
             self.event_log.close()
         return self.exit_code
@@ -332,14 +336,18 @@ class Peer:
         self._event("disconnected", reason=event.reason, broker=event.broker, next_broker=event.next_broker)
 
     def _on_broker_refused(self, event: BrokerRefused, now: float) -> None:
-        self.log.error(
-            "broker refused the connection: %s%s",
-            event.reason,
-            " (check --username/--password and the broker's ACL)" if event.fatal else "",
-        )
+        if self.exit_code is not None:
+            return  # leaving already: a second refusal has nothing to add
+        if event.tls:
+            text = f"refused the broker: {event.reason}; check --tls-ca (the CA that signed the brokers' certificates)"
+        else:
+            hint = " (check --username/--password and the broker's ACL)" if event.fatal else ""
+            text = f"broker refused the connection: {event.reason}{hint}"
+        self.log.error("%s", text)
         self._event("broker-refused", reason=event.reason, fatal=event.fatal)
         if event.fatal:
             self.exit_code = EXIT_REFUSED
+            self.exit_reason = text
 
     # --- inbound: the wire session, the admission rules, the machine it is for ------------------------------------------
 

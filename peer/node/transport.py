@@ -16,6 +16,8 @@ passed on already are dropped by the receivers' replay guard (peer.wire.session)
 from __future__ import annotations
 
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -51,10 +53,42 @@ class Disconnected:
 
 @dataclass(frozen=True)
 class BrokerRefused:
-    """The broker refused the connection; `fatal`: retrying cannot help (bad login, not authorised, banned)."""
+    """The broker refused the connection, or (`tls`) this peer refused the broker's certificate; `fatal`: retrying
+    cannot help (bad login, not authorised, banned, a certificate not trusted)."""
 
     reason: str
     fatal: bool
+    tls: bool = False
+
+
+class _CheckedSocket(ssl.SSLSocket):
+    """A TLS socket that tells its context's `on_untrusted` why a broker's certificate was refused: paho retries any
+    failed connection for ever, but a certificate this peer does not trust will not become trusted by retrying."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except ssl.SSLCertVerificationError as err:
+            report = getattr(self.context, "on_untrusted", None)
+            if report is not None:
+                report(err.verify_message or err.reason or str(err))
+            raise
+
+
+def untrusted_broker(brokers: Sequence[tuple[str, int]], tls: ssl.SSLContext, timeout: float = 3.0) -> str | None:
+    """Why the first broker of `brokers` that answers with a TLS certificate this peer does not trust is refused
+    (None: every broker that answered is trusted; one that does not answer is the transport's to retry). A peer asks
+    once at start, so a wrong --tls-ca is said in one line before anything else happens."""
+    for host, port in brokers:
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as raw:
+                with tls.wrap_socket(raw, server_hostname=host):
+                    pass
+        except ssl.SSLCertVerificationError as err:
+            return f"broker {host}:{port} presents a TLS certificate this peer does not trust ({err.verify_message})"
+        except OSError:
+            continue
+    return None
 
 
 def _expiry(packet_type: int, seconds: int | None) -> Properties | None:
@@ -79,9 +113,11 @@ class MqttTransport:
         keepalive: int = 5,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ):
         """`brokers`: (host, port) of every broker of the federation, in the order to try them. `subscriptions`:
-        (topic filter, no_local) pairs; no_local: the broker does not send our own messages back."""
+        (topic filter, no_local) pairs; no_local: the broker does not send our own messages back. `tls`: connect
+        over TLS with this context (its own: the transport has it report untrusted certificates)."""
         if not brokers:
             raise ValueError("a transport needs at least one broker")
         self.brokers, self.keepalive = list(brokers), keepalive
@@ -97,6 +133,10 @@ class MqttTransport:
         )
         if username:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            tls.sslsocket_class = _CheckedSocket
+            tls.on_untrusted = self._on_untrusted  # type: ignore[attr-defined]  # read by _CheckedSocket
+            self.client.tls_set_context(tls)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)  # type: ignore[arg-type]  # paho takes floats
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -125,6 +165,11 @@ class MqttTransport:
         self._subscribe(list(self.subscriptions.items()))
         self._connected.set()
         self.events.put(Connected(self.broker))
+
+    def _on_untrusted(self, why: str) -> None:
+        self.events.put(
+            BrokerRefused(f"{self.broker} presents a TLS certificate this peer does not trust ({why})", True, tls=True)
+        )
 
     def _on_connect_fail(self, client, userdata):
         self._move_on()  # not reachable (refused, no route): the next broker, after the reconnect delay
