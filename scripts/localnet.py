@@ -765,9 +765,12 @@ def start_dashboard(net: LocalNetwork, port: int, login: dict[str, str] | None =
     """The live page of this network (graphs.live): an observer process; the federation does not depend on it.
     `login`: its FL_USERNAME and FL_PASSWORD on brokers that want one."""
     assert net.broker is not None, "start the network first"
-    cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
+    brokers = ",".join(broker.address for broker in net.brokers)
+    cmd = [net.python, "-m", "graphs.live", "--broker", brokers, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
+    if net.certs is not None:
+        cmd += ["--tls-ca", str(authority(net.certs).ca)]
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -799,6 +802,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="B",
         help="run B brokers bridged into a tree and spread the peers over them, each peer given every broker, its "
         "own first (default 1)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="brokers take TLS only, with certificates of the network's own CA"
     )
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
@@ -855,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id=run_id,
         peers_per_process=args.peers_per_process,
         brokers=args.brokers,
+        tls=args.tls,
     )
     with StopSignals():  # SIGTERM stops every process it started, as Ctrl-C does
         return _run(net, args)

@@ -73,8 +73,9 @@ def run_local(net: Network) -> int:
         env["FL_DATA_DIR"] = str(net.data_dir)  # the host's folder itself (no container to mount it in)
     login, page_login = None, None
     if net.brokers > 1:
-        # Brokers bridged to each other: each refuses anonymous clients, its bridge logs in with a login of its own,
-        # and every peer with its own (the ACL lets a login publish only as its peer, on every broker).
+        # Brokers bridged to each other, as they would be across machines: TLS only, with the network's own CA; each
+        # refuses anonymous clients, its bridge logs in with a login of its own, and every peer with its own (the
+        # ACL lets a login publish only as its peer, on every broker).
         peer_ids = [launched_peer_id(k) for k in range(1, net.total + 1)]
         login = make_credentials(net.state / "login", peer_ids, net.topic_prefix)
         observer = read_env_file(login.observer_env)
@@ -91,9 +92,10 @@ def run_local(net: Network) -> int:
         broker_login=login.broker_login() if login else None,
         login_dir=login.folder if login else None,
         topic_prefix=net.topic_prefix,
+        tls=net.brokers > 1,
     )
     page_port = free_port()
-    brokers = f"{net.brokers} bridged brokers" if net.brokers > 1 else "the broker"
+    brokers = f"{net.brokers} bridged brokers (TLS, a login per peer)" if net.brokers > 1 else "the broker"
     say(f"starting {brokers} and {len(net.peers)} peers as local processes; records in {net.run_dir}")
     progress = Progress(net, time.time())
     interrupted: KeyboardInterrupt | None = None

@@ -11,13 +11,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 
 from peer.config import load_settings
 from peer.node.transport import BrokerRefused, Connected, Inbound, MqttTransport, untrusted_broker
 from scripts.certs import authority, certificate
-from scripts.localnet import Broker, bridged_brokers, broker_tls, find_mosquitto
+from scripts.localnet import Broker, bridged_brokers, broker_tls, find_mosquitto, free_port
 from tests.netutil import ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -148,3 +149,21 @@ def test_bridges_carry_messages_over_tls(tmp_path):
         two.close()
         for broker in brokers:
             broker.close()
+
+
+def test_the_live_page_s_observer_moves_on_to_the_next_broker_and_speaks_tls(tls_broker):
+    from graphs.live import Board, Observer
+
+    broker, ca = tls_broker
+    tls = load_settings(["--tls-ca", str(ca.ca)], {}).tls_context()
+    nobody = ("127.0.0.1", free_port())  # nothing listens there: the observer goes on to the TLS broker
+    observer = Observer(Board(), *nobody, run_id="run-1", tls=tls, more_brokers=[("127.0.0.1", broker.port)])
+    observer.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not observer.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert observer.client.is_connected()
+        assert observer.brokers[observer.current] == ("127.0.0.1", broker.port)
+    finally:
+        observer.stop()

@@ -1,5 +1,5 @@
-"""Kill the broker too: three bridged brokers (a tree of MQTT v5 bridges, scripts.localnet.bridged_brokers), each
-with the network's logins and per-peer ACL, six real peers spread over them. The controller's broker is SIGKILLed
+"""Kill the broker too: three bridged brokers (a tree of MQTT v5 bridges, scripts.localnet.bridged_brokers), TLS only,
+each with the network's logins and per-peer ACL, six real peers spread over them. The controller's broker is SIGKILLed
 mid-round through the users' command; its peers move to the next broker of their list, and the run finishes with
 every round once."""
 

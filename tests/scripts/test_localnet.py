@@ -22,6 +22,7 @@ class FakeNetwork:
         FakeNetwork.options = options
         self.broker = type("Broker", (), {"address": "127.0.0.1:1"})()
         self.brokers = [self.broker]
+        self.certs = None
         self.run_id = "test-run"
 
     def processes(self):
