@@ -15,7 +15,7 @@ from scripts.localnet import install_command
 from scripts.up import compose, containers, local
 from scripts.up.common import PROG, ROOT, UpError, abs_path, say, state_dir, write_file
 from scripts.up.images import PEER_IMAGE, ensure_images, image_exists
-from scripts.up.logins import Login, login_for, make_credentials
+from scripts.up.logins import CA_FILE, Login, login_for, make_credentials
 from scripts.up.network import (
     DEFAULT_PROJECT,
     DEFAULT_PUBLISH,
@@ -59,6 +59,8 @@ def cmd_run(args, peer_flags: list[str]) -> int:
             f"fashion-mnist is not on this host ({install_command('dataset-fashion-mnist')}); the peers will "
             "download it into the datasets volume (needs internet)"
         )
+    if args.join and args.login:  # a broker started with --tls hands its CA certificate out with the logins
+        net.tls = (abs_path(args.login) / CA_FILE).is_file()
     login = login_for(net, args.login)
     run_settings(net, Login(abs_path(args.login)).run_id_file if args.login else None)
     return containers.run_containers(net, login)
@@ -83,20 +85,27 @@ def cmd_broker(args) -> int:
     if args.peers < 2:
         raise UpError("--peers: the federation needs at least 2 peers", 2)
     project = args.project or DEFAULT_PROJECT
+    publish = args.publish or ("0.0.0.0:8883:8883" if args.tls else "0.0.0.0:1883:1883")
     net = Network(
         project=project,
         run_dir=state_dir() / project / "broker-run",
         peers=[],
         total=args.peers,
-        publish=args.publish,
+        publish=publish,
         topic_prefix=os.environ.get("FL_TOPIC_PREFIX") or "sd",
+        tls=args.tls,
     )
-    login, address = containers.broker_alone(net, args.base, ca_bundle(args))
+    login, address = containers.broker_alone(net, args.base, ca_bundle(args), args.tls_host)
     run_id = login.run_id_file.read_text().strip()
     say(
         f"logins for peer-1..peer-{args.peers} and the id of its run ({run_id}): {login.folder} (copy it to the "
         "peers' machines, privately)"
     )
+    if net.tls:
+        say(
+            f"TLS only on {address}: its certificate ({net.state / 'tls' / 'broker.pem'}) is signed by the network's "
+            f"CA, whose certificate is in the login folder ({CA_FILE}): the joining peers trust it (FL_TLS_CA)"
+        )
     say(
         f"join it: ./up.sh --join THIS-HOST:{address.rsplit(':', 1)[-1]} --login LOGIN-DIR --peers N --first K "
         f"--total {args.peers} -- PEER_FLAGS"
@@ -424,7 +433,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             add_common(p, run_dir=False)
             p.add_argument("--peers", type=int, default=5, help="peers in the whole federation (logins made)")
-            p.add_argument("--publish", default=os.environ.get("UP_BROKER_PUBLISH") or "0.0.0.0:1883:1883")
+            p.add_argument(
+                "--publish",
+                default=os.environ.get("UP_BROKER_PUBLISH") or None,
+                help="where the broker is published (default 0.0.0.0:1883:1883; with --tls 0.0.0.0:8883:8883)",
+            )
+            p.add_argument(
+                "--tls",
+                action="store_true",
+                help="the broker's listener for other machines is TLS only (8883), with a certificate of the "
+                "network's own CA (.up/<project>/tls); the CA certificate goes in the login folder for the peers",
+            )
+            p.add_argument(
+                "--tls-host",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="a host name or address peers reach the broker by, for its certificate (this machine's are in)",
+            )
             add_images(p)
             return cmd_broker(p.parse_args(rest))
         if command == "credentials":

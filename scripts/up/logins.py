@@ -26,6 +26,7 @@ PASSWD = "passwd"
 ACL = "acl"
 SECRET = "federation.secret"
 RUN_ID = "run-id"
+CA_FILE = "ca.pem"  # a TLS broker's CA certificate, for the peers that join it (scripts.up.tls)
 
 
 def peer_env(peer: str) -> str:
@@ -204,6 +205,9 @@ def login_for(net: Network, login_dir: str | None) -> Login:
         if login.secret.is_file():
             shutil.copyfile(login.secret, own / login.secret.name)
             (own / login.secret.name).chmod(0o600)
+        if (login.folder / CA_FILE).is_file():  # a TLS broker's CA certificate (./up.sh broker --tls)
+            shutil.copyfile(login.folder / CA_FILE, own / CA_FILE)
+            (own / CA_FILE).chmod(0o644)
         return Login(own) if (own / login.secret.name).is_file() else make_credentials(own, [])
     return make_credentials(
         net.state / "login", [launched_peer_id(k) for k in range(1, net.total + 1)], net.topic_prefix

@@ -54,6 +54,7 @@ class Network:
     resume: bool = False  # go on from run_dir's checkpoint (run_id is the checkpoint's)
     per_process: int = 1  # peers per process (local) or per container (python -m peer.host)
     brokers: int = 1  # brokers bridged into one federation (local networks), the peers spread over them
+    tls: bool = False  # the broker's listener for other machines is TLS (./up.sh broker --tls); peers trust its CA
 
     @property
     def state(self) -> Path:
