@@ -56,7 +56,7 @@ DEFAULT_PEER_ARGS = [
     "30",
 ]
 MEASURE_TIMEOUT_S = 120  # a new controller's first round: the election, then up to one --round-deadline
-BROKER_PEER_ARGS = [*DEFAULT_PEER_ARGS, "--model", "cnn-small", "--heartbeat", "0.5", "--election-window", "0.5"]
+BROKER_PEER_ARGS = [*DEFAULT_PEER_ARGS, "--model", "cnn-small"]  # the default timings, as for controller kills
 BYTES_ROUNDS = (1, 4)  # SHORT and LONG: the runs the bytes per round are the difference of
 
 
