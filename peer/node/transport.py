@@ -187,11 +187,13 @@ class MqttTransport:
 
     # --- used by the peer's worker ----------------------------------------------------------------------------------
 
-    def start(self, will_topic: str, will_payload: bytes, will_expiry: int | None = None) -> None:
-        """Connect in the background (retrying until the broker answers) with a retained Last Will."""
-        self.client.will_set(
-            will_topic, will_payload, qos=1, retain=True, properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry)
-        )
+    def start(self, will_topic: str | None, will_payload: bytes = b"", will_expiry: int | None = None) -> None:
+        """Connect in the background (retrying until the broker answers) with a retained Last Will (None: none, for
+        a client that is no peer, e.g. a recorder)."""
+        if will_topic is not None:
+            self.client.will_set(
+                will_topic, will_payload, qos=1, retain=True, properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry)
+            )
         host, port = self.brokers[self.current]
         self.client.connect_async(host, port, keepalive=self.keepalive, clean_start=True)
         self.client.loop_start()
