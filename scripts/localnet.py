@@ -619,8 +619,10 @@ class LocalNetwork:
         write_brokers(self.run_dir, [broker.record() for broker in self.brokers])
 
     def home_broker(self, peer_id: str) -> int:
-        """The broker (index from 0) a launched peer connects to first: peer-K's is (K-1) mod B."""
-        return (int(peer_id.rsplit("-", 1)[1]) - 1) % len(self.brokers)
+        """The broker (index from 0) a launched peer connects to first: peer-K's is (K-1) mod B (the first for an id
+        of another form)."""
+        number = peer_id.rsplit("-", 1)[-1]
+        return (int(number) - 1) % len(self.brokers) if number.isdigit() and int(number) > 0 else 0
 
     def broker_list(self, peer_id: str) -> str:
         """--broker of a launched peer: every broker of the network, its own first."""
