@@ -1,4 +1,5 @@
-"""A whole federation on this machine, without Docker: a real mosquitto on a free port and N peer processes.
+"""A whole federation on this machine, without Docker: a real mosquitto on a free port (or B bridged into a tree,
+`--brokers B`, TLS only with `--tls`) and N peer processes.
 
 The one local network: `./up.sh --local` (in the launcher's own process), the end-to-end tests, the benchmarks and
 the experiment script all run it, so all of them run the network the same way. Standard library only, as the
