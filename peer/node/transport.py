@@ -76,18 +76,26 @@ class _CheckedSocket(ssl.SSLSocket):
 
 
 def untrusted_broker(brokers: Sequence[tuple[str, int]], tls: ssl.SSLContext, timeout: float = 3.0) -> str | None:
-    """Why the first broker of `brokers` that answers with a TLS certificate this peer does not trust is refused
-    (None: every broker that answered is trusted; one that does not answer is the transport's to retry). A peer asks
-    once at start, so a wrong --tls-ca is said in one line before anything else happens."""
+    """Why the first broker of `brokers` that answers with a TLS certificate this peer does not trust, or without TLS,
+    is refused (None: every broker that answered is trusted; one that does not answer is the transport's to retry).
+    A peer asks once at start, so a wrong --tls-ca or port is said in one line before anything else happens."""
     for host, port in brokers:
         try:
-            with socket.create_connection((host, port), timeout=timeout) as raw:
-                with tls.wrap_socket(raw, server_hostname=host):
-                    pass
+            raw = socket.create_connection((host, port), timeout=timeout)
+        except OSError:
+            continue  # not there (yet): the transport tries again
+        try:
+            with tls.wrap_socket(raw, server_hostname=host):
+                pass
         except ssl.SSLCertVerificationError as err:
             return f"broker {host}:{port} presents a TLS certificate this peer does not trust ({err.verify_message})"
+        except (ssl.SSLError, ConnectionError) as err:  # e.g. a plain MQTT listener: it answers, but not in TLS
+            why = err.reason if isinstance(err, ssl.SSLError) else "it closed the connection"
+            return f"broker {host}:{port} does not speak TLS there ({why or err})"
         except OSError:
             continue
+        finally:
+            raw.close()
     return None
 
 

@@ -92,6 +92,14 @@ def test_a_broker_signed_by_another_ca_is_refused_in_one_line(tls_broker, tmp_pa
     ) and line.endswith(")"), line
 
 
+def test_a_peer_told_to_use_tls_refuses_a_plain_broker_in_one_line(tls_broker):
+    _, ca = tls_broker
+    with Broker() as plain:
+        tls = load_settings(["--tls-ca", str(ca.ca)], {}).tls_context()
+        refused = untrusted_broker([("127.0.0.1", plain.port)], tls)
+    assert refused is not None and refused.startswith(f"broker {plain.address} does not speak TLS there (")
+
+
 def test_a_plaintext_client_gets_nothing_from_a_tls_only_listener(tls_broker):
     broker, _ = tls_broker
     connect = bytes([0x10, 16]) + b"\x00\x04MQTT\x04\x02\x00\x3c\x00\x04test"  # MQTT 3.1.1 CONNECT, id "test"
