@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import threading
 import time
@@ -221,7 +222,11 @@ class Observer:
         secret: bytes | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        more_brokers: list[tuple[str, int]] | None = None,
     ):
+        """`more_brokers`: the federation's other brokers, tried in turn when the one connected to is lost (as a
+        peer does); `tls`: connect over TLS with this context."""
         import paho.mqtt.client as mqtt
 
         from peer.wire.envelope import Seal
@@ -238,15 +243,28 @@ class Observer:
         )
         if username:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls)
+        self.brokers, self.current = [(host, port), *(more_brokers or [])], 0
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_disconnect = lambda *args: self._move_on()
+        self.client.on_connect_fail = lambda *args: self._move_on()
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)
         self.client.connect_async(host, port, keepalive=10)
+
+    def _move_on(self) -> None:
+        """The next broker of the federation for paho's next reconnect (paho's thread, between two attempts)."""
+        if len(self.brokers) > 1:
+            self.current = (self.current + 1) % len(self.brokers)
+            host, port = self.brokers[self.current]
+            self.client.connect_async(host, port, keepalive=10)
 
     def start(self) -> None:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self.brokers = self.brokers[:1]  # no moving on from here
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -344,20 +362,27 @@ def serve(board: Board, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServ
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m graphs.live", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--broker", metavar="HOST:PORT", help="watch the federation on this broker")
+    source.add_argument(
+        "--broker",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="watch the federation on this broker (several: the first reachable, then the next when it is lost)",
+    )
     source.add_argument("--run-dir", type=Path, help="show a finished run from its records")
     parser.add_argument("--run-id", help="the run to show (default: the run heard most recently)")
     parser.add_argument("--topic-prefix", default="sd")
     parser.add_argument("--secret-file", type=Path, help="the federation secret (or FL_SECRET): to verify messages")
     parser.add_argument("--username", help="broker login (a read-only one is enough)")
     parser.add_argument("--password", help="broker password (prefer FL_PASSWORD)")
+    parser.add_argument("--tls-ca", type=Path, help="connect over TLS trusting these CA certificates (or FL_TLS_CA)")
+    parser.add_argument("--tls-cert", type=Path, help="the observer's TLS certificate, for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="its private key")
     parser.add_argument("--port", type=int, default=8765, help="the page's port on 127.0.0.1 (default 8765; 0: any)")
     parser.add_argument("--bind", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     args = parser.parse_args(argv)
 
     import os
 
-    from peer.config import SettingsError, parse_broker, read_secret_file
+    from peer.config import SettingsError, parse_brokers, read_secret_file, tls_context
 
     board = Board()
     observer = None
@@ -367,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         board.publish(state_from_records(args.run_dir))
     else:
         try:
-            host, port = parse_broker(args.broker)
+            (host, port), *more = parse_brokers(args.broker)
+            ca = args.tls_ca or (Path(os.environ["FL_TLS_CA"]) if os.environ.get("FL_TLS_CA") else None)
+            tls = tls_context(ca, args.tls_cert, args.tls_key)
         except SettingsError as err:
             parser.error(str(err))
         secret = os.environ.get("FL_SECRET", "").encode() or None
@@ -385,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             secret,
             args.username or os.environ.get("FL_USERNAME"),
             args.password or os.environ.get("FL_PASSWORD"),
+            tls,
+            more,
         )
         observer.start()
     try:

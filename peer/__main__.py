@@ -44,6 +44,13 @@ def _main(argv: list[str] | None) -> int:
             "folder this user can write"
         )
     # From here on, an error is also this peer's `exit` event, with its reason (the launcher prints it).
+    tls = settings.tls_context()
+    if tls is not None:
+        from peer.node.transport import untrusted_broker
+
+        refused = untrusted_broker(settings.brokers, tls)
+        if refused:
+            return _error(f"--tls-ca {settings.tls_ca}: {refused}", settings)
     try:
         resume = _resume(settings) if settings.resume else None
     except ValueError as err:

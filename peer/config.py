@@ -12,6 +12,7 @@ import math
 import os
 import re
 import secrets
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    broker_host: str = "localhost"
-    broker_port: int = 1883
+    # The brokers in the order to try them: the first reachable one, and on losing it the next (peer.node.transport).
+    brokers: tuple[tuple[str, int], ...] = (("localhost", 1883),)
     peer_id: str = ""
     min_peers: int = 5
     trainers: int = 3
@@ -95,10 +96,14 @@ class Settings:
     password: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     learning_service: Path | None = None  # the Unix socket of this machine's learning service
+    tls_ca: Path | None = None  # TLS to the brokers: the CA certificates (PEM) to trust, or SYSTEM_CAS
+    tls_cert: Path | None = None  # this peer's certificate (PEM), for brokers that want one (mutual TLS)
+    tls_key: Path | None = None  # its private key (PEM)
 
     @property
     def broker(self) -> str:
-        return f"{self.broker_host}:{self.broker_port}"
+        """The brokers as the user gives them: HOST:PORT[,HOST:PORT...]."""
+        return ",".join(f"{host}:{port}" for host, port in self.brokers)
 
     @property
     def shard_label(self) -> str:
@@ -118,6 +123,12 @@ class Settings:
             self.train_samples,
             self.test_samples,
         )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the connections to the brokers (None: plain MQTT): the broker's certificate must be
+        signed by --tls-ca (or a CA of the system's with `system`) and name the host connected to; this peer
+        presents --tls-cert when given. SettingsError naming the file that cannot be used."""
+        return tls_context(self.tls_ca, self.tls_cert, self.tls_key)
 
     def round_rules(self) -> RoundRules:
         """What a controller of this peer needs of the settings."""
@@ -148,7 +159,7 @@ class Settings:
             out[f.name] = value
         out["broker"] = self.broker
         out["shard"] = self.shard_label
-        del out["broker_host"], out["broker_port"], out["num_shards"]
+        del out["brokers"], out["num_shards"]
         return out
 
 
@@ -168,6 +179,53 @@ def parse_broker(text: str) -> tuple[str, int]:
     if not 1 <= number <= 65535:
         raise SettingsError(f"broker {text!r}: port must be 1..65535")
     return host, number
+
+
+def parse_brokers(text: str) -> tuple[tuple[str, int], ...]:
+    """HOST:PORT[,HOST:PORT...]: the brokers of one federation (bridged, or one cluster), in the order to try them."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if not any(entries):
+        raise SettingsError(f"broker {text!r}: expected HOST:PORT, e.g. localhost:1883")
+    if not all(entries):
+        raise SettingsError(f"broker list {text!r} has an empty entry: expected HOST:PORT,HOST:PORT,...")
+    brokers = tuple(parse_broker(entry) for entry in entries)
+    twice = sorted({f"{host}:{port}" for host, port in brokers if brokers.count((host, port)) > 1})
+    if twice:
+        raise SettingsError(f"broker list {text!r} names {', '.join(twice)} more than once")
+    return brokers
+
+
+SYSTEM_CAS = Path("system")  # --tls-ca system: the CAs this machine trusts (a broker with a public certificate)
+
+
+def tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """A client TLS context (TLS 1.2 or later, the host name checked) from PEM files; None without a CA. SettingsError
+    naming the flag whose file cannot be used."""
+    if ca is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=None if ca == SYSTEM_CAS else str(ca))
+    except (OSError, ssl.SSLError) as err:
+        raise SettingsError(
+            f"--tls-ca {ca}: {_tls_problem(err)} (a PEM file of CA certificates, or `system`)"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        try:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+        except (OSError, ssl.SSLError) as err:
+            raise SettingsError(
+                f"--tls-cert {cert} / --tls-key {key}: {_tls_problem(err)} (a PEM certificate and its private key)"
+            ) from None
+    return context
+
+
+def _tls_problem(err: Exception) -> str:
+    if isinstance(err, ssl.SSLError):
+        return f"not usable ({err.reason or err})"
+    if isinstance(err, OSError):
+        return f"cannot read it ({err.strerror or err})"
+    return str(err)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -283,9 +341,11 @@ OPTIONS = [
     (
         "--broker",
         "FL_BROKER",
-        ("broker_host", "broker_port"),
-        parse_broker,
-        "MQTT broker as HOST:PORT (default localhost:1883)",
+        "brokers",
+        parse_brokers,
+        "MQTT broker as HOST:PORT (default localhost:1883), or several brokers of one federation (bridged, or nodes "
+        "of one cluster) as HOST:PORT,HOST:PORT,...: the peer uses the first it reaches and, when it loses it, moves "
+        "to the next",
     ),
     ("--peer-id", "FL_PEER_ID", "peer_id", _peer_id, "this peer's unique id (default: random, e.g. peer-3f9a2c)"),
     (
@@ -461,6 +521,22 @@ OPTIONS = [
     ("--username", "FL_USERNAME", "username", str, "broker user name"),
     ("--password", "FL_PASSWORD", "password", str, "broker password (prefer the FL_PASSWORD variable)"),
     (
+        "--tls-ca",
+        "FL_TLS_CA",
+        "tls_ca",
+        Path,
+        "connect to the brokers over TLS, trusting the CA certificates in this PEM file (`system`: the machine's "
+        "own); a broker whose certificate they did not sign, or that does not name the host, is refused",
+    ),
+    (
+        "--tls-cert",
+        "FL_TLS_CERT",
+        "tls_cert",
+        Path,
+        "this peer's TLS certificate (PEM), for brokers that require one (mutual TLS); with --tls-key",
+    ),
+    ("--tls-key", "FL_TLS_KEY", "tls_key", Path, "the private key (PEM) of --tls-cert"),
+    (
         "--log-level",
         "FL_LOG_LEVEL",
         "log_level",
@@ -552,6 +628,11 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         raise SettingsError("--password given without --username")
     if settings.secure_aggregation:
         _check_secure_aggregation(settings)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SettingsError("--tls-cert and --tls-key go together: give both, or neither")
+    if settings.tls_cert is not None and settings.tls_ca is None:
+        raise SettingsError("--tls-cert needs --tls-ca: the CA that signed the brokers' certificates (or `system`)")
+    settings.tls_context()  # its files are checked here, in one line, rather than at the first connection
     return settings
 
 

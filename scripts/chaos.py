@@ -5,10 +5,13 @@
     python -m scripts.chaos --run-dir runs/demo kill random --signal STOP  # hang a random peer
     python -m scripts.chaos --run-dir runs/demo kill peer-3 --signal CONT
     python -m scripts.chaos --run-dir runs/demo which controller           # print its id only (for containers)
+    python -m scripts.chaos --run-dir runs/demo kill broker                # SIGKILL the controller's broker
+    python -m scripts.chaos --run-dir runs/demo kill broker-2 --signal STOP  # hang broker 2 (CONT thaws it)
 
-It reads the peers' `peers/<id>/status.json` (docs/RECORDS.md), so it needs nothing but the run dir and the
-standard library; local peers are signalled by pid, and every signal sent is appended to `chaos.csv`. For peers in
-containers, `./up.sh kill ...` asks `which` for the id and lets docker compose deliver the signal.
+It reads the peers' `peers/<id>/status.json` and `events.jsonl` and the network's `brokers.json` (docs/RECORDS.md),
+so it needs nothing but the run dir and the standard library; local peers and brokers are signalled by pid, and
+every signal sent is appended to `chaos.csv` (a broker's by its name, broker-K). For peers in containers,
+`./up.sh kill ...` asks `which` for the id and lets docker compose deliver the signal.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import sys
 from pathlib import Path
 
 # stdlib-only module: chaos still runs on a bare host python. read_statuses is part of this script's API.
-from peer.records.run_dir import read_statuses, record_chaos
+from peer.records.events import read_events
+from peer.records.run_dir import read_brokers, read_statuses, record_chaos
 
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
 ACTIONS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}
@@ -93,6 +97,76 @@ def kill(run_dir: Path, target: str, sig: str = "KILL") -> tuple[str, int]:
     return peer, pid
 
 
+def connected_to(run_dir: Path, peer: str) -> str | None:
+    """The broker (HOST:PORT) `peer` last said it connected to, from its events.jsonl; None if it is not connected
+    (its last word about brokers is a disconnection) or never said."""
+    events = read_events(run_dir, peer, {"connected", "disconnected"})
+    return events[-1].get("broker") if events and events[-1]["event"] == "connected" else None
+
+
+def broker_named(brokers: list[dict], target: str) -> dict:
+    """The broker `target` names: broker-K, or K alone."""
+    name = f"broker-{target}" if target.isdigit() else target
+    for broker in brokers:
+        if broker["name"] == name:
+            return broker
+    raise ChaosError(f"no broker {target!r}; this network's brokers: {', '.join(b['name'] for b in brokers)}")
+
+
+def choose_broker(run_dir: Path, target: str | None) -> dict:
+    """The broker to signal: the one `target` names, or (None) the one the current controller is connected to."""
+    brokers = read_brokers(run_dir)
+    if not brokers:
+        raise ChaosError(f"no brokers.json in {run_dir}: its brokers were not started by a local network")
+    if target is not None:
+        return broker_named(brokers, target)
+    controller = current_controller(live_statuses(run_dir))
+    if controller is None:
+        raise ChaosError("no controller right now (an election may be under way); try again in a second")
+    address = connected_to(run_dir, controller)
+    for broker in brokers:
+        if broker.get("address") == address:
+            return broker
+    raise ChaosError(f"the controller {controller} is not connected to a broker of this network right now")
+
+
+def kill_broker(run_dir: Path, target: str | None, sig: str = "KILL") -> tuple[str, int]:
+    """Signal a local broker (the controller's, or the one `target` names); returns (its name, pid)."""
+    broker = choose_broker(run_dir, target)
+    if not alive(broker):
+        raise ChaosError(f"{broker['name']} is not running")
+    os.kill(broker["pid"], SIGNALS[sig])
+    record(run_dir, ACTIONS[sig], broker["name"], sig)
+    return broker["name"], broker["pid"]
+
+
+def format_brokers(run_dir: Path, check_pids: bool = True) -> list[str]:
+    """One line per broker of brokers.json: its name, address, state, and the peers connected to it."""
+    brokers = read_brokers(run_dir)
+    if not brokers:
+        return []
+    on: dict[str, list[str]] = {}
+    for peer, s in read_statuses(run_dir).items():
+        if s.get("role") != "finished" and (not check_pids or alive(s)):
+            on.setdefault(connected_to(run_dir, peer) or "", []).append(peer)
+    lines = [f"{'broker':<10} {'address':<21} {'state':<8} peers"]
+    for broker in brokers:
+        state = ("running" if alive(broker) else "gone") if check_pids else "?"
+        if state == "running" and _stopped(broker["pid"]):
+            state = "stopped"
+        peers = ", ".join(sorted(on.get(broker.get("address", ""), []), key=lambda p: (len(p), p)))
+        lines.append(f"{broker['name']:<10} {broker.get('address', '?'):<21} {state:<8} {peers}")
+    return lines
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def format_status(run_dir: Path, check_pids: bool = True) -> str:
     """The network as its peers report it. `check_pids=False` for peers in containers, whose pids mean nothing
     on the host."""
@@ -112,7 +186,7 @@ def format_status(run_dir: Path, check_pids: bool = True) -> str:
     for peer, s in sorted(statuses.items()):
         state = ("running" if peer in running else "gone") if check_pids else "(in a container)"
         lines.append(f"{peer:<12} {s.get('role', '?'):<11} {s.get('term', '?'):>4} {s.get('round', '?'):>5}  {state}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_brokers(run_dir, check_pids))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("status", help="who is controller, term, round, last accuracy, every peer's role")
     st.add_argument("--containers", action="store_true", help="peers run in containers: do not look up their pids")
-    k = sub.add_parser("kill", help="signal a peer: controller | random | PEER_ID")
+    k = sub.add_parser(
+        "kill", help="signal a peer (controller | random | PEER_ID) or a broker (broker: the controller's | broker-K)"
+    )
     k.add_argument("target")
     k.add_argument("--signal", default="KILL", type=str.upper, choices=sorted(SIGNALS))
     w = sub.add_parser("which", help="print the id of: controller | random | PEER_ID (no signal sent)")
@@ -134,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_status(args.run_dir, check_pids=not args.containers))
         elif args.command == "which":
             print(choose(args.target, live_statuses(args.run_dir, local=False)))
+        elif args.target == "broker" or args.target.startswith("broker-"):
+            name, pid = kill_broker(args.run_dir, None if args.target == "broker" else args.target, args.signal)
+            print(f"sent SIG{args.signal} to {name} (pid {pid})")
         else:
             peer, pid = kill(args.run_dir, args.target, args.signal)
             print(f"sent SIG{args.signal} to {peer} (pid {pid})")

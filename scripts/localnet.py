@@ -1,4 +1,5 @@
-"""A whole federation on this machine, without Docker: a real mosquitto on a free port and N peer processes.
+"""A whole federation on this machine, without Docker: a real mosquitto on a free port (or B bridged into a tree,
+`--brokers B`, TLS only with `--tls`) and N peer processes.
 
 The one local network: `./up.sh --local` (in the launcher's own process), the end-to-end tests, the benchmarks and
 the experiment script all run it, so all of them run the network the same way. Standard library only, as the
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -38,16 +40,20 @@ from peer.node.signals import StopSignals
 from peer.records.run_dir import (
     BROKER_LOG_FILE,
     CheckpointError,
+    broker_log,
     host_log,
     killed_on_purpose,
     peer_log,
     read_checkpoint,
+    write_brokers,
 )
 from peer.wire.ids import launched_peer_id, new_run_id
+from scripts.certs import authority, certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
 _PEER_FIELD = re.compile(rb" peer=(\S+) ")
+BRIDGE_IDENTITY = "bridge"  # the bridges' login, and the common name of their certificate under mutual TLS
 MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
@@ -175,15 +181,34 @@ def split_host_log(path: Path, peers: list[str], run_dir: Path) -> None:
             logs.write(line)
 
 
+def peers_topic_prefix(peer_args: list[str], environ) -> str:
+    """The topic prefix the peers will use: the last --topic-prefix among their flags, else FL_TOPIC_PREFIX, else sd."""
+    prefix = environ.get("FL_TOPIC_PREFIX") or "sd"
+    for i, word in enumerate(peer_args):
+        if word == "--topic-prefix" and i + 1 < len(peer_args):
+            prefix = peer_args[i + 1]
+        elif word.startswith("--topic-prefix="):
+            prefix = word.split("=", 1)[1]
+    return prefix
+
+
+def read_login(login_dir: Path, peer_id: str) -> dict[str, str]:
+    """A launched peer's broker login, FL_USERNAME and FL_PASSWORD, from `login_dir/<id>.env` (KEY=VALUE lines)."""
+    pairs = (line.split("=", 1) for line in (Path(login_dir) / f"{peer_id}.env").read_text().splitlines())
+    login = {key.strip(): value.strip() for key, value in (pair for pair in pairs if len(pair) == 2)}
+    return {name: login[name] for name in ("FL_USERNAME", "FL_PASSWORD") if name in login}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float) -> bool:
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Whether something listens on the loopback `port` within `timeout` (False at once if `proc` exits)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return True
@@ -192,15 +217,111 @@ def wait_for_port(port: int, timeout: float) -> bool:
     return False
 
 
-class Broker:
-    """A real mosquitto process on 127.0.0.1 with the project's local configuration and a port of its own."""
+@dataclass(frozen=True)
+class BrokerLogin:
+    """What a broker that refuses anonymous clients reads (mosquitto's hashed password file and ACL, from
+    scripts.up.logins.make_credentials), and the login its bridge uses on both ends (the ACL lets it read and write
+    the federation's topics: it carries every peer's messages)."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None, settings: dict[str, str] | None = None):
+    passwd: Path
+    acl: Path
+    bridge_username: str
+    bridge_password: str
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """A broker's TLS (scripts.certs): its one listener takes TLS only, with `cert` and `key`, and its bridge checks
+    the parent's certificate against `ca`. With `clients_certified`, every client must present a certificate `ca`
+    signed, whose common name is its login (mutual TLS: require_certificate, use_identity_as_username); the
+    bridge presents `bridge_cert`/`bridge_key` (common name: the bridges' login)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    clients_certified: bool = False
+    bridge_cert: Path | None = None
+    bridge_key: Path | None = None
+
+    def listener_lines(self) -> list[str]:
+        lines = [f"cafile {self.ca}", f"certfile {self.cert}", f"keyfile {self.key}", "tls_version tlsv1.2"]
+        if self.clients_certified:
+            lines += ["require_certificate true", "use_identity_as_username true"]
+        return lines
+
+    def bridge_lines(self) -> list[str]:
+        lines = [f"bridge_cafile {self.ca}", "bridge_insecure false", "bridge_tls_version tlsv1.2"]
+        if self.clients_certified and self.bridge_cert and self.bridge_key:
+            lines += [f"bridge_certfile {self.bridge_cert}", f"bridge_keyfile {self.bridge_key}"]
+        return lines
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """A broker's one bridge, up to its parent in the tree of brokers (MQTT v5, mosquitto `connection`): every
+    topic under `prefix` both ways. `addresses`: the parent first, then its stand-ins, which mosquitto tries in turn
+    when the parent is lost, going back to the parent once it answers again (round_robin false)."""
+
+    name: str
+    addresses: tuple[str, ...]
+    prefix: str = "sd"
+    keepalive: int = 5  # mosquitto's least: a hung parent is noticed after about 1.5x this
+
+    def conf_lines(self, login: BrokerLogin | None, tls: BrokerTls | None = None) -> list[str]:
+        lines = [
+            f"connection {self.name}",
+            f"address {' '.join(self.addresses)}",
+            "round_robin false",
+            "bridge_protocol_version mqttv50",
+            # mosquitto marks its own bridges' subscriptions no-local and retain-as-published (try_private): a message
+            # never goes back over the bridge it came in by, and a retained one stays retained on every broker.
+            "try_private true",
+            "cleansession true",
+            f"remote_clientid {self.name}",
+            f"local_clientid local.{self.name}",
+            f"keepalive_interval {self.keepalive}",
+            # A lost parent is tried again, and then its stand-in, after 1 s each (mosquitto 2.0.11 here: a constant
+            # `restart_timeout 1` waited 5 s; base 1 with cap 1 waits 1 s; a lost root cut its spokes off ~2 s).
+            "restart_timeout 1 1",
+            "start_type automatic",
+            "notifications false",
+            f"topic {self.prefix}/# both 1",
+        ]
+        if login is not None:
+            lines += [
+                f"remote_username {login.bridge_username}",
+                f"remote_password {login.bridge_password}",
+                f"local_username {login.bridge_username}",
+                f"local_password {login.bridge_password}",
+            ]
+        return lines + (tls.bridge_lines() if tls else [])
+
+
+class Broker:
+    """A real mosquitto process on 127.0.0.1 with the project's local configuration and a port of its own; with an
+    `uplink`, bridged to its parent broker; with a `login`, refusing anonymous clients and holding each login to
+    the ACL."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        settings: dict[str, str] | None = None,
+        name: str = "broker",
+        uplink: Uplink | None = None,
+        login: BrokerLogin | None = None,
+        tls: BrokerTls | None = None,
+    ):
         """`settings`: mosquitto options that replace or add to the local configuration's (e.g. `sys_interval`, for
         a benchmark that reads the broker's $SYS counters, or a smaller `message_size_limit`)."""
         self.port = port or free_port()
         self.log_path = log_path
         self.settings = dict(settings or {})
+        self.name, self.uplink, self.login, self.tls = name, uplink, login, tls
+        if login is not None:
+            self.settings.update(
+                {"allow_anonymous": "false", "password_file": str(login.passwd), "acl_file": str(login.acl)}
+            )
         self.proc: subprocess.Popen | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="fl-broker-"))
         self.conf = self._dir / "mosquitto.conf"
@@ -211,27 +332,46 @@ class Broker:
 
     def _write_conf(self) -> None:
         lines = LOCAL_CONF.read_text().splitlines()
-        lines = [f"listener {self.port} 127.0.0.1" if line.startswith("listener ") else line for line in lines]
+        listener = [f"listener {self.port} 127.0.0.1", *(self.tls.listener_lines() if self.tls else [])]
+        lines = [part for line in lines for part in (listener if line.startswith("listener ") else [line])]
         lines = [line for line in lines if line.split(" ", 1)[0] not in self.settings]
         lines += [f"{name} {value}" for name, value in self.settings.items()]
+        if (self.login is not None or self.tls is not None) and os.geteuid() == 0:
+            # As root, mosquitto drops to the mosquitto user before it reads the login and key files, which sit in
+            # this user's private folders: a local broker stays this user's process, as the peers are.
+            lines.append("user root")
+        if self.uplink is not None:  # last: a bridge's options run from its `connection` line to the file's end
+            lines += self.uplink.conf_lines(self.login, self.tls)
         self.conf.write_text("\n".join(lines) + "\n")
+        self.conf.chmod(0o600)  # a bridge's password may be in it
 
     def start(self) -> Broker:
         binary = find_mosquitto()
         if not binary:
             raise MosquittoMissing(f"the local network needs the mosquitto broker: {install_command('mosquitto')}")
         self._write_conf()
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        if not wait_for_port(self.port, 10):
+        if not wait_for_port(self.port, 10, self.proc):
             self.stop()
-            raise RuntimeError(f"mosquitto did not start listening on port {self.port}")
+            raise RuntimeError(f"mosquitto did not start listening on port {self.port}{self._last_words()}")
         return self
+
+    def _last_words(self) -> str:
+        """The broker's last line of output (why it would not start), if its log holds one."""
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path else []
+        except OSError:
+            lines = []
+        return f": {lines[-1]}" if lines else ""
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped broker cannot die of SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(5)
@@ -249,11 +389,70 @@ class Broker:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
+    def record(self) -> dict:
+        """What brokers.json says of it (`./up.sh status` and `kill broker` read it)."""
+        return {
+            "name": self.name,
+            "address": self.address,
+            "pid": self.proc.pid if self.proc else None,
+            "uplink": list(self.uplink.addresses) if self.uplink else [],
+        }
+
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.close()
+
+
+def broker_name(index: int) -> str:
+    """The name of the broker `index` (from 1) of a network: broker-1 is the root of the tree."""
+    return f"broker-{index}"
+
+
+def broker_tls(certs: Path, name: str, clients_certified: bool = False) -> BrokerTls:
+    """The TLS of the local broker `name`, its certificate (for 127.0.0.1 and localhost) made in `certs` with the
+    network's CA (scripts.certs), and the bridges' client certificate when clients need one."""
+    ca = authority(certs)
+    own = certificate(ca, name, ["127.0.0.1", "localhost"])
+    bridge = certificate(ca, BRIDGE_IDENTITY) if clients_certified else None
+    return BrokerTls(
+        ca.ca, own.cert, own.key, clients_certified, bridge.cert if bridge else None, bridge.key if bridge else None
+    )
+
+
+def bridged_brokers(
+    count: int,
+    run_dir: Path | None = None,
+    prefix: str = "sd",
+    login: BrokerLogin | None = None,
+    certs: Path | None = None,
+) -> list[Broker]:
+    """`count` brokers bridged into one tree (not started). broker-1 is the root; broker-2 bridges up to it; every
+    other broker bridges up to broker-1, with broker-2 as its stand-in. Each broker has one uplink at a time, so the
+    bridges always form a tree (no loop, so no message goes round, and a message reaches each broker once): a
+    broker killed takes only its own bridges down, and when the root is lost, the others join up under broker-2.
+    (A broker and its peers cut off from every parent are cut off: peers fail over to another broker of their list
+    only when theirs is lost.) With `certs`, a folder for the network's CA and certificates, every broker takes TLS
+    only and every bridge checks its parent's certificate."""
+    if count < 1:
+        raise ValueError(f"a network needs at least one broker, not {count}")
+    ports = [free_port() for _ in range(count)]
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    brokers = []
+    for index, port in enumerate(ports, start=1):
+        name = broker_name(index)
+        parents = () if index == 1 else tuple(addresses[: min(index - 1, 2)])
+        uplink = Uplink(f"bridge-{name}", parents, prefix) if parents else None
+        log = broker_log(run_dir, name) if run_dir is not None else None
+        tls = broker_tls(certs, name) if certs is not None else None
+        brokers.append(Broker(port, log_path=log, name=name, uplink=uplink, login=login, tls=tls))
+    return brokers
+
+
+def broker_order(own: int, count: int) -> list[int]:
+    """The brokers (indices from 0) a peer on broker `own` tries: its own, then the ones after it, round the list."""
+    return [(own + step) % count for step in range(count)]
 
 
 class LearningService:
@@ -327,12 +526,24 @@ class LocalNetwork:
         peer_env: dict[str, dict] | None = None,
         peers_per_process: int = 1,
         learning_workers: int | None = None,
+        brokers: int = 1,
+        broker_login: BrokerLogin | None = None,
+        topic_prefix: str | None = None,
+        login_dir: Path | None = None,
+        tls: bool = False,
     ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
-        `peers_per_process` K > 1 the peers run K to a process (peer.host)."""
+        `peers_per_process` K > 1 the peers run K to a process (peer.host). With `brokers` B > 1 it runs B brokers
+        bridged into a tree (`bridged_brokers`, under `topic_prefix`) and spreads the peers over them: peer-K on
+        broker (K-1) mod B, given every broker, its own first (`broker_order`). With `broker_login` the brokers
+        refuse anonymous clients; each peer then logs in with its login from `login_dir/<id>.env`. With `tls` every
+        broker takes TLS only, with a certificate of the network's own CA (made in a private folder, removed when
+        the network stops), which the peers and bridges check (--tls-ca)."""
         if peers_per_process < 1:
             raise ValueError(f"peers_per_process must be at least 1, not {peers_per_process}")
+        if brokers < 1 or (brokers > 1 and broker is not None):
+            raise ValueError(f"brokers must be at least 1 (and 1 with a broker given), not {brokers}")
         self.run_dir = Path(run_dir)
         self.run_id = run_id or new_run_id(time.time())
         self._secret_dir = Path(tempfile.mkdtemp(prefix="fl-secret-")) if secret else None
@@ -342,12 +553,21 @@ class LocalNetwork:
             self.secret_file.chmod(0o600)
         self.count, self.peer_args = peers, list(peer_args)
         self.num_shards = num_shards or peers  # more shards than peers leaves room for peers that join later
-        self.broker = broker
+        self.broker = broker  # the first (the root of the tree of several)
         self.owns_broker = broker is None
         self.broker_port = broker_port
+        self.broker_count, self.broker_login = brokers, broker_login
+        # What the bridges carry: the peers' topics (their --topic-prefix, else FL_TOPIC_PREFIX, else sd).
+        self.topic_prefix = topic_prefix or peers_topic_prefix(self.peer_args, {**os.environ, **(env or {})})
+        self.brokers: list[Broker] = [broker] if broker is not None else []
+        self.certs = Path(tempfile.mkdtemp(prefix="fl-certs-")) if tls else None
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
-        self.peer_env = peer_env or {}  # per peer id: variables of its own (e.g. its broker login)
+        self.peer_env = dict(peer_env or {})  # per peer id: variables of its own (e.g. its broker login)
+        self.login_dir = login_dir
+        if login_dir is not None:
+            for peer_id, _ in roster(peers, self.num_shards):
+                self.peer_env.setdefault(peer_id, read_login(login_dir, peer_id))
         self.echo, self.python = echo, python
         self.per_process = peers_per_process
         self.procs: dict[str, subprocess.Popen] = {}  # per peer id; the K peers of one host share one
@@ -374,7 +594,7 @@ class LocalNetwork:
         if self.learning is not None:
             self.learning.start()
         if self.broker is None:
-            self.broker = Broker(self.broker_port, log_path=self.run_dir / BROKER_LOG_FILE).start()
+            self.start_brokers()
         shards = dict(roster(self.count, self.num_shards))
         for group in processes_of(list(shards), self.per_process):
             if self.per_process == 1:
@@ -383,16 +603,47 @@ class LocalNetwork:
                 self.start_host([(peer_id, shards[peer_id]) for peer_id in group])
         return self
 
-    def _common_args(self) -> list[str]:
+    def start_brokers(self) -> None:
+        """The network's own broker, or its brokers bridged into a tree (the root first: the others' bridges find
+        it listening); brokers.json names them for `./up.sh status` and `kill broker`."""
+        if self.broker_count == 1:
+            log, name = self.run_dir / BROKER_LOG_FILE, broker_name(1)
+            tls = broker_tls(self.certs, name) if self.certs else None
+            self.brokers = [Broker(self.broker_port, log_path=log, name=name, login=self.broker_login, tls=tls)]
+        else:
+            self.brokers = bridged_brokers(
+                self.broker_count, self.run_dir, self.topic_prefix, self.broker_login, self.certs
+            )
+        for broker in self.brokers:
+            broker.start()
+        self.broker = self.brokers[0]
+        self.record_brokers()
+
+    def record_brokers(self) -> None:
+        write_brokers(self.run_dir, [broker.record() for broker in self.brokers])
+
+    def home_broker(self, peer_id: str) -> int:
+        """The broker (index from 0) a launched peer connects to first: peer-K's is (K-1) mod B (the first for an id
+        of another form)."""
+        number = peer_id.rsplit("-", 1)[-1]
+        return (int(number) - 1) % len(self.brokers) if number.isdigit() and int(number) > 0 else 0
+
+    def broker_list(self, peer_id: str) -> str:
+        """--broker of a launched peer: every broker of the network, its own first."""
+        return ",".join(self.brokers[i].address for i in broker_order(self.home_broker(peer_id), len(self.brokers)))
+
+    def _common_args(self, peer_id: str) -> list[str]:
         assert self.broker is not None, "start() first"
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
         if self.learning is not None:
             run += ["--learning-service", str(self.learning.socket)]
-        return ["--broker", self.broker.address, *run, "--run-dir", str(self.run_dir)]
+        if self.certs is not None:
+            run += ["--tls-ca", str(authority(self.certs).ca)]
+        return ["--broker", self.broker_list(peer_id), *run, "--run-dir", str(self.run_dir)]
 
     def start_peer(self, peer_id: str, shard: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
         """One peer process (`python -m peer`)."""
-        cmd = [self.python, "-m", "peer", "--peer-id", peer_id, "--shard", shard, *self._common_args()]
+        cmd = [self.python, "-m", "peer", "--peer-id", peer_id, "--shard", shard, *self._common_args(peer_id)]
         return self._launch([peer_id], [*cmd, *self.peer_args, *extra_args], hosted=False)
 
     def start_peer_by_id(self, peer_id: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
@@ -403,8 +654,10 @@ class LocalNetwork:
     def start_host(self, members: list[tuple[str, str]], extra_args: Iterable[str] = ()) -> subprocess.Popen:
         """One process (peer.host) running the peers `members` [(id, shard)]; its name is its first peer's id."""
         hosted = ",".join(f"{peer_id}={shard}" for peer_id, shard in members)
-        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args()]
         ids = [peer_id for peer_id, _ in members]
+        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args(ids[0])]
+        if self.login_dir is not None:
+            cmd += ["--login-dir", str(self.login_dir)]
         proc = self._launch(ids, [*cmd, *self.peer_args, *extra_args], hosted=True)
         self.hosts[ids[0]] = ids
         return proc
@@ -477,12 +730,15 @@ class LocalNetwork:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self.owns_broker and self.broker:
-            self.broker.close()
+        if self.owns_broker:
+            for broker in self.brokers:
+                broker.close()
         if self.learning is not None:
             self.learning.stop()
         if self._secret_dir:
             shutil.rmtree(self._secret_dir, ignore_errors=True)
+        if self.certs:
+            shutil.rmtree(self.certs, ignore_errors=True)
 
     def peer_log(self, peer_id: str) -> str:
         path = peer_log(self.run_dir, peer_id)
@@ -513,14 +769,23 @@ def with_min_peers(peer_args: list[str], peers: int, environ=os.environ) -> list
     return ["--min-peers", str(peers), *peer_args]
 
 
-def start_dashboard(net: LocalNetwork, port: int) -> subprocess.Popen:
-    """The live page of this network (graphs.live): an observer process; the federation does not depend on it."""
+def start_dashboard(net: LocalNetwork, port: int, login: dict[str, str] | None = None) -> subprocess.Popen:
+    """The live page of this network (graphs.live): an observer process; the federation does not depend on it.
+    `login`: its FL_USERNAME and FL_PASSWORD on brokers that want one."""
     assert net.broker is not None, "start the network first"
-    cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
+    brokers = ",".join(broker.address for broker in net.brokers)
+    cmd = [net.python, "-m", "graphs.live", "--broker", brokers, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
+    if net.certs is not None:
+        cmd += ["--tls-ca", str(authority(net.certs).ca)]
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=net.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env={**net.env, **(login or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -538,6 +803,17 @@ def main(argv: list[str] | None = None) -> int:
         "--run-dir", type=Path, default=Path("runs/latest"), help="records folder (default runs/latest)"
     )
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        metavar="B",
+        help="run B brokers bridged into a tree and spread the peers over them, each peer given every broker, its "
+        "own first (default 1)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="brokers take TLS only, with certificates of the network's own CA"
+    )
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
     parser.add_argument(
@@ -565,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--peers must be at least 1")
     if args.peers_per_process < 1:
         parser.error("--peers-per-process must be at least 1")
+    if args.brokers < 1 or (args.brokers > 1 and args.port):
+        parser.error("--brokers must be at least 1 (and --port goes with one broker)")
     run_id = os.environ.get("FL_RUN_ID") or None  # a launcher's (./up.sh), or a new one
     if args.resume:
         if args.peers_per_process > 1:
@@ -590,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
         broker_port=args.port,
         run_id=run_id,
         peers_per_process=args.peers_per_process,
+        brokers=args.brokers,
+        tls=args.tls,
     )
     with StopSignals():  # SIGTERM stops every process it started, as Ctrl-C does
         return _run(net, args)
@@ -605,8 +885,8 @@ def _run(net: LocalNetwork, args: argparse.Namespace) -> int:
         hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
         assert net.broker is not None  # (started)
         print(
-            f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
-            f"{args.run_dir}",
+            f"localnet: broker {','.join(b.address for b in net.brokers)}, run {net.run_id}, {args.peers} "
+            f"peers{hosted}, records in {args.run_dir}",
             flush=True,
         )
         codes = net.wait(args.timeout or float("inf"))

@@ -1,6 +1,8 @@
 import dataclasses
 import json
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -12,12 +14,20 @@ import pytest
 from peer.config import ENV_NAMES, OPTIONS, Settings, SettingsError, load_settings, number, whole_number
 from peer.learning import data, partition
 from peer.wire.ids import PEER_ID_PATTERN
+from scripts.certs import authority, certificate
 
 # Two secret files for the samples below (a file flag needs a file to read).
 _KEYS = Path(tempfile.mkdtemp(prefix="fl-config-test-"))
 KEY_A, KEY_B = _KEYS / "a.key", _KEYS / "b.key"
 KEY_A.write_bytes(b"a" * 16 + b"\n")
 KEY_B.write_bytes(b"b" * 40)
+# TLS files for the samples (scripts.certs: the openssl command): a CA, and one client certificate and key, each also
+# under a second name, so two samples of a flag differ and still fit the other flags' files.
+_CA = authority(_KEYS / "tls")
+_PEER = certificate(_CA, "peer-1")
+CERT_COPY, KEY_COPY = _KEYS / "peer-copy.pem", _KEYS / "peer-copy.key"
+shutil.copyfile(_PEER.cert, CERT_COPY)
+shutil.copyfile(_PEER.key, KEY_COPY)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # a test can tell which source won. Extra settings that a value needs to be legal go in the third slot.
 SAMPLES = {
     "--broker": [
-        ("mqtt.example:8883", {"broker_host": "mqtt.example", "broker_port": 8883}),
-        ("10.0.0.7", {"broker_host": "10.0.0.7", "broker_port": 1883}),
+        ("mqtt.example:8883", {"brokers": (("mqtt.example", 8883),)}),
+        (" 10.0.0.7 , b.example:8884", {"brokers": (("10.0.0.7", 1883), ("b.example", 8884))}),
     ],
     "--peer-id": [("peer-7", {"peer_id": "peer-7"}), ("A.b_c-9", {"peer_id": "A.b_c-9"})],
     "--min-peers": [("2", {"min_peers": 2}), ("12", {"min_peers": 12})],
@@ -71,9 +81,16 @@ SAMPLES = {
         ("/run/sdfl/learn.sock", {"learning_service": Path("/run/sdfl/learn.sock")}),
         ("learn.sock", {"learning_service": Path("learn.sock")}),
     ],
+    "--tls-ca": [("system", {"tls_ca": Path("system")}), (str(_CA.ca), {"tls_ca": _CA.ca})],
+    "--tls-cert": [(str(_PEER.cert), {"tls_cert": _PEER.cert}), (str(CERT_COPY), {"tls_cert": CERT_COPY})],
+    "--tls-key": [(str(_PEER.key), {"tls_key": _PEER.key}), (str(KEY_COPY), {"tls_key": KEY_COPY})],
 }
-# A password alone is refused, so its samples need a user name too.
-NEEDS = {"--password": {"--username": "someone"}}
+# A password alone is refused, so its samples need a user name too; a certificate needs its key and a CA.
+NEEDS = {
+    "--password": {"--username": "someone"},
+    "--tls-cert": {"--tls-key": str(_PEER.key), "--tls-ca": str(_CA.ca)},
+    "--tls-key": {"--tls-cert": str(_PEER.cert), "--tls-ca": str(_CA.ca)},
+}
 
 FLAG_TO_ENV = {flag: env for flag, env, *_ in OPTIONS}
 
@@ -124,7 +141,7 @@ def test_flags_are_unique_and_cover_every_setting():
 
 def test_defaults():
     s = load_settings([], {})
-    assert (s.broker_host, s.broker_port, s.broker) == ("localhost", 1883, "localhost:1883")
+    assert (s.brokers, s.broker) == ((("localhost", 1883),), "localhost:1883")
     assert (s.min_peers, s.trainers, s.min_solutions, s.max_rounds) == (5, 3, 2, 10)
     assert s.target_accuracy == 0.99
     assert (s.dataset, s.data_dir, s.partition, s.alpha, s.seed) == ("mnist", None, "iid", 0.5, 42)
@@ -243,6 +260,39 @@ def test_separate_value_form_of_flags():
     assert (s.trainers, s.shard, s.num_shards, s.peer_id) == (4, 1, 2, "p1")
 
 
+def test_several_brokers_keep_their_order_and_read_back_as_given():
+    s = load_settings([], {"FL_BROKER": "b2:1884,b1:1883,b3"})
+    assert s.brokers == (("b2", 1884), ("b1", 1883), ("b3", 1883))
+    assert s.broker == "b2:1884,b1:1883,b3:1883" and s.public_dict()["broker"] == s.broker
+    assert "brokers" not in s.public_dict()
+
+
+def test_a_broker_named_twice_is_refused_in_one_line_naming_it():
+    with pytest.raises(SettingsError, match=r"^--broker: .*names a:1883 more than once$"):
+        load_settings(["--broker", "a:1883,b:1,a"], {})
+
+
+def test_tls_files_are_checked_at_start_and_named_in_one_line(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = [
+        (["--tls-ca", str(tmp_path / "none.pem")], r"^--tls-ca .*none\.pem: cannot read it \(No such file"),
+        (["--tls-ca", str(junk)], r"^--tls-ca .*junk\.pem: not usable \("),
+        (["--tls-cert", str(_PEER.cert)], r"^--tls-cert and --tls-key go together"),
+        (["--tls-cert", str(_PEER.cert), "--tls-key", str(_PEER.key)], r"^--tls-cert needs --tls-ca"),
+        (
+            ["--tls-ca", str(_CA.ca), "--tls-cert", str(junk), "--tls-key", str(_PEER.key)],
+            r"^--tls-cert .*: not usable",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SettingsError, match=message):
+            load_settings(argv, {})
+    tls = load_settings(["--tls-ca", str(_CA.ca)], {}).tls_context()
+    assert tls is not None and tls.check_hostname and tls.verify_mode == ssl.CERT_REQUIRED
+    assert load_settings([], {}).tls_context() is None
+
+
 def test_sources_mix():
     s = load_settings(["--trainers=4"], {"FL_MAX_ROUNDS": "7", "FL_TRAINERS": "9"})
     assert (s.trainers, s.max_rounds, s.min_peers) == (4, 7, 5)
@@ -257,6 +307,11 @@ BAD = [
     ("--broker", "host:65536"),
     ("--broker", "host:"),
     ("--broker", "host:-1"),
+    ("--broker", "a:1883,,b:1883"),
+    ("--broker", "a:1883,"),
+    ("--broker", ","),
+    ("--broker", "a:1883,b:x"),
+    ("--broker", "a:1883,b:1,a:1883"),
     ("--peer-id", "has space"),
     ("--peer-id", "a/b"),
     ("--peer-id", "x" * 65),

@@ -140,14 +140,14 @@ class Peer:
         # The client id is ours alone (a random suffix): nobody can take our session over by guessing it. A broker
         # with a login per peer replaces it with the login (use_username_as_clientid).
         self.transport = transport or MqttTransport(
-            settings.broker_host,
-            settings.broker_port,
+            settings.brokers,
             f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
             self.topics.subscriptions(),
             self.events,
             settings.keepalive,
             settings.username,
             settings.password,
+            settings.tls_context(),
         )
         self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
         if resume:
@@ -160,6 +160,11 @@ class Peer:
         self._status: tuple = ()
         self._last_tick = time.monotonic()
         self._answer_due: float | None = None  # when this peer answers the newcomers heard since its last init
+        # What the brokers delivered to this peer, every publication counted (duplicates and refusals included):
+        # told in the exit event, so a benchmark sees what a bridge or a failover costs the peers.
+        self.received_messages = 0
+        self.received_bytes = 0
+        self.exit_reason: str | None = None  # why this peer stops on an error of its own (the exit event's reason)
 
     # --- state shown in logs and status.json ----------------------------------------------------------------------------
 
@@ -258,7 +263,14 @@ class Peer:
             self.runner.stop()
             self._write_status()
             self.transport.close(last=self._last_words())
-            self._event("exit", code=self.exit_code)
+            reason = {"reason": self.exit_reason} if self.exit_reason else {}
+            self._event(
+                "exit",
+                code=self.exit_code,
+                received_messages=self.received_messages,
+                received_bytes=self.received_bytes,
+                **reason,
+            )
             self.event_log.close()
         return self.exit_code
 
@@ -316,8 +328,8 @@ class Peer:
         self.carry_out(self.follower.on_job_done(done, self.election.term), now)
 
     def _on_connected(self, event: Connected, now: float) -> None:
-        self.log.info("connected to broker %s", self.settings.broker)
-        self._event("connected", broker=self.settings.broker)
+        self.log.info("connected to broker %s", event.broker)
+        self._event("connected", broker=event.broker)
         self.election.reconnected(now)
         self.send(Presence(self.me, "online"), retain=True)
         self._announce()
@@ -328,22 +340,33 @@ class Peer:
             self.carry_out(self.follower.reconnected(self.election.term), now)
 
     def _on_disconnected(self, event: Disconnected, now: float) -> None:
-        self.log.warning("disconnected from broker (%s); reconnecting", event.reason)
-        self._event("disconnected", reason=event.reason)
+        self.log.warning(
+            "disconnected from broker %s (%s); reconnecting%s",
+            event.broker,
+            event.reason,
+            f" to {event.next_broker}" if event.next_broker != event.broker else "",
+        )
+        self._event("disconnected", reason=event.reason, broker=event.broker, next_broker=event.next_broker)
 
     def _on_broker_refused(self, event: BrokerRefused, now: float) -> None:
-        self.log.error(
-            "broker refused the connection: %s%s",
-            event.reason,
-            " (check --username/--password and the broker's ACL)" if event.fatal else "",
-        )
+        if self.exit_code is not None:
+            return  # leaving already: a second refusal has nothing to add
+        if event.tls:
+            text = f"refused the broker: {event.reason}; check --tls-ca (the CA that signed the brokers' certificates)"
+        else:
+            hint = " (check --username/--password and the broker's ACL)" if event.fatal else ""
+            text = f"broker refused the connection: {event.reason}{hint}"
+        self.log.error("%s", text)
         self._event("broker-refused", reason=event.reason, fatal=event.fatal)
         if event.fatal:
             self.exit_code = EXIT_REFUSED
+            self.exit_reason = text
 
     # --- inbound: the wire session, the admission rules, the machine it is for ------------------------------------------
 
     def _on_inbound(self, event: Inbound, now: float) -> None:
+        self.received_messages += 1
+        self.received_bytes += len(event.payload)
         verdict = self.inbox.receive(event.topic, event.payload, event.retained, self.wall_clock())
         if isinstance(verdict, Delivered):
             self.on_message(verdict, now)

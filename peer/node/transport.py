@@ -4,11 +4,20 @@ paho runs its network loop in its own thread and calls our callbacks there. An e
 thread silently, and waiting in one deadlocks it, so the callbacks only put events on a queue; the peer's worker
 does everything else. paho reconnects by itself (the broker restarted, the network blipped); after each connect we
 subscribe again and tell the worker, which announces the peer again.
+
+Given several brokers (bridged, or nodes of one cluster), the transport connects to the first it reaches and, when
+it loses that one or cannot reach it, moves to the next in the list (round the list, for ever): a broker killed
+outright is noticed at once (the connection resets), a hung one after paho's keepalive, and the next broker is tried
+within the reconnect delay (0.2 s, doubling up to 2 s while none answers). The session starts clean on every
+broker; paho sends again the QoS 1 messages the lost broker had not acknowledged, and the copies a bridge may have
+passed on already are dropped by the receivers' replay guard (peer.wire.session).
 """
 
 from __future__ import annotations
 
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -32,20 +41,62 @@ class Inbound:
 
 @dataclass(frozen=True)
 class Connected:
-    pass
+    broker: str  # HOST:PORT of the broker this connection is to
 
 
 @dataclass(frozen=True)
 class Disconnected:
     reason: str
+    broker: str  # the broker lost
+    next_broker: str  # the broker tried next (the same one when there is only one)
 
 
 @dataclass(frozen=True)
 class BrokerRefused:
-    """The broker refused the connection; `fatal`: retrying cannot help (bad login, not authorised, banned)."""
+    """The broker refused the connection, or (`tls`) this peer refused the broker's certificate; `fatal`: retrying
+    cannot help (bad login, not authorised, banned, a certificate not trusted)."""
 
     reason: str
     fatal: bool
+    tls: bool = False
+
+
+class _CheckedSocket(ssl.SSLSocket):
+    """A TLS socket that tells its context's `on_untrusted` why a broker's certificate was refused: paho retries any
+    failed connection for ever, but a certificate this peer does not trust will not become trusted by retrying."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except ssl.SSLCertVerificationError as err:
+            report = getattr(self.context, "on_untrusted", None)
+            if report is not None:
+                report(err.verify_message or err.reason or str(err))
+            raise
+
+
+def untrusted_broker(brokers: Sequence[tuple[str, int]], tls: ssl.SSLContext, timeout: float = 3.0) -> str | None:
+    """Why the first broker of `brokers` that answers with a TLS certificate this peer does not trust, or without TLS,
+    is refused (None: every broker that answered is trusted; one that does not answer is the transport's to retry).
+    A peer asks once at start, so a wrong --tls-ca or port is said in one line before anything else happens."""
+    for host, port in brokers:
+        try:
+            raw = socket.create_connection((host, port), timeout=timeout)
+        except OSError:
+            continue  # not there (yet): the transport tries again
+        try:
+            with tls.wrap_socket(raw, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as err:
+            return f"broker {host}:{port} presents a TLS certificate this peer does not trust ({err.verify_message})"
+        except (ssl.SSLError, ConnectionError) as err:  # e.g. a plain MQTT listener: it answers, but not in TLS
+            why = err.reason if isinstance(err, ssl.SSLError) else "it closed the connection"
+            return f"broker {host}:{port} does not speak TLS there ({why or err})"
+        except OSError:
+            continue
+        finally:
+            raw.close()
+    return None
 
 
 def _expiry(packet_type: int, seconds: int | None) -> Properties | None:
@@ -56,20 +107,30 @@ def _expiry(packet_type: int, seconds: int | None) -> Properties | None:
     return props
 
 
+def address(broker: tuple[str, int]) -> str:
+    return f"{broker[0]}:{broker[1]}"
+
+
 class MqttTransport:
     def __init__(
         self,
-        host: str,
-        port: int,
+        brokers: Sequence[tuple[str, int]],
         client_id: str,
         subscriptions: list[tuple[str, bool]],
         events: queue.Queue,
         keepalive: int = 5,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ):
-        """`subscriptions`: (topic filter, no_local) pairs; no_local: the broker does not send our own messages back."""
-        self.host, self.port, self.keepalive = host, port, keepalive
+        """`brokers`: (host, port) of every broker of the federation, in the order to try them. `subscriptions`:
+        (topic filter, no_local) pairs; no_local: the broker does not send our own messages back. `tls`: connect
+        over TLS with this context (its own: the transport has it report untrusted certificates)."""
+        if not brokers:
+            raise ValueError("a transport needs at least one broker")
+        self.brokers, self.keepalive = list(brokers), keepalive
+        self.current = 0  # index in `brokers` of the broker connected to, or being tried
+        self._closing = False
         self.events = events
         self.subscriptions: dict[str, bool] = dict(subscriptions)  # renewed on every connect
         self._connected = threading.Event()
@@ -80,10 +141,28 @@ class MqttTransport:
         )
         if username:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            tls.sslsocket_class = _CheckedSocket
+            tls.on_untrusted = self._on_untrusted  # type: ignore[attr-defined]  # read by _CheckedSocket
+            self.client.tls_set_context(tls)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)  # type: ignore[arg-type]  # paho takes floats
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+
+    @property
+    def broker(self) -> str:
+        """HOST:PORT of the broker connected to, or being tried."""
+        return address(self.brokers[self.current])
+
+    def _move_on(self) -> None:
+        """Aim paho's next reconnect at the next broker of the list (paho's thread, between two attempts: its
+        connect_async only records where to connect; the loop's reconnect does it after the reconnect delay)."""
+        if len(self.brokers) > 1 and not self._closing:
+            self.current = (self.current + 1) % len(self.brokers)
+            host, port = self.brokers[self.current]
+            self.client.connect_async(host, port, keepalive=self.keepalive, clean_start=True)
 
     # --- paho callbacks (paho's thread: hand over, never block, never raise) ----------------------------------------
 
@@ -93,24 +172,38 @@ class MqttTransport:
             return
         self._subscribe(list(self.subscriptions.items()))
         self._connected.set()
-        self.events.put(Connected())
+        self.events.put(Connected(self.broker))
+
+    def _on_untrusted(self, why: str) -> None:
+        self.events.put(
+            BrokerRefused(f"{self.broker} presents a TLS certificate this peer does not trust ({why})", True, tls=True)
+        )
+
+    def _on_connect_fail(self, client, userdata):
+        self._move_on()  # not reachable (refused, no route): the next broker, after the reconnect delay
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
         self._disconnected.set()
-        self.events.put(Disconnected(str(reason_code)))
+        lost = self.broker
+        self._move_on()
+        if not self._closing:
+            self.events.put(Disconnected(str(reason_code), lost, self.broker))
 
     def _on_message(self, client, userdata, message):
         self.events.put(Inbound(message.topic, message.payload, bool(message.retain)))
 
     # --- used by the peer's worker ----------------------------------------------------------------------------------
 
-    def start(self, will_topic: str, will_payload: bytes, will_expiry: int | None = None) -> None:
-        """Connect in the background (retrying until the broker answers) with a retained Last Will."""
-        self.client.will_set(
-            will_topic, will_payload, qos=1, retain=True, properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry)
-        )
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+    def start(self, will_topic: str | None, will_payload: bytes = b"", will_expiry: int | None = None) -> None:
+        """Connect in the background (retrying until the broker answers) with a retained Last Will (None: none, for
+        a client that is no peer, e.g. a recorder)."""
+        if will_topic is not None:
+            self.client.will_set(
+                will_topic, will_payload, qos=1, retain=True, properties=_expiry(PacketTypes.WILLMESSAGE, will_expiry)
+            )
+        host, port = self.brokers[self.current]
+        self.client.connect_async(host, port, keepalive=self.keepalive, clean_start=True)
         self.client.loop_start()
 
     def _subscribe(self, pairs: list[tuple[str, bool]]) -> None:
@@ -170,6 +263,7 @@ class MqttTransport:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass  # not connected any more: nothing more can be delivered
+        self._closing = True  # no moving on to another broker from here
         if self.connected:
             self._disconnected.clear()
             self.client.disconnect()

@@ -41,6 +41,8 @@ DATA_FILE = "data.json"
 STATUS_FILE = "status.json"
 PEER_LOG_FILE = "peer.log"
 BROKER_LOG_FILE = "broker.log"  # the broker's output (written by the launchers)
+BROKERS_FILE = "brokers.json"  # a network of several bridged brokers: each one's name, address, pid, uplink
+BROKERS_DIR = "brokers"  # a network of several brokers: each one's output, brokers/<name>.log
 HOSTS_DIR = "hosts"  # the whole output of each process that hosts several peers (written by the launchers)
 CHECKPOINT_DIR = "checkpoint"  # the run's state after its last finished round, for --resume
 CHECKPOINT_FILE = "checkpoint.json"
@@ -51,6 +53,11 @@ ID_LIST_SEPARATOR = ";"
 def peer_dir(run_dir: str | Path, peer: str) -> Path:
     """RUN_DIR/peers/<id>: the files one peer writes (and its log, in local runs)."""
     return Path(run_dir) / PEERS_DIR / peer
+
+
+def broker_log(run_dir: str | Path, name: str) -> Path:
+    """The output of the broker `name` of a network of several (one broker's is BROKER_LOG_FILE)."""
+    return Path(run_dir) / BROKERS_DIR / f"{name}.log"
 
 
 def peer_log(run_dir: str | Path, peer: str) -> Path:
@@ -548,6 +555,25 @@ def read_run_summary(run_dir: str | Path, warnings: list[str] | None = None) -> 
     outcome = content.get("outcome")
     return RunSummary(
         settings=settings if isinstance(settings, dict) else {}, outcome=outcome if isinstance(outcome, dict) else {}
+    )
+
+
+def write_brokers(run_dir: str | Path, brokers: list[dict]) -> None:
+    """brokers.json: the brokers of a network of several, each `{"name", "address", "pid", "uplink"}`."""
+    write_json(Path(run_dir) / BROKERS_FILE, {"brokers": brokers})
+
+
+def read_brokers(run_dir: str | Path) -> list[dict]:
+    """brokers.json's brokers (none: the file is missing or unreadable, a network of one broker)."""
+    try:
+        content = json.loads((Path(run_dir) / BROKERS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    brokers = content.get("brokers") if isinstance(content, dict) else None
+    return (
+        [b for b in brokers if isinstance(b, dict) and isinstance(b.get("name"), str)]
+        if isinstance(brokers, list)
+        else []
     )
 
 

@@ -2,8 +2,9 @@
 the finish, poke it (status, kill) and take it down. Standard library only: it runs on the host's python3.
 
     python -m scripts.up [--peers N] [--run-dir DIR] [--local | --docker] [-- PEER_FLAGS...]
-    python -m scripts.up status | kill controller|random|peer ID [--signal S] | down
-    python -m scripts.up broker --publish ADDR [--peers N]          # several hosts: the broker alone
+    python -m scripts.up [--local --brokers B] ...                   # B bridged brokers, the peers spread over them
+    python -m scripts.up status | kill controller|random|peer ID|broker [N] [--signal S] | down
+    python -m scripts.up broker --publish ADDR [--peers N] [--tls]  # several hosts: the broker alone
     python -m scripts.up --join HOST:PORT --login DIR --peers N --first K --total T   # peers only
     python -m scripts.up images | credentials | compose-file
 
@@ -15,7 +16,8 @@ One module per concern:
 - compose: the compose file, as data;
 - containers: running, watching, signalling and taking down the containers;
 - local: the same network as local processes (scripts.localnet);
-- progress: the one-line progress and the end report, from the run's records.
+- progress: the one-line progress and the end report, from the run's records;
+- tls: the broker's TLS for other machines (./up.sh broker --tls), the CA handed to joining peers.
 
 State of its own (generated logins, the compose file, the last network started) lives in `.up/` at the checkout's
 root, git-ignored and private (0700); nothing of the checkout is modified by a container, and nothing tracked by git

@@ -15,7 +15,7 @@ from scripts.localnet import install_command
 from scripts.up import compose, containers, local
 from scripts.up.common import PROG, ROOT, UpError, abs_path, say, state_dir, write_file
 from scripts.up.images import PEER_IMAGE, ensure_images, image_exists
-from scripts.up.logins import Login, login_for, make_credentials
+from scripts.up.logins import CA_FILE, Login, login_for, make_credentials
 from scripts.up.network import (
     DEFAULT_PROJECT,
     DEFAULT_PUBLISH,
@@ -36,7 +36,11 @@ def cmd_run(args, peer_flags: list[str]) -> int:
         say(f"going on with run {net.run_id} from its checkpoint in {net.run_dir}")
     if args.local:
         return local.run_local(net)
-    problem = containers.docker_problem(docker_timeout())
+    if net.brokers > 1 and args.docker:
+        raise UpError("--brokers B runs local networks for now: ./up.sh --local --brokers B", 2)
+    problem = containers.docker_problem(docker_timeout()) or (
+        "several bridged brokers run as local processes for now" if net.brokers > 1 else None
+    )
     if problem:
         if args.docker or args.join:
             raise UpError(f"no Docker engine reachable ({problem})")
@@ -55,6 +59,8 @@ def cmd_run(args, peer_flags: list[str]) -> int:
             f"fashion-mnist is not on this host ({install_command('dataset-fashion-mnist')}); the peers will "
             "download it into the datasets volume (needs internet)"
         )
+    if args.join and args.login:  # a broker started with --tls hands its CA certificate out with the logins
+        net.tls = (abs_path(args.login) / CA_FILE).is_file()
     login = login_for(net, args.login)
     run_settings(net, Login(abs_path(args.login)).run_id_file if args.login else None)
     return containers.run_containers(net, login)
@@ -79,20 +85,27 @@ def cmd_broker(args) -> int:
     if args.peers < 2:
         raise UpError("--peers: the federation needs at least 2 peers", 2)
     project = args.project or DEFAULT_PROJECT
+    publish = args.publish or ("0.0.0.0:8883:8883" if args.tls else "0.0.0.0:1883:1883")
     net = Network(
         project=project,
         run_dir=state_dir() / project / "broker-run",
         peers=[],
         total=args.peers,
-        publish=args.publish,
+        publish=publish,
         topic_prefix=os.environ.get("FL_TOPIC_PREFIX") or "sd",
+        tls=args.tls,
     )
-    login, address = containers.broker_alone(net, args.base, ca_bundle(args))
+    login, address = containers.broker_alone(net, args.base, ca_bundle(args), args.tls_host)
     run_id = login.run_id_file.read_text().strip()
     say(
         f"logins for peer-1..peer-{args.peers} and the id of its run ({run_id}): {login.folder} (copy it to the "
         "peers' machines, privately)"
     )
+    if net.tls:
+        say(
+            f"TLS only on {address}: its certificate ({net.state / 'tls' / 'broker.pem'}) is signed by the network's "
+            f"CA, whose certificate is in the login folder ({CA_FILE}): the joining peers trust it (FL_TLS_CA)"
+        )
     say(
         f"join it: ./up.sh --join THIS-HOST:{address.rsplit(':', 1)[-1]} --login LOGIN-DIR --peers N --first K "
         f"--total {args.peers} -- PEER_FLAGS"
@@ -142,15 +155,22 @@ def cmd_kill(args) -> int:
     sig = args.signal.upper().removeprefix("SIG")
     if sig not in containers.SIGNALS:
         raise UpError(f"--signal must be KILL, TERM, STOP or CONT, not {args.signal!r}", 2)
-    if len(args.target) == 2 and args.target[0] == "peer":
+    broker: str | None = None
+    if args.target[0] == "broker" and len(args.target) <= 2:
+        broker = args.target[1] if len(args.target) == 2 else ""  # "": the controller's broker
+    elif len(args.target) == 2 and args.target[0] == "peer":
         target = args.target[1]
     elif len(args.target) == 1 and args.target[0] != "peer":
         target = args.target[0]
     else:
-        raise UpError("kill takes one target: controller, random or peer ID", 2)
+        raise UpError("kill takes one target: controller, random, peer ID, or broker [N]", 2)
     info = locate(args)
     run_dir = Path(info["run_dir"]) if info.get("run_dir") else None
-    if info["mode"] == "local":
+    if broker is not None:
+        if info["mode"] != "local":
+            raise UpError("kill broker acts on local networks (./up.sh --local) for now", 2)
+        say(local.kill_broker(run_dir or Path("."), broker or None, sig))
+    elif info["mode"] == "local":
         say(local.kill(run_dir or Path("."), target, sig))
     else:
         say(containers.kill(info["project"], run_dir, target, sig))
@@ -255,6 +275,7 @@ USAGE = """\
   ./up.sh status              [--run-dir DIR | --project NAME]
   ./up.sh kill controller     [--signal KILL|TERM|STOP|CONT] [--run-dir DIR | --project NAME]
   ./up.sh kill random | peer ID   [--signal ...]
+  ./up.sh kill broker [N]     [--signal ...]   (the controller's broker, or broker-N; local networks)
   ./up.sh down                [--run-dir DIR | --project NAME]
   ./up.sh broker --publish ADDR --peers T   (several hosts: the broker alone; peers join with --join)
   ./up.sh --join HOST:PORT --login DIR --peers N [--first K] [--total T] [-- PEER_FLAGS...]
@@ -331,6 +352,15 @@ def run_parser(prog: str = "./up.sh") -> argparse.ArgumentParser:
         help="where the broker is published on the host (default 127.0.0.1::1883, a free port)",
     )
     p.add_argument(
+        "--brokers",
+        type=int,
+        default=int(os.environ.get("UP_BROKERS") or 1),
+        metavar="B",
+        help="B Mosquitto brokers bridged into one federation (MQTT v5 bridges, a tree: docs/PROTOCOL.md), the "
+        "peers spread over them, each given every broker, its own first, to fail over to (default 1; local "
+        "networks for now)",
+    )
+    p.add_argument(
         "--data-dir",
         metavar="DIR",
         help="a host folder of dataset files, mounted read-only "
@@ -380,10 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "kill":
             p = Parser(
                 prog="./up.sh kill",
-                description="signal a peer: KILL (default), TERM, STOP (freeze its "
-                "container) or CONT (thaw it); every signal is recorded in the run's chaos.csv",
+                description="signal a peer, or a broker of a local network (broker: the controller's; broker N: "
+                "broker-N): KILL (default), TERM, STOP (freeze its container or process) or CONT (thaw it); every "
+                "signal is recorded in the run's chaos.csv",
             )
-            p.add_argument("target", nargs="+", metavar="controller|random|peer ID")
+            p.add_argument("target", nargs="+", metavar="controller|random|peer ID|broker [N]")
             p.add_argument("--signal", default="KILL")
             add_common(p)
             return cmd_kill(p.parse_args(rest))
@@ -403,7 +434,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             add_common(p, run_dir=False)
             p.add_argument("--peers", type=int, default=5, help="peers in the whole federation (logins made)")
-            p.add_argument("--publish", default=os.environ.get("UP_BROKER_PUBLISH") or "0.0.0.0:1883:1883")
+            p.add_argument(
+                "--publish",
+                default=os.environ.get("UP_BROKER_PUBLISH") or None,
+                help="where the broker is published (default 0.0.0.0:1883:1883; with --tls 0.0.0.0:8883:8883)",
+            )
+            p.add_argument(
+                "--tls",
+                action="store_true",
+                help="the broker's listener for other machines is TLS only (8883), with a certificate of the "
+                "network's own CA (.up/<project>/tls); the CA certificate goes in the login folder for the peers",
+            )
+            p.add_argument(
+                "--tls-host",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="a host name or address peers reach the broker by, for its certificate (this machine's are in)",
+            )
             add_images(p)
             return cmd_broker(p.parse_args(rest))
         if command == "credentials":

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from scripts.up.common import ROOT, write_file
 from scripts.up.images import BROKER_IMAGE, IMAGES, MOSQUITTO_VOLUMES, PEER_IMAGE
-from scripts.up.logins import ACL, HEALTH_ENV, OBSERVER_LOGIN, PASSWD, SECRET, peer_env
+from scripts.up.logins import ACL, CA_FILE, HEALTH_ENV, OBSERVER_LOGIN, PASSWD, SECRET, peer_env
 from scripts.up.network import DEFAULT_PROJECT, FASHION_MNIST, Network
+from scripts.up.tls import CA_MOUNT, CONF_FILE, FILES, MOUNT
 
 LABEL_RUN_DIR = "org.sdfl.run-dir"
 LABEL_PEER = "org.sdfl.peer"  # on a peer container: the peers it runs (its id, or ids joined by commas on a host)
@@ -127,6 +128,9 @@ def compose_config(net: Network) -> dict:
             "healthcheck": {"test": ["CMD-SHELL", dollar(health)], "interval": "2s", "timeout": "6s", "retries": 30},
             "restart": "no",
         }
+        if net.tls:  # the certificates beside the login folder (.up/<project>/tls: never copied to peers)
+            services["broker"]["volumes"] += [bind(f"{logins}/../tls/{name}", f"{MOUNT}/{name}") for name in FILES]
+            services["broker"]["command"] = ["mosquitto", "-c", f"{MOUNT}/{CONF_FILE}"]
     broker = net.join or "broker:1883"
     data_dirs, data_env = data_mounts(net)
     settings = {k: v for k, v in net.env.items() if k != "FL_RUN_ID"}  # the run's id is a variable
@@ -139,8 +143,11 @@ def compose_config(net: Network) -> dict:
             "FL_SECRET_FILE": "/run/secrets/federation",
             **{k: dollar(v) for k, v in {**settings, **data_env}.items()},
         }
+        if net.tls:  # joining a TLS broker: trust the CA certificate that came with the login folder
+            env["FL_TLS_CA"] = CA_MOUNT
         volumes = [
             bind(var("SDFL_RUN_DIR"), "/run-dir", read_only=False),
+            *([bind(f"{logins}/{CA_FILE}", CA_MOUNT)] if net.tls else []),
             secret,
             {"type": "volume", "source": "datasets", "target": "/data/keras"},
             *(bind(dollar(str(host)), target) for host, target in data_dirs),

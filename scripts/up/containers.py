@@ -17,6 +17,7 @@ from peer.node.signals import StopSignals, exit_status
 from peer.records.run_dir import BROKER_LOG_FILE, host_log, peer_log
 from peer.wire.ids import new_run_id
 from scripts import chaos
+from scripts.certs import CertError
 from scripts.localnet import split_host_log
 from scripts.up.common import ROOT, UpError, run, say, state_dir, write_file
 from scripts.up.compose import (
@@ -33,6 +34,7 @@ from scripts.up.images import PEER_IMAGE, ensure_images
 from scripts.up.logins import Login, login_for
 from scripts.up.network import Network, launcher_alive, preflight, remember
 from scripts.up.progress import Progress, report_end, spans, verdict
+from scripts.up.tls import TLS_PORT, broker_hosts, make_broker_tls
 
 SIGNALS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}  # signal -> chaos.csv action
 
@@ -184,7 +186,8 @@ def start_broker(net: Network, compose: Compose) -> str:
                 f" its last words:{tail}"
             )
         time.sleep(0.3)
-    port = run(compose.command("port", "broker", "1883"), check=False, env=compose.env()).stdout.strip() or net.publish
+    inside = str(TLS_PORT) if net.tls else "1883"
+    port = run(compose.command("port", "broker", inside), check=False, env=compose.env()).stdout.strip() or net.publish
     say(
         f"broker healthy in {time.monotonic() - started:.1f} s (published at {port}; "
         f"{len(Login(net.state / 'login').peers())} peer logins)"
@@ -297,11 +300,19 @@ def run_containers(net: Network, login: Login) -> int:
     return 1 if failed else 0
 
 
-def broker_alone(net: Network, base: str, ca_bundle: Path | None) -> tuple[Login, str]:
+def broker_alone(
+    net: Network, base: str, ca_bundle: Path | None, tls_hosts: list[str] | None = None
+) -> tuple[Login, str]:
     """Only the broker of `net`, started and left running for peers on other machines (`./up.sh down` takes it
-    away); its login folder (with the id of its run) and where it is published."""
+    away); its login folder (with the id of its run, and with `net.tls` the CA certificate) and where it is
+    published."""
     ensure_images(base, ca_bundle)
     login = login_for(net, None)
+    if net.tls:
+        try:
+            make_broker_tls(net, login.folder, broker_hosts(net.publish, tls_hosts or []))
+        except CertError as err:
+            raise UpError(str(err)) from None
     compose = compose_for(net, login)
     try:
         address = start_broker(net, compose)

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 from peer.node.signals import StopSignals, exit_status
+from peer.wire.ids import launched_peer_id
 from scripts import chaos
 from scripts.localnet import LocalNetwork, find_mosquitto, free_port, install_command, start_dashboard
-from scripts.up.common import ROOT, UpError, run, say
+from scripts.up.common import ROOT, UpError, read_env_file, run, say
+from scripts.up.logins import OBSERVER, make_credentials
 from scripts.up.network import (
     Network,
     apply_settings,
@@ -69,6 +71,15 @@ def run_local(net: Network) -> int:
     env = {**net.env, "FL_MIN_PEERS": net.env.get("FL_MIN_PEERS", str(net.total))}
     if net.data_dir is not None:
         env["FL_DATA_DIR"] = str(net.data_dir)  # the host's folder itself (no container to mount it in)
+    login, page_login = None, None
+    if net.brokers > 1:
+        # Brokers bridged to each other, as they would be across machines: TLS only, with the network's own CA; each
+        # refuses anonymous clients, its bridge logs in with a login of its own, and every peer with its own (the
+        # ACL lets a login publish only as its peer, on every broker).
+        peer_ids = [launched_peer_id(k) for k in range(1, net.total + 1)]
+        login = make_credentials(net.state / "login", peer_ids, net.topic_prefix)
+        observer = read_env_file(login.observer_env)
+        page_login = {"FL_USERNAME": OBSERVER, "FL_PASSWORD": observer["FL_PASSWORD"]}
     peers = LocalNetwork(
         net.run_dir,
         len(net.peers),
@@ -77,9 +88,15 @@ def run_local(net: Network) -> int:
         python=python,
         run_id=net.run_id,
         peers_per_process=net.per_process,
+        brokers=net.brokers,
+        broker_login=login.broker_login() if login else None,
+        login_dir=login.folder if login else None,
+        topic_prefix=net.topic_prefix,
+        tls=net.brokers > 1,
     )
     page_port = free_port()
-    say(f"starting the broker and {len(net.peers)} peers as local processes; records in {net.run_dir}")
+    brokers = f"{net.brokers} bridged brokers (TLS, a login per peer)" if net.brokers > 1 else "the broker"
+    say(f"starting {brokers} and {len(net.peers)} peers as local processes; records in {net.run_dir}")
     progress = Progress(net, time.time())
     interrupted: KeyboardInterrupt | None = None
     codes: dict[str, int | None] = {}
@@ -91,7 +108,7 @@ def run_local(net: Network) -> int:
         remember(mode="local", project="local", run_dir=str(net.run_dir), pid=os.getpid(), peers=net.peers)
         try:
             peers.start()
-            page = start_dashboard(peers, page_port)
+            page = start_dashboard(peers, page_port, page_login)
             say(f"live page: http://127.0.0.1:{page_port}/ (python -m graphs.live; it only watches)")
             progress.started = time.time()
             while peers.running():
@@ -144,6 +161,17 @@ def kill(run_dir: Path, target: str, sig: str) -> str:
     except (chaos.ChaosError, ProcessLookupError, PermissionError) as err:
         raise UpError(f"nothing to act on: {err}") from None
     return f"sent SIG{sig} to {peer} (pid {pid})"
+
+
+def kill_broker(run_dir: Path, target: str | None, sig: str) -> str:
+    """Signal a local broker (None: the controller's; else broker-N or N) by its pid; recorded in chaos.csv."""
+    if not run_dir.is_dir():
+        raise UpError(f"run dir {run_dir} does not exist")
+    try:
+        name, pid = chaos.kill_broker(run_dir, target, sig)
+    except (chaos.ChaosError, ProcessLookupError, PermissionError) as err:
+        raise UpError(f"nothing to act on: {err}") from None
+    return f"sent SIG{sig} to {name} (pid {pid})"
 
 
 def down(launcher_pid: int | None) -> str:

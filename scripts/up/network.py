@@ -53,6 +53,8 @@ class Network:
     run_id: str = ""  # the run (FL_RUN_ID); empty: a new one, or with --join the broker's
     resume: bool = False  # go on from run_dir's checkpoint (run_id is the checkpoint's)
     per_process: int = 1  # peers per process (local) or per container (python -m peer.host)
+    brokers: int = 1  # brokers bridged into one federation (local networks), the peers spread over them
+    tls: bool = False  # the broker's listener for other machines is TLS (./up.sh broker --tls); peers trust its CA
 
     @property
     def state(self) -> Path:
@@ -118,6 +120,10 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         raise UpError(f"--first counts from 1, not {args.first}", 2)
     if args.peers_per_process < 1:
         raise UpError(f"--peers-per-process must be at least 1, not {args.peers_per_process}", 2)
+    if args.brokers < 1:
+        raise UpError(f"--brokers must be at least 1, not {args.brokers}", 2)
+    if args.brokers > 1 and args.join:
+        raise UpError("--brokers makes the brokers of a network here; --join uses a broker elsewhere: not both", 2)
     if args.peers_per_process > 1 and args.resume:
         raise UpError("--resume needs one peer per process: leave --peers-per-process out", 2)
     total = args.total or args.first - 1 + args.peers
@@ -160,6 +166,7 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         run_id=run_id,
         resume=bool(args.resume),
         per_process=args.peers_per_process,
+        brokers=args.brokers,
     )
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from peer.records.events import EventTail, read_events
-from peer.records.run_dir import peer_log, read_rounds
+from peer.records.run_dir import peer_log, read_brokers, read_rounds
 from scripts.up.common import ROOT, say
 from scripts.up.network import Network
 
@@ -25,16 +25,26 @@ class Progress:
     def __init__(self, net: Network, started: float):
         self.net, self.started = net, started  # `started`: when the peers started, for the lines' "N s since"
         self.launched = started  # events older than this are an earlier run's
-        self.events = EventTail(net.run_dir, kinds={"start", "office", "round", "finish"})
+        self.events = EventTail(net.run_dir, kinds={"start", "office", "round", "finish", "connected", "disconnected"})
         self.joined: set[str] = set()
+        self.lost: dict[str, str] = {}  # peer -> the broker it lost, until it connects again
         self.rounds_seen: set[tuple] = set()
         self.exited: set[str] = set()
         self.finished = False
 
     def update(self, states: dict[str, str] | None = None) -> None:
         joined = set(self.joined)
+        moves: dict[tuple[str, str], list[str]] = {}  # (broker lost, broker now) -> the peers that moved so
         for event in self.events.new():
             if event["t"] < self.launched - 1:  # an earlier run's, in a run dir used again (--resume)
+                continue
+            if event["event"] == "disconnected":
+                self.lost.setdefault(event["peer"], str(event.get("broker")))
+                continue
+            if event["event"] == "connected":
+                lost = self.lost.pop(event["peer"], None)
+                if lost is not None and lost != event.get("broker"):
+                    moves.setdefault((lost, str(event.get("broker"))), []).append(event["peer"])
                 continue
             if event["event"] == "start" and event["peer"] in self.net.peers:
                 joined.add(event["peer"])
@@ -49,6 +59,10 @@ class Progress:
                 self._finished(event)
         if len(joined) > len(self.joined):
             self._joined(joined)
+        if moves:
+            names = {b.get("address"): b["name"] for b in read_brokers(self.net.run_dir)}
+            for (lost, now), peers in moves.items():
+                say(f"{spans(peers)} lost {names.get(lost, lost)}, now on {names.get(now, now)}")
         exits: dict[str, list[str]] = {}  # one line for the peers that exit alike (a host's K peers do at once)
         for peer, state in (states or {}).items():
             if peer not in self.exited and state.startswith(("exited", "dead")):

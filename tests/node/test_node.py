@@ -466,7 +466,7 @@ def test_after_a_reconnect_a_peer_not_heard_from_is_counted_gone(tmp_path, lines
     follow(peer, clock)
     for other in ("p2", "p3"):
         deliver(peer, Presence(other, "online"), clock.now)
-    peer.handle(Connected(), clock.now)  # the broker restarted: no Last Will survived it
+    peer.handle(Connected("b:1883"), clock.now)  # the broker restarted: no Last Will survived it
     deliver(peer, Init("p2", 1, 0, 5, 10, 10, False, FP), clock.now)  # p2 and the controller come back; p3 died
     run_until(peer, clock, lambda: "p3" not in peer.election.live, seconds=3.5, step=0.25)
     assert "p2" in peer.election.live and lines.having("p3 was not heard from since this peer reconnected")
@@ -516,7 +516,7 @@ def test_after_a_reconnect_a_follower_sends_its_answers_again(tmp_path):
     follow(peer, clock)
     deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     peer.handle(JobDone(runner.jobs[-1], (weights(1), 500, 0.5), None, 1.0), clock.now)
-    peer.handle(Connected(), clock.now)
+    peer.handle(Connected("b:1883"), clock.now)
     assert len(transport.messages(Solution)) == 2
 
 
@@ -571,7 +571,7 @@ def test_of_two_processes_with_one_peer_id_the_later_one_exits_with_a_clear_erro
 def test_its_own_echo_never_looks_like_a_second_process(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
-    peer.handle(__import__("peer.node.transport", fromlist=["Connected"]).Connected(), clock.now)
+    peer.handle(__import__("peer.node.transport", fromlist=["Connected"]).Connected("b:1883"), clock.now)
     pump(peer, clock.now)  # its init comes back from the broker
     assert peer.exit_code is None
 

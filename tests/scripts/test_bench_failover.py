@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from peer.records.events import EventLog, read_events
 from peer.records.run_dir import RunRecorder, load_run, record_chaos
-from scripts.bench_failover import Failover, measure
+from scripts.bench_failover import BrokerKill, Failover, delivered_bytes, measure, measure_broker_kill
 
 T0 = 1_790_000_000.0
 
@@ -49,3 +50,39 @@ def test_a_peer_elected_after_the_kill_is_not_taken_for_the_victim(tmp_path):
     RunRecorder(tmp_path, "peer-1").election(2, "peer-1", "controller-lost", [], at=T0 + 20)  # came back later
     failover = measure(load_run(tmp_path), "peer-1", T0 + 5)
     assert failover.term == 1 and failover.elected_at == T0 + 20
+
+
+def events_at(tmp_path, peer: str, *lines: tuple[float, str, dict]) -> None:
+    log = EventLog(tmp_path, peer, clock=iter([t for t, _, _ in lines]).__next__)
+    for _, name, fields in lines:
+        log.write(name, term=1, **fields)
+    log.close()
+
+
+def test_a_broker_kill_is_measured_to_the_next_training_order_and_each_move_of_its_peers(tmp_path):
+    a, b = "127.0.0.1:1001", "127.0.0.1:1002"
+    events_at(
+        tmp_path,
+        "peer-1",  # the controller, on the broker killed at T0 + 10
+        (T0, "connected", {"broker": a}),
+        (T0 + 5, "sent", {"kind": "training", "round": 2}),
+        (T0 + 10.01, "disconnected", {"broker": a, "reason": "lost", "next_broker": b}),
+        (T0 + 10.4, "connected", {"broker": b}),
+        (T0 + 10.5, "sent", {"kind": "training", "round": 2, "attempt": 2}),
+        (T0 + 20, "sent", {"kind": "training", "round": 3}),
+    )
+    events_at(tmp_path, "peer-2", (T0, "connected", {"broker": b}), (T0 + 11, "connected", {"broker": b}))
+    events_at(
+        tmp_path,
+        "peer-3",  # was on the broker, left it before the kill: not one of its peers
+        (T0, "connected", {"broker": a}),
+        (T0 + 1, "disconnected", {"broker": a, "reason": "x", "next_broker": b}),
+        (T0 + 2, "connected", {"broker": b}),
+        (T0 + 12, "exit", {"code": 0, "received_messages": 3, "received_bytes": 700}),
+    )
+    kill = measure_broker_kill(read_events(tmp_path), "broker-1", a, T0 + 10)
+    assert kill == BrokerKill("broker-1", a, T0 + 10, resumed_at=T0 + 10.5, moved={"peer-1": T0 + 10.4})
+    assert round(kill.failover_s, 6) == 0.5
+    assert delivered_bytes(tmp_path) == 700
+    nothing_yet = measure_broker_kill(read_events(tmp_path), "broker-1", a, T0 + 30)
+    assert nothing_yet.resumed_at is None and nothing_yet.failover_s is None and nothing_yet.moved == {}

@@ -21,6 +21,8 @@ class FakeNetwork:
         FakeNetwork.started.append((peers, list(peer_args)))
         FakeNetwork.options = options
         self.broker = type("Broker", (), {"address": "127.0.0.1:1"})()
+        self.brokers = [self.broker]
+        self.certs = None
         self.run_id = "test-run"
 
     def processes(self):
@@ -162,3 +164,28 @@ def test_sigterm_stops_the_network_like_ctrl_c(run, monkeypatch, capsys):
     assert localnet.main(["--run-dir", "x", "--quiet", "--peers", "2"]) == 130
     assert stopped and "stopping every peer and the broker" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_peers_spread_over_the_brokers_each_given_every_broker_its_own_first(tmp_path):
+    assert localnet.broker_order(0, 3) == [0, 1, 2] and localnet.broker_order(2, 3) == [2, 0, 1]
+    net = localnet.LocalNetwork(tmp_path, 6, brokers=3, learning_workers=0, secret=False)
+    net.brokers = localnet.bridged_brokers(3)  # (not started: only their addresses are used)
+    a, b, c = (broker.address for broker in net.brokers)
+    assert [net.home_broker(f"peer-{k}") for k in range(1, 7)] == [0, 1, 2, 0, 1, 2]
+    assert net.broker_list("peer-1") == f"{a},{b},{c}"
+    assert net.broker_list("peer-5") == f"{b},{c},{a}"
+    assert net.broker_list("peer-3") == f"{c},{a},{b}"
+    for broker in net.brokers:
+        broker.close()
+
+
+def test_the_bridges_carry_the_peers_topic_prefix():
+    assert localnet.peers_topic_prefix([], {}) == "sd"
+    assert localnet.peers_topic_prefix([], {"FL_TOPIC_PREFIX": "lab"}) == "lab"
+    assert localnet.peers_topic_prefix(["--topic-prefix", "a/b", "--topic-prefix=c"], {"FL_TOPIC_PREFIX": "x"}) == "c"
+
+
+def test_brokers_option_reaches_the_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(localnet, "LocalNetwork", FakeNetwork)
+    assert localnet.main(["--run-dir", str(tmp_path), "--quiet", "--brokers", "3"]) == 0
+    assert FakeNetwork.options["brokers"] == 3

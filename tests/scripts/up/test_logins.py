@@ -35,14 +35,14 @@ def test_credentials_one_login_per_peer_kept_between_runs(tmp_path):
     first = {p: common.read_env_file(login.env_file(p)) for p in ("peer-1", "peer-2")}
     assert first["peer-1"]["FL_USERNAME"] == "peer-1" and re.fullmatch(r"[0-9a-f]{48}", first["peer-1"]["FL_PASSWORD"])
     assert first["peer-1"]["FL_PASSWORD"] != first["peer-2"]["FL_PASSWORD"]
-    for name in ("peer-1.env", "peer-2.env", "health.env", "federation.secret"):
+    for name in ("peer-1.env", "peer-2.env", "health.env", "federation.secret", "bridge.login"):
         assert (folder / name).stat().st_mode & 0o077 == 0, f"{name} readable by others"
     # A second network start keeps the logins (peers elsewhere may hold copies) and adds the missing ones.
     login = logins.make_credentials(folder, ["peer-1", "peer-2", "peer-3"])
     assert common.read_env_file(login.env_file("peer-1")) == first["peer-1"]
     assert login.peers() == ["peer-1", "peer-2", "peer-3"]
     users = dict(line.split(":", 1) for line in login.passwd.read_text().splitlines())
-    assert list(users) == ["health", logins.OBSERVER, "peer-1", "peer-2", "peer-3"]
+    assert list(users) == ["health", logins.OBSERVER, logins.BRIDGE, "peer-1", "peer-2", "peer-3"]
     assert verify(first["peer-2"]["FL_PASSWORD"], users["peer-2"])
     assert not verify(first["peer-1"]["FL_PASSWORD"], users["peer-2"])
     acl = login.acl.read_text()
@@ -50,6 +50,17 @@ def test_credentials_one_login_per_peer_kept_between_runs(tmp_path):
         # each peer reads the federation and publishes only as itself (the last topic level is the sender)
         assert f"user {peer}\ntopic read sd/#\ntopic write sd/+/+/{peer}\n" in acl
     assert "user health\ntopic read $SYS/broker/uptime\n" in acl
+
+
+def test_the_bridge_login_reads_and_writes_the_federation_only_and_is_no_peer(tmp_path):
+    login = logins.make_credentials(tmp_path / "login", ["peer-1"], topic_prefix="lab/fl")
+    acl = login.acl.read_text()
+    block = acl[acl.index(f"user {logins.BRIDGE}") :].split("\n\n")[0].splitlines()
+    assert block == [f"user {logins.BRIDGE}", "topic readwrite lab/fl/#"]
+    assert login.peers() == ["peer-1"]
+    broker = login.broker_login()
+    assert (broker.bridge_username, broker.passwd, broker.acl) == (logins.BRIDGE, login.passwd, login.acl)
+    assert re.fullmatch(r"[0-9a-f]{48}", broker.bridge_password)
 
 
 def test_acl_follows_the_topic_prefix(tmp_path):

@@ -90,3 +90,21 @@ def test_the_end_report_says_each_failed_peer_s_reason_once_for_the_peers_that_f
     assert "peer-4 failed (exit 2): the run dir /x is not writable" in out
     assert "peer-5 failed (exit -9); its last lines:\n    one\n    two" in out
     assert "no round finished" in out
+
+
+def test_peers_that_move_to_another_broker_are_said_in_one_line(tmp_path, capsys):
+    from peer.records.run_dir import write_brokers
+
+    net = make_network(tmp_path, peers=["peer-1", "peer-2", "peer-3"])
+    a, b = "127.0.0.1:1001", "127.0.0.1:1002"
+    write_brokers(net.run_dir, [{"name": "broker-1", "address": a}, {"name": "broker-2", "address": b}])
+    lines = progress.Progress(net, 100.0)
+    for peer in ("peer-1", "peer-2", "peer-3"):
+        write(net.run_dir, peer, 101.0, "connected", term=0, broker=a if peer != "peer-2" else b)
+    for peer in ("peer-1", "peer-3"):
+        write(net.run_dir, peer, 110.0, "disconnected", term=1, broker=a, reason="lost", next_broker=b)
+        write(net.run_dir, peer, 110.5, "connected", term=1, broker=b)
+    write(net.run_dir, "peer-2", 111.0, "disconnected", term=1, broker=b, reason="blip", next_broker=a)
+    write(net.run_dir, "peer-2", 111.5, "connected", term=1, broker=b)  # back on the same broker: no move
+    lines.update()
+    assert said(capsys) == ["peer-1, peer-3 lost broker-1, now on broker-2"]
