@@ -29,7 +29,13 @@ LAYERS = [
     "peer.__main__",
 ]
 PURE_PACKAGES = ["wire", "roles"]
-PURE_MODULES = ["learning/aggregation.py", "learning/metrics.py", "learning/partition.py"]
+PURE_MODULES = [
+    "learning/aggregation.py",
+    "learning/metrics.py",
+    "learning/partition.py",
+    "learning/server_optimizers.py",
+    "learning/privacy.py",
+]
 FORBIDDEN_IMPORTS = {
     "paho",
     "tensorflow",
