@@ -71,9 +71,32 @@ SAMPLES = {
         ("/run/sdfl/learn.sock", {"learning_service": Path("/run/sdfl/learn.sock")}),
         ("learn.sock", {"learning_service": Path("learn.sock")}),
     ],
+    "--server-optimizer": [
+        ("adam", {"server_optimizer": "adam", "server_lr": 0.01}),
+        ("Momentum", {"server_optimizer": "momentum", "server_lr": 1.0}),
+    ],
+    "--server-lr": [("0.5", {"server_lr": 0.5}), ("3", {"server_lr": 3.0})],
+    "--server-momentum": [("0", {"server_momentum": 0.0}), ("0.5", {"server_momentum": 0.5})],
+    "--beta1": [("0", {"beta1": 0.0}), ("0.5", {"beta1": 0.5})],
+    "--beta2": [("0.9", {"beta2": 0.9}), ("0.999", {"beta2": 0.999})],
+    "--tau": [("0.1", {"tau": 0.1}), ("1e-6", {"tau": 1e-6})],
+    "--proximal-mu": [("0.01", {"proximal_mu": 0.01}), ("1", {"proximal_mu": 1.0})],
+    "--dp-clip": [("0.5", {"dp_clip": 0.5}), ("10", {"dp_clip": 10.0})],
+    "--dp-noise-multiplier": [("0.3", {"dp_noise_multiplier": 0.3}), ("2", {"dp_noise_multiplier": 2.0})],
+    "--dp-delta": [("1e-6", {"dp_delta": 1e-6}), ("0.001", {"dp_delta": 0.001})],
+    "--dp-target-epsilon": [("1", {"dp_target_epsilon": 1.0}), ("8.5", {"dp_target_epsilon": 8.5})],
+    "--dp-accountant": [("pld", {"dp_accountant": "pld"}), ("PLD", {"dp_accountant": "pld"})],
 }
-# A password alone is refused, so its samples need a user name too.
-NEEDS = {"--password": {"--username": "someone"}}
+# A password alone is refused, so its samples need a user name too; the DP settings need each other.
+DP = {"--dp-clip": "1", "--dp-noise-multiplier": "1"}
+NEEDS = {
+    "--password": {"--username": "someone"},
+    "--dp-clip": {"--dp-noise-multiplier": "1"},
+    "--dp-noise-multiplier": {"--dp-clip": "1"},
+    "--dp-delta": DP,
+    "--dp-target-epsilon": DP,
+    "--dp-accountant": DP,
+}
 
 FLAG_TO_ENV = {flag: env for flag, env, *_ in OPTIONS}
 
@@ -93,7 +116,7 @@ def fields_of(settings: Settings, expected: dict) -> dict:
 
 # --- the table --------------------------------------------------------------------------------------------------------
 
-SWITCHES = {"--resume"}  # flags without a value: tested on their own below
+SWITCHES = {"--resume", "--dp-local"}  # flags without a value: tested on their own below
 
 
 def test_every_option_has_samples():
@@ -157,7 +180,7 @@ def test_a_bad_model_names_the_built_ins_and_the_forms():
     with pytest.raises(SettingsError) as err:
         load_settings(["--model=nonsense"], {})
     assert str(err.value).startswith(
-        "--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | cifar10-cnn) nor MODULE:FUNCTION"
+        "--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | cifar10-cnn | fedavg-cnn) nor MODULE:FUNCTION"
     )
     assert "FILE.py:FUNCTION" in str(err.value)
 
@@ -509,3 +532,45 @@ def test_resume_is_a_switch_its_variable_a_yes_or_no():
     assert load_settings(["--resume"], {"FL_RESUME": "no"}).resume is True  # the flag wins
     with pytest.raises(SettingsError, match="FL_RESUME: 'maybe' is not yes or no"):
         load_settings([], {"FL_RESUME": "maybe"})
+
+
+# --- the server optimizer, FedProx and differential privacy ------------------------------------------------------------
+
+
+def test_the_server_optimizer_defaults_to_fedavg_and_its_lr_to_the_optimizers():
+    plain = load_settings([], {})
+    assert (plain.server_optimizer, plain.server_lr) == ("sgd", 1.0)
+    assert plain.server_optimizer_rules().is_fedavg and not plain.round_rules().keeps_server_state
+    adam = load_settings(["--server-optimizer", "adam"], {})
+    assert adam.server_lr == 0.01 and adam.round_rules().optimizer.name == "adam"
+    assert load_settings(["--server-optimizer", "yogi", "--server-lr", "0.3"], {}).server_lr == 0.3
+    assert adam.round_rules().keeps_server_state and adam.public_dict()["server_lr"] == 0.01
+
+
+def test_dp_settings_need_each_other_and_fedavg():
+    with pytest.raises(SettingsError, match="--dp-noise-multiplier"):
+        load_settings(["--dp-clip", "1"], {})
+    with pytest.raises(SettingsError, match="without --dp-clip"):
+        load_settings(["--dp-noise-multiplier", "1"], {})
+    with pytest.raises(SettingsError, match="--dp-local given without --dp-clip"):
+        load_settings(["--dp-local"], {})
+    with pytest.raises(SettingsError, match="--aggregation fedavg"):
+        load_settings([*as_args(DP), "--aggregation", "median"], {})
+    for bad in (["--dp-delta", "1"], ["--dp-delta", "0"], ["--dp-clip", "0"], ["--beta1", "1"], ["--tau", "0"]):
+        with pytest.raises(SettingsError):
+            load_settings([*as_args(DP), *bad], {})
+
+
+def test_dp_local_is_a_switch_and_the_fit_options_carry_what_a_trainer_does():
+    central = load_settings([*as_args(DP), "--proximal-mu", "0.1"], {})
+    assert central.privacy().central and central.fit_options() == {
+        "proximal_mu": 0.1,
+        "dp_clip": 1.0,
+        "dp_noise_std": 0.0,  # the controller adds the noise
+    }
+    local = load_settings([*as_args({"--dp-clip": "2", "--dp-noise-multiplier": "0.5"}), "--dp-local"], {})
+    assert local.dp_local and local.fit_options()["dp_noise_std"] == 1.0
+    assert load_settings([*as_args(DP)], {"FL_DP_LOCAL": "yes"}).dp_local
+    assert load_settings([], {}).fit_options() == {"proximal_mu": 0.0, "dp_clip": None, "dp_noise_std": 0.0}
+    plan = local.round_rules().plan()
+    assert plan["dp_local"] is True and plan["dp_clip"] == 2.0 and plan["server_optimizer"] == "sgd"

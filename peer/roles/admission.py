@@ -23,6 +23,8 @@ The rules, in the order they apply:
 - a controller's message of a term older than ours is stale; one that names this peer as its controller is our own
   echo (or an earlier life of this id, restarted): the controller acts on what it decides, not on what comes back;
 - solutions and evaluations are for the controller of their term, and only it hears them;
+- a server state (retained or live) is history for a controller to go on from: only a controller takes it, never
+  its own, and it never moves a term (the controller checks it belongs to the model it holds);
 - after the election has seen a controller's message, only a follower of that very controller in that very term
   acts on it.
 """
@@ -45,6 +47,7 @@ from peer.wire.messages import (
     Message,
     Metrics,
     Presence,
+    ServerState,
     Solution,
     Training,
     Vote,
@@ -52,7 +55,8 @@ from peer.wire.messages import (
 
 CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish)
 TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)  # messages that can move this peer to a later term
-RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, Finish)  # the only messages a peer publishes retained
+# the only messages a peer publishes retained
+RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, ServerState, Finish)
 MAX_TERM_STEP = 1000  # a term further ahead of ours than this is no election we could have missed
 
 
@@ -68,6 +72,7 @@ class Route(str, enum.Enum):
     PEER_OTHER_MODEL = "peer-other-model"  # an init of a peer whose model is not ours: it is not counted
     RUN_OTHER_MODEL = "run-other-model"  # a controller's heartbeat naming another model: this peer cannot take part
     TO_CONTROLLER = "to-controller"  # solution, evaluation: the controller of that term
+    SERVER_STATE = "server-state"  # a controller's server state: this peer's controller, if it is one
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,12 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
                 "(our own echo, or an earlier life of this id)"
             )
         return Route.FROM_CONTROLLER
+    if isinstance(message, ServerState):
+        if view.role is not Role.CONTROLLER:
+            return Refused(f"ignored a server state of {message.controller}: this peer is not a controller")
+        if message.controller == view.me:
+            return Refused("ignored a server state naming this peer as its controller (our own, from the broker)")
+        return Route.SERVER_STATE
     if isinstance(message, (Solution, Evaluation)):
         if view.role is not Role.CONTROLLER or message.term != view.term:
             return Refused(

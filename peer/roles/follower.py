@@ -231,4 +231,5 @@ class Follower:
     def _adopt(self, message: Aggregation, note: str = "") -> list[Action]:
         if not self.memory.is_newer(message.round, message.term):
             return []
-        return [AdoptModel(GlobalModel(message.round, message.term, message.weights, message.trainers), note)]
+        model = GlobalModel(message.round, message.term, message.weights, message.trainers, message.controller)
+        return [AdoptModel(model, note)]

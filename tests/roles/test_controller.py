@@ -125,7 +125,7 @@ def test_every_action_of_a_round_in_order():
     assert kinds == ["Log", "AdoptModel", "Log", "Aggregation"]  # solution noted, model adopted, FedAvg, publish
     agg = closing[3]
     assert agg.retain and np.allclose(agg.message.weights[0], 3.5 / 3)
-    assert closing[1].model == GlobalModel(1, 1, agg.message.weights, tuple(sorted(training.trainers)))
+    assert closing[1].model == GlobalModel(1, 1, agg.message.weights, tuple(sorted(training.trainers)), "c")
     evaluations = sorted(r.c.evaluations.expected)
     for peer in evaluations[:-1]:
         assert r.on_message(Evaluation(1, 1, peer, 0.6, 1.0, 100), 50, 4) == []
