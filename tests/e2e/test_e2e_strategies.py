@@ -1,0 +1,81 @@
+"""Server optimizers and differential privacy in a real federation: real broker, real peer processes, real signals.
+
+The server optimizer's moments survive a SIGKILL of the controller (the next one goes on from them, as the peers'
+events.jsonl show: the moments it took over are the ones the old controller sent), and a DP run reports the
+accountant library's epsilon in every rounds.csv row and ends before a round could overspend --dp-target-epsilon."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from peer.records.events import read_events
+from peer.records.run_dir import read_rounds
+from scripts import chaos
+from scripts.localnet import LocalNetwork
+from tests.netutil import SMALL, assert_all_exited_zero, assert_rounds_complete, elections, rounds, run_json, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def network(run_dir, peers=5, extra=(), **kw) -> LocalNetwork:
+    return LocalNetwork(run_dir, peers, [*SMALL, "--min-peers", str(peers), *extra], **kw)
+
+
+def test_the_next_controller_continues_the_server_optimizers_moments_after_a_sigkill(tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ["--server-optimizer", "adam", "--server-lr", "0.01", "--max-rounds", "5", "--epochs", "2"]
+    with network(run_dir, extra=extra) as net:
+        wait_until(lambda: len(rounds(run_dir)) >= 2, 180, "round 2 to finish", net)
+        victim, _ = chaos.kill(run_dir, "controller", "KILL")
+        codes = net.wait(240)
+    assert codes[victim] == -signal.SIGKILL
+    assert_all_exited_zero(codes, net, allowed_killed={victim})
+    assert_rounds_complete(run_dir, 5)
+    successor = elections(run_dir)[1]["controller"]
+    assert successor != victim
+    states = read_events(run_dir, kinds={"server-state"})
+    sent = [e for e in states if e["peer"] == victim and e["action"] == "updated"]
+    assert [e["step"] for e in sent] == list(range(1, len(sent) + 1)) and len(sent) >= 2
+    # The successor held the last model the victim published and took over that model's state: the same step,
+    # round and moments (the norms of m and v, float32 sums, are equal).
+    [taken] = [e for e in states if e["peer"] == successor and e["action"] != "updated"]
+    last = sent[-1]
+    assert taken["action"] == "continued" and taken["source"] == victim, taken
+    assert (taken["round"], taken["step"], taken["digest"]) == (last["round"], last["step"], last["digest"])
+    assert taken["m_norm"] == pytest.approx(last["m_norm"], rel=1e-9) and taken["v_norm"] > 0
+    assert taken["v_norm"] == pytest.approx(last["v_norm"], rel=1e-9)
+    # ... and went on counting from there, not from zero: its steps follow the victim's, to the last round
+    after = [e for e in states if e["peer"] == successor and e["action"] == "updated"]
+    assert [e["step"] for e in after] == list(range(last["step"] + 1, 6)) and after[-1]["round"] == 5
+    assert run_json(run_dir)["outcome"]["server_step"] == 5
+
+
+def test_a_dp_run_reports_the_accountants_epsilon_and_ends_when_the_budget_is_spent(tmp_path):
+    from peer.learning.privacy import epsilon
+
+    run_dir = tmp_path / "run"
+    z, delta = 1.0, 1e-5
+    budget = (epsilon(z, 2, delta) + epsilon(z, 3, delta)) / 2  # two releases of one peer fit, a third does not
+    extra = [
+        *("--dp-clip", "1.0", "--dp-noise-multiplier", str(z), "--dp-delta", str(delta)),
+        *("--dp-target-epsilon", f"{budget:.6f}", "--trainers", "2", "--max-rounds", "20"),
+    ]
+    with network(run_dir, extra=extra) as net:
+        codes = net.wait(240)
+    assert_all_exited_zero(codes, net)
+    outcome = run_json(run_dir)["outcome"]
+    assert outcome["reason"] == "privacy-budget" and outcome["rounds"] < 20
+    rows = read_rounds(run_dir)
+    assert [r.round for r in rows] == list(range(1, outcome["rounds"] + 1))
+    # Central DP releases the peers a round's aggregate used (its trainers): the ledger, rebuilt from the records.
+    released: dict[str, int] = {}
+    for row in rows:
+        for peer in row.trainers:
+            released[peer] = released.get(peer, 0) + 1
+        most = max(released.values())
+        assert row.epsilon == pytest.approx(epsilon(z, most, delta), abs=1e-6)  # rounds.csv keeps 6 decimals
+    assert max(released.values()) == 2 and rows[-1].epsilon <= budget < epsilon(z, 3, delta)
+    assert outcome["epsilon"] == pytest.approx(rows[-1].epsilon, abs=1e-6) and outcome["dp_delta"] == delta
+    assert run_json(run_dir)["settings"]["dp_target_epsilon"] == pytest.approx(budget, abs=1e-6)
