@@ -197,29 +197,3 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
-
-
-def test_a_trainer_fits_as_its_hello_says_its_update_clipped_and_bad_options_refused(service):
-    from peer.learning.privacy import l2_norm, update_of
-
-    path, _ = service
-    clipped = RemoteLearner(
-        ServiceHandle(path),
-        "peer-2",
-        SPEC,
-        load_shard(SPEC, images=False),
-        "cnn-small",
-        42,
-        1,
-        32,
-        {"proximal_mu": 0.01, "dp_clip": 0.05, "dp_noise_std": 0.0},
-    )
-    start = clipped.prepare().initial
-    trained, samples, _ = clipped.fit(start)
-    assert samples == 200 and 0.049 < l2_norm(update_of(start, trained)) <= 0.05 * (1 + 1e-5)
-    for bad in ({"dp_clip": 0}, {"proximal_mu": -1}, {"dp_noise_std": "x"}, {"dp_clip": float("inf")}):
-        peer = RemoteLearner(
-            ServiceHandle(path), "p3", SPEC, load_shard(SPEC, images=False), "cnn-small", 42, 1, 32, bad
-        )
-        with pytest.raises(DatasetError, match="bad fit options"):
-            peer.fit(start)
