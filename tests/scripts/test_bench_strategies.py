@@ -1,0 +1,89 @@
+"""scripts.bench_strategies: its reading of a run's records and its table, and its smallest configuration run for real
+(20 peers, 3 rounds, every strategy on the pathological split, tiny shards: the benchmark's machinery, not its
+figures; the IID split differs only in its --partition, checked with the flags)."""
+
+from __future__ import annotations
+
+import json
+
+from peer.records.run_dir import RunRecorder
+from scripts import bench_strategies
+from scripts.bench_strategies import Outcome, peer_flags, read_outcome, table
+from tests.graphs.test_graphs import assert_sensible_png
+
+
+def record(run_dir, accuracies, epsilons=None, reason="max-rounds", initial=0.1):
+    recorder = RunRecorder(run_dir, "p1")
+    for number, accuracy in enumerate(accuracies, start=1):
+        recorder.round(
+            round=number,
+            term=1,
+            controller="p1",
+            trainers=["p2"],
+            accuracy=accuracy,
+            loss=1.0,
+            duration_s=1.0,
+            bytes_sent=1,
+            finished_at=float(number),
+            epsilon=(epsilons or {}).get(number),
+        )
+    recorder.run({"settings": {}, "outcome": {"reason": reason, "initial_accuracy": initial}})
+
+
+def test_the_rounds_to_each_accuracy_and_the_last_come_from_the_records(tmp_path):
+    record(tmp_path / "a", [0.5, 0.81, 0.79, 0.86, 0.84])
+    record(tmp_path / "b", [0.3, 0.4], epsilons={1: 3.0, 2: 4.5})
+    a = read_outcome(Outcome("iid", "fedavg", str(tmp_path / "a")))
+    b = read_outcome(Outcome("pathological", "dp-fedavg", str(tmp_path / "b")))
+    assert a.accuracy[0] == (0, 0.1) and a.rounds_to(0.8) == 2 and a.rounds_to(0.85) == 4 and a.last == (5, 0.84)
+    assert b.rounds_to(0.8) is None and b.epsilon == 4.5 and b.reason == "max-rounds"
+    text = table([a, b], 5)
+    assert "| iid | FedAvg | 2 | 4 | 84.00% (round 5) | – |" in text
+    assert "| pathological | DP-FedAvg | not reached | not reached | 40.00% (round 2) | 4.5 |" in text
+    gone = read_outcome(Outcome("iid", "fedadam", str(tmp_path / "never-ran")))
+    assert gone.accuracy == [] and "no round" in table([gone], 5) and "did not finish" in table([gone], 5)
+
+
+def test_each_strategy_and_split_is_its_flags():
+    class Args:
+        model, seed, peers, trainers, epochs, batch_size, rounds = "fedavg-cnn", 42, 100, 10, 5, 10, 50
+        samples, test_samples, round_deadline = 600, 0, 900.0
+        mu, server_lr, tau, dp_clip, dp_noise = 0.01, 0.01, 1e-3, 1.0, 0.01
+
+    flags = peer_flags("pathological", "fedadam", Args)
+    assert flags[flags.index("--partition") + 1] == "shards" and "--train-samples" not in flags  # 100 x 600
+    assert flags[-6:] == ["--server-optimizer", "adam", "--server-lr", "0.01", "--tau", "0.001"]
+    Args.peers = 20
+    flags = peer_flags("iid", "dp-fedavg", Args)
+    assert flags[flags.index("--partition") + 1] == "iid"
+    assert flags[flags.index("--train-samples") + 1] == "600" and flags[-4:] == [
+        "--dp-clip",
+        "1.0",
+        "--dp-noise-multiplier",
+        "0.01",
+    ]
+    assert peer_flags("iid", "fedprox", Args)[-2:] == ["--proximal-mu", "0.01"]
+
+
+def test_the_smallest_configuration_runs_every_strategy(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = bench_strategies.main(
+        [
+            *("--peers", "20", "--rounds", "3", "--trainers", "3", "--samples", "40", "--test-samples", "40"),
+            *("--epochs", "1", "--batch-size", "20", "--model", "cnn-small", "--out", str(out)),
+            *("--round-deadline", "60", "--timeout-per-round", "120", "--splits", "pathological"),
+            *("--", "--heartbeat", "0.5", "--election-window", "0.5"),
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["split"], r["strategy"]): r for r in results["runs"]}
+    assert set(runs) == {("pathological", t) for t in bench_strategies.STRATEGIES}
+    for (split, strategy), run in runs.items():
+        assert run["reason"] == "max-rounds", (split, strategy, run)
+        assert [r for r, _ in run["accuracy"]] == [0, 1, 2, 3], (split, strategy)
+        assert (run["epsilon"] is not None) == (strategy == "dp-fedavg")
+    text = (out / "results.md").read_text()
+    assert text.count("\n| ") == 5 and "20 peers (10 to a process), 40 training samples each" in text
+    assert "load average" in text and text in capsys.readouterr().out
+    assert_sensible_png(out / "strategies.png")
