@@ -33,22 +33,26 @@ def test_the_next_controller_continues_the_server_optimizers_moments_after_a_sig
     assert codes[victim] == -signal.SIGKILL
     assert_all_exited_zero(codes, net, allowed_killed={victim})
     assert_rounds_complete(run_dir, 5)
-    successor = elections(run_dir)[1]["controller"]
+    terms = elections(run_dir)
+    killed_term = max(int(e["term"]) for e in terms if e["controller"] == victim)
+    successor = next(e["controller"] for e in terms if int(e["term"]) > killed_term)
     assert successor != victim
     states = read_events(run_dir, kinds={"server-state"})
     sent = [e for e in states if e["peer"] == victim and e["action"] == "updated"]
-    assert [e["step"] for e in sent] == list(range(1, len(sent) + 1)) and len(sent) >= 2
+    assert len(sent) >= 2, states
     # The successor held the last model the victim published and took over that model's state: the same step,
     # round and moments (the norms of m and v, float32 sums, are equal).
-    [taken] = [e for e in states if e["peer"] == successor and e["action"] != "updated"]
+    taken = next(e for e in states if e["peer"] == successor and e["action"] != "updated")
     last = sent[-1]
     assert taken["action"] == "continued" and taken["source"] == victim, taken
     assert (taken["round"], taken["step"], taken["digest"]) == (last["round"], last["step"], last["digest"])
     assert taken["m_norm"] == pytest.approx(last["m_norm"], rel=1e-9) and taken["v_norm"] > 0
     assert taken["v_norm"] == pytest.approx(last["v_norm"], rel=1e-9)
-    # ... and went on counting from there, not from zero: its steps follow the victim's, to the last round
-    after = [e for e in states if e["peer"] == successor and e["action"] == "updated"]
-    assert [e["step"] for e in after] == list(range(last["step"] + 1, 6)) and after[-1]["round"] == 5
+    # ... and the optimizer went on counting from there, not from zero: one update a round, steps 1 to 5, whoever
+    # made them (a later election on a busy machine would hand them on the same way)
+    updates = [e for e in states if e["action"] == "updated"]
+    assert [(e["round"], e["step"]) for e in updates] == [(n, n) for n in range(1, 6)], updates
+    assert all(e["peer"] != victim for e in updates[len(sent) :])
     assert run_json(run_dir)["outcome"]["server_step"] == 5
 
 
