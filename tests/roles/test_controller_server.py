@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from peer.learning.aggregation import Aggregator
 from peer.learning.privacy import Ledger, Privacy, epsilon, l2_norm, update_of
 from peer.learning.server_optimizers import ServerOptimizer
 from peer.roles.actions import Exit, Publish, RecordEvent, RecordRound, RecordRun, SaveCheckpoint
@@ -62,13 +63,17 @@ def test_the_model_is_the_optimizers_step_from_the_fedavg_aggregate_and_its_stat
     assert run.summary["outcome"]["server_step"] == 3 and run.summary["outcome"]["epsilon"] is None
 
 
-def test_fedavg_publishes_no_state_and_its_model_is_the_aggregate():
+def test_fedavg_publishes_no_state_and_its_model_is_the_aggregate_bit_for_bit():
     r = Run(max_rounds=1)
     r.take_office(0)
     r.evaluate_all(0, 1)
-    run_rounds(r, [1])
+    origin = r.c.model.weights
+    run_rounds(r, [1], value=lambda round_, i: [0.1, 1 / 3, 7.25][i])
+    trainers = r.sent(Training)[-1].trainers
+    expected = Aggregator().aggregate(origin, [(p, weights([0.1, 1 / 3, 7.25][i]), 10) for i, p in enumerate(trainers)])
+    model = r.sent(Aggregation)[-1].weights
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(model, expected.weights))
     assert r.sent(ServerState) == [] and r.of(RecordEvent) == []
-    assert np.allclose(r.sent(Aggregation)[-1].weights[0], 2.0)
     assert r.of(SaveCheckpoint)[-1].server is None
 
 
