@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from peer.learning.data import DatasetError, load_shard
@@ -49,6 +50,21 @@ def test_a_trainer_fits_as_its_hello_says_its_update_clipped_and_bad_options_ref
     start = clipped.prepare().initial
     trained, samples, _ = clipped.fit(start)
     assert samples == 200 and 0.049 < l2_norm(update_of(start, trained)) <= 0.05 * (1 + 1e-5)
+    noised = RemoteLearner(
+        ServiceHandle(path),
+        "peer-4",
+        SPEC,
+        load_shard(SPEC, images=False),
+        "cnn-small",
+        42,
+        1,
+        32,
+        {"dp_clip": 0.05, "dp_noise_std": 0.01},
+    )
+    trained, _, _ = noised.fit(start)
+    update = np.concatenate([u.ravel() for u in update_of(start, trained)])
+    # --dp-local: the clipped update (norm 0.05 over all coordinates) plus N(0, 0.01^2) on each of them
+    assert abs(update.std() / 0.01 - 1) < 0.05 and update.size > 50_000
     for bad in ({"dp_clip": 0}, {"proximal_mu": -1}, {"dp_noise_std": "x"}, {"dp_clip": float("inf")}):
         peer = RemoteLearner(
             ServiceHandle(path), "p3", SPEC, load_shard(SPEC, images=False), "cnn-small", 42, 1, 32, bad
