@@ -213,6 +213,19 @@ def draw_global_accuracy_loss(history: RunHistory, out_dir: Path) -> Path:
     loss_axis.grid(True, alpha=0.3)
     if with_loss:
         loss_axis.legend(loc="upper right", fontsize="small")
+    spent = [(r.round, r.epsilon) for r in history.rounds if r.epsilon is not None]
+    if spent:  # a DP run: the privacy spent after each round, on an axis of its own
+        privacy_axis = loss_axis.twinx()
+        privacy_axis.plot(
+            [r for r, _ in spent],
+            [e for _, e in spent],
+            color="tab:purple",
+            linestyle="--",
+            marker="^",
+            label="epsilon",
+        )
+        privacy_axis.set_ylabel("privacy spent (epsilon)", color="tab:purple")
+        privacy_axis.legend(loc="center right", fontsize="small")
     _integer_rounds(loss_axis)
     return _save(figure, out_dir / GLOBAL_ACCURACY_LOSS)
 

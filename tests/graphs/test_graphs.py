@@ -295,3 +295,18 @@ def test_cli_compares_several_runs_on_one_plot(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "empty-b").mkdir()
     with pytest.raises(Exception, match="finished round"):
         draw_comparison([tmp_path / "empty-a", tmp_path / "empty-b"], tmp_path / "x.png")
+
+
+def test_a_dp_runs_global_graph_draws_the_privacy_spent(run_dir: Path) -> None:
+    from graphs import GLOBAL_ACCURACY_LOSS
+    from graphs.draw import draw_global_accuracy_loss
+
+    rows = (run_dir / "rounds.csv").read_text().splitlines()
+    (run_dir / "rounds.csv").write_text(
+        "\n".join([rows[0] + ",started_at,epsilon"] + [f"{row},,{1.5 * n}" for n, row in enumerate(rows[1:], 1)]) + "\n"
+    )
+    history = load_run(run_dir)
+    assert [r.epsilon for r in history.rounds] == [1.5 * n for n in range(1, len(rows))] and not history.warnings
+    path = draw_global_accuracy_loss(history, run_dir / "out")
+    assert path.name == GLOBAL_ACCURACY_LOSS
+    assert_sensible_png(path)
