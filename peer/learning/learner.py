@@ -39,6 +39,9 @@ class Learner:
         self._proximal: dict = {}  # id(Keras model) -> its ProximalTerm, shared with the twins like the model
         # The learner thread fits while the main loop may save the final model: one user of the model at a time.
         self._lock = threading.Lock()
+        # The digest of the weights the Keras model holds now, if they are a known model's (shared with the twins,
+        # like the model): a second evaluation of one global model skips setting 1.6M weights again.
+        self._holds: dict[str, str | None] = {"digest": None}
 
     def prepare(self) -> None:
         """Import TensorFlow and build the model now, before joining: seconds of work that would otherwise stall
@@ -68,7 +71,7 @@ class Learner:
         and one learning job at a time in the process: its peers share its one or two cores anyway."""
         self.prepare()
         other = Learner(self.dataset, shard, self.epochs, self.batch_size, self.seed, self.model_name)
-        other._model, other._initial, other._lock = self._model, self._initial, self._lock
+        other._model, other._initial, other._lock, other._holds = self._model, self._initial, self._lock, self._holds
         other._tensors = self._tensors
         other._proximal = self._proximal
         return other
@@ -84,11 +87,18 @@ class Learner:
         self.prepare()
         return [w.copy() for w in self._initial]
 
-    def fit(self, weights: list[np.ndarray]) -> tuple[list[np.ndarray], int, float]:
-        """Train the given global weights on this peer's shard: (new weights, samples, last training loss)."""
+    def _hold(self, weights: list[np.ndarray], digest: str | None) -> None:
+        if digest is None or digest != self._holds["digest"]:
+            self._model.set_weights(weights)
+        self._holds["digest"] = digest
+
+    def fit(self, weights: list[np.ndarray], digest: str | None = None) -> tuple[list[np.ndarray], int, float]:
+        """Train the given global weights (named `digest`, if known) on this peer's shard: (new weights, samples,
+        last training loss)."""
         self.prepare()
         with self._lock:
-            self._model.set_weights(weights)
+            self._hold(weights, digest)
+            self._holds["digest"] = None  # trained: no longer the model it started from
             x_train, y_train, _, _ = self._data()
             self._prepare_proximal(weights)
             history = self._model.fit(
@@ -118,11 +128,11 @@ class Learner:
         private, _ = privatize_solution(start, trained, self.dp_clip, self.dp_noise_std, rng)
         return private
 
-    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]:
-        """(accuracy, loss, samples) of the given weights on this peer's test shard."""
+    def evaluate(self, weights: list[np.ndarray], digest: str | None = None) -> tuple[float, float, int]:
+        """(accuracy, loss, samples) of the given weights (named `digest`, if known) on this peer's test shard."""
         self.prepare()
         with self._lock:
-            self._model.set_weights(weights)
+            self._hold(weights, digest)
             _, _, x_test, y_test = self._data()
             results = self._model.evaluate(x_test, y_test, batch_size=256, verbose=0, return_dict=True)
         return models.accuracy_of(results), float(results["loss"]), int(len(y_test))
@@ -133,6 +143,7 @@ class Learner:
         self.prepare()
         with self._lock:
             x_train, y_train, x_test, y_test = self._data()
+            self._holds["digest"] = None
             n = min(self.batch_size, len(y_train), len(y_test))
             self._model.fit(x_train[:n], y_train[:n], epochs=1, batch_size=n, verbose=0)
             self._model.evaluate(x_test[:n], y_test[:n], batch_size=256, verbose=0)
@@ -149,4 +160,5 @@ class Learner:
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._model.set_weights(weights)
+            self._holds["digest"] = None
             self._model.save(path)

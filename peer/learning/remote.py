@@ -27,6 +27,7 @@ from peer.learning import link
 from peer.learning.data import SHAPES, DatasetError, Shard, ShardSpec
 from peer.learning.facts import ModelFacts, facts_key, read_facts
 from peer.learning.models import ModelError, check_spec, default_model
+from peer.wire.weights import WeightCodec
 
 START_TIMEOUT_S = 30.0  # a private service listens within a second; TensorFlow's import comes after
 log = logging.getLogger(__name__)
@@ -121,6 +122,10 @@ def _connect(path: Path) -> socket.socket:
     return sock
 
 
+class NeedWeights(Exception):
+    """The service does not hold the model a request named by its digest: send it."""
+
+
 class RemoteLearner:
     """The node's learner, its jobs done by the learning service. Thread-safe: one request at a time."""
 
@@ -182,11 +187,11 @@ class RemoteLearner:
         return [w.copy() for w in self.prepare().initial]
 
     def fit(self, weights: list[np.ndarray]) -> tuple[list[np.ndarray], int, float]:
-        header, trained = self._request({"op": "fit"}, weights)
+        header, trained = self._request({"op": "fit"}, weights, by_digest=True)
         return trained or [], int(header["samples"]), float(header["loss"])
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]:
-        header, _ = self._request({"op": "evaluate"}, weights)
+        header, _ = self._request({"op": "evaluate"}, weights, by_digest=True)
         return float(header["accuracy"]), float(header["loss"]), int(header["samples"])
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:
@@ -207,13 +212,21 @@ class RemoteLearner:
             **self.fit_options,
         }
 
-    def _request(self, header: dict, weights: list[np.ndarray] | None = None) -> tuple[dict, list | None]:
+    def _request(
+        self, header: dict, weights: list[np.ndarray] | None = None, by_digest: bool = False
+    ) -> tuple[dict, list | None]:
         """One request, answered; on a broken link the service is reached again (restarted if it was this
         process's own) and the request made once more: every request can be repeated."""
         with self._lock:
             for attempt in (1, 2):
                 try:
                     self._link()
+                    if by_digest and weights is not None:
+                        # The model by its name first: the service holds it if another peer sent it this round.
+                        try:
+                            return self._exchange({**header, "digest": WeightCodec.digest(weights)}, None)
+                        except NeedWeights:
+                            pass
                     return self._exchange(header, weights)
                 except link.LinkError:
                     if self._sock is not None:
@@ -241,6 +254,8 @@ class RemoteLearner:
         if not reply.get("ok"):
             error = str(reply.get("error", "the learning service refused the request"))
             kind = reply.get("kind")
+            if kind == "need-weights":
+                raise NeedWeights(error)
             if kind == "ModelError":
                 raise ModelError(error)
             if kind == "DatasetError":

@@ -33,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from peer.learning.data import SHAPES, DatasetError, Shard, ShardSpec, load_shar
 from peer.learning.facts import ModelFacts, facts_key, write_facts
 from peer.learning.learner import Learner
 from peer.learning.models import ModelError, configure_threads
+from peer.wire.weights import WeightCodec
 
 PARENT_POLL_S = 1.0
 
@@ -118,14 +120,14 @@ class Worker:
 
     def _do(self, job: Job) -> tuple[dict, list | None]:
         learner = self._learner(job.session)
-        weights = job.weights
+        weights, digest = job.weights, job.header.get("digest")
         if job.op in ("fit", "evaluate", "save") and weights is None:
             return {"ok": False, "error": f"a {job.op} request needs weights", "kind": "request"}, None
         if job.op == "fit" and weights is not None:
-            weights, samples, loss = learner.fit(weights)
+            weights, samples, loss = learner.fit(weights, digest)
             return {"ok": True, "samples": samples, "loss": loss}, weights
         if job.op == "evaluate" and weights is not None:
-            accuracy, loss, samples = learner.evaluate(weights)
+            accuracy, loss, samples = learner.evaluate(weights, digest)
             return {"ok": True, "accuracy": accuracy, "loss": loss, "samples": samples}, None
         if job.op == "save" and weights is not None:
             learner.save(weights, Path(job.header["path"]))
@@ -152,8 +154,38 @@ class Worker:
         return {"ok": False, "error": f"unknown request {job.op!r}", "kind": "request"}, None
 
 
+class Models:
+    """The global models the service received lately, by digest: the peers of a round all fit or evaluate the same
+    one, and only the first sends it (a hundred evaluations of a 6.65 MB model would be 660 MB through the socket)."""
+
+    KEPT = 3
+
+    def __init__(self):
+        self._by_digest: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> list[np.ndarray] | None:
+        with self._lock:
+            weights = self._by_digest.get(digest)
+            if weights is not None:
+                self._by_digest.move_to_end(digest)
+            return weights
+
+    def keep(self, weights: list[np.ndarray]) -> str:
+        """Keep `weights` under their digest (computed here: a client's word for it would name them for every
+        peer); the digest."""
+        digest = WeightCodec.digest(weights)
+        with self._lock:
+            self._by_digest[digest] = weights
+            self._by_digest.move_to_end(digest)
+            while len(self._by_digest) > self.KEPT:
+                self._by_digest.popitem(last=False)
+        return digest
+
+
 class Service:
     def __init__(self, workers: int = 1, threads: int = 1):
+        self.models = Models()
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.threads = threads
         self.workers = [Worker(self, i) for i in range(workers)]
@@ -200,6 +232,13 @@ class Service:
                 elif session is None:
                     link.send(conn, {"ok": False, "error": "say hello first", "kind": "request"})
                 else:
+                    if weights is not None and op in ("fit", "evaluate"):
+                        header["digest"] = self.models.keep(weights)
+                    elif weights is None and header.get("digest"):
+                        weights = self.models.get(str(header["digest"]))
+                        if weights is None:
+                            link.send(conn, {"ok": False, "error": "send the weights", "kind": "need-weights"})
+                            continue
                     job = Job(session, str(op), header, weights)
                     self.jobs.put(job)
                     job.done.wait()

@@ -413,7 +413,7 @@ class Peer:
 
     def _announcement(self, message: Init, size: int, now: float) -> None:
         self.announced[message.peer] = (message.train_samples, message.test_samples)
-        self.peer_up(message.peer, now, self.announced[message.peer])
+        self.peer_up(message.peer, now, self.announced[message.peer], returned=not message.reply)
         if message.peer != self.me and not message.reply:
             # A newcomer, or a peer back on the broker, learns from the answers who is here and what each holds.
             self._answer_newcomer(now)
@@ -474,10 +474,10 @@ class Peer:
             )
             self.exit_code = EXIT_DUPLICATE
 
-    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> None:
+    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None, returned: bool = False) -> None:
         self.carry_out(self.election.peer_up(peer, now), now)
         if self.controller:
-            self.carry_out(self.controller.peer_up(peer, now, samples), now)
+            self.carry_out(self.controller.peer_up(peer, now, samples, returned), now)
 
     def peer_gone(self, peer: str, now: float) -> None:
         if peer == self.me or peer not in self.election.live:

@@ -425,18 +425,23 @@ class Controller:
             return None
         return ServerMemory(self.model.digest, self.optimizer_state, self.ledger)
 
-    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> list[Action]:
-        """A peer is online. `samples`: the (train, test) counts its init announced, when this came from an init,
-        i.e. it (re)connected and may have missed what was sent meanwhile."""
+    def peer_up(
+        self, peer: str, now: float, samples: tuple[int, int] | None = None, returned: bool = False
+    ) -> list[Action]:
+        """A peer is online. `samples`: the (train, test) counts its init announced, when this came from an init.
+        `returned`: that init says the peer (re)connected (it is no answer to another's), so it may have missed
+        what was sent meanwhile."""
         if peer == self.me:
             return []
         out: list[Action] = []
         if samples is not None:
             self.announced[peer] = samples
-            if self._waits_for(peer):
-                # It missed the current order (the broker was away, or it came back after it went out): send it
-                # again, at most once a heartbeat however many peers come back at once.
-                self.resend_due = max(now, self.last_resend + self.rules.heartbeat)
+        if returned and self.phase is Phase.TRAINING and self._waits_for(peer):
+            # It missed the current order (the broker was away, or it came back after it went out): send it again,
+            # at most once a heartbeat however many peers come back at once. Orders are small; a model is not
+            # published to everyone again for one returning evaluator: it evaluates the retained one itself when
+            # the heartbeat says the controller waits for it (Follower.on_retained_model).
+            self.resend_due = max(now, self.last_resend + self.rules.heartbeat)
         if peer not in self.live:
             out.append(Log(f"{peer} joined"))
         self.live.add(peer)

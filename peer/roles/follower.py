@@ -52,6 +52,9 @@ class Follower:
         self.expiry = answers_expire_after
         self.keep_solutions_up_to = keep_solutions_up_to
         self.phase: str | None = None  # the controller's phase, as its last heartbeat told it
+        self.heard: tuple[int, int, str] | None = None  # (term, round, phase) of the controller's last heartbeat
+        # The latest model this peer was given, and who was asked to evaluate it ((): everyone).
+        self.offered: tuple[int, int, list, tuple[str, ...]] | None = None
         # What this peer last did for an order, by (term, round, attempt) and (term, round): a repeated order
         # (the controller re-sends after a broker outage) is answered from it instead of being done twice.
         self.fitting: tuple[int, int, int] | None = None
@@ -66,7 +69,8 @@ class Follower:
         """A live message of the current term's controller."""
         if isinstance(message, Heartbeat):
             self.phase = message.phase
-            return []
+            self.heard = (message.term, message.round, message.phase)
+            return self._evaluate_if_due()
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
@@ -151,10 +155,34 @@ class Follower:
 
     def on_retained_model(self, message: Aggregation) -> list[Action]:
         """The broker's retained aggregation, delivered when this peer subscribed: the model a late joiner starts
-        from, not an order to evaluate it."""
-        return self._misfit(message) or [
+        from. It is evaluated only if the controller's heartbeat says that very model's round is being evaluated
+        now (this peer came back to the broker while the controller waited for its evaluation): so the controller
+        need not publish a model to everyone again for one peer that reconnects."""
+        if misfit := self._misfit(message):
+            return misfit
+        if self.memory.is_newer(message.round, message.term):
+            self.offered = (message.term, message.round, message.weights, tuple(message.evaluators))
+        return [
             *self._adopt(message, note="retained by the broker"),
             *self._waiting_for(message),
+            *self._evaluate_if_due(),
+        ]
+
+    def _evaluate_if_due(self) -> list[Action]:
+        """Evaluate the latest model this peer holds if the controller is collecting evaluations of it, asked this
+        peer, and this peer has not evaluated it yet."""
+        offered, heard = self.offered, self.heard
+        if offered is None or heard is None:
+            return []
+        term, round_, weights, evaluators = offered
+        if heard != (term, round_, "evaluating") or (term, round_) == self.evaluating:
+            return []
+        if evaluators and self.me not in evaluators:
+            return []
+        self.evaluating = (term, round_)
+        return [
+            Log(f"round {round_}: the controller waits for this peer's evaluation of the model it holds; evaluating"),
+            StartJob("evaluate", term, round_, 1, weights),
         ]
 
     def reconnected(self, current_term: int) -> list[Action]:
@@ -231,5 +259,6 @@ class Follower:
     def _adopt(self, message: Aggregation, note: str = "") -> list[Action]:
         if not self.memory.is_newer(message.round, message.term):
             return []
+        self.offered = (message.term, message.round, message.weights, tuple(message.evaluators))
         model = GlobalModel(message.round, message.term, message.weights, message.trainers, message.controller)
         return [AdoptModel(model, note)]

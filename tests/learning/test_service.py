@@ -135,7 +135,6 @@ def test_a_peer_learns_through_the_service_and_the_next_one_reads_the_facts_from
     second = learner(path, ShardSpec("fashion-mnist", FASHION, 2, 5, train_samples=200, test_samples=100), peer="p3")
     assert read_facts(facts_key("cnn-small", (28, 28, 1), 10, 42)) is not None
     assert second.prepare().fingerprint == facts.fingerprint
-    assert second._sock is None  # it has not needed the service yet
 
 
 def test_a_model_that_cannot_be_built_is_a_model_error_with_the_services_reason(service, tmp_path):
@@ -197,3 +196,24 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_peers_of_a_round_send_its_model_once_then_name_it_by_digest(service, monkeypatch):
+    path, _ = service
+    sent = []
+    real = link.send
+
+    def counting(sock, header, weights=None):
+        sent.append((header.get("op"), header.get("digest") is not None, weights is not None))
+        real(sock, header, weights)
+
+    monkeypatch.setattr(link, "send", counting)
+    first, second = learner(path), learner(path, ShardSpec("fashion-mnist", FASHION, 3, 5, test_samples=50), peer="p4")
+    weights = first.prepare().initial
+    first.evaluate(weights)
+    second.evaluate(weights)
+    evaluations = [s for s in sent if s[0] == "evaluate"]
+    # the first asks by digest, is told to send it, sends it; the second asks by digest and is served
+    assert evaluations == [("evaluate", True, False), ("evaluate", False, True), ("evaluate", True, False)]
+    changed = [w + 1 for w in weights]
+    assert second.evaluate(changed)[2] == 50  # another model: sent, not mistaken for the last

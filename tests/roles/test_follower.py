@@ -186,3 +186,29 @@ def test_with_named_evaluators_only_they_evaluate_and_everyone_keeps_the_model()
     assert kinds(f.on_controller(Aggregation(1, "c", 3, ("p2",), W, ()))) == ["AdoptModel", "StartJob"]
     named = Follower("me", ModelStore()).on_controller(Aggregation(1, "c", 3, ("p2",), W, ("me", "p3")))
     assert kinds(named) == ["AdoptModel", "StartJob"]
+
+
+def test_back_on_the_broker_it_evaluates_the_retained_model_the_controller_waits_for():
+    memory = ModelStore()
+    f = Follower("me", memory)
+    # the retained model comes first; the heartbeat then says round 4 of term 2 is being evaluated
+    actions = f.on_retained_model(Aggregation(2, "c", 4, ("p2",), W))
+    assert kinds(actions) == ["AdoptModel"]
+    memory.offer(4, 2, W)
+    assert f.on_controller(Heartbeat(2, "c", 4, "training", "0" * 16)) == []  # not evaluating that round
+    log, job = f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert isinstance(job, StartJob) and (job.kind, job.term, job.round) == ("evaluate", 2, 4)
+    assert f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16)) == []  # once
+    # the other way round: the heartbeat first, then the retained model
+    g = Follower("me", ModelStore())
+    assert g.on_controller(Heartbeat(3, "c", 5, "evaluating", "0" * 16)) == []
+    assert kinds(g.on_retained_model(Aggregation(3, "c", 5, (), W)))[-1] == "StartJob"
+
+
+def test_a_retained_model_is_not_evaluated_by_a_peer_not_asked_or_when_it_is_another_round():
+    f = Follower("me", ModelStore())
+    f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert kinds(f.on_retained_model(Aggregation(2, "c", 4, (), W, ("p2", "p3")))) == ["AdoptModel"]
+    g = Follower("me", ModelStore())
+    g.on_controller(Heartbeat(2, "c", 5, "evaluating", "0" * 16))
+    assert kinds(g.on_retained_model(Aggregation(2, "c", 4, (), W))) == ["AdoptModel"]  # an older round's model
