@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from peer.node.signals import StopSignals
 from peer.records.run_dir import read_rounds, read_run_summary
 from scripts.localnet import LocalNetwork, split_peer_args
 
@@ -202,6 +202,11 @@ def draw(outcomes: list[Outcome], path: Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with StopSignals():  # SIGTERM ends the run like Ctrl-C: the network in progress is stopped on the way out
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     own, extra = split_peer_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_strategies", description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=100)
@@ -236,11 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.peers} peers of {args.samples} samples need more than Fashion-MNIST's {TRAIN_SAMPLES}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    def interrupted(signum, frame):  # SIGTERM stops the run in progress cleanly, as Ctrl-C does
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
     config = configuration(args, extra)
     print(f"bench_strategies: {config}; records in {out}", flush=True)
     outcomes: list[Outcome] = []
