@@ -163,15 +163,20 @@ class Controller:
         announced: Mapping[str, tuple[int, int]] | None = None,
         model_fingerprint: str = "0" * 16,
         wire_cost: Callable[[Message], int] = _free,
+        noise_source: Callable[[], np.random.Generator] = np.random.default_rng,
     ):
         """`memory` is what this peer knows of the run when it takes office (read here, never written: the node
         owns it); `initial_weights` start a run that has no global model yet; `announced` holds each peer's
         (train, test) sample counts from its init, the most it may declare; `wire_cost` says what a message puts
-        on the wire (`peer.wire.session.Outbox.cost`), for the round's byte count."""
+        on the wire (`peer.wire.session.Outbox.cost`), for the round's byte count. `noise_source` gives the
+        generator of a round's central DP noise: by default a new one seeded from the OS's entropy each round,
+        never from `rng`, whose draws every peer reads in the training orders (the trainers it chose) and whose
+        state (a Mersenne Twister) they could therefore reconstruct, and so predict and subtract the noise."""
         self.me, self.rules, self.term, self.reason = me, rules, term, reason
         self.fingerprint = model_fingerprint  # named in every heartbeat: peers of another model stay out
         self.members, self.rng, self.wall_offset = members, rng, wall_offset
         self.wire_cost = wire_cost
+        self.noise_source = noise_source
         self.live = set(live) | {self.me}  # its own set, kept current by peer_up / peer_down
         self.announced: dict[str, tuple[int, int]] = dict(announced or {})
         self.aggregator = Aggregator(rules.aggregation)
@@ -731,16 +736,13 @@ class Controller:
                 total or [np.zeros(np.shape(o)) for o in origin],
                 len(collector.trainers),
                 privacy.noise_std,
-                self._noise_rng(),
+                self.noise_source(),
             )
             ledger = ledger.released(used)
         if not self.rules.keeps_server_state and self.rules.optimizer.is_fedavg:
             return aggregate, None
         weights, state = self.rules.optimizer.apply(origin, aggregate, self.optimizer_state)
         return weights, (state, ledger)
-
-    def _noise_rng(self) -> np.random.Generator:
-        return np.random.default_rng(self.rng.getrandbits(128))
 
     def _close_evaluation(self, collector: EvaluationCollector, now: float) -> list[Action]:
         self.evaluations = None

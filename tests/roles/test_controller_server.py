@@ -197,6 +197,37 @@ def test_central_dp_clips_every_update_and_divides_the_noised_sum_by_the_trainer
     )
 
 
+def test_central_dp_noise_is_not_drawn_from_the_controllers_seeded_rng():
+    # The trainer choices every peer reads come from the controller's rng: noise drawn from it could be predicted
+    # and subtracted. Two controllers with the same rng state and the same solutions publish differently noised
+    # models (with noise from the rng they were the same, bit for bit), each off the clipped mean by the noise's
+    # scale, Z*C divided by the 4 trainers chosen (7 coordinates: a loose bound).
+    models = []
+    for _ in range(2):
+        r = Run(privacy=Privacy(clip=1.0, noise_multiplier=1.0), max_rounds=1, trainers=4)
+        r.take_office(0)
+        r.evaluate_all(0, 1)
+        training = r.sent(Training)[-1]
+        for peer in training.trainers:
+            r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(0.0)), 500, 2)  # updates of norm 0: no signal
+        models.append(r.sent(Aggregation)[-1].weights)
+        noise = np.concatenate([w.ravel() for w in models[-1]])  # the origin is 0: the model is the noised mean
+        assert 0 < np.abs(noise).max() < 6 * 1.0 / 4
+    assert not all(np.array_equal(a, b) for a, b in zip(*models))
+
+
+def test_the_controllers_noise_comes_from_its_noise_source():
+    r = Run(privacy=Privacy(clip=1.0, noise_multiplier=1.0), max_rounds=1, trainers=4)
+    drawn = []
+    r.c.noise_source = lambda: drawn.append(1) or np.random.default_rng(7)
+    r.take_office(0)
+    r.evaluate_all(0, 1)
+    for peer in r.sent(Training)[-1].trainers:
+        r.on_message(Solution(1, 1, 1, peer, 10, 0.1, weights(0.0)), 500, 2)
+    expected = [n / 4 for n in np.random.default_rng(7).normal(0.0, 1.0, size=(4,))]  # (2, 2) first, (3,) next
+    assert drawn == [1] and np.allclose(r.sent(Aggregation)[-1].weights[0].ravel(), expected, atol=1e-6)
+
+
 def test_the_run_ends_before_a_round_that_would_overspend_the_privacy_budget():
     # Every peer but the controller trains every round (4 of 4): after round k each was released k times.
     z, delta = 2.0, 1e-5
