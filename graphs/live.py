@@ -91,11 +91,12 @@ class LiveState:
             self.trainers, self.solutions, self.evaluations = list(message.trainers), set(), set()
         elif kind == "Solution" and (message.term, message.round) == (self.term, self.round):
             self.solutions.add(message.peer)
-        elif kind == "Aggregation" and message.term >= self.term and not retained:
-            self.round, self.phase, self.evaluations = message.round, "evaluating", set()
-            self.evaluators = list(getattr(message, "evaluators", ()))
-        if kind == "Aggregation" and message.term >= self.term and getattr(message, "plan", None):
-            self.plan = dict(message.plan)  # (a retained one too: a page opened late learns the plan at once)
+        elif kind == "Aggregation" and message.term >= self.term:
+            if not retained:
+                self.round, self.phase, self.evaluations = message.round, "evaluating", set()
+                self.evaluators = list(getattr(message, "evaluators", ()))
+            if getattr(message, "plan", None):
+                self.plan = dict(message.plan)  # (a retained one too: a page opened late learns the plan at once)
         elif kind == "Evaluation":
             if message.round == self.round:
                 self.evaluations.add(message.peer)
