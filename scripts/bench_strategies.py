@@ -2,6 +2,7 @@
 
     python -m scripts.bench_strategies [--peers 100] [--rounds 50] [--splits iid,pathological]
         [--strategies fedavg,fedprox,fedadam,dp-fedavg] [--out DIR] [-- extra peer flags]
+    python -m scripts.bench_strategies --report DIR
 
 McMahan et al. 2017 on Fashion-MNIST: `--peers` peers of `--samples` (600) training samples each, `--trainers` (10)
 chosen a round, `--epochs` (5) local epochs of batch `--batch-size` (10), the paper's CNN (`--model fedavg-cnn`), every
@@ -20,6 +21,10 @@ Each run's own records are read back (`peer.records.run_dir`: rounds.csv and run
 per round (strategies.png), both in `--out`, with the configuration and the machine's load average, and, for DP,
 the epsilon spent. Fewer peers keep the per-peer work (`--samples` each: with the pathological split the peer's two
 shards are larger and it draws its samples from them, keeping its classes).
+
+`--report DIR` runs nothing: it writes results.md, results.json and strategies.png again from the records an earlier
+run of the benchmark left in DIR (one interrupted, say: its unfinished run is in the table as "did not finish", with
+the rounds it recorded), the configuration from their run.json, and no load average (none was measured).
 
 A benchmark, not a test: it prints what it measured and asserts nothing (its smallest configuration runs in the tests).
 """
@@ -55,7 +60,7 @@ class Outcome:
     epsilon: float | None = None
     reason: str | None = None  # the run's end (run.json), None if it did not finish
     seconds: float = 0.0
-    load: tuple[float, float] = (0.0, 0.0)  # the 1-minute load average at its start and at its end
+    load: tuple[float, float] | None = None  # the 1-minute load average at its start and at its end, if measured
 
     def rounds_to(self, threshold: float) -> int | None:
         return next((r for r, a in self.accuracy if r > 0 and a >= threshold), None)
@@ -158,11 +163,65 @@ def read_outcome(outcome: Outcome) -> Outcome:
     return outcome
 
 
+def recorded_seconds(run_dir: str | Path) -> float:
+    """A run's seconds as its records give them: run.json's duration, or (an unfinished run) its rounds' span."""
+    summary = read_run_summary(run_dir)
+    duration = summary.outcome.get("duration_s") if summary else None
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        return float(duration)
+    rows = read_rounds(run_dir)
+    starts = [r.started_at for r in rows if r.started_at is not None]
+    return rows[-1].finished_at - min(starts) if rows and starts else 0.0
+
+
+def recorded_configuration(outcomes: list[Outcome]) -> tuple[str, str]:
+    """(the configuration, the picture's title) of runs read back, from the first run.json among them (every run
+    shares it but its strategy's flags, which the table names)."""
+    for o in outcomes:
+        summary = read_run_summary(o.run_dir)
+        if summary is not None and summary.settings:
+            s = summary.settings
+            text = (
+                f"{s.get('min_peers')} peers, {s.get('train_samples') or 'all'} training samples each, "
+                f"{s.get('trainers')} trainers a round, E={s.get('epochs')}, B={s.get('batch_size')}, --model "
+                f"{s.get('model')}, {s.get('max_rounds')} rounds, seed {s.get('seed')} (from {o.run_dir}/run.json)"
+            )
+            return text, f"Fashion-MNIST, {s.get('min_peers')} peers, {s.get('model')}"
+    return "configuration unknown: no run.json among the records", "Fashion-MNIST"
+
+
+def report_from_records(out: Path) -> tuple[str, Path | None]:
+    """results.md, results.json and strategies.png again from the run dirs in `out`; (the report, the PNG)."""
+    outcomes = []
+    for split in SPLITS:
+        for strategy in STRATEGIES:
+            run_dir = out / f"{split}-{strategy}"
+            if run_dir.is_dir():
+                outcome = read_outcome(Outcome(split, strategy, str(run_dir)))
+                outcome.seconds = recorded_seconds(run_dir)
+                outcomes.append(outcome)
+    if not outcomes:
+        raise SystemExit(f"python -m scripts.bench_strategies: error: no run of the benchmark in {out}")
+    config, title = recorded_configuration(outcomes)
+    machine = "load average: not measured (this table was made again from the records)"
+    return write_results(out, config, machine, outcomes, title)
+
+
+def write_results(out: Path, config: str, machine: str, outcomes: list[Outcome], title: str) -> tuple[str, Path]:
+    """results.md (the configuration, the machine, the table), results.json and strategies.png in `out`."""
+    report = f"{config}\n\n{machine}\n\n{table(outcomes)}"
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(
+        json.dumps({"configuration": config, "machine": machine, "runs": [asdict(o) for o in outcomes]}, indent=2)
+    )
+    return report, draw(outcomes, out / "strategies.png", title)
+
+
 def _cell(value: int | None) -> str:
     return "not reached" if value is None else str(value)
 
 
-def table(outcomes: list[Outcome], rounds: int) -> str:
+def table(outcomes: list[Outcome]) -> str:
     """The markdown table: one row per strategy and split."""
     head = (
         f"| split | strategy | rounds to {THRESHOLDS[0]:.0%} | rounds to {THRESHOLDS[1]:.0%} | "
@@ -209,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     own, extra = split_peer_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_strategies", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", metavar="DIR", help="run nothing: the results again from the records in DIR")
     parser.add_argument("--peers", type=int, default=100)
     parser.add_argument("--peers-per-process", type=int, default=10)
     parser.add_argument("--samples", type=int, default=600, help="training samples per peer (default 600)")
@@ -231,6 +291,11 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--timeout-per-round", type=float, default=900.0, help="seconds a run may take per round")
     parser.add_argument("--out", default=f"runs/bench-strategies-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(own)
+    if args.report:
+        report, picture = report_from_records(Path(args.report))
+        print(report, flush=True)
+        print(f"bench_strategies: {Path(args.report) / 'results.md'}, {picture}", flush=True)
+        return 0
     splits, strategies = args.splits.split(","), args.strategies.split(",")
     bad = [s for s in splits if s not in SPLITS] + [s for s in strategies if s not in STRATEGIES]
     if bad:
@@ -248,18 +313,14 @@ def _main(argv: list[str] | None) -> int:
         for strategy in strategies:
             print(f"bench_strategies: {split} {strategy}", flush=True)
             outcomes.append(run_one(split, strategy, args, extra, say=lambda text: print(text, flush=True)))
-    loads = [x for o in outcomes for x in o.load]
+    loads = [x for o in outcomes for x in (o.load or ())]
     machine = (
         f"load average (1 min) during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores"
         if loads
         else ""
     )
-    report = f"{config}\n\n{machine}\n\n{table(outcomes, args.rounds)}"
-    (out / "results.md").write_text(report)
-    (out / "results.json").write_text(
-        json.dumps({"configuration": config, "machine": machine, "runs": [asdict(o) for o in outcomes]}, indent=2)
-    )
-    picture = draw(outcomes, out / "strategies.png", f"Fashion-MNIST, {args.peers} peers, {args.model}")
+    title = f"Fashion-MNIST, {args.peers} peers, {args.model}"
+    report, picture = write_results(out, config, machine, outcomes, title)
     print(report, flush=True)
     print(f"bench_strategies: {out / 'results.md'}, {picture}", flush=True)
     return 0
