@@ -2,10 +2,11 @@
 compiled Keras model: a trainer minimises its loss plus (mu/2) * ||w - w_global||^2 over the trainable weights w.
 
 The term is added where Keras takes a training step: the gradient of (mu/2) * ||w - w_global||^2 is
-mu * (w - w_global), and `ProximalTerm.install` wraps the model's optimizer's `apply_gradients` so that every
-gradient it receives gets that added, evaluated at the same weights as the loss's gradient. So the step each
-optimizer takes is the one it would take on the proximal objective, whatever the model (a built-in or a user's
-`--model`) and whatever its compiled optimizer (SGD, Adam, ...): no custom train step, no change to the model's
+mu * (w - w_global), and `ProximalTerm` wraps the model's optimizer's `apply` (which `apply_gradients`, Keras's own
+train step and the custom train steps of Keras's guides all go through) so that every gradient it receives gets
+that added, evaluated at the same weights as the loss's gradient. So the step each optimizer takes is the one it
+would take on the proximal objective, whatever the model (a built-in or a user's `--model`, with its own train step
+or not) and whatever its compiled optimizer (SGD, Adam, ...): no train step of ours, no change to the model's
 weights or its saved file. `mu` and w_global live in Keras variables outside the model, so a new round (or a
 peer with another mu) only assigns them: the traced training function is made once. With a mixed-precision
 (loss-scaling) optimizer the term is scaled like the loss, as the gradients it is added to are.
@@ -38,21 +39,26 @@ class ProximalTerm:
         ]
         anchor_of = {id(w): a for w, a in zip(self.weights, self.anchors)}
         optimizer = model.optimizer
-        original = optimizer.apply_gradients
+        original = optimizer.apply
         ops = keras.ops
 
-        def apply_gradients(grads_and_vars):
-            # mu * (w - w_global), scaled as a loss-scaling optimizer scales the loss and so the gradients
+        def apply(grads, trainable_variables=None):
+            # mu * (w - w_global), scaled as a loss-scaling optimizer scales the loss and so the gradients. Without
+            # variables, the gradients are those of the variables the optimizer was built with, in its order.
+            variables = (
+                getattr(optimizer, "_trainable_variables", [])
+                if trainable_variables is None
+                else list(trainable_variables)
+            )
             scaled_mu = optimizer.scale_loss(self.mu)
-            pairs = []
-            for grad, var in grads_and_vars:
+            grads = list(grads)
+            for index, (grad, var) in enumerate(zip(grads, variables)):
                 anchor = anchor_of.get(id(var))
                 if grad is not None and anchor is not None:
-                    grad = grad + ops.cast(scaled_mu * (var - anchor), grad.dtype)
-                pairs.append((grad, var))
-            return original(pairs)
+                    grads[index] = grad + ops.cast(scaled_mu * (var - anchor), grad.dtype)
+            return original(grads, trainable_variables)
 
-        optimizer.apply_gradients = apply_gradients
+        optimizer.apply = apply
         # A training function traced before (a warm-up fit) called the unwrapped optimizer: trace it again.
         model.train_function = None
 

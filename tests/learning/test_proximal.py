@@ -1,6 +1,7 @@
 """FedProx's proximal term on a tiny Keras model: one SGD step on (loss + mu/2 ||w - w_global||^2) moves the weights
 by exactly -lr * mu * (w - w_global) more than the step on the loss alone, whatever the model's compiled optimizer
-would do with that gradient; and the learner anchors it at the global model of each fit."""
+would do with that gradient and whether the model has a train step of its own; and the learner anchors it at the
+global model of each fit."""
 
 from __future__ import annotations
 
@@ -51,6 +52,48 @@ def test_the_proximal_gradient_is_mu_times_w_minus_w_global():
             else:  # the batch norm's moving statistics are no trainable weights: the term leaves them alone
                 np.testing.assert_allclose(proximal[index], plain[index], rtol=1e-6)
     assert len(model.weights) > len(model.trainable_weights)
+
+
+def custom_step_model(pass_variables: bool):
+    """A user's model with its own train step, as Keras's guide writes one: it calls the optimizer's `apply` itself
+    (with the variables, or without them on an optimizer built already)."""
+    import tensorflow as tf
+
+    keras = K()
+
+    class OwnStep(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(y=y, y_pred=self(x, training=True))
+            grads = tape.gradient(loss, self.trainable_variables)
+            if pass_variables:
+                self.optimizer.apply(grads, self.trainable_variables)
+            else:
+                self.optimizer.apply(grads)
+            return {"loss": loss}
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = OwnStep(inputs, keras.layers.Dense(2)(keras.layers.Dense(4)(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_a_model_with_its_own_train_step_gets_the_proximal_gradient_too():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(8, 3)).astype("float32"), rng.normal(size=(8, 2)).astype("float32")
+    for pass_variables in (True, False):
+        model = custom_step_model(pass_variables)
+        start = [w + rng.normal(0, 0.5, w.shape).astype("float32") for w in model.get_weights()]
+        anchor = [w + rng.normal(0, 0.5, w.shape).astype("float32") for w in start]
+        plain = one_step(model, start, x, y)
+        ProximalTerm.of(model, {}).anchor(anchor, 0.7)
+        proximal = one_step(model, start, x, y)
+        for index in range(len(start)):  # every weight is trainable here
+            extra = -LR * 0.7 * (start[index].astype(np.float64) - anchor[index])
+            np.testing.assert_allclose(proximal[index] - plain[index], extra, rtol=1e-4, atol=1e-6)
 
 
 def test_with_adam_the_optimizer_sees_the_proximal_gradient():
