@@ -17,3 +17,15 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where nothing may be missing: {report.longrepr}"
+
+
+def pytest_collection_modifyitems(items):
+    """The markers of pyproject.toml by where a test lives (`-m "not e2e"`: the fast suite, seconds to minutes)."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if "e2e" in path.parts:
+            item.add_marker(pytest.mark.e2e)
+        if path.name == "test_containers.py":
+            item.add_marker(pytest.mark.docker)
+        if "chromium" in item.name:
+            item.add_marker(pytest.mark.browser)

@@ -39,13 +39,25 @@ def machine_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return cpus if quota is None else min(cpus, max(1, round(quota)))
+
+
+def _cgroup_quota() -> float | None:
+    """The cores a cgroup's CPU quota allows (cgroup v2's cpu.max, else v1's CFS quota), or None: no quota."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, round(int(quota) / int(period))))
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return cpus
+    for folder in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
+        try:
+            quota_us = int(Path(folder, "cpu.cfs_quota_us").read_text())
+            period_us = int(Path(folder, "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
 
 
 class ServiceHandle:

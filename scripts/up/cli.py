@@ -182,6 +182,7 @@ def cmd_credentials(args) -> int:
         values: dict[str, str | None] = {"SDFL_UID": str(os.getuid()), "SDFL_GID": str(os.getgid())}
         # (the file's default is the checkout's own .up/sdfl/login; UP_STATE_DIR puts them elsewhere)
         values["SDFL_LOGIN_DIR"] = None if state_dir() == ROOT / ".up" else str(login.folder)
+        values["SDFL_CONTAINER_CPUS"] = compose.container_cpus(args.peers)  # the file runs a container per peer
         set_env_file(ROOT / ".env", values)
         (ROOT / compose.PLAIN_RUN_DIR).mkdir(parents=True, exist_ok=True)
         say(

@@ -46,7 +46,16 @@ VARIABLES = {
     ),
     "SDFL_RUN_DIR": ("the run's records (docs/RECORDS.md)", PLAIN_RUN_DIR),
     "SDFL_RUN_ID": ("the run's id (FL_RUN_ID): ./up.sh makes a new one for every network", "default"),
+    "SDFL_CONTAINER_CPUS": (
+        "a peer container's cores: the machine's, shared among its containers (set by ./up.sh)",
+        "1",
+    ),
 }
+
+
+def container_cpus(containers: int) -> str:
+    """Each of `containers` peer containers' share of this machine's cores (at least a tenth of one)."""
+    return f"{max(0.1, (os.cpu_count() or 1) / max(1, containers)):.2f}"
 
 
 def default(name: str, project: str = DEFAULT_PROJECT) -> str | None:
@@ -158,6 +167,8 @@ def compose_config(net: Network) -> dict:
             "environment": env,
             **({"env_file": env_file} if env_file else {}),
             "volumes": volumes,
+            # Together the machine's cores: a peer's learning sizes TensorFlow's threads to its container's share.
+            "cpus": var("SDFL_CONTAINER_CPUS"),
             # A lookup of a name that is gone (the broker's container stopped) answers in 1 s, not 10.
             "dns_opt": ["timeout:1", "attempts:1"],
             "stop_grace_period": f"{DOWN_GRACE_S}s",

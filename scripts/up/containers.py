@@ -27,6 +27,7 @@ from scripts.up.compose import (
     LABEL_PROJECT,
     LABEL_RUN_DIR,
     Compose,
+    container_cpus,
 )
 from scripts.up.images import PEER_IMAGE, ensure_images
 from scripts.up.logins import Login, login_for
@@ -223,6 +224,7 @@ def compose_for(net: Network, login: Login) -> Compose:
             "SDFL_LOGIN_DIR": str(login.folder),
             "SDFL_RUN_DIR": str(net.run_dir),
             "SDFL_RUN_ID": net.run_id,
+            "SDFL_CONTAINER_CPUS": container_cpus(len(net.containers())),
         },
     )
     return compose

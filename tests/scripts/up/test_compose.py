@@ -117,6 +117,9 @@ def test_compose_file_hosts_k_peers_per_container_each_with_its_own_login(tmp_pa
         "$$7",
     ]
     assert host["labels"][compose.LABEL_PEER] == "peer-4,peer-5,peer-6"
+    assert all(config["services"][name]["cpus"] == "${SDFL_CONTAINER_CPUS:-1}" for name in net.containers())
+    assert "cpus" not in config["services"]["broker"] and "cpus" not in config["services"]["dashboard"]
+    assert compose.container_cpus(3) == f"{(os.cpu_count() or 1) / 3:.2f}" and compose.container_cpus(10**6) == "0.10"
     env = host["environment"]
     assert "FL_PEER_ID" not in env and "FL_SHARD" not in env and "env_file" not in host
     assert env["FL_MIN_PEERS"] == "7" and env["FL_EPOCHS"] == "2"
@@ -238,6 +241,8 @@ def test_the_launcher_runs_the_file_it_prints_with_its_own_values(launch, tmp_pa
         "SDFL_LOGIN_DIR": str(net.state / "login"),
         "SDFL_RUN_DIR": str(tmp_path / "run $HOME"),  # taken as it is: the environment is not interpolated
         "SDFL_RUN_ID": net.run_id,
+        # The machine's cores shared among the peer containers: training at once, they do not oversubscribe them.
+        "SDFL_CONTAINER_CPUS": f"{(os.cpu_count() or 1) / len(net.containers()):.2f}",
     }
     command = compose.Compose("t", net.state).command("up")
     assert command[:4] == ["docker", "compose", "--project-directory", str(ROOT)]
@@ -293,6 +298,7 @@ def test_a_plain_docker_compose_up_gets_what_it_needs_from_one_command(tmp_path)
         "COMPOSE_PROFILES=x",
         f"SDFL_UID={os.getuid()}",
         f"SDFL_GID={os.getgid()}",
+        f"SDFL_CONTAINER_CPUS={max(0.1, (os.cpu_count() or 1) / 5):.2f}",
     ]
     login = copy / ".up" / "sdfl" / "login"
     assert {p.name for p in login.iterdir()} >= {"peer-1.env", "peer-5.env", "passwd", "acl", "federation.secret"}
