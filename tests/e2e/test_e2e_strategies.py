@@ -16,8 +16,6 @@ from scripts import chaos
 from scripts.localnet import LocalNetwork
 from tests.netutil import SMALL, assert_all_exited_zero, assert_rounds_complete, elections, rounds, run_json, wait_until
 
-pytestmark = pytest.mark.e2e
-
 
 def network(run_dir, peers=5, extra=(), **kw) -> LocalNetwork:
     return LocalNetwork(run_dir, peers, [*SMALL, "--min-peers", str(peers), *extra], **kw)
