@@ -1,19 +1,24 @@
 """Server optimizers and differential privacy in a real federation: real broker, real peer processes, real signals.
 
 The server optimizer's moments survive a SIGKILL of the controller (the next one goes on from them, as the peers'
-events.jsonl show: the moments it took over are the ones the old controller sent), and a DP run reports the
-accountant library's epsilon in every rounds.csv row and ends before a round could overspend --dp-target-epsilon."""
+events.jsonl show: the moments it took over are the ones the old controller sent), a DP run reports the accountant
+library's epsilon in every rounds.csv row and ends before a round could overspend --dp-target-epsilon, and
+scripts.bench_strategies runs its smallest configuration (20 peers, 3 rounds, every strategy on the pathological
+split, tiny shards: the benchmark's machinery, not its figures; the IID split differs only in its --partition,
+which tests/scripts/test_bench_strategies.py checks with the flags)."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
 
 from peer.records.events import read_events
 from peer.records.run_dir import read_rounds
-from scripts import chaos
+from scripts import bench_strategies, chaos
 from scripts.localnet import LocalNetwork
+from tests.graphs.test_graphs import assert_sensible_png
 from tests.netutil import SMALL, assert_all_exited_zero, assert_rounds_complete, elections, rounds, run_json, wait_until
 
 
@@ -81,3 +86,27 @@ def test_a_dp_run_reports_the_accountants_epsilon_and_ends_when_the_budget_is_sp
     assert max(released.values()) == 2 and rows[-1].epsilon <= budget < epsilon(z, 3, delta)
     assert outcome["epsilon"] == pytest.approx(rows[-1].epsilon, abs=1e-6) and outcome["dp_delta"] == delta
     assert run_json(run_dir)["settings"]["dp_target_epsilon"] == pytest.approx(budget, abs=1e-6)
+
+
+def test_the_smallest_configuration_runs_every_strategy(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = bench_strategies.main(
+        [
+            *("--peers", "20", "--rounds", "3", "--trainers", "3", "--samples", "40", "--test-samples", "40"),
+            *("--epochs", "1", "--batch-size", "20", "--model", "cnn-small", "--out", str(out)),
+            *("--round-deadline", "60", "--timeout-per-round", "120", "--splits", "pathological"),
+            *("--", "--heartbeat", "0.5", "--election-window", "0.5"),
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["split"], r["strategy"]): r for r in results["runs"]}
+    assert set(runs) == {("pathological", t) for t in bench_strategies.STRATEGIES}
+    for (split, strategy), run in runs.items():
+        assert run["reason"] == "max-rounds", (split, strategy, run)
+        assert [r for r, _ in run["accuracy"]] == [0, 1, 2, 3], (split, strategy)
+        assert (run["epsilon"] is not None) == (strategy == "dp-fedavg")
+    text = (out / "results.md").read_text()
+    assert text.count("\n| ") == 5 and "20 peers (10 to a process), 40 training samples each" in text
+    assert "load average" in text and text in capsys.readouterr().out
+    assert_sensible_png(out / "strategies.png")

@@ -1,6 +1,5 @@
-"""scripts.bench_strategies: its reading of a run's records and its table, and its smallest configuration run for real
-(20 peers, 3 rounds, every strategy on the pathological split, tiny shards: the benchmark's machinery, not its
-figures; the IID split differs only in its --partition, checked with the flags)."""
+"""scripts.bench_strategies: its reading of a run's records, its table, its flags and its report from the records (its
+smallest configuration runs for real in tests/e2e/test_e2e_strategies.py)."""
 
 from __future__ import annotations
 
@@ -92,27 +91,3 @@ def test_each_strategy_and_split_is_its_flags():
         "0.01",
     ]
     assert peer_flags("iid", "fedprox", Args)[-2:] == ["--proximal-mu", "0.01"]
-
-
-def test_the_smallest_configuration_runs_every_strategy(tmp_path, capsys):
-    out = tmp_path / "bench"
-    code = bench_strategies.main(
-        [
-            *("--peers", "20", "--rounds", "3", "--trainers", "3", "--samples", "40", "--test-samples", "40"),
-            *("--epochs", "1", "--batch-size", "20", "--model", "cnn-small", "--out", str(out)),
-            *("--round-deadline", "60", "--timeout-per-round", "120", "--splits", "pathological"),
-            *("--", "--heartbeat", "0.5", "--election-window", "0.5"),
-        ]
-    )
-    assert code == 0
-    results = json.loads((out / "results.json").read_text())
-    runs = {(r["split"], r["strategy"]): r for r in results["runs"]}
-    assert set(runs) == {("pathological", t) for t in bench_strategies.STRATEGIES}
-    for (split, strategy), run in runs.items():
-        assert run["reason"] == "max-rounds", (split, strategy, run)
-        assert [r for r, _ in run["accuracy"]] == [0, 1, 2, 3], (split, strategy)
-        assert (run["epsilon"] is not None) == (strategy == "dp-fedavg")
-    text = (out / "results.md").read_text()
-    assert text.count("\n| ") == 5 and "20 peers (10 to a process), 40 training samples each" in text
-    assert "load average" in text and text in capsys.readouterr().out
-    assert_sensible_png(out / "strategies.png")
