@@ -8,29 +8,40 @@ Files written (fixed names, other tools rely on them):
     election_timeline.png     who was controller when, chaos kills/stops and the run's end marked
     class_distribution.png    each peer's train class histogram
 
+`python -m graphs RUN_A RUN_B ...` draws comparison.png instead: the global accuracy per round of each run, labelled
+with how it trained (`draw_comparison`; `strategy_label` is also in every title above).
+
 The records are read with peer.records (`load_run`, `global_series`), the one home of the run dir's format.
 """
 
 from graphs.draw import (
     ACCURACY_ALL_PEERS,
     CLASS_DISTRIBUTION,
+    COMPARISON,
     ELECTION_TIMELINE,
     GLOBAL_ACCURACY_LOSS,
     ROUND_DURATIONS,
     NoRecordsError,
     draw_all,
+    draw_comparison,
     peer_accuracy_file,
     plot_comparison,
+    plot_panels,
+    strategy_label,
 )
 
 __all__ = [
     "ACCURACY_ALL_PEERS",
     "CLASS_DISTRIBUTION",
+    "COMPARISON",
     "ELECTION_TIMELINE",
     "GLOBAL_ACCURACY_LOSS",
     "ROUND_DURATIONS",
     "NoRecordsError",
     "draw_all",
+    "draw_comparison",
     "peer_accuracy_file",
     "plot_comparison",
+    "plot_panels",
+    "strategy_label",
 ]

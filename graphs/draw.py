@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from graphs.labels import strategy_label
 from peer.records.run_dir import GlobalPoint, RunDirError, RunHistory, global_series, load_run, natural_key
 
 DPI = 110
@@ -85,7 +86,15 @@ def _run_label(history: RunHistory) -> str:
     dataset = settings.get("dataset") or (data.dataset if data else "")
     partition = settings.get("partition") or (data.partition if data else "")
     parts = [str(part) for part in (dataset, partition) if part]
+    strategy = strategy_label(settings, _last_epsilon(history)) if settings else ""
+    if strategy:
+        parts.append(strategy)
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _last_epsilon(history: RunHistory) -> float | None:
+    spent = [r.epsilon for r in history.rounds if r.epsilon is not None]
+    return spent[-1] if spent else None
 
 
 def _global_accuracy_line(axis, points: list[GlobalPoint], **style) -> None:
@@ -204,6 +213,19 @@ def draw_global_accuracy_loss(history: RunHistory, out_dir: Path) -> Path:
     loss_axis.grid(True, alpha=0.3)
     if with_loss:
         loss_axis.legend(loc="upper right", fontsize="small")
+    spent = [(r.round, r.epsilon) for r in history.rounds if r.epsilon is not None]
+    if spent:  # a DP run: the privacy spent after each round, on an axis of its own
+        privacy_axis = loss_axis.twinx()
+        privacy_axis.plot(
+            [r for r, _ in spent],
+            [e for _, e in spent],
+            color="tab:purple",
+            linestyle="--",
+            marker="^",
+            label="epsilon",
+        )
+        privacy_axis.set_ylabel("privacy spent (epsilon)", color="tab:purple")
+        privacy_axis.legend(loc="center right", fontsize="small")
     _integer_rounds(loss_axis)
     return _save(figure, out_dir / GLOBAL_ACCURACY_LOSS)
 
@@ -437,6 +459,68 @@ def plot_comparison(series: dict[str, list[tuple[int, float]]], path: str | Path
     _integer_rounds(axis)
     axis.set_title(title)
     return _save(figure, Path(path))
+
+
+def plot_panels(
+    panels: dict[str, dict[str, list[tuple[int, float]]]],
+    path: str | Path,
+    title: str,
+    lines: Iterable[float] = (),
+) -> Path:
+    """Several comparisons side by side (panel title -> label -> [(round, accuracy)]), on one accuracy scale, with
+    dashed horizontal `lines` (e.g. the accuracies a benchmark counts rounds to)."""
+    figure = _new_figure(6.5 * max(1, len(panels)), 5.5)
+    axes = figure.subplots(1, max(1, len(panels)), sharey=True, squeeze=False)[0]
+    for axis, (name, series) in zip(axes, panels.items()):
+        values: list[float] = []
+        for index, (label, points) in enumerate(series.items()):
+            ordered = sorted(points)
+            if ordered:
+                axis.plot(
+                    [r for r, _ in ordered],
+                    [a for _, a in ordered],
+                    marker="o",
+                    markersize=3,
+                    label=label,
+                    color=f"C{index % 10}",
+                    linewidth=2,
+                )
+                values += [a for _, a in ordered]
+        for level in lines:
+            axis.axhline(level, color="grey", linestyle="--", linewidth=1)
+        _accuracy_axis(axis, values + list(lines))
+        _integer_rounds(axis)
+        axis.set_title(name)
+        if values:
+            axis.legend(loc="lower right", fontsize="small")
+    figure.suptitle(title)
+    return _save(figure, Path(path))
+
+
+COMPARISON = "comparison.png"
+
+
+def draw_comparison(run_dirs: Iterable[str | Path], out: str | Path) -> Path:
+    """The global accuracy per round of several runs on one plot, each line labelled with how it trained (its
+    strategy, optimizer and privacy, from run.json) and, where two would read alike, its run dir's name. Raises
+    RunDirError for a run dir that does not exist, NoRecordsError when none holds a round."""
+    histories = [load_run(run_dir) for run_dir in run_dirs]
+    labels = []
+    for history in histories:
+        settings = history.summary.settings if history.summary else {}
+        labels.append(strategy_label(settings, _last_epsilon(history)) if settings else history.run_dir.name)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for history, label in zip(histories, labels):
+        if labels.count(label) > 1 or label in series:
+            label = f"{label} [{history.run_dir.name}]"
+        series[label] = [(p.round, p.accuracy) for p in global_series(history) if p.accuracy is not None]
+    if not any(series.values()):
+        raise NoRecordsError("none of the run dirs holds a finished round")
+    datasets = sorted(
+        {str(h.summary.settings.get("dataset")) for h in histories if h.summary and h.summary.settings.get("dataset")}
+    )
+    title = "Global accuracy per round" + (f" ({', '.join(datasets)})" if datasets else "")
+    return plot_comparison(series, Path(out), title)
 
 
 def _print_to_stderr(message: str) -> None:

@@ -22,6 +22,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from graphs.labels import plan_of, strategy_label
+
 PAGE = Path(__file__).with_name("live.html")
 TIMELINE_KEPT = 200  # the latest events of the timeline the page shows
 KEEPALIVE_S = 15.0  # a comment line on an idle event stream, so proxies and browsers keep it open
@@ -43,6 +45,7 @@ class LiveState:
         self.peer_accuracy: dict[str, dict[int, float]] = {}
         self.timeline: list[dict] = []
         self.finished: dict | None = None
+        self.plan: dict = {}  # how the run trains, as its aggregations say (RoundRules.plan)
         self.last_heard = 0.0
         self.version = 0
 
@@ -89,9 +92,12 @@ class LiveState:
             self.trainers, self.solutions, self.evaluations = list(message.trainers), set(), set()
         elif kind == "Solution" and (message.term, message.round) == (self.term, self.round):
             self.solutions.add(message.peer)
-        elif kind == "Aggregation" and message.term >= self.term and not retained:
-            self.round, self.phase, self.evaluations = message.round, "evaluating", set()
-            self.evaluators = list(getattr(message, "evaluators", ()))
+        elif kind == "Aggregation" and message.term >= self.term:
+            if not retained:
+                self.round, self.phase, self.evaluations = message.round, "evaluating", set()
+                self.evaluators = list(getattr(message, "evaluators", ()))
+            if getattr(message, "plan", None):
+                self.plan = dict(message.plan)  # (a retained one too: a page opened late learns the plan at once)
         elif kind == "Evaluation":
             if message.round == self.round:
                 self.evaluations.add(message.peer)
@@ -105,6 +111,7 @@ class LiveState:
                 "loss": message.loss,
                 "bytes": message.bytes,
                 "duration_s": message.duration_s,
+                "epsilon": getattr(message, "epsilon", None),
             }
         elif kind == "Finish":
             if self.finished is None:
@@ -114,6 +121,11 @@ class LiveState:
                     f"finished ({message.reason}) after round {message.round}: accuracy {message.accuracy:.4f}",
                 )
             self.finished = {"reason": message.reason, "round": message.round, "accuracy": message.accuracy}
+
+    def _epsilon(self) -> float | None:
+        """The privacy spent after the latest round that reported it (DP runs)."""
+        spent = [r["epsilon"] for _, r in sorted(self.rounds.items()) if r.get("epsilon") is not None]
+        return spent[-1] if spent else None
 
     def snapshot(self) -> dict:
         roles = {}
@@ -140,6 +152,9 @@ class LiveState:
             "evaluations": sorted(self.evaluations),
             "evaluators": self.evaluators,
             "finished": self.finished,
+            "plan": self.plan,
+            "strategy": strategy_label(self.plan, self._epsilon()) if self.plan else None,
+            "epsilon": self._epsilon(),
             "last_heard": self.last_heard,
             "peers": [{**self.peers[p], "role": roles[p]} for p in sorted(self.peers, key=_natural)],
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
@@ -175,6 +190,7 @@ def state_from_records(run_dir: Path) -> dict:
             "loss": row.loss,
             "bytes": row.bytes_sent,
             "duration_s": row.duration_s,
+            "epsilon": row.epsilon,
         }
         state.round, state.trainers = max(state.round, row.round), list(row.trainers)
     for peer, record in history.peers.items():
@@ -183,6 +199,7 @@ def state_from_records(run_dir: Path) -> dict:
             state.peer_accuracy.setdefault(peer, {})[evaluation.round] = evaluation.accuracy
             state.peers[peer]["accuracy"] = evaluation.accuracy
     if history.summary:
+        state.plan = plan_of(history.summary.settings)
         outcome = history.summary.outcome
         state.finished = {
             "reason": outcome.get("reason"),
@@ -270,8 +287,12 @@ class Observer:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
-            # Every message of the run, chunks of large models included (`<topic>/<index>`).
-            client.subscribe(f"{self.prefix}/{self.run_id or '+'}/#", qos=0)
+            # Every message of the run, chunks of large models included (`<topic>/<index>`), but the controllers'
+            # server states: optimizer moments, a model's size or two, for the next controller only.
+            from peer.wire.messages import MESSAGE_TYPES
+
+            kinds = sorted({cls.TOPIC for cls in MESSAGE_TYPES.values()} - {"server-state"})
+            client.subscribe([(f"{self.prefix}/{self.run_id or '+'}/{kind}/#", 0) for kind in kinds])
 
     def _on_message(self, client, userdata, message):
         try:

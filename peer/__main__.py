@@ -68,7 +68,15 @@ def _main(argv: list[str] | None) -> int:
         recorder.data(labels.describe(spec, settings.peer_id))
         service = ServiceHandle(settings.learning_service)
         learner = RemoteLearner(
-            service, settings.peer_id, spec, labels, settings.model, settings.seed, settings.epochs, settings.batch_size
+            service,
+            settings.peer_id,
+            spec,
+            labels,
+            settings.model,
+            settings.seed,
+            settings.epochs,
+            settings.batch_size,
+            settings.fit_options(),
         )
         try:
             learner.prepare()

@@ -22,6 +22,8 @@ from peer.learning.aggregation import AGGREGATIONS
 from peer.learning.data import DATASETS, DEFAULT_SEED, ShardSpec
 from peer.learning.models import BUILT_INS, ModelError, check_spec, default_model, defaults_text
 from peer.learning.partition import DEFAULT_ALPHA, SCHEMES
+from peer.learning.privacy import ACCOUNTANTS, DEFAULT_DELTA, INSTALL_HINT, Privacy, accountant_available
+from peer.learning.server_optimizers import DEFAULT_LR, OPTIMIZERS, ServerOptimizer
 from peer.roles.controller import RoundRules
 from peer.wire.envelope import MAX_MESSAGE_BYTES, MIN_CHUNKED_MESSAGE_BYTES, MIN_SECRET_BYTES
 from peer.wire.ids import PEER_ID_PATTERN, TOPIC_PREFIX_PATTERN, valid_run_id
@@ -99,6 +101,19 @@ class Settings:
     tls_ca: Path | None = None  # TLS to the brokers: the CA certificates (PEM) to trust, or SYSTEM_CAS
     tls_cert: Path | None = None  # this peer's certificate (PEM), for brokers that want one (mutual TLS)
     tls_key: Path | None = None  # its private key (PEM)
+    server_optimizer: str = "sgd"
+    server_lr: float | None = None  # load_settings puts the optimizer's default in for None
+    server_momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    proximal_mu: float = 0.0
+    dp_clip: float | None = None  # None: no differential privacy
+    dp_noise_multiplier: float | None = None
+    dp_local: bool = False
+    dp_delta: float = DEFAULT_DELTA
+    dp_target_epsilon: float | None = None
+    dp_accountant: str = "rdp"
 
     @property
     def broker(self) -> str:
@@ -145,7 +160,35 @@ class Settings:
             self.wire_dtype,
             self.public_dict(),
             secure_aggregation=self.secure_aggregation,
+            optimizer=self.server_optimizer_rules(),
+            privacy=self.privacy(),
+            proximal_mu=self.proximal_mu,
         )
+
+    def server_optimizer_rules(self) -> ServerOptimizer:
+        lr = DEFAULT_LR[self.server_optimizer] if self.server_lr is None else self.server_lr
+        return ServerOptimizer(self.server_optimizer, lr, self.server_momentum, self.beta1, self.beta2, self.tau)
+
+    def privacy(self) -> Privacy:
+        """The run's differential privacy (`peer.learning.privacy`); `Privacy().on` is False without --dp-clip."""
+        return Privacy(
+            self.dp_clip,
+            self.dp_noise_multiplier or 0.0,
+            self.dp_local,
+            self.dp_delta,
+            self.dp_target_epsilon,
+            self.dp_accountant,
+        )
+
+    def fit_options(self) -> dict:
+        """How this peer fits as a trainer beyond epochs and batch size, for its learning service (the hello):
+        FedProx's mu, and the clipping (and, with --dp-local, the noise) of its update."""
+        privacy = self.privacy()
+        return {
+            "proximal_mu": self.proximal_mu,
+            "dp_clip": privacy.clip,
+            "dp_noise_std": privacy.noise_std if privacy.local else 0.0,
+        }
 
     def public_dict(self) -> dict:
         """Every setting, as JSON-ready values, without the password (for run.json and logs)."""
@@ -544,6 +587,103 @@ OPTIONS = [
         "debug | info | warning | error (default info)",
     ),
     (
+        "--server-optimizer",
+        "FL_SERVER_OPTIMIZER",
+        "server_optimizer",
+        _choice(OPTIMIZERS),
+        f"{' | '.join(OPTIMIZERS)}: the controller applies the round's mean update (a pseudo-gradient) with this "
+        "optimizer (Reddi et al. 2021); sgd with --server-lr 1 is FedAvg (default sgd)",
+    ),
+    (
+        "--server-lr",
+        "FL_SERVER_LR",
+        "server_lr",
+        number(0.0, low_open=True),
+        "the server optimizer's learning rate (default 1 for sgd and momentum, 0.01 for adam, yogi, adagrad)",
+    ),
+    (
+        "--server-momentum",
+        "FL_SERVER_MOMENTUM",
+        "server_momentum",
+        number(0.0, 1.0, high_open=True),
+        "momentum of --server-optimizer momentum (FedAvgM) (default 0.9)",
+    ),
+    (
+        "--beta1",
+        "FL_BETA1",
+        "beta1",
+        number(0.0, 1.0, high_open=True),
+        "first-moment decay of adam, yogi, adagrad (default 0.9)",
+    ),
+    (
+        "--beta2",
+        "FL_BETA2",
+        "beta2",
+        number(0.0, 1.0, high_open=True),
+        "second-moment decay of adam and yogi (default 0.99)",
+    ),
+    (
+        "--tau",
+        "FL_TAU",
+        "tau",
+        number(0.0, low_open=True),
+        "adaptivity of adam, yogi, adagrad: added to the root of the second moment (default 0.001)",
+    ),
+    (
+        "--proximal-mu",
+        "FL_PROXIMAL_MU",
+        "proximal_mu",
+        number(0.0),
+        "FedProx (Li et al. 2020): each trainer adds mu/2 * ||w - w_global||^2 to its local loss, for any --model "
+        "(default 0: plain local training)",
+    ),
+    (
+        "--dp-clip",
+        "FL_DP_CLIP",
+        "dp_clip",
+        number(0.0, low_open=True),
+        "client-level differential privacy (DP-FedAvg): each trainer's update is clipped to this L2 norm; needs "
+        "--dp-noise-multiplier (see docs/SECURITY.md)",
+    ),
+    (
+        "--dp-noise-multiplier",
+        "FL_DP_NOISE_MULTIPLIER",
+        "dp_noise_multiplier",
+        number(0.0, low_open=True),
+        "Gaussian noise of standard deviation this x --dp-clip, added to the round's sum of updates by the "
+        "controller (or to each update by its trainer, with --dp-local)",
+    ),
+    (
+        "--dp-local",
+        "FL_DP_LOCAL",
+        "dp_local",
+        _switch,
+        "each trainer adds the noise to its own clipped update before it sends it: nobody, the controller "
+        "included, sees an unnoised update",
+    ),
+    (
+        "--dp-delta",
+        "FL_DP_DELTA",
+        "dp_delta",
+        number(0.0, 1.0, low_open=True, high_open=True),
+        f"the delta at which the privacy spent (epsilon) is reported (default {DEFAULT_DELTA:g})",
+    ),
+    (
+        "--dp-target-epsilon",
+        "FL_DP_TARGET_EPSILON",
+        "dp_target_epsilon",
+        number(0.0, low_open=True),
+        "end the run (reason privacy-budget) before a round that could take the privacy spent above this epsilon",
+    ),
+    (
+        "--dp-accountant",
+        "FL_DP_ACCOUNTANT",
+        "dp_accountant",
+        _choice(ACCOUNTANTS),
+        "how the privacy spent is computed: rdp (Renyi DP) or pld (privacy loss distributions), both by Google's "
+        "dp-accounting (default rdp)",
+    ),
+    (
         "--learning-service",
         "FL_LEARNING_SERVICE",
         "learning_service",
@@ -633,6 +773,9 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     if settings.tls_cert is not None and settings.tls_ca is None:
         raise SettingsError("--tls-cert needs --tls-ca: the CA that signed the brokers' certificates (or `system`)")
     settings.tls_context()  # its files are checked here, in one line, rather than at the first connection
+    if settings.server_lr is None:
+        settings = dataclasses.replace(settings, server_lr=DEFAULT_LR[settings.server_optimizer])
+    _check_privacy(settings, values)
     return settings
 
 
@@ -648,3 +791,32 @@ def _check_secure_aggregation(settings: Settings) -> None:
         raise SettingsError(
             f"--secure-aggregation needs --trainers from 2 to {MAX_SECURE_TRAINERS}, got {settings.trainers}"
         )
+    if settings.server_optimizer != "sgd" or settings.server_lr not in (None, 1.0) or settings.dp_clip is not None:
+        # The unmasked mean becomes the model as it is: a server optimizer's step and the controller's DP noise are
+        # not applied on that path yet, and a run must not silently train otherwise than it was told.
+        raise SettingsError(
+            "--secure-aggregation runs plain FedAvg (--server-optimizer sgd at --server-lr 1, no --dp-clip) in this "
+            "version: drop one of them"
+        )
+
+
+def _check_privacy(settings: Settings, given: dict) -> None:
+    """The DP settings make sense together, and the accountant is there to count what they spend."""
+    others = [name for name in ("dp_noise_multiplier", "dp_local", "dp_delta", "dp_target_epsilon", "dp_accountant")]
+    if settings.dp_clip is None:
+        stray = [f"--{name.replace('_', '-')}" for name in others if name in given]
+        if stray:
+            raise SettingsError(f"{', '.join(stray)} given without --dp-clip (the clipping bound DP is built on)")
+        return
+    if settings.dp_noise_multiplier is None:
+        raise SettingsError(
+            "--dp-clip needs --dp-noise-multiplier (clipping alone gives no privacy guarantee; the update norm "
+            "bounds of --aggregation already bound what one trainer moves)"
+        )
+    if settings.aggregation != "fedavg":
+        raise SettingsError(
+            f"--dp-clip needs --aggregation fedavg (DP-FedAvg's noise is calibrated to a sum of clipped updates, "
+            f"not to a {settings.aggregation})"
+        )
+    if not accountant_available():
+        raise SettingsError(f"--dp-clip: Google's dp-accounting is not installed here ({INSTALL_HINT})")

@@ -196,6 +196,7 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
                 settings.seed,
                 settings.epochs,
                 settings.batch_size,
+                settings.fit_options(),
             )
             try:
                 learner.prepare()

@@ -84,12 +84,34 @@ SAMPLES = {
     "--tls-ca": [("system", {"tls_ca": Path("system")}), (str(_CA.ca), {"tls_ca": _CA.ca})],
     "--tls-cert": [(str(_PEER.cert), {"tls_cert": _PEER.cert}), (str(CERT_COPY), {"tls_cert": CERT_COPY})],
     "--tls-key": [(str(_PEER.key), {"tls_key": _PEER.key}), (str(KEY_COPY), {"tls_key": KEY_COPY})],
+    "--server-optimizer": [
+        ("adam", {"server_optimizer": "adam", "server_lr": 0.01}),
+        ("Momentum", {"server_optimizer": "momentum", "server_lr": 1.0}),
+    ],
+    "--server-lr": [("0.5", {"server_lr": 0.5}), ("3", {"server_lr": 3.0})],
+    "--server-momentum": [("0", {"server_momentum": 0.0}), ("0.5", {"server_momentum": 0.5})],
+    "--beta1": [("0", {"beta1": 0.0}), ("0.5", {"beta1": 0.5})],
+    "--beta2": [("0.9", {"beta2": 0.9}), ("0.999", {"beta2": 0.999})],
+    "--tau": [("0.1", {"tau": 0.1}), ("1e-6", {"tau": 1e-6})],
+    "--proximal-mu": [("0.01", {"proximal_mu": 0.01}), ("1", {"proximal_mu": 1.0})],
+    "--dp-clip": [("0.5", {"dp_clip": 0.5}), ("10", {"dp_clip": 10.0})],
+    "--dp-noise-multiplier": [("0.3", {"dp_noise_multiplier": 0.3}), ("2", {"dp_noise_multiplier": 2.0})],
+    "--dp-delta": [("1e-6", {"dp_delta": 1e-6}), ("0.001", {"dp_delta": 0.001})],
+    "--dp-target-epsilon": [("1", {"dp_target_epsilon": 1.0}), ("8.5", {"dp_target_epsilon": 8.5})],
+    "--dp-accountant": [("pld", {"dp_accountant": "pld"}), ("PLD", {"dp_accountant": "pld"})],
 }
-# A password alone is refused, so its samples need a user name too; a certificate needs its key and a CA.
+# A password alone is refused, so its samples need a user name too; a certificate needs its key and a CA; the DP
+# settings need each other.
+DP = {"--dp-clip": "1", "--dp-noise-multiplier": "1"}
 NEEDS = {
     "--password": {"--username": "someone"},
     "--tls-cert": {"--tls-key": str(_PEER.key), "--tls-ca": str(_CA.ca)},
     "--tls-key": {"--tls-cert": str(_PEER.cert), "--tls-ca": str(_CA.ca)},
+    "--dp-clip": {"--dp-noise-multiplier": "1"},
+    "--dp-noise-multiplier": {"--dp-clip": "1"},
+    "--dp-delta": DP,
+    "--dp-target-epsilon": DP,
+    "--dp-accountant": DP,
 }
 
 FLAG_TO_ENV = {flag: env for flag, env, *_ in OPTIONS}
@@ -110,7 +132,7 @@ def fields_of(settings: Settings, expected: dict) -> dict:
 
 # --- the table --------------------------------------------------------------------------------------------------------
 
-SWITCHES = {"--resume", "--secure-aggregation"}  # flags without a value: tested on their own below
+SWITCHES = {"--resume", "--secure-aggregation", "--dp-local"}  # flags without a value: tested on their own below
 
 
 def test_every_option_has_samples():
@@ -578,3 +600,48 @@ def test_secure_aggregation_is_a_switch_refused_with_rules_that_need_each_update
     for trainers in ("1", "201"):
         with pytest.raises(SettingsError, match="--trainers from 2 to 200"):
             load_settings(["--secure-aggregation", f"--trainers={trainers}"], {})
+    for other in (["--server-optimizer", "adam"], ["--server-lr", "0.5"], [*as_args(DP)]):
+        with pytest.raises(SettingsError, match="plain FedAvg"):
+            load_settings(["--secure-aggregation", *other], {})
+
+
+# --- the server optimizer, FedProx and differential privacy ------------------------------------------------------------
+
+
+def test_the_server_optimizer_defaults_to_fedavg_and_its_lr_to_the_optimizers():
+    plain = load_settings([], {})
+    assert (plain.server_optimizer, plain.server_lr) == ("sgd", 1.0)
+    assert plain.server_optimizer_rules().is_fedavg and not plain.round_rules().keeps_server_state
+    adam = load_settings(["--server-optimizer", "adam"], {})
+    assert adam.server_lr == 0.01 and adam.round_rules().optimizer.name == "adam"
+    assert load_settings(["--server-optimizer", "yogi", "--server-lr", "0.3"], {}).server_lr == 0.3
+    assert adam.round_rules().keeps_server_state and adam.public_dict()["server_lr"] == 0.01
+
+
+def test_dp_settings_need_each_other_and_fedavg():
+    with pytest.raises(SettingsError, match="--dp-noise-multiplier"):
+        load_settings(["--dp-clip", "1"], {})
+    with pytest.raises(SettingsError, match="without --dp-clip"):
+        load_settings(["--dp-noise-multiplier", "1"], {})
+    with pytest.raises(SettingsError, match="--dp-local given without --dp-clip"):
+        load_settings(["--dp-local"], {})
+    with pytest.raises(SettingsError, match="--aggregation fedavg"):
+        load_settings([*as_args(DP), "--aggregation", "median"], {})
+    for bad in (["--dp-delta", "1"], ["--dp-delta", "0"], ["--dp-clip", "0"], ["--beta1", "1"], ["--tau", "0"]):
+        with pytest.raises(SettingsError):
+            load_settings([*as_args(DP), *bad], {})
+
+
+def test_dp_local_is_a_switch_and_the_fit_options_carry_what_a_trainer_does():
+    central = load_settings([*as_args(DP), "--proximal-mu", "0.1"], {})
+    assert central.privacy().central and central.fit_options() == {
+        "proximal_mu": 0.1,
+        "dp_clip": 1.0,
+        "dp_noise_std": 0.0,  # the controller adds the noise
+    }
+    local = load_settings([*as_args({"--dp-clip": "2", "--dp-noise-multiplier": "0.5"}), "--dp-local"], {})
+    assert local.dp_local and local.fit_options()["dp_noise_std"] == 1.0
+    assert load_settings([*as_args(DP)], {"FL_DP_LOCAL": "yes"}).dp_local
+    assert load_settings([], {}).fit_options() == {"proximal_mu": 0.0, "dp_clip": None, "dp_noise_std": 0.0}
+    plan = local.round_rules().plan()
+    assert plan["dp_local"] is True and plan["dp_clip"] == 2.0 and plan["server_optimizer"] == "sgd"

@@ -29,9 +29,13 @@ LAYERS = [
     "peer.__main__",
 ]
 PURE_PACKAGES = ["wire", "roles"]
-PURE_MODULES = ["learning/aggregation.py", "learning/metrics.py", "learning/partition.py"] + sorted(
-    str(path.relative_to(PEER)) for path in (PEER / "learning" / "secagg").glob("*.py")
-)
+PURE_MODULES = [
+    "learning/aggregation.py",
+    "learning/metrics.py",
+    "learning/partition.py",
+    "learning/server_optimizers.py",
+    "learning/privacy.py",
+] + sorted(str(path.relative_to(PEER)) for path in (PEER / "learning" / "secagg").glob("*.py"))
 FORBIDDEN_IMPORTS = {
     "paho",
     "tensorflow",

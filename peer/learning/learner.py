@@ -11,6 +11,7 @@ import numpy as np
 
 from peer.learning import models
 from peer.learning.data import SHAPES, Shard
+from peer.learning.privacy import privatize_solution
 
 
 class Learner:
@@ -30,6 +31,12 @@ class Learner:
         self._model: Any = None  # the Keras model, built by prepare()
         self._initial: list[np.ndarray] = []
         self._tensors: list[tuple[tuple[int, ...], str]] = []  # (shape, dtype) of each weight tensor, once built
+        # How this learner fits beyond epochs and batch size (set per peer by the learning service, like them):
+        # FedProx's mu, and the clipping (and local noise) of the update it returns, for differential privacy.
+        self.proximal_mu = 0.0
+        self.dp_clip: float | None = None
+        self.dp_noise_std = 0.0
+        self._proximal: dict = {}  # id(Keras model) -> its ProximalTerm, shared with the twins like the model
         # The learner thread fits while the main loop may save the final model: one user of the model at a time.
         self._lock = threading.Lock()
         # The digest of the weights the Keras model holds now, if they are a known model's (shared with the twins,
@@ -66,6 +73,7 @@ class Learner:
         other = Learner(self.dataset, shard, self.epochs, self.batch_size, self.seed, self.model_name)
         other._model, other._initial, other._lock, other._holds = self._model, self._initial, self._lock, self._holds
         other._tensors = self._tensors
+        other._proximal = self._proximal
         return other
 
     def sample_counts(self) -> tuple[int, int]:
@@ -92,6 +100,7 @@ class Learner:
             self._hold(weights, digest)
             self._holds["digest"] = None  # trained: no longer the model it started from
             x_train, y_train, _, _ = self._data()
+            self._prepare_proximal(weights)
             history = self._model.fit(
                 x_train,
                 y_train,
@@ -100,7 +109,24 @@ class Learner:
                 shuffle=True,
                 verbose=0,
             )
-            return self._weights(), int(len(y_train)), float(history.history["loss"][-1])
+            return self._private(weights, self._weights()), int(len(y_train)), float(history.history["loss"][-1])
+
+    def _prepare_proximal(self, weights: list[np.ndarray]) -> None:
+        """FedProx: the fit about to start minimises its loss plus (mu/2) * ||w - weights||^2 (`peer.learning.proximal`).
+        Nothing is installed while mu is 0; a model once installed keeps the term, anchored with mu 0."""
+        from peer.learning.proximal import ProximalTerm
+
+        if self.proximal_mu > 0 or id(self._model) in self._proximal:
+            ProximalTerm.of(self._model, self._proximal).anchor(weights, self.proximal_mu)
+
+    def _private(self, start: list[np.ndarray], trained: list[np.ndarray]) -> list[np.ndarray]:
+        """The trained weights as they may leave this trainer: with --dp-clip, the update clipped to that L2 norm
+        (and with --dp-local, noised), `peer.learning.privacy.privatize_solution`."""
+        if self.dp_clip is None:
+            return trained
+        rng = np.random.default_rng() if self.dp_noise_std > 0 else None  # seeded by the OS: no peer can predict it
+        private, _ = privatize_solution(start, trained, self.dp_clip, self.dp_noise_std, rng)
+        return private
 
     def evaluate(self, weights: list[np.ndarray], digest: str | None = None) -> tuple[float, float, int]:
         """(accuracy, loss, samples) of the given weights (named `digest`, if known) on this peer's test shard."""

@@ -151,8 +151,11 @@ class RemoteLearner:
         seed: int,
         epochs: int,
         batch_size: int,
+        fit_options: dict | None = None,
     ):
-        """`labels`: this peer's shard as `load_shard(spec, images=False)` gave it."""
+        """`labels`: this peer's shard as `load_shard(spec, images=False)` gave it. `fit_options`: how it fits as a
+        trainer beyond epochs and batch size (`Settings.fit_options`: FedProx's mu, DP clipping and local noise)."""
+        self.fit_options = dict(fit_options or {})
         self.handle, self.peer_id, self.spec, self.labels = handle, peer_id, spec, labels
         self.model_name = check_spec(model) if model else default_model(spec.dataset)
         self.seed, self.epochs, self.batch_size = seed, epochs, batch_size
@@ -218,6 +221,7 @@ class RemoteLearner:
             "seed": self.seed,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
+            **self.fit_options,
         }
 
     def _request(

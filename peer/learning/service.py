@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import signal
@@ -64,6 +65,9 @@ class Session:
     epochs: int
     batch_size: int
     shard: Shard
+    proximal_mu: float = 0.0  # FedProx (peer.learning.proximal)
+    dp_clip: float | None = None  # the update's L2 bound, with differential privacy (peer.learning.privacy)
+    dp_noise_std: float = 0.0  # the noise a trainer adds to its clipped update itself (--dp-local)
     hello: dict = field(default_factory=dict)  # as the peer said it: what a worker process makes the session from
 
     @property
@@ -100,6 +104,11 @@ class Worker:
             self.learners[session.model_key] = base
         learner = base.twin(session.shard)
         learner.epochs, learner.batch_size = session.epochs, session.batch_size
+        learner.proximal_mu, learner.dp_clip, learner.dp_noise_std = (
+            session.proximal_mu,
+            session.dp_clip,
+            session.dp_noise_std,
+        )
         return learner
 
     def _run(self) -> None:
@@ -386,8 +395,21 @@ def _session(header: dict) -> Session:
         int(header["epochs"]),
         int(header["batch_size"]),
         load_shard(spec),
+        *_fit_options(header),
         {k: v for k, v in header.items() if k != "op"},
     )
+
+
+def _fit_options(header: dict) -> tuple[float, float | None, float]:
+    """(proximal mu, clip bound, noise std) of a hello: absent from a peer that fits plainly; ValueError if bad."""
+    try:
+        mu, noise = float(header.get("proximal_mu") or 0.0), float(header.get("dp_noise_std") or 0.0)
+        clip = None if header.get("dp_clip") is None else float(header["dp_clip"])
+    except (TypeError, ValueError):
+        raise ValueError(f"bad fit options in the hello: {header!r:.200}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in (mu, noise)) or (clip is not None and not 0 < clip < math.inf):
+        raise ValueError(f"bad fit options: proximal_mu {mu!r}, dp_clip {clip!r}, dp_noise_std {noise!r}")
+    return mu, clip, noise
 
 
 def _import_tensorflow() -> None:

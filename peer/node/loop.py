@@ -44,6 +44,7 @@ from peer.roles.actions import (
     Publish,
     RecordElection,
     RecordEvaluation,
+    RecordEvent,
     RecordRound,
     RecordRun,
     SaveCheckpoint,
@@ -71,6 +72,7 @@ from peer.wire.messages import (
     Message,
     Metrics,
     Presence,
+    ServerState,
     Shares,
     Training,
     Vote,
@@ -151,7 +153,9 @@ class Peer:
         )
         self.runner = runner or JobRunner(learner, self.events, self._job_wanted, self.log)
         if resume:
-            self.store.offer(resume.model.round, resume.model.term, resume.model.weights, resume.model.trainers)
+            model = resume.model
+            self.store.offer(model.round, model.term, model.weights, model.trainers, model.controller)
+            self.store.server = resume.server
             for summary in resume.rounds:
                 self.store.finish_round(summary, resume.run_started)
             self.election.restore(resume.model.term, resume.model.round)
@@ -284,7 +288,10 @@ class Peer:
         if self.controller and self.controller.finished:
             # The run is over: its leader and model need not stay on the broker (the retained Finish does, for
             # peers that come back to this run later).
-            for kind in ("election", "heartbeat", "aggregation"):
+            kinds: tuple[str, ...] = ("election", "heartbeat", "aggregation")
+            if self.controller.rules.keeps_server_state:
+                kinds += ("server-state",)
+            for kind in kinds:
                 last += [(f.topic, f.payload, f.retain) for f in self.outbox.cleared(self.topics.topic(kind, self.me))]
         return last
 
@@ -484,6 +491,10 @@ class Peer:
         else:
             self.carry_out(self.follower.on_shares(message), now)
 
+    def _server_state(self, message: ServerState, size: int, now: float) -> None:
+        if self.controller:
+            self.carry_out(self.controller.on_server_state(message, now), now)
+
     def _same_id(self, message: Init, incarnation: int) -> None:
         """Another process announced itself with our peer id: two peers cannot share one. The one started later
         leaves; the earlier one answers with its own init, so the later one learns it is the later one."""
@@ -660,7 +671,7 @@ class Peer:
 
     def _adopt_model(self, action: AdoptModel, now: float) -> None:
         model = action.model
-        if self.store.offer(model.round, model.term, model.weights, model.trainers):
+        if self.store.offer(model.round, model.term, model.weights, model.trainers, model.controller):
             self.election.progress(model.round)
             if action.note:
                 self.log.info("holding the global model of round %d (%s)", model.round, action.note)
@@ -693,8 +704,12 @@ class Peer:
         self._event("finish", **action.summary.get("outcome", {}))
 
     def _save_checkpoint(self, action: SaveCheckpoint, now: float) -> None:
-        state = checkpoint_state(self.settings.run_id, action.model, action.rounds, action.run_started)
-        self._write("the checkpoint", self.records.checkpoint, state, WeightCodec.parts(action.model.weights))
+        state = checkpoint_state(self.settings.run_id, action.model, action.rounds, action.run_started, action.server)
+        server = WeightCodec.parts(action.server.optimizer.tensors()) if action.server else None
+        self._write("the checkpoint", self.records.checkpoint, state, WeightCodec.parts(action.model.weights), server)
+
+    def _record_event(self, action: RecordEvent, now: float) -> None:
+        self._event(action.name, **action.fields)
 
     def _save_model(self, action: SaveModel, now: float) -> None:
         self._write("model.keras", self.learner.save, action.weights, self.records.model_path)
@@ -727,6 +742,7 @@ DEEDS: dict[type, Callable[..., None]] = {
     RecordEvaluation: Peer._record_evaluation,
     RecordRun: Peer._record_run,
     SaveCheckpoint: Peer._save_checkpoint,
+    RecordEvent: Peer._record_event,
     SaveModel: Peer._save_model,
     Print: Peer._print,
     Exit: Peer._exit,
@@ -745,6 +761,7 @@ ROUTES: dict[Route, Callable[..., None]] = {
     Route.FROM_CONTROLLER: Peer._from_controller,
     Route.TO_CONTROLLER: Peer._to_controller,
     Route.SHARES: Peer._shares,
+    Route.SERVER_STATE: Peer._server_state,
 }
 
 EVENT_HANDLERS: dict[type, Callable[..., None]] = {

@@ -8,9 +8,12 @@ goes on from (`--resume`). The weights are in the wire's format (`peer.wire.weig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
+from peer.learning.privacy import Ledger
+from peer.learning.server_optimizers import state_from_tensors
 from peer.records.run_dir import Checkpoint
-from peer.roles.rounds import GlobalModel, RoundSummary
+from peer.roles.rounds import GlobalModel, RoundSummary, ServerMemory
 from peer.wire.weights import WeightCodec
 
 
@@ -22,35 +25,64 @@ class RunState:
     model: GlobalModel
     rounds: tuple[RoundSummary, ...]
     run_started: float | None
+    server: ServerMemory | None = None
 
 
 def checkpoint_state(
-    run_id: str, model: GlobalModel, rounds: tuple[RoundSummary, ...], run_started: float | None
+    run_id: str,
+    model: GlobalModel,
+    rounds: tuple[RoundSummary, ...],
+    run_started: float | None,
+    server: ServerMemory | None = None,
 ) -> dict:
-    """The checkpoint's description (its JSON file); the weights go beside it (`WeightCodec.parts(model.weights)`)."""
-    return {
+    """The checkpoint's description (its JSON file); the weights go beside it (`WeightCodec.parts(model.weights)`),
+    and the server state's tensors too (`WeightCodec.parts(server.optimizer.tensors())`)."""
+    state = {
         "run_id": run_id,
         "round": model.round,
         "term": model.term,
         "trainers": list(model.trainers),
+        "controller": model.controller,
         "run_started": run_started,
         "rounds": [
             {"round": r.round, "term": r.term, "accuracy": r.accuracy, "loss": r.loss, "bytes": r.bytes} for r in rounds
         ],
     }
+    if server is not None:
+        state["server"] = {
+            "digest": server.digest,
+            "optimizer": server.optimizer.optimizer,
+            "step": server.optimizer.step,
+            "participation": dict(server.ledger.counts),
+            "unattributed": server.ledger.unattributed,
+        }
+    return state
 
 
 def run_state(checkpoint: Checkpoint) -> RunState:
     """The checkpoint as the peer holds a run: ProtocolError if its weights are damaged, KeyError/TypeError/ValueError
-    if a round is."""
+    if a round or the server state is (OptimizerError is a ValueError)."""
     weights = WeightCodec.decode(checkpoint.weights)
     rounds = tuple(
         RoundSummary(int(r["round"]), int(r["term"]), float(r["accuracy"]), float(r["loss"]), int(r["bytes"]))
         for r in checkpoint.rounds
     )
+    server = None
+    if checkpoint.server is not None and checkpoint.server_weights is not None:
+        described = checkpoint.server
+        optimizer = state_from_tensors(
+            str(described["optimizer"]),
+            int(described["step"]),
+            WeightCodec.decode(checkpoint.server_weights),
+            [w.shape for w in weights],
+        )
+        counts = {str(peer): int(count) for peer, count in dict(described.get("participation") or {}).items()}
+        ledger = Ledger(MappingProxyType(counts), int(described.get("unattributed") or 0))
+        server = ServerMemory(str(described["digest"]), optimizer, ledger)
     return RunState(
         checkpoint.run_id,
-        GlobalModel(checkpoint.round, checkpoint.term, weights, tuple(checkpoint.trainers)),
+        GlobalModel(checkpoint.round, checkpoint.term, weights, tuple(checkpoint.trainers), checkpoint.controller),
         rounds,
         checkpoint.run_started,
+        server,
     )

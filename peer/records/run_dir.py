@@ -46,6 +46,7 @@ BROKERS_DIR = "brokers"  # a network of several brokers: each one's output, brok
 HOSTS_DIR = "hosts"  # the whole output of each process that hosts several peers (written by the launchers)
 CHECKPOINT_DIR = "checkpoint"  # the run's state after its last finished round, for --resume
 CHECKPOINT_FILE = "checkpoint.json"
+SERVER_STATE_PREFIX = "server-state-"  # checkpoint/server-state-<round>.bin: the server optimizer's tensors
 
 ID_LIST_SEPARATOR = ";"
 
@@ -86,6 +87,9 @@ class RoundRecord:
     finished_at: float
     # the round's first training order by the controller that finished it; None in files written before it existed
     started_at: float | None = None
+    # the privacy spent after this round (runs with --dp-clip), at the run's --dp-delta; None without DP, and in files
+    # written before the column existed
+    epsilon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ ELECTIONS_COLUMNS = _columns(ElectionRecord)
 EVALUATIONS_COLUMNS = _columns(EvaluationRecord)
 CHAOS_COLUMNS = _columns(ChaosRecord)
 # columns added after the first release: a file without them is still read (the value is None)
-OPTIONAL_COLUMNS = frozenset({"started_at"})
+OPTIONAL_COLUMNS = frozenset({"started_at", "epsilon"})
 
 
 # --- writing ----------------------------------------------------------------------------------------------------------
@@ -224,19 +228,25 @@ class RunRecorder:
     def model_path(self) -> Path:
         return self.run_dir / MODEL_FILE
 
-    def checkpoint(self, state: dict, weights) -> None:
-        """The run after a finished round (`state`: run_id, round, term, trainers, run_started, rounds; `weights`:
-        the global model in the wire's weights format, as bytes or as parts). The weights go to a file named by
-        round, then the description that names it and its digest, then older weights files go: killed at any
+    def checkpoint(self, state: dict, weights, server_weights=None) -> None:
+        """The run after a finished round (`state`: run_id, round, term, trainers, run_started, rounds, and "server"
+        when the run keeps a server state; `weights`: the global model in the wire's weights format, as bytes or as
+        parts; `server_weights`: the server state's tensors, likewise). The weights go to files named by round,
+        then the description that names them and their digests, then older weights files go: killed at any
         moment, the folder holds one whole checkpoint."""
         folder = self.run_dir / CHECKPOINT_DIR
         name = f"weights-{state['round']}.bin"
         sha256 = write_bytes(folder / name, weights)
-        write_json(
-            folder / CHECKPOINT_FILE, {**state, "weights_file": name, "weights_sha256": sha256, "saved_at": time.time()}
-        )
-        for old in folder.glob("weights-*.bin"):
-            if old.name != name:
+        description = {**state, "weights_file": name, "weights_sha256": sha256, "saved_at": time.time()}
+        kept = {name}
+        if server_weights is not None and isinstance(state.get("server"), dict):
+            server_name = f"{SERVER_STATE_PREFIX}{state['round']}.bin"
+            server_sha256 = write_bytes(folder / server_name, server_weights)
+            description["server"] = {**state["server"], "weights_file": server_name, "weights_sha256": server_sha256}
+            kept.add(server_name)
+        write_json(folder / CHECKPOINT_FILE, description)
+        for old in [*folder.glob("weights-*.bin"), *folder.glob(f"{SERVER_STATE_PREFIX}*.bin")]:
+            if old.name not in kept:
                 old.unlink(missing_ok=True)
 
 
@@ -269,6 +279,9 @@ class Checkpoint:
     run_started: float | None
     rounds: list[dict]  # per finished round: round, term, accuracy, loss, bytes
     weights: bytes  # the global model of `round`, in the wire's weights format (peer.protocol)
+    controller: str = ""  # who published that model ("" in checkpoints written before it was recorded)
+    server: dict | None = None  # the server state's description (optimizer, step, digest, participation, ...)
+    server_weights: bytes | None = None  # its tensors, in the wire's weights format
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
@@ -282,6 +295,11 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         weights = (folder / state["weights_file"]).read_bytes()
         if hashlib.sha256(weights).hexdigest() != state["weights_sha256"]:
             raise CheckpointError(f"{folder}: the weights file does not match its digest")
+        server, server_weights = state.get("server"), None
+        if isinstance(server, dict):
+            server_weights = (folder / server["weights_file"]).read_bytes()
+            if hashlib.sha256(server_weights).hexdigest() != server["weights_sha256"]:
+                raise CheckpointError(f"{folder}: the server state's file does not match its digest")
         return Checkpoint(
             run_id=str(state["run_id"]),
             round=int(state["round"]),
@@ -290,6 +308,9 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint | None:
             run_started=state.get("run_started"),
             rounds=list(state.get("rounds", [])),
             weights=weights,
+            controller=str(state.get("controller") or ""),
+            server=server if isinstance(server, dict) else None,
+            server_weights=server_weights,
         )
     except CheckpointError:
         raise
@@ -381,6 +402,7 @@ def _parse_round(row: dict[str, str]) -> RoundRecord:
         bytes_sent=int(float(row["bytes_sent"])),
         finished_at=float(row["finished_at"]),
         started_at=_optional_float(row.get("started_at")),
+        epsilon=_optional_float(row.get("epsilon")),
     )
 
 

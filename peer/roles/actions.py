@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from peer.roles.rounds import GlobalModel, RoundSummary
+from peer.roles.rounds import GlobalModel, RoundSummary, ServerMemory
 from peer.wire.messages import Message
 
 # --- the election's decisions ------------------------------------------------------------------------------------------
@@ -155,6 +155,16 @@ class SaveCheckpoint:
     model: GlobalModel
     rounds: tuple[RoundSummary, ...]
     run_started: float | None
+    server: ServerMemory | None = None  # the server optimizer's state and the privacy ledger, if the run keeps them
+
+
+@dataclass(frozen=True)
+class RecordEvent:
+    """A typed line of events.jsonl (docs/RECORDS.md) for what no other action records, e.g. where a controller's
+    server state came from."""
+
+    name: str
+    fields: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,7 @@ Action = (
     | RecordEvaluation
     | RecordRun
     | SaveCheckpoint
+    | RecordEvent
     | SaveModel
     | Print
     | Exit

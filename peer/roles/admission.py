@@ -25,6 +25,8 @@ The rules, in the order they apply:
 - solutions and evaluations are for the controller of their term, and only it hears them (and so are secure
   aggregation's keys, masked vectors and reveals); a trainer's encrypted shares (secure aggregation) are for the
   peers of its term: the controller and the attempt's trainers;
+- a server state (retained or live) is history for a controller to go on from: only a controller takes it, never
+  its own, and it never moves a term (the controller checks it belongs to the model it holds);
 - after the election has seen a controller's message, only a follower of that very controller in that very term
   acts on it.
 """
@@ -52,6 +54,7 @@ from peer.wire.messages import (
     Presence,
     Reveal,
     Roster,
+    ServerState,
     Shares,
     Solution,
     Training,
@@ -62,7 +65,8 @@ from peer.wire.messages import (
 CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish, Roster, Maskers, Unmask)
 TO_CONTROLLER_MESSAGES = (Solution, Evaluation, Keys, Masked, Reveal)
 TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)  # messages that can move this peer to a later term
-RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, Finish)  # the only messages a peer publishes retained
+# the only messages a peer publishes retained
+RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, ServerState, Finish)
 MAX_TERM_STEP = 1000  # a term further ahead of ours than this is no election we could have missed
 
 
@@ -79,6 +83,7 @@ class Route(str, enum.Enum):
     RUN_OTHER_MODEL = "run-other-model"  # a controller's heartbeat naming another model: this peer cannot take part
     TO_CONTROLLER = "to-controller"  # solution, evaluation (and secure aggregation's): the controller of that term
     SHARES = "shares"  # a trainer's encrypted shares (secure aggregation): the controller and the trainers
+    SERVER_STATE = "server-state"  # a controller's server state: this peer's controller, if it is one
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,12 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
                 "(our own echo, or an earlier life of this id)"
             )
         return Route.FROM_CONTROLLER
+    if isinstance(message, ServerState):
+        if view.role is not Role.CONTROLLER:
+            return Refused(f"ignored a server state of {message.controller}: this peer is not a controller")
+        if message.controller == view.me:
+            return Refused("ignored a server state naming this peer as its controller (our own, from the broker)")
+        return Route.SERVER_STATE
     if isinstance(message, TO_CONTROLLER_MESSAGES):
         if view.role is not Role.CONTROLLER or message.term != view.term:
             return Refused(

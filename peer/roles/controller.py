@@ -11,6 +11,16 @@ times in the records are `now + wall_offset`, the offset handed in when the term
 A new controller resumes from the latest global model its peer holds: if that model's metrics were never published
 (the old controller died in between), it evaluates that round first; otherwise it trains the next one. So no finished
 round is lost and none is counted twice.
+
+The round's aggregate is a pseudo-gradient for the server optimizer (`RoundRules.optimizer`,
+`peer.learning.server_optimizers`; `sgd` at lr 1, the default, leaves it untouched: FedAvg), and with client-level DP
+(`RoundRules.privacy`, `peer.learning.privacy`) the updates are clipped and noised and the privacy spent is counted.
+The optimizer's state and the privacy ledger belong to the global model they were made with: the controller
+publishes them (`ServerState`, retained on its own topic, which only controllers subscribe to) before the model, and
+a new controller that resumes from a model of round > 0 waits, before anything else, for the state of that very model
+(same digest, same publisher and term), which the broker hands it as it subscribes. A state that never comes (the
+broker lost it) is replaced, after a round deadline, by a fresh one, said in the log and the events, and the privacy
+ledger then counts every earlier round against every peer.
 """
 
 from __future__ import annotations
@@ -20,10 +30,14 @@ import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
 from peer.learning.aggregation import AggregationRefused, Aggregator
+from peer.learning.privacy import Ledger, Privacy, clip, noised_mean, update_of
+from peer.learning.privacy import epsilon as privacy_epsilon
+from peer.learning.server_optimizers import OptimizerError, OptimizerState, ServerOptimizer, state_from_tensors
 from peer.roles.actions import (
     EXIT_GAVE_UP,
     EXIT_OK,
@@ -35,6 +49,7 @@ from peer.roles.actions import (
     Print,
     Publish,
     RecordElection,
+    RecordEvent,
     RecordRound,
     RecordRun,
     SaveCheckpoint,
@@ -46,6 +61,7 @@ from peer.roles.rounds import (
     ModelStore,
     RoundOutcome,
     RoundSummary,
+    ServerMemory,
     SolutionCollector,
     choose_evaluators,
     choose_trainers,
@@ -61,6 +77,7 @@ from peer.wire.messages import (
     Message,
     Metrics,
     Reveal,
+    ServerState,
     Shares,
     Solution,
     Training,
@@ -96,6 +113,40 @@ class RoundRules:
     wire_dtype: str = "float32"  # the global model is held as its peers receive it
     run_settings: Mapping = field(default_factory=dict)  # every setting, for run.json
     secure_aggregation: bool = False  # the controller sees only the sum of the updates (peer.roles.secure)
+    optimizer: ServerOptimizer = ServerOptimizer()  # the server optimizer; sgd at lr 1 is FedAvg
+    privacy: Privacy = Privacy()  # client-level DP; off by default
+    proximal_mu: float = 0.0  # the trainers' FedProx mu (they apply it; here only to be shown in the plan)
+
+    @property
+    def keeps_server_state(self) -> bool:
+        """Whether the controller carries state from round to round that the next controller must go on from."""
+        return self.optimizer.stateful or self.privacy.on
+
+    def plan(self) -> dict:
+        """How the run trains, named as the settings are (`--server-lr` is `server_lr`): what every aggregation
+        carries for people and pages to see, and graph titles are made of."""
+        optimizer, privacy = self.optimizer, self.privacy
+        plan: dict = {"aggregation": self.aggregation, "server_optimizer": optimizer.name, "server_lr": optimizer.lr}
+        if optimizer.name == "momentum":
+            plan["server_momentum"] = optimizer.momentum
+        elif optimizer.name != "sgd":
+            plan["beta1"] = optimizer.beta1
+            if optimizer.name != "adagrad":
+                plan["beta2"] = optimizer.beta2
+            plan["tau"] = optimizer.tau
+        if self.proximal_mu:
+            plan["proximal_mu"] = self.proximal_mu
+        if privacy.on:
+            plan |= {
+                "dp_clip": privacy.clip,
+                "dp_noise_multiplier": privacy.noise_multiplier,
+                "dp_local": privacy.local,
+                "dp_delta": privacy.delta,
+                "dp_accountant": privacy.accountant,
+            }
+            if privacy.target_epsilon is not None:
+                plan["dp_target_epsilon"] = privacy.target_epsilon
+        return plan
 
 
 def _free(message: Message) -> int:
@@ -118,15 +169,20 @@ class Controller:
         announced: Mapping[str, tuple[int, int]] | None = None,
         model_fingerprint: str = "0" * 16,
         wire_cost: Callable[[Message], int] = _free,
+        noise_source: Callable[[], np.random.Generator] = np.random.default_rng,
     ):
         """`memory` is what this peer knows of the run when it takes office (read here, never written: the node
         owns it); `initial_weights` start a run that has no global model yet; `announced` holds each peer's
         (train, test) sample counts from its init, the most it may declare; `wire_cost` says what a message puts
-        on the wire (`peer.wire.session.Outbox.cost`), for the round's byte count."""
+        on the wire (`peer.wire.session.Outbox.cost`), for the round's byte count. `noise_source` gives the
+        generator of a round's central DP noise: by default a new one seeded from the OS's entropy each round,
+        never from `rng`, whose draws every peer reads in the training orders (the trainers it chose) and whose
+        state (a Mersenne Twister) they could therefore reconstruct, and so predict and subtract the noise."""
         self.me, self.rules, self.term, self.reason = me, rules, term, reason
         self.fingerprint = model_fingerprint  # named in every heartbeat: peers of another model stay out
         self.members, self.rng, self.wall_offset = members, rng, wall_offset
         self.wire_cost = wire_cost
+        self.noise_source = noise_source
         self.live = set(live) | {self.me}  # its own set, kept current by peer_up / peer_down
         self.announced: dict[str, tuple[int, int]] = dict(announced or {})
         self.aggregator = Aggregator(rules.aggregation)
@@ -155,6 +211,27 @@ class Controller:
         self.next_heartbeat = 0.0
         self.evaluators: tuple[str, ...] = ()  # the peers asked to evaluate the model out now; (): every peer
         self.everyone_next = False  # the next publication asks every peer: its model may be the final one
+        self.plan = rules.plan()
+        # The server optimizer's state and the privacy ledger after the aggregation of self.model (see the module).
+        self.optimizer_state: OptimizerState | None = None
+        self.ledger = Ledger()
+        self.restored = False  # they came from the checkpoint the run resumed from
+        self.state_missing = False  # they are another controller's, not received yet: nothing happens before
+        self.state_wait_until = float("inf")
+        self.state_shared: tuple[int, int, str] | None = None  # (term, round, digest) of the state last published
+        self.epsilons: dict[int, float] = {}  # releases -> epsilon, as the accountant computed it
+        if rules.keeps_server_state:
+            saved = memory.server
+            if self.fresh or self.model.round == 0:
+                self.optimizer_state = rules.optimizer.initial(self.model.weights)
+            elif (
+                saved is not None
+                and saved.digest == self.model.digest
+                and saved.optimizer.optimizer == (rules.optimizer.name)
+            ):
+                self.optimizer_state, self.ledger, self.restored = saved.optimizer, saved.ledger, True
+            else:
+                self.state_missing = True
 
     @property
     def finished(self) -> bool:
@@ -173,6 +250,23 @@ class Controller:
             out += self._adopt(self.model)
             out.append(Log("no global model yet: starting from a fresh model (round 0)"))
             return out + self._publish_model(now)
+        if self.restored:
+            out.append(self._state_event("restored", source="checkpoint"))
+        if self.state_missing:
+            # The broker hands the retained state over as this controller subscribes: milliseconds, normally.
+            self.state_wait_until = now + self.rules.round_deadline
+            publisher = self.model.controller or "its controller"
+            return out + [
+                Log(
+                    f"waiting for the server state of round {self.model.round} ({self.rules.optimizer.name}"
+                    f"{', privacy ledger' if self.rules.privacy.on else ''}) that {publisher} published"
+                )
+            ]
+        return out + self._go_on(now)
+
+    def _go_on(self, now: float) -> list[Action]:
+        """From the model this controller took office with: evaluate it again, or go on after it."""
+        out: list[Action] = []
         if self.model.round not in self.history:
             out.append(
                 Log(f"resuming: round {self.model.round} was aggregated but its metrics were lost; evaluating it again")
@@ -204,6 +298,8 @@ class Controller:
             if why_not:
                 return [Log(f"ignored a solution from {message.peer}: {why_not}")]
             self.round_bytes += size
+            if self.rules.privacy.local:  # its noised update is out: a release of its data
+                self.ledger = self.ledger.released([message.peer])
             out.append(
                 Log(
                     f"solution from {message.peer} ({message.samples} samples, loss {message.loss:.4f}), "
@@ -247,6 +343,126 @@ class Controller:
             out.append(Log(f"round {self.round}: masked update from {message.peer} ({masked} in)"))
         return out + self._advance(now)
 
+    def on_server_state(self, message: ServerState, now: float) -> list[Action]:
+        """Another controller's server state (retained, as this one subscribed, or live): taken if this controller
+        waits for one and it is the state of the very model it resumes from, as its publisher made it."""
+        model = self.model
+        why = None
+        if not self.state_missing:
+            why = "this controller holds the state it goes on from"
+        elif (message.round, message.digest) != (model.round, model.digest):
+            why = (
+                f"it is for round {message.round} ({message.digest[:8]}), not for the model this controller "
+                f"resumes from (round {model.round}, {model.digest[:8]})"
+            )
+        elif (message.controller, message.term) != (model.controller, model.term):
+            why = (
+                f"it is {message.controller}'s of term {message.term}, but the model was published by "
+                f"{model.controller or 'an unknown controller'} in term {model.term}"
+            )
+        elif message.optimizer != self.rules.optimizer.name:
+            why = f"it is of the {message.optimizer} optimizer, and this run's is {self.rules.optimizer.name}"
+        else:
+            try:
+                state = state_from_tensors(
+                    message.optimizer, message.step, message.weights, [w.shape for w in model.weights]
+                )
+            except OptimizerError as err:
+                why = str(err)
+        if why is not None:
+            return [Log(f"ignored a server state of {message.controller}: {why}", "debug")]
+        self.optimizer_state = state
+        self.ledger = Ledger(MappingProxyType(dict(message.participation)), message.unattributed)
+        self.state_missing = False
+        out: list[Action] = [
+            Log(
+                f"going on with {message.controller}'s server state of round {message.round} "
+                f"({self.rules.optimizer.name}, step {state.step})"
+            ),
+            self._state_event("continued", source=message.controller, source_term=message.term),
+        ]
+        return out + self._go_on(now)
+
+    def _state_lost(self) -> list[Action]:
+        """No state came for the model this controller resumes from: fresh moments, and a privacy ledger that counts
+        every round so far against every peer (the releases are unknown, so the worst is assumed)."""
+        self.state_missing = False
+        self.optimizer_state = self.rules.optimizer.initial(self.model.weights)
+        self.ledger = Ledger(unattributed=self.model.round if self.rules.privacy.on else 0)
+        return [
+            Log(
+                f"no server state of round {self.model.round} came within {self.rules.round_deadline:g}s: the "
+                f"{self.rules.optimizer.name} optimizer starts from fresh moments"
+                + (
+                    f"; the privacy ledger counts all {self.model.round} rounds against every peer"
+                    if self.ledger.unattributed
+                    else ""
+                ),
+                "warning",
+            ),
+            self._state_event("fresh", source=""),
+        ]
+
+    def _state_event(self, action: str, **fields) -> RecordEvent:
+        """An events.jsonl line on the server state this controller holds now (its slots' norms: what a controller
+        that continues another's moments holds can be compared with what the other one sent)."""
+        state = self.optimizer_state
+        norms = state.norms() if state is not None else {}
+        return RecordEvent(
+            "server-state",
+            {
+                "action": action,
+                "round": self.model.round,
+                "digest": self.model.digest,
+                "optimizer": self.rules.optimizer.name,
+                "step": state.step if state is not None else 0,
+                **{f"{name}_norm": value for name, value in norms.items()},
+                "releases": self.ledger.most,
+                "epsilon": self._epsilon(self.ledger.most),
+                **fields,
+            },
+        )
+
+    def _epsilon(self, releases: int) -> float | None:
+        """Epsilon after `releases` releases of one peer's update (None without DP), cached: the accountant's
+        numerical work is done once per count."""
+        privacy = self.rules.privacy
+        if not privacy.on:
+            return None
+        if releases not in self.epsilons:
+            self.epsilons[releases] = privacy_epsilon(
+                privacy.noise_multiplier, releases, privacy.delta, privacy.accountant
+            )
+        return self.epsilons[releases]
+
+    def _share_state(self) -> list[Action]:
+        """This controller's server state for the model it publishes, retained on its own topic before the model
+        itself (so whoever holds the model can find its state), once per term and model."""
+        state = self.optimizer_state
+        if not self.rules.keeps_server_state or self.state_missing or state is None or self.model.round == 0:
+            return []
+        key = (self.term, self.model.round, self.model.digest)
+        if self.state_shared == key:
+            return []
+        self.state_shared = key
+        message = ServerState(
+            self.term,
+            self.me,
+            self.model.round,
+            self.model.digest,
+            state.optimizer,
+            state.step,
+            dict(self.ledger.counts),
+            self.ledger.unattributed,
+            state.tensors(),
+        )
+        return [self._counted(Publish(message, retain=True, expiry=FINISH_EXPIRY_S))]
+
+    def _server_memory(self) -> ServerMemory | None:
+        if not self.rules.keeps_server_state or self.state_missing or self.optimizer_state is None:
+            return None
+        return ServerMemory(self.model.digest, self.optimizer_state, self.ledger)
+
     def peer_up(
         self, peer: str, now: float, samples: tuple[int, int] | None = None, returned: bool = False
     ) -> list[Action]:
@@ -289,14 +505,10 @@ class Controller:
         out: list[Action] = []
         if self.phase is Phase.TRAINING and self.solutions:
             # A restarted broker lost the retained model too, which a trainer lacking it would fetch.
-            out.append(
-                Publish(
-                    Aggregation(self.term, self.me, self.model.round, self.model.trainers, self.model.weights),
-                    retain=True,
-                )
-            )
+            out.append(Publish(self._aggregation(()), retain=True))
             self.on_broker = self.model.digest
-        return out + self._resend(now, "reconnected")
+        self.state_shared = None  # (a restarted broker lost it too)
+        return self._share_state() + out + self._resend(now, "reconnected")
 
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
@@ -334,21 +546,14 @@ class Controller:
         if self.phase is Phase.EVALUATING and self.evaluations:
             return [
                 Log(f"round {self.round}: {why}; publishing the model again"),
-                self._counted(
-                    Publish(
-                        Aggregation(
-                            self.term,
-                            self.me,
-                            self.model.round,
-                            self.model.trainers,
-                            self.model.weights,
-                            self.evaluators,
-                        ),
-                        retain=True,
-                    )
-                ),
+                self._counted(Publish(self._aggregation(self.evaluators), retain=True)),
             ]
         return []
+
+    def _aggregation(self, evaluators: tuple[str, ...]) -> Aggregation:
+        """The current global model as the message that publishes it."""
+        model = self.model
+        return Aggregation(self.term, self.me, model.round, model.trainers, model.weights, evaluators, self.plan)
 
     def _counted(self, publish: Publish) -> Publish:
         """`publish`, its bytes on the wire counted in the round's traffic."""
@@ -468,14 +673,7 @@ class Controller:
         # A heartbeat first: the model after it takes the broker a while to deliver to every peer, and the peers,
         # told it is coming, do not take the wait for silence (Election.expect_model).
         out: list[Action] = [self._heartbeat(now)] if others else []
-        out.append(
-            self._counted(
-                Publish(
-                    Aggregation(self.term, self.me, model.round, model.trainers, model.weights, self.evaluators),
-                    retain=True,
-                )
-            )
-        )
+        out += [*self._share_state(), self._counted(Publish(self._aggregation(self.evaluators), retain=True))]
         self.on_broker = model.digest
         if not others:
             return out + self._wait_for_peers(f"no peer is live to evaluate the model of round {model.round}", now)
@@ -495,6 +693,10 @@ class Controller:
 
     def _advance(self, now: float) -> list[Action]:
         solutions, evaluations = self.solutions, self.evaluations
+        if self.state_missing:
+            if self.phase is Phase.STARTING and now >= self.state_wait_until:
+                return self._state_lost() + self._go_on(now)
+            return []
         if self.phase is Phase.TRAINING and self.secure:
             return self._advance_secure(self.secure, now)
         if self.phase is Phase.TRAINING and solutions:
@@ -544,10 +746,23 @@ class Controller:
         if result.rejected or result.clipped or result.clamped:
             self.suspects |= set(result.rejected) | set(result.clipped) | set(result.clamped)
             out.append(Log(f"round {self.round}: {result.describe()}", "warning"))
-        out += self._adopt(GlobalModel(self.round, self.term, result.weights, used))
+        weights, server = self._server_step(result.weights, used, collector)
+        if not all(np.isfinite(w).all() for w in weights):
+            return [
+                Log(
+                    f"round {self.round} attempt {self.attempt}: the {self.rules.optimizer.name} server step gave NaN "
+                    "or infinite weights (is --server-lr too large?); choosing trainers again",
+                    "warning",
+                ),
+                *self._start_training(now, retry=True),
+            ]
+        out += self._adopt(GlobalModel(self.round, self.term, weights, used, self.me))
         without = f" (closed without {','.join(missing)})" if missing else ""
         name = "FedAvg" if result.strategy == "fedavg" else result.strategy
         out.append(Log(f"round {self.round}: {name} of {len(used)} solutions from {','.join(used)}{without}"))
+        if server is not None:
+            self.optimizer_state, self.ledger = server
+            out.append(self._state_event("updated"))
         self.republished = 0
         return out + self._publish_model(now)
 
@@ -601,6 +816,33 @@ class Controller:
         )
         self.republished = 0
         return out + self._publish_model(now)
+
+    def _server_step(
+        self, aggregate: list[np.ndarray], used: tuple[str, ...], collector: SolutionCollector
+    ) -> tuple[list[np.ndarray], tuple[OptimizerState, Ledger] | None]:
+        """The new global model from the round's aggregate: with central DP, the noised mean of the clipped updates
+        of the peers the aggregation used instead; then the server optimizer's step. With the state it leaves
+        (None when the run keeps none: then FedAvg's aggregate is the model, untouched)."""
+        origin, privacy, ledger = self.model.weights, self.rules.privacy, self.ledger
+        if privacy.central and privacy.clip is not None:
+            total: list[np.ndarray] | None = None
+            for peer in used:
+                clipped, _ = clip(update_of(origin, collector.received[peer][0]), privacy.clip)
+                total = clipped if total is None else [a + b for a, b in zip(total, clipped)]
+            # divided by the trainers the order chose, a number fixed before any update was seen (a quorum round
+            # is then a little short of the mean, as in the paper's fixed-denominator estimator)
+            aggregate = noised_mean(
+                origin,
+                total or [np.zeros(np.shape(o)) for o in origin],
+                len(collector.trainers),
+                privacy.noise_std,
+                self.noise_source(),
+            )
+            ledger = ledger.released(used)
+        if not self.rules.keeps_server_state and self.rules.optimizer.is_fedavg:
+            return aggregate, None
+        weights, state = self.rules.optimizer.apply(origin, aggregate, self.optimizer_state)
+        return weights, (state, ledger)
 
     def _close_evaluation(self, collector: EvaluationCollector, now: float) -> list[Action]:
         self.evaluations = None
@@ -657,6 +899,7 @@ class Controller:
                         bytes_sent=self.round_bytes,
                         finished_at=self._wall(now),
                         started_at=self._wall(started) if started is not None else None,
+                        epsilon=self._epsilon(self.ledger.most),
                     )
                 )
             )
@@ -673,6 +916,7 @@ class Controller:
                     duration,
                     self.round_bytes,
                     run_started,
+                    self._epsilon(self.ledger.most),
                 )
             )
         )
@@ -680,7 +924,12 @@ class Controller:
         self.history[round_] = summary
         out += [
             FinishRound(summary, self.run_started),
-            SaveCheckpoint(self.model, tuple(self.history[r] for r in sorted(self.history)), self.run_started),
+            SaveCheckpoint(
+                self.model,
+                tuple(self.history[r] for r in sorted(self.history)),
+                self.run_started,
+                self._server_memory(),
+            ),
             Log(
                 f"round {round_}: global accuracy {accuracy:.4f}, loss {loss:.4f} over {samples} test samples "
                 f"from {len(collector.received)} peers"
@@ -694,6 +943,18 @@ class Controller:
             return self._finish("max-rounds", summary, now)
         if summary.round > 0 and summary.accuracy >= self.rules.target_accuracy:
             return self._finish("target-accuracy", summary, now)
+        target = self.rules.privacy.target_epsilon
+        if target is not None:
+            spent, after = self._epsilon(self.ledger.most), self._epsilon(self.ledger.most + 1)
+            if after is not None and after > target:
+                # The peer released most often may be released again next round: that would overspend.
+                return [
+                    Log(
+                        f"the privacy budget is spent: epsilon {spent:.4g} now, {after:.4g} after one more round, "
+                        f"over --dp-target-epsilon {target:g}"
+                    ),
+                    *self._finish("privacy-budget", summary, now),
+                ]
         return self._start_training(now)
 
     def _finish(self, reason: str, summary: RoundSummary | None, now: float, code: int = EXIT_OK) -> list[Action]:
@@ -736,6 +997,9 @@ class Controller:
             "terms": self.term,
             "controller": self.me,
             "finished_at": self._wall(now),
+            "epsilon": self._epsilon(self.ledger.most),
+            "dp_delta": self.rules.privacy.delta if self.rules.privacy.on else None,
+            "server_step": self.optimizer_state.step if self.optimizer_state is not None else None,
         }
 
 

@@ -303,4 +303,5 @@ class Follower:
         if not self.memory.is_newer(message.round, message.term):
             return []
         self.offered = (message.term, message.round, message.weights, tuple(message.evaluators))
-        return [AdoptModel(GlobalModel(message.round, message.term, message.weights, message.trainers), note)]
+        model = GlobalModel(message.round, message.term, message.weights, message.trainers, message.controller)
+        return [AdoptModel(model, note)]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from peer.learning.metrics import weighted_mean
+from peer.learning.privacy import Ledger
+from peer.learning.server_optimizers import OptimizerState
 from peer.wire.weights import WeightCodec
 
 
@@ -143,6 +145,7 @@ class GlobalModel:
     term: int
     weights: list[np.ndarray]
     trainers: tuple[str, ...] = ()  # whose solutions were averaged into it
+    controller: str = ""  # who published it in `term` ("" when unknown: the initial model, an old checkpoint)
 
     @functools.cached_property
     def digest(self) -> str:
@@ -160,6 +163,16 @@ class RoundSummary:
     bytes: int
 
 
+@dataclass(frozen=True)
+class ServerMemory:
+    """What a controller goes on training with besides the model: the server optimizer's state and the privacy
+    ledger after the aggregation of the global model whose digest is `digest`."""
+
+    digest: str
+    optimizer: OptimizerState
+    ledger: Ledger = field(default_factory=Ledger)
+
+
 @dataclass
 class ModelStore:
     """What every peer keeps so that any of them can take over as controller: the latest global model and the
@@ -168,17 +181,20 @@ class ModelStore:
     latest: GlobalModel | None = None
     finished: dict[int, RoundSummary] = field(default_factory=dict)
     run_started: float | None = None
+    server: ServerMemory | None = None  # from the checkpoint a run resumed from (a controller's own is its own)
 
     def is_newer(self, round_: int, term: int) -> bool:
         """A model of (round_, term) is newer than ours: a later round, or the same round re-published in a later
         term (or the same one again)."""
         return self.latest is None or (round_, term) >= (self.latest.round, self.latest.term)
 
-    def offer(self, round_: int, term: int, weights: list[np.ndarray], trainers: tuple[str, ...] = ()) -> bool:
+    def offer(
+        self, round_: int, term: int, weights: list[np.ndarray], trainers: tuple[str, ...] = (), controller: str = ""
+    ) -> bool:
         """Keep the model if it is newer than ours."""
         if not self.is_newer(round_, term):
             return False
-        self.latest = GlobalModel(round_, term, weights, tuple(trainers))
+        self.latest = GlobalModel(round_, term, weights, tuple(trainers), controller)
         return True
 
     def finish_round(self, summary: RoundSummary, run_started: float | None = None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -105,6 +106,41 @@ def _rows(width: int, cells, limit: int = MAX_SECURE_TRAINERS):
     return rule
 
 
+_PLAN_KEY = re.compile(r"[a-z][a-z0-9_]{0,39}")
+MAX_PLAN_ENTRIES = 32
+
+
+def _plan(value, name: str) -> dict:
+    """How the run trains, for people and pages (the controller's settings that shape the model): a flat object of at
+    most MAX_PLAN_ENTRIES entries, lowercase keys, each value a short string, a finite number, a boolean or null."""
+    require(isinstance(value, dict) and len(value) <= MAX_PLAN_ENTRIES, f"{name}: expected an object of settings")
+    for key, item in value.items():
+        require(isinstance(key, str) and _PLAN_KEY.fullmatch(key) is not None, f"{name}: bad key {str(key)[:40]!r}")
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            _number(item, f"{name}.{key}")
+        else:
+            require(item is None or isinstance(item, bool) or isinstance(item, str), f"{name}.{key}: bad value")
+            if isinstance(item, str):
+                _text(item, f"{name}.{key}")
+    return value
+
+
+def _participation(value, name: str) -> dict:
+    """Peer id -> a count >= 1 (the privacy ledger: how often each peer's update was released)."""
+    require(isinstance(value, dict) and len(value) <= 10_000, f"{name}: expected an object of peer ids")
+    for peer, count in value.items():
+        _peer_id(peer, f"{name} key")
+        _count(count, f"{name}.{peer}", 1)
+    return value
+
+
+def _optional_number(low: float):
+    def rule(value, name: str) -> float | None:
+        return None if value is None else _number(value, name, low)
+
+    return rule
+
+
 def _ciphertext(value, name: str) -> str:
     require(isinstance(value, str) and len(value) == 4 * ((CIPHERTEXT_BYTES + 2) // 3), f"{name}: not a ciphertext")
     try:
@@ -160,6 +196,12 @@ _FIELD_RULES = {
     "maskers": _peer_list,
     "survivors": _peer_list,
     "dropped": _peer_list,
+    "plan": _plan,
+    "epsilon": _optional_number(0.0),
+    "optimizer": _text,
+    "step": _count,
+    "participation": _participation,
+    "unattributed": _count,
 }
 
 
@@ -170,6 +212,7 @@ class Message:
     SENDER: ClassVar[str]  # the field that names the peer sending it
     CARRIES_WEIGHTS: ClassVar[bool] = False
     INTEGER_WEIGHTS: ClassVar[bool] = False  # its weights are uint32 (a masked vector), not float
+    WIRE_DTYPE: ClassVar[str | None] = None  # the dtype its weights always travel as; None: the peer's --wire-dtype
 
     @property
     def sender(self) -> str:
@@ -309,6 +352,7 @@ class Aggregation(Message):
     trainers: tuple[str, ...]
     weights: list
     evaluators: tuple[str, ...] = ()
+    plan: dict = field(default_factory=dict)  # how the run trains (peer.roles.controller.RoundRules.plan), for show
 
 
 @dataclass(frozen=True)
@@ -341,6 +385,31 @@ class Metrics(Message):
     duration_s: float
     bytes: int
     run_started: float
+    epsilon: float | None = None  # the privacy spent after this round (DP runs), at the run's --dp-delta
+
+
+@dataclass(frozen=True)
+class ServerState(Message):
+    """What the next controller needs to go on training as this one would: the server optimizer's state (its slots'
+    tensors, always float32; `peer.learning.server_optimizers`) and the privacy ledger (`participation`: peer ->
+    releases of its update; `unattributed`: releases that may have been anyone's), for the global model of `round`
+    whose digest is `digest`. Retained on the controller's own topic, which only controllers subscribe to: it
+    costs the peers nothing, and a new controller gets it from the broker as it takes office (docs/PROTOCOL.md)."""
+
+    TYPE = "server-state"
+    TOPIC = "server-state"
+    SENDER = "controller"
+    CARRIES_WEIGHTS = True
+    WIRE_DTYPE = "float32"  # the moments are small numbers that float16 would flush to zero
+    term: int
+    controller: str
+    round: int
+    digest: str
+    optimizer: str
+    step: int
+    participation: dict
+    unattributed: int
+    weights: list
 
 
 @dataclass(frozen=True)
@@ -482,6 +551,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Aggregation,
         Evaluation,
         Metrics,
+        ServerState,
         Finish,
         Keys,
         Roster,
@@ -514,6 +584,7 @@ def encode_parts(message: Message, wire_dtype: str = "float32") -> list:
     """`encode(message)` in pieces (the weights' values are views, not copies): what a model larger than one broker
     message is cut into chunks from, without ever holding its whole body at once."""
     require(wire_dtype in WIRE_DTYPES, f"wire dtype {wire_dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+    wire_dtype = message.WIRE_DTYPE or wire_dtype
     header = message.header()
     for name, value in header.items():
         if name not in ("v", "type"):
@@ -536,7 +607,7 @@ def encoded_size(message: Message, wire_dtype: str = "float32") -> int:
     header = len(_json(message.header()))
     if not message.CARRIES_WEIGHTS:
         return header
-    dtype = INTEGERS if message.INTEGER_WEIGHTS else wire_dtype
+    dtype = INTEGERS if message.INTEGER_WEIGHTS else (message.WIRE_DTYPE or wire_dtype)
     return _FRAME_HEAD.size + header + WeightCodec.size(getattr(message, "weights"), dtype)
 
 

@@ -31,7 +31,9 @@ from peer.wire.weights import MAX_WEIGHT_BYTES
 
 MAX_AGE_S = 120.0  # a live message sent longer ago than this (its sender's clock against ours) is a replay
 CHUNK_TIMEOUT_S = 60.0  # a chunked message whose next chunk is this late is dropped (the round logic retries)
-CHUNKED_KINDS = frozenset({"training", "solution", "aggregation"})  # the kinds whose messages carry weights
+CHUNKED_KINDS = frozenset(
+    {"training", "solution", "aggregation", "server-state"}
+)  # the kinds whose messages carry weights
 
 
 @dataclass

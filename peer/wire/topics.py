@@ -6,7 +6,8 @@ from peer.wire.ids import TOPIC_PREFIX_PATTERN, valid_peer_id, valid_run_id
 from peer.wire.messages import MESSAGE_TYPES, Message
 
 _KINDS = frozenset(cls.TOPIC for cls in MESSAGE_TYPES.values())  # the kind level of every topic
-_TO_CONTROLLER = frozenset({"solution", "evaluation"})  # kinds only the controller subscribes to
+# Kinds only the controller subscribes to: answers to it, and the server state a new controller goes on from.
+_TO_CONTROLLER = frozenset({"solution", "evaluation", "server-state"})
 _NO_ECHO = frozenset({"training", "aggregation", "shares"})  # kinds a peer need not hear from itself
 
 
@@ -57,11 +58,12 @@ class Topics:
         return f"{self.prefix}/{self.run_id}/#"
 
     def subscriptions(self, controller: bool = False) -> list[tuple[str, bool]]:
-        """(filter, no_local) of what a peer subscribes to: every kind but solutions and evaluations, which only the
-        controller of a term subscribes to (`controller=True` gives those two), so each reaches one peer. A peer
+        """(filter, no_local) of what a peer subscribes to: every kind but solutions, evaluations and server states,
+        which only the controller of a term subscribes to (`controller=True` gives those), so each reaches one peer. A peer
         does not get its own orders and models back (no_local): that would be one more model copy per round."""
         if controller:
-            return [(f"{self._head}{kind}/#", False) for kind in _TO_CONTROLLER]
+            # (its own server state, a model's size or two, need not come back to the controller each round)
+            return [(f"{self._head}{kind}/#", kind == "server-state") for kind in sorted(_TO_CONTROLLER)]
         return [(f"{self._head}{kind}/#", kind in _NO_ECHO) for kind in sorted(_KINDS - _TO_CONTROLLER)]
 
     def aggregations(self) -> str:

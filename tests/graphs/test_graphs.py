@@ -242,3 +242,71 @@ def test_plot_comparison_writes_a_valid_png(tmp_path: Path) -> None:
     assert path == tmp_path / "compare" / "partitions.png"
     assert_sensible_png(path)
     assert_sensible_png(plot_comparison({}, tmp_path / "empty.png", "Nothing yet"))
+
+
+# --- strategies: labels and the comparison of several runs ----------------------------------------------------------
+
+
+def test_a_strategy_label_says_how_a_run_trained() -> None:
+    from graphs import strategy_label
+
+    assert strategy_label({}) == "FedAvg"
+    assert strategy_label({"aggregation": "fedavg", "server_optimizer": "sgd", "server_lr": 1.0}) == "FedAvg"
+    assert strategy_label({"server_optimizer": "adam", "server_lr": 0.01}) == "FedAdam lr 0.01"
+    assert strategy_label({"server_optimizer": "yogi", "server_lr": 0.1, "proximal_mu": 0.5}) == (
+        "FedProx mu 0.5 + FedYogi lr 0.1"
+    )
+    assert (
+        strategy_label(
+            {"aggregation": "median", "server_optimizer": "momentum", "server_lr": 1.0, "server_momentum": 0.9}
+        )
+        == "median + FedAvgM lr 1 m 0.9"
+    )
+    assert strategy_label({"dp_clip": 1.0, "dp_noise_multiplier": 1.1, "dp_delta": 1e-5}, 3.21) == (
+        "DP-FedAvg (central DP C 1 z 1.1, eps 3.21 at delta 1e-05)"
+    )
+    assert strategy_label({"dp_clip": 2, "dp_noise_multiplier": 0.5, "dp_local": True}).endswith("(local DP C 2 z 0.5)")
+
+
+def test_cli_compares_several_runs_on_one_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from graphs import COMPARISON, draw_comparison
+
+    runs = []
+    for name, extra in (
+        ("fedavg", {}),
+        ("fedadam", {"server_optimizer": "adam", "server_lr": 0.01}),
+        ("dp", {"dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1e-5}),
+    ):
+        copy = tmp_path / name
+        shutil.copytree(SAMPLE_RUN, copy)
+        summary = json.loads((copy / "run.json").read_text())
+        summary["settings"] |= extra
+        (copy / "run.json").write_text(json.dumps(summary))
+        runs.append(copy)
+    assert main([*map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / COMPARISON)
+    assert_sensible_png(tmp_path / "out" / COMPARISON)
+    # a run dir that does not exist is said in one line; runs with nothing drawable are an error too
+    assert main([str(runs[0]), str(tmp_path / "gone")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty-a").mkdir()
+    (tmp_path / "empty-b").mkdir()
+    with pytest.raises(Exception, match="finished round"):
+        draw_comparison([tmp_path / "empty-a", tmp_path / "empty-b"], tmp_path / "x.png")
+
+
+def test_a_dp_runs_global_graph_draws_the_privacy_spent(run_dir: Path) -> None:
+    from graphs import GLOBAL_ACCURACY_LOSS
+    from graphs.draw import draw_global_accuracy_loss
+
+    rows = (run_dir / "rounds.csv").read_text().splitlines()
+    (run_dir / "rounds.csv").write_text(
+        "\n".join([rows[0] + ",started_at,epsilon"] + [f"{row},,{1.5 * n}" for n, row in enumerate(rows[1:], 1)]) + "\n"
+    )
+    history = load_run(run_dir)
+    assert [r.epsilon for r in history.rounds] == [1.5 * n for n in range(1, len(rows))] and not history.warnings
+    path = draw_global_accuracy_loss(history, run_dir / "out")
+    assert path.name == GLOBAL_ACCURACY_LOSS
+    assert_sensible_png(path)

@@ -65,7 +65,10 @@ def test_the_state_follows_an_election_a_round_a_kill_and_the_finish():
     s = fold(SCRIPT).snapshot()
     assert (s["controller"], s["term"], s["reason"], s["round"], s["phase"]) == ("p2", 1, "start", 1, "evaluating")
     assert s["trainers"] == ["p1", "p3"] and s["solutions"] == ["p1"] and s["evaluations"] == ["p1", "p3"]
-    assert s["rounds"] == [{"round": 1, "term": 1, "accuracy": 0.6, "loss": 1.05, "bytes": 123_456, "duration_s": 2.5}]
+    assert s["rounds"] == [
+        {"round": 1, "term": 1, "accuracy": 0.6, "loss": 1.05, "bytes": 123_456, "duration_s": 2.5, "epsilon": None}
+    ]
+    assert s["strategy"] is None and s["epsilon"] is None  # (no plan in these messages)
     assert s["peer_accuracy"] == {"p1": [[1, 0.61]], "p3": [[1, 0.59]]}
     roles = {p["id"]: p["role"] for p in s["peers"]}
     assert roles == {"p1": "trainer", "p2": "controller", "p3": "trainer"}
@@ -164,6 +167,61 @@ def test_a_finished_run_is_shown_from_its_records(tmp_path):
     assert (s["controller"], s["term"]) == ("p2", 1) and s["peer_accuracy"] == {"p1": [[1, 0.6]]}
 
 
+def test_the_page_shows_how_the_run_trains_and_the_privacy_spent():
+    plan = {"aggregation": "fedavg", "server_optimizer": "adam", "server_lr": 0.01, "dp_clip": 1.0}
+    plan |= {"dp_noise_multiplier": 1.1, "dp_local": False, "dp_delta": 1e-05}
+    state = fold(
+        [
+            Aggregation(1, "p2", 0, (), W, (), plan),
+            Metrics(1, "p2", 1, 0.6, 1.0, 200, ("p1",), 2.5, 1, 1000.0, 1.25),
+            Metrics(1, "p2", 2, 0.7, 0.9, 200, ("p1",), 2.5, 1, 1000.0, 2.5),
+        ]
+    )
+    s = state.snapshot()
+    assert s["plan"] == plan and s["epsilon"] == 2.5 and [r["epsilon"] for r in s["rounds"]] == [1.25, 2.5]
+    assert s["strategy"] == "FedAdam lr 0.01 (central DP C 1 z 1.1, eps 2.5 at delta 1e-05)"
+    # retained (a page opened late): the plan is taken too
+    late = LiveState("run-1")
+    late.apply(Aggregation(1, "p2", 3, (), W, (), plan), True, 1.0)
+    assert late.snapshot()["plan"] == plan
+
+
+def test_a_finished_runs_plan_and_privacy_come_from_its_records(tmp_path):
+    from peer.records.run_dir import RunRecorder
+
+    recorder = RunRecorder(tmp_path, "p1")
+    recorder.round(
+        round=1,
+        term=1,
+        controller="p2",
+        trainers=["p1"],
+        accuracy=0.5,
+        loss=1.0,
+        duration_s=1.0,
+        bytes_sent=1,
+        finished_at=2.0,
+        started_at=1.0,
+        epsilon=0.75,
+    )
+    recorder.run(
+        {
+            "settings": {
+                "run_id": "r",
+                "aggregation": "fedavg",
+                "server_optimizer": "sgd",
+                "server_lr": 1.0,
+                "proximal_mu": 0.1,
+                "dp_clip": None,
+            },
+            "outcome": {"reason": "max-rounds"},
+        }
+    )
+    s = state_from_records(tmp_path)
+    assert s["plan"] == {"aggregation": "fedavg", "server_optimizer": "sgd", "server_lr": 1.0, "proximal_mu": 0.1}
+    assert s["strategy"] == "FedProx mu 0.1"  # (epsilon is told with the DP settings that spent it)
+    assert s["epsilon"] == 0.75
+
+
 # --- headless Chromium, a real federation -----------------------------------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -239,6 +297,7 @@ def test_chromium_watches_a_run_elect_train_and_survive_the_loss_of_its_controll
             )
             controller, term = page_text(driver, "controller"), int(page_text(driver, "term"))
             assert controller == controller_now(run_dir) and term == 1
+            assert page_text(driver, "strategy") == "FedAvg" and page_text(driver, "epsilon") == "–"
             assert (
                 driver.find_element("css selector", f'tr[data-peer="{controller}"]').get_attribute("class")
                 == "controller"

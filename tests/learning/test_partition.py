@@ -250,3 +250,21 @@ def test_split_train_test_is_stratified_disjoint_and_complete():
     for fraction in (0, 1, 1.5):
         with pytest.raises(PartitionError, match="test_fraction"):
             split_train_test(TEST, fraction)
+
+
+def test_shards_is_the_fedavg_papers_pathological_split_at_100_peers():
+    # McMahan et al. 2017: the 60,000 training samples sorted by label, cut into 200 shards of 300, 2 per peer; the
+    # test set alike (200 shards of 50), so a peer is tested on the classes it trains on.
+    rng = np.random.default_rng(3)
+    train, test = rng.permutation(np.repeat(np.arange(10), 6000)), rng.permutation(np.repeat(np.arange(10), 1000))
+    train_parts = partition(train, 100, "shards", seed=42, num_classes=10)
+    test_parts = partition(test, 100, "shards", seed=42, num_classes=10)
+    shard_classes = []
+    for train_part, test_part in zip(train_parts, test_parts):
+        counts = np.bincount(train[train_part], minlength=10)
+        assert len(train_part) == 600 and set(counts[counts > 0]) <= {300, 600}  # two whole one-class shards
+        shard_classes += [c for c in range(10) for _ in range(counts[c] // 300)]
+        test_counts = np.bincount(test[test_part], minlength=10)
+        assert len(test_part) == 100 and np.array_equal(test_counts * 6, counts)  # the same classes, in the same mix
+    assert sorted(shard_classes) == sorted(np.repeat(np.arange(10), 20))  # 200 shards, 20 of each class
+    assert sum(1 for p in train_parts if len(np.unique(train[p])) == 2) >= 90  # most peers hold two classes

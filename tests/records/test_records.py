@@ -131,7 +131,7 @@ def test_load_run_gathers_every_file(tmp_path):
 
 
 def test_a_rounds_file_without_started_at_still_reads(tmp_path):
-    old_columns = [c for c in ROUNDS_COLUMNS if c != "started_at"]
+    old_columns = [c for c in ROUNDS_COLUMNS if c not in ("started_at", "epsilon")]
     (tmp_path / "rounds.csv").write_text(
         ",".join(old_columns) + "\n1,1,peer-1,peer-2;peer-3,0.500000,1.000000,2.0,100,1790000000.0\n"
     )
@@ -172,6 +172,45 @@ def test_an_unknown_column_is_refused(tmp_path):
     with pytest.raises(TypeError, match="start_at"):
         RunRecorder(tmp_path, "peer-1").round(**ROUND, start_at=T0)
     assert not (tmp_path / "rounds.csv").exists()
+
+
+def test_a_rounds_file_without_epsilon_still_reads_and_a_dp_run_has_it(tmp_path):
+    before = [c for c in ROUNDS_COLUMNS if c != "epsilon"]
+    (tmp_path / "rounds.csv").write_text(
+        ",".join(before) + "\n1,1,peer-1,peer-2,0.500000,1.000000,2.0,100,1790000000.0,1789999998.0\n"
+    )
+    warnings: list[str] = []
+    [row] = read_rounds(tmp_path, warnings)
+    assert warnings == [] and row.started_at == 1789999998.0 and row.epsilon is None
+    (tmp_path / "rounds.csv").unlink()
+    recorder = RunRecorder(tmp_path, "peer-1")
+    recorder.round(
+        round=1,
+        term=1,
+        controller="peer-1",
+        trainers=["peer-2"],
+        accuracy=0.5,
+        loss=1.0,
+        duration_s=1.0,
+        bytes_sent=10,
+        finished_at=2.0,
+        started_at=1.0,
+        epsilon=1.234567,
+    )
+    recorder.round(
+        round=2,
+        term=1,
+        controller="peer-1",
+        trainers=["peer-2"],
+        accuracy=0.5,
+        loss=1.0,
+        duration_s=1.0,
+        bytes_sent=10,
+        finished_at=3.0,
+        started_at=2.0,
+        epsilon=None,
+    )
+    assert [r.epsilon for r in read_rounds(tmp_path, warnings)] == [1.234567, None] and warnings == []
 
 
 def test_the_columns_are_the_documented_headers():
@@ -250,3 +289,37 @@ def test_no_checkpoint_is_none_and_a_damaged_one_says_why(tmp_path):
     (tmp_path / CHECKPOINT_DIR / "checkpoint.json").write_text("{")
     with pytest.raises(CheckpointError, match="cannot be read"):
         read_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_keeps_the_server_state_and_a_resumed_run_gets_it_back(tmp_path):
+    import numpy as np
+
+    from peer.learning.privacy import Ledger
+    from peer.learning.server_optimizers import ServerOptimizer
+    from peer.records.checkpoint import checkpoint_state, run_state
+    from peer.records.run_dir import CHECKPOINT_DIR, CheckpointError, read_checkpoint
+    from peer.roles.rounds import GlobalModel, RoundSummary, ServerMemory
+    from peer.wire.weights import WeightCodec
+
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, np.float32)]
+    adam = ServerOptimizer("adam")
+    _, optimizer_state = adam.apply(weights, [w + 0.5 for w in weights])
+    model = GlobalModel(4, 2, weights, ("a",), "c")
+    server = ServerMemory(model.digest, optimizer_state, Ledger().released(["a", "b"]).released(["a"]))
+    rounds = (RoundSummary(4, 2, 0.5, 1.0, 10),)
+    recorder = RunRecorder(tmp_path, "c")
+    for round_ in (3, 4):  # the older round's files go
+        state = checkpoint_state("r1", GlobalModel(round_, 2, weights, ("a",), "c"), rounds, 1.0, server)
+        recorder.checkpoint(state, WeightCodec.parts(weights), WeightCodec.parts(optimizer_state.tensors()))
+    names = sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir())
+    assert names == ["checkpoint.json", "server-state-4.bin", "weights-4.bin"]
+    back = run_state(read_checkpoint(tmp_path))
+    assert back.model.controller == "c" and back.server.digest == model.digest
+    assert back.server.optimizer.step == 1 and dict(back.server.ledger.counts) == {"a": 2, "b": 1}
+    assert all(np.array_equal(a, b) for a, b in zip(back.server.optimizer.tensors(), optimizer_state.tensors()))
+    (tmp_path / CHECKPOINT_DIR / "server-state-4.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="server state"):
+        read_checkpoint(tmp_path)
+    # a checkpoint of a run without server state (or written before there was any) has none
+    recorder.checkpoint(checkpoint_state("r1", model, rounds, 1.0), WeightCodec.parts(weights))
+    assert run_state(read_checkpoint(tmp_path)).server is None

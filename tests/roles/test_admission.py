@@ -19,6 +19,7 @@ from peer.wire.messages import (
     Init,
     Metrics,
     Presence,
+    ServerState,
     Solution,
     Training,
     Vote,
@@ -128,6 +129,18 @@ def test_solutions_and_evaluations_are_only_for_the_controller_of_their_term():
     assert isinstance(verdict(Evaluation(4, 1, "p2", 0.5, 1.0, 10), CONTROLLER), Refused)
 
 
+def test_a_server_state_is_for_a_controller_only_never_its_own_and_may_come_retained():
+    state = ServerState(2, "c", 4, D, "adam", 4, {"p2": 1}, 0, W + W)
+    for retained in (False, True):
+        assert verdict(state, CONTROLLER, retained=retained) is Route.SERVER_STATE
+        assert isinstance(verdict(state, FOLLOWER, retained=retained), Refused)
+        assert isinstance(verdict(state, NEW, retained=retained), Refused)
+    own = verdict(ServerState(2, "me", 4, D, "adam", 4, {}, 0, W + W), CONTROLLER)
+    assert isinstance(own, Refused) and "our own" in own.reason
+    # a state never moves a term: one of a far later term is still only history for the controller to check
+    assert verdict(ServerState(3 + 5000, "c", 4, D, "adam", 4, {}, 0, W + W), CONTROLLER) is Route.SERVER_STATE
+
+
 def test_only_a_follower_of_that_controller_in_that_term_is_entitled_to_act():
     training = Training(3, "c", 1, 1, ("me",), D)
     assert entitled(training, FOLLOWER) is None
@@ -165,6 +178,7 @@ messages = st.one_of(
     st.builds(Finish, terms, ids, terms, st.just("r"), st.just(0.5)),
     st.builds(Solution, terms, terms, st.just(1), ids, st.just(1), st.just(0.1), st.just(W)),
     st.builds(Evaluation, terms, terms, ids, st.just(0.5), st.just(1.0), st.just(1)),
+    st.builds(ServerState, terms, ids, terms, st.just(D), st.just("adam"), terms, st.just({}), st.just(0), st.just(W)),
 )
 views = st.builds(View, st.just("me"), terms, st.sampled_from(list(Role)), st.sampled_from(["me", "c", None]))
 
@@ -176,6 +190,8 @@ def test_fuzz_every_verdict_respects_who_may_hear_what(message, view, retained):
     assert isinstance(result, (Route, Refused))
     if result is Route.TO_CONTROLLER:
         assert view.role is Role.CONTROLLER and message.term == view.term
+    if result is Route.SERVER_STATE:
+        assert view.role is Role.CONTROLLER and message.controller != view.me
     if result is Route.FROM_CONTROLLER:
         assert message.term >= view.term and message.controller != view.me and not retained
     if result in (Route.RETAINED_LEADER, Route.RETAINED_MODEL, Route.RUN_FINISHED):

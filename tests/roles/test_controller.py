@@ -128,7 +128,7 @@ def test_every_action_of_a_round_in_order():
     assert (heartbeat.round, heartbeat.phase) == (1, "evaluating")
     agg = closing[4]
     assert agg.retain and np.allclose(agg.message.weights[0], 3.5 / 3)
-    assert closing[1].model == GlobalModel(1, 1, agg.message.weights, tuple(sorted(training.trainers)))
+    assert closing[1].model == GlobalModel(1, 1, agg.message.weights, tuple(sorted(training.trainers)), "c")
     evaluations = sorted(r.c.evaluations.expected)
     for peer in evaluations[:-1]:
         assert r.on_message(Evaluation(1, 1, peer, 0.6, 1.0, 100), 50, 4) == []

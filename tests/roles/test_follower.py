@@ -65,7 +65,7 @@ def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
 def test_a_live_aggregation_is_adopted_when_newer_and_always_evaluated():
     memory = ModelStore()
     adopt, evaluate = Follower("me", memory).on_controller(Aggregation(2, "c", 4, ("p2",), W))
-    assert adopt == AdoptModel(GlobalModel(4, 2, W, ("p2",)))
+    assert adopt == AdoptModel(GlobalModel(4, 2, W, ("p2",), "c"))
     assert isinstance(evaluate, StartJob) and (evaluate.kind, evaluate.round) == ("evaluate", 4)
     memory.offer(5, 2, W)
     assert kinds(Follower("me", memory).on_controller(Aggregation(2, "c", 4, (), W))) == ["StartJob"]

@@ -30,6 +30,7 @@ from peer.wire.messages import (
     Presence,
     Reveal,
     Roster,
+    ServerState,
     Shares,
     Solution,
     Training,
@@ -97,6 +98,26 @@ SAMPLES = [
     Training(term=3, controller="peer-2", round=5, attempt=1, trainers=("peer-1", "peer-3"), digest="ab" * 16),
     Solution(term=3, round=5, attempt=2, peer="peer-3", samples=1200, loss=0.314159, weights=small_weights()),
     Aggregation(term=3, controller="peer-2", round=5, trainers=("peer-1", "peer-3"), weights=small_weights()),
+    Aggregation(
+        term=3,
+        controller="peer-2",
+        round=6,
+        trainers=("peer-1",),
+        weights=small_weights(),
+        evaluators=("peer-1",),
+        plan={"aggregation": "fedavg", "server_optimizer": "adam", "server_lr": 0.01, "dp_local": False, "x": None},
+    ),
+    ServerState(
+        term=3,
+        controller="peer-2",
+        round=6,
+        digest="cd" * 16,
+        optimizer="adam",
+        step=6,
+        participation={"peer-1": 3, "peer-3": 2},
+        unattributed=1,
+        weights=small_weights() + small_weights(),
+    ),
     Evaluation(term=3, round=5, peer="peer-4", accuracy=0.9123, loss=0.25, samples=2000),
     Metrics(
         term=3,
@@ -109,6 +130,19 @@ SAMPLES = [
         duration_s=12.5,
         bytes=1_234_567,
         run_started=1_700_000_000.25,
+    ),
+    Metrics(
+        term=3,
+        controller="peer-2",
+        round=6,
+        accuracy=0.5,
+        loss=1.0,
+        samples=100,
+        trainers=("peer-1",),
+        duration_s=1.0,
+        bytes=1,
+        run_started=1_700_000_000.25,
+        epsilon=2.5,
     ),
     Finish(term=3, controller="peer-2", round=10, reason="target accuracy reached", accuracy=0.991),
     # secure aggregation (tests/wire/test_secure_messages.py has their own rules)
@@ -397,6 +431,7 @@ SENDERS = {
     Roster: "controller",
     Maskers: "controller",
     Unmask: "controller",
+    ServerState: "controller",
 }
 
 
@@ -724,6 +759,22 @@ BAD_VALUES = {
     "maskers": NOT_PEER_LISTS,
     "survivors": NOT_PEER_LISTS,
     "dropped": NOT_PEER_LISTS,
+    "plan": [
+        None,
+        [],
+        "fedavg",
+        {"Upper": 1},
+        {"": 1},
+        {"k": [1]},
+        {"k": {"a": 1}},
+        {"k": "x" * 201},
+        {f"k{i}": 1 for i in range(33)},
+    ],
+    "epsilon": [v for v in NOT_NON_NEGATIVE if v is not None],  # None: no DP in this run
+    "optimizer": NOT_TEXT,
+    "step": NOT_COUNTS,
+    "participation": [None, [], "peer-1", {"bad id!": 1}, {"peer-1": 0}, {"peer-1": 1.5}, {"peer-1": True}],
+    "unattributed": NOT_COUNTS,
 }
 
 
@@ -1104,9 +1155,11 @@ def test_subscriptions_keep_solutions_and_evaluations_for_the_controller():
     topics = Topics("sd", "run-1")
     everyone = dict(topics.subscriptions())
     controller = dict(topics.subscriptions(controller=True))
-    assert set(controller) == {"sd/run-1/solution/#", "sd/run-1/evaluation/#"}
+    assert set(controller) == {"sd/run-1/solution/#", "sd/run-1/evaluation/#", "sd/run-1/server-state/#"}
     assert not set(everyone) & set(controller)
-    assert len(everyone) == len(MESSAGE_TYPES and {c.TOPIC for c in MESSAGE_TYPES.values()}) - 2
+    assert len(everyone) == len(MESSAGE_TYPES and {c.TOPIC for c in MESSAGE_TYPES.values()}) - 3
+    # the server state is a model's size or two: its own never comes back to the controller that sent it
+    assert controller["sd/run-1/server-state/#"] is True and controller["sd/run-1/solution/#"] is False
     # a peer hears its own ballots (the first claim delivered decides a term) but not its own models and orders
     assert everyone["sd/run-1/election/#"] is False and everyone["sd/run-1/init/#"] is False
     assert everyone["sd/run-1/aggregation/#"] is True and everyone["sd/run-1/training/#"] is True
