@@ -68,6 +68,11 @@ class Learner:
         """(train, test) samples of this peer's shard: announced to the others, the most it may declare."""
         return (int(len(self.shard.y_train)), int(len(self.shard.y_test))) if self.shard else (0, 0)
 
+    def count_bound(self) -> tuple[int, int] | None:
+        """The most (train, test) samples any shard of this run's partition holds (`Shard.largest`): what no peer
+        may claim to have more of. None if unknown (a pre-split folder)."""
+        return self.shard.largest if self.shard else None
+
     def _weights(self) -> list[np.ndarray]:
         return [np.asarray(w, np.float32) for w in self._model.get_weights()]
 
