@@ -180,7 +180,7 @@ EXIT_DUPLICATE = 5  # another process already runs with this peer id
 
 # Finish reasons that mean the run failed (its peers exit EXIT_GAVE_UP); the others (max-rounds, target-accuracy)
 # are a run that ended as asked.
-GIVE_UP_REASONS = ("too-few-peers", "no-evaluations", "no-solutions")
+GIVE_UP_REASONS = ("too-few-peers", "no-evaluations", "no-solutions", "forged-finish")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from peer.roles.actions import (
     RecordEvaluation,
     StartJob,
 )
-from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
+from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary, implausible_finish
 from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
 from peer.wire.weights import WeightCodec
 
@@ -41,11 +41,14 @@ class Follower:
         memory: ModelStore,
         shapes: tuple[tuple[int, ...], ...] | None = None,
         keep_solutions_up_to: int = 2**63,
+        stop_rules: tuple[int, float] | None = None,
     ):
         """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused.
         `keep_solutions_up_to`: a solution of more bytes than this is not kept once sent (a large model's memory
-        matters more than sparing a fit: a repeated order is trained again)."""
+        matters more than sparing a fit: a repeated order is trained again). `stop_rules`: the run's (round limit,
+        target accuracy), by which a finish that cannot be true is refused (None: every finish is believed)."""
         self.me, self.memory, self.shapes = me, memory, shapes
+        self.stop_rules = stop_rules
         self.keep_solutions_up_to = keep_solutions_up_to
         self.phase: str | None = None  # the controller's phase, as its last heartbeat told it
         # What this peer last did for an order, by (term, round, attempt) and (term, round): a repeated order
@@ -66,6 +69,15 @@ class Follower:
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
+            held = self.memory.latest
+            if held is not None and message.term <= held.term and message.round <= held.round:
+                return [
+                    Log(
+                        f"ignored a training order of round {message.round}: this peer holds the model of round "
+                        f"{held.round} already (a late copy, or a replay)",
+                        "debug",
+                    )
+                ]
             key = (message.term, message.round, message.attempt)
             if key == self.fitting:
                 if (
@@ -107,6 +119,15 @@ class Follower:
             # Every live publication of a model this peer has not evaluated is evaluated (the controller
             # re-publishes a model when it lacks evaluations, e.g. in a new term); a model it has evaluated already
             # gets the same answer again. Retained copies come through `on_retained_model`.
+            held = self.memory.latest
+            if held is not None and message.term <= held.term and message.round < held.round:
+                return [
+                    Log(
+                        f"ignored the model of round {message.round} (term {message.term}): this peer holds round "
+                        f"{held.round} of term {held.term} (a late copy, or a replay); not evaluated",
+                        "debug",
+                    )
+                ]
             key = (message.term, message.round)
             if key == self.evaluating:
                 if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == key:
@@ -122,6 +143,17 @@ class Follower:
             summary = RoundSummary(message.round, message.term, message.accuracy, message.loss, message.bytes)
             return [FinishRound(summary, message.run_started)]
         if isinstance(message, Finish):
+            if self.stop_rules and (
+                why := implausible_finish(message.reason, message.round, self.memory.finished, *self.stop_rules)
+            ):
+                return [
+                    Log(
+                        f"refused a finish from {message.controller} ({message.reason} after round {message.round}): "
+                        f"{why}; a forgery (a member holding the secret can sign one in any name without per-peer "
+                        "logins); going on",
+                        "warning",
+                    )
+                ]
             failed = message.reason in GIVE_UP_REASONS
             return [
                 Log(

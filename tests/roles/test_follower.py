@@ -16,7 +16,7 @@ from peer.roles.actions import (
     StartJob,
 )
 from peer.roles.follower import Follower
-from peer.roles.rounds import GlobalModel, ModelStore
+from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
 from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training
 
 W = [np.ones(2, np.float32)]
@@ -62,14 +62,24 @@ def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
     assert kinds(f.on_controller(Aggregation(1, "c", 1, (), W))) == ["AdoptModel", "Log", "StartJob", "StartJob"]
 
 
-def test_a_live_aggregation_is_adopted_when_newer_and_always_evaluated():
+def test_a_live_aggregation_is_adopted_when_newer_and_evaluated_unless_a_later_one_of_its_term_is_held():
     memory = ModelStore()
     adopt, evaluate = Follower("me", memory).on_controller(Aggregation(2, "c", 4, ("p2",), W))
     assert adopt == AdoptModel(GlobalModel(4, 2, W, ("p2",)))
     assert isinstance(evaluate, StartJob) and (evaluate.kind, evaluate.round) == ("evaluate", 4)
     memory.offer(5, 2, W)
-    assert kinds(Follower("me", memory).on_controller(Aggregation(2, "c", 4, (), W))) == ["StartJob"]
+    # Round 4 of term 2 after round 5 of term 2: a late copy or a replay (a freshly restarted peer's replay guard
+    # knows no numbers yet): not evaluated again.
+    assert kinds(Follower("me", memory).on_controller(Aggregation(2, "c", 4, (), W))) == ["Log"]
+    # A later term's controller that publishes round 4 again (it lacks round 5's metrics, say) is evaluated.
+    assert kinds(Follower("me", memory).on_controller(Aggregation(3, "c", 4, (), W))) == ["StartJob"]
     assert memory.latest.round == 5  # the machine reads the store, never writes it
+
+
+def test_a_training_order_for_a_round_whose_model_is_held_already_is_a_replay():
+    f = Follower("me", holding(3))
+    [log] = f.on_controller(Training(1, "c", 3, 1, ("me",), D))
+    assert "replay" in log.text
 
 
 def test_a_retained_aggregation_is_held_not_evaluated():
@@ -186,3 +196,18 @@ def test_with_named_evaluators_only_they_evaluate_and_everyone_keeps_the_model()
     assert kinds(f.on_controller(Aggregation(1, "c", 3, ("p2",), W, ()))) == ["AdoptModel", "StartJob"]
     named = Follower("me", ModelStore()).on_controller(Aggregation(1, "c", 3, ("p2",), W, ("me", "p3")))
     assert kinds(named) == ["AdoptModel", "StartJob"]
+
+
+def test_a_finish_that_cannot_be_true_is_refused_and_one_that_can_is_obeyed():
+    # Issue 19: a member holding the secret signed a finish in the controller's name (local mode, no logins).
+    memory = holding(1)
+    memory.finish_round(RoundSummary(1, 2, 0.45, 1.0, 10))
+    f = Follower("me", memory, stop_rules=(5, 0.9))
+    [refused] = f.on_controller(Finish(2, "c", 1, "max-rounds", 0.99))  # round 1 of 5
+    assert refused.level == "warning" and "round 1 is not the last (5)" in refused.text and "forgery" in refused.text
+    [refused] = f.on_controller(Finish(2, "c", 1, "target-accuracy", 0.99))  # its published accuracy: 0.45
+    assert "below the target 0.9" in refused.text
+    log, exit_ = f.on_controller(Finish(2, "c", 1, "no-evaluations", 0.1))  # a give-up: nobody can check it
+    assert exit_ == Exit(4)
+    memory.finish_round(RoundSummary(5, 2, 0.6, 1.0, 10))
+    assert kinds(f.on_controller(Finish(2, "c", 5, "max-rounds", 0.6))) == ["Log", "Exit"]
