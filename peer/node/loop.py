@@ -13,10 +13,12 @@ store (this module is its only writer), the final model, the exit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterable
 
@@ -33,6 +35,7 @@ from peer.roles.actions import (
     EXIT_REFUSED,
     Action,
     AdoptModel,
+    Announce,
     CastVote,
     Exit,
     FetchModel,
@@ -54,7 +57,7 @@ from peer.roles.actions import (
     TakeOffice,
     Unconfirmed,
 )
-from peer.roles.admission import Route, View, admit, entitled
+from peer.roles.admission import Route, View, admit, entitled, may_chunk
 from peer.roles.controller import Controller
 from peer.roles.election import Election, ElectionTimings
 from peer.roles.follower import Follower
@@ -62,8 +65,8 @@ from peer.roles.rounds import ModelStore
 from peer.wire.chunks import Pending
 from peer.wire.envelope import Seal, Stamper, new_incarnation
 from peer.wire.errors import Refused
-from peer.wire.messages import Claim, Init, Message, Presence, Vote
-from peer.wire.session import Delivered, Inbox, Outbox
+from peer.wire.messages import Claim, Finish, Init, Message, Presence, Vote
+from peer.wire.session import MAX_AGE_S, Delivered, Inbox, OffClock, Outbox
 from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
 
@@ -93,7 +96,7 @@ class Peer:
         self.topics = Topics(settings.topic_prefix, settings.run_id)
         seal = Seal(settings.secret)
         self.stamper = Stamper(new_incarnation(time.time_ns()), lambda: self.wall_clock())
-        self.inbox = Inbox(self.me, self.topics, seal)
+        self.inbox = Inbox(self.me, self.topics, seal, may_chunk=self._may_chunk)
         self.outbox = Outbox(self.topics, seal, self.stamper, settings.wire_dtype, settings.max_message_bytes)
         self.events: queue.Queue = queue.Queue()
         self.election = Election(
@@ -107,13 +110,18 @@ class Peer:
         self.samples = learner.sample_counts()
         self.fingerprint = learner.fingerprint()
         self.misfits: set[str] = set()  # peers that announced another model: not part of this run
+        self.skewed: set[str] = set()  # peers whose clock is off ours by more than the replay window: not counted
         self.last_fetch = float("-inf")
         self.follower = Follower(
             self.me,
             self.store,
             tuple(tuple(w.shape) for w in learner.initial_weights()),
             keep_solutions_up_to=settings.max_message_bytes,
+            stop_rules=(settings.max_rounds, settings.target_accuracy),
         )
+        # The most samples any peer may declare: computed from the run's data settings, like every peer does; with
+        # --data-dir (each peer's own data) unknown, and the controller bounds counts by the others' instead.
+        self.count_bound = learner.count_bound() if settings.data_dir is None else None
         self.controller: Controller | None = None
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
         self.announced: dict[str, tuple[int, int]] = {}
@@ -123,12 +131,13 @@ class Peer:
         if log is None and not self.log.handlers:
             configure_logging(self.me, settings.log_level)
         attach(self.log, self)
-        # The client id is ours alone (a random suffix): nobody can take our session over by guessing it. A broker
-        # with a login per peer replaces it with the login (use_username_as_clientid).
+        # The client id is ours alone (a random suffix, drawn for it and sent nowhere): nobody can take our session
+        # over by guessing or deriving it. A broker with a login per peer replaces it with the login
+        # (use_username_as_clientid).
         self.transport = transport or MqttTransport(
             settings.broker_host,
             settings.broker_port,
-            f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
+            client_id(self.me),
             self.topics.subscriptions(),
             self.events,
             settings.keepalive,
@@ -140,7 +149,7 @@ class Peer:
             self.store.offer(resume.model.round, resume.model.term, resume.model.weights, resume.model.trainers)
             for summary in resume.rounds:
                 self.store.finish_round(summary, resume.run_started)
-            self.election.restore(resume.model.term, resume.model.round)
+            self.election.restore(max(resume.model.term, resume.term), resume.model.round)
         self.exit_code: int | None = None
         self.quota = Quota(self.log)
         self._status: tuple = ()
@@ -170,7 +179,11 @@ class Peer:
 
     def _view(self) -> View:
         e = self.election
-        return View(self.me, e.term, e.role, e.controller, self.fingerprint, frozenset(self.misfits))
+        trainers = self.controller.awaited_trainers() if self.controller else frozenset()
+        return View(self.me, e.term, e.role, e.controller, self.fingerprint, frozenset(self.misfits), trainers)
+
+    def _may_chunk(self, kind: str, sender: str, retained: bool) -> Refused | None:
+        return may_chunk(kind, sender, retained, self._view())
 
     def _write_status(self) -> None:
         last = self.store.last_finished
@@ -336,20 +349,22 @@ class Peer:
         elif isinstance(verdict, Pending):
             for evicted in verdict.evicted:
                 self._refused(evicted, "chunks")
+        elif isinstance(verdict, OffClock):
+            self._off_clock(verdict, now)
         else:
             self._refused(verdict, "inbound")
 
     def on_message(self, delivered: Delivered, now: float) -> None:
         message, retained = delivered.message, delivered.retained
-        if (
-            message.sender == self.me
-            and isinstance(message, Init)
-            and not retained
-            and delivered.stamp.incarnation != self.stamper.incarnation
-        ):
-            return self._same_id(message, delivered.stamp.incarnation)
+        if message.sender == self.me and not retained and delivered.stamp.incarnation != self.stamper.incarnation:
+            if isinstance(message, Init):
+                return self._same_id(message, delivered.stamp.incarnation)
+            return self._in_my_name(message, delivered.stamp.incarnation, now)
         if not retained:
             self.election.heard_from(message.sender)
+            if message.sender in self.skewed and not isinstance(message, Presence):  # (presence skips the age)
+                self.skewed.discard(message.sender)
+                self.log.info("%s's clock agrees with this peer's again: it counts again", message.sender)
         verdict = admit(message, retained, self._view())
         if isinstance(verdict, Refused):
             return self._refused(verdict, "admission")
@@ -380,9 +395,21 @@ class Peer:
             )
         if message.peer in self.election.live:
             self.peer_gone(message.peer, now)
+        # It is told who is here too (the others' inits name their model and term): a peer that is itself the odd
+        # one out learns from them which run it met, and leaves saying so.
+        self.carry_out(self.election.stranger(message.peer, message.term, now), now)
+        if not message.reply:
+            self._answer_newcomer(now)
+
+    def _retained_presence(self, message: Presence, size: int, now: float) -> None:
+        """Who was online when this peer subscribed, said when each connected (maybe long ago): a peer named online
+        counts only until it fails to answer this peer's init (a peer whose clock is off, say, never does)."""
+        self._presence(message, size, now)
+        if message.status == "online" and message.peer in self.election.live:
+            self.election.unconfirmed_until_heard(message.peer, now)
 
     def _presence(self, message: Presence, size: int, now: float) -> None:
-        if message.peer in self.misfits:
+        if message.peer in self.misfits or message.peer in self.skewed:
             return
         if message.status == "online":
             self.peer_up(message.peer, now)
@@ -394,6 +421,7 @@ class Peer:
 
     def _announcement(self, message: Init, size: int, now: float) -> None:
         self.announced[message.peer] = (message.train_samples, message.test_samples)
+        self.carry_out(self.election.on_init(message.peer, message.term, now), now)
         self.peer_up(message.peer, now, self.announced[message.peer])
         if message.peer != self.me and not message.reply:
             # A newcomer, or a peer back on the broker, learns from the answers who is here and what each holds.
@@ -409,7 +437,7 @@ class Peer:
 
     def _retained_leader(self, message: Message, size: int, now: float) -> None:
         leader = message.peer if isinstance(message, Claim) else message.controller
-        self.carry_out(self.election.on_retained(message.term, leader, now), now)
+        self.carry_out(self.election.on_retained(message.term, leader, now, claim=isinstance(message, Claim)), now)
 
     def _retained_model(self, message: Message, size: int, now: float) -> None:
         self.carry_out(self.follower.on_retained_model(message), now)
@@ -419,15 +447,57 @@ class Peer:
 
     def _from_controller(self, message: Message, size: int, now: float) -> None:
         self.carry_out(self.election.on_controller_seen(message.term, message.controller, now), now)
-        refusal = entitled(message, self._view())
-        if refusal:
-            self._refused(refusal, "admission")
+        verdict = entitled(message, self._view())
+        if isinstance(verdict, Refused):
+            self._refused(verdict, "admission")
+        elif verdict is Route.RUN_OTHER_MODEL:
+            self._run_other_model(message, size, now)
         else:
             self.carry_out(self.follower.on_controller(message), now)
 
     def _to_controller(self, message: Message, size: int, now: float) -> None:
         if self.controller:
             self.carry_out(self.controller.on_message(message, size, now), now)
+
+    def _off_clock(self, refusal: OffClock, now: float) -> None:
+        """A peer's newest message is off this peer's clock by more than the replay window: all its live messages
+        will be refused, so it cannot take part; it is not counted (not waited for, not chosen, no election member)
+        until a message of it passes. Said once per peer, on each side: the peer whose clock is wrong hears it from
+        every other, the others each say it of that one."""
+        peer = refusal.sender
+        if peer not in self.skewed:
+            self.skewed.add(peer)
+            ahead = "ahead of" if refusal.offset > 0 else "behind"
+            self.log.warning(
+                "%s's clock is %.0fs %s this peer's, more than the %.0fs replay window: its messages are refused and "
+                "it is not counted (if every other peer says this of one, that peer's clock is wrong: sync it, NTP)",
+                peer,
+                abs(refusal.offset),
+                ahead,
+                MAX_AGE_S,
+            )
+            self._event("clock-off", peer=peer, offset=round(refusal.offset, 3))
+        self.peer_gone(peer, now)
+
+    def _in_my_name(self, message: Message, incarnation: int, now: float) -> None:
+        """A message in this peer's name, signed with the secret, that this process did not send: a second process
+        with this id (its init says so), or a member forging. Said in one line (rate-limited), never obeyed. A forged
+        finish the followers believe (a give-up reason they cannot check) ends the run for them: its controller ends
+        it too, at once, rather than waiting --wait-timeout for peers that left."""
+        self.quota.warn(
+            "in-my-name",
+            logging.ERROR,
+            "a %s in this peer's name that it did not send (incarnation %x, this process is %x): another process "
+            "signs as %s with the federation secret (a member forging, or a second process with this id); per-peer "
+            "broker logins stop this (docs/SECURITY.md)",
+            message.TYPE,
+            incarnation,
+            self.stamper.incarnation,
+            self.me,
+        )
+        self._event("forged", kind=message.TOPIC, incarnation=incarnation)
+        if self.controller and isinstance(message, Finish) and message.term == self.election.term:
+            self.carry_out(self.controller.forged_finish(message, now), now)
 
     def _same_id(self, message: Init, incarnation: int) -> None:
         """Another process announced itself with our peer id: two peers cannot share one. The one started later
@@ -557,7 +627,7 @@ class Peer:
         initial = self.learner.initial_weights() if self.store.latest is None else None
         self.controller = Controller(
             self.me,
-            self.settings.round_rules(),
+            dataclasses.replace(self.settings.round_rules(), count_bound=self.count_bound),
             action.term,
             action.reason,
             action.members,
@@ -587,6 +657,9 @@ class Peer:
     def _unconfirmed(self, action: Unconfirmed, now: float) -> None:
         self.log.info("%s was not heard from since this peer reconnected", action.peer)
         self.peer_gone(action.peer, now)
+
+    def _announce_term(self, action: Announce, now: float) -> None:
+        self._announce()
 
     def _publish(self, action: Publish, now: float) -> None:
         self.send(action.message, action.retain, action.expiry)
@@ -643,7 +716,7 @@ class Peer:
         self._write("the checkpoint", self.records.checkpoint, state, WeightCodec.parts(action.model.weights))
 
     def _save_model(self, action: SaveModel, now: float) -> None:
-        self._write("model.keras", self.learner.save, action.weights, self.records.model_path)
+        self._write("model.keras", self.records.model, lambda path: self.learner.save(action.weights, path))
 
     def _print(self, action: Print, now: float) -> None:
         print(action.text, flush=True)
@@ -655,6 +728,13 @@ class Peer:
         return job.term == self.election.term and self.exit_code is None
 
 
+def client_id(peer: str) -> str:
+    """This peer's MQTT client id: its id and 64 random bits drawn for the connection alone. Nothing on the wire
+    (the incarnation travels in clear in every envelope's head) tells them, so nobody can compute it and take the
+    session over."""
+    return f"{peer}-{secrets.token_hex(8)}"
+
+
 DEEDS: dict[type, Callable[..., None]] = {
     CastVote: Peer._cast_vote,
     SendClaim: Peer._send_claim,
@@ -662,6 +742,7 @@ DEEDS: dict[type, Callable[..., None]] = {
     FollowController: Peer._follow,
     StepDown: Peer._step_down,
     Unconfirmed: Peer._unconfirmed,
+    Announce: Peer._announce_term,
     Publish: Peer._publish,
     Log: Peer._log,
     StartJob: Peer._start_job,
@@ -682,6 +763,7 @@ ROUTES: dict[Route, Callable[..., None]] = {
     Route.PEER_OTHER_MODEL: Peer._peer_other_model,
     Route.RUN_OTHER_MODEL: Peer._run_other_model,
     Route.PRESENCE: Peer._presence,
+    Route.RETAINED_PRESENCE: Peer._retained_presence,
     Route.ANNOUNCE: Peer._announcement,
     Route.BALLOT: Peer._ballot,
     Route.CLAIM: Peer._claim,

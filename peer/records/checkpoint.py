@@ -22,6 +22,7 @@ class RunState:
     model: GlobalModel
     rounds: tuple[RoundSummary, ...]
     run_started: float | None
+    term: int = 0  # the last term the run used (its elections.csv): a resumed run elects past it, never again in it
 
 
 def checkpoint_state(

@@ -63,6 +63,12 @@ class Unconfirmed:
     peer: str
 
 
+@dataclass(frozen=True)
+class Announce:
+    """Announce this peer (an init naming its term) so that every peer answers with its own: a peer whose campaign
+    found no majority learns from the answers which term the others are in (they may have gone on without it)."""
+
+
 # --- the roles' decisions ----------------------------------------------------------------------------------------------
 
 
@@ -197,6 +203,7 @@ Action = (
     | FollowController
     | StepDown
     | Unconfirmed
+    | Announce
     | Publish
     | Log
     | StartJob
