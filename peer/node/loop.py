@@ -111,6 +111,7 @@ class Peer:
         self.fingerprint = learner.fingerprint()
         self.misfits: set[str] = set()  # peers that announced another model: not part of this run
         self.skewed: set[str] = set()  # peers whose clock is off ours by more than the replay window: not counted
+        self._told_clock = False  # whether this peer said its own clock is the odd one out
         self.last_fetch = float("-inf")
         self.follower = Follower(
             self.me,
@@ -477,6 +478,18 @@ class Peer:
                 MAX_AGE_S,
             )
             self._event("clock-off", peer=peer, offset=round(refusal.offset, 3))
+            others = len(self.election.live - {self.me, peer})
+            if len(self.skewed) >= 2 and len(self.skewed) > others and not self._told_clock:
+                # Most peers it hears are off its clock the same way: the odd one out is this peer.
+                self._told_clock = True
+                self.log.error(
+                    "this peer's clock is about %.0fs %s the others': %d of the %d peers it hears are refused as "
+                    "replays; it cannot take part until this machine's clock is set right (NTP)",
+                    abs(refusal.offset),
+                    "behind" if refusal.offset > 0 else "ahead of",
+                    len(self.skewed),
+                    len(self.skewed) + others,
+                )
         self.peer_gone(peer, now)
 
     def _in_my_name(self, message: Message, incarnation: int, now: float) -> None:

@@ -159,14 +159,18 @@ def may_chunk(kind: str, sender: str, retained: bool, view: View) -> Refused | N
     if kind == "solution":
         if view.role is Role.CONTROLLER and sender in view.trainers:
             return None
-        return Refused(f"ignored chunks of a solution from {sender}: not a trainer this peer waits for", "warning")
+        return Refused(
+            f"ignored chunks of a solution from {sender}: not a trainer this peer waits for", "warning", "chunk-sender"
+        )
     if kind in ("training", "aggregation"):
         if retained and kind == "aggregation" and sender not in view.misfits:
             return None
         if view.role is Role.FOLLOWER and sender == view.controller:
             return None
         return Refused(
-            f"ignored chunks of a {kind} from {sender}: not the controller this peer follows ({view.controller})",
+            f"ignored chunks of {'an aggregation' if kind == 'aggregation' else 'a training order'} from {sender}: "
+            f"not the controller this peer follows ({view.controller})",
             "warning",
+            "chunk-sender",
         )
-    return Refused(f"ignored chunks of a {kind} from {sender}: only models are chunked", "warning")
+    return Refused(f"ignored chunks of a {kind} from {sender}: only models are chunked", "warning", "chunk-sender")

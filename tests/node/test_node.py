@@ -843,6 +843,8 @@ def test_a_peer_whose_own_clock_is_off_hears_it_from_every_peer_and_never_elects
         pump(peer, clock.advance(0.5))
     assert peer.election.live == {"p1"} and peer.election.role.value == "waiting" and peer.controller is None
     assert len(lines.having("clock is 300s behind this peer's")) == 2
+    [(level, text)] = lines.having("this peer's clock is about 300s ahead of the others'")
+    assert level == "ERROR" and "2 of the 2 peers it hears" in text and "NTP" in text
     assert not (tmp_path / "elections.csv").exists()
 
 
