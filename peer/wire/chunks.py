@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -123,7 +124,8 @@ def _chunks(
 
 @dataclass(frozen=True)
 class Complete:
-    """Every chunk is in and the digest matches: `body` is the whole original body (the only reference to it)."""
+    """Every chunk is in and the digest matches: `body` is the whole original body (the only reference to it: a
+    message's buffer, or a lone chunk's copy)."""
 
     body: memoryview
 
@@ -137,16 +139,20 @@ class Pending:
 
 
 class _Partial:
-    """One message being reassembled: the data of the chunks in so far (each copied out of its envelope), and when
-    the latest came. Nothing is set aside for the chunks still to come: a head that declares a gigabyte and brings a
-    chunk of data costs that chunk."""
+    """One message being reassembled: its buffer, which chunks are in, and when the latest came.
 
-    __slots__ = ("count", "chunk_size", "total", "digest", "chunks", "held", "last_at")
+    The buffer is anonymous memory the system hands out a page at a time, when the page is first written: opening a
+    message reserves its address range and commits nothing (no page is zeroed or resident), so a head that declares
+    a gigabyte and brings a chunk of data costs that chunk; every chunk's data goes straight to its place, and the
+    whole message is that one buffer, never copied again."""
+
+    __slots__ = ("count", "chunk_size", "total", "digest", "buffer", "received", "held", "last_at")
 
     def __init__(self, count: int, chunk_size: int, total: int, digest: bytes, now: float):
         self.count, self.chunk_size, self.total, self.digest = count, chunk_size, total, digest
-        self.chunks: dict[int, bytes] = {}
-        self.held = 0  # data bytes in `chunks`
+        self.buffer = mmap.mmap(-1, total)
+        self.received: set[int] = set()  # (at most total / min_chunk_bytes entries: chunks are large)
+        self.held = 0  # data bytes in the buffer
         self.last_at = now
 
     @property
@@ -157,26 +163,21 @@ class _Partial:
 
     @property
     def missing(self) -> int:
-        return self.count - len(self.chunks)
+        return self.count - len(self.received)
 
     def has(self, index: int) -> bool:
-        return index in self.chunks
+        return index in self.received
 
     def put(self, index: int, data) -> None:
-        self.chunks[index] = bytes(data)
+        start = index * self.chunk_size
+        self.buffer[start : start + len(data)] = data
+        self.received.add(index)
         self.held += len(data)
 
-    def assemble(self) -> bytearray:
-        """The whole body, in one buffer, each chunk let go once copied: the memory it takes at most is the body and
-        one chunk, never the body twice."""
-        body = bytearray(self.total)
-        for index in sorted(self.chunks):
-            start = index * self.chunk_size
-            data = self.chunks.pop(index)
-            body[start : start + len(data)] = data
-            del data
+    def release(self) -> None:
+        """Give the memory back at once (an evicted, expired or refused message)."""
+        self.buffer.close()
         self.held = 0
-        return body
 
 
 def _name(key) -> str:
@@ -283,7 +284,7 @@ class Reassembler:
         if partial.missing:
             return Pending(evicted)
         self._forget(key)
-        return self._finish(key, partial.assemble(), partial.digest, where)
+        return self._finish(key, partial.buffer, partial.digest, where)
 
     def expire(self, now: float) -> list[Refused]:
         """Drop the partial messages whose latest chunk arrived more than timeout_s before `now`."""
@@ -291,6 +292,7 @@ class Reassembler:
         dropped = []
         for key in stale:
             partial = self._forget(key)
+            partial.release()
             self._remember(key, "dropped")
             dropped.append(
                 Refused(
@@ -326,6 +328,7 @@ class Reassembler:
             ):
                 break
             partial = self._forget(old)
+            partial.release()
             self._remember(old, "evicted")
             evicted.append(
                 Refused(
@@ -335,14 +338,20 @@ class Reassembler:
                     "chunk-evicted",
                 )
             )
-            del partial  # its data goes now, before anything of the new message comes
-        partial = _Partial(count, chunk_size, total, digest, now)
+            del partial  # (released above: its memory went back before anything of the new message comes)
+        try:
+            partial = _Partial(count, chunk_size, total, digest, now)
+        except (OSError, ValueError, OverflowError) as err:  # the system will not map that much (strict overcommit)
+            self._remember(key, "refused")
+            return None, tuple(evicted), f"no memory for {total} bytes ({err})"
         self._partials[key] = partial
         self._buffered += partial.cost
         return partial, tuple(evicted), None
 
-    def _finish(self, key, buffer: bytearray, digest: bytes, where: str) -> Complete | Refused:
+    def _finish(self, key, buffer: bytearray | mmap.mmap, digest: bytes, where: str) -> Complete | Refused:
         if not hmac.compare_digest(hashlib.sha256(buffer).digest(), digest):
+            if isinstance(buffer, mmap.mmap):
+                buffer.close()
             self._remember(key, "dropped")
             return Refused(
                 f"{where}: digest mismatch: corrupted in transit (or a sender bug); the message is dropped", "warning"
