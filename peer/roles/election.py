@@ -145,6 +145,7 @@ class Election:
     unconfirmed: set[str] = field(default_factory=set)  # live peers not heard from since this peer (re)connected
     confirm_by: float = 0.0
     strikes: int = 0  # campaigns begun because the last came to nothing, less rounds since
+    asked_at: float = float("-inf")  # when this peer last announced itself to learn where the others are
     _last_note: str = ""
 
     def __post_init__(self):
@@ -322,6 +323,11 @@ class Election:
             moved = self._agreement(now)  # what it heard while listening: a run to catch up with, a campaign
             if self.role is not Role.WAITING:
                 return moved
+            if self.sightings and max(self.sightings) > self.term and now - self.asked_at >= self.silent_after:
+                # Someone leads a later term, and the answers to this peer's init did not say so (they came before
+                # that term began): ask again, at most once per heartbeat timeout.
+                self.asked_at = now
+                return [Announce()]
             if len(self.live) >= self.min_peers:
                 return self._campaign(self.next_term(), "start", now)
             if now - self.started_at >= t.give_up_after:

@@ -572,3 +572,15 @@ def test_with_failures_a_lying_member_moves_terms_only_as_fast_as_honest_electio
         # Every term entered is an honest election (a majority voted); each can be pushed at most MAX_TERM_STEP past
         # the last by what the liar says; none reaches the top of the range.
         assert term <= sim.campaigns() * (1 + 2 * MAX_TERM_STEP) and term < HUGE, (seed, term)
+
+
+def test_a_waiting_peer_that_sees_a_later_term_led_asks_where_the_others_are_once_per_timeout():
+    # The answers to its first init came before that term began (it started with the others): it asks again.
+    e = machine(min_peers=3)
+    e.peer_up("b", 0.1), e.peer_up("c", 0.1)
+    e.on_init("b", 0, 0.2), e.on_init("c", 0, 0.2)
+    e.on_retained(1, "b", 0.3, claim=False)  # b leads term 1 (its heartbeat), the inits said 0
+    assert isinstance(e.tick(LISTENED)[0], Announce)
+    assert not any(isinstance(a, Announce) for a in e.tick(LISTENED + 1.0))
+    e.on_init("b", 1, LISTENED + 1.5), e.on_init("c", 1, LISTENED + 1.5)  # the fresh answers
+    assert (e.term, e.controller, e.role) == (1, "b", Role.FOLLOWER)
