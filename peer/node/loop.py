@@ -441,7 +441,7 @@ class Peer:
         self.carry_out(self.election.on_retained(message.term, leader, now, claim=isinstance(message, Claim)), now)
 
     def _retained_model(self, message: Message, size: int, now: float) -> None:
-        self.carry_out(self.follower.on_retained_model(message), now)
+        self.carry_out(self.follower.on_retained_model(message, self.election.controller), now)
 
     def _run_finished(self, message: Message, size: int, now: float) -> None:
         self.carry_out(self.follower.on_finished_run(message), now)
@@ -658,6 +658,7 @@ class Peer:
     def _follow(self, action: FollowController, now: float) -> None:
         self.log.info("term %d: controller is %s", action.term, action.controller)
         self._event("follow", term=action.term, controller=action.controller)
+        self.carry_out(self.follower.on_follow(action.controller), now)
 
     def _step_down(self, action: StepDown, now: float) -> None:
         self.log.warning("stepping down as controller of term %d: %s", action.term, action.reason)

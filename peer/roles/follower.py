@@ -33,6 +33,8 @@ from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary, implausible
 from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Message, Metrics, Solution, Training
 from peer.wire.weights import WeightCodec
 
+ASIDE_KEPT = 2  # retained models of other publishers held until this peer follows one of them
+
 
 class Follower:
     def __init__(
@@ -60,6 +62,7 @@ class Follower:
         self.evaluation: Evaluation | None = None
         # An order for a model this peer does not hold yet (it is being fetched): started when that model comes.
         self.waiting: Training | None = None
+        self.aside: dict[str, Aggregation] = {}  # retained models of peers this one does not follow (yet)
 
     def on_controller(self, message: Message) -> list[Action]:
         """A live message of the current term's controller."""
@@ -177,13 +180,26 @@ class Follower:
             Exit(EXIT_GAVE_UP if failed else EXIT_OK),
         ]
 
-    def on_retained_model(self, message: Aggregation) -> list[Action]:
-        """The broker's retained aggregation, delivered when this peer subscribed: the model a late joiner starts
-        from, not an order to evaluate it."""
-        return self._misfit(message) or [
-            *self._adopt(message, note="retained by the broker"),
-            *self._waiting_for(message),
-        ]
+    def on_retained_model(self, message: Aggregation, controller: str | None = None) -> list[Action]:
+        """The broker's retained aggregation, delivered when this peer subscribed (or fetched the models again): the
+        model a late joiner starts from, not an order to evaluate it. Who published it comes first: held only if it
+        is `controller`'s (the peer this one follows), or if it is the model a waiting order names (its digest
+        vouches for it, whoever kept it). Any other (a member's planted one, or one of a controller this peer does
+        not follow yet) is set aside until this peer follows its publisher (`on_follow`), at most two of them."""
+        if misfit := self._misfit(message):
+            return misfit
+        if starts := self._waiting_for(message):
+            return [*self._adopt(message, note="the model an order names"), *starts]
+        if controller is not None and message.controller == controller:
+            return self._adopt(message, note="retained by the broker")
+        if message.controller in self.aside or len(self.aside) < ASIDE_KEPT:
+            self.aside[message.controller] = message
+        return []
+
+    def on_follow(self, controller: str) -> list[Action]:
+        """This peer now follows `controller`: the model it retained, if one was set aside, is the one to hold."""
+        message = self.aside.pop(controller, None)
+        return [] if message is None else self._adopt(message, note="retained by the broker")
 
     def reconnected(self, current_term: int) -> list[Action]:
         """Back on the broker: what this peer sent while it was gone may be lost, so its answers of this term go

@@ -313,10 +313,13 @@ def test_a_peer_started_for_a_run_that_is_over_exits_0_saying_so(tmp_path, lines
     assert lines.having("this run is over: old ended it (max-rounds) after round 7")
 
 
-def test_a_late_joiner_holds_the_retained_model_without_evaluating_it(tmp_path, lines):
+def test_a_late_joiner_holds_the_retained_model_of_its_controller_without_evaluating_it(tmp_path, lines):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     deliver(peer, Aggregation(1, "c", 4, ("p2",), weights(4)), clock.now, retained=True)
+    deliver(peer, Aggregation(1, "x", 99, ("p2",), weights(9)), clock.now, retained=True)  # a member's planted one
+    assert peer.store.latest is None  # whose it is, it does not know yet
+    follow(peer, clock)  # c leads
     assert peer.store.latest.round == 4 and runner.jobs == []
     assert peer.election.round == 4  # its vote will say it holds round 4
     assert lines.having("holding the global model of round 4 (retained by the broker)")

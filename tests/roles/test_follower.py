@@ -49,11 +49,11 @@ def test_an_order_for_a_model_it_lacks_fetches_it_and_starts_when_it_comes():
         f = Follower("me", memory)
         log, fetch = f.on_controller(Training(1, "c", 2, 1, ("me",), D))
         assert fetch == FetchModel(1, D) and "lacks the model the order names" in log.text
-        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), other))) in (["AdoptModel"], [])  # not that one
-        out = f.on_retained_model(Aggregation(1, "c", 1, (), W))
+        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), other), "c")) in (["AdoptModel"], [])  # not it
+        out = f.on_retained_model(Aggregation(1, "x", 1, (), W), "c")  # whoever kept it: its digest vouches for it
         assert kinds(out) == ["AdoptModel", "Log", "StartJob"]
         assert out[-1].kind == "fit" and out[-1].round == 2 and out[-1].weights is W
-        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]  # started once
+        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W), "c")) in (["AdoptModel"], [])  # started once
 
 
 def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
@@ -82,9 +82,16 @@ def test_a_training_order_for_a_round_whose_model_is_held_already_is_a_replay():
     assert "replay" in log.text
 
 
-def test_a_retained_aggregation_is_held_not_evaluated():
-    [adopt] = Follower("me", ModelStore()).on_retained_model(Aggregation(2, "c", 4, (), W))
+def test_a_retained_aggregation_is_held_not_evaluated_only_its_controller_s():
+    [adopt] = Follower("me", ModelStore()).on_retained_model(Aggregation(2, "c", 4, (), W), controller="c")
     assert adopt.note == "retained by the broker"
+    # A member's planted model (a later round, say: its votes would then win elections): set aside, never held ...
+    f = Follower("me", ModelStore())
+    assert f.on_retained_model(Aggregation(2, "x", 10**6, (), W), controller="c") == []
+    assert f.on_retained_model(Aggregation(2, "c", 4, (), W)) == []  # (not following anyone yet: aside too)
+    # ... until this peer follows its publisher.
+    [adopt] = f.on_follow("c")
+    assert adopt.model.round == 4 and f.on_follow("c") == []
 
 
 def test_metrics_finish_the_round_and_heartbeats_tell_the_phase():
@@ -159,7 +166,7 @@ def test_a_model_that_does_not_fit_this_peers_is_refused_in_one_line():
     ):
         [warning] = out
         assert warning.level == "warning" and "does not fit this peer's" in warning.text
-    assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]
+    assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W), "c")) == ["AdoptModel"]
 
 
 def test_a_finish_that_gives_the_run_up_ends_the_peer_with_exit_4():
