@@ -169,7 +169,17 @@ class Follower:
         return []
 
     def on_finished_run(self, message: Finish) -> list[Action]:
-        """The broker's retained finish: this run ended before this peer came (or came back)."""
+        """The broker's retained finish: this run ended before this peer came (or came back). One that cannot be true
+        by the round limit (the only rule a peer that just came can check) is refused."""
+        if self.stop_rules and message.reason == "max-rounds" and message.round < self.stop_rules[0]:
+            return [
+                Log(
+                    f"refused a retained finish of {message.controller} (max-rounds after round {message.round}): "
+                    f"round {message.round} is not the last ({self.stop_rules[0]}); planted, or of a run with other "
+                    "settings",
+                    "warning",
+                )
+            ]
         failed = message.reason in GIVE_UP_REASONS
         return [
             Log(

@@ -218,3 +218,10 @@ def test_a_finish_that_cannot_be_true_is_refused_and_one_that_can_is_obeyed():
     assert exit_ == Exit(4)
     memory.finish_round(RoundSummary(5, 2, 0.6, 1.0, 10))
     assert kinds(f.on_controller(Finish(2, "c", 5, "max-rounds", 0.6))) == ["Log", "Exit"]
+
+
+def test_a_retained_finish_before_the_round_limit_is_refused():
+    f = Follower("me", ModelStore(), stop_rules=(5, 0.9))
+    [refused] = f.on_finished_run(Finish(2, "x", 1, "max-rounds", 0.99))
+    assert refused.level == "warning" and "not the last (5)" in refused.text
+    assert kinds(f.on_finished_run(Finish(2, "c", 5, "max-rounds", 0.6))) == ["Log", "Exit"]
