@@ -6,30 +6,42 @@ step down).
 
 How a term is decided (Raft's PreVote and leader stickiness, over a broker instead of RPCs)
 - Every message carries a term; anything of a lower term than ours is stale and ignored. A peer's term moves only
-  when a majority stands behind the new one: nobody, liar or not, moves it alone.
+  when a majority stands behind the new one: nobody, liar or not, moves it alone. A majority is of the live peers
+  and of controllers judged silent whose Last Will has not come yet (SILENT_COUNTS_FOR heartbeat timeouts at most):
+  a peer whose deliveries lag cannot elect itself alone while its controller, and the others, are fine.
 - Campaign. A peer that judges the controller gone (its Last Will came, its heartbeats stopped, no claim came, or
-  it is the controller and was frozen) votes for term + 1 with a random number, but stays in its term: the vote is a
-  pre-vote. Another peer joins the campaign (votes too) only if it agrees there is no controller: it is waiting for
-  the first election, or the vote comes from its own controller (who resigns). A peer that hears a live controller
-  ignores the call (stickiness), and so does a peer still waiting out its own election: a vote for a new term is
-  kept, not followed, until its own timers say so. So one member calling elections moves nobody.
-- Entering. A peer enters the term it voted for once the votes of a majority of the live peers (itself included)
-  for that term have come: only then does its term change. A campaign that finds no majority is made again after
-  the window and claim timeout (with growing patience); a peer that hears its controller again meanwhile simply
-  follows it again. So a term starts at most once per election timeout, and only when most peers want it.
-- Claim. After `window` seconds a peer that entered a term by its own vote looks at that term's votes of live peers.
-  If its own is the best by (latest global round, vote, peer id), it sends a claim. The first claim of a term that
-  arrives decides the term; later claims of that term are ignored. Votes and claims share one MQTT topic, and the
-  broker delivers messages to every subscriber in one order, so every peer sees the same first claim. A claimer
-  takes office only when its own claim comes back as that first claim: it never acts on a term it might not have won.
+  it is the controller and was frozen) votes for the next term with a random number, but stays in its term: the vote
+  is a pre-vote. The next term is past its own and past every term a live member is heard to stand in (a peer that
+  restarted never elects a term again), but at most MAX_TERM_STEP past what a majority stands in (one voice moves it
+  no further). Another peer joins the campaign (votes too) only if it agrees there is no controller: it is waiting
+  for the first election, or the vote comes from its own controller (who resigns), or most of the other peers call
+  for that term. A peer that hears a live controller ignores the call (stickiness), and so does a peer still waiting
+  out its own election: the vote is kept, and counts once its own timers call the same campaign. So one member
+  calling elections moves nobody.
+- Entering. A peer enters a term once the votes of a majority for it are in: only then does its term change. A
+  campaign that finds no majority is made again after the window and claim timeout (with growing patience), and the
+  peer announces itself, so the answers tell it whether the others went on without it; a peer that hears its
+  controller again meanwhile simply follows it again. So a term starts at most once per election timeout, and only
+  when most peers want it.
+- Claim. After `window` seconds a peer that entered a new term by a majority's votes, its own among them, looks at
+  that term's votes of live peers. If its own is the best by (latest global round, vote, peer id), it sends a claim.
+  The first claim of a term that arrives decides the term; later claims of that term are ignored. Votes and claims
+  share one MQTT topic, and the broker delivers messages to every subscriber in one order, so every peer sees the
+  same first claim. A claimer takes office only when its own claim comes back as that first claim: it never acts on
+  a term it might not have won.
 - Catching up. A peer that missed terms (it just started, reconnected, or thawed) adopts a later term only when a
-  majority of the other peers it hears stand in it (by their announcements, claims and heartbeats); it then follows that
-  term's claimer (or, if it saw no claim, the peer acting as its controller), and never claims a term it caught up to.
-  The same rule holds from term 0 as later: a retained claim of term 2^31 - 2 moves nobody.
+  majority of the other peers it hears, at least two, stand in it (by their announcements, claims and heartbeats; a
+  peer that has followed nobody yet, with one other peer only, takes that one's term if it is at most MAX_TERM_STEP
+  past its own). It then follows the term's first claim if it saw it, else the peer acting as its controller whose
+  claim the broker kept, else (if it watched none of that term's election) the first peer heard acting as its
+  controller among those that voted in it; it never claims a term it caught up to. A new life listens for its join
+  grace before it moves at all. The same rules hold from term 0 as later: a retained claim of term 2^31 - 2 moves
+  nobody.
 - No claim within `window + claim_timeout` (the best voter died): campaign for the next term. A controller message
   of our term from anyone but our controller is not obeyed (only the first claim decides who leads a term).
 - The top of the term range is a refusal: no peer campaigns for a term past MAX_TERM - 1 (it says so in one line).
-  With terms entered only by a majority, once per election timeout, the range lasts longer than any run.
+  With terms entered only by a majority, once per election timeout, by at most MAX_TERM_STEP + 1 at a time, the
+  range lasts longer than any run.
 - Patience grows with failure: from the second campaign in a row begun because the last came to nothing (no claim
   in time, no majority, a controller judged silent or stalled), each such campaign doubles the window and both
   timeouts, up to 8x; each round finished halves them again. One failure costs nothing (a frozen controller is
