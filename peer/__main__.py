@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
 
-from peer.config import SettingsError, build_parser, load_settings
+from peer.config import Settings, SettingsError, build_parser, load_settings
+from peer.node.banners import without_tensorflow_banners
+from peer.node.signals import StopSignals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +28,9 @@ def _main(argv: list[str] | None) -> int:
 
     # Imported after the settings are valid: a typo in a flag should not wait for TensorFlow.
     from peer.learning.data import DatasetError, load_shard
-    from peer.learning.learner import Learner
+    from peer.learning.link import LinkError
     from peer.learning.models import ModelError
+    from peer.learning.remote import RemoteLearner, ServiceHandle
     from peer.node.logs import configure_logging
     from peer.node.loop import Peer
     from peer.records.run_dir import RunRecorder
@@ -41,46 +43,65 @@ def _main(argv: list[str] | None) -> int:
             f"the run dir {settings.run_dir} is not writable ({err.strerror or err}): pass --run-dir with a "
             "folder this user can write"
         )
+    # From here on, an error is also this peer's `exit` event, with its reason (the launcher prints it).
     try:
         resume = _resume(settings) if settings.resume else None
     except ValueError as err:
-        return _error(str(err))
+        return _error(str(err), settings)
     if resume:
         settings = dataclasses.replace(settings, run_id=resume.run_id)
 
     log = configure_logging(settings.peer_id, settings.log_level)  # before the dataset: its loader has things to say
-    try:
-        shard = load_shard(settings.shard_spec)
-    except DatasetError as err:
-        return _error(str(err))
-    recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
-    learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model)
-    try:
-        learner.prepare()
-    except ModelError as err:
-        return _error(str(err))
+    spec = settings.shard_spec
+    with without_tensorflow_banners():
+        try:
+            labels = load_shard(spec, images=False)  # the images are the learning service's to load
+        except DatasetError as err:
+            return _error(str(err), settings)
+        recorder.data(labels.describe(spec, settings.peer_id))
+        service = ServiceHandle(settings.learning_service)
+        learner = RemoteLearner(
+            service, settings.peer_id, spec, labels, settings.model, settings.seed, settings.epochs, settings.batch_size
+        )
+        try:
+            learner.prepare()
+        except (ModelError, DatasetError, LinkError) as err:
+            service.close()
+            return _error(str(err), settings)
     log.info("model: %s, fingerprint %s", learner.model_description(), learner.fingerprint())
     if resume and [w.shape for w in resume.model.weights] != [w.shape for w in learner.initial_weights()]:
+        service.close()
         return _error(
             f"--resume: the checkpoint's model in {settings.run_dir} does not fit this peer's model (is it "
-            "the same --dataset and --model?)"
+            "the same --dataset and --model?)",
+            settings,
         )
 
-    def stop(signum, frame):  # SIGTERM (docker stop, launcher shutdown): leave cleanly, as Ctrl-C does
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     peer = Peer(settings, learner, resume=resume)
-    try:
-        return peer.run()
-    except KeyboardInterrupt:
-        peer.log.info("stopped by signal")
-        return 130
+    with StopSignals():  # SIGTERM (docker stop, launcher shutdown): leave cleanly, as Ctrl-C does
+        try:
+            return peer.run()
+        except KeyboardInterrupt:
+            peer.log.info("stopped by signal")
+            return 130
+        except Exception as err:  # a bug: the traceback goes to the log, the one line to the events
+            _record_exit(settings, 1, f"crashed: {type(err).__name__}: {err}")
+            raise
+        finally:
+            service.close()
 
 
-def _error(text: str) -> int:
+def _error(text: str, settings: Settings | None = None) -> int:
     print(f"python -m peer: error: {text}", file=sys.stderr)
+    if settings is not None:
+        _record_exit(settings, 2, text)
     return 2
+
+
+def _record_exit(settings: Settings, code: int, reason: str) -> None:
+    from peer.records.events import record_exit
+
+    record_exit(settings.run_dir, settings.peer_id, code, reason)
 
 
 def _resume(settings):

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class Settings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    learning_service: Path | None = None  # the Unix socket of this machine's learning service
 
     @property
     def broker(self) -> str:
@@ -451,6 +453,15 @@ OPTIONS = [
         _choice(("debug", "info", "warning", "error")),
         "debug | info | warning | error (default info)",
     ),
+    (
+        "--learning-service",
+        "FL_LEARNING_SERVICE",
+        "learning_service",
+        Path,
+        "the Unix socket of this machine's learning service (python -m peer.learning.service), which runs the "
+        "learning jobs of every peer of the machine; the launchers start one per run of local peers. Without it, or "
+        "when it does not answer, the peer starts a service of its own",
+    ),
 ]
 
 ENV_NAMES = frozenset(env for _, env, _, _, _ in OPTIONS)
@@ -498,7 +509,7 @@ def _secret(path: Path | None, text: str | None) -> bytes | None:
     return None
 
 
-def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Flags, then FL_* variables, then defaults. Raises SettingsError naming the flag or variable at fault."""
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)

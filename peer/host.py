@@ -25,13 +25,15 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from peer.config import SettingsError, _peer_id, build_parser, load_settings, parse_shard
+from peer.node.banners import without_tensorflow_banners
+from peer.node.signals import StopSignals
 
 STOPPED = 130  # as `python -m peer` stopped by a signal
 CRASHED = 1
@@ -151,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, str]]) -> int:
     from peer.learning.data import DatasetError, load_shard
-    from peer.learning.learner import Learner
+    from peer.learning.link import LinkError
     from peer.learning.models import ModelError
+    from peer.learning.remote import RemoteLearner, ServiceHandle
     from peer.node.loop import Peer
+    from peer.records.events import record_exit
     from peer.records.run_dir import RunRecorder
 
     ids = [peer for peer, _, _ in hosted]
@@ -162,40 +166,43 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
 
     loggers = configure_host_logging(host, ids, base.log_level)
     log = logging.getLogger("peer")
-    learner: Learner | None = None
+    service = ServiceHandle(base.learning_service)  # the K peers' learning: the machine's service, or one of theirs
     learners = []
     # Every shard first, then every peer: a peer's loop counts from its construction, and one built before seconds
     # of loading would start out believing it had been frozen.
-    for peer_id, k, n in hosted:
-        settings = dataclasses.replace(base, peer_id=peer_id, shard=k, num_shards=n)
-        if peer_id in logins:
-            settings = dataclasses.replace(settings, username=logins[peer_id][0], password=logins[peer_id][1])
-        recorder = RunRecorder(settings.run_dir, peer_id)
-        try:
-            recorder.check_writable()
-            shard = load_shard(settings.shard_spec)
-        except OSError as err:
-            print(
-                f"python -m peer.host: error: the run dir {settings.run_dir} is not writable ({err.strerror or err})",
-                file=sys.stderr,
-            )
-            return 2
-        except DatasetError as err:
-            print(f"python -m peer.host: error: {peer_id}: {err}", file=sys.stderr)
-            return 2
-        recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
-        if learner is None:
-            learner = Learner(
-                settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model
+    with without_tensorflow_banners():
+        for peer_id, k, n in hosted:
+            settings = dataclasses.replace(base, peer_id=peer_id, shard=k, num_shards=n)
+            if peer_id in logins:
+                settings = dataclasses.replace(settings, username=logins[peer_id][0], password=logins[peer_id][1])
+            recorder = RunRecorder(settings.run_dir, peer_id)
+            try:
+                recorder.check_writable()
+            except OSError as err:
+                service.close()
+                return _error(f"the run dir {settings.run_dir} is not writable ({err.strerror or err})")
+            try:
+                labels = load_shard(settings.shard_spec, images=False)  # the images are the learning service's
+            except DatasetError as err:
+                service.close()
+                return _error(f"{peer_id}: {err}", base.run_dir, ids)
+            recorder.data(labels.describe(settings.shard_spec, settings.peer_id))
+            learner = RemoteLearner(
+                service,
+                peer_id,
+                settings.shard_spec,
+                labels,
+                settings.model,
+                settings.seed,
+                settings.epochs,
+                settings.batch_size,
             )
             try:
                 learner.prepare()
-            except ModelError as err:
-                print(f"python -m peer.host: error: {err}", file=sys.stderr)
-                return 2
+            except (ModelError, DatasetError, LinkError) as err:
+                service.close()
+                return _error(f"{peer_id}: {err}", base.run_dir, ids)
             learners.append((settings, learner))
-        else:
-            learners.append((settings, learner.twin(shard)))
     peers = [Peer(settings, mine, log=loggers[settings.peer_id]) for settings, mine in learners]
     log.info("hosting %d peers: %s", len(peers), ",".join(ids))
 
@@ -204,31 +211,42 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
     def run(peer: Peer) -> None:
         try:
             codes[peer.me] = peer.run()
-        except Exception:  # one peer's bug must not take the others down silently: say which, with the trace
+        except Exception as err:  # one peer's bug must not take the others down silently: say which, with the trace
             peer.log.exception("the peer's loop failed")
             codes[peer.me] = CRASHED
+            record_exit(base.run_dir, peer.me, CRASHED, f"crashed: {type(err).__name__}: {err}")
 
-    def stop(signum, frame):  # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     loops = Loops()
-    for peer in peers:
-        loops.start(run, peer, name=f"peer-loop-{peer.me}")
-    try:
-        loops.wait()
-    except KeyboardInterrupt:
-        # Leaving takes a moment (a fit in progress ends first): a second signal must not cut it short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        log.info("stopped by signal: every hosted peer leaves")
+    # SIGTERM (launcher shutdown, docker stop): every peer leaves cleanly, as on Ctrl-C.
+    with StopSignals() as stops:
         for peer in peers:
-            if peer.exit_code is None:
-                peer.log.info("stopped by signal")  # in each peer's own log, as a peer of its own says it
-                peer.exit_code = STOPPED  # its loop sees it within one tick and says goodbye on the broker
-        loops.wait(LEAVE_S)
+            loops.start(run, peer, name=f"peer-loop-{peer.me}")
+        try:
+            loops.wait()
+        except KeyboardInterrupt:
+            # Leaving takes a moment (a fit in progress ends first): a second signal must not cut it short.
+            stops.shield()
+            log.info("stopped by signal: every hosted peer leaves")
+            for peer in peers:
+                if peer.exit_code is None:
+                    peer.log.info("stopped by signal")  # in each peer's own log, as a peer of its own says it
+                    peer.exit_code = STOPPED  # its loop sees it within one tick and says goodbye on the broker
+            loops.wait(LEAVE_S)
+        finally:
+            service.close()
     failed = [codes.get(peer_id, STOPPED) for peer_id in ids if codes.get(peer_id, STOPPED) != 0]
     return failed[0] if failed else 0
+
+
+def _error(text: str, run_dir: Path | None = None, peers: Sequence[str] = ()) -> int:
+    """Say why the host cannot run its peers; each of `peers` records it as its `exit` event's reason too."""
+    print(f"python -m peer.host: error: {text}", file=sys.stderr)
+    if run_dir is not None:
+        from peer.records.events import record_exit
+
+        for peer_id in peers:
+            record_exit(run_dir, peer_id, 2, text)
+    return 2
 
 
 if __name__ == "__main__":

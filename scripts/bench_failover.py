@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from peer.node.signals import StopSignals
 from peer.records.run_dir import RunHistory, load_run, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
@@ -95,6 +95,11 @@ def wait_for(predicate, timeout: float):
 
 
 def main(argv: list[str] | None = None) -> int:
+    with StopSignals():  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv, extra = split_peer_args(argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_failover", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="controller kills to measure (default 20)")
@@ -125,10 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_failover: {args.peers} peers, {args.kills} kills, records in {run_dir}", flush=True)
     print(f"peer flags: {' '.join(peer_args)}", flush=True)
 
-    def interrupted(signum, frame):  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
     failovers, elections = [], []
     with LocalNetwork(run_dir, args.peers, peer_args) as net:
         if not wait_for(lambda: read_rounds(run_dir), 180):
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 chaos.record(run_dir, "cont", victim, "CONT")
             else:
                 net.procs[victim].wait(10)
-                shard = f"{int(victim.split('-')[1]) - 1}/{args.peers}"
-                net.start_peer(victim, shard)  # the same id comes back, as a user restarting it would
+                net.start_peer_by_id(victim)  # the same id comes back, on its shard, as a user restarting it would
             # let it rejoin before the next kill, so every kill meets a full network
             wait_for(
                 lambda: (

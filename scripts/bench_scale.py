@@ -5,25 +5,26 @@
 Each size is one run (scripts/localnet.py, real mosquitto, the peers K to a process with K = N / --processes rounded
 up, so a size always has the same number of TensorFlow runtimes): Fashion-MNIST, 500 training samples a peer, 10
 trainers and 10 evaluators a round, 10 rounds. After round 3 the process hosting the controller is SIGKILLed (its K
-peers die at once) and the run goes on with the others to round 10. Measured, from the run's records and logs:
+peers die at once) and the run goes on with the others to round 10. Measured, from the run's records:
 
 - s/round: median `duration_s` of rounds.csv (training order to metrics);
-- overhead: median of (round duration - the slowest fit of its trainers, as each trainer logged it, queueing for
-  its process's model included): the messaging, aggregation and evaluation part of a round;
+- overhead: median of (round duration - the slowest fit of its trainers, as each trainer's `job-done` event gives
+  it, queueing for its process's model included): the messaging, aggregation and evaluation part of a round;
 - election: the first election, from the first vote to the controller taking office; `all know`: to the last peer
-  logging who leads;
-- failover: from the SIGKILL to the next training order of a new term (the new controller's log line);
+  following it;
+- failover: from the SIGKILL to the next training order of a new term (the new controller's `sent` event);
 - PSS: the largest sum, sampled each second, of the peer processes' proportional set size (the broker's apart);
 - broker CPU: the broker's user + system CPU seconds over the run, and as a share of one core.
 
-Prints one table and draws a PNG. A benchmark, not a test: it prints what it measured and asserts nothing.
+Everything timed comes from the run's typed records (rounds.csv, and each peer's events.jsonl: `vote`, `office`,
+`follow`, `sent`, `job-done`), never from log lines. Prints one table and draws a PNG. A benchmark, not a test: it
+prints what it measured and asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import signal
 import statistics
 import sys
@@ -31,9 +32,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
+from peer.node.signals import StopSignals
+from peer.records.events import read_events
 from peer.records.run_dir import read_elections, read_rounds
 from scripts import chaos
 from scripts.localnet import LocalNetwork, split_peer_args
@@ -55,10 +57,6 @@ PEER_ARGS = [
     "60",
 ]
 KILL_AFTER_ROUND = 3
-LINE = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+\s+peer=(\S+) role=(\S+) term=(\d+) round=(\d+) "
-    r"phase=\S+ \| (.*)$"
-)
 
 
 @dataclass
@@ -120,40 +118,30 @@ class Sampler(threading.Thread):
             self.broker_kb = max(self.broker_kb, _pss_kb(self.net.broker.proc.pid))
 
 
-def _when(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def log_lines(net: LocalNetwork, peers: list[str]):
-    """(time, peer, role, term, text) of every log line of the peers."""
-    for peer in peers:
-        for line in net.peer_log(peer).splitlines():
-            match = LINE.match(line)
-            if match:
-                yield _when(match[1]), match[2], match[3], int(match[4]), match[6]
-
-
-def measure(net: LocalNetwork, peers: list[str], killed_at: float | None, killed_term: int | None):
-    lines = list(log_lines(net, peers))
-    votes = [t for t, _, _, term, text in lines if term == 1 and text.startswith("election for term 1 ")]
-    office = [t for t, _, _, _, text in lines if text.startswith("controller of term 1 ")]
-    known = [t for t, _, _, _, text in lines if text.startswith("term 1: controller is ")]
+def measure(run_dir: Path, killed_at: float | None, killed_term: int | None):
+    """From the peers' events (events.jsonl): the first election (first vote of term 1 to the controller taking
+    office), when the last peer knew its controller, the failover (the kill to the first training order of a later
+    term) and every fit's seconds, per (peer, term, round)."""
+    events = read_events(run_dir, kinds={"vote", "office", "follow", "sent", "job-done"})
+    votes = [e["t"] for e in events if e["event"] == "vote" and e.get("term") == 1]
+    office = [e["t"] for e in events if e["event"] == "office" and e.get("term") == 1]
+    known = [e["t"] for e in events if e["event"] == "follow" and e.get("term") == 1]
     election = min(office) - min(votes) if votes and office else None
     all_know = max(known) - min(votes) if votes and known else None
     failover = None
-    if killed_at is not None:
+    if killed_at is not None and killed_term is not None:
         orders = [
-            t
-            for t, _, role, term, text in lines
-            if role == "controller" and term > killed_term and t >= killed_at and ": training order to" in text
+            e["t"]
+            for e in events
+            if e["event"] == "sent" and e.get("kind") == "training" and e.get("term", 0) > killed_term
+            if e["t"] >= killed_at
         ]
         failover = min(orders) - killed_at if orders else None
     fits: dict[tuple[str, int, int], float] = {}
-    for _, peer, _, term, text in lines:
-        match = re.match(r"round (\d+): trained \d+ samples in ([\d.]+)s", text)
-        if match:
-            key = (peer, term, int(match[1]))
-            fits[key] = max(fits.get(key, 0.0), float(match[2]))
+    for e in events:
+        if e["event"] == "job-done" and e.get("kind") == "fit" and not e.get("error"):
+            key = (e["peer"], e.get("term", 0), e.get("round", 0))
+            fits[key] = max(fits.get(key, 0.0), float(e.get("seconds", 0.0)))
     return election, all_know, failover, fits
 
 
@@ -185,8 +173,7 @@ def run_size(n: int, processes: int, run_dir: Path, extra: list[str], timeout: f
         wall = time.time() - started
         sampler.done.set()
         sampler.join()
-    ids = [LocalNetwork.peer_id(i) for i in range(n)]
-    election, all_know, failover, fits = measure(net, ids, killed_at, killed_term)
+    election, all_know, failover, fits = measure(run_dir, killed_at, killed_term)
     rows = read_rounds(run_dir)
     durations = [r.duration_s for r in rows]
     overheads = []
@@ -297,6 +284,11 @@ def draw(results: list[Result], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with StopSignals():  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv, extra = split_peer_args(argv)
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -316,10 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     root = args.run_dir or Path(tempfile.mkdtemp(prefix="fl-scale-"))
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
     print(f"bench_scale: sizes {args.sizes}, {args.processes} processes each, records in {root}", flush=True)
     print(f"peer flags: {' '.join([*PEER_ARGS, *extra])}", flush=True)
     results = []

@@ -38,9 +38,9 @@ N-1+T copies (T solutions to the controller, the new model to the N-1 others), s
 / (N-1+T) / model bytes (1.0 = the goal met, control messages aside).
 
 Time: from the LONG run. s/round is the median of rounds.csv `duration_s` (training order to metrics); the
-overhead of a round is its duration minus its slowest fit ("trained N samples in X.Xs" in the peers' logs) and
-its slowest evaluation ("... test samples (X.Xs)"); logs without the evaluation's seconds give the overhead
-without it, marked `*`. Timings are wall-clock on a machine whose cores may be shared with other work: noisy.
+overhead of a round is its duration minus its slowest fit and its slowest evaluation (the `seconds` of the peers'
+`job-done` events, events.jsonl); a round whose model no peer evaluated gives the overhead without it, marked `*`.
+Timings are wall-clock on a machine whose cores may be shared with other work: noisy.
 Bytes are exact.
 
 `--accuracy`: cnn-small, N=5, T=4, 2000 training samples a peer, 10 rounds, per wire dtype (`--repeats` times, the
@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import sys
 import tempfile
@@ -67,7 +66,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from peer.records.run_dir import PEER_LOG_FILE, CheckpointError, load_run, read_checkpoint
+from peer.node.signals import StopSignals
+from peer.records.events import read_events
+from peer.records.run_dir import BROKER_LOG_FILE, CheckpointError, load_run, read_checkpoint
 from peer.wire.errors import ProtocolError
 from peer.wire.weights import WeightCodec
 from scripts.localnet import Broker, LocalNetwork, split_peer_args
@@ -148,37 +149,28 @@ def per_round(short: dict[str, int], long: dict[str, int], short_rounds: int, lo
     return {name: (long[name] - short[name]) / (long_rounds - short_rounds) for name in long if name in short}
 
 
-# --- the peers' logs --------------------------------------------------------------------------------------------------
-
-FIT_LINE = re.compile(r"round (\d+): trained (\d+) samples in ([0-9.]+)s")
-EVAL_LINE = re.compile(
-    r"round (\d+): global model scores accuracy [0-9.]+, loss \S+ on my \d+ test samples"
-    r"(?: \(([0-9.]+)s\))?"
-)
+# --- the peers' events -------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class JobTimes:
-    """Seconds of the fits and evaluations of one round, over every peer's log."""
+    """Seconds of the fits and evaluations of one round, over every peer (their `job-done` events)."""
 
     fits: list[float] = field(default_factory=list)
     evaluations: list[float] = field(default_factory=list)
-    untimed_evaluations: int = 0  # evaluation lines without their seconds (older code)
 
 
-def parse_job_times(logs: list[str]) -> dict[int, JobTimes]:
-    """Per round, the fit and evaluation seconds the peers logged."""
+def job_times(events: list[dict]) -> dict[int, JobTimes]:
+    """Per round, the seconds of every fit and evaluation that ended without error (events.jsonl `job-done`)."""
     rounds: dict[int, JobTimes] = {}
-    for text in logs:
-        for line in text.splitlines():
-            if match := FIT_LINE.search(line):
-                rounds.setdefault(int(match[1]), JobTimes()).fits.append(float(match[3]))
-            elif match := EVAL_LINE.search(line):
-                times = rounds.setdefault(int(match[1]), JobTimes())
-                if match[2] is None:
-                    times.untimed_evaluations += 1
-                else:
-                    times.evaluations.append(float(match[2]))
+    for event in events:
+        if event.get("event") != "job-done" or event.get("error") or not isinstance(event.get("round"), int):
+            continue
+        times = rounds.setdefault(event["round"], JobTimes())
+        if event.get("kind") == "fit":
+            times.fits.append(float(event["seconds"]))
+        elif event.get("kind") == "evaluate":
+            times.evaluations.append(float(event["seconds"]))
     return rounds
 
 
@@ -187,12 +179,12 @@ class RoundTime:
     round: int
     duration_s: float
     slowest_fit_s: float | None
-    slowest_evaluation_s: float | None  # None: the logs do not say
+    slowest_evaluation_s: float | None  # None: no peer evaluated this round's model
 
     @property
     def overhead_s(self) -> float | None:
-        """The round's duration beyond its slowest fit and slowest evaluation (beyond the fit alone when the
-        evaluation's seconds are unknown); None without a fit."""
+        """The round's duration beyond its slowest fit and slowest evaluation (beyond the fit alone when no
+        evaluation is known); None without a fit."""
         if self.slowest_fit_s is None:
             return None
         return self.duration_s - self.slowest_fit_s - (self.slowest_evaluation_s or 0.0)
@@ -208,7 +200,7 @@ def round_times(durations: dict[int, float], jobs: dict[int, JobTimes]) -> list[
                 number,
                 durations[number],
                 max(times.fits, default=None),
-                max(times.evaluations, default=None) if not times.untimed_evaluations else None,
+                max(times.evaluations, default=None),
             )
         )
     return result
@@ -272,7 +264,7 @@ def run_federation(
     run_dir: Path, peers: int, peer_args: list[str], rounds: int, trainers: int, env: dict | None, timeout: float
 ) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
-    broker = SysBroker(log_path=run_dir / "broker.log").start()
+    broker = SysBroker(log_path=run_dir / BROKER_LOG_FILE).start()
     started = time.monotonic()
     try:
         net = LocalNetwork(run_dir, peers, [*peer_args, "--max-rounds", str(rounds)], broker=broker, env=env)
@@ -308,8 +300,8 @@ def run_federation(
     )
 
 
-def peer_logs(run_dir: str | Path) -> list[str]:
-    return [path.read_text(errors="replace") for path in sorted(Path(run_dir).glob(f"peers/*/{PEER_LOG_FILE}"))]
+def peer_events(run_dir: str | Path) -> list[dict]:
+    return read_events(run_dir, kinds={"job-done"})
 
 
 # --- one configuration ------------------------------------------------------------------------------------------------
@@ -329,7 +321,7 @@ class Result:
     controller_bytes_per_round: float | None  # rounds.csv bytes_sent, mean over the long run's rounds
     s_per_round: float | None
     overhead_per_round: float | None
-    overhead_without_evaluation: bool  # the logs had no evaluation seconds: overhead includes evaluating
+    overhead_without_evaluation: bool  # a round without an evaluation's seconds: overhead includes evaluating
     clean: bool
     runs: list[dict]
     rounds: list[dict]
@@ -356,11 +348,11 @@ class Result:
         }
 
 
-def summarize(model: str, dtype: str, peers: int, trainers: int, short: Run, long: Run, logs: list[str]) -> Result:
-    """A configuration's figures from its SHORT and LONG runs and the LONG run's peer logs."""
+def summarize(model: str, dtype: str, peers: int, trainers: int, short: Run, long: Run, events: list[dict]) -> Result:
+    """A configuration's figures from its SHORT and LONG runs and the LONG run's peers' events."""
     growth = per_round(short.counters, long.counters, short.rounds, long.rounds)
     parameters = long.parameters or short.parameters
-    times = round_times(long.durations, parse_job_times(logs))
+    times = round_times(long.durations, job_times(events))
     overheads = [t.overhead_s for t in times if t.overhead_s is not None]
     without_evaluation = any(t.slowest_evaluation_s is None for t in times)
     controller = list(long.controller_bytes.values())
@@ -449,7 +441,7 @@ def table_notes(results: list[Result], short: int, long: int) -> list[str]:
         NOISE_NOTE,
     ]
     if any(r.overhead_without_evaluation and r.overhead_per_round is not None for r in results):
-        notes.append("*: the logs give no evaluation seconds, so this overhead still includes the evaluation")
+        notes.append("*: a round without an evaluation's seconds, so this overhead still includes the evaluation")
     for r in results:
         for run in r.runs:
             for problem in run["problems"]:
@@ -506,6 +498,11 @@ def config_args(model: str, dtype: str, legacy: bool) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with StopSignals():  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv, extra = split_peer_args(argv)
     parser = argparse.ArgumentParser(
         prog="python -m scripts.bench_wire",
@@ -583,10 +580,6 @@ def main(argv: list[str] | None = None) -> int:
         "600",
     ]
 
-    def interrupted(signum, frame):  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
     print(
         f"bench_wire: N={args.peers} peers, T={args.trainers} trainers, models {','.join(models)}, wire dtypes "
         f"{','.join(dtypes)}{' (legacy peers)' if args.legacy else ''}; records in {base}",
@@ -668,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                     f" B{'' if run.clean else '; unclean: ' + '; '.join(run.problems)}",
                     flush=True,
                 )
-            result = summarize(model, dtype, args.peers, args.trainers, runs[0], runs[1], peer_logs(runs[1].run_dir))
+            result = summarize(model, dtype, args.peers, args.trainers, runs[0], runs[1], peer_events(runs[1].run_dir))
             results.append(result)
     print()
     print(format_table(TABLE_COLUMNS, [table_row(r) for r in results]))

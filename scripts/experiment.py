@@ -22,9 +22,7 @@ import csv
 import json
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from graphs import plot_comparison
 from peer.config import SettingsError, build_parser, load_settings, number
 from peer.learning.data import DEFAULT_SEED
 from peer.learning.partition import DEFAULT_ALPHA, SCHEMES
+from peer.node.signals import StopSignals
 from peer.records.run_dir import RunDirError, global_series, load_run
 from scripts.localnet import LocalNetwork, split_peer_args
 
@@ -340,17 +339,6 @@ def write_outputs(
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _install_sigterm() -> object:
-    """SIGTERM becomes KeyboardInterrupt, so the running network is stopped on the way out like on Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupted)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -360,35 +348,38 @@ def main(argv: list[str] | None = None) -> int:
     # what the peers will actually use, defaults and user flags together (for titles and summary.json)
     dataset = load_settings(peer_args_for(partitions[0], args, peer_args)).dataset
     args.out.mkdir(parents=True, exist_ok=True)
-    previous = _install_sigterm()
     results: list[RunResult] = []
-    try:
-        for index, partition in enumerate(partitions, 1):
-            print(
-                f"experiment: [{index}/{len(partitions)}] {partition.label}: {args.peers} peers, "
-                f"{args.rounds} rounds, records in {args.out / partition.label}",
-                flush=True,
+    # SIGTERM ends the experiment like Ctrl-C: the running network is stopped on the way out.
+    with StopSignals():
+        try:
+            return _run_partitions(args, partitions, peer_args, dataset, results)
+        except KeyboardInterrupt:
+            print("\nexperiment: interrupted; every peer and broker of the current run was stopped", flush=True)
+            if results:
+                write_outputs(args.out, results, args, partitions, peer_args, dataset)
+            return 130
+
+
+def _run_partitions(args, partitions, peer_args, dataset, results: list[RunResult]) -> int:
+    """Each partition's run in turn (appended to `results` as it ends), then the outputs."""
+    for index, partition in enumerate(partitions, 1):
+        print(
+            f"experiment: [{index}/{len(partitions)}] {partition.label}: {args.peers} peers, "
+            f"{args.rounds} rounds, records in {args.out / partition.label}",
+            flush=True,
+        )
+        result = run_partition(partition, args, peer_args)
+        results.append(result)
+        print(
+            f"experiment: [{index}/{len(partitions)}] {partition.label}: "
+            + (
+                f"final accuracy {_fmt(result.final_accuracy)} after {result.rounds} rounds"
+                if result.ok
+                else f"FAILED ({result.error})"
             )
-            result = run_partition(partition, args, peer_args)
-            results.append(result)
-            print(
-                f"experiment: [{index}/{len(partitions)}] {partition.label}: "
-                + (
-                    f"final accuracy {_fmt(result.final_accuracy)} after {result.rounds} rounds"
-                    if result.ok
-                    else f"FAILED ({result.error})"
-                )
-                + f", {result.wall_s:.1f} s",
-                flush=True,
-            )
-    except KeyboardInterrupt:
-        print("\nexperiment: interrupted; every peer and broker of the current run was stopped", flush=True)
-        if results:
-            write_outputs(args.out, results, args, partitions, peer_args, dataset)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            + f", {result.wall_s:.1f} s",
+            flush=True,
+        )
     write_outputs(args.out, results, args, partitions, peer_args, dataset)
     print()
     print(format_table(results))

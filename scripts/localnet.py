@@ -1,7 +1,8 @@
 """A whole federation on this machine, without Docker: a real mosquitto on a free port and N peer processes.
 
-Used by `./up.sh --local`, the end-to-end tests, the benchmarks and the experiment script, so all of them run the
-network the same way.
+The one local network: `./up.sh --local` (in the launcher's own process), the end-to-end tests, the benchmarks and
+the experiment script all run it, so all of them run the network the same way. Standard library only, as the
+launcher: the peers run in the Python it is given (`python=`).
 
     python -m scripts.localnet --peers 5 --run-dir runs/demo -- --dataset fashion-mnist --max-rounds 3
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -28,28 +30,149 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
-from peer.records.run_dir import PEER_LOG_FILE, CheckpointError, killed_on_purpose, peer_dir, read_checkpoint
+from peer.node.signals import StopSignals
+from peer.records.run_dir import (
+    BROKER_LOG_FILE,
+    CheckpointError,
+    host_log,
+    killed_on_purpose,
+    peer_log,
+    read_checkpoint,
+)
 from peer.wire.ids import launched_peer_id, new_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
 _PEER_FIELD = re.compile(rb" peer=(\S+) ")
+MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
-class HostLines:
-    """Whose line this is, in the output of a host (peer.host) of several peers: the peer its `peer=<id>` field
-    names; a line naming none (a traceback's rest, the run summary table) belongs to the peer of the line before."""
+# --- the roster: which peers, on which shards, in which processes ------------------------------------------------------
 
-    def __init__(self):
-        self.current: str | None = None
 
-    def __call__(self, line: bytes) -> str | None:
-        match = _PEER_FIELD.search(line)
-        if match:
-            self.current = match[1].decode(errors="replace")
+def launched_shard(peer_id: str, shards: int) -> str:
+    """The shard of a launched peer: peer-K reads shard K-1 of `shards` (every launcher's one naming rule: peer-1..
+    peer-N on shards 0/N..N-1/N, so a peer restarted under its id gets its data back)."""
+    return f"{int(peer_id.rsplit('-', 1)[1]) - 1}/{shards}"
+
+
+def roster(count: int, shards: int | None = None, first: int = 1) -> list[tuple[str, str]]:
+    """(id, shard) of `count` launched peers from peer-`first`, on shards of `shards` (default: as many as peers)."""
+    shards = shards or first - 1 + count
+    return [(launched_peer_id(k), launched_shard(launched_peer_id(k), shards)) for k in range(first, first + count)]
+
+
+def processes_of(peers: list[str], per_process: int) -> list[list[str]]:
+    """The peers K to a process, in order (peer.host runs each group; a group of one is a `python -m peer`)."""
+    return [peers[i : i + per_process] for i in range(0, len(peers), per_process)]
+
+
+# --- the broker -------------------------------------------------------------------------------------------------------
+
+
+class MosquittoMissing(RuntimeError):
+    """No mosquitto on this machine; the message says how to install it here."""
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto broker's binary: on PATH, or where the distributions put it (often outside a user's PATH)."""
+    for candidate in (shutil.which("mosquitto"), *MOSQUITTO_PLACES):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def install_command(package: str) -> str:
+    """The exact command that installs a system package on this host."""
+    if platform.system() == "Darwin":
+        return f"brew install {package}"
+    ids = ""
+    try:
+        text = Path("/etc/os-release").read_text()
+        ids = " ".join(re.findall(r"^(?:ID|ID_LIKE)=\"?([^\"\n]*)", text, re.M))
+    except OSError:
+        pass
+    sudo = "" if os.geteuid() == 0 else "sudo "
+    for names, tool in (
+        ("debian ubuntu", "apt-get install -y"),
+        ("fedora rhel centos", "dnf install -y"),
+        ("arch", "pacman -S"),
+        ("alpine", "apk add"),
+        ("suse", "zypper install"),
+    ):
+        if any(name in ids.split() for name in names.split()):
+            return f"{sudo}{tool} {package}"
+    return f"{sudo}apt-get install -y {package}"
+
+
+# --- logs -------------------------------------------------------------------------------------------------------------
+
+
+class PeerLogs:
+    """Where each line of a peer process's output goes. A process of one peer: every line to its
+    `peers/<id>/peer.log`. A host of several (peer.host): each line to the log of the peer its `peer=<id>` field
+    names (a line naming none, a traceback's rest or the run summary table, goes with the line before it), and, when
+    `combined` is given, every line to the host's own log too (`hosts/<first peer>.log`)."""
+
+    def __init__(self, run_dir: Path, peers: list[str], combined: Path | None = None):
+        self.peers = list(peers)
+        self.current: str | None = peers[0] if len(peers) == 1 else None
+        self._files: dict[str, IO[bytes]] = {}
+        try:
+            for peer in peers:
+                path = peer_log(run_dir, peer)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._files[peer] = open(path, "ab")
+            if combined is not None:
+                combined.parent.mkdir(parents=True, exist_ok=True)
+                self._combined: IO[bytes] | None = open(combined, "ab")
+            else:
+                self._combined = None
+        except OSError:
+            self.close()
+            raise
+
+    def whose(self, line: bytes) -> str | None:
+        """The peer `line` is about (None: a host's line before any peer's, e.g. its own loading)."""
+        if len(self.peers) > 1:
+            match = _PEER_FIELD.search(line)
+            if match:
+                self.current = match[1].decode(errors="replace")
         return self.current
+
+    def write(self, line: bytes) -> str | None:
+        """Write `line` where it belongs, at once (a reader sees it as soon as it is said); whose line it was."""
+        peer = self.whose(line)
+        if self._combined is not None:
+            self._combined.write(line)
+            self._combined.flush()
+        out = self._files.get(peer) if peer is not None else None
+        if out is not None:
+            out.write(line)
+            out.flush()
+        return peer
+
+    def close(self) -> None:
+        for out in [*self._files.values(), *([self._combined] if self._combined else [])]:
+            out.close()
+        self._files, self._combined = {}, None
+
+    def __enter__(self) -> PeerLogs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def split_host_log(path: Path, peers: list[str], run_dir: Path) -> None:
+    """A host's whole log, kept at `path` (a container's, saved after it ran), line by line into its peers' logs."""
+    with PeerLogs(run_dir, peers) as logs, open(path, "rb") as combined:
+        for line in combined:
+            logs.write(line)
 
 
 def free_port() -> int:
@@ -94,9 +217,9 @@ class Broker:
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self) -> Broker:
-        binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        binary = find_mosquitto()
         if not binary:
-            raise SystemExit("mosquitto is not installed: `sudo apt-get install mosquitto` (Debian/Ubuntu)")
+            raise MosquittoMissing(f"the local network needs the mosquitto broker: {install_command('mosquitto')}")
         self._write_conf()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -133,6 +256,57 @@ class Broker:
         self.close()
 
 
+class LearningService:
+    """The machine's learning service for a network of local peers (`python -m peer.learning.service`): one
+    TensorFlow for all of them, its jobs `workers` at a time with `threads` threads in all."""
+
+    def __init__(
+        self,
+        log_path: Path | None = None,
+        workers: int = 1,
+        threads: int | None = None,
+        python: str = sys.executable,
+        env: dict | None = None,
+    ):
+        self._dir = Path(tempfile.mkdtemp(prefix="fl-learn-"))  # 0700: only this user reaches the socket
+        self.socket = self._dir / "learn.sock"
+        self.log_path, self.workers, self.threads = log_path, workers, threads or os.cpu_count() or 1
+        self.python, self.env = python, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LearningService:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [
+                self.python,
+                "-m",
+                "peer.learning.service",
+                "--socket",
+                str(self.socket),
+                "--workers",
+                str(self.workers),
+                "--threads",
+                str(self.threads),
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self  # not waited for: a peer waits for the socket when it first needs the service
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class LocalNetwork:
     """N peer processes against one broker. Every process it starts, it stops."""
 
@@ -151,6 +325,7 @@ class LocalNetwork:
         secret: bool = True,
         peer_env: dict[str, dict] | None = None,
         peers_per_process: int = 1,
+        learning_workers: int | None = None,
     ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
@@ -160,7 +335,7 @@ class LocalNetwork:
         self.run_dir = Path(run_dir)
         self.run_id = run_id or new_run_id(time.time())
         self._secret_dir = Path(tempfile.mkdtemp(prefix="fl-secret-")) if secret else None
-        self.secret_file = self._secret_dir / "federation.key" if secret else None
+        self.secret_file = self._secret_dir / "federation.key" if self._secret_dir else None
         if self.secret_file:
             self.secret_file.write_bytes(secrets.token_hex(32).encode())
             self.secret_file.chmod(0o600)
@@ -178,6 +353,14 @@ class LocalNetwork:
         self.hosts: dict[str, list[str]] = {}  # host name (its first peer's id) -> the peers it runs
         self._threads: list[threading.Thread] = []
         self._print_lock = threading.Lock()
+        # One learning service for every peer of the network (their jobs share the machine's cores); 0: none, each
+        # peer process starts its own.
+        workers = int(os.environ.get("SDFL_LEARNING_WORKERS", "1")) if learning_workers is None else learning_workers
+        self.learning = (
+            LearningService(self.run_dir / "learning.log", workers, python=python, env=self.env)
+            if workers > 0
+            else None
+        )
 
     @staticmethod
     def peer_id(index: int) -> str:
@@ -185,43 +368,58 @@ class LocalNetwork:
 
     def start(self) -> LocalNetwork:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.learning is not None:
+            self.learning.start()
         if self.broker is None:
-            self.broker = Broker(self.broker_port, log_path=self.run_dir / "broker.log").start()
-        if self.per_process == 1:
-            for index in range(self.count):
-                self.start_peer(self.peer_id(index), shard=f"{index}/{self.num_shards}")
-            return self
-        for first in range(0, self.count, self.per_process):
-            self.start_host(
-                [
-                    (self.peer_id(index), f"{index}/{self.num_shards}")
-                    for index in range(first, min(first + self.per_process, self.count))
-                ]
-            )
+            self.broker = Broker(self.broker_port, log_path=self.run_dir / BROKER_LOG_FILE).start()
+        shards = dict(roster(self.count, self.num_shards))
+        for group in processes_of(list(shards), self.per_process):
+            if self.per_process == 1:
+                self.start_peer(group[0], shards[group[0]])
+            else:
+                self.start_host([(peer_id, shards[peer_id]) for peer_id in group])
         return self
 
     def _common_args(self) -> list[str]:
+        assert self.broker is not None, "start() first"
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
+        if self.learning is not None:
+            run += ["--learning-service", str(self.learning.socket)]
         return ["--broker", self.broker.address, *run, "--run-dir", str(self.run_dir)]
 
-    def start_host(self, members: list[tuple[str, str]], extra_args: list[str] = ()) -> subprocess.Popen:
+    def start_peer(self, peer_id: str, shard: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
+        """One peer process (`python -m peer`)."""
+        cmd = [self.python, "-m", "peer", "--peer-id", peer_id, "--shard", shard, *self._common_args()]
+        return self._launch([peer_id], [*cmd, *self.peer_args, *extra_args], hosted=False)
+
+    def start_peer_by_id(self, peer_id: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
+        """The launched peer `peer_id` (peer-K) on its own shard (K-1): one joining late, or one started again under its
+        id after a kill, as a user restarting it would."""
+        return self.start_peer(peer_id, launched_shard(peer_id, self.num_shards), extra_args)
+
+    def start_host(self, members: list[tuple[str, str]], extra_args: Iterable[str] = ()) -> subprocess.Popen:
         """One process (peer.host) running the peers `members` [(id, shard)]; its name is its first peer's id."""
-        name = members[0][0]
-        ids = [peer_id for peer_id, _ in members]
-        log_path = self.run_dir / "hosts" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        for peer_id in ids:
-            peer_dir(self.run_dir, peer_id).mkdir(parents=True, exist_ok=True)
         hosted = ",".join(f"{peer_id}={shard}" for peer_id, shard in members)
-        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args(), *self.peer_args, *extra_args]
-        env = {**self.env, **self.peer_env.get(name, {})}
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        cmd = [self.python, "-m", "peer.host", "--hosted", hosted, *self._common_args()]
+        ids = [peer_id for peer_id, _ in members]
+        proc = self._launch(ids, [*cmd, *self.peer_args, *extra_args], hosted=True)
+        self.hosts[ids[0]] = ids
+        return proc
+
+    def _launch(self, ids: list[str], cmd: list[str], hosted: bool) -> subprocess.Popen:
+        """Start one process for the peers `ids`; a thread of its own takes its output to their logs."""
+        logs = PeerLogs(self.run_dir, ids, host_log(self.run_dir, ids[0]) if hosted else None)
+        env = {**self.env, **self.peer_env.get(ids[0], {})}
+        try:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        except OSError:
+            logs.close()
+            raise
         for peer_id in ids:
             self.procs[peer_id] = proc
-        self.hosts[name] = ids
-        thread = threading.Thread(target=self._pump_host, args=(name, ids, proc, log_path), daemon=True)
+        thread = threading.Thread(target=self._pump, args=(proc, logs, ids[0]), daemon=True)
         thread.start()
         self._threads.append(thread)
         return proc
@@ -230,66 +428,14 @@ class LocalNetwork:
         """The peers that share `peer_id`'s process (itself alone if it has one of its own)."""
         return next((ids for ids in self.hosts.values() if peer_id in ids), [peer_id])
 
-    def _pump_host(self, name: str, ids: list[str], proc: subprocess.Popen, log_path: Path) -> None:
-        """Each line to the log of the peer it names (`peer=<id>`); a line naming none (a traceback's rest, the run
-        summary) goes with the line before it. Everything also to the host's own log."""
-        logs = {peer_id: open(peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE, "ab") for peer_id in ids}
-        whose = HostLines()
-        try:
-            with open(log_path, "ab") as combined:
-                for line in proc.stdout:
-                    combined.write(line)
-                    current = whose(line)
-                    if current in logs:
-                        logs[current].write(line)
-                        logs[current].flush()
-                    combined.flush()
-                    if self.echo:
-                        with self._print_lock:
-                            sys.stdout.write(f"{current or name:>8} | {line.decode(errors='replace')}")
-                            sys.stdout.flush()
-        finally:
-            for log in logs.values():
-                log.close()
-
-    def start_peer(self, peer_id: str, shard: str, extra_args: list[str] = ()) -> subprocess.Popen:
-        log_path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
-        cmd = [
-            self.python,
-            "-m",
-            "peer",
-            "--broker",
-            self.broker.address,
-            "--peer-id",
-            peer_id,
-            "--shard",
-            shard,
-            *run,
-            "--run-dir",
-            str(self.run_dir),
-            *self.peer_args,
-            *extra_args,
-        ]
-        env = {**self.env, **self.peer_env.get(peer_id, {})}
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs[peer_id] = proc
-        thread = threading.Thread(target=self._pump, args=(peer_id, proc, log_path), daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        return proc
-
-    def _pump(self, peer_id: str, proc: subprocess.Popen, log_path: Path) -> None:
-        with open(log_path, "ab") as log:
+    def _pump(self, proc: subprocess.Popen, logs: PeerLogs, name: str) -> None:
+        with logs:
+            assert proc.stdout is not None
             for line in proc.stdout:
-                log.write(line)
-                log.flush()
+                whose = logs.write(line)
                 if self.echo:
                     with self._print_lock:
-                        sys.stdout.write(f"{peer_id:>8} | {line.decode(errors='replace')}")
+                        sys.stdout.write(f"{whose or name:>8} | {line.decode(errors='replace')}")
                         sys.stdout.flush()
 
     def signal(self, peer_id: str, sig: int) -> None:
@@ -330,11 +476,13 @@ class LocalNetwork:
                 proc.wait()
         if self.owns_broker and self.broker:
             self.broker.close()
+        if self.learning is not None:
+            self.learning.stop()
         if self._secret_dir:
             shutil.rmtree(self._secret_dir, ignore_errors=True)
 
     def peer_log(self, peer_id: str) -> str:
-        path = peer_dir(self.run_dir, peer_id) / PEER_LOG_FILE
+        path = peer_log(self.run_dir, peer_id)
         return path.read_text(errors="replace") if path.exists() else ""
 
     def __enter__(self):
@@ -364,14 +512,13 @@ def with_min_peers(peer_args: list[str], peers: int, environ=os.environ) -> list
 
 def start_dashboard(net: LocalNetwork, port: int) -> subprocess.Popen:
     """The live page of this network (graphs.live): an observer process; the federation does not depend on it."""
+    assert net.broker is not None, "start the network first"
     cmd = [net.python, "-m", "graphs.live", "--broker", net.broker.address, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
-    page = subprocess.Popen(
+    return subprocess.Popen(
         cmd, cwd=ROOT, env=net.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    print(f"localnet: live page http://127.0.0.1:{port}/", flush=True)
-    return page
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,10 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         run_id, peer_args = checkpoint.run_id, ["--resume", *peer_args]
         print(f"localnet: going on with run {run_id} after round {checkpoint.round}", flush=True)
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
     net = LocalNetwork(
         args.run_dir,
         args.peers,
@@ -445,12 +588,19 @@ def main(argv: list[str] | None = None) -> int:
         run_id=run_id,
         peers_per_process=args.peers_per_process,
     )
+    with StopSignals():  # SIGTERM stops every process it started, as Ctrl-C does
+        return _run(net, args)
+
+
+def _run(net: LocalNetwork, args: argparse.Namespace) -> int:
     page = None
     try:
         net.start()
         if args.dashboard_port:
             page = start_dashboard(net, args.dashboard_port)
+            print(f"localnet: live page http://127.0.0.1:{args.dashboard_port}/", flush=True)
         hosted = f" ({len(net.processes())} processes)" if args.peers_per_process > 1 else ""
+        assert net.broker is not None  # (started)
         print(
             f"localnet: broker {net.broker.address}, run {net.run_id}, {args.peers} peers{hosted}, records in "
             f"{args.run_dir}",
@@ -461,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlocalnet: stopping every peer and the broker", flush=True)
         net.stop()
         return 130
+    except MosquittoMissing as err:
+        print(f"python -m scripts.localnet: error: {err}", file=sys.stderr, flush=True)
+        net.stop()
+        return 1
     finally:
         if page is not None:
             page.terminate()

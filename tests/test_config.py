@@ -67,6 +67,10 @@ SAMPLES = {
     "--username": [("alice", {"username": "alice"}), ("bob", {"username": "bob"})],
     "--password": [("s3cret", {"password": "s3cret"}), ("p w", {"password": "p w"})],
     "--log-level": [("DEBUG", {"log_level": "debug"}), ("warning", {"log_level": "warning"})],
+    "--learning-service": [
+        ("/run/sdfl/learn.sock", {"learning_service": Path("/run/sdfl/learn.sock")}),
+        ("learn.sock", {"learning_service": Path("learn.sock")}),
+    ],
 }
 # A password alone is refused, so its samples need a user name too.
 NEEDS = {"--password": {"--username": "someone"}}
@@ -153,7 +157,7 @@ def test_a_bad_model_names_the_built_ins_and_the_forms():
     with pytest.raises(SettingsError) as err:
         load_settings(["--model=nonsense"], {})
     assert str(err.value).startswith(
-        "--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | cifar10-cnn) nor MODULE:FUNCTION"
+        "--model: 'nonsense' is not a built-in model (cnn-small | seed-cnn | cifar10-cnn | fedavg-cnn) nor MODULE:FUNCTION"
     )
     assert "FILE.py:FUNCTION" in str(err.value)
 

@@ -403,7 +403,7 @@ class Aggregator:
             raise ValueError("the global model has NaN or infinite values")
         shapes = [t.shape for t in origin]
 
-        entries = sorted((tuple(s) for s in solutions), key=lambda s: str(s[0]))
+        entries = sorted(((peer, weights, samples) for peer, weights, samples in solutions), key=lambda s: str(s[0]))
         copies = Counter(peer for peer, _, _ in entries)
         rejected: dict[str, str] = {}
         clamped: dict[str, tuple[int, int]] = {}
@@ -415,10 +415,11 @@ class Aggregator:
                 rejected[peer] = f"it sent {copies[peer]} solutions"
                 continue
             tensors, reason = _admit_weights(weights, shapes)
-            if reason is None:
+            count, cap = None, None
+            if tensors is not None:
                 count, cap, reason = _admit_samples(peer, samples, max_samples)
-            if reason is not None:
-                rejected[peer] = reason
+            if tensors is None or count is None:
+                rejected[peer] = reason or "refused"
                 continue
             if cap is not None:
                 clamped[peer] = (int(samples), cap)

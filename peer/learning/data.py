@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peer.learning.idx import IdxError, read_idx, read_idx_rows
+from peer.learning.idx import IdxError, load_idx
 from peer.learning.partition import DEFAULT_ALPHA, PartitionError, class_histogram, partition, split_train_test
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,9 @@ class DatasetError(RuntimeError):
 @dataclass
 class Shard:
     dataset: str
-    x_train: np.ndarray  # float32 in [0, 1], (n, H, W, C)
+    x_train: np.ndarray | None  # float32 in [0, 1], (n, H, W, C); None when only the labels were loaded
     y_train: np.ndarray  # int64 labels
-    x_test: np.ndarray
+    x_test: np.ndarray | None
     y_test: np.ndarray
     num_classes: int
     source: str
@@ -187,7 +187,7 @@ def _finish(
     shape = SHAPES[spec.dataset]
 
     def prepare(x):
-        return (np.asarray(x, dtype=np.float32) / 255.0).reshape((-1, *shape))
+        return None if x is None else (np.asarray(x, dtype=np.float32) / 255.0).reshape((-1, *shape))
 
     shard = Shard(
         spec.dataset,
@@ -208,41 +208,45 @@ def _finish(
     return shard
 
 
-def _from_idx(spec: ShardSpec, folder: Path) -> Shard:
+def _rows(path: Path | None, rows: np.ndarray, images: bool) -> np.ndarray | None:
+    """The images of `rows`, copied out of the (cached, memory-mapped) file; None when only labels are wanted."""
+    return np.asarray(load_idx(path)[rows]) if images and path is not None else None
+
+
+def _from_idx(spec: ShardSpec, folder: Path, images: bool = True) -> Shard:
     files = find_idx_files(folder)
     if files["test_images"] is None or files["test_labels"] is None:
         raise _missing(spec, f"no IDX files in {folder}; expected {expected_idx_files()}")
     num_classes = NUM_CLASSES[spec.dataset]
     if files["train_images"] and files["train_labels"]:
-        train_labels, test_labels = read_idx(files["train_labels"]), read_idx(files["test_labels"])
+        train_labels, test_labels = load_idx(files["train_labels"]), load_idx(files["test_labels"])
         train_rows, train_largest = _pick(train_labels, spec, num_classes, spec.train_samples)
         test_rows, test_largest = _pick(test_labels, spec, num_classes, spec.test_samples)
         return _finish(
             spec,
             str(folder),
-            read_idx_rows(files["train_images"], train_rows),
+            _rows(files["train_images"], train_rows, images),
             train_labels[train_rows],
-            read_idx_rows(files["test_images"], test_rows),
+            _rows(files["test_images"], test_rows, images),
             test_labels[test_rows],
             num_classes,
             (train_largest, test_largest),
         )
     # Only the test set: hold out a stratified, seeded fifth of it as test data (as scripts/split_dataset.py does),
     # then partition both parts alike.
-    labels = read_idx(files["test_labels"])
+    labels = load_idx(files["test_labels"])
     train_pool, test_pool = split_train_test(labels, TEST_ONLY_FRACTION, seed=spec.seed)
     cut = len(train_pool)
     train_picked, train_largest = _pick(labels[train_pool], spec, num_classes, spec.train_samples)
     test_picked, test_largest = _pick(labels[test_pool], spec, num_classes, spec.test_samples)
     train_rows, test_rows = train_pool[train_picked], test_pool[test_picked]
-    images = files["test_images"]
     log.info("only the test files are in %s: %d of its samples train, %d test", folder, cut, len(labels) - cut)
     return _finish(
         spec,
         f"{folder} (test set split {1 - TEST_ONLY_FRACTION:.0%}/{TEST_ONLY_FRACTION:.0%})",
-        read_idx_rows(images, train_rows),
+        _rows(files["test_images"], train_rows, images),
         labels[train_rows],
-        read_idx_rows(images, test_rows),
+        _rows(files["test_images"], test_rows, images),
         labels[test_rows],
         num_classes,
         (train_largest, test_largest),
@@ -313,7 +317,9 @@ def _from_keras(spec: ShardSpec) -> Shard:
     )
 
 
-def load_shard(spec: ShardSpec) -> Shard:
+def load_shard(spec: ShardSpec, images: bool = True) -> Shard:
+    """This peer's shard; with `images=False` only its labels (what a peer announces and records, in milliseconds:
+    its images are for the learner). DatasetError says what is missing and how to get it."""
     try:
         if spec.data_dir is not None:
             folder = Path(spec.data_dir)
@@ -321,11 +327,11 @@ def load_shard(spec: ShardSpec) -> Shard:
                 raise _missing(spec, f"--data-dir {folder} is not a folder")
             if (folder / SPLIT_MANIFEST).is_file():
                 return _from_split(spec, folder)
-            return _from_idx(spec, folder)
+            return _from_idx(spec, folder, images)
         if spec.dataset == "fashion-mnist":
             for folder in (DEBIAN_FASHION_MNIST, keras_cache() / "fashion-mnist"):
                 if find_idx_files(folder)["test_labels"]:
-                    return _from_idx(spec, folder)
+                    return _from_idx(spec, folder, images)
         return _from_keras(spec)
     except (IdxError, PartitionError) as err:
         raise DatasetError(f"dataset {spec.dataset!r}: {err}") from None

@@ -7,6 +7,8 @@ per dimension, then the data. Only unsigned-byte files exist in these datasets, 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import struct
 from pathlib import Path
 
@@ -78,3 +80,51 @@ def read_idx_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
             out[target] = np.frombuffer(data, dtype=np.uint8).reshape(row_shape)
             position = wanted + 1
     return out
+
+
+# --- the cache: each IDX file decompressed once, then memory-mapped ----------------------------------------------------
+
+
+def cache_dir() -> Path | None:
+    """Where decompressed datasets are kept: $SDFL_CACHE_DIR, else $XDG_CACHE_HOME/sdfl, else ~/.cache/sdfl; None
+    when caching is off (SDFL_CACHE_DIR=off)."""
+    chosen = os.environ.get("SDFL_CACHE_DIR")
+    if chosen == "off":
+        return None
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdfl"
+
+
+def _cached_path(path: Path, folder: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    return folder / "idx" / f"{path.name.removesuffix('.gz')}-{key}.npy"
+
+
+def load_idx(path: str | Path) -> np.ndarray:
+    """The whole array of an IDX file, read-only. Decompressed and parsed once per machine: the array is kept as a
+    .npy file in `cache_dir()` and memory-mapped afterwards, so every peer of a machine loads its shard in
+    milliseconds and shares the pages of the dataset with the others. A cache that cannot be written (a read-only
+    home in a container, a full disk) is no error: the file is then read as `read_idx` does."""
+    path = Path(path)
+    folder = cache_dir()
+    if folder is None:
+        return read_idx(path)
+    try:
+        cached = _cached_path(path, folder)
+        if cached.is_file():
+            return np.load(cached, mmap_mode="r")
+    except (OSError, ValueError):
+        pass  # unreadable or damaged: read the source, and try to write a good copy
+    array = read_idx(path)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        with open(temp, "wb") as out:
+            np.save(out, array)
+        os.replace(temp, cached)
+        return np.load(cached, mmap_mode="r")
+    except OSError:
+        return array

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,11 +27,14 @@ class Learner:
         self.dataset, self.shard = dataset, shard
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.model_name = models.check_spec(model) if model else models.default_model(dataset)
-        self._model = None
-        self._initial: list[np.ndarray] | None = None
+        self._model: Any = None  # the Keras model, built by prepare()
+        self._initial: list[np.ndarray] = []
         self._tensors: list[tuple[tuple[int, ...], str]] = []  # (shape, dtype) of each weight tensor, once built
         # The learner thread fits while the main loop may save the final model: one user of the model at a time.
         self._lock = threading.Lock()
+        # The digest of the weights the Keras model holds now, if they are a known model's (shared with the twins,
+        # like the model): a second evaluation of one global model skips setting 1.6M weights again.
+        self._holds: dict[str, str | None] = {"digest": None}
 
     def prepare(self) -> None:
         """Import TensorFlow and build the model now, before joining: seconds of work that would otherwise stall
@@ -60,18 +64,13 @@ class Learner:
         and one learning job at a time in the process: its peers share its one or two cores anyway."""
         self.prepare()
         other = Learner(self.dataset, shard, self.epochs, self.batch_size, self.seed, self.model_name)
-        other._model, other._initial, other._lock = self._model, self._initial, self._lock
+        other._model, other._initial, other._lock, other._holds = self._model, self._initial, self._lock, self._holds
         other._tensors = self._tensors
         return other
 
     def sample_counts(self) -> tuple[int, int]:
         """(train, test) samples of this peer's shard: announced to the others, the most it may declare."""
         return (int(len(self.shard.y_train)), int(len(self.shard.y_test))) if self.shard else (0, 0)
-
-    def count_bound(self) -> tuple[int, int] | None:
-        """The most (train, test) samples any shard of this run's partition holds (`Shard.largest`): what no peer
-        may claim to have more of. None if unknown (a pre-split folder)."""
-        return self.shard.largest if self.shard else None
 
     def _weights(self) -> list[np.ndarray]:
         return [np.asarray(w, np.float32) for w in self._model.get_weights()]
@@ -80,34 +79,60 @@ class Learner:
         self.prepare()
         return [w.copy() for w in self._initial]
 
-    def fit(self, weights: list[np.ndarray]) -> tuple[list[np.ndarray], int, float]:
-        """Train the given global weights on this peer's shard: (new weights, samples, last training loss)."""
+    def _hold(self, weights: list[np.ndarray], digest: str | None) -> None:
+        if digest is None or digest != self._holds["digest"]:
+            self._model.set_weights(weights)
+        self._holds["digest"] = digest
+
+    def fit(self, weights: list[np.ndarray], digest: str | None = None) -> tuple[list[np.ndarray], int, float]:
+        """Train the given global weights (named `digest`, if known) on this peer's shard: (new weights, samples,
+        last training loss)."""
         self.prepare()
         with self._lock:
-            self._model.set_weights(weights)
+            self._hold(weights, digest)
+            self._holds["digest"] = None  # trained: no longer the model it started from
+            x_train, y_train, _, _ = self._data()
             history = self._model.fit(
-                self.shard.x_train,
-                self.shard.y_train,
+                x_train,
+                y_train,
                 epochs=self.epochs,
                 batch_size=self.batch_size,
                 shuffle=True,
                 verbose=0,
             )
-            return self._weights(), int(len(self.shard.y_train)), float(history.history["loss"][-1])
+            return self._weights(), int(len(y_train)), float(history.history["loss"][-1])
 
-    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]:
-        """(accuracy, loss, samples) of the given weights on this peer's test shard."""
+    def evaluate(self, weights: list[np.ndarray], digest: str | None = None) -> tuple[float, float, int]:
+        """(accuracy, loss, samples) of the given weights (named `digest`, if known) on this peer's test shard."""
         self.prepare()
         with self._lock:
-            self._model.set_weights(weights)
-            results = self._model.evaluate(
-                self.shard.x_test, self.shard.y_test, batch_size=256, verbose=0, return_dict=True
-            )
-        return models.accuracy_of(results), float(results["loss"]), int(len(self.shard.y_test))
+            self._hold(weights, digest)
+            _, _, x_test, y_test = self._data()
+            results = self._model.evaluate(x_test, y_test, batch_size=256, verbose=0, return_dict=True)
+        return models.accuracy_of(results), float(results["loss"]), int(len(y_test))
+
+    def warm(self) -> None:
+        """Fit and evaluate one batch, so that the first real job does not pay for tracing Keras's functions (a
+        second or so, which would otherwise land in the first round)."""
+        self.prepare()
+        with self._lock:
+            x_train, y_train, x_test, y_test = self._data()
+            self._holds["digest"] = None
+            n = min(self.batch_size, len(y_train), len(y_test))
+            self._model.fit(x_train[:n], y_train[:n], epochs=1, batch_size=n, verbose=0)
+            self._model.evaluate(x_test[:n], y_test[:n], batch_size=256, verbose=0)
+
+    def _data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x_train, y_train, x_test, y_test) of this learner's shard, images included."""
+        shard = self.shard
+        if shard is None or shard.x_train is None or shard.x_test is None:
+            raise RuntimeError("this learner holds no images: it can build the model, not fit or evaluate it")
+        return shard.x_train, shard.y_train, shard.x_test, shard.y_test
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:
         self.prepare()
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._model.set_weights(weights)
+            self._holds["digest"] = None
             self._model.save(path)

@@ -128,22 +128,30 @@ def tensors_of(model) -> list[tuple[tuple[int, ...], str]]:
 # --- Keras and the built-ins -------------------------------------------------------------------------------------------
 
 _configured = False
+_threads = (1, 1)  # TensorFlow's intra-op and inter-op pools in this process
+
+
+def configure_threads(intra: int, inter: int = 1) -> None:
+    """The threads TensorFlow's pools get in this process: the learning service sizes them to the machine; a process
+    that imports Keras without it keeps one of each. Effective only before Keras is first imported."""
+    global _threads
+    _threads = (intra, inter)
 
 
 def keras_module():
-    """Import Keras with TensorFlow kept small: several peers share two cores, so one thread each."""
+    """Import Keras with TensorFlow's thread pools sized as configured (`configure_threads`)."""
     global _configured
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # oneDNN's start-up notice bypasses TF_CPP_MIN_LOG_LEVEL and would break the one-line-per-event logs; its
-    # speed-up on models this small is within noise. Set TF_ENABLE_ONEDNN_OPTS=1 to have it anyway.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    # oneDNN stays on (TensorFlow's default): it halves the CPU time of a convolutional model's fit. Its start-up
+    # notice bypasses TF_CPP_MIN_LOG_LEVEL; the learning service, the one process that imports TensorFlow, keeps
+    # it out of the logs (peer.learning.service).
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import tensorflow as tf
 
     if not _configured:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(_threads[0])
+        tf.config.threading.set_inter_op_parallelism_threads(_threads[1])
         _configured = True
     return keras
 
@@ -203,7 +211,30 @@ def cifar10_cnn(input_shape: tuple, num_classes: int):
     return _classifier(input_shape, num_classes, body, keras.optimizers.Adam(1e-3))
 
 
-_FACTORIES: dict[str, Callable] = {"cnn-small": cnn_small, "seed-cnn": seed_cnn, "cifar10-cnn": cifar10_cnn}
+def fedavg_cnn(input_shape: tuple, num_classes: int):
+    """The CNN of the FedAvg paper (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data"): two 5x5 convolutions of 32 and 64 channels, each followed by 2x2 max pooling, a dense layer
+    of 512, softmax: 1,663,370 parameters on 28x28 inputs. Plain SGD, as in the paper (its rate tuned per setting;
+    0.05 here)."""
+    keras = keras_module()
+    layers = keras.layers
+    body = [
+        layers.Conv2D(32, 5, activation="relu", padding="same"),
+        layers.MaxPooling2D(2),
+        layers.Conv2D(64, 5, activation="relu", padding="same"),
+        layers.MaxPooling2D(2),
+        layers.Flatten(),
+        layers.Dense(512, activation="relu"),
+    ]
+    return _classifier(input_shape, num_classes, body, keras.optimizers.SGD(learning_rate=0.05))
+
+
+_FACTORIES: dict[str, Callable] = {
+    "cnn-small": cnn_small,
+    "seed-cnn": seed_cnn,
+    "cifar10-cnn": cifar10_cnn,
+    "fedavg-cnn": fedavg_cnn,
+}
 BUILT_INS = tuple(_FACTORIES)
 
 
@@ -214,20 +245,20 @@ def load_factory(spec: Spec) -> Callable:
     """The function the spec names, imported; ModelError says what is missing and how to fix it."""
     if spec.builtin:
         return _FACTORIES[spec.builtin]
-    where = f"--model {spec.text}"
+    where, function = f"--model {spec.text}", spec.function or ""
     if spec.path is not None:
-        module, place = _import_file(spec, where), str(spec.path)
+        module, place = _import_file(spec.path, where), str(spec.path)
     else:
-        module, place = _import_module(spec, where), f"module {spec.module}"
-    if not hasattr(module, spec.function):
+        module, place = _import_module(spec.module or "", function, where), f"module {spec.module}"
+    if not hasattr(module, function):
         found = sorted(
             name
             for name, value in vars(module).items()
             if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
         )
         hint = f" (its functions: {', '.join(found)})" if found else ""
-        raise ModelError(f"{where}: {place} has no function {spec.function}{hint}")
-    factory = getattr(module, spec.function)
+        raise ModelError(f"{where}: {place} has no function {function}{hint}")
+    factory = getattr(module, function)
     if not callable(factory):
         raise ModelError(
             f"{where}: {spec.function} in {place} is a {type(factory).__name__}, not a function; name "
@@ -236,8 +267,7 @@ def load_factory(spec: Spec) -> Callable:
     return factory
 
 
-def _import_file(spec: Spec, where: str):
-    path = spec.path
+def _import_file(path: Path, where: str):
     if not path.is_file():
         raise ModelError(
             f"{where}: there is no file {path} (a relative path counts from the folder the peer runs in, {Path.cwd()})"
@@ -258,18 +288,18 @@ def _import_file(spec: Spec, where: str):
     return module
 
 
-def _import_module(spec: Spec, where: str):
+def _import_module(name: str, function: str, where: str):
     try:
-        return importlib.import_module(spec.module)
+        return importlib.import_module(name)
     except ModuleNotFoundError as err:
-        if err.name and (spec.module == err.name or spec.module.startswith(err.name + ".")):
+        if err.name and (name == err.name or name.startswith(err.name + ".")):
             raise ModelError(
                 f"{where}: no module named {err.name} (put it in the folder the peer runs in, "
-                f"{Path.cwd()}, or on PYTHONPATH; or name a file: path/to/file.py:{spec.function})"
+                f"{Path.cwd()}, or on PYTHONPATH; or name a file: path/to/file.py:{function})"
             ) from None
-        raise ModelError(f"{where}: importing {spec.module} failed: {_one_line(err)}") from None
+        raise ModelError(f"{where}: importing {name} failed: {_one_line(err)}") from None
     except Exception as err:  # the user's code may raise anything; one line says what, no traceback
-        raise ModelError(f"{where}: importing {spec.module} failed: {_one_line(err)}") from None
+        raise ModelError(f"{where}: importing {name} failed: {_one_line(err)}") from None
 
 
 def _one_line(err: BaseException) -> str:

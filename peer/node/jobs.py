@@ -1,6 +1,7 @@
 """The learner thread: runs learning jobs (`actions.StartJob`) one at a time, in order, and posts a `JobDone` event on
-the peer's queue for each. Fitting takes seconds, so it must not run on the peer's loop, which keeps answering
-elections and heartbeats meanwhile. A job that is no longer wanted when its turn comes (its term is over) is skipped.
+the peer's queue for each. A job takes seconds (the machine's learning service does it: `peer.learning.remote`), so
+it must not hold up the peer's loop, which keeps answering elections and heartbeats meanwhile. A job that is no
+longer wanted when its turn comes (its term is over) is skipped.
 """
 
 from __future__ import annotations
@@ -10,14 +11,30 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
-from peer.learning.learner import Learner
+import numpy as np
+
 from peer.roles.actions import JobDone, StartJob
+
+
+class Learning(Protocol):
+    """What the node needs of its learning (`peer.learning.remote.RemoteLearner`; a fake in the node's tests)."""
+
+    def sample_counts(self) -> tuple[int, int]: ...
+    def count_bound(self) -> tuple[int, int] | None: ...
+    def fingerprint(self) -> str: ...
+    def model_description(self) -> str: ...
+    def initial_weights(self) -> list[np.ndarray]: ...
+    def fit(self, weights: list[np.ndarray]) -> tuple[list[np.ndarray], int, float]: ...
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]: ...
+    def save(self, weights: list[np.ndarray], path: Path) -> None: ...
 
 
 class JobRunner:
     def __init__(
-        self, learner: Learner, events: queue.Queue, still_wanted: Callable[[StartJob], bool], log: logging.Logger
+        self, learner: Learning, events: queue.Queue, still_wanted: Callable[[StartJob], bool], log: logging.Logger
     ):
         self.learner, self.events, self.still_wanted, self.log = learner, events, still_wanted, log
         self.jobs: queue.Queue[StartJob | None] = queue.Queue()

@@ -18,12 +18,17 @@ LOG_FORMAT = (
 class PeerState(Protocol):
     """What a log line says of the peer (`peer.node.loop.Peer` has it)."""
 
-    role_name: str
-    current_round: int
-    phase: str | None
+    @property
+    def role_name(self) -> str: ...
 
     @property
     def term(self) -> int: ...
+
+    @property
+    def current_round(self) -> int: ...
+
+    @property
+    def phase(self) -> str | None: ...
 
 
 class LogContext(logging.Filter):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import queue
 import random
@@ -23,8 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from peer.config import Settings
-from peer.learning.learner import Learner
-from peer.node.jobs import JobRunner
+from peer.node.jobs import JobRunner, Learning
 from peer.node.logs import Quota, attach, configure_logging
 from peer.node.transport import BrokerRefused, Connected, Disconnected, Inbound, MqttTransport
 from peer.records.checkpoint import RunState, checkpoint_state
@@ -65,7 +65,18 @@ from peer.roles.rounds import ModelStore
 from peer.wire.chunks import Pending
 from peer.wire.envelope import Seal, Stamper, new_incarnation
 from peer.wire.errors import Refused
-from peer.wire.messages import Claim, Finish, Init, Message, Presence, Vote
+from peer.wire.messages import (
+    Aggregation,
+    Claim,
+    Finish,
+    Heartbeat,
+    Init,
+    Message,
+    Metrics,
+    Presence,
+    Training,
+    Vote,
+)
 from peer.wire.session import MAX_AGE_S, Delivered, Inbox, OffClock, Outbox
 from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
@@ -80,7 +91,7 @@ class Peer:
     def __init__(
         self,
         settings: Settings,
-        learner: Learner,
+        learner: Learning,
         rng: random.Random | None = None,
         transport=None,
         runner=None,
@@ -119,6 +130,7 @@ class Peer:
             tuple(tuple(w.shape) for w in learner.initial_weights()),
             keep_solutions_up_to=settings.max_message_bytes,
             stop_rules=(settings.max_rounds, settings.target_accuracy),
+            answers_expire_after=max(1, math.ceil(settings.round_deadline)),
         )
         # The most samples any peer may declare: computed from the run's data settings, like every peer does; with
         # --data-dir (each peer's own data) unknown, and the controller bounds counts by the others' instead.
@@ -371,7 +383,7 @@ class Peer:
             return self._refused(verdict, "admission")
         ROUTES[verdict](self, message, delivered.size, now)
 
-    def _run_other_model(self, message: Message, size: int, now: float) -> None:
+    def _run_other_model(self, message: Heartbeat, size: int, now: float) -> None:
         self.log.error(
             "this run's model (fingerprint %s, controller %s) is not this peer's (%s, %s): start this "
             "peer with the run's --model and --dataset",
@@ -423,7 +435,7 @@ class Peer:
     def _announcement(self, message: Init, size: int, now: float) -> None:
         self.announced[message.peer] = (message.train_samples, message.test_samples)
         self.carry_out(self.election.on_init(message.peer, message.term, now), now)
-        self.peer_up(message.peer, now, self.announced[message.peer])
+        self.peer_up(message.peer, now, self.announced[message.peer], returned=not message.reply)
         if message.peer != self.me and not message.reply:
             # A newcomer, or a peer back on the broker, learns from the answers who is here and what each holds.
             self._answer_newcomer(now)
@@ -436,22 +448,24 @@ class Peer:
     def _claim(self, message: Claim, size: int, now: float) -> None:
         self.carry_out(self.election.on_claim(message.term, message.peer, message.reason, message.members, now), now)
 
-    def _retained_leader(self, message: Message, size: int, now: float) -> None:
+    def _retained_leader(self, message: Claim | Heartbeat, size: int, now: float) -> None:
         leader = message.peer if isinstance(message, Claim) else message.controller
         self.carry_out(self.election.on_retained(message.term, leader, now, claim=isinstance(message, Claim)), now)
 
-    def _retained_model(self, message: Message, size: int, now: float) -> None:
+    def _retained_model(self, message: Aggregation, size: int, now: float) -> None:
         self.carry_out(self.follower.on_retained_model(message, self.election.controller), now)
 
-    def _run_finished(self, message: Message, size: int, now: float) -> None:
+    def _run_finished(self, message: Finish, size: int, now: float) -> None:
         self.carry_out(self.follower.on_finished_run(message), now)
 
-    def _from_controller(self, message: Message, size: int, now: float) -> None:
+    def _from_controller(
+        self, message: Heartbeat | Training | Aggregation | Metrics | Finish, size: int, now: float
+    ) -> None:
         self.carry_out(self.election.on_controller_seen(message.term, message.controller, now), now)
         verdict = entitled(message, self._view())
         if isinstance(verdict, Refused):
             self._refused(verdict, "admission")
-        elif verdict is Route.RUN_OTHER_MODEL:
+        elif verdict is Route.RUN_OTHER_MODEL and isinstance(message, Heartbeat):
             self._run_other_model(message, size, now)
         else:
             self.carry_out(self.follower.on_controller(message), now)
@@ -532,10 +546,10 @@ class Peer:
             )
             self.exit_code = EXIT_DUPLICATE
 
-    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> None:
+    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None, returned: bool = False) -> None:
         self.carry_out(self.election.peer_up(peer, now), now)
         if self.controller:
-            self.carry_out(self.controller.peer_up(peer, now, samples), now)
+            self.carry_out(self.controller.peer_up(peer, now, samples, returned), now)
 
     def peer_gone(self, peer: str, now: float) -> None:
         if peer == self.me or peer not in self.election.live:
@@ -566,13 +580,12 @@ class Peer:
             for frame in publication.frames:
                 self.transport.publish(frame.topic, frame.payload, retain=frame.retain, expiry=frame.expiry)
         if message.TOPIC in EVENT_KINDS:
-            self._event(
-                "sent",
-                kind=message.TOPIC,
-                term=message.term,
-                round=message.round,
-                **({"trainers": message.trainers, "attempt": message.attempt} if message.TOPIC == "training" else {}),
-            )
+            fields = {
+                name: getattr(message, name)
+                for name in ("term", "round", "attempt", "trainers")
+                if hasattr(message, name) and (name != "trainers" or message.TOPIC == "training")
+            }
+            self._event("sent", kind=message.TOPIC, **fields)
 
     def _announce(self, reply: bool = False) -> None:
         self._answer_due = None  # every init of ours reaches every newcomer heard so far: it answers them all

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -79,7 +80,7 @@ class MqttTransport:
         )
         if username:
             self.client.username_pw_set(username, password)
-        self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)  # type: ignore[arg-type]  # paho takes floats
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -160,7 +161,7 @@ class MqttTransport:
                 except (RuntimeError, ValueError):
                     break  # not connected: paho queues the rest, as for any message
 
-    def close(self, last: list[tuple[str, bytes, bool]] = (), timeout: float = 5.0) -> None:
+    def close(self, last: Sequence[tuple[str, bytes, bool]] = (), timeout: float = 5.0) -> None:
         """Publish the last messages, wait (bounded) until the broker has them, and disconnect cleanly, which
         tells the broker not to send the Last Will."""
         infos = [self.publish(topic, payload, retain) for topic, payload, retain in last] if self.connected else []

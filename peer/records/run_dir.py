@@ -41,6 +41,8 @@ EVALUATIONS_FILE = "evaluations.csv"
 DATA_FILE = "data.json"
 STATUS_FILE = "status.json"
 PEER_LOG_FILE = "peer.log"
+BROKER_LOG_FILE = "broker.log"  # the broker's output (written by the launchers)
+HOSTS_DIR = "hosts"  # the whole output of each process that hosts several peers (written by the launchers)
 CHECKPOINT_DIR = "checkpoint"  # the run's state after its last finished round, for --resume
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -50,6 +52,16 @@ ID_LIST_SEPARATOR = ";"
 def peer_dir(run_dir: str | Path, peer: str) -> Path:
     """RUN_DIR/peers/<id>: the files one peer writes (and its log, in local runs)."""
     return Path(run_dir) / PEERS_DIR / peer
+
+
+def peer_log(run_dir: str | Path, peer: str) -> Path:
+    """RUN_DIR/peers/<id>/peer.log: the peer's log as the launcher keeps it (the lines a host wrote about it)."""
+    return peer_dir(run_dir, peer) / PEER_LOG_FILE
+
+
+def host_log(run_dir: str | Path, first_peer: str) -> Path:
+    """RUN_DIR/hosts/<first peer>.log: the whole output of the process (or container) whose first peer is that."""
+    return Path(run_dir) / HOSTS_DIR / f"{first_peer}.log"
 
 
 # --- rows: one dataclass per CSV file, its fields are the file's columns in order -------------------------------------

@@ -137,7 +137,7 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
     return Refused(f"no rule admits a {message.TYPE}", "warning")
 
 
-def entitled(message: Message, view: View) -> Route | Refused:
+def entitled(message: Heartbeat | Training | Aggregation | Metrics | Finish, view: View) -> Route | Refused:
     """After the election has seen a controller's message: `Route.FROM_CONTROLLER` if this peer acts on it (it
     follows that controller in that term), `Route.RUN_OTHER_MODEL` if that controller's heartbeat names another
     model than ours (the run is not for this peer), else why not. The sender first, then what it says."""

@@ -16,6 +16,7 @@ round is lost and none is counted twice.
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -124,14 +125,15 @@ class Controller:
         self.suspects: set[str] = set()  # trainers whose solutions broke a limit this term: chosen last
         self.missed: dict[str, int] = {}  # members' answers (solutions, evaluations) missed in a row this term
         self.capped: set[str] = set()  # members whose announced counts were lowered (said once)
-        self.model = memory.latest
-        if self.model is None and initial_weights is None:
+        if memory.latest is None and initial_weights is None:
             raise ValueError("a controller without a global model needs initial weights")
-        self.initial_weights = initial_weights
+        # A run without a global model yet starts from the initial weights as round 0 (`take_office` adopts them).
+        self.fresh = memory.latest is None
+        self.model: GlobalModel = memory.latest or GlobalModel(0, term, initial_weights or [])
         self.history: dict[int, RoundSummary] = dict(memory.finished)
         self.run_started = memory.run_started
         self.phase = Phase.STARTING
-        self.round = self.model.round if self.model else 0
+        self.round = self.model.round
         self.solutions: SolutionCollector | None = None
         self.evaluations: EvaluationCollector | None = None
         self.attempt = 0
@@ -162,8 +164,8 @@ class Controller:
             self.run_started = self._wall(now)
         for peer in sorted(self.announced):
             out += self._note_capped(peer)
-        if self.model is None:
-            out += self._adopt(GlobalModel(0, self.term, self.initial_weights))
+        if self.fresh:
+            out += self._adopt(self.model)
             out.append(Log("no global model yet: starting from a fresh model (round 0)"))
             return out + self._publish_model(now)
         if self.model.round not in self.history:
@@ -180,15 +182,18 @@ class Controller:
         """A solution or an evaluation of this term (`size`: its payload bytes, counted in the round's traffic)."""
         out: list[Action] = []
         if isinstance(message, Solution):
-            if self.solutions and self.phase is Phase.TRAINING:
-                why_not = self.solutions.offer(
-                    message.term, message.round, message.attempt, message.peer, message.weights, message.samples
-                )
-            else:  # a late one (a thawed or slow trainer): say so, as for any other refused solution
-                why_not = (
-                    f"it is for term {message.term} round {message.round} attempt {message.attempt}, and "
-                    f"no round is collecting solutions ({self.phase.value})"
-                )
+            solutions = self.solutions if self.phase is Phase.TRAINING else None
+            if solutions is None:  # a late one (a thawed or slow trainer): say so, as for any other refused solution
+                return [
+                    Log(
+                        f"ignored a solution from {message.peer}: it is for term {message.term} round "
+                        f"{message.round} attempt {message.attempt}, and no round is collecting solutions "
+                        f"({self.phase.value})"
+                    )
+                ]
+            why_not = solutions.offer(
+                message.term, message.round, message.attempt, message.peer, message.weights, message.samples
+            )
             if why_not:
                 return [Log(f"ignored a solution from {message.peer}: {why_not}")]
             self.round_bytes += size
@@ -196,7 +201,7 @@ class Controller:
             out.append(
                 Log(
                     f"solution from {message.peer} ({message.samples} samples, loss {message.loss:.4f}), "
-                    f"{len(self.solutions.received)} of {len(self.solutions.trainers)}"
+                    f"{len(solutions.received)} of {len(solutions.trainers)}"
                 )
             )
         elif isinstance(message, Evaluation) and self.evaluations and self.phase is Phase.EVALUATING:
@@ -215,19 +220,24 @@ class Controller:
             out += self._answered(message.peer)
         return out + self._advance(now)
 
-    def peer_up(self, peer: str, now: float, samples: tuple[int, int] | None = None) -> list[Action]:
-        """A peer is online. `samples`: the (train, test) counts its init announced, when this came from an init,
-        i.e. it (re)connected and may have missed what was sent meanwhile."""
+    def peer_up(
+        self, peer: str, now: float, samples: tuple[int, int] | None = None, returned: bool = False
+    ) -> list[Action]:
+        """A peer is online. `samples`: the (train, test) counts its init announced, when this came from an init.
+        `returned`: that init says the peer (re)connected (it is no answer to another's), so it may have missed
+        what was sent meanwhile."""
         if peer == self.me:
             return []
         out: list[Action] = []
         if samples is not None:
             self.announced[peer] = samples
             out += self._note_capped(peer)
-            if self._waits_for(peer):
-                # It missed the current order (the broker was away, or it came back after it went out): send it
-                # again, at most once a heartbeat however many peers come back at once.
-                self.resend_due = max(now, self.last_resend + self.rules.heartbeat)
+        if returned and self.phase is Phase.TRAINING and self._waits_for(peer):
+            # It missed the current order (the broker was away, or it came back after it went out): send it again,
+            # at most once a heartbeat however many peers come back at once. Orders are small; a model is not
+            # published to everyone again for one returning evaluator: it evaluates the retained one itself when
+            # the heartbeat says the controller waits for it (Follower.on_retained_model).
+            self.resend_due = max(now, self.last_resend + self.rules.heartbeat)
         if peer not in self.live:
             out.append(Log(f"{peer} joined"))
         self.live.add(peer)
@@ -293,7 +303,7 @@ class Controller:
         if self.phase is Phase.TRAINING and self.solutions:
             return [
                 Log(f"round {self.round}: {why}; sending the training order again"),
-                self._counted(Publish(self._order(self.solutions.trainers))),
+                self._counted(Publish(self._order(self.solutions.trainers), expiry=self._order_expiry)),
             ]
         if self.phase is Phase.EVALUATING and self.evaluations:
             return [
@@ -467,12 +477,17 @@ class Controller:
         self.evaluations = None
         self.phase = Phase.TRAINING
         return [
-            self._counted(Publish(self._order(trainers))),
+            self._counted(Publish(self._order(trainers), expiry=self._order_expiry)),
             Log(
                 f"round {self.round}{f' attempt {self.attempt}' if self.attempt > 1 else ''}: training order to "
                 f"{','.join(trainers)} (quorum {quorum})"
             ),
         ]
+
+    @property
+    def _order_expiry(self) -> int:
+        """An order that waited on the broker longer than a round's deadline is of a round that has moved on."""
+        return max(1, math.ceil(self.rules.round_deadline))
 
     def _order(self, trainers: tuple[str, ...]) -> Training:
         """The training order: it names the model by digest, and carries it only when this controller has not
@@ -535,11 +550,12 @@ class Controller:
         return choose_evaluators(self._others(), self.rules.evaluators, self.rng)
 
     def _advance(self, now: float) -> list[Action]:
-        if self.phase is Phase.TRAINING and self.solutions:
-            outcome = self.solutions.outcome(now)
+        solutions, evaluations = self.solutions, self.evaluations
+        if self.phase is Phase.TRAINING and solutions:
+            outcome = solutions.outcome(now)
             misses: list[Action] = []
             if outcome is not RoundOutcome.WAIT:
-                misses = self._no_shows(self.solutions.outstanding, "solution", self.round)
+                misses = self._no_shows(solutions.outstanding, "solution", self.round)
             if outcome is RoundOutcome.RETRY:
                 if self.attempt >= MAX_ATTEMPTS:
                     return self._give_up(
@@ -548,23 +564,22 @@ class Controller:
                 return [
                     *misses,
                     Log(
-                        f"round {self.round} attempt {self.attempt}: {len(self.solutions.received)} of "
-                        f"{len(self.solutions.trainers)} solutions (quorum {self.solutions.quorum}) by the "
+                        f"round {self.round} attempt {self.attempt}: {len(solutions.received)} of "
+                        f"{len(solutions.trainers)} solutions (quorum {solutions.quorum}) by the "
                         "deadline or with the rest gone; choosing trainers again",
                         "warning",
                     ),
                     *self._start_training(now, retry=True),
                 ]
             if outcome is RoundOutcome.CLOSE:
-                return misses + self._aggregate(now)
-        elif self.phase is Phase.EVALUATING and self.evaluations and self.evaluations.done(now):
-            misses = self._no_shows(self.evaluations.missing, "evaluation", self.evaluations.round)
-            return misses + self._close_evaluation(now)
+                return misses + self._aggregate(solutions, now)
+        elif self.phase is Phase.EVALUATING and evaluations and evaluations.done(now):
+            misses = self._no_shows(evaluations.missing, "evaluation", evaluations.round)
+            return misses + self._close_evaluation(evaluations, now)
         return []
 
-    def _aggregate(self, now: float) -> list[Action]:
-        collector = self.solutions
-        caps = {peer: self._cap(peer) for peer in collector.received if peer in self.announced}
+    def _aggregate(self, collector: SolutionCollector, now: float) -> list[Action]:
+        caps = {peer: cap for peer in collector.received if (cap := self._cap(peer)) is not None}
         try:
             result = self.aggregator.aggregate(
                 self.model.weights,
@@ -595,8 +610,8 @@ class Controller:
         self.republished = 0
         return out + self._publish_model(now)
 
-    def _close_evaluation(self, now: float) -> list[Action]:
-        collector, self.evaluations = self.evaluations, None
+    def _close_evaluation(self, collector: EvaluationCollector, now: float) -> list[Action]:
+        self.evaluations = None
         result = collector.result()
         if result is None:
             if self.republished >= MAX_REPUBLISH:
@@ -641,8 +656,9 @@ class Controller:
                 *self._publish_model(now),
             ]
         self.everyone_next = False
-        trained_here = round_ > 0 and self.round_started is not None
-        duration = now - self.round_started if trained_here else 0.0
+        started = self.round_started if round_ > 0 else None  # None: not a round this controller trained
+        duration = now - started if started is not None else 0.0
+        run_started = self.run_started if self.run_started is not None else self._wall(now)
         # The row first: killed between the two, the round is evaluated again by the next controller and recorded
         # twice (the later row counts); the other way round, it would be finished for everyone and never recorded.
         if round_ > 0:
@@ -658,7 +674,7 @@ class Controller:
                         duration_s=duration,
                         bytes_sent=self.round_bytes,
                         finished_at=self._wall(now),
-                        started_at=self._wall(self.round_started) if trained_here else None,
+                        started_at=self._wall(started) if started is not None else None,
                     )
                 )
             )
@@ -674,7 +690,7 @@ class Controller:
                     trainers,
                     duration,
                     self.round_bytes,
-                    self.run_started,
+                    run_started,
                 )
             )
         )
@@ -704,7 +720,7 @@ class Controller:
         summary printed, this peer's exit. A failed disk write does not stop the rest (the node logs it)."""
         self.phase = Phase.FINISHED
         outcome = self.outcome(reason, summary, now)
-        out: list[Action] = [SaveModel(self.model.weights)] if self.model is not None else []
+        out: list[Action] = [SaveModel(self.model.weights)]
         out += [
             RecordRun({"settings": dict(self.rules.run_settings), "outcome": outcome}),
             Publish(
@@ -715,7 +731,7 @@ class Controller:
                 expiry=FINISH_EXPIRY_S,
             ),
         ]
-        if code == EXIT_OK:
+        if code == EXIT_OK and summary is not None:
             out.append(Log(f"finished ({reason}) after round {summary.round}: accuracy {summary.accuracy:.4f}"))
         return out + [Print(format_summary(outcome)), Exit(code)]
 

@@ -44,15 +44,22 @@ class Follower:
         shapes: tuple[tuple[int, ...], ...] | None = None,
         keep_solutions_up_to: int = 2**63,
         stop_rules: tuple[int, float] | None = None,
+        answers_expire_after: int | None = None,
     ):
         """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused.
         `keep_solutions_up_to`: a solution of more bytes than this is not kept once sent (a large model's memory
         matters more than sparing a fit: a repeated order is trained again). `stop_rules`: the run's (round limit,
-        target accuracy), by which a finish that cannot be true is refused (None: every finish is believed)."""
+        target accuracy), by which a finish that cannot be true is refused (None: every finish is believed).
+        `answers_expire_after`: seconds after which the broker drops a solution or evaluation still waiting for its
+        controller (the round has moved on): a stalled controller's queue holds no stale models."""
         self.me, self.memory, self.shapes = me, memory, shapes
         self.stop_rules = stop_rules
+        self.expiry = answers_expire_after
         self.keep_solutions_up_to = keep_solutions_up_to
         self.phase: str | None = None  # the controller's phase, as its last heartbeat told it
+        self.heard: tuple[int, int, str] | None = None  # (term, round, phase) of the controller's last heartbeat
+        # The latest model this peer was given, and who was asked to evaluate it ((): everyone).
+        self.offered: tuple[int, int, list, tuple[str, ...]] | None = None
         # What this peer last did for an order, by (term, round, attempt) and (term, round): a repeated order
         # (the controller re-sends after a broker outage) is answered from it instead of being done twice.
         self.fitting: tuple[int, int, int] | None = None
@@ -68,7 +75,8 @@ class Follower:
         """A live message of the current term's controller."""
         if isinstance(message, Heartbeat):
             self.phase = message.phase
-            return []
+            self.heard = (message.term, message.round, message.phase)
+            return self._evaluate_if_due()
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
@@ -81,17 +89,17 @@ class Follower:
                         "debug",
                     )
                 ]
-            key = (message.term, message.round, message.attempt)
-            if key == self.fitting:
+            order = (message.term, message.round, message.attempt)
+            if order == self.fitting:
                 if (
                     self.solution is not None
-                    and (self.solution.term, self.solution.round, self.solution.attempt) == key
+                    and (self.solution.term, self.solution.round, self.solution.attempt) == order
                 ):
                     return [
-                        Publish(self.solution),
+                        Publish(self.solution, expiry=self.expiry),
                         Log(f"round {message.round}: the order came again; sending my solution again"),
                     ]
-                if key != self.fitted:
+                if order != self.fitted:
                     return [Log(f"round {message.round}: the order came again; still training", "debug")]
                 # done, but the solution was too large to keep: train again
             held = self.memory.latest
@@ -131,12 +139,12 @@ class Follower:
                         "debug",
                     )
                 ]
-            key = (message.term, message.round)
-            if key == self.evaluating:
-                if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == key:
-                    return [Publish(self.evaluation)]
+            model = (message.term, message.round)
+            if model == self.evaluating:
+                if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == model:
+                    return [Publish(self.evaluation, expiry=self.expiry)]
                 return []
-            self.evaluating = key
+            self.evaluating = model
             return [
                 *self._adopt(message),
                 *self._waiting_for(message),
@@ -195,13 +203,16 @@ class Follower:
         model a late joiner starts from, not an order to evaluate it. Who published it comes first: held only if it
         is `controller`'s (the peer this one follows), or if it is the model a waiting order names (its digest
         vouches for it, whoever kept it). Any other (a member's planted one, or one of a controller this peer does
-        not follow yet) is set aside until this peer follows its publisher (`on_follow`), at most two of them."""
+        not follow yet) is set aside until this peer follows its publisher (`on_follow`), at most two of them.
+        A model held is evaluated only if the controller's heartbeat says that very model's round is being evaluated
+        now (this peer came back to the broker while the controller waited for its evaluation): so the controller
+        need not publish a model to everyone again for one peer that reconnects."""
         if misfit := self._misfit(message):
             return misfit
         if starts := self._waiting_for(message):
             return [*self._adopt(message, note="the model an order names"), *starts]
         if controller is not None and message.controller == controller:
-            return self._adopt(message, note="retained by the broker")
+            return [*self._adopt(message, note="retained by the broker"), *self._evaluate_if_due()]
         if message.controller in self.aside or len(self.aside) < ASIDE_KEPT:
             self.aside[message.controller] = message
         return []
@@ -209,20 +220,39 @@ class Follower:
     def on_follow(self, controller: str) -> list[Action]:
         """This peer now follows `controller`: the model it retained, if one was set aside, is the one to hold."""
         message = self.aside.pop(controller, None)
-        return [] if message is None else self._adopt(message, note="retained by the broker")
+        if message is None:
+            return []
+        return [*self._adopt(message, note="retained by the broker"), *self._evaluate_if_due()]
+
+    def _evaluate_if_due(self) -> list[Action]:
+        """Evaluate the latest model this peer holds if the controller is collecting evaluations of it, asked this
+        peer, and this peer has not evaluated it yet."""
+        offered, heard = self.offered, self.heard
+        if offered is None or heard is None:
+            return []
+        term, round_, weights, evaluators = offered
+        if heard != (term, round_, "evaluating") or (term, round_) == self.evaluating:
+            return []
+        if evaluators and self.me not in evaluators:
+            return []
+        self.evaluating = (term, round_)
+        return [
+            Log(f"round {round_}: the controller waits for this peer's evaluation of the model it holds; evaluating"),
+            StartJob("evaluate", term, round_, 1, weights),
+        ]
 
     def reconnected(self, current_term: int) -> list[Action]:
         """Back on the broker: what this peer sent while it was gone may be lost, so its answers of this term go
         out again (the controller ignores what it already has)."""
         return [
-            Publish(answer)
+            Publish(answer, expiry=self.expiry)
             for answer in (self.solution, self.evaluation)
             if answer is not None and answer.term == current_term
         ]
 
     def on_job_done(self, done: JobDone, current_term: int) -> list[Action]:
         job = done.job
-        if done.error:
+        if done.error or done.result is None:
             return [Log(f"round {job.round}: {job.kind} failed: {done.error}", "error")]
         if job.kind == "fit":
             weights, samples, loss = done.result
@@ -233,7 +263,7 @@ class Follower:
             small = sum(np.asarray(w).nbytes for w in weights) <= self.keep_solutions_up_to
             self.solution = solution if small else None
             return [
-                Publish(solution),
+                Publish(solution, expiry=self.expiry),
                 Log(
                     f"round {job.round}: trained {samples} samples in {done.seconds:.1f}s (loss {loss:.4f}), "
                     "solution sent"
@@ -243,7 +273,7 @@ class Follower:
         self.evaluation = Evaluation(job.term, job.round, self.me, accuracy, loss, samples)
         return [
             RecordEvaluation(job.round, job.term, accuracy, loss, samples),
-            Publish(self.evaluation),
+            Publish(self.evaluation, expiry=self.expiry),
             Log(
                 f"round {job.round}: global model scores accuracy {accuracy:.4f}, loss {loss:.4f} on my "
                 f"{samples} test samples ({done.seconds:.1f}s)"
@@ -285,4 +315,5 @@ class Follower:
     def _adopt(self, message: Aggregation, note: str = "") -> list[Action]:
         if not self.memory.is_newer(message.round, message.term):
             return []
+        self.offered = (message.term, message.round, message.weights, tuple(message.evaluators))
         return [AdoptModel(GlobalModel(message.round, message.term, message.weights, message.trainers), note)]

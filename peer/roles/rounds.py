@@ -142,7 +142,7 @@ class EvaluationCollector:
         if accuracy is None:
             return None
         loss = weighted_mean((loss, n) for _, loss, n in evaluations)
-        return accuracy, loss, sum(n for _, _, n in evaluations)
+        return accuracy, loss if loss is not None else 0.0, sum(n for _, _, n in evaluations)
 
     def median_accuracy(self) -> float | None:
         """The lower median of the peers' accuracies, each peer one voice whatever it declares: no minority moves

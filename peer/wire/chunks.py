@@ -105,7 +105,9 @@ def _chunks(
 ) -> Iterator[bytes]:
     part, offset = 0, 0  # where the next chunk's data starts: views[part][offset:]
     for index in range(count):
-        pieces = [_CHUNK_HEAD.pack(CHUNK_MAGIC, CHUNK_VERSION, message_id, index, count, chunk_size, total, digest)]
+        pieces: list[bytes | memoryview] = [
+            _CHUNK_HEAD.pack(CHUNK_MAGIC, CHUNK_VERSION, message_id, index, count, chunk_size, total, digest)
+        ]
         needed = min(chunk_size, total - index * chunk_size)
         while needed:
             view = views[part]
@@ -320,7 +322,7 @@ class Reassembler:
                     f"({self._buffered - own_cost} bytes promised to other senders' messages)"
                 ),
             )
-        evicted = []
+        evicted: list[Refused] = []
         for old in own:
             if (
                 self._buffered + cost <= self.max_buffered_bytes

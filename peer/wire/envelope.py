@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from peer.wire.chunks import CHUNK_HEAD_SIZE
-from peer.wire.errors import require
+from peer.wire.errors import ProtocolError, require
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the brokers' message_size_limit (broker/*.conf): a larger payload is chunked
 MIN_CHUNKED_MESSAGE_BYTES = 65536  # the smallest broker limit a peer works with (a chunk must hold some data)
@@ -117,6 +117,7 @@ class Seal:
     without one opens only unsealed payloads. Opening raises ProtocolError and nothing else for any payload."""
 
     def __init__(self, secret: bytes | None):
+        self._key: bytes | None
         if secret is None:
             self._key = None
             return
@@ -141,6 +142,8 @@ class Seal:
         return ENVELOPE_OVERHEAD_SEALED if self.sealed else ENVELOPE_OVERHEAD_OPEN
 
     def _mac(self, topic: bytes, *chunks) -> bytes:
+        if self._key is None:
+            raise ValueError("an open Seal signs nothing")
         mac = hmac.new(self._key, topic, hashlib.sha256)
         mac.update(b"\x00")
         for chunk in chunks:
@@ -188,6 +191,7 @@ class Seal:
         end = len(view) - MAC_BYTES
         require(end >= head_size, f"envelope: truncated ({len(view)} bytes, no room for the MAC)")
         topic_bytes = _topic_bytes(topic)
-        require(topic_bytes is not None, "envelope: the topic is not a UTF-8 string without NUL")
+        if topic_bytes is None:
+            raise ProtocolError("envelope: the topic is not a UTF-8 string without NUL")
         require(hmac.compare_digest(self._mac(topic_bytes, view[:end]), view[end:]), "bad signature")
         return view[head_size:end], stamp

@@ -82,6 +82,12 @@ def _peer_list(value, name: str) -> tuple[str, ...]:
     return ids
 
 
+def _one_of(value, name: str, allowed: tuple, spelled: str) -> object:
+    """`value` if it is one of `allowed`, of the same type too (JSON's true is not 1); `spelled` names them."""
+    require(any(type(value) is type(a) and value == a for a in allowed), f"{name}: expected {spelled}")
+    return value
+
+
 # Per field name: how to validate it. Messages below use only these names, so each rule lives in one place.
 _FIELD_RULES = {
     "peer": _peer_id,
@@ -96,7 +102,7 @@ _FIELD_RULES = {
     "duration_s": lambda v, n: _number(v, n, 0.0),
     "bytes": _count,
     "run_started": lambda v, n: _number(v, n, 0.0),
-    "status": lambda v, n: (require(v in ("online", "offline"), f"{n}: expected online or offline"), v)[1],
+    "status": lambda v, n: _one_of(v, n, ("online", "offline"), "online or offline"),
     "reason": _text,
     "phase": _text,
     "trainers": _peer_list,
@@ -105,7 +111,7 @@ _FIELD_RULES = {
     "pid": _count,
     "train_samples": _count,
     "test_samples": _count,
-    "reply": lambda v, n: (require(type(v) is bool, f"{n}: expected true or false"), v)[1],
+    "reply": lambda v, n: _one_of(v, n, (True, False), "true or false"),
     "model": _hex(FINGERPRINT_HEX),
     "digest": _hex(DIGEST_HEX),
 }
@@ -339,7 +345,7 @@ def encode_parts(message: Message, wire_dtype: str = "float32") -> list:
     )
     if not message.CARRIES_WEIGHTS:
         return [raw]
-    arrays = WeightCodec.checked(message.weights)
+    arrays = WeightCodec.checked(getattr(message, "weights"))
     return [_FRAME_HEAD.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(raw)), raw, *WeightCodec.parts(arrays, wire_dtype)]
 
 
@@ -349,7 +355,7 @@ def encoded_size(message: Message, wire_dtype: str = "float32") -> int:
     header = len(_json(message.header()))
     if not message.CARRIES_WEIGHTS:
         return header
-    return _FRAME_HEAD.size + header + WeightCodec.size(message.weights, wire_dtype)
+    return _FRAME_HEAD.size + header + WeightCodec.size(getattr(message, "weights"), wire_dtype)
 
 
 def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Message:
@@ -383,7 +389,8 @@ def decode(kind: str, body: bytes | memoryview, sender: str | None = None) -> Me
         f"protocol version {str(version)[:20]} is not {PROTOCOL_VERSION}",
     )
     cls = MESSAGE_TYPES.get(type_) if isinstance(type_, str) else None
-    require(cls is not None, f"unknown message type {str(type_)[:40]!r}")
+    if cls is None:
+        raise ProtocolError(f"unknown message type {str(type_)[:40]!r}")
     require(cls.TOPIC == kind, f"a {cls.TYPE} message does not belong on topic {str(kind)[:80]!r}")
     require(
         cls.CARRIES_WEIGHTS == (weights_view is not None),

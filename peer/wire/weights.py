@@ -51,11 +51,11 @@ class WeightCodec:
     def _parts(arrays: list[np.ndarray], wire_dtype: str = "float32") -> list:
         """The encoding in pieces, for one b"".join or for chunks: values are views of C-ordered data, not copies
         (float16 values are a converted copy, half the size)."""
-        parts = [struct.pack("<I", len(arrays))]
+        parts: list[bytes | memoryview] = [struct.pack("<I", len(arrays))]
         for array in arrays:
             wire = WeightCodec._on_wire(array, wire_dtype)
             parts.append(struct.pack(f"<BB{wire.ndim}I", _DTYPE_CODES[wire.dtype.str], wire.ndim, *wire.shape))
-            parts.append(memoryview(np.ascontiguousarray(wire).reshape(-1)).cast("B"))
+            parts.append(np.ascontiguousarray(wire).reshape(-1).data.cast("B"))
         return parts
 
     @staticmethod

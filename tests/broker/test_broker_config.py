@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import up
+from scripts.up.compose import compose_config
+from scripts.up.logins import make_credentials
+from scripts.up.network import Network
 
 paho = pytest.importorskip("paho.mqtt.client")
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
@@ -66,7 +68,7 @@ class Broker:
 def broker(tmp_path_factory):
     work = tmp_path_factory.mktemp("broker")
     # The login exactly as a real network gets it (scripts/up.py, make_credentials).
-    login = up.make_credentials(work / "login", ["peer-1", "peer-2", "peer-3"])
+    login = make_credentials(work / "login", ["peer-1", "peer-2", "peer-3"])
     creds = read_env(login.env_file("peer-1"))
     health = read_env(login.health_env)
 
@@ -280,8 +282,8 @@ def test_health_user_cannot_touch_federation_topics(broker, clients):
 
 
 def compose_healthcheck(tmp_path: Path) -> str:
-    net = up.Network(project="t", run_dir=tmp_path, peers=["peer-1", "peer-2"], total=2)
-    compose = up.compose_config(net, up.make_credentials(tmp_path / "login", net.peers), 1000, 1000)
+    net = Network(project="t", run_dir=tmp_path, peers=["peer-1", "peer-2"], total=2)
+    compose = compose_config(net)
     test = compose["services"]["broker"]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL"
     # Compose turns $$ into $ before handing the command to the container's shell.

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from peer.records.events import read_events
 from scripts import chaos
 from scripts.localnet import LocalNetwork
 from tests.netutil import (
@@ -70,9 +71,9 @@ def test_sigkill_a_trainer_mid_round_closes_with_the_rest_and_it_rejoins_under_i
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         victim = wait_until(lambda: chosen_in_round(net, 2), 60, "round 2's trainers", net, interval=0.02)[0]
         net.signal(victim, signal.SIGKILL)
-        wait_until(lambda: len(rounds(run_dir)) >= 2, 60, "round 2 to close", net)
+        wait_until(lambda: len(rounds(run_dir)) >= 2, 120, "round 2 to close", net)
         old = net.procs[victim]
-        net.start_peer(victim, shard=f"{int(victim.split('-')[1]) - 1}/5")  # the same id comes back
+        net.start_peer_by_id(victim)  # the same id comes back
         codes = net.wait(180)
     assert old.wait(10) == -signal.SIGKILL
     assert_all_exited_zero(codes, net)  # the restarted one included
@@ -110,17 +111,21 @@ def test_a_hung_trainer_round_closes_at_the_deadline_with_the_quorum_and_its_lat
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         victim = wait_until(lambda: chosen_in_round(net, 2), 60, "round 2's trainers", net, interval=0.02)[0]
         net.signal(victim, signal.SIGSTOP)
-        stopped = time.monotonic()
-        wait_until(lambda: len(rounds(run_dir)) >= 2, 30, "round 2 to close at its deadline", net)
-        closed_after = time.monotonic() - stopped
+        wait_until(lambda: len(rounds(run_dir)) >= 2, 120, "round 2 to close at its deadline", net)
         net.signal(victim, signal.SIGCONT)
         codes = net.wait(180)
     assert_all_exited_zero(codes, net)
     rows = assert_rounds_complete(run_dir, 6)
     assert victim not in rows[1]["trainers"].split(";")
-    assert 3 <= closed_after < 12, closed_after
     controller = rows[1]["controller"]
     assert log_matches(net, controller, rf"closed without {victim}")
+    # It closed at the deadline, not before and not for the hung peer counted gone (which the keepalive of 10 s would
+    # have done 15 s after the stop): the controller's own record of the round, whatever the machine's load.
+    events = read_events(run_dir, peer=controller)  # (its file: a peer-gone's `peer` is the one gone)
+    order = next(e for e in events if e["event"] == "sent" and e.get("kind") == "training" and e.get("round") == 2)
+    model = next(e for e in events if e["event"] == "sent" and e.get("kind") == "aggregation" and e.get("round") == 2)
+    assert model["t"] - order["t"] >= 4 - 0.5, "the round closed before its deadline"
+    assert not [e for e in events if e["event"] == "peer-gone" and e.get("peer") == victim and e["t"] <= model["t"]]
     # If the hung trainer finished its fit after SIGCONT, its solution for round 2 was refused, never averaged.
     sent = log_matches(net, victim, r"round 2: trained .* solution sent")
     if sent:
@@ -133,7 +138,7 @@ def test_sigstop_the_controller_a_new_term_runs_and_the_old_one_steps_down_after
     with network(run_dir, extra=["--max-rounds", "4", "--epochs", "3", "--keepalive", "10"]) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
         victim, _ = chaos.kill(run_dir, "controller", "STOP")
-        wait_until(lambda: len(elections(run_dir)) >= 2, 30, "a new term", net)
+        wait_until(lambda: len(elections(run_dir)) >= 2, 90, "a new term", net)
         new_term_at = time.time()
         time.sleep(1.0)
         chaos.kill(run_dir, victim, "CONT")
@@ -172,7 +177,7 @@ def test_a_peer_joining_after_round_1_gets_the_model_and_is_chosen_later(tmp_pat
         run_dir, peers=4, extra=["--max-rounds", "10", "--trainers", "4", "--epochs", "3"], num_shards=5
     ) as net:
         wait_until(lambda: rounds(run_dir), 120, "round 1 to finish", net)
-        net.start_peer("peer-5", shard="4/5")
+        net.start_peer_by_id("peer-5")
         codes = net.wait(180)
     assert_all_exited_zero(codes, net)
     rows = assert_rounds_complete(run_dir, 10)
@@ -193,13 +198,13 @@ def test_too_few_peers_the_controller_waits_and_goes_on_when_a_peer_returns(tmp_
         others = [p for p in net.procs if p != controller]
         for peer in others:
             net.signal(peer, signal.SIGKILL)
-        wait_until(lambda: log_matches(net, controller, r"waiting: too few peers"), 30, "the controller to wait", net)
+        wait_until(lambda: log_matches(net, controller, r"waiting: too few peers"), 90, "the controller to wait", net)
         rows_while_waiting = len(rounds(run_dir))
         time.sleep(3)
         assert net.procs[controller].poll() is None, "the controller must wait, not exit"
         assert len(rounds(run_dir)) == rows_while_waiting
         assert len(log_matches(net, controller, r"waiting: too few peers")) == 1  # said once, no spinning
-        net.start_peer(others[0], shard=f"{int(others[0].split('-')[1]) - 1}/3")
+        net.start_peer_by_id(others[0])
         codes = net.wait(180)
     assert codes[controller] == 0 and codes[others[0]] == 0
     assert_rounds_complete(run_dir, 3)

@@ -11,6 +11,7 @@ import signal
 import time
 from collections import Counter
 
+from peer.records.events import read_events
 from scripts.localnet import LocalNetwork
 from tests.netutil import (
     SMALL,
@@ -62,7 +63,8 @@ def test_thirty_peers_ten_to_a_process_survive_the_loss_of_the_controllers_proce
     assert terms[0]["reason"] == "start" and len(terms[0]["members"].split(";")) == PEERS
     later = [e for e in terms if int(e["term"]) > 1]
     assert later and later[0]["reason"] == "controller-lost" and later[-1]["controller"] not in killed
-    assert float(later[0]["time"]) - killed_at < 10, "the survivors took too long to elect a new controller"
+    # (the reason says how they knew: the broker's Last Will; a bound only against a hang, not a speed test)
+    assert float(later[0]["time"]) - killed_at < 60, "the survivors took too long to elect a new controller"
 
     rows = assert_rounds_complete(run_dir, ROUNDS)
     assert all(len(r["trainers"].split(";")) >= 5 for r in rows)
@@ -128,8 +130,12 @@ def test_a_host_stopped_by_sigterm_mid_fit_lets_each_of_its_peers_leave_cleanly(
     assert_rounds_complete(run_dir, 3)
     for peer in stopped:
         assert "stopped by signal" in net.peer_log(peer), net.peer_log(peer)[-2000:]
-    # Gone within seconds, though a keepalive of 30 s would have kept a silent one "alive" for 45.
-    gone = re.search(rf"^(\S+ \S+),\d+ .* \| {stopped[0]} is gone$", net.peer_log(controller), re.M)
+    # Counted gone by its goodbye, not by the broker: a keepalive of 30 s would have kept a silent one "alive" for
+    # 45 s, which no load makes a goodbye take (the controller's own peer-gone event; its file: `peer` is the one gone).
+    gone = [
+        e["t"]
+        for e in read_events(run_dir, peer=controller)
+        if e["event"] == "peer-gone" and e.get("peer") == stopped[0]
+    ]
     assert gone, net.peer_log(controller)[-3000:]
-    seen = time.mktime(time.strptime(gone[1], "%Y-%m-%d %H:%M:%S"))
-    assert seen - stopped_at < 10, (seen, stopped_at)
+    assert gone[0] - stopped_at < 30, (gone[0], stopped_at)

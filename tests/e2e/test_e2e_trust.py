@@ -117,7 +117,7 @@ def test_an_outsider_without_the_secret_cannot_end_stall_hijack_or_poison_a_run(
             others = [p for p in net.procs if p != controller]
             # A second process with a peer id already in the run (started first: TensorFlow takes seconds).
             first = net.procs[others[0]]
-            duplicate = net.start_peer(others[0], shard=f"{int(others[0].split('-')[1]) - 1}/3")
+            duplicate = net.start_peer_by_id(others[0])
             net.procs[others[0]] = first
             # Every row of the table that a message can do, as an outsider sends it.
             attacker.forge(topics, Finish(term, controller, 1, "max-rounds", 0.99))
@@ -178,8 +178,8 @@ def test_a_peer_that_dies_while_the_broker_is_down_is_counted_gone_and_the_round
     # evaluate the last round again (CI saw it).
     rows = assert_rounds_complete_but_reevaluated(run_dir, 4)
     # Without the re-confirmation the round waiting on the dead trainer would sit out its 60 s deadline, or
-    # (alone with it) order it forever.
-    assert all(float(r["duration_s"]) < 30 for r in rows), [r["duration_s"] for r in rows]
+    # (alone with it) order it forever: no round took its deadline (the bound is the behaviour, not a speed).
+    assert all(float(r["duration_s"]) < 60 for r in rows), [r["duration_s"] for r in rows]
     assert any(log_matches(net, p, rf"{victim} was not heard from since this peer reconnected") for p in net.procs)
 
 
@@ -189,9 +189,8 @@ def test_a_finished_run_stays_finished_and_a_new_run_on_the_same_broker_is_not_d
             codes = first.wait(180)
             assert_all_exited_zero(codes, first)
             # A peer (re)started for the run that is over: it learns so at once and exits 0.
-            started = time.monotonic()
-            late = first.start_peer("peer-1", shard="0/3")
-            assert late.wait(60) == 0 and time.monotonic() - started < 40
+            late = first.start_peer_by_id("peer-1")
+            assert late.wait(180) == 0  # (one that did not learn it would wait for peers forever)
             assert log_matches(first, "peer-1", r"this run is over: peer-\d ended it \(max-rounds\) after round 2")
         # The next run on the same broker, right away: the first run's finish is not its business.
         with network(tmp_path / "b", extra=["--max-rounds", "3"], broker=broker) as second:

@@ -136,7 +136,8 @@ def test_a_100_mb_model_federates_in_chunks_through_the_16_mib_limit_in_bounded_
     at_rest: dict[str, int] = {}  # RSS once the peer also holds the run's global model (round 0): its baseline
     peak: dict[str, int] = {}
     with LocalNetwork(run_dir, 2, args) as net:
-        while net.running():
+        deadline = time.monotonic() + 600  # against a hang only
+        while net.running() and time.monotonic() < deadline:
             for peer, proc in net.procs.items():
                 rss = rss_bytes(proc.pid)
                 if rss is None:
@@ -192,7 +193,7 @@ def test_a_peer_started_with_another_model_is_refused_in_one_line_and_the_run_go
     ]
     with LocalNetwork(run_dir, 2, args, num_shards=3) as net:
         # at the same time as the others: it hears their inits, they hear its; then the controller's heartbeat
-        stranger = net.start_peer("peer-3", shard="2/3", extra_args=["--model", "seed-cnn"])
+        stranger = net.start_peer_by_id("peer-3", extra_args=["--model", "seed-cnn"])
         assert stranger.wait(120) == 3
         finished = len(rounds(run_dir))
         wait_until(lambda: len(rounds(run_dir)) >= finished + 2, 90, "two more rounds after it left", net)

@@ -408,18 +408,30 @@ def test_a_waited_for_peer_that_comes_back_gets_the_order_again_at_most_once_a_h
     r.take_office(0)
     r.evaluate_all(0, 1)
     order = r.sent(Training)[-1]
-    r.peer_up("p9", 1.5, samples=(10, 10))  # a newcomer the round does not wait for: nothing
+    r.peer_up("p9", 1.5, samples=(10, 10), returned=True)  # a newcomer the round does not wait for: nothing
+    r.peer_up(order.trainers[0], 1.55, samples=(10, 10))  # an answer to another's init: it did not come back
     r.tick(1.6)
     assert r.sent(Training) == [order]
     for peer in order.trainers:  # all of them come back (the broker restarted)
-        r.peer_up(peer, 1.7, samples=(10, 10))
+        r.peer_up(peer, 1.7, samples=(10, 10), returned=True)
     r.tick(1.8)
     assert r.sent(Training) == [order, order]  # once, not three times
-    r.peer_up(order.trainers[0], 2.0, samples=(10, 10))
+    r.peer_up(order.trainers[0], 2.0, samples=(10, 10), returned=True)
     r.tick(2.1)
     assert len(r.sent(Training)) == 2  # not before a heartbeat has passed
     r.tick(2.9)
     assert len(r.sent(Training)) == 3 and r.logs("a peer it waits for is back")
+
+
+def test_a_returning_evaluator_gets_no_model_published_to_everyone_again():
+    r = Run(heartbeat=1.0)
+    r.take_office(0)
+    models = len(r.sent(Aggregation))
+    for peer in sorted(PEERS - {"c"}):  # every evaluator comes back while the model waits for evaluations
+        r.peer_up(peer, 0.5, samples=(10, 10), returned=True)
+    r.tick(1.0)
+    r.tick(2.0)
+    assert len(r.sent(Aggregation)) == models  # they evaluate the retained model (Follower.on_retained_model)
 
 
 def test_orders_carry_no_weights_once_the_controller_has_published_the_model_itself():

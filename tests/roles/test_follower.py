@@ -225,3 +225,43 @@ def test_a_retained_finish_before_the_round_limit_is_refused():
     [refused] = f.on_finished_run(Finish(2, "x", 1, "max-rounds", 0.99))
     assert refused.level == "warning" and "not the last (5)" in refused.text
     assert kinds(f.on_finished_run(Finish(2, "c", 5, "max-rounds", 0.6))) == ["Log", "Exit"]
+
+
+def test_back_on_the_broker_it_evaluates_the_retained_model_the_controller_waits_for():
+    memory = ModelStore()
+    f = Follower("me", memory)
+    # the retained model comes first; the heartbeat then says round 4 of term 2 is being evaluated
+    actions = f.on_retained_model(Aggregation(2, "c", 4, ("p2",), W), "c")
+    assert kinds(actions) == ["AdoptModel"]
+    memory.offer(4, 2, W)
+    assert f.on_controller(Heartbeat(2, "c", 4, "training", "0" * 16)) == []  # not evaluating that round
+    log, job = f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert isinstance(job, StartJob) and (job.kind, job.term, job.round) == ("evaluate", 2, 4)
+    assert f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16)) == []  # once
+    # the other way round: the heartbeat first, then the retained model
+    g = Follower("me", ModelStore())
+    assert g.on_controller(Heartbeat(3, "c", 5, "evaluating", "0" * 16)) == []
+    assert kinds(g.on_retained_model(Aggregation(3, "c", 5, (), W), "c"))[-1] == "StartJob"
+
+
+def test_a_retained_model_is_not_evaluated_by_a_peer_not_asked_or_when_it_is_another_round():
+    f = Follower("me", ModelStore())
+    f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert kinds(f.on_retained_model(Aggregation(2, "c", 4, (), W, ("p2", "p3")), "c")) == ["AdoptModel"]
+    g = Follower("me", ModelStore())
+    g.on_controller(Heartbeat(2, "c", 5, "evaluating", "0" * 16))
+    assert kinds(g.on_retained_model(Aggregation(2, "c", 4, (), W), "c")) == ["AdoptModel"]  # an older round's model
+
+
+def test_a_retained_model_set_aside_until_its_publisher_is_followed_is_evaluated_if_the_controller_waits_for_it():
+    # A peer back on the broker before it follows anyone: the retained model waits aside (it might be a member's
+    # planted one); once its publisher is followed it is held, and evaluated when the heartbeat says it is due.
+    f = Follower("me", ModelStore())
+    assert f.on_retained_model(Aggregation(2, "c", 4, (), W)) == []
+    assert kinds(f.on_follow("c")) == ["AdoptModel"]
+    log, job = f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert isinstance(job, StartJob) and (job.kind, job.term, job.round) == ("evaluate", 2, 4)
+    # a planted model of a member that is not followed is never evaluated, whatever the heartbeat says
+    g = Follower("me", ModelStore())
+    g.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert g.on_retained_model(Aggregation(2, "x", 4, (), W), "c") == []

@@ -1,56 +1,65 @@
-"""scripts.bench_scale's reading of a run's logs and its table (the runs themselves are the benchmark's, not a
-test's)."""
+"""scripts.bench_scale's reading of a run's typed events (events.jsonl) and its table (the runs themselves are the
+benchmark's, not a test's)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import pytest
 
+from peer.records.events import EventLog
 from scripts.bench_scale import Result, measure, table
 
-T0 = datetime(2026, 1, 2, 3, 4, 5).timestamp()
+T0 = 1_790_000_000.0
 
 
-def line(at: float, peer: str, role: str, term: int, text: str) -> str:
-    stamp = datetime.fromtimestamp(T0 + at).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
-    return f"{stamp} INFO    peer={peer} role={role} term={term} round=0 phase=- | {text}"
+def write(run_dir, peer: str, events: list[tuple[float, str, dict]]) -> None:
+    """`peer`'s events.jsonl as its node writes it: (seconds after T0, event, fields)."""
+    clock = iter([T0 + at for at, _, _ in events])
+    log = EventLog(run_dir, peer, clock=lambda: next(clock))
+    for _, name, fields in events:
+        log.write(name, **fields)
+    log.close()
 
 
-class Logs:
-    def __init__(self, logs: dict[str, list[str]]):
-        self.logs = logs
-
-    def peer_log(self, peer: str) -> str:
-        return "\n".join(self.logs.get(peer, []))
-
-
-def test_election_failover_and_fits_come_from_the_peers_own_lines():
-    net = Logs(
-        {
-            "a": [
-                line(0.0, "a", "voting", 1, "election for term 1 (start): voting 0.5"),
-                line(1.0, "a", "controller", 1, "controller of term 1 (start), members a,b,c"),
-                line(2.0, "a", "controller", 1, "round 1: training order to b,c (quorum 2)"),
-            ],
-            "b": [
-                line(0.2, "b", "voting", 1, "election for term 1 (start): voting 0.1"),
-                line(1.3, "b", "trainer", 1, "term 1: controller is a"),
-                line(3.0, "b", "trainer", 1, "round 1: trained 500 samples in 0.8s (loss 1.0), solution sent"),
-                line(9.5, "b", "controller", 2, "round 4: training order to c (quorum 1)"),
-            ],
-            "c": [
-                line(1.1, "c", "trainer", 1, "term 1: controller is a"),
-                line(3.5, "c", "trainer", 1, "round 1: trained 500 samples in 1.5s (loss 1.0), solution sent"),
-            ],
-        }
+def test_election_failover_and_fits_come_from_the_peers_events(tmp_path):
+    write(
+        tmp_path,
+        "a",
+        [
+            (0.0, "vote", {"term": 1, "reason": "start", "patience": 1}),
+            (1.0, "office", {"term": 1, "reason": "start", "members": ["a", "b", "c"]}),
+            (2.0, "sent", {"term": 1, "kind": "training", "round": 1, "trainers": ["b", "c"], "attempt": 1}),
+        ],
     )
-    election, all_know, failover, fits = measure(net, ["a", "b", "c"], killed_at=T0 + 8.0, killed_term=1)
+    write(
+        tmp_path,
+        "b",
+        [
+            (0.2, "vote", {"term": 1, "reason": "start", "patience": 1}),
+            (1.3, "follow", {"term": 1, "controller": "a"}),
+            (3.0, "job-done", {"term": 1, "kind": "fit", "round": 1, "attempt": 1, "seconds": 0.8, "error": None}),
+            (7.0, "sent", {"term": 1, "kind": "solution", "round": 3}),  # not a training order
+            (9.5, "sent", {"term": 2, "kind": "training", "round": 4, "trainers": ["c"], "attempt": 1}),
+        ],
+    )
+    write(
+        tmp_path,
+        "c",
+        [
+            (1.1, "follow", {"term": 1, "controller": "a"}),
+            (3.5, "job-done", {"term": 1, "kind": "fit", "round": 1, "attempt": 1, "seconds": 1.5, "error": None}),
+            (4.0, "job-done", {"term": 1, "kind": "evaluate", "round": 1, "attempt": 1, "seconds": 0.3, "error": None}),
+            (6.0, "job-done", {"term": 1, "kind": "fit", "round": 2, "attempt": 1, "seconds": 9.0, "error": "boom"}),
+        ],
+    )
+    with (tmp_path / "peers" / "c" / "events.jsonl").open("a") as torn:  # a peer killed mid-line
+        torn.write('{"t": 12.0, "peer": "c", "event": "vot')
+    election, all_know, failover, fits = measure(tmp_path, killed_at=T0 + 8.0, killed_term=1)
     assert election == pytest.approx(1.0, abs=1e-3) and all_know == pytest.approx(1.3, abs=1e-3)
     assert failover == pytest.approx(1.5, abs=1e-3)
-    assert fits == {("b", 1, 1): 0.8, ("c", 1, 1): 1.5}
+    assert fits == {("b", 1, 1): 0.8, ("c", 1, 1): 1.5}  # evaluations and failed fits are not fits
     # no training order of a later term after the kill: no failover figure, not a made-up one
-    assert measure(net, ["a", "b", "c"], killed_at=T0 + 10.0, killed_term=1)[2] is None
+    assert measure(tmp_path, killed_at=T0 + 10.0, killed_term=1)[2] is None
+    assert measure(tmp_path / "empty", killed_at=None, killed_term=None) == (None, None, None, {})
 
 
 def test_the_table_shows_what_was_not_measured_as_n_a():

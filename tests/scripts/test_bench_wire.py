@@ -1,5 +1,5 @@
-"""The wire benchmark's arithmetic and parsing, without a broker or peers: $SYS values, log lines, per-round figures,
-the model's size and the table."""
+"""The wire benchmark's arithmetic and reading, without a broker or peers: $SYS values, the peers' job-done events,
+per-round figures, the model's size and the table."""
 
 from __future__ import annotations
 
@@ -18,26 +18,43 @@ from scripts.bench_wire import (
     config_args,
     count_parameters,
     format_table,
+    job_times,
     main,
-    parse_job_times,
     parse_sys_value,
     per_round,
     round_times,
     table_row,
 )
 
-LOG = """\
-2026-01-01 10:00:01,000 INFO    peer=peer-2 role=trainer term=1 round=1 phase=training | round 1: trained 1000 samples in 2.3s (loss 1.2345), solution sent
-2026-01-01 10:00:02,000 INFO    peer=peer-2 role=trainer term=1 round=1 phase=evaluating | round 1: global model scores accuracy 0.6120, loss 1.0412 on my 500 test samples (0.4s)
-2026-01-01 10:00:03,000 INFO    peer=peer-2 role=trainer term=1 round=2 phase=training | round 2: trained 1000 samples in 1.1s (loss 0.9000), solution sent
-"""
-OTHER = """\
-... | round 1: trained 1000 samples in 3.0s (loss 1.1000), solution sent
-... | round 1: global model scores accuracy 0.6000, loss 1.1000 on my 500 test samples (0.7s)
-... | round 0: global model scores accuracy 0.1000, loss 2.3000 on my 500 test samples (0.9s)
-... | sent the training order of round 2
-"""
-OLD = "... | round 3: global model scores accuracy 0.7000, loss 0.8000 on my 500 test samples\n"
+
+def done(peer: str, kind: str, round_: int, seconds: float, error: str | None = None) -> dict:
+    """A `job-done` event as a peer's node writes it to events.jsonl."""
+    return {
+        "t": 0.0,
+        "peer": peer,
+        "event": "job-done",
+        "term": 1,
+        "kind": kind,
+        "round": round_,
+        "attempt": 1,
+        "seconds": seconds,
+        "error": error,
+        "samples": 500,
+        "loss": 1.0,
+    }
+
+
+EVENTS = [
+    done("peer-2", "fit", 1, 2.3),
+    done("peer-2", "evaluate", 1, 0.4),
+    done("peer-2", "fit", 2, 1.1),
+    done("peer-3", "fit", 1, 3.0),
+    done("peer-3", "evaluate", 1, 0.7),
+    done("peer-3", "evaluate", 0, 0.9),
+    done("peer-3", "fit", 2, 9.9, error="RuntimeError: out of memory"),  # a failed fit times nothing
+    {"t": 0.0, "peer": "peer-1", "event": "sent", "term": 1, "kind": "training", "round": 3},
+    done("peer-4", "evaluate", 3, 0.5),
+]
 
 
 def test_sys_values_are_whole_numbers_under_the_broker_tree():
@@ -71,22 +88,18 @@ def test_per_round_is_the_growth_between_the_short_and_the_long_run():
         per_round(short, long, 4, 4)
 
 
-def test_fit_and_evaluation_seconds_are_read_per_round_from_every_log():
-    jobs = parse_job_times([LOG, OTHER])
+def test_fit_and_evaluation_seconds_are_read_per_round_from_every_peer_s_events():
+    jobs = job_times(EVENTS)
     assert jobs[1] == JobTimes(fits=[2.3, 3.0], evaluations=[0.4, 0.7])
     assert jobs[2] == JobTimes(fits=[1.1])
     assert jobs[0] == JobTimes(evaluations=[0.9])
 
 
-def test_an_evaluation_line_without_seconds_is_counted_as_untimed():
-    assert parse_job_times([OLD]) == {3: JobTimes(untimed_evaluations=1)}
-
-
 def test_the_overhead_is_the_duration_beyond_the_slowest_fit_and_evaluation():
-    times = round_times({1: 4.5, 2: 2.0, 3: 1.5}, parse_job_times([LOG, OTHER, OLD]))
+    times = round_times({1: 4.5, 2: 2.0, 3: 1.5}, job_times(EVENTS))
     assert times[0] == RoundTime(1, 4.5, 3.0, 0.7) and times[0].overhead_s == pytest.approx(0.8)
     assert times[1] == RoundTime(2, 2.0, 1.1, None) and times[1].overhead_s == pytest.approx(0.9)  # no evaluation
-    assert times[2].slowest_fit_s is None and times[2].overhead_s is None  # no fit logged
+    assert times[2].slowest_fit_s is None and times[2].overhead_s is None  # no fit
 
 
 def test_the_parameter_count_comes_from_a_weights_blob_of_float32_or_float16_values():

@@ -1,7 +1,12 @@
-"""scripts.localnet's command line: the peers wait for the N peers it starts unless told otherwise (no broker, no
-peers: LocalNetwork is replaced by a stand-in that records what it was given)."""
+"""scripts.localnet, the one local-network implementation (the launcher's --local mode, the tests, the benchmarks):
+its command line (no broker, no peers: LocalNetwork is replaced by a stand-in that records what it was given), the
+roster (peer-K on shard K-1, K to a process), where each line of a process's output goes, and finding mosquitto."""
 
 from __future__ import annotations
+
+import os
+import signal
+import time
 
 import pytest
 
@@ -37,7 +42,6 @@ class FakeNetwork:
 @pytest.fixture
 def run(monkeypatch, tmp_path):
     monkeypatch.setattr(localnet, "LocalNetwork", FakeNetwork)
-    monkeypatch.setattr(localnet.signal, "signal", lambda *args: None)  # main's SIGTERM handler is not pytest's
     monkeypatch.delenv("FL_MIN_PEERS", raising=False)
     FakeNetwork.started = []
 
@@ -77,3 +81,84 @@ def test_a_single_peer_gets_no_default(run):
 def test_peers_per_process_reaches_the_network(run):
     run("--peers", "6", "--peers-per-process", "3")
     assert FakeNetwork.options["peers_per_process"] == 3
+
+
+def test_the_roster_puts_peer_k_on_shard_k_minus_1_and_k_to_a_process():
+    assert localnet.roster(3) == [("peer-1", "0/3"), ("peer-2", "1/3"), ("peer-3", "2/3")]
+    assert localnet.roster(2, shards=5, first=4) == [("peer-4", "3/5"), ("peer-5", "4/5")]
+    assert localnet.launched_shard("peer-12", 100) == "11/100"
+    peers = [peer for peer, _ in localnet.roster(7)]
+    assert localnet.processes_of(peers, 3) == [
+        ["peer-1", "peer-2", "peer-3"],
+        ["peer-4", "peer-5", "peer-6"],
+        ["peer-7"],
+    ]
+
+
+def test_a_lone_peer_s_lines_all_go_to_its_log(tmp_path):
+    with localnet.PeerLogs(tmp_path, ["peer-3"]) as logs:
+        assert logs.write(b"t INFO peer=peer-3 role=waiting | one\n") == "peer-3"
+        assert logs.write(b"Traceback (most recent call last):\n") == "peer-3"
+    assert (tmp_path / "peers" / "peer-3" / "peer.log").read_bytes().count(b"\n") == 2
+    assert not (tmp_path / "hosts").exists()
+
+
+def test_a_hosts_lines_go_to_the_peer_they_name_and_all_of_them_to_the_hosts_log(tmp_path):
+    lines = [
+        b"t INFO peer=host-peer-1 role=host | loading\n",
+        b"t INFO peer=peer-1 role=waiting | one\n",
+        b"t INFO peer=peer-2 role=controller | two\n",
+        b"  summary table row\n",
+        b"t INFO peer=peer-1 role=trainer | three\n",
+    ]
+    combined = tmp_path / "hosts" / "peer-1.log"
+    with localnet.PeerLogs(tmp_path, ["peer-1", "peer-2"], combined) as logs:
+        whose = [logs.write(line) for line in lines]
+    assert whose == ["host-peer-1", "peer-1", "peer-2", "peer-2", "peer-1"]
+    assert combined.read_bytes() == b"".join(lines)
+    assert (tmp_path / "peers" / "peer-1" / "peer.log").read_text().splitlines() == [
+        "t INFO peer=peer-1 role=waiting | one",
+        "t INFO peer=peer-1 role=trainer | three",
+    ]
+    assert (tmp_path / "peers" / "peer-2" / "peer.log").read_text().splitlines() == [
+        "t INFO peer=peer-2 role=controller | two",
+        "  summary table row",
+    ]
+    # A container's log, saved after it ran, is split the same way.
+    saved = tmp_path / "saved"
+    localnet.split_host_log(combined, ["peer-1", "peer-2"], saved)
+    assert (saved / "peers" / "peer-2" / "peer.log").read_bytes() == lines[2] + lines[3]
+
+
+def test_mosquitto_is_found_outside_the_path_and_its_absence_says_how_to_install_it(monkeypatch, tmp_path):
+    fake = tmp_path / "mosquitto"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(localnet, "MOSQUITTO_PLACES", (str(fake),))
+    assert localnet.find_mosquitto() == str(fake)
+    monkeypatch.setattr(localnet, "MOSQUITTO_PLACES", ())
+    assert localnet.find_mosquitto() is None
+    with pytest.raises(localnet.MosquittoMissing, match=r"needs the mosquitto broker: .*install.* mosquitto$"):
+        localnet.Broker().start()
+
+
+def test_install_command_follows_the_distribution(monkeypatch):
+    assert localnet.install_command("mosquitto").endswith(" mosquitto")
+    monkeypatch.setattr(localnet.platform, "system", lambda: "Darwin")
+    assert localnet.install_command("mosquitto") == "brew install mosquitto"
+
+
+def test_sigterm_stops_the_network_like_ctrl_c(run, monkeypatch, capsys):
+    def interrupted(self, timeout):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the wait")
+
+    monkeypatch.setattr(FakeNetwork, "wait", interrupted)
+    stopped = []
+    monkeypatch.setattr(FakeNetwork, "stop", lambda self: stopped.append(True))
+    before = signal.getsignal(signal.SIGTERM)
+    assert localnet.main(["--run-dir", "x", "--quiet", "--peers", "2"]) == 130
+    assert stopped and "stopping every peer and the broker" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before
