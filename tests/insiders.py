@@ -39,11 +39,9 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -208,27 +206,32 @@ def main(argv: list[str] | None = None) -> int:
 
     from peer.config import load_settings
     from peer.learning.data import load_shard
-    from peer.learning.learner import Learner
+    from peer.learning.remote import RemoteLearner, ServiceHandle
     from peer.node.logs import configure_logging
+    from peer.node.signals import StopSignals
     from peer.records.run_dir import RunRecorder
 
+    # As `python -m peer` does it (the labels here, the images and the model in the learning service), without its
+    # friendly errors: the tests give it valid flags.
     settings = load_settings(rest)
     recorder = RunRecorder(settings.run_dir, settings.peer_id)
     configure_logging(settings.peer_id, settings.log_level)
-    shard = load_shard(settings.shard_spec)
-    recorder.data(shard.describe(settings.shard_spec, settings.peer_id))
-    learner = Learner(settings.dataset, shard, settings.epochs, settings.batch_size, settings.seed, settings.model)
+    spec = settings.shard_spec
+    labels = load_shard(spec, images=False)
+    recorder.data(labels.describe(spec, settings.peer_id))
+    service = ServiceHandle(settings.learning_service)
+    learner = RemoteLearner(
+        service, settings.peer_id, spec, labels, settings.model, settings.seed, settings.epochs, settings.batch_size
+    )
     learner.prepare()
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     peer = lying_peer_class()(settings, learner, lies)
-    try:
-        return peer.run()
-    except KeyboardInterrupt:
-        return 130
+    with StopSignals():
+        try:
+            return peer.run()
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            service.close()
 
 
 # --- around it: the container broker's configuration, and starting the liar among a network's peers ------------------
@@ -298,49 +301,16 @@ class ContainerBroker:
 
 def start_insider(net, peer_id: str, shard: str, lies: list[str], extra_args=(), env=None) -> subprocess.Popen:
     """Start the liar as one of `net`'s peers (a `scripts.localnet.LocalNetwork`): the same broker, run, secret,
-    run dir and peer flags, its log in its peer dir; `net.stop()` stops it with the others."""
-    from peer.records.run_dir import PEER_LOG_FILE, peer_dir
-
-    root = Path(__file__).resolve().parent.parent
-    run = ["--run-id", net.run_id] + (["--secret-file", str(net.secret_file)] if net.secret_file else [])
-    cmd = [
-        sys.executable,
-        "-m",
-        "tests.insiders",
-        "--lie",
-        ",".join(lies),
-        "--broker",
-        net.broker.address,
-        "--peer-id",
-        peer_id,
-        "--shard",
-        shard,
-        *run,
-        "--run-dir",
-        str(net.run_dir),
-        *net.peer_args,
-        *extra_args,
-    ]
-    log_path = peer_dir(net.run_dir, peer_id) / PEER_LOG_FILE
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=root,
-        env={**net.env, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-    def pump() -> None:
-        with open(log_path, "ab") as log:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-
-    threading.Thread(target=pump, daemon=True).start()
-    net.procs[peer_id] = proc
-    return proc
+    learning service, run dir and peer flags, its log in its peer dir; `net.stop()` stops it with the others. The
+    network's services start first if they have not (a liar may come before the honest peers)."""
+    net.start_services()
+    if net.learning is not None:  # (its socket within a second or two; else the liar would start a service of its own)
+        deadline = time.monotonic() + 30
+        while not net.learning.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if env:
+        net.peer_env[peer_id] = {**net.peer_env.get(peer_id, {}), **env}
+    return net.start_peer(peer_id, shard, ["--lie", ",".join(lies), *extra_args], module="tests.insiders")
 
 
 if __name__ == "__main__":
