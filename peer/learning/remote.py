@@ -197,7 +197,12 @@ class RemoteLearner:
         return float(header["accuracy"]), float(header["loss"]), int(header["samples"])
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:
-        self._request({"op": "save", "path": str(Path(path).resolve())}, weights)
+        """The model saved (Keras) at `path` by the service. A save it could not do (a full disk, say) is an OSError
+        here, as any failed write of a record is: the node logs it and the run goes on."""
+        try:
+            self._request({"op": "save", "path": str(Path(path).resolve())}, weights)
+        except RuntimeError as err:
+            raise OSError(f"the learning service could not save {path}: {err}") from None
 
     # --- the link ----------------------------------------------------------------------------------------------------
 

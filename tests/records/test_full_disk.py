@@ -3,7 +3,8 @@ written to a temporary file beside it and renamed over it: a write that fails le
 never a truncated one, and no temporary file behind.
 
 The disk is made full for real: a child process with a file size limit (RLIMIT_FSIZE: every write past it fails with
-EFBIG, SIGXFSZ ignored) runs the peer's own deeds, with the real learner for model.keras."""
+EFBIG, SIGXFSZ ignored) runs the peer's own deeds, with the learning service's real learner (Keras) for model.keras,
+in process: the peer hands it a temporary path and renames what it wrote."""
 
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ CHILD = textwrap.dedent(
         def __getattr__(self, name):
             return lambda *args, **kwargs: None
 
-    learner = Learner("fashion-mnist", None, model="cnn-small")
+    class InProcess(Learner):  # the learning service's own learner, in this process: the file size limit binds it too
+        def count_bound(self):
+            return None
+
+    learner = InProcess("fashion-mnist", None, model="cnn-small")
     weights = learner.initial_weights()
     peer = Peer(
         Settings(peer_id="p1", run_dir=run_dir, dataset="fashion-mnist", model="cnn-small"),
