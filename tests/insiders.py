@@ -28,7 +28,7 @@ The lies, as the rows of the issue name them:
 It logs each lie it tells once, as `insider: <what>`, so a test can tell it did.
 
 The module also holds what the end-to-end tests of these rows need around it: the container broker's configuration
-(logins and ACL, `scripts.up.make_credentials`) on a real mosquitto, and a way to start the liar among a
+(logins and ACL, `scripts.up.logins.make_credentials`) on a real mosquitto, and a way to start the liar among a
 `LocalNetwork`'s peers.
 """
 
@@ -239,16 +239,16 @@ def main(argv: list[str] | None = None) -> int:
 
 class ContainerBroker:
     """A real mosquitto with broker/mosquitto.conf, the containers' configuration: no anonymous clients, a login per
-    peer (made by scripts.up.make_credentials, as ./up.sh makes them), the ACL that lets a login publish only as
+    peer (made by scripts.up.logins.make_credentials, as ./up.sh makes them), the ACL that lets a login publish only as
     itself, and the login as client id. On a free loopback port; the login folder is private and removed at close."""
 
     def __init__(self, peers: list[str], log_path: Path | None = None):
-        from scripts import up
         from scripts.localnet import free_port
+        from scripts.up.logins import make_credentials
 
         self.port = free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="fl-acl-broker-"))
-        self.login = up.make_credentials(self._dir / "login", peers)
+        self.login = make_credentials(self._dir / "login", peers)
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         root = Path(__file__).resolve().parent.parent
@@ -266,7 +266,7 @@ class ContainerBroker:
 
     def env(self, peer: str) -> dict[str, str]:
         """The FL_USERNAME / FL_PASSWORD of `peer`'s own login."""
-        from scripts.up import read_env_file
+        from scripts.up.common import read_env_file
 
         values = read_env_file(self.login.env_file(peer))
         return {"FL_USERNAME": values["FL_USERNAME"], "FL_PASSWORD": values["FL_PASSWORD"]}
