@@ -53,7 +53,7 @@ class JobRunner:
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             if not self.still_wanted(job):
-                self.log.info("skipped %s of round %d: term %d is over", job.kind, job.round, job.term)
+                self.log.info("skipped %s of round %d (term %d): no longer wanted", job.kind, job.round, job.term)
                 continue
             self.events.put(self._do(job))
             # (nothing of the job stays referenced here while waiting for the next: a large model's weights would)

@@ -752,7 +752,11 @@ class Peer:
         self.exit_code = action.code
 
     def _job_wanted(self, job: StartJob) -> bool:
-        return job.term == self.election.term and self.exit_code is None
+        """Whether a queued job is still worth its turn: not if its term is over, nor a fit for an attempt the
+        controller has since ordered again (it ignores that attempt's solution: when fits take longer than the
+        round's deadline, each retry would queue one more fit whose solution comes too late)."""
+        superseded = job.kind == "fit" and (job.term, job.round, job.attempt) != self.follower.fitting
+        return job.term == self.election.term and self.exit_code is None and not superseded
 
 
 def client_id(peer: str) -> str:

@@ -445,6 +445,20 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
     assert transport.messages(Solution) == [] and lines.having("term 1 is over; solution dropped")
 
 
+def test_a_queued_fit_for_an_attempt_ordered_again_is_not_wanted(tmp_path):
+    # Fits slower than the round's deadline: the controller orders the round again, and ignores the first attempt's
+    # solution; a fit of it still queued would only make the next attempt's solution late too.
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
+    first = runner.jobs[-1]
+    deliver(peer, Training(1, "c", 1, 2, ("p1",), digest(weights(0))), clock.now)
+    second = runner.jobs[-1]
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert not peer._job_wanted(first) and peer._job_wanted(second)
+
+
 # --- trust and robustness ---------------------------------------------------------------------------------------------
 
 
