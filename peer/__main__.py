@@ -122,7 +122,7 @@ def _record_exit(settings: Settings, code: int, reason: str) -> None:
 def _resume(settings):
     """The checkpoint in the run dir as the peer holds a run; ValueError saying why it cannot be used."""
     from peer.records.checkpoint import run_state
-    from peer.records.run_dir import CheckpointError, read_checkpoint
+    from peer.records.run_dir import CheckpointError, read_checkpoint, read_elections
     from peer.wire.errors import ProtocolError
 
     try:
@@ -140,9 +140,13 @@ def _resume(settings):
             f"{settings.run_id} (leave --run-id out to go on with it)"
         )
     try:
-        return run_state(checkpoint)
+        state = run_state(checkpoint)
     except (ProtocolError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"--resume: the checkpoint in {settings.run_dir} is damaged ({err})") from None
+    # Terms elected after the last checkpoint are used too: the resumed run's first term comes after all of them,
+    # so the records never show two controllers of one term.
+    terms = [election.term for election in read_elections(settings.run_dir)]
+    return dataclasses.replace(state, term=max(terms, default=state.model.term))
 
 
 if __name__ == "__main__":

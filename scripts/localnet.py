@@ -589,12 +589,18 @@ class LocalNetwork:
     def peer_id(index: int) -> str:
         return launched_peer_id(index + 1)
 
-    def start(self) -> LocalNetwork:
+    def start_services(self) -> LocalNetwork:
+        """The broker (unless one was given) and the learning service, without peers: for a peer that must come
+        before the others (a test's). Once: `start` calls it too."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.learning is not None:
+        if self.learning is not None and self.learning.proc is None:
             self.learning.start()
         if self.broker is None:
             self.start_brokers()
+        return self
+
+    def start(self) -> LocalNetwork:
+        self.start_services()
         shards = dict(roster(self.count, self.num_shards))
         for group in processes_of(list(shards), self.per_process):
             if self.per_process == 1:
@@ -641,9 +647,11 @@ class LocalNetwork:
             run += ["--tls-ca", str(authority(self.certs).ca)]
         return ["--broker", self.broker_list(peer_id), *run, "--run-dir", str(self.run_dir)]
 
-    def start_peer(self, peer_id: str, shard: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:
-        """One peer process (`python -m peer`)."""
-        cmd = [self.python, "-m", "peer", "--peer-id", peer_id, "--shard", shard, *self._common_args(peer_id)]
+    def start_peer(
+        self, peer_id: str, shard: str, extra_args: Iterable[str] = (), module: str = "peer"
+    ) -> subprocess.Popen:
+        """One peer process (`python -m peer`, or another `module` that takes the peer's flags: a test's liar)."""
+        cmd = [self.python, "-m", module, "--peer-id", peer_id, "--shard", shard, *self._common_args(peer_id)]
         return self._launch([peer_id], [*cmd, *self.peer_args, *extra_args], hosted=False)
 
     def start_peer_by_id(self, peer_id: str, extra_args: Iterable[str] = ()) -> subprocess.Popen:

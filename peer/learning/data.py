@@ -128,6 +128,9 @@ class Shard:
     y_test: np.ndarray
     num_classes: int
     source: str
+    # The most (train, test) samples any shard of this partition holds, caps applied: what every peer computes from
+    # the run's data settings, and the most any peer may claim. None for a pre-split folder (its shards are files).
+    largest: tuple[int, int] | None = None
 
     def describe(self, spec: ShardSpec, peer_id: str) -> dict:
         """The data.json record: what this peer holds (never the data itself)."""
@@ -162,14 +165,25 @@ def _cap(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(indices[chosen])
 
 
-def _pick(labels: np.ndarray, spec: ShardSpec, num_classes: int, limit: int | None) -> np.ndarray:
+def _pick(labels: np.ndarray, spec: ShardSpec, num_classes: int, limit: int | None) -> tuple[np.ndarray, int]:
+    """This peer's rows of `labels`, and the most rows any shard of the partition gets."""
     parts = partition(
         labels, spec.num_shards, spec.partition, seed=spec.seed, alpha=spec.alpha, num_classes=num_classes
     )
-    return _cap(parts[spec.shard], limit, spec.seed + spec.shard)
+    largest = max(len(part) if limit is None else min(len(part), limit) for part in parts)
+    return _cap(parts[spec.shard], limit, spec.seed + spec.shard), largest
 
 
-def _finish(spec: ShardSpec, source: str, x_train, y_train, x_test, y_test, num_classes: int) -> Shard:
+def _finish(
+    spec: ShardSpec,
+    source: str,
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    num_classes: int,
+    largest: tuple[int, int] | None = None,
+) -> Shard:
     shape = SHAPES[spec.dataset]
 
     def prepare(x):
@@ -183,6 +197,7 @@ def _finish(spec: ShardSpec, source: str, x_train, y_train, x_test, y_test, num_
         np.asarray(y_test, np.int64).ravel(),
         num_classes,
         source,
+        largest,
     )
     if len(shard.y_train) == 0 or len(shard.y_test) == 0:
         raise DatasetError(
@@ -205,8 +220,8 @@ def _from_idx(spec: ShardSpec, folder: Path, images: bool = True) -> Shard:
     num_classes = NUM_CLASSES[spec.dataset]
     if files["train_images"] and files["train_labels"]:
         train_labels, test_labels = load_idx(files["train_labels"]), load_idx(files["test_labels"])
-        train_rows = _pick(train_labels, spec, num_classes, spec.train_samples)
-        test_rows = _pick(test_labels, spec, num_classes, spec.test_samples)
+        train_rows, train_largest = _pick(train_labels, spec, num_classes, spec.train_samples)
+        test_rows, test_largest = _pick(test_labels, spec, num_classes, spec.test_samples)
         return _finish(
             spec,
             str(folder),
@@ -215,14 +230,16 @@ def _from_idx(spec: ShardSpec, folder: Path, images: bool = True) -> Shard:
             _rows(files["test_images"], test_rows, images),
             test_labels[test_rows],
             num_classes,
+            (train_largest, test_largest),
         )
     # Only the test set: hold out a stratified, seeded fifth of it as test data (as scripts/split_dataset.py does),
     # then partition both parts alike.
     labels = load_idx(files["test_labels"])
     train_pool, test_pool = split_train_test(labels, TEST_ONLY_FRACTION, seed=spec.seed)
     cut = len(train_pool)
-    train_rows = train_pool[_pick(labels[train_pool], spec, num_classes, spec.train_samples)]
-    test_rows = test_pool[_pick(labels[test_pool], spec, num_classes, spec.test_samples)]
+    train_picked, train_largest = _pick(labels[train_pool], spec, num_classes, spec.train_samples)
+    test_picked, test_largest = _pick(labels[test_pool], spec, num_classes, spec.test_samples)
+    train_rows, test_rows = train_pool[train_picked], test_pool[test_picked]
     log.info("only the test files are in %s: %d of its samples train, %d test", folder, cut, len(labels) - cut)
     return _finish(
         spec,
@@ -232,6 +249,7 @@ def _from_idx(spec: ShardSpec, folder: Path, images: bool = True) -> Shard:
         _rows(files["test_images"], test_rows, images),
         labels[test_rows],
         num_classes,
+        (train_largest, test_largest),
     )
 
 
@@ -285,9 +303,18 @@ def _from_keras(spec: ShardSpec) -> Shard:
         ) from None
     ya, yb = np.asarray(ya).ravel(), np.asarray(yb).ravel()
     num_classes = NUM_CLASSES[spec.dataset]
-    train = _pick(ya, spec, num_classes, spec.train_samples)
-    test = _pick(yb, spec, num_classes, spec.test_samples)
-    return _finish(spec, f"keras ({keras_cache()})", xa[train], ya[train], xb[test], yb[test], num_classes)
+    train, train_largest = _pick(ya, spec, num_classes, spec.train_samples)
+    test, test_largest = _pick(yb, spec, num_classes, spec.test_samples)
+    return _finish(
+        spec,
+        f"keras ({keras_cache()})",
+        xa[train],
+        ya[train],
+        xb[test],
+        yb[test],
+        num_classes,
+        (train_largest, test_largest),
+    )
 
 
 def load_shard(spec: ShardSpec, images: bool = True) -> Shard:

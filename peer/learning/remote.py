@@ -168,6 +168,11 @@ class RemoteLearner:
     def sample_counts(self) -> tuple[int, int]:
         return int(len(self.labels.y_train)), int(len(self.labels.y_test))
 
+    def count_bound(self) -> tuple[int, int] | None:
+        """The most (train, test) samples any shard of this run's partition holds, from the data settings alone
+        (`Shard.largest`: the labels tell it): what no peer may claim to have more of. None for a pre-split folder."""
+        return self.labels.largest
+
     def prepare(self) -> ModelFacts:
         """The model's facts: from the machine's cache, else built by the service (the first time on a machine, or
         for a module:function model: seconds). ModelError if the model is unusable; DatasetError if the service
@@ -207,7 +212,12 @@ class RemoteLearner:
         return float(header["accuracy"]), float(header["loss"]), int(header["samples"])
 
     def save(self, weights: list[np.ndarray], path: Path) -> None:
-        self._request({"op": "save", "path": str(Path(path).resolve())}, weights)
+        """The model saved (Keras) at `path` by the service. A save it could not do (a full disk, say) is an OSError
+        here, as any failed write of a record is: the node logs it and the run goes on."""
+        try:
+            self._request({"op": "save", "path": str(Path(path).resolve())}, weights)
+        except RuntimeError as err:
+            raise OSError(f"the learning service could not save {path}: {err}") from None
 
     # --- the link ----------------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class Learning(Protocol):
     """What the node needs of its learning (`peer.learning.remote.RemoteLearner`; a fake in the node's tests)."""
 
     def sample_counts(self) -> tuple[int, int]: ...
+    def count_bound(self) -> tuple[int, int] | None: ...
     def fingerprint(self) -> str: ...
     def model_description(self) -> str: ...
     def initial_weights(self) -> list[np.ndarray]: ...
@@ -52,7 +53,7 @@ class JobRunner:
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             if not self.still_wanted(job):
-                self.log.info("skipped %s of round %d: term %d is over", job.kind, job.round, job.term)
+                self.log.info("skipped %s of round %d (term %d): no longer wanted", job.kind, job.round, job.term)
                 continue
             self.events.put(self._do(job))
             # (nothing of the job stays referenced here while waiting for the next: a large model's weights would)

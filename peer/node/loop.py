@@ -13,11 +13,13 @@ store (this module is its only writer), the final model, the exit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import queue
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterable
 
@@ -33,6 +35,7 @@ from peer.roles.actions import (
     EXIT_REFUSED,
     Action,
     AdoptModel,
+    Announce,
     CastVote,
     Exit,
     FetchModel,
@@ -55,7 +58,7 @@ from peer.roles.actions import (
     TakeOffice,
     Unconfirmed,
 )
-from peer.roles.admission import Route, View, admit, entitled
+from peer.roles.admission import Route, View, admit, entitled, may_chunk
 from peer.roles.controller import Controller
 from peer.roles.election import Election, ElectionTimings
 from peer.roles.follower import Follower
@@ -77,7 +80,7 @@ from peer.wire.messages import (
     Training,
     Vote,
 )
-from peer.wire.session import Delivered, Inbox, Outbox
+from peer.wire.session import MAX_AGE_S, Delivered, Inbox, OffClock, Outbox
 from peer.wire.topics import Topics
 from peer.wire.weights import WeightCodec
 
@@ -107,7 +110,7 @@ class Peer:
         self.topics = Topics(settings.topic_prefix, settings.run_id)
         seal = Seal(settings.secret)
         self.stamper = Stamper(new_incarnation(time.time_ns()), lambda: self.wall_clock())
-        self.inbox = Inbox(self.me, self.topics, seal)
+        self.inbox = Inbox(self.me, self.topics, seal, may_chunk=self._may_chunk)
         self.outbox = Outbox(self.topics, seal, self.stamper, settings.wire_dtype, settings.max_message_bytes)
         self.events: queue.Queue = queue.Queue()
         self.election = Election(
@@ -121,15 +124,21 @@ class Peer:
         self.samples = learner.sample_counts()
         self.fingerprint = learner.fingerprint()
         self.misfits: set[str] = set()  # peers that announced another model: not part of this run
+        self.skewed: set[str] = set()  # peers whose clock is off ours by more than the replay window: not counted
+        self._told_clock = False  # whether this peer said its own clock is the odd one out
         self.last_fetch = float("-inf")
         self.follower = Follower(
             self.me,
             self.store,
             tuple(tuple(w.shape) for w in learner.initial_weights()),
             keep_solutions_up_to=settings.max_message_bytes,
+            stop_rules=(settings.max_rounds, settings.target_accuracy),
             answers_expire_after=max(1, math.ceil(settings.round_deadline)),
             secure_aggregation=settings.secure_aggregation,
         )
+        # The most samples any peer may declare: computed from the run's data settings, like every peer does; with
+        # --data-dir (each peer's own data) unknown, and the controller bounds counts by the others' instead.
+        self.count_bound = learner.count_bound() if settings.data_dir is None else None
         self.controller: Controller | None = None
         # What each peer announced (init): (train samples, test samples), the most a controller lets it declare.
         self.announced: dict[str, tuple[int, int]] = {}
@@ -139,11 +148,12 @@ class Peer:
         if log is None and not self.log.handlers:
             configure_logging(self.me, settings.log_level)
         attach(self.log, self)
-        # The client id is ours alone (a random suffix): nobody can take our session over by guessing it. A broker
-        # with a login per peer replaces it with the login (use_username_as_clientid).
+        # The client id is ours alone (a random suffix, drawn for it and sent nowhere): nobody can take our session
+        # over by guessing or deriving it. A broker with a login per peer replaces it with the login
+        # (use_username_as_clientid).
         self.transport = transport or MqttTransport(
             settings.brokers,
-            f"{self.me}-{self.stamper.incarnation & 0xFFFFFF:06x}",
+            client_id(self.me),
             self.topics.subscriptions(),
             self.events,
             settings.keepalive,
@@ -158,7 +168,7 @@ class Peer:
             self.store.server = resume.server
             for summary in resume.rounds:
                 self.store.finish_round(summary, resume.run_started)
-            self.election.restore(resume.model.term, resume.model.round)
+            self.election.restore(max(resume.model.term, resume.term), resume.model.round)
         self.exit_code: int | None = None
         self.quota = Quota(self.log)
         self._status: tuple = ()
@@ -193,7 +203,11 @@ class Peer:
 
     def _view(self) -> View:
         e = self.election
-        return View(self.me, e.term, e.role, e.controller, self.fingerprint, frozenset(self.misfits))
+        trainers = self.controller.awaited_trainers() if self.controller else frozenset()
+        return View(self.me, e.term, e.role, e.controller, self.fingerprint, frozenset(self.misfits), trainers)
+
+    def _may_chunk(self, kind: str, sender: str, retained: bool) -> Refused | None:
+        return may_chunk(kind, sender, retained, self._view())
 
     def _write_status(self) -> None:
         last = self.store.last_finished
@@ -380,20 +394,22 @@ class Peer:
         elif isinstance(verdict, Pending):
             for evicted in verdict.evicted:
                 self._refused(evicted, "chunks")
+        elif isinstance(verdict, OffClock):
+            self._off_clock(verdict, now)
         else:
             self._refused(verdict, "inbound")
 
     def on_message(self, delivered: Delivered, now: float) -> None:
         message, retained = delivered.message, delivered.retained
-        if (
-            message.sender == self.me
-            and isinstance(message, Init)
-            and not retained
-            and delivered.stamp.incarnation != self.stamper.incarnation
-        ):
-            return self._same_id(message, delivered.stamp.incarnation)
+        if message.sender == self.me and not retained and delivered.stamp.incarnation != self.stamper.incarnation:
+            if isinstance(message, Init):
+                return self._same_id(message, delivered.stamp.incarnation)
+            return self._in_my_name(message, delivered.stamp.incarnation, now)
         if not retained:
             self.election.heard_from(message.sender)
+            if message.sender in self.skewed and not isinstance(message, Presence):  # (presence skips the age)
+                self.skewed.discard(message.sender)
+                self.log.info("%s's clock agrees with this peer's again: it counts again", message.sender)
         verdict = admit(message, retained, self._view())
         if isinstance(verdict, Refused):
             return self._refused(verdict, "admission")
@@ -424,9 +440,21 @@ class Peer:
             )
         if message.peer in self.election.live:
             self.peer_gone(message.peer, now)
+        # It is told who is here too (the others' inits name their model and term): a peer that is itself the odd
+        # one out learns from them which run it met, and leaves saying so.
+        self.carry_out(self.election.stranger(message.peer, message.term, now), now)
+        if not message.reply:
+            self._answer_newcomer(now)
+
+    def _retained_presence(self, message: Presence, size: int, now: float) -> None:
+        """Who was online when this peer subscribed, said when each connected (maybe long ago): a peer named online
+        counts only until it fails to answer this peer's init (a peer whose clock is off, say, never does)."""
+        self._presence(message, size, now)
+        if message.status == "online" and message.peer in self.election.live:
+            self.election.unconfirmed_until_heard(message.peer, now)
 
     def _presence(self, message: Presence, size: int, now: float) -> None:
-        if message.peer in self.misfits:
+        if message.peer in self.misfits or message.peer in self.skewed:
             return
         if message.status == "online":
             self.peer_up(message.peer, now)
@@ -438,6 +466,7 @@ class Peer:
 
     def _announcement(self, message: Init, size: int, now: float) -> None:
         self.announced[message.peer] = (message.train_samples, message.test_samples)
+        self.carry_out(self.election.on_init(message.peer, message.term, now), now)
         self.peer_up(message.peer, now, self.announced[message.peer], returned=not message.reply)
         if message.peer != self.me and not message.reply:
             # A newcomer, or a peer back on the broker, learns from the answers who is here and what each holds.
@@ -453,10 +482,10 @@ class Peer:
 
     def _retained_leader(self, message: Claim | Heartbeat, size: int, now: float) -> None:
         leader = message.peer if isinstance(message, Claim) else message.controller
-        self.carry_out(self.election.on_retained(message.term, leader, now), now)
+        self.carry_out(self.election.on_retained(message.term, leader, now, claim=isinstance(message, Claim)), now)
 
     def _retained_model(self, message: Aggregation, size: int, now: float) -> None:
-        self.carry_out(self.follower.on_retained_model(message), now)
+        self.carry_out(self.follower.on_retained_model(message, self.election.controller), now)
 
     def _run_finished(self, message: Finish, size: int, now: float) -> None:
         self.carry_out(self.follower.on_finished_run(message), now)
@@ -473,9 +502,11 @@ class Peer:
         ):
             # its model is on the way, behind which the controller's next messages wait: a keepalive's grace
             self.election.expect_model(message.term, message.controller, now + 1.5 * self.settings.keepalive)
-        refusal = entitled(message, self._view())
-        if refusal:
-            self._refused(refusal, "admission")
+        verdict = entitled(message, self._view())
+        if isinstance(verdict, Refused):
+            self._refused(verdict, "admission")
+        elif verdict is Route.RUN_OTHER_MODEL and isinstance(message, Heartbeat):
+            self._run_other_model(message, size, now)
         else:
             self.carry_out(self.follower.on_controller(message), now)
 
@@ -494,6 +525,58 @@ class Peer:
     def _server_state(self, message: ServerState, size: int, now: float) -> None:
         if self.controller:
             self.carry_out(self.controller.on_server_state(message, now), now)
+
+    def _off_clock(self, refusal: OffClock, now: float) -> None:
+        """A peer's newest message is off this peer's clock by more than the replay window: all its live messages
+        will be refused, so it cannot take part; it is not counted (not waited for, not chosen, no election member)
+        until a message of it passes. Said once per peer, on each side: the peer whose clock is wrong hears it from
+        every other, the others each say it of that one."""
+        peer = refusal.sender
+        if peer not in self.skewed:
+            self.skewed.add(peer)
+            ahead = "ahead of" if refusal.offset > 0 else "behind"
+            self.log.warning(
+                "%s's clock is %.0fs %s this peer's, more than the %.0fs replay window: its messages are refused and "
+                "it is not counted (if every other peer says this of one, that peer's clock is wrong: sync it, NTP)",
+                peer,
+                abs(refusal.offset),
+                ahead,
+                MAX_AGE_S,
+            )
+            self._event("clock-off", peer=peer, offset=round(refusal.offset, 3))
+            others = len(self.election.live - {self.me, peer})
+            if len(self.skewed) >= 2 and len(self.skewed) > others and not self._told_clock:
+                # Most peers it hears are off its clock the same way: the odd one out is this peer.
+                self._told_clock = True
+                self.log.error(
+                    "this peer's clock is about %.0fs %s the others': %d of the %d peers it hears are refused as "
+                    "replays; it cannot take part until this machine's clock is set right (NTP)",
+                    abs(refusal.offset),
+                    "behind" if refusal.offset > 0 else "ahead of",
+                    len(self.skewed),
+                    len(self.skewed) + others,
+                )
+        self.peer_gone(peer, now)
+
+    def _in_my_name(self, message: Message, incarnation: int, now: float) -> None:
+        """A message in this peer's name, signed with the secret, that this process did not send: a second process
+        with this id (its init says so), or a member forging. Said in one line (rate-limited), never obeyed. A forged
+        finish the followers believe (a give-up reason they cannot check) ends the run for them: its controller ends
+        it too, at once, rather than waiting --wait-timeout for peers that left."""
+        self.quota.warn(
+            "in-my-name",
+            logging.ERROR,
+            "a %s in this peer's name that it did not send (incarnation %x, this process is %x): another process "
+            "signs as %s with the federation secret (a member forging, or a second process with this id); per-peer "
+            "broker logins stop this (docs/SECURITY.md)",
+            message.TYPE,
+            incarnation,
+            self.stamper.incarnation,
+            self.me,
+        )
+        self._event("forged", kind=message.TOPIC, incarnation=incarnation)
+        if self.controller and isinstance(message, Finish) and message.term == self.election.term:
+            self.carry_out(self.controller.forged_finish(message, now), now)
 
     def _same_id(self, message: Init, incarnation: int) -> None:
         """Another process announced itself with our peer id: two peers cannot share one. The one started later
@@ -622,7 +705,7 @@ class Peer:
         initial = self.learner.initial_weights() if self.store.latest is None else None
         self.controller = Controller(
             self.me,
-            self.settings.round_rules(),
+            dataclasses.replace(self.settings.round_rules(), count_bound=self.count_bound),
             action.term,
             action.reason,
             action.members,
@@ -640,6 +723,7 @@ class Peer:
     def _follow(self, action: FollowController, now: float) -> None:
         self.log.info("term %d: controller is %s", action.term, action.controller)
         self._event("follow", term=action.term, controller=action.controller)
+        self.carry_out(self.follower.on_follow(action.controller), now)
 
     def _step_down(self, action: StepDown, now: float) -> None:
         self.log.warning("stepping down as controller of term %d: %s", action.term, action.reason)
@@ -652,6 +736,9 @@ class Peer:
     def _unconfirmed(self, action: Unconfirmed, now: float) -> None:
         self.log.info("%s was not heard from since this peer reconnected", action.peer)
         self.peer_gone(action.peer, now)
+
+    def _announce_term(self, action: Announce, now: float) -> None:
+        self._announce()
 
     def _publish(self, action: Publish, now: float) -> None:
         self.send(action.message, action.retain, action.expiry)
@@ -712,7 +799,7 @@ class Peer:
         self._event(action.name, **action.fields)
 
     def _save_model(self, action: SaveModel, now: float) -> None:
-        self._write("model.keras", self.learner.save, action.weights, self.records.model_path)
+        self._write("model.keras", self.records.model, lambda path: self.learner.save(action.weights, path))
 
     def _print(self, action: Print, now: float) -> None:
         print(action.text, flush=True)
@@ -721,7 +808,18 @@ class Peer:
         self.exit_code = action.code
 
     def _job_wanted(self, job: StartJob) -> bool:
-        return job.term == self.election.term and self.exit_code is None
+        """Whether a queued job is still worth its turn: not if its term is over, nor a fit for an attempt the
+        controller has since ordered again (it ignores that attempt's solution: when fits take longer than the
+        round's deadline, each retry would queue one more fit whose solution comes too late)."""
+        superseded = job.kind == "fit" and (job.term, job.round, job.attempt) != self.follower.fitting
+        return job.term == self.election.term and self.exit_code is None and not superseded
+
+
+def client_id(peer: str) -> str:
+    """This peer's MQTT client id: its id and 64 random bits drawn for the connection alone. Nothing on the wire
+    (the incarnation travels in clear in every envelope's head) tells them, so nobody can compute it and take the
+    session over."""
+    return f"{peer}-{secrets.token_hex(8)}"
 
 
 DEEDS: dict[type, Callable[..., None]] = {
@@ -731,6 +829,7 @@ DEEDS: dict[type, Callable[..., None]] = {
     FollowController: Peer._follow,
     StepDown: Peer._step_down,
     Unconfirmed: Peer._unconfirmed,
+    Announce: Peer._announce_term,
     Publish: Peer._publish,
     Log: Peer._log,
     StartJob: Peer._start_job,
@@ -752,6 +851,7 @@ ROUTES: dict[Route, Callable[..., None]] = {
     Route.PEER_OTHER_MODEL: Peer._peer_other_model,
     Route.RUN_OTHER_MODEL: Peer._run_other_model,
     Route.PRESENCE: Peer._presence,
+    Route.RETAINED_PRESENCE: Peer._retained_presence,
     Route.ANNOUNCE: Peer._announcement,
     Route.BALLOT: Peer._ballot,
     Route.CLAIM: Peer._claim,

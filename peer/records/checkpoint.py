@@ -26,6 +26,7 @@ class RunState:
     rounds: tuple[RoundSummary, ...]
     run_started: float | None
     server: ServerMemory | None = None
+    term: int = 0  # the last term the run used (its elections.csv): a resumed run elects past it, never again in it
 
 
 def checkpoint_state(

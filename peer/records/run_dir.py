@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -169,15 +170,31 @@ def write_json(path: Path, data: dict) -> None:
 def write_bytes(path: Path, data) -> str:
     """Replace the file atomically (a temporary file renamed over it) with `data`: bytes, or an iterable of
     bytes-like parts written one after the other (a large model is never joined in memory). Its SHA-256, in hex."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
-    with open(temp, "wb") as out:
-        for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
-            out.write(part)
-            digest.update(part)
-    os.replace(temp, path)
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as out:
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                out.write(part)
+                digest.update(part)
+
+    replace_atomically(path, write)
     return digest.hexdigest()
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Have `write` write the whole file at a temporary path beside `path` (same folder, so the same file system;
+    the same suffix, which some writers insist on), then rename it over `path`. Readers see the
+    old file or the new one, never half of one; a write that fails (a full disk) leaves the old file and no
+    temporary one, and raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 class RunRecorder:
@@ -227,6 +244,11 @@ class RunRecorder:
     @property
     def model_path(self) -> Path:
         return self.run_dir / MODEL_FILE
+
+    def model(self, save: Callable[[Path], object]) -> None:
+        """The run's final model, written by `save(path)` (Keras), atomically: a failed save leaves no model.keras
+        (or the one before), never a truncated one."""
+        replace_atomically(self.model_path, save)
 
     def checkpoint(self, state: dict, weights, server_weights=None) -> None:
         """The run after a finished round (`state`: run_id, round, term, trainers, run_started, rounds, and "server"

@@ -63,6 +63,12 @@ class Unconfirmed:
     peer: str
 
 
+@dataclass(frozen=True)
+class Announce:
+    """Announce this peer (an init naming its term) so that every peer answers with its own: a peer whose campaign
+    found no majority learns from the answers which term the others are in (they may have gone on without it)."""
+
+
 # --- the roles' decisions ----------------------------------------------------------------------------------------------
 
 
@@ -190,7 +196,7 @@ EXIT_DUPLICATE = 5  # another process already runs with this peer id
 
 # Finish reasons that mean the run failed (its peers exit EXIT_GAVE_UP); the others (max-rounds, target-accuracy)
 # are a run that ended as asked.
-GIVE_UP_REASONS = ("too-few-peers", "no-evaluations", "no-solutions")
+GIVE_UP_REASONS = ("too-few-peers", "no-evaluations", "no-solutions", "forged-finish")
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,7 @@ Action = (
     | FollowController
     | StepDown
     | Unconfirmed
+    | Announce
     | Publish
     | Log
     | StartJob

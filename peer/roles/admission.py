@@ -1,34 +1,36 @@
 """Whether a decoded message is acted on, and by whom: pure rules, one function per question, no I/O.
 
 The node asks `admit` of every message that decoded cleanly. The answer is a `Route` (which machine hears it) or
-`Refused` (why not, for one log line). Messages of the controller go through the election first (a higher term makes
-this peer follow it); `entitled` then says whether this peer acts on that message at all.
+`Refused` (why not, for one log line). Messages of the controller go through the election first (a later term makes
+this peer follow it, if a majority stands behind that term); `entitled` then says whether this peer acts on that
+message at all. Who may send a message is always checked before what it says.
 
 Before these rules, the wire session (`peer.wire.session.Inbox`) has opened the envelope (signed with the federation
-secret, published on the topic of the peer it names), put chunks together, decoded the message and asked the
-`ReplayGuard` whether it is fresh.
+secret, published on the topic of the peer it names), put chunks together (only of kinds that carry weights, only
+from senders `may_chunk` entitles), decoded the message and asked the `ReplayGuard` whether it is fresh.
 
 The rules, in the order they apply:
-- only presence, claims, heartbeats, aggregations and finishes are ever published retained: another kind that comes
-  retained (an order lying in wait on the broker for every newcomer) is refused;
-- presence and announcements (init) always reach the election, unless the init names another model than ours (a
-  peer started with another --model or --dataset): that peer is not counted, and its ballots are ignored;
-- a heartbeat naming another model tells a peer that is not controller that the run is not for its model;
-- a term can only move forward by a bounded step: never to the last encodable term, and (for a peer in a run) never
-  more than MAX_TERM_STEP past its own, so no single message can strand the federation in a term it cannot leave;
-- ballots (vote, claim) reach the election;
-- retained messages are history, not orders: a retained claim or heartbeat says who led most recently, a retained
-  aggregation is the model a late joiner starts from, and a retained finish says this run is over (topics are per
-  run, so it is this run's);
-- a controller's message of a term older than ours is stale; one that names this peer as its controller is our own
-  echo (or an earlier life of this id, restarted): the controller acts on what it decides, not on what comes back;
-- solutions and evaluations are for the controller of their term, and only it hears them (and so are secure
-  aggregation's keys, masked vectors and reveals); a trainer's encrypted shares (secure aggregation) are for the
-  peers of its term: the controller and the attempt's trainers;
-- a server state (retained or live) is history for a controller to go on from: only a controller takes it, never
-  its own, and it never moves a term (the controller checks it belongs to the model it holds);
-- after the election has seen a controller's message, only a follower of that very controller in that very term
-  acts on it.
+1. only presence, claims, heartbeats, aggregations, server states and finishes are ever published retained: another
+   kind that comes retained (an order lying in wait on the broker for every newcomer) is refused;
+2. presence and announcements (init) speak for their sender alone (the topic names it), so they always reach the
+   election; an init naming another model than ours (a peer started with another --model or --dataset) makes its
+   sender a stranger: not counted, its ballots ignored;
+3. a term past the last usable one (whose successor could not be encoded) is refused, from anyone;
+4. ballots (vote, claim) of members reach the election, which alone decides what a term is worth: one peer's vote
+   or claim moves nobody (a majority must stand behind a term);
+5. retained messages are history, not orders: a retained claim or heartbeat says who led a term, a retained
+   aggregation is the model a late joiner starts from, and a retained finish says this run is over (topics are per
+   run, so it is this run's);
+6. a controller's message of a term older than ours is stale; one that names this peer as its controller is our own
+   echo (or an earlier life of this id, restarted): the controller acts on what it decides, not on what comes back;
+7. solutions and evaluations are for the controller of their term, and only it hears them (and so are secure
+   aggregation's keys, masked vectors and reveals); a trainer's encrypted shares (secure aggregation) are for the
+   peers of its term: the controller and the attempt's trainers; a server state (retained or live) is history for a
+   controller to go on from: only a controller takes it, never its own, and it never moves a term (the controller
+   checks it belongs to the model it holds);
+8. after the election has seen a controller's message (`entitled`): only a follower of that very controller in that
+   very term acts on it, and only then is what it says looked at (a heartbeat naming another model than ours tells
+   this peer the run is not for it; the same heartbeat from anyone else is ignored).
 """
 
 from __future__ import annotations
@@ -65,13 +67,14 @@ from peer.wire.messages import (
 CONTROLLER_MESSAGES = (Heartbeat, Training, Aggregation, Metrics, Finish, Roster, Maskers, Unmask)
 TO_CONTROLLER_MESSAGES = (Solution, Evaluation, Keys, Masked, Reveal)
 TERM_MESSAGES = (Vote, Claim, *CONTROLLER_MESSAGES)  # messages that can move this peer to a later term
-# the only messages a peer publishes retained
-RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, ServerState, Finish)
-MAX_TERM_STEP = 1000  # a term further ahead of ours than this is no election we could have missed
+RETAINED_KINDS = (Presence, Claim, Heartbeat, Aggregation, ServerState, Finish)  # the only kinds published retained
 
 
 class Route(str, enum.Enum):
     PRESENCE = "presence"  # a peer is online or gone: election and controller
+    RETAINED_PRESENCE = (
+        "retained-presence"  # who was online when this peer subscribed: counted until it fails to answer
+    )
     RUN_FINISHED = "run-finished"  # a retained finish: this run is over (this peer came, or came back, late)
     ANNOUNCE = "announce"  # a peer (re)joined (init): election and controller
     BALLOT = "ballot"  # a vote: election
@@ -96,6 +99,7 @@ class View:
     controller: str | None
     model: str = ""  # this peer's model fingerprint ("" before it knows it: no check)
     misfits: frozenset[str] = frozenset()  # peers that announced another model
+    trainers: frozenset[str] = frozenset()  # as controller: the trainers whose solutions it waits for now
 
 
 def admit(message: Message, retained: bool, view: View) -> Route | Refused:
@@ -106,23 +110,20 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
             "warning",
         )
     if isinstance(message, Presence):
-        return Route.PRESENCE
+        return Route.RETAINED_PRESENCE if retained else Route.PRESENCE
     if isinstance(message, Init):
         if view.model and message.model != view.model:
             return Route.PEER_OTHER_MODEL
         return Route.ANNOUNCE
+    if isinstance(message, TERM_MESSAGES) and message.term >= MAX_TERM:
+        return Refused(
+            f"ignored a {message.TYPE} of term {message.term} from {message.sender}: the last usable term is "
+            f"{MAX_TERM - 1}",
+            "warning",
+            "term-range",
+        )
     if isinstance(message, (Vote, Claim)) and message.peer in view.misfits:
         return Refused(f"ignored a {message.TYPE} of {message.peer}: it runs another model")
-    if isinstance(message, Heartbeat) and view.model and message.model != view.model:
-        if view.role is Role.CONTROLLER:
-            return Refused(
-                f"ignored a heartbeat of {message.controller}, which runs another model "
-                f"({message.model}; ours is {view.model})",
-                "warning",
-            )
-        return Route.RUN_OTHER_MODEL
-    if isinstance(message, TERM_MESSAGES) and (jump := _term_jump(message.term, view.term)):
-        return jump
     if isinstance(message, Vote):
         return Route.BALLOT
     if isinstance(message, (Claim, Heartbeat)) and retained:
@@ -163,30 +164,42 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
     return Refused(f"no rule admits a {message.TYPE}", "warning")
 
 
-def _term_jump(term: int, ours: int) -> Refused | None:
-    """Terms move forward one election at a time: a term past the last one (whose successor could not be encoded),
-    or further ahead of ours than any run of missed elections explains, is refused, so that one message cannot
-    move the federation to a term from which it can never elect again. A peer that knows no term yet (it just
-    started) takes the term of the run it joins, however far that run has come."""
-    if term >= MAX_TERM:
-        return Refused(f"ignored term {term}: the last usable term is {MAX_TERM - 1}", "warning")
-    if ours > 0 and term > ours + MAX_TERM_STEP:
-        return Refused(
-            f"ignored term {term}: {term - ours} terms ahead of ours ({ours}), more than the "
-            f"{MAX_TERM_STEP} elections any peer could have missed",
-            "warning",
-        )
-    return None
-
-
 def entitled(
     message: Heartbeat | Training | Aggregation | Metrics | Finish | Roster | Maskers | Unmask, view: View
-) -> Refused | None:
-    """After the election has seen a controller's message: None if this peer acts on it (it follows that controller
-    in that term), else why not."""
+) -> Route | Refused:
+    """After the election has seen a controller's message: `Route.FROM_CONTROLLER` if this peer acts on it (it
+    follows that controller in that term), `Route.RUN_OTHER_MODEL` if that controller's heartbeat names another
+    model than ours (the run is not for this peer), else why not. The sender first, then what it says."""
     if view.role is not Role.FOLLOWER or (message.term, message.controller) != (view.term, view.controller):
         return Refused(
             f"ignored a {message.TYPE} of term {message.term} from {message.controller}: this peer is "
             f"{view.role.value} of term {view.term} (controller {view.controller})"
         )
-    return None
+    if isinstance(message, Heartbeat) and view.model and message.model != view.model:
+        return Route.RUN_OTHER_MODEL
+    return Route.FROM_CONTROLLER
+
+
+def may_chunk(kind: str, sender: str, retained: bool, view: View) -> Refused | None:
+    """Whether this peer takes chunks of a `kind` message from `sender` at all (None: it does), decided before a
+    chunk costs any memory. Models travel from the controller to its followers (training orders and aggregations;
+    a retained aggregation, the model a late joiner starts from, from any member) and from the trainers this
+    controller waits for (solutions); nothing else is ever chunked."""
+    if kind == "solution":
+        if view.role is Role.CONTROLLER and sender in view.trainers:
+            return None
+        return Refused(
+            f"ignored chunks of a solution from {sender}: not a trainer this peer waits for", "warning", "chunk-sender"
+        )
+    if kind in ("training", "aggregation"):
+        if retained and kind == "aggregation" and sender not in view.misfits:
+            return None
+        if view.role is Role.FOLLOWER and sender == view.controller:
+            return None
+        return Refused(
+            f"ignored chunks of {'an aggregation' if kind == 'aggregation' else 'a training order'} from {sender}: "
+            f"not the controller this peer follows ({view.controller})",
+            "warning",
+            "chunk-sender",
+        )
+    return Refused(f"ignored chunks of a {kind} from {sender}: only models are chunked", "warning", "chunk-sender")

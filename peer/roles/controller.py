@@ -65,6 +65,7 @@ from peer.roles.rounds import (
     SolutionCollector,
     choose_evaluators,
     choose_trainers,
+    implausible_finish,
 )
 from peer.roles.secure import SecureCollector, SecureResult
 from peer.wire.messages import (
@@ -87,6 +88,8 @@ from peer.wire.weights import WeightCodec
 FINISH_EXPIRY_S = 24 * 3600  # the retained Finish tells a peer (re)started for this run that it is over
 MAX_REPUBLISH = 3  # a model nobody evaluates is published this many more times, then the run gives up
 MAX_ATTEMPTS = 10  # a round that gets no quorum of solutions this many times in a row gives the run up
+NO_SHOW_LIMIT = 3  # a member that misses this many answers in a row leaves the term's quorum until it answers again
+COUNT_RATIO = 2  # without the run's shard sizes, a member declares at most this many times the others' median count
 
 
 class Phase(str, enum.Enum):
@@ -148,6 +151,11 @@ class RoundRules:
                 plan["dp_target_epsilon"] = privacy.target_epsilon
         return plan
 
+    # The most (train, test) samples any shard of the run holds, as every peer computes it from the run's data
+    # settings (dataset, partition, seed, shards, caps); None when shards come from --data-dir: then the bound is
+    # COUNT_RATIO times the other members' median.
+    count_bound: tuple[int, int] | None = None
+
 
 def _free(message: Message) -> int:
     return 0
@@ -187,6 +195,8 @@ class Controller:
         self.announced: dict[str, tuple[int, int]] = dict(announced or {})
         self.aggregator = Aggregator(rules.aggregation)
         self.suspects: set[str] = set()  # trainers whose solutions broke a limit this term: chosen last
+        self.missed: dict[str, int] = {}  # members' answers (solutions, evaluations) missed in a row this term
+        self.capped: set[str] = set()  # members whose announced counts were lowered (said once)
         if memory.latest is None and initial_weights is None:
             raise ValueError("a controller without a global model needs initial weights")
         # A run without a global model yet starts from the initial weights as round 0 (`take_office` adopts them).
@@ -246,6 +256,8 @@ class Controller:
         ]
         if self.run_started is None:
             self.run_started = self._wall(now)
+        for peer in sorted(self.announced):
+            out += self._note_capped(peer)
         if self.fresh:
             out += self._adopt(self.model)
             out.append(Log("no global model yet: starting from a fresh model (round 0)"))
@@ -273,7 +285,9 @@ class Controller:
             )
             return out + self._publish_model(now)
         out.append(Log(f"resuming after round {self.model.round}"))
-        return out + self._after_round(self.history[self.model.round], now)
+        # Whether the target was reached is the previous controller's call (it did not make it, or it would have
+        # finished): the published metric alone is no proof (one member's evaluation can inflate it).
+        return out + self._after_round(self.history[self.model.round], now, reached=False)
 
     def on_message(self, message: Message, size: int, now: float) -> list[Action]:
         """A solution or an evaluation of this term (`size`: its payload bytes, counted in the round's traffic)."""
@@ -300,6 +314,7 @@ class Controller:
             self.round_bytes += size
             if self.rules.privacy.local:  # its noised update is out: a release of its data
                 self.ledger = self.ledger.released([message.peer])
+            out += self._answered(message.peer)
             out.append(
                 Log(
                     f"solution from {message.peer} ({message.samples} samples, loss {message.loss:.4f}), "
@@ -319,6 +334,7 @@ class Controller:
             if why_not:
                 return [Log(f"ignored an evaluation from {message.peer}: {why_not}", "debug")]
             self.round_bytes += size
+            out += self._answered(message.peer)
         return out + self._advance(now)
 
     def on_secure(self, message: Keys | Shares | Masked | Reveal, size: int, now: float) -> list[Action]:
@@ -474,6 +490,7 @@ class Controller:
         out: list[Action] = []
         if samples is not None:
             self.announced[peer] = samples
+            out += self._note_capped(peer)
         if returned and self.phase is Phase.TRAINING and self._waits_for(peer):
             # It missed the current order (the broker was away, or it came back after it went out): send it again,
             # at most once a heartbeat however many peers come back at once. Orders are small; a model is not
@@ -573,8 +590,91 @@ class Controller:
         return now + self.wall_offset
 
     def _cap(self, peer: str, test: bool = False) -> int | None:
+        """The most samples `peer` may declare (in a solution, an evaluation): what it announced, but never more than
+        the run's data settings allow any shard, or, for shards from --data-dir, COUNT_RATIO times the median of the
+        other members' announcements. None: it announced nothing."""
         announced = self.announced.get(peer)
-        return None if announced is None else announced[1 if test else 0]
+        if announced is None:
+            return None
+        index = 1 if test else 0
+        return min(announced[index], self._count_limit(peer, index))
+
+    def _count_limit(self, peer: str, index: int) -> int:
+        if self.rules.count_bound is not None:
+            return self.rules.count_bound[index]
+        others = sorted(counts[index] for p, counts in self.announced.items() if p != peer and p in self.live)
+        if not others:
+            return self.announced[peer][index]
+        return max(1, COUNT_RATIO * others[(len(others) - 1) // 2])
+
+    def _note_capped(self, peer: str) -> list[Action]:
+        """One warning the first time a member's announced counts are lowered to what anyone may hold."""
+        train, test = self.announced[peer]
+        limits = self._count_limit(peer, 0), self._count_limit(peer, 1)
+        if peer in self.capped or (train <= limits[0] and test <= limits[1]):
+            return []
+        self.capped.add(peer)
+        where = "the run's shards" if self.rules.count_bound is not None else f"{COUNT_RATIO}x the others' median"
+        return [
+            Log(
+                f"{peer} announced {train} train and {test} test samples; no member may declare more than {where} "
+                f"allow ({limits[0]}, {limits[1]}): it is counted as at most that",
+                "warning",
+            )
+        ]
+
+    # --- no-shows -------------------------------------------------------------------------------------------------
+
+    def awaited_trainers(self) -> frozenset[str]:
+        """The trainers whose solutions this controller waits for now (their chunks are the only ones it takes)."""
+        if self.phase is Phase.TRAINING and self.solutions:
+            return frozenset(self.solutions.outstanding)
+        return frozenset()
+
+    def _answered(self, peer: str) -> list[Action]:
+        missed = self.missed.pop(peer, 0)
+        if missed >= NO_SHOW_LIMIT:
+            return [Log(f"{peer} answers again: it is back in this term's quorum")]
+        return []
+
+    def _no_shows(self, peers: Iterable[str], what: str, round_: int) -> list[Action]:
+        """Members that did not answer by the deadline: not waited for again (this round's evaluation, the next
+        rounds' evaluations), chosen last as trainers, and after NO_SHOW_LIMIT misses in a row out of the quorum."""
+        out: list[Action] = []
+        for peer in sorted(peers):
+            count = self.missed[peer] = self.missed.get(peer, 0) + 1
+            if count == NO_SHOW_LIMIT:
+                out.append(
+                    Log(
+                        f"{peer} missed {count} answers in a row: it leaves this term's quorum (not chosen, not "
+                        "waited for) until it answers again",
+                        "warning",
+                    )
+                )
+            elif count < NO_SHOW_LIMIT:
+                out.append(
+                    Log(
+                        f"round {round_}: no {what} from {peer} by the deadline ({count} of {NO_SHOW_LIMIT} misses in "
+                        "a row): not waited for again, chosen last",
+                        "warning",
+                    )
+                )
+        return out
+
+    def forged_finish(self, message: Finish, now: float) -> list[Action]:
+        """A finish in this controller's name that it did not send. Its followers drop one they can tell is a lie (a
+        round limit not reached, a target missed); one they cannot (a give-up) ends the run for them, so it ends here
+        too, at once, instead of after --wait-timeout alone."""
+        if self.finished or implausible_finish(
+            message.reason, message.round, self.history, self.rules.max_rounds, self.rules.target_accuracy
+        ):
+            return []
+        return self._give_up(
+            "forged-finish",
+            f"a finish ({message.reason}) in this controller's name that it did not send was believed by its "
+            "followers; they left",
+            now,
+        )
 
     # --- rounds -------------------------------------------------------------------------------------------------------
 
@@ -611,7 +711,7 @@ class Controller:
             self.attempt, self.round_started, self.round_bytes = 0, now, 0
         self.attempt += 1
         self.round = self.model.round + 1
-        trainers = choose_trainers(self._preferred(candidates), self.rules.trainers, self.rng)
+        trainers = self._choose(candidates)
         quorum = min(self.rules.min_solutions, len(trainers))
         self.solutions = SolutionCollector(
             self.term,
@@ -651,11 +751,25 @@ class Controller:
         weights = [] if self.on_broker == self.model.digest else self.model.weights
         return Training(self.term, self.me, self.round, self.attempt, trainers, self.model.digest, weights)
 
-    def _preferred(self, candidates: set[str]) -> set[str]:
-        """Trainers whose sample counts are known (so their weight is bounded) and that broke no limit this term;
-        if that leaves nobody, everyone: a round with a doubtful trainer beats no round."""
-        trusted = {p for p in candidates if p not in self.suspects and (p in self.announced or not self.announced)}
-        return trusted or candidates
+    def _choose(self, candidates: set[str]) -> tuple[str, ...]:
+        """The round's trainers: first those whose sample counts are known (so their weight is bounded), that broke no
+        limit and missed no answer this term; then, to fill the count, those that missed (chosen last); members out
+        of the quorum (NO_SHOW_LIMIT misses) and suspects only if nobody else is there: a round with a doubtful
+        trainer beats no round."""
+        count = self.rules.trainers
+        present = {p for p in candidates if self.missed.get(p, 0) < NO_SHOW_LIMIT} or candidates
+        first = {
+            p
+            for p in present
+            if p not in self.suspects and p not in self.missed and (p in self.announced or not self.announced)
+        }
+        later = {p for p in present - first if p not in self.suspects}
+        if not first and not later:
+            first = present
+        chosen = choose_trainers(first, count, self.rng)
+        if len(chosen) < count and later:
+            chosen += choose_trainers(later, count - len(chosen), self.rng)
+        return tuple(sorted(chosen))
 
     def _publish_model(self, now: float) -> list[Action]:
         """Publish the latest global model and collect every live peer's evaluation of it."""
@@ -664,8 +778,10 @@ class Controller:
         self.solutions = None
         self.secure = None
         self.evaluators = self._choose_evaluators(model.round)
+        asked = set(self.evaluators) or self._others()
+        awaited = {p for p in asked if p not in self.missed}  # a member that missed an answer is heard, not awaited
         self.evaluations = EvaluationCollector(
-            self.term, model.round, set(self.evaluators) or self._others(), now + self.rules.round_deadline
+            self.term, model.round, awaited or asked, now + self.rules.round_deadline, optional=asked
         )
         others = self._others()
         if others:
@@ -701,12 +817,16 @@ class Controller:
             return self._advance_secure(self.secure, now)
         if self.phase is Phase.TRAINING and solutions:
             outcome = solutions.outcome(now)
+            misses: list[Action] = []
+            if outcome is not RoundOutcome.WAIT:
+                misses = self._no_shows(solutions.outstanding, "solution", self.round)
             if outcome is RoundOutcome.RETRY:
                 if self.attempt >= MAX_ATTEMPTS:
                     return self._give_up(
                         "no-solutions", f"round {self.round} got too few solutions in {self.attempt} attempts", now
                     )
                 return [
+                    *misses,
                     Log(
                         f"round {self.round} attempt {self.attempt}: {len(solutions.received)} of "
                         f"{len(solutions.trainers)} solutions (quorum {solutions.quorum}) by the "
@@ -716,9 +836,10 @@ class Controller:
                     *self._start_training(now, retry=True),
                 ]
             if outcome is RoundOutcome.CLOSE:
-                return self._aggregate(solutions, now)
+                return misses + self._aggregate(solutions, now)
         elif self.phase is Phase.EVALUATING and evaluations and evaluations.done(now):
-            return self._close_evaluation(evaluations, now)
+            misses = self._no_shows(evaluations.missing, "evaluation", evaluations.round)
+            return misses + self._close_evaluation(evaluations, now)
         return []
 
     def _aggregate(self, collector: SolutionCollector, now: float) -> list[Action]:
@@ -867,7 +988,18 @@ class Controller:
         self.republished = 0
         accuracy, loss, samples = result
         round_, trainers = collector.round, self.model.trainers
-        if self.evaluators and 0 < round_ and accuracy >= self.rules.target_accuracy:
+        median = collector.median_accuracy() if collector else None
+        reached = accuracy >= self.rules.target_accuracy and median is not None and median >= self.rules.target_accuracy
+        out: list[Action] = []
+        if accuracy >= self.rules.target_accuracy and not reached and round_ > 0:
+            out.append(
+                Log(
+                    f"round {round_}: the weighted accuracy {accuracy:.4f} reaches the target, but the median peer's "
+                    f"({median:.4f}) does not: a minority cannot end the run; going on",
+                    "warning",
+                )
+            )
+        if self.evaluators and 0 < round_ and reached:
             # The sample says the target is reached: the run may end with this model, so every peer evaluates it,
             # and the round is recorded once, with the metric of all of them (which may yet fall short).
             self.everyone_next = True
@@ -882,7 +1014,6 @@ class Controller:
         started = self.round_started if round_ > 0 else None  # None: not a round this controller trained
         duration = now - started if started is not None else 0.0
         run_started = self.run_started if self.run_started is not None else self._wall(now)
-        out: list[Action] = []
         # The row first: killed between the two, the round is evaluated again by the next controller and recorded
         # twice (the later row counts); the other way round, it would be finished for everyone and never recorded.
         if round_ > 0:
@@ -936,12 +1067,13 @@ class Controller:
                 + (f", {duration:.1f}s, {self.round_bytes} bytes" if round_ > 0 else " (initial model)")
             ),
         ]
-        return out + self._after_round(summary, now)
+        return out + self._after_round(summary, now, reached)
 
-    def _after_round(self, summary: RoundSummary, now: float) -> list[Action]:
+    def _after_round(self, summary: RoundSummary, now: float, reached: bool) -> list[Action]:
+        """`reached`: the round's evaluations reached the target, by the weighted mean and by the median peer."""
         if summary.round >= self.rules.max_rounds:
             return self._finish("max-rounds", summary, now)
-        if summary.round > 0 and summary.accuracy >= self.rules.target_accuracy:
+        if summary.round > 0 and reached:
             return self._finish("target-accuracy", summary, now)
         target = self.rules.privacy.target_epsilon
         if target is not None:

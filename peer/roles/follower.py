@@ -29,7 +29,7 @@ from peer.roles.actions import (
     RecordEvaluation,
     StartJob,
 )
-from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
+from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary, implausible_finish
 from peer.roles.secure import SecureTrainer
 from peer.wire.messages import (
     Aggregation,
@@ -47,6 +47,8 @@ from peer.wire.messages import (
 )
 from peer.wire.weights import WeightCodec
 
+ASIDE_KEPT = 2  # retained models of other publishers held until this peer follows one of them
+
 
 class Follower:
     def __init__(
@@ -55,16 +57,19 @@ class Follower:
         memory: ModelStore,
         shapes: tuple[tuple[int, ...], ...] | None = None,
         keep_solutions_up_to: int = 2**63,
+        stop_rules: tuple[int, float] | None = None,
         answers_expire_after: int | None = None,
         secure_aggregation: bool = False,
     ):
         """`shapes`: this peer's own model's tensor shapes; a model that does not fit them is refused.
         `keep_solutions_up_to`: a solution of more bytes than this is not kept once sent (a large model's memory
-        matters more than sparing a fit: a repeated order is trained again). `answers_expire_after`: seconds after
-        which the broker drops a solution or evaluation still waiting for its controller (the round has moved on):
-        a stalled controller's queue holds no stale models. `secure_aggregation`: a fit is answered with a masked
-        update (`peer.roles.secure`), never a plain solution."""
+        matters more than sparing a fit: a repeated order is trained again). `stop_rules`: the run's (round limit,
+        target accuracy), by which a finish that cannot be true is refused (None: every finish is believed).
+        `answers_expire_after`: seconds after which the broker drops a solution or evaluation still waiting for its
+        controller (the round has moved on): a stalled controller's queue holds no stale models.
+        `secure_aggregation`: a fit is answered with a masked update (`peer.roles.secure`), never a plain solution."""
         self.me, self.memory, self.shapes = me, memory, shapes
+        self.stop_rules = stop_rules
         self.secure_aggregation = secure_aggregation
         self.secure: SecureTrainer | None = None  # the attempt this peer trains for, with --secure-aggregation
         self.expiry = answers_expire_after
@@ -82,6 +87,7 @@ class Follower:
         self.evaluation: Evaluation | None = None
         # An order for a model this peer does not hold yet (it is being fetched): started when that model comes.
         self.waiting: Training | None = None
+        self.aside: dict[str, Aggregation] = {}  # retained models of peers this one does not follow (yet)
 
     def on_controller(self, message: Message) -> list[Action]:
         """A live message of the current term's controller."""
@@ -94,6 +100,15 @@ class Follower:
         if isinstance(message, Training):
             if self.me not in message.trainers:
                 return []
+            held = self.memory.latest
+            if held is not None and message.term <= held.term and message.round <= held.round:
+                return [
+                    Log(
+                        f"ignored a training order of round {message.round}: this peer holds the model of round "
+                        f"{held.round} already (a late copy, or a replay)",
+                        "debug",
+                    )
+                ]
             order = (message.term, message.round, message.attempt)
             if self.secure is not None and self.secure.key == order:
                 return [
@@ -140,6 +155,15 @@ class Follower:
             # Every live publication of a model this peer has not evaluated is evaluated (the controller
             # re-publishes a model when it lacks evaluations, e.g. in a new term); a model it has evaluated already
             # gets the same answer again. Retained copies come through `on_retained_model`.
+            held = self.memory.latest
+            if held is not None and message.term <= held.term and message.round < held.round:
+                return [
+                    Log(
+                        f"ignored the model of round {message.round} (term {message.term}): this peer holds round "
+                        f"{held.round} of term {held.term} (a late copy, or a replay); not evaluated",
+                        "debug",
+                    )
+                ]
             model = (message.term, message.round)
             if model == self.evaluating:
                 if self.evaluation is not None and (self.evaluation.term, self.evaluation.round) == model:
@@ -155,6 +179,17 @@ class Follower:
             summary = RoundSummary(message.round, message.term, message.accuracy, message.loss, message.bytes)
             return [FinishRound(summary, message.run_started)]
         if isinstance(message, Finish):
+            if self.stop_rules and (
+                why := implausible_finish(message.reason, message.round, self.memory.finished, *self.stop_rules)
+            ):
+                return [
+                    Log(
+                        f"refused a finish from {message.controller} ({message.reason} after round {message.round}): "
+                        f"{why}; a forgery (a member holding the secret can sign one in any name without per-peer "
+                        "logins); going on",
+                        "warning",
+                    )
+                ]
             failed = message.reason in GIVE_UP_REASONS
             return [
                 Log(
@@ -171,7 +206,17 @@ class Follower:
         return self.secure.on_message(message) if self.secure else []
 
     def on_finished_run(self, message: Finish) -> list[Action]:
-        """The broker's retained finish: this run ended before this peer came (or came back)."""
+        """The broker's retained finish: this run ended before this peer came (or came back). One that cannot be true
+        by the round limit (the only rule a peer that just came can check) is refused."""
+        if self.stop_rules and message.reason == "max-rounds" and message.round < self.stop_rules[0]:
+            return [
+                Log(
+                    f"refused a retained finish of {message.controller} (max-rounds after round {message.round}): "
+                    f"round {message.round} is not the last ({self.stop_rules[0]}); planted, or of a run with other "
+                    "settings",
+                    "warning",
+                )
+            ]
         failed = message.reason in GIVE_UP_REASONS
         return [
             Log(
@@ -182,20 +227,31 @@ class Follower:
             Exit(EXIT_GAVE_UP if failed else EXIT_OK),
         ]
 
-    def on_retained_model(self, message: Aggregation) -> list[Action]:
-        """The broker's retained aggregation, delivered when this peer subscribed: the model a late joiner starts
-        from. It is evaluated only if the controller's heartbeat says that very model's round is being evaluated
+    def on_retained_model(self, message: Aggregation, controller: str | None = None) -> list[Action]:
+        """The broker's retained aggregation, delivered when this peer subscribed (or fetched the models again): the
+        model a late joiner starts from, not an order to evaluate it. Who published it comes first: held only if it
+        is `controller`'s (the peer this one follows), or if it is the model a waiting order names (its digest
+        vouches for it, whoever kept it). Any other (a member's planted one, or one of a controller this peer does
+        not follow yet) is set aside until this peer follows its publisher (`on_follow`), at most two of them.
+        A model held is evaluated only if the controller's heartbeat says that very model's round is being evaluated
         now (this peer came back to the broker while the controller waited for its evaluation): so the controller
         need not publish a model to everyone again for one peer that reconnects."""
         if misfit := self._misfit(message):
             return misfit
-        if self.memory.is_newer(message.round, message.term):
-            self.offered = (message.term, message.round, message.weights, tuple(message.evaluators))
-        return [
-            *self._adopt(message, note="retained by the broker"),
-            *self._waiting_for(message),
-            *self._evaluate_if_due(),
-        ]
+        if starts := self._waiting_for(message):
+            return [*self._adopt(message, note="the model an order names"), *starts]
+        if controller is not None and message.controller == controller:
+            return [*self._adopt(message, note="retained by the broker"), *self._evaluate_if_due()]
+        if message.controller in self.aside or len(self.aside) < ASIDE_KEPT:
+            self.aside[message.controller] = message
+        return []
+
+    def on_follow(self, controller: str) -> list[Action]:
+        """This peer now follows `controller`: the model it retained, if one was set aside, is the one to hold."""
+        message = self.aside.pop(controller, None)
+        if message is None:
+            return []
+        return [*self._adopt(message, note="retained by the broker"), *self._evaluate_if_due()]
 
     def _evaluate_if_due(self) -> list[Action]:
         """Evaluate the latest model this peer holds if the controller is collecting evaluations of it, asked this

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,16 +98,18 @@ class SolutionCollector:
 @dataclass
 class EvaluationCollector:
     """Every live peer's evaluation of one global model; done when all expected peers answered, left, or the
-    deadline passed."""
+    deadline passed. `optional` peers (members that missed an answer before) are heard, not waited for."""
 
     term: int
     round: int
     expected: set[str]
     deadline: float
     received: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # peer -> (accuracy, loss, samples)
+    optional: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         self.expected = set(self.expected)  # ours to shrink as peers leave, not the caller's
+        self.optional = set(self.optional) - self.expected
 
     def offer(
         self, term: int, round_: int, peer: str, accuracy: float, loss: float, samples: int, cap: int | None = None
@@ -116,7 +118,7 @@ class EvaluationCollector:
         bounds the weight it declares, so no peer can outweigh the rest by claiming more than it holds."""
         if (term, round_) != (self.term, self.round):
             return f"it is for term {term} round {round_}, not {self.term}/{self.round}"
-        if peer not in self.expected:
+        if peer not in self.expected and peer not in self.optional:
             return f"{peer} is not a member this round waits for"
         if peer in self.received:
             return f"{peer} already sent one"
@@ -125,6 +127,12 @@ class EvaluationCollector:
 
     def peer_lost(self, peer: str) -> None:
         self.expected.discard(peer)
+        self.optional.discard(peer)
+
+    @property
+    def missing(self) -> set[str]:
+        """The expected peers whose evaluation has not come."""
+        return self.expected - set(self.received)
 
     def done(self, now: float) -> bool:
         return self.expected <= set(self.received) or now >= self.deadline
@@ -137,6 +145,29 @@ class EvaluationCollector:
             return None
         loss = weighted_mean((loss, n) for _, loss, n in evaluations)
         return accuracy, loss if loss is not None else 0.0, sum(n for _, _, n in evaluations)
+
+    def median_accuracy(self) -> float | None:
+        """The lower median of the peers' accuracies, each peer one voice whatever it declares: no minority moves
+        it past what the honest majority measured (the stop decision needs it beside the weighted mean)."""
+        accuracies = sorted(a for a, _, _ in self.received.values())
+        return accuracies[(len(accuracies) - 1) // 2] if accuracies else None
+
+
+def implausible_finish(
+    reason: str, round_: int, finished: Mapping[int, RoundSummary], max_rounds: int, target_accuracy: float
+) -> str | None:
+    """Why a finish (`reason`, after `round_`) cannot be true as a peer knows the run, or None. Every peer knows the
+    round limit and the target (the run's settings) and the metrics of every round the controller published: a finish
+    for the round limit before the last round, or for the target after a round whose metrics fall short of it, is a
+    lie. A give-up (too few peers, no solutions, no evaluations) cannot be checked from outside."""
+    if reason == "max-rounds" and round_ < max_rounds:
+        return f"round {round_} is not the last ({max_rounds})"
+    if reason == "target-accuracy":
+        summary = finished.get(round_)
+        if summary is None or summary.accuracy < target_accuracy:
+            reached = "unknown" if summary is None else f"{summary.accuracy:.4f}"
+            return f"round {round_}'s published accuracy ({reached}) is below the target {target_accuracy}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,15 @@ its head alone, and chunks may arrive in any order (the broker re-delivers retai
 or twice (QoS 1). The digest is checked once the last missing chunk is in.
 
 `split` cuts a body given as parts (bytes, memoryviews of numpy arrays) without ever joining it; `Reassembler`
-puts chunks back together in one preallocated buffer per message, within fixed memory bounds, and turns every bad
-input into a `Refused` verdict (one log line), never an exception.
+puts chunks back together within fixed memory bounds, holding only the data that arrived (nothing is set aside for
+what a head declares), and turns every bad input into a `Refused` verdict (one log line), never an exception.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -125,7 +126,8 @@ def _chunks(
 
 @dataclass(frozen=True)
 class Complete:
-    """Every chunk is in and the digest matches: `body` is the whole original body (the only reference to it)."""
+    """Every chunk is in and the digest matches: `body` is the whole original body (the only reference to it: a
+    message's buffer, or a lone chunk's copy)."""
 
     body: memoryview
 
@@ -139,29 +141,45 @@ class Pending:
 
 
 class _Partial:
-    """One message being reassembled: its buffer, which chunks are in, and when."""
+    """One message being reassembled: its buffer, which chunks are in, and when the latest came.
 
-    __slots__ = ("count", "chunk_size", "total", "digest", "buffer", "received", "missing", "last_at")
+    The buffer is anonymous memory the system hands out a page at a time, when the page is first written: opening a
+    message reserves its address range and commits nothing (no page is zeroed or resident), so a head that declares
+    a gigabyte and brings a chunk of data costs that chunk; every chunk's data goes straight to its place, and the
+    whole message is that one buffer, never copied again."""
+
+    __slots__ = ("count", "chunk_size", "total", "digest", "buffer", "received", "held", "last_at")
 
     def __init__(self, count: int, chunk_size: int, total: int, digest: bytes, now: float):
         self.count, self.chunk_size, self.total, self.digest = count, chunk_size, total, digest
-        self.buffer = bytearray(total)
-        # a bitmap, not a set: one bit per chunk bounds the bookkeeping by the buffer (at worst total/8 bytes, for
-        # one-byte chunks), where a set would cost tens of bytes for every byte-sized chunk a sender sends
-        self.received = bytearray((count + 7) // 8)
-        self.missing = count
+        self.buffer = mmap.mmap(-1, total)
+        self.received: set[int] = set()  # (at most total / min_chunk_bytes entries: chunks are large)
+        self.held = 0  # data bytes in the buffer
         self.last_at = now
 
     @property
     def cost(self) -> int:
-        return len(self.buffer) + len(self.received)
+        """What the message may come to hold, whole (its declared bytes and one bit per chunk): what the bounds count,
+        so that the messages let in can all complete within them."""
+        return self.total + (self.count + 7) // 8
+
+    @property
+    def missing(self) -> int:
+        return self.count - len(self.received)
 
     def has(self, index: int) -> bool:
-        return bool(self.received[index >> 3] & (1 << (index & 7)))
+        return index in self.received
 
-    def mark(self, index: int) -> None:
-        self.received[index >> 3] |= 1 << (index & 7)
-        self.missing -= 1
+    def put(self, index: int, data) -> None:
+        start = index * self.chunk_size
+        self.buffer[start : start + len(data)] = data
+        self.received.add(index)
+        self.held += len(data)
+
+    def release(self) -> None:
+        """Give the memory back at once (an evicted, expired or refused message)."""
+        self.buffer.close()
+        self.held = 0
 
 
 def _name(key) -> str:
@@ -172,33 +190,52 @@ def _name(key) -> str:
 class Reassembler:
     """Chunks back into whole bodies, in bounded memory.
 
-    Partial messages are keyed by (sender, incarnation, kind, message_id). A message's buffer (`total` bytes, plus
-    one bit per chunk) is allocated at its first accepted chunk and every chunk's data is copied into it at its
-    offset, so nothing is kept per chunk. Bounds: no message over `max_message_bytes`; the partial messages together
-    never hold more than `max_buffered_bytes` (`buffered_bytes`); a sender has at most `max_partials_per_sender`
-    partial messages. A new message that would break a bound first evicts the oldest partial messages of its own
-    sender (a sender that starts a new model has usually given up on the old one), and is refused if that cannot
-    make room: one sender never evicts another's messages. A partial message whose last chunk arrived more than
-    `timeout_s` ago is dropped by `expire`.
+    Partial messages are keyed by (sender, incarnation, kind, message_id). A message holds the data of the chunks that
+    arrived, nothing more: its first chunk sets nothing aside for the rest, and once its last chunk is in, the body is
+    put together in one buffer, each chunk let go as it is copied. Bounds, on what the messages let in may come to
+    hold whole (their declared bytes, `buffered_bytes`; `held_bytes` is what they hold now): no message over
+    `max_message_bytes`; all partial messages together at most `max_buffered_bytes`; a sender has at most
+    `max_partials_per_sender` partial messages; every chunk but a message's last holds at least `min_chunk_bytes` of
+    data (a peer's hold tens of KiB: a flood of byte-sized chunks is no peer's). A new message that would break a bound
+    first evicts the oldest partial messages of its own sender (a sender that starts a new model has usually given
+    up on the old one), and is refused if that cannot make room: one sender never evicts another's messages. A
+    partial message whose last chunk arrived more than `timeout_s` ago is dropped by `expire`.
     """
 
     def __init__(
-        self, max_message_bytes: int, max_buffered_bytes: int, timeout_s: float, max_partials_per_sender: int = 2
+        self,
+        max_message_bytes: int,
+        max_buffered_bytes: int,
+        timeout_s: float,
+        max_partials_per_sender: int = 2,
+        min_chunk_bytes: int = 1,
     ):
-        if max_message_bytes < 1 or max_buffered_bytes < 1 or max_partials_per_sender < 1 or not timeout_s > 0:
+        if (
+            max_message_bytes < 1
+            or max_buffered_bytes < 1
+            or max_partials_per_sender < 1
+            or min_chunk_bytes < 1
+            or not timeout_s > 0
+        ):
             raise ValueError("the reassembler's limits and timeout must be positive")
         self.max_message_bytes = max_message_bytes
         self.max_buffered_bytes = max_buffered_bytes
         self.timeout_s = timeout_s
         self.max_partials_per_sender = max_partials_per_sender
+        self.min_chunk_bytes = min_chunk_bytes
         self._partials: dict[tuple, _Partial] = {}  # in order of first chunk: the oldest first
         self._finished: OrderedDict[tuple, str] = OrderedDict()  # key -> what became of it, the latest last
         self._buffered = 0
 
     @property
     def buffered_bytes(self) -> int:
-        """The bytes the partial messages hold: their buffers and chunk bitmaps."""
+        """The bytes the partial messages may come to hold, whole: what the bounds count."""
         return self._buffered
+
+    @property
+    def held_bytes(self) -> int:
+        """The data bytes the partial messages hold now (only what arrived)."""
+        return sum(partial.held for partial in self._partials.values())
 
     def offer(self, sender: str, incarnation: int, kind: str, body, now: float) -> Complete | Pending | Refused:
         """Take one chunk body (from an opened envelope: `sender` and `kind` from its topic, `incarnation` from its
@@ -212,9 +249,11 @@ class Reassembler:
         magic, version, reserved, message_id, index, count, chunk_size, total, digest = _CHUNK_HEAD_READ.unpack_from(
             view
         )
-        problem = _head_problem(magic, version, reserved, index, count, chunk_size, total, self.max_message_bytes)
+        problem = _head_problem(
+            magic, version, reserved, index, count, chunk_size, total, self.max_message_bytes, self.min_chunk_bytes
+        )
         if problem:
-            return Refused(f"{where}: {problem}", "warning")
+            return Refused(f"{where}: {problem}", "warning", "chunk-head")
         key = (sender, incarnation, kind, message_id)
         where = f"chunk {index} of {count} of {_name(key)}"
         start = index * chunk_size
@@ -234,7 +273,7 @@ class Reassembler:
                 return self._finish(key, bytearray(data), digest, where)
             partial, evicted, refusal = self._open(key, count, chunk_size, total, digest, now)
             if refusal:
-                return Refused(f"{where}: {refusal}; refused", "warning")
+                return Refused(f"{where}: {refusal}; refused", "warning", "chunk-no-room")
         elif (count, chunk_size, total, digest) != (partial.count, partial.chunk_size, partial.total, partial.digest):
             return Refused(
                 f"{where}: count, chunk size, total or digest disagrees with its earlier chunks; ignored", "warning"
@@ -242,8 +281,7 @@ class Reassembler:
         elif partial.has(index):
             return Refused(f"{where}: duplicate; ignored", "debug")
 
-        partial.buffer[start : start + expected] = data
-        partial.mark(index)
+        partial.put(index, data)
         partial.last_at = now
         if partial.missing:
             return Pending(evicted)
@@ -256,6 +294,7 @@ class Reassembler:
         dropped = []
         for key in stale:
             partial = self._forget(key)
+            partial.release()
             self._remember(key, "dropped")
             dropped.append(
                 Refused(
@@ -279,8 +318,8 @@ class Reassembler:
                 None,
                 (),
                 (
-                    f"{total} bytes would not fit in the {self.max_buffered_bytes}-byte reassembly buffer "
-                    f"({self._buffered - own_cost} bytes held for other senders)"
+                    f"{total} bytes would not fit in the {self.max_buffered_bytes}-byte reassembly budget "
+                    f"({self._buffered - own_cost} bytes promised to other senders' messages)"
                 ),
             )
         evicted: list[Refused] = []
@@ -291,21 +330,30 @@ class Reassembler:
             ):
                 break
             partial = self._forget(old)
+            partial.release()
             self._remember(old, "evicted")
             evicted.append(
                 Refused(
                     f"{_name(old)}: evicted with {partial.missing} of {partial.count} chunks missing, "
                     f"to make room for {_name(key)}",
                     "warning",
+                    "chunk-evicted",
                 )
             )
-        partial = _Partial(count, chunk_size, total, digest, now)
+            del partial  # (released above: its memory went back before anything of the new message comes)
+        try:
+            partial = _Partial(count, chunk_size, total, digest, now)
+        except (OSError, ValueError, OverflowError) as err:  # the system will not map that much (strict overcommit)
+            self._remember(key, "refused")
+            return None, tuple(evicted), f"no memory for {total} bytes ({err})"
         self._partials[key] = partial
         self._buffered += partial.cost
         return partial, tuple(evicted), None
 
-    def _finish(self, key, buffer: bytearray, digest: bytes, where: str) -> Complete | Refused:
+    def _finish(self, key, buffer: bytearray | mmap.mmap, digest: bytes, where: str) -> Complete | Refused:
         if not hmac.compare_digest(hashlib.sha256(buffer).digest(), digest):
+            if isinstance(buffer, mmap.mmap):
+                buffer.close()
             self._remember(key, "dropped")
             return Refused(
                 f"{where}: digest mismatch: corrupted in transit (or a sender bug); the message is dropped", "warning"
@@ -334,6 +382,7 @@ def _head_problem(
     chunk_size: int,
     total: int,
     max_message_bytes: int,
+    min_chunk_bytes: int = 1,
 ) -> str | None:
     """What is wrong with a chunk head on its own, or None. Checked before anything is allocated."""
     if magic != CHUNK_MAGIC:
@@ -348,6 +397,8 @@ def _head_problem(
         return f"index {index} is not below the count {count}"
     if chunk_size < 1:
         return "a chunk size of 0"
+    if count > 1 and chunk_size < min_chunk_bytes:
+        return f"chunks of {chunk_size} bytes: a peer's hold at least {min_chunk_bytes}"
     if total > max_message_bytes:
         return f"a message of {total} bytes exceeds the {max_message_bytes}-byte limit"
     if not (count - 1) * chunk_size < total <= count * chunk_size:

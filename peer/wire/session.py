@@ -4,7 +4,8 @@
 `Delivered` (a whole, signed, fresh, decoded message and what it cost), `Pending` (a chunk is in, its message waits
 for more) or `Refused` (why not, in one line). In that order it: finds the run's topic and its sender, opens the
 envelope (the federation secret's MAC over the topic), puts chunks back together (only message kinds that carry
-weights may be chunked), decodes and validates the message (it must name the sender its topic names), and asks the
+weights may be chunked, and only from senders the node's `ChunkGate` entitles: a chunk costs no memory before
+both are known), decodes and validates the message (it must name the sender its topic names), and asks the
 `ReplayGuard` whether it is fresh. A peer and the live page's observer receive through the same Inbox, so the page
 trusts exactly what a peer trusts and sees every message a peer sees, chunked ones included.
 
@@ -19,11 +20,11 @@ sender's clock) and publishes the frames.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from peer.wire.chunks import Complete, Pending, Reassembler, chunk_count, is_chunk, split
-from peer.wire.envelope import Seal, Stamp, Stamper, chunk_limit, sealed_size, wire_size
+from peer.wire.chunks import CHUNK_HEAD_SIZE, Complete, Pending, Reassembler, chunk_count, is_chunk, split
+from peer.wire.envelope import MIN_CHUNKED_MESSAGE_BYTES, Seal, Stamp, Stamper, chunk_limit, sealed_size, wire_size
 from peer.wire.errors import ProtocolError, Refused
 from peer.wire.messages import Message, decode, encode_parts, encoded_size
 from peer.wire.topics import Topics
@@ -34,6 +35,15 @@ CHUNK_TIMEOUT_S = 60.0  # a chunked message whose next chunk is this late is dro
 CHUNKED_KINDS = frozenset(
     {"training", "solution", "aggregation", "server-state"}
 )  # the kinds whose messages carry weights
+# The fewest data bytes in a peer's chunk (all but a message's last): what a chunk holds under the smallest broker
+# limit a peer works with (--max-message-bytes), sealed. A sender of smaller ones is no peer.
+MIN_CHUNK_DATA = chunk_limit(MIN_CHUNKED_MESSAGE_BYTES, True) - CHUNK_HEAD_SIZE
+# Whether chunks of (kind, sender, retained) are taken at all: None if so, else why not (the node's admission rules).
+ChunkGate = Callable[[str, str, bool], Refused | None]
+
+
+def _any_sender(kind: str, sender: str, retained: bool) -> Refused | None:
+    return None
 
 
 @dataclass
@@ -63,16 +73,22 @@ class ReplayGuard:
     def check(self, kind: str, sender: str, stamp: Stamp, retained: bool, wall_now: float) -> Refused | None:
         if sender == self.me or kind == "presence":
             return None
-        if not retained and abs(wall_now - stamp.sent_at) > MAX_AGE_S:
-            return Refused(
-                f"ignored a {kind} from {sender} sent {wall_now - stamp.sent_at:.0f}s ago by its clock: "
-                f"a replay, or clocks more than {MAX_AGE_S:.0f}s apart",
-                "warning",
-            )
         key = (sender, stamp.incarnation)
         highest, recent = self.seen.get(key, (0, set()))
         if stamp.seq in recent or stamp.seq <= highest - self.WINDOW or stamp.seq == 0:
             return Refused(f"ignored a copy of {sender}'s message {stamp.seq} (a duplicate or a replay)")
+        if not retained and abs(wall_now - stamp.sent_at) > MAX_AGE_S:
+            offset = stamp.sent_at - wall_now
+            why = (
+                f"ignored a {kind} from {sender} sent {-offset:.0f}s ago by its clock: a replay, or clocks more than "
+                f"{MAX_AGE_S:.0f}s apart"
+            )
+            # The newest word of the sender's newest life, off by as much: its clock (or ours) is wrong. An older
+            # one is a capture replayed, which says nothing of anyone's clock.
+            lives = self.lives.get(sender, [])
+            if stamp.seq > highest and (not lives or stamp.incarnation >= max(lives)):
+                return OffClock(why, "warning", "clock", sender, offset)
+            return Refused(why, "warning")
         if key not in self.seen:
             lives = self.lives.setdefault(sender, [])
             lives.append(stamp.incarnation)
@@ -85,6 +101,15 @@ class ReplayGuard:
                 recent = {seq for seq in recent if seq > highest - self.WINDOW}
         self.seen[key] = (highest, recent)
         return None
+
+
+@dataclass(frozen=True)
+class OffClock(Refused):
+    """A live message refused because its sender's clock and ours are further apart than the replay window
+    (`offset`: its clock minus ours, seconds): the sender, or this peer, has a wrong clock."""
+
+    sender: str = ""
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -108,10 +133,14 @@ class Inbox:
         seal: Seal,
         guard: ReplayGuard | None = None,
         reassembler: Reassembler | None = None,
+        may_chunk: ChunkGate = _any_sender,
     ):
         self.me, self.topics, self.seal = me, topics, seal
+        self.may_chunk = may_chunk
         self.guard = guard or ReplayGuard(me)
-        self.reassembler = reassembler or Reassembler(MAX_WEIGHT_BYTES + 4096, 4 * MAX_WEIGHT_BYTES, CHUNK_TIMEOUT_S)
+        self.reassembler = reassembler or Reassembler(
+            MAX_WEIGHT_BYTES + 4096, 4 * MAX_WEIGHT_BYTES, CHUNK_TIMEOUT_S, min_chunk_bytes=MIN_CHUNK_DATA
+        )
 
     def receive(self, topic: str, payload: bytes, retained: bool, now: float) -> Delivered | Pending | Refused:
         """One publication as the broker delivered it; `now` is wall-clock seconds. Never raises on any payload."""
@@ -131,6 +160,8 @@ class Inbox:
                 raise ProtocolError("a chunk must come on a chunk's topic, and only a chunk")
             if kind not in CHUNKED_KINDS:
                 raise ProtocolError(f"a {kind} message is never chunked (only models are)")
+            if refusal := self.may_chunk(kind, sender, retained):
+                return refusal
             if refusal := self.guard.check(kind, sender, stamp, retained, now):
                 return refusal
             result = self.reassembler.offer(sender, stamp.incarnation, kind, body, now)

@@ -239,7 +239,20 @@ def browser():
 
 
 def page_text(driver, element_id: str) -> str:
-    return driver.find_element("id", element_id).text.strip()
+    return _read(driver, "id", element_id, lambda element: element.text.strip())
+
+
+def _read(driver, by: str, what: str, read):
+    """What `read` finds in the element, found again if the page redrew it between the find and the read (the page
+    redraws as messages come: an element may be replaced while the test holds it)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        try:
+            return read(driver.find_element(by, what))
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    return read(driver.find_element(by, what))
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
@@ -299,7 +312,7 @@ def test_chromium_watches_a_run_elect_train_and_survive_the_loss_of_its_controll
             assert controller == controller_now(run_dir) and term == 1
             assert page_text(driver, "strategy") == "FedAvg" and page_text(driver, "epsilon") == "–"
             assert (
-                driver.find_element("css selector", f'tr[data-peer="{controller}"]').get_attribute("class")
+                _read(driver, "css selector", f'tr[data-peer="{controller}"]', lambda row: row.get_attribute("class"))
                 == "controller"
             )
             net.signal(controller, signal.SIGKILL)

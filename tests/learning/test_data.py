@@ -119,3 +119,20 @@ def test_corrupt_files_and_mismatched_splits_are_clear_errors(tmp_path):
     (split / "manifest.json").write_text(json.dumps({"dataset": "mnist", "num_shards": 3, "shards": []}))
     with pytest.raises(DatasetError, match="split into 3 shards"):
         load_shard(settings("--dataset", "mnist", "--data-dir", str(split), "--shard", "0/5"))
+
+
+def test_every_peer_computes_the_largest_shard_of_the_run_from_its_data_settings():
+    # What no peer may claim to hold more of (issue 19: an init announcing 10^12 samples): the same number on every
+    # shard's peer, the size of the largest shard (here a Dirichlet split, whose shards differ a lot), caps applied.
+    args = ("--dataset", "mnist", "--data-dir", str(SHARED_MNIST), "--partition", "dirichlet", "--seed", "3")
+    shards = [load_shard(settings(*args, "--shard", f"{k}/5")) for k in range(5)]
+    largest = (max(len(s.y_train) for s in shards), max(len(s.y_test) for s in shards))
+    assert {s.largest for s in shards} == {largest}
+    assert largest[0] > 1.2 * min(len(s.y_train) for s in shards)  # (not equal shards: the bound is not trivial)
+    capped = load_shard(settings(*args, "--shard", "0/5", "--train-samples", "100", "--test-samples", "30"))
+    assert capped.largest == (100, 30)
+
+
+def test_a_pre_split_folder_gives_no_bound_its_shards_are_files(tmp_path):
+    split_dataset("mnist", SHARED_MNIST, 2, tmp_path, partition_scheme="iid", seed=3, log=lambda *a: None)
+    assert load_shard(settings("--dataset", "mnist", "--shard", "1/2", "--data-dir", str(tmp_path))).largest is None

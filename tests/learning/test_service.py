@@ -133,6 +133,11 @@ def test_a_peer_learns_through_the_service_and_the_next_one_reads_the_facts_from
     assert 0 <= accuracy <= 1 and samples == 100
     first.save(trained, tmp_path / "model.keras")
     assert (tmp_path / "model.keras").stat().st_size > 1000
+    # A save the service cannot do is a failed write for the peer (OSError: logged, the run goes on), not a crash.
+    with pytest.raises(OSError, match="could not save"):
+        first.save(trained, tmp_path / "model.keras" / "inside-a-file.keras")
+    # The most samples any peer of this partition may claim, from the labels alone (the caps apply).
+    assert first.count_bound() == (200, 100)
     # A second peer of the machine: the facts come from the cache, not from a model built again.
     second = learner(path, ShardSpec("fashion-mnist", FASHION, 2, 5, train_samples=200, test_samples=100), peer="p3")
     assert read_facts(facts_key("cnn-small", (28, 28, 1), 10, 42)) is not None

@@ -134,6 +134,9 @@ class FakeLearner:
     def sample_counts(self):
         return (500, 100)
 
+    def count_bound(self):
+        return (500, 100)  # the most any shard of the run holds
+
     def fingerprint(self):
         return FP
 
@@ -141,6 +144,7 @@ class FakeLearner:
         return "the fake model"
 
     def save(self, weights_, path):
+        path.write_bytes(b"a model")  # where it is told (a temporary file, renamed once written whole)
         self.saved.append(path)
 
 
@@ -224,6 +228,14 @@ def deliver(
     pump(peer, now)
 
 
+def listen(peer: Peer, clock: Clock) -> None:
+    """Let a newly started peer's join grace pass (it moves to no term before: it is still hearing who is here);
+    what comes next is heard just as it ends."""
+    while clock.now + 0.1 - peer.election.started_at < peer.election.timings.join_grace:
+        pump(peer, clock.advance(0.1))
+    clock.now = peer.election.started_at + peer.election.timings.join_grace
+
+
 def run_until(peer: Peer, clock: Clock, done, seconds: float = 10.0, step: float = 0.1) -> None:
     for _ in range(int(seconds / step)):
         pump(peer, clock.advance(step))
@@ -233,8 +245,10 @@ def run_until(peer: Peer, clock: Clock, done, seconds: float = 10.0, step: float
 
 
 def follow(peer, clock, controller="c", term=1):
-    """Make `peer` a follower of `controller` in `term` (its heartbeat tells who leads)."""
+    """Make `peer` a follower of `controller` in `term`: once it has listened for its join grace, the controller's
+    heartbeat tells who leads (the only other peer is a majority of the others)."""
     deliver(peer, Presence(controller, "online"), clock.now)
+    listen(peer, clock)
     deliver(peer, Heartbeat(term, controller, 0, "evaluating", FP), clock.now)
     assert (peer.election.term, peer.election.controller) == (term, controller)
     if peer.store.latest is None:  # it holds the run's initial model, as if it had come as the round-0 aggregation
@@ -299,10 +313,13 @@ def test_a_peer_started_for_a_run_that_is_over_exits_0_saying_so(tmp_path, lines
     assert lines.having("this run is over: old ended it (max-rounds) after round 7")
 
 
-def test_a_late_joiner_holds_the_retained_model_without_evaluating_it(tmp_path, lines):
+def test_a_late_joiner_holds_the_retained_model_of_its_controller_without_evaluating_it(tmp_path, lines):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     deliver(peer, Aggregation(1, "c", 4, ("p2",), weights(4)), clock.now, retained=True)
+    deliver(peer, Aggregation(1, "x", 99, ("p2",), weights(9)), clock.now, retained=True)  # a member's planted one
+    assert peer.store.latest is None  # whose it is, it does not know yet
+    follow(peer, clock)  # c leads
     assert peer.store.latest.round == 4 and runner.jobs == []
     assert peer.election.round == 4  # its vote will say it holds round 4
     assert lines.having("holding the global model of round 4 (retained by the broker)")
@@ -334,7 +351,8 @@ def test_a_lone_pair_elects_this_peer_and_it_runs_a_whole_round_to_the_finish(tm
     deliver(peer, Evaluation(1, 1, "p1", 0.6, 1.0, 100), clock.now)
     [finish] = transport.messages(Finish)
     assert (finish.round, finish.reason, finish.accuracy) == (1, "max-rounds", 0.6)
-    assert peer.exit_code == 0 and learner.saved == [tmp_path / "model.keras"]
+    assert peer.exit_code == 0 and len(learner.saved) == 1 and (tmp_path / "model.keras").read_bytes() == b"a model"
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".model")] == []  # no temporary file left
     assert json.loads((tmp_path / "run.json").read_text())["outcome"]["final_accuracy"] == 0.6
     assert [r["round"] for r in read_csv(tmp_path / "rounds.csv")] == ["1"]
     # Leaving, a finished controller says (signed) that it leaves, clears its presence, and its retained leader and
@@ -375,8 +393,10 @@ def test_a_controller_steps_down_when_a_higher_term_is_claimed(tmp_path, lines):
     clock = Clock(peer)
     deliver(peer, Presence("p1", "online"), clock.now)
     run_until(peer, clock, lambda: transport.messages(Vote))
+    deliver(peer, Vote(1, "p1", 0.0, 0, "start"), clock.now)
     run_until(peer, clock, lambda: peer.controller is not None)
-    deliver(peer, Claim(5, "p1", 0.9, 0, "conflict", ("c", "p1")), clock.now)
+    # The only other member claims a later term: it alone is a majority of the others.
+    deliver(peer, Claim(5, "p1", 0.9, 0, "controller-silent", ("c", "p1")), clock.now)
     assert peer.controller is None and peer.election.controller == "p1"
     assert lines.having("stepping down as controller of term 1")
     assert transport.messages(Init)[-1].term == 5  # it says it is here, as a peer now
@@ -416,17 +436,34 @@ def test_a_job_of_a_term_that_is_over_is_not_wanted_and_its_solution_is_dropped(
     deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
     fit = runner.jobs[-1]
     assert peer._job_wanted(fit)
-    deliver(peer, Heartbeat(2, "c2", 0, "training", FP), clock.now)  # a new term began meanwhile
-    assert not peer._job_wanted(fit)
+    # A new term began meanwhile: c2 claimed it, and c (the only other member) says it stands in it.
+    deliver(peer, Presence("c2", "online"), clock.now)
+    deliver(peer, Claim(2, "c2", 0.9, 0, "controller-silent", ("c", "c2")), clock.now)
+    deliver(peer, Init("c", 2, 0, 5, 10, 10, False, FP), clock.now)
+    assert peer.election.controller == "c2" and not peer._job_wanted(fit)
     peer.handle(JobDone(fit, (weights(1), 10, 0.1), None, 1.0), clock.now)
     assert transport.messages(Solution) == [] and lines.having("term 1 is over; solution dropped")
+
+
+def test_a_queued_fit_for_an_attempt_ordered_again_is_not_wanted(tmp_path):
+    # Fits slower than the round's deadline: the controller orders the round again, and ignores the first attempt's
+    # solution; a fit of it still queued would only make the next attempt's solution late too.
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
+    first = runner.jobs[-1]
+    deliver(peer, Training(1, "c", 1, 2, ("p1",), digest(weights(0))), clock.now)
+    second = runner.jobs[-1]
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert not peer._job_wanted(first) and peer._job_wanted(second)
 
 
 # --- trust and robustness ---------------------------------------------------------------------------------------------
 
 
 def test_every_announcement_is_answered_once_per_burst_and_no_answer_is(tmp_path):
-    peer, transport, runner, _ = make_peer(tmp_path)
+    peer, transport, runner, _ = make_peer(tmp_path, min_peers=5)
     clock = Clock(peer)
 
     def mine():
@@ -452,6 +489,8 @@ def test_the_controller_answers_a_newcomer_at_once(tmp_path):
     peer, transport, runner, _ = make_peer(tmp_path)
     clock = Clock(peer)
     deliver(peer, Presence("p2", "online"), clock.now)
+    run_until(peer, clock, lambda: transport.messages(Vote), seconds=10)
+    deliver(peer, Vote(1, "p2", 0.0, 0, "start"), clock.now)
     run_until(peer, clock, lambda: peer.controller is not None, seconds=10)
     assert [m for m in transport.messages(Init) if m.reply] == []
     deliver(peer, Init("p7", 0, 0, 111, 400, 90, False, FP), clock.now)  # no time passes
@@ -470,7 +509,7 @@ def test_after_a_reconnect_a_peer_not_heard_from_is_counted_gone(tmp_path, lines
     deliver(peer, Init("p2", 1, 0, 5, 10, 10, False, FP), clock.now)  # p2 and the controller come back; p3 died
     run_until(peer, clock, lambda: "p3" not in peer.election.live, seconds=3.5, step=0.25)
     assert "p2" in peer.election.live and lines.having("p3 was not heard from since this peer reconnected")
-    assert "c" in peer.election.live or peer.election.term == 2  # c: heard, or silent (then a new term)
+    assert "c" in peer.election.live or peer.election.campaign == 2  # c: heard, or silent (then a campaign)
 
 
 def test_with_too_few_peers_the_peer_gives_up_after_the_wait_timeout(tmp_path, lines):
@@ -533,6 +572,7 @@ def test_with_a_secret_unsigned_and_wrongly_signed_messages_are_ignored(tmp_path
     assert peer.exit_code is None and peer.election.term == 0
     assert lines.having("not sealed with the federation secret") and lines.having("bad signature")
     deliver(peer, Init("c", 0, 0, 7, 10, 10, False, FP), clock.now, seal=ours)
+    listen(peer, clock)
     deliver(peer, Heartbeat(1, "c", 0, "training", FP), clock.now, seal=ours)
     assert peer.election.controller == "c"
     pump(peer, clock.advance(2 * peer.settings.heartbeat))  # its answer to c's init is due
@@ -551,9 +591,16 @@ def test_a_copy_or_a_stale_replay_of_a_live_message_is_not_acted_on_twice(tmp_pa
     peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)
     peer.handle(Inbound(TOPICS.of(order), payload, False), clock.now)  # a QoS 1 duplicate, or a replay
     assert len(runner.jobs) == 1 and lines.having("ignored a copy of c's message")
-    old = fresh_stamper(clock=lambda: time.time() - 600)
-    deliver(peer, Training(1, "c", 1, 2, ("p1",), digest(weights(0))), clock.now, stamper=old)
-    assert len(runner.jobs) == 1 and lines.having("sent 600s ago by its clock")
+    # A capture of c's from 600 s ago, which this peer never saw (an older number of c's life than the latest it has):
+    # a replay, refused; c's clock is not suspected, and c still leads.
+    live = STAMPERS["c"]
+    captured = Stamper(live.incarnation, lambda: time.time() - 600)
+    captured.seq = live.seq  # the next number, which this peer will never see but in the replay
+    live.seq += 2  # (c has sent on meanwhile)
+    deliver(peer, Heartbeat(1, "c", 0, "training", FP), clock.now)
+    deliver(peer, Training(1, "c", 1, 2, ("p1",), digest(weights(0))), clock.now, stamper=captured)
+    assert len(runner.jobs) == 1 and lines.having("s ago by its clock: a replay")
+    assert peer.skewed == set() and peer.election.controller == "c" and peer.election.role.value == "follower"
 
 
 def test_of_two_processes_with_one_peer_id_the_later_one_exits_with_a_clear_error(tmp_path, lines):
@@ -616,6 +663,7 @@ def test_fuzz_forged_messages_among_real_ones_change_nothing(tmp_path_factory, f
         clock, real, attacker = Clock(peer), fresh_stamper(), fresh_stamper()
         seen: list[tuple[str, bytes]] = []
         deliver(peer, Presence("c", "online"), clock.now, seal=Seal(SECRET), stamper=real)
+        listen(peer, clock)
         for index, message in enumerate([*REAL_SCRIPT, None]):
             for at, kind in forgeries if with_forgeries else ():
                 if at == index:
@@ -667,7 +715,7 @@ def test_the_controller_alone_subscribes_to_solutions_and_evaluations(tmp_path):
     deliver(peer, Vote(1, "p1", 0.0, 0, "start"), clock.now)
     run_until(peer, clock, lambda: peer.controller is not None)
     assert answers <= set(transport.subscriptions)
-    deliver(peer, Heartbeat(2, "p1", 0, "training", FP), clock.now)  # a later term's controller: step down
+    deliver(peer, Vote(2, "p1", 0.5, 0, "controller-silent"), clock.now)  # the only other calls a new term: it joins
     assert peer.controller is None and not answers & set(transport.subscriptions)
 
 
@@ -728,9 +776,9 @@ def test_with_a_secret_every_chunk_is_signed_and_a_forged_one_refused(tmp_path, 
     pieces = chunked(tmp_path, Aggregation(1, "c", 1, ("p2",), big_weights(0.5)), secret=secret)
     peer, transport, runner, _ = big_receiver(tmp_path, secret=secret)
     clock = Clock(peer)
-    follow_signed = [Presence("c", "online"), Heartbeat(1, "c", 0, "evaluating", FP)]
-    for message in follow_signed:
-        deliver(peer, message, clock.now, seal=Seal(secret))
+    deliver(peer, Presence("c", "online"), clock.now, seal=Seal(secret))
+    listen(peer, clock)
+    deliver(peer, Heartbeat(1, "c", 0, "evaluating", FP), clock.now, seal=Seal(secret))
     topic, payload = pieces[2]
     peer.handle(Inbound(topic, payload[:-40] + bytes(8) + payload[-32:], False), clock.now)  # forged data
     peer.handle(Inbound(pieces[1][0], pieces[2][1], False), clock.now)  # chunk 2 moved to chunk 1's topic
@@ -750,7 +798,126 @@ def test_a_peer_of_another_model_is_not_counted_and_a_run_of_another_model_sends
     assert len(lines.having("p2 runs another model")) == 1
     deliver(peer, Init("p2", 0, 0, 5, 10, 10, False, "f" * 16), clock.now)  # said once
     assert len(lines.having("p2 runs another model")) == 1
+    # A heartbeat naming that model is nobody's word but its sender's: ignored, until the run is known to be theirs.
+    deliver(peer, Heartbeat(1, "c", 0, "training", "f" * 16), clock.now)
+    assert peer.exit_code is None
+    # c announces the same other model, in term 1, and so does p2 (answering): this peer is the odd one out. Both
+    # stand in term 1, it catches up, follows c, and c's heartbeat tells it the run is not for its model.
+    deliver(peer, Init("c", 1, 0, 6, 10, 10, False, "f" * 16), clock.now)
+    deliver(peer, Init("p2", 1, 0, 5, 10, 10, True, "f" * 16), clock.now)
+    listen(peer, clock)
     deliver(peer, Heartbeat(1, "c", 0, "training", "f" * 16), clock.now)
     assert peer.exit_code == 3
     [(level, text)] = lines.having("is not this peer's")
     assert level == "ERROR" and "--model" in text
+
+
+# --- a lying member (issue 19): what the node does with it -------------------------------------------------------------
+
+
+def test_the_client_id_cannot_be_derived_from_anything_on_the_wire(tmp_path):
+    # At 672ce7a it was the peer id and the incarnation's low 24 bits, which every envelope's head carries in clear:
+    # an outsider computed the controller's id and took its session over, every 2 s.
+    from peer.node.loop import client_id
+
+    peer = Peer(Settings(peer_id="p1", run_dir=tmp_path), FakeLearner(), runner=FakeRunner())
+    mine = peer.transport.client._client_id.decode()
+    incarnation = peer.stamper.incarnation
+    for derived in (f"{incarnation & 0xFFFFFF:06x}", f"{incarnation:x}", f"{incarnation & 0xFFFFFFFF:08x}"):
+        assert derived not in mine
+    assert mine.startswith("p1-") and len(mine) == len("p1-") + 16
+    assert len({client_id("p1") for _ in range(50)}) == 50  # drawn for each connection, never computed
+
+
+def test_a_peer_whose_clock_is_off_is_told_so_once_and_not_counted(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path, min_peers=3)
+    clock = Clock(peer)
+    ahead = fresh_stamper(clock=lambda: time.time() + 300)  # a peer whose clock is 300 s ahead
+    deliver(peer, Presence("p9", "online"), clock.now, stamper=ahead)  # (presence is exempt: its will is old)
+    assert "p9" in peer.election.live
+    deliver(peer, Init("p9", 0, 0, 7, 10, 10, False, FP), clock.now, stamper=ahead)
+    assert "p9" not in peer.election.live and peer.skewed == {"p9"}
+    [(level, text)] = lines.having("p9's clock is")
+    assert level == "WARNING" and "300s ahead of this peer's" in text and "not counted" in text
+    deliver(peer, Presence("p9", "online"), clock.now, stamper=ahead)  # it is still not counted
+    deliver(peer, Vote(1, "p9", 0.9, 0, "start"), clock.now, stamper=ahead)
+    assert "p9" not in peer.election.live and len(lines.having("p9's clock is")) == 1
+    # Its clock fixed (a new life, in time): it counts again.
+    deliver(peer, Init("p9", 0, 0, 8, 10, 10, False, FP), clock.now)
+    assert "p9" in peer.election.live and peer.skewed == set()
+
+
+def test_a_peer_whose_own_clock_is_off_hears_it_from_every_peer_and_never_elects_itself(tmp_path, lines):
+    # At 672ce7a presence counted it live; it refused everyone, elected itself, and elections.csv showed two
+    # controllers for term 1.
+    peer, transport, runner, _ = make_peer(tmp_path, min_peers=3)
+    clock = Clock(peer)
+    behind = {p: fresh_stamper(clock=lambda: time.time() - 300) for p in ("p2", "p3")}  # (ours is 300 s ahead)
+    for p, stamper in behind.items():
+        deliver(peer, Presence(p, "online"), clock.now, stamper=stamper)
+        deliver(peer, Init(p, 0, 0, 7, 10, 10, False, FP), clock.now, stamper=stamper)
+    for _ in range(16):  # 8 s: past its join grace, time enough to elect itself if it thought it could
+        pump(peer, clock.advance(0.5))
+    assert peer.election.live == {"p1"} and peer.election.role.value == "waiting" and peer.controller is None
+    assert len(lines.having("clock is 300s behind this peer's")) == 2
+    [(level, text)] = lines.having("this peer's clock is about 300s ahead of the others'")
+    assert level == "ERROR" and "2 of the 2 peers it hears" in text and "NTP" in text
+    assert not (tmp_path / "elections.csv").exists()
+
+
+def test_a_freshly_restarted_peer_does_not_evaluate_a_replayed_older_model(tmp_path, lines):
+    # At 672ce7a it took a 10 s old replay of an aggregation (its replay guard knows no numbers yet) and evaluated an
+    # old round again.
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    stamper = STAMPERS.setdefault("c", fresh_stamper())
+    old_round = sealed(
+        Aggregation(1, "c", 1, ("p2",), weights(1)), stamper=Stamper(stamper.incarnation, lambda: time.time() - 10)
+    )
+    follow(peer, clock)
+    deliver(peer, Aggregation(1, "c", 2, ("p2",), weights(2)), clock.now, retained=True)  # the model it starts from
+    peer.handle(Inbound(TOPICS.of(Aggregation(1, "c", 1, (), [])), old_round, False), clock.now)  # the replay
+    pump(peer, clock.now)
+    assert runner.jobs == [] and peer.store.latest.round == 2 and lines.having("a late copy, or a replay")
+
+
+def test_a_forged_finish_in_the_controller_s_name_is_noticed_refused_and_a_believed_one_ends_the_run(tmp_path, lines):
+    # At 672ce7a (local mode, no logins) the controller did not notice, waited --wait-timeout and exited 4.
+    peer, transport, runner, _ = make_peer(tmp_path, me="c", max_rounds=5)
+    clock = Clock(peer)
+    deliver(peer, Presence("p1", "online"), clock.now)
+    run_until(peer, clock, lambda: transport.messages(Vote))
+    deliver(peer, Vote(1, "p1", 0.0, 0, "start"), clock.now)
+    run_until(peer, clock, lambda: peer.controller is not None)
+    forger = fresh_stamper()  # another process, signing with the federation secret, in c's name
+    deliver(peer, Finish(1, "c", 1, "max-rounds", 0.99), clock.now, stamper=forger)
+    [(level, text)] = lines.having("a finish in this peer's name that it did not send")
+    assert level == "ERROR" and "per-peer broker logins" in text and peer.exit_code is None
+    deliver(peer, Finish(1, "c", 1, "no-solutions", 0.1), clock.now, stamper=forger)
+    assert peer.exit_code == 4 and transport.messages(Finish)[-1].reason == "forged-finish"
+
+
+def test_a_flood_of_evicted_chunks_is_logged_once_per_quiet_period(tmp_path, lines):
+    from tests.wire.test_chunks import opener
+
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    follow(peer, clock)
+    topic = TOPICS.chunk(TOPICS.topic("aggregation", "c"), 0)
+    stamper = STAMPERS["c"]
+    for message_id in range(1, 30):  # the controller's own topic, a new 1 GiB message each time
+        payload = OPEN.seal(topic, opener(message_id, data=65536), stamper.next())
+        peer.handle(Inbound(topic, payload, False), clock.now)
+    evictions = lines.having("evicted with")
+    assert len(evictions) == 1 and peer.inbox.reassembler.held_bytes == 2 * 65536
+
+
+def test_a_retained_presence_counts_only_until_the_peer_fails_to_answer(tmp_path, lines):
+    peer, transport, runner, _ = make_peer(tmp_path, min_peers=5)
+    clock = Clock(peer)
+    peer.handle(__import__("peer.node.transport", fromlist=["Connected"]).Connected("b:1883"), clock.now)
+    for p in ("p2", "p3"):
+        deliver(peer, Presence(p, "online"), clock.now, retained=True)
+    deliver(peer, Init("p2", 0, 0, 7, 10, 10, True, FP), clock.now)  # p2 answers; p3 (its clock off, say) never
+    run_until(peer, clock, lambda: "p3" not in peer.election.live, seconds=4 * peer.settings.heartbeat * 3)
+    assert "p2" in peer.election.live

@@ -310,8 +310,10 @@ def test_property_only_current_solutions_of_chosen_trainers_are_ever_averaged(ev
     aggregations = [m for m in r.sent(Aggregation) if m.round == 1]
     if len(accepted) == len(chosen):
         [agg] = aggregations
-        # what the aggregation makes of exactly the accepted solutions (an outlier among them is clipped)
-        expected = Aggregator("fedavg").aggregate(weights(0), [(p, *accepted[p]) for p in sorted(accepted)]).weights
+        # What the aggregation makes of exactly those solutions (it clips a step far larger than the others': FedAvg
+        # of the raw weights was expected here once, and failed whenever the values differed widely).
+        contributions = [(p, *accepted[p]) for p in sorted(accepted)]
+        expected = Aggregator("fedavg").aggregate(weights(0), contributions).weights
         assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(agg.weights, expected))
         assert set(agg.trainers) == set(accepted)
     else:
@@ -513,3 +515,108 @@ def test_a_sample_that_reaches_the_target_is_evaluated_by_everyone_before_the_fi
     r.evaluate_all(1, 4, accuracy=0.85)  # everyone agrees
     [row] = r.of(RecordRound)
     assert r.c.finished and row.row["accuracy"] == 0.85 and r.sent(Finish)[-1].accuracy == 0.85
+
+
+# --- a lying member: counts nobody certifies alone, a stop nobody decides alone, no-shows --------------------------------
+
+
+def solve(r, round_, now, samples=None, values=None, peers=None):
+    """Every chosen trainer (or `peers`) sends its solution: weights(values[peer]) with samples[peer] samples."""
+    for peer in peers if peers is not None else r.c.solutions.trainers:
+        value = (values or {}).get(peer, float(round_))
+        count = (samples or {}).get(peer, 500)
+        r.on_message(Solution(r.c.term, round_, r.c.attempt, peer, count, 0.1, weights(value)), 50, now)
+
+
+def test_declared_counts_are_capped_by_what_the_run_s_shards_hold():
+    # Issue 19: an init announcing 10^12 samples made its evaluation (and solution) outweigh everyone's.
+    announced = {p: (500, 100) for p in PEERS - {"c"}} | {"p4": (10**12, 10**12)}
+    r = Run(announced=announced, count_bound=(500, 100), trainers=4, min_solutions=4, target_accuracy=0.9)
+    r.take_office(now=0)
+    assert r.logs("p4 announced 1000000000000 train and 1000000000000 test samples")
+    for peer in ("p1", "p2", "p3"):
+        r.on_message(Evaluation(1, 0, peer, 0.1, 1.0, 100), 50, 1)
+    r.on_message(Evaluation(1, 0, "p4", 1.0, 0.0, 10**12), 50, 1)
+    assert r.c.history[0].accuracy == (3 * 0.1 + 1.0) / 4  # one voice in four, not all of them
+    # Its solution, with the same count, weighs as much as anyone's (FedAvg of 1, 1, 1 and 2: 1.25), not all (2).
+    solve(r, 1, 2, samples={"p4": 10**12}, values={"p1": 1.0, "p2": 1.0, "p3": 1.0, "p4": 2.0})
+    assert np.allclose(r.c.model.weights[0], 1.25)
+
+
+def test_without_the_run_s_shard_sizes_a_count_is_bounded_by_the_others():
+    # Shards from --data-dir: nobody can compute them, so no member declares more than twice the others' median.
+    announced = {"p1": (400, 100), "p2": (500, 120), "p3": (600, 140), "p4": (10**12, 10**12)}
+    r = Run(announced=announced, count_bound=None)
+    assert r.c._cap("p4") == 1000 and r.c._cap("p4", test=True) == 240
+    assert r.c._cap("p1") == 400  # an honest count stays as it is
+
+
+def test_one_member_cannot_end_the_run_at_the_target_accuracy():
+    # Issue 19: an init announcing 10^12 test samples, then evaluations of accuracy 1.0, stopped the run after round 1.
+    announced = {p: (500, 100) for p in PEERS - {"c"}} | {"p4": (10**12, 10**12)}
+    r = Run(announced=announced, count_bound=(500, 100), max_rounds=5, target_accuracy=0.55)
+    r.take_office(now=0)
+    r.evaluate_all(0, 1, accuracy=0.1)
+    for round_ in (1, 2):
+        solve(r, round_, 2 + round_)
+        for peer in ("p1", "p2", "p3"):
+            r.on_message(Evaluation(1, round_, peer, 0.45, 1.0, 100), 50, 3 + round_)
+        r.on_message(Evaluation(1, round_, "p4", 1.0, 0.0, 10**12), 50, 3 + round_)
+    assert r.of(Exit) == [] and not r.c.finished
+    assert r.logs("round 1: the weighted accuracy") and r.logs("the median peer's (0.4500) does not")
+    # When the honest peers themselves reach it, the run stops as asked.
+    solve(r, 3, 10)
+    for peer in ("p1", "p2", "p3"):
+        r.on_message(Evaluation(1, 3, peer, 0.7, 1.0, 100), 50, 11)
+    r.on_message(Evaluation(1, 3, "p4", 1.0, 0.0, 100), 50, 11)
+    assert r.sent(Finish)[-1].reason == "target-accuracy" and r.sent(Finish)[-1].round == 3
+
+
+def test_a_no_show_costs_one_deadline_once_is_chosen_last_and_then_leaves_the_quorum():
+    # Issue 19: a member that takes every order and never answers made every round wait the deadline twice, and was
+    # chosen again every round.
+    r = Run(trainers=3, min_solutions=2, max_rounds=10, round_deadline=10.0)
+    r.take_office(now=0)
+    r.evaluate_all(0, 1)
+    first = r.c.solutions.trainers
+    liar = first[0]
+    solve(r, 1, 2, peers=[p for p in first if p != liar])
+    assert r.c.phase is Phase.TRAINING  # it waits for the liar, until the deadline
+    r.tick(now=12)  # the deadline: closed with the quorum
+    assert r.c.phase is Phase.EVALUATING and r.logs(f"round 1: no solution from {liar} by the deadline (1 of 3")
+    assert liar not in r.c.evaluations.expected  # not waited for again for its evaluation
+    r.evaluate_all(1, 13)
+    assert r.c.phase is Phase.TRAINING  # no second deadline: the round closed without it
+    for round_ in range(2, 6):  # chosen last: three others can train, so it is not chosen
+        assert liar not in r.c.solutions.trainers
+        solve(r, round_, 10 * round_)
+        r.evaluate_all(round_, 10 * round_ + 1)
+    # With every peer needed as trainer, it is chosen (last), and after 3 misses in a row it leaves the quorum.
+    r2 = Run(trainers=4, min_solutions=3, max_rounds=10, round_deadline=10.0)
+    r2.take_office(now=0)
+    r2.evaluate_all(0, 1)
+    now = 1.0
+    for round_ in (1, 2, 3):
+        assert "p4" in r2.c.solutions.trainers
+        solve(r2, round_, now, peers=[p for p in r2.c.solutions.trainers if p != "p4"])
+        now += 11
+        r2.tick(now)
+        for peer in sorted(r2.c.evaluations.expected):
+            r2.on_message(Evaluation(1, round_, peer, 0.5, 1.0, 100), 50, now)
+    assert r2.logs("p4 missed 3 answers in a row: it leaves this term's quorum")
+    assert "p4" not in r2.c.solutions.trainers  # round 4: out, while anyone else can train
+    # It answers again (its evaluation of a model every peer may evaluate): back in.
+    r2.on_message(Evaluation(1, 3, "p4", 0.5, 1.0, 100), 50, now)  # (late: refused, still out)
+    r2.c.missed["p4"] = 3
+    r2.c._answered("p4")
+    assert "p4" not in r2.c.missed
+
+
+def test_a_forged_finish_the_followers_believe_ends_the_run_at_once_one_they_refuse_changes_nothing():
+    r = Run(max_rounds=5)
+    r.take_office(now=0)
+    r.evaluate_all(0, 1)
+    assert r.forged_finish(Finish(1, "c", 1, "max-rounds", 0.9), now=2) == []  # round 1 of 5: followers refuse it
+    assert not r.c.finished
+    r.forged_finish(Finish(1, "c", 1, "no-solutions", 0.1), now=3)  # a give-up: nobody can check it
+    assert r.c.finished and r.sent(Finish)[-1].reason == "forged-finish" and r.of(Exit)[-1].code == 4

@@ -2,8 +2,9 @@
 
 The simulation models what the peers rely on and nothing more: one broker that delivers the election topic's
 messages (votes and claims) to every subscriber in one order, each subscriber at its own pace, only the messages
-published after it subscribed; heartbeats and presence changes arriving after arbitrary delays; peers joining,
-dying, hanging and coming back at random times. Thousands of seeded runs check the two promises:
+published after it subscribed; heartbeats, presence changes and announcements (a peer announces itself on joining
+and coming back, and every live peer answers with its own, naming its term) arriving after arbitrary delays; peers
+joining, dying, hanging and coming back at random times. Thousands of seeded runs check the two promises:
 - safety: at no moment do two peers act as controller of the same term;
 - agreement: once joins and failures stop, every live peer follows the same live controller of the same term.
 """
@@ -15,14 +16,42 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from peer.roles.actions import CastVote, FollowController, SendClaim, StepDown, TakeOffice
-from peer.roles.election import Election, ElectionTimings, Role
+from peer.roles.actions import Announce, CastVote, FollowController, SendClaim, StepDown, TakeOffice
+from peer.roles.election import MAX_TERM_STEP, Election, ElectionTimings, Role
 
 T = ElectionTimings(window=1.0, claim_timeout=3.0, heartbeat_timeout=3.0, join_grace=2.5)
 
 
 def machine(me="a", min_peers=3, now=0.0, seed=1, **kw) -> Election:
     return Election(me, min_peers, T, random.Random(seed), started_at=now, **kw)
+
+
+LISTENED = T.join_grace  # a machine started at 0 has heard who is here by then
+
+
+def following(controller="b", term=1, others=("b",), me="a", now=LISTENED, **kw) -> Election:
+    """A machine that follows `controller` in `term`: every other peer stands in that term (their inits say so),
+    and the controller's claim says who leads it."""
+    e = machine(me=me, min_peers=2, **kw)
+    for peer in others:
+        e.on_init(peer, term, now)
+    e.on_claim(term, controller, "start", (), now)
+    assert (e.term, e.controller) == (term, controller)
+    return e
+
+
+def leading(term=1, others=("b",), me="a", now=LISTENED) -> Election:
+    """A machine that is controller of `term`: the others voted for it, its vote is the best, its claim came back."""
+    e = machine(me=me, min_peers=len(others) + 1, seed=7)
+    for peer in others:
+        e.peer_up(peer, 0)
+    [vote] = [a for a in e.tick(now) if isinstance(a, CastVote)]
+    for peer in others:
+        e.on_vote(vote.term, peer, 0.0, 0, "start", now)
+    [claim] = e.tick(now + T.window)
+    [office] = e.on_claim(claim.term, me, "start", claim.members, now + T.window)
+    assert isinstance(office, TakeOffice) and e.role is Role.CONTROLLER and e.term == vote.term == term
+    return e
 
 
 # --- direct transitions -----------------------------------------------------------------------------------------------
@@ -76,50 +105,55 @@ def test_a_peer_holding_an_older_model_does_not_claim():
 
 
 def test_stale_messages_are_ignored():
-    e = machine(min_peers=2)
-    e.on_claim(3, "b", "start", (), 0)
-    assert e.term == 3
-    assert e.on_vote(2, "c", 0.9, 0, "start", 1) == []
-    assert e.on_claim(2, "c", "start", (), 1) == []
-    assert e.on_controller_seen(2, "c", 1) == [] and e.controller == "b"
+    e = following("b", 3)
+    assert e.on_vote(2, "c", 0.9, 0, "start", 4) == []
+    assert e.on_claim(2, "c", "start", (), 4) == []
+    assert e.on_controller_seen(2, "c", 4) == [] and e.controller == "b"
     assert e.is_stale(2) and not e.is_stale(3)
 
 
-def test_controller_lost_or_silent_starts_the_next_term():
-    e = machine(min_peers=2)
-    e.on_claim(1, "b", "start", (), 0)
-    e.on_controller_seen(1, "b", 2.0)
-    assert e.tick(4.9) == []
-    [vote] = e.tick(5.0)  # 3 s after the last heartbeat
+def test_controller_lost_or_silent_starts_a_campaign_for_the_next_term():
+    e = following("b", 1, others=("b", "c"))
+    e.on_controller_seen(1, "b", 4.0)
+    assert e.tick(6.9) == []
+    [vote] = e.tick(7.0)  # 3 s after the last heartbeat
     assert vote.term == 2 and vote.reason == "controller-silent"
+    assert e.term == 1 and e.campaign == 2  # a pre-vote: its term moves once a majority votes for 2
     assert "b" not in e.live  # silent counts as gone until it speaks again
-    e.on_claim(2, "c", "controller-silent", (), 6)
-    [vote] = e.peer_down("c", 7)
+    e.on_vote(2, "c", 0.1, 0, "controller-silent", 7.1)  # c agrees: a majority of {a, c}
+    assert e.term == 2
+    e.on_claim(2, "c", "controller-silent", ("a", "c"), 8)
+    assert e.controller == "c"
+    [vote] = e.peer_down("c", 9)
     assert vote.term == 3 and vote.reason == "controller-lost"
 
 
 def test_a_model_announced_on_its_way_is_no_silence_until_it_could_have_come():
-    e = machine(min_peers=2)
-    e.on_claim(1, "b", "start", (), 0)
-    e.on_controller_seen(1, "b", 2.0)
-    e.expect_model(1, "c", 9.0)  # not the controller it follows: no grace
-    e.expect_model(0, "b", 9.0)  # nor of another term
-    e.expect_model(1, "b", 9.0)  # its heartbeat: round r's model is on its way here
-    assert e.tick(5.0) == [] and e.tick(8.9) == []  # the broker is still delivering the model to everyone
-    [vote] = e.tick(9.0)
+    def votes(actions):
+        return [a for a in actions if isinstance(a, CastVote)]
+
+    e = following("b", 1, others=("b",))
+    now = LISTENED
+    e.on_controller_seen(1, "b", now)
+    e.expect_model(1, "c", now + 7)  # not the controller it follows: no grace
+    e.expect_model(0, "b", now + 7)  # nor of another term
+    e.expect_model(1, "b", now + 7)  # its heartbeat: round r's model is on its way here
+    assert votes(e.tick(now + 3.5)) == [] and votes(e.tick(now + 6.9)) == []  # the model is still on the broker
+    [vote] = votes(e.tick(now + 7))
     assert vote.term == 2 and vote.reason == "controller-silent"
-    e.on_claim(2, "c", "controller-silent", (), 9.5)
-    e.on_controller_seen(2, "c", 10.0)
-    assert e.tick(13.0)[0].reason == "controller-silent"  # a new term starts without the old grace
+    e.expect_model(1, "b", now + 30)  # a peer no longer following it takes no grace from it
+    assert e.patient_until == now + 7
 
 
-def test_a_controller_steps_down_when_a_higher_term_appears():
-    e = machine(min_peers=2)
-    e.on_claim(1, "a", "start", (), 0)
-    assert e.role is Role.CONTROLLER
-    actions = e.on_vote(2, "b", 0.5, 0, "controller-silent", 5)
-    assert isinstance(actions[0], StepDown) and actions[0].term == 1
-    assert isinstance(actions[1], CastVote) and actions[1].term == 2
+def test_a_controller_steps_down_when_a_majority_votes_for_a_higher_term_not_when_one_peer_does():
+    e = leading(1, others=("b", "c", "d", "e"))
+    assert e.on_vote(2, "b", 0.5, 0, "controller-silent", 5) == []  # one member calling: sticky
+    assert e.on_vote(2, "c", 0.5, 0, "controller-silent", 5) == []  # two of four others: still no majority
+    assert e.role is Role.CONTROLLER and e.term == 1
+    [step_down] = e.on_vote(2, "d", 0.5, 0, "controller-silent", 5)  # three of five voted: a majority moved on
+    assert isinstance(step_down, StepDown) and step_down.term == 1
+    assert e.term == 2 and e.role is Role.VOTING and not e.may_claim()  # it follows term 2's claim when it comes
+    assert e.on_claim(2, "d", "controller-silent", ("b", "c", "d"), 6) == [FollowController(2, "d")]
 
 
 def test_no_claim_moves_on_to_the_next_term():
@@ -160,14 +194,15 @@ def test_patience_doubles_from_the_second_failed_term_up_to_8x_and_rounds_bring_
 
 
 def test_a_frozen_controller_is_replaced_as_fast_as_ever_and_a_lost_one_is_no_strike():
-    e = machine(min_peers=2)
-    e.on_claim(1, "b", "start", (), 0)
-    [vote] = e.tick(3.0)
+    e = following("b", 1, others=("b", "c"))
+    [vote] = e.tick(LISTENED + 3.0)
     assert vote.reason == "controller-silent" and vote.patience == 1
-    e.on_claim(2, "c", "controller-silent", (), 3.5)
-    [vote] = e.peer_down("c", 4.0)
-    assert vote.reason == "controller-lost" and vote.patience == 1
-    assert isinstance(e.tick(5.0)[0], SendClaim)  # the window is still 1 s
+    e.on_vote(2, "c", 0.1, 0, "controller-silent", LISTENED + 3.1)
+    e.on_claim(2, "c", "controller-silent", ("a", "c"), LISTENED + 3.5)
+    e.peer_down("b", LISTENED + 3.8)  # the silent one's Last Will: it does not count in majorities any more
+    [vote] = e.peer_down("c", LISTENED + 4.0)
+    assert vote.reason == "controller-lost" and vote.patience == 1 and e.term == 3  # alone now: its own majority
+    assert isinstance(e.tick(LISTENED + 5.0)[0], SendClaim)  # the window is still 1 s
 
 
 def test_a_dead_best_voter_is_passed_over_at_the_window():
@@ -178,25 +213,31 @@ def test_a_dead_best_voter_is_passed_over_at_the_window():
     assert isinstance(e.tick(1.0)[0], SendClaim)
 
 
-def test_two_controllers_in_one_term_resolve_into_a_new_term():
-    e = machine(min_peers=2)
-    e.on_claim(1, "a", "start", (), 0)
-    actions = e.on_controller_seen(1, "b", 1)
-    assert isinstance(actions[0], StepDown) and actions[1].term == 2 and actions[1].reason == "conflict"
+def test_a_second_controller_of_a_term_is_not_obeyed_and_moves_nobody():
+    e = leading(1, others=("b", "c"))
+    assert e.on_controller_seen(1, "b", 5) == [] and e.role is Role.CONTROLLER and e.term == 1
+    f = following("c", 1, others=("b", "c"))
+    assert f.on_controller_seen(1, "b", 5) == [] and (f.term, f.controller, f.role) == (1, "c", Role.FOLLOWER)
 
 
-def test_a_controller_resumed_after_a_freeze_steps_down_into_a_new_term():
-    e = machine(min_peers=2)
-    e.on_claim(1, "a", "start", (), 0)
+def test_a_controller_resumed_after_a_freeze_steps_down_and_campaigns_for_a_new_term():
+    e = leading(1, others=("b", "c"))
     actions = e.thawed(10)
     assert isinstance(actions[0], StepDown) and actions[1].term == 2 and actions[1].reason == "controller-stalled"
-    # the others had already elected term 2: the thawed peer follows it
-    assert e.on_claim(2, "b", "controller-silent", (), 10.1) == [FollowController(2, "b")]
+    # the others had already elected term 2 (their votes, then b's claim, come now): the thawed peer follows it
+    e.on_vote(2, "b", 0.9, 0, "controller-silent", 10.1)
+    e.on_vote(2, "c", 0.1, 0, "controller-silent", 10.1)
+    assert e.on_claim(2, "b", "controller-silent", ("b", "c"), 10.1) == [FollowController(2, "b")]
+
+
+def test_followers_join_the_campaign_of_their_own_controller_when_it_resigns():
+    f = following("b", 1, others=("b", "c"))
+    [vote] = f.on_vote(2, "b", 0.5, 0, "controller-stalled", 6)
+    assert isinstance(vote, CastVote) and vote.term == 2 and vote.reason == "controller-stalled"
 
 
 def test_a_follower_resumed_after_a_freeze_waits_a_full_timeout_before_judging_the_controller():
-    e = machine(min_peers=2)
-    e.on_claim(1, "b", "start", (), 0)
+    e = following("b", 1)
     assert e.thawed(10) == []
     assert e.tick(10.1) == []  # not "controller-silent" on the stale clock
     e.on_controller_seen(1, "b", 10.2)  # the queued heartbeats arrive
@@ -208,9 +249,15 @@ def test_an_echo_of_an_earlier_life_of_this_id_is_not_obeyed():
     assert e.on_controller_seen(4, "a", 0) == [] and e.role is Role.WAITING
 
 
-def test_a_late_joiner_adopts_the_running_controller():
+def test_a_late_joiner_adopts_the_running_controller_once_a_majority_says_it_runs():
     e = machine(min_peers=5)
-    [follow] = e.on_controller_seen(7, "c", 0.3)
+    for peer in ("b", "c", "d"):
+        e.peer_up(peer, 0.1)
+    assert e.on_retained(7, "c", 0.2, claim=False) == []  # the retained heartbeat: c's word alone
+    e.on_init("b", 7, 0.5)  # the others answer its init: they stand in term 7
+    assert e.term == 0  # still listening: it moves only once it heard who is here
+    e.on_init("d", 7, 0.6)
+    [follow] = e.tick(LISTENED)
     assert follow == FollowController(7, "c") and e.role is Role.FOLLOWER
 
 
@@ -228,11 +275,13 @@ class SimPeer:
     lagging_until: float = 0.0  # its deliveries are held up (busy link, slow host)
     inbox: list = field(default_factory=list)  # (deliver_at, kind, payload) for other topics
     next_heartbeat: float = 0.0
+    frozen_since: float = 0.0
 
 
 class Simulation:
     HEARTBEAT = 1.0
     lag_probability = 0.01  # per peer and step: deliveries to it stall for 0.5-2.5 s
+    reads_per_step = 3  # the most election messages a peer reads in one step (0.05 s)
 
     def __init__(self, seed: int):
         rng = self.rng = random.Random(seed)
@@ -272,7 +321,9 @@ class Simulation:
                 self.publish_election(("vote", a.term, p.name, a.vote, a.round, a.reason))
             elif isinstance(a, SendClaim):
                 self.publish_election(("claim", a.term, p.name, a.reason, a.members))
-                self.retained["claim"] = (a.term, p.name)
+                self.retained[f"claim/{p.name}"] = (a.term, p.name)  # each peer's claim on its own topic
+            elif isinstance(a, Announce):
+                self.announce(p)
             elif isinstance(a, TakeOffice):
                 self.offices.setdefault(a.term, set()).add(p.name)
                 p.next_heartbeat = self.now
@@ -292,6 +343,9 @@ class Simulation:
             return m.on_controller_seen(term, controller, self.now)
         if item[0] == "up":
             return m.peer_up(item[1], self.now)
+        if item[0] == "init":
+            peer, term = item[1]
+            return m.on_init(peer, term, self.now)
         if item[0] == "down":
             return m.peer_down(item[1], self.now)
         raise AssertionError(item)
@@ -301,12 +355,22 @@ class Simulation:
         p.joined, p.alive = True, True
         p.cursor = len(self.log)  # sees only what is published from now on
         p.machine.started_at = self.now
-        for term, controller in self.retained.values():  # delivered on subscribe, before anything live
-            self.carry_out(p, p.machine.on_retained(term, controller, self.now))
+        retained = list(self.retained.items())
+        self.rng.shuffle(retained)  # delivered on subscribe, before anything live, in no particular order
+        for topic, (term, controller) in retained:
+            self.carry_out(p, p.machine.on_retained(term, controller, self.now, claim=topic.startswith("claim")))
         for other in self.peers:  # retained presence of everyone live
             if other.joined and other.alive and other is not p:
                 p.inbox.append((self.now + self.delay(), "up", other.name))
         self.broadcast(p.name, "up", p.name)
+        self.announce(p)
+
+    def announce(self, p: SimPeer) -> None:
+        """`p`'s init goes to everyone, and each live peer answers it a little later with its own (its term then)."""
+        self.broadcast(p.name, "init", (p.name, p.machine.term))
+        for other in self.peers:
+            if other.joined and other.alive and other is not p:
+                other.inbox.append((self.now + self.delay() + self.rng.uniform(0.5, 1.5), "answer", p.name))
 
     def fail(self, kind: str, p: SimPeer) -> None:
         if not p.alive or not p.joined:
@@ -318,7 +382,7 @@ class Simulation:
             restart = self.now + self.rng.uniform(1, 5)
             self.events.append((restart, "restart", p.name))
         else:
-            p.paused_until = self.now + self.rng.uniform(2, 9)
+            p.paused_until, p.frozen_since = self.now + self.rng.uniform(2, 9), self.now
             if p.paused_until - self.now > 7.5:  # longer than 1.5 x keepalive: the will goes out
                 self.broadcast(p.name, "down", p.name)
                 self.events.append((p.paused_until, "reconnect", p.name))
@@ -346,24 +410,35 @@ class Simulation:
                 for other in self.peers:
                     if other.joined and other.alive and other is not p:
                         p.inbox.append((self.now, "up", other.name))
+                self.announce(p)
+        for p in self.peers:  # a peer back from a hang notices it was frozen (the node's loop does)
+            if p.joined and p.alive and 0 < p.paused_until <= self.now:
+                if self.now - p.frozen_since > p.machine.silent_after:
+                    self.carry_out(p, p.machine.thawed(self.now))
+                p.paused_until = 0.0
         order = [p for p in self.peers if p.joined and p.alive and p.paused_until <= self.now]
         self.rng.shuffle(order)
         for p in order:
             if self.rng.random() < self.lag_probability:
                 p.lagging_until = self.now + self.rng.uniform(0.5, 2.5)
             # each subscriber reads the election topic in the broker's order, at its own pace, while its clock runs
-            for _ in range(0 if p.lagging_until > self.now else self.rng.randint(0, 3)):
+            for _ in range(0 if p.lagging_until > self.now else self.rng.randint(0, self.reads_per_step)):
                 if p.cursor < len(self.log):
                     p.cursor += 1
                     self.carry_out(p, self.feed(p, self.log[p.cursor - 1]))
             due = [item for item in p.inbox if item[0] <= self.now]
             for item in due:
                 p.inbox.remove(item)
+                if item[1] == "answer":  # p answers a newcomer's init with its own
+                    newcomer = next(x for x in self.peers if x.name == item[2])
+                    if newcomer.alive:
+                        newcomer.inbox.append((self.now + self.delay(), "init", (p.name, p.machine.term)))
+                    continue
                 self.carry_out(p, self.feed(p, item[1:]))
             self.carry_out(p, p.machine.tick(self.now))
             if p.machine.role is Role.CONTROLLER and self.now >= p.next_heartbeat:
                 p.next_heartbeat = self.now + self.HEARTBEAT
-                self.retained["heartbeat"] = (p.machine.term, p.name)
+                self.retained[f"heartbeat/{p.name}"] = (p.machine.term, p.name)
                 self.broadcast(p.name, "heartbeat", (p.machine.term, p.name))
         self.check_safety()
 
@@ -422,3 +497,107 @@ def test_without_failures_or_stalls_the_first_term_elects_the_highest_vote():
             assert controller == best[2], f"seed {seed}"
             seeds_checked += 1
     assert seeds_checked > 200  # most runs decide in the first term
+
+
+# --- a lying member in the simulated federation (issue 19) ---------------------------------------------------------------
+
+HUGE = 2**31 - 2  # MAX_TERM - 1: the last usable term
+
+
+class LyingSimulation(Simulation):
+    """The federation above with one more member, "px", that lies: it is live (presence, an init naming a huge term)
+    and, depending on `attack`, plants a retained claim of term 2^31 - 2 before anyone comes, claims term + 1000 as
+    itself every 50 ms, votes for term + 1 every 2 s (with vote 0.0: it never wins), or sends heartbeats of the
+    current term as itself. It never runs an election machine of its own."""
+
+    reads_per_step = 12  # its flood fills the election topic: the peers read it as fast as a real peer does
+    # (no stalls of the election topic alone: a real peer's one connection delivers its topics in the broker's order,
+    # so announcements never overtake the votes before them, as they could here)
+    lag_probability = 0.0
+
+    def __init__(self, seed: int, attack: str, failures: bool = False):
+        super().__init__(seed)
+        self.attack = attack
+        if not failures:
+            self.events.clear()
+            self.quiet_from = max(self.join_at.values()) + 1
+        self.next_lie = 0.0
+        if attack == "retained-huge-claim":
+            self.retained["claim/px"] = (HUGE, "px")
+
+    def join(self, p: SimPeer) -> None:
+        super().join(p)
+        p.inbox.append((self.now + self.delay(), "up", "px"))
+        p.inbox.append((self.now + self.delay() + 0.5, "init", ("px", HUGE)))
+
+    def top_term(self) -> int:
+        return max((p.machine.term for p in self.peers if p.joined), default=0)
+
+    def step(self, dt: float) -> None:
+        if self.now >= self.next_lie:
+            term = self.top_term()
+            if self.attack == "claims-1000-ahead":
+                self.publish_election(("claim", min(term + 1000, HUGE), "px", "start", ("px",)))
+                self.next_lie = self.now + 0.05
+            elif self.attack == "votes-for-next":
+                self.publish_election(("vote", term + 1, "px", 0.0, 0, "controller-silent"))
+                self.next_lie = self.now + 2.0
+            elif self.attack == "heartbeats-as-itself":
+                self.broadcast("px", "heartbeat", (max(term, 1), "px"))
+                self.next_lie = self.now + 0.5
+            else:
+                self.next_lie = float("inf")
+        super().step(dt)
+
+    def elections_held(self) -> int:
+        return len(self.offices)
+
+    def campaigns(self) -> int:
+        """The terms the honest peers voted for."""
+        return len({item[1] for item in self.log if item[0] == "vote" and item[2] != "px"})
+
+
+@pytest.mark.parametrize(
+    "attack", ["retained-huge-claim", "claims-1000-ahead", "votes-for-next", "heartbeats-as-itself"]
+)
+def test_a_lying_member_cannot_burn_terms_or_call_elections_nor_lead(attack):
+    # Issue 19 at 672ce7a: a retained claim of 2^31 - 2 crashed every peer at the next election; claims of term+1000
+    # every 50 ms took the term from 1 to 200,002 in 10.6 s; a vote for term+1 every 2 s left 0 rounds in 60 s.
+    for seed in range(40):
+        sim = LyingSimulation(seed, attack)
+        try:
+            sim.run()
+            term, controller = sim.agreement()
+        except AssertionError as err:
+            raise AssertionError(f"seed {seed} (n={sim.n}, min_peers={sim.min_peers}): {err}") from None
+        assert controller != "px"
+        # No failures: the first election is the only one (a peer delayed past its timeouts may add one or two); what
+        # the liar says pushes an honest campaign at most 2 x MAX_TERM_STEP past the last term (never further).
+        assert sim.elections_held() <= 3, (seed, sim.offices)
+        assert term <= sim.campaigns() * (1 + 2 * MAX_TERM_STEP) and sim.campaigns() <= 6, (seed, term)
+
+
+@pytest.mark.parametrize("attack", ["claims-1000-ahead", "votes-for-next"])
+def test_with_failures_a_lying_member_moves_terms_only_as_fast_as_honest_elections_and_never_to_the_top(attack):
+    for seed in range(40):
+        sim = LyingSimulation(seed, attack, failures=True)
+        try:
+            sim.run()
+            term, controller = sim.agreement()
+        except AssertionError as err:
+            raise AssertionError(f"seed {seed} (n={sim.n}, min_peers={sim.min_peers}): {err}") from None
+        # Every term entered is an honest election (a majority voted); each can be pushed at most MAX_TERM_STEP past
+        # the last by what the liar says; none reaches the top of the range.
+        assert term <= sim.campaigns() * (1 + 2 * MAX_TERM_STEP) and term < HUGE, (seed, term)
+
+
+def test_a_waiting_peer_that_sees_a_later_term_led_asks_where_the_others_are_once_per_timeout():
+    # The answers to its first init came before that term began (it started with the others): it asks again.
+    e = machine(min_peers=3)
+    e.peer_up("b", 0.1), e.peer_up("c", 0.1)
+    e.on_init("b", 0, 0.2), e.on_init("c", 0, 0.2)
+    e.on_retained(1, "b", 0.3, claim=False)  # b leads term 1 (its heartbeat), the inits said 0
+    assert isinstance(e.tick(LISTENED)[0], Announce)
+    assert not any(isinstance(a, Announce) for a in e.tick(LISTENED + 1.0))
+    e.on_init("b", 1, LISTENED + 1.5), e.on_init("c", 1, LISTENED + 1.5)  # the fresh answers
+    assert (e.term, e.controller, e.role) == (1, "b", Role.FOLLOWER)

@@ -16,7 +16,7 @@ from peer.roles.actions import (
     StartJob,
 )
 from peer.roles.follower import Follower
-from peer.roles.rounds import GlobalModel, ModelStore
+from peer.roles.rounds import GlobalModel, ModelStore, RoundSummary
 from peer.wire.messages import Aggregation, Evaluation, Finish, Heartbeat, Metrics, Solution, Training
 
 W = [np.ones(2, np.float32)]
@@ -49,11 +49,11 @@ def test_an_order_for_a_model_it_lacks_fetches_it_and_starts_when_it_comes():
         f = Follower("me", memory)
         log, fetch = f.on_controller(Training(1, "c", 2, 1, ("me",), D))
         assert fetch == FetchModel(1, D) and "lacks the model the order names" in log.text
-        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), other))) in (["AdoptModel"], [])  # not that one
-        out = f.on_retained_model(Aggregation(1, "c", 1, (), W))
+        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), other), "c")) in (["AdoptModel"], [])  # not it
+        out = f.on_retained_model(Aggregation(1, "x", 1, (), W), "c")  # whoever kept it: its digest vouches for it
         assert kinds(out) == ["AdoptModel", "Log", "StartJob"]
         assert out[-1].kind == "fit" and out[-1].round == 2 and out[-1].weights is W
-        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]  # started once
+        assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W), "c")) in (["AdoptModel"], [])  # started once
 
 
 def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
@@ -62,19 +62,36 @@ def test_a_live_aggregation_of_the_model_an_order_waits_for_starts_it_too():
     assert kinds(f.on_controller(Aggregation(1, "c", 1, (), W))) == ["AdoptModel", "Log", "StartJob", "StartJob"]
 
 
-def test_a_live_aggregation_is_adopted_when_newer_and_always_evaluated():
+def test_a_live_aggregation_is_adopted_when_newer_and_evaluated_unless_a_later_one_of_its_term_is_held():
     memory = ModelStore()
     adopt, evaluate = Follower("me", memory).on_controller(Aggregation(2, "c", 4, ("p2",), W))
     assert adopt == AdoptModel(GlobalModel(4, 2, W, ("p2",), "c"))
     assert isinstance(evaluate, StartJob) and (evaluate.kind, evaluate.round) == ("evaluate", 4)
     memory.offer(5, 2, W)
-    assert kinds(Follower("me", memory).on_controller(Aggregation(2, "c", 4, (), W))) == ["StartJob"]
+    # Round 4 of term 2 after round 5 of term 2: a late copy or a replay (a freshly restarted peer's replay guard
+    # knows no numbers yet): not evaluated again.
+    assert kinds(Follower("me", memory).on_controller(Aggregation(2, "c", 4, (), W))) == ["Log"]
+    # A later term's controller that publishes round 4 again (it lacks round 5's metrics, say) is evaluated.
+    assert kinds(Follower("me", memory).on_controller(Aggregation(3, "c", 4, (), W))) == ["StartJob"]
     assert memory.latest.round == 5  # the machine reads the store, never writes it
 
 
-def test_a_retained_aggregation_is_held_not_evaluated():
-    [adopt] = Follower("me", ModelStore()).on_retained_model(Aggregation(2, "c", 4, (), W))
+def test_a_training_order_for_a_round_whose_model_is_held_already_is_a_replay():
+    f = Follower("me", holding(3))
+    [log] = f.on_controller(Training(1, "c", 3, 1, ("me",), D))
+    assert "replay" in log.text
+
+
+def test_a_retained_aggregation_is_held_not_evaluated_only_its_controller_s():
+    [adopt] = Follower("me", ModelStore()).on_retained_model(Aggregation(2, "c", 4, (), W), controller="c")
     assert adopt.note == "retained by the broker"
+    # A member's planted model (a later round, say: its votes would then win elections): set aside, never held ...
+    f = Follower("me", ModelStore())
+    assert f.on_retained_model(Aggregation(2, "x", 10**6, (), W), controller="c") == []
+    assert f.on_retained_model(Aggregation(2, "c", 4, (), W)) == []  # (not following anyone yet: aside too)
+    # ... until this peer follows its publisher.
+    [adopt] = f.on_follow("c")
+    assert adopt.model.round == 4 and f.on_follow("c") == []
 
 
 def test_metrics_finish_the_round_and_heartbeats_tell_the_phase():
@@ -149,7 +166,7 @@ def test_a_model_that_does_not_fit_this_peers_is_refused_in_one_line():
     ):
         [warning] = out
         assert warning.level == "warning" and "does not fit this peer's" in warning.text
-    assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W))) == ["AdoptModel"]
+    assert kinds(f.on_retained_model(Aggregation(1, "c", 1, (), W), "c")) == ["AdoptModel"]
 
 
 def test_a_finish_that_gives_the_run_up_ends_the_peer_with_exit_4():
@@ -188,11 +205,33 @@ def test_with_named_evaluators_only_they_evaluate_and_everyone_keeps_the_model()
     assert kinds(named) == ["AdoptModel", "StartJob"]
 
 
+def test_a_finish_that_cannot_be_true_is_refused_and_one_that_can_is_obeyed():
+    # Issue 19: a member holding the secret signed a finish in the controller's name (local mode, no logins).
+    memory = holding(1)
+    memory.finish_round(RoundSummary(1, 2, 0.45, 1.0, 10))
+    f = Follower("me", memory, stop_rules=(5, 0.9))
+    [refused] = f.on_controller(Finish(2, "c", 1, "max-rounds", 0.99))  # round 1 of 5
+    assert refused.level == "warning" and "round 1 is not the last (5)" in refused.text and "forgery" in refused.text
+    [refused] = f.on_controller(Finish(2, "c", 1, "target-accuracy", 0.99))  # its published accuracy: 0.45
+    assert "below the target 0.9" in refused.text
+    log, exit_ = f.on_controller(Finish(2, "c", 1, "no-evaluations", 0.1))  # a give-up: nobody can check it
+    assert exit_ == Exit(4)
+    memory.finish_round(RoundSummary(5, 2, 0.6, 1.0, 10))
+    assert kinds(f.on_controller(Finish(2, "c", 5, "max-rounds", 0.6))) == ["Log", "Exit"]
+
+
+def test_a_retained_finish_before_the_round_limit_is_refused():
+    f = Follower("me", ModelStore(), stop_rules=(5, 0.9))
+    [refused] = f.on_finished_run(Finish(2, "x", 1, "max-rounds", 0.99))
+    assert refused.level == "warning" and "not the last (5)" in refused.text
+    assert kinds(f.on_finished_run(Finish(2, "c", 5, "max-rounds", 0.6))) == ["Log", "Exit"]
+
+
 def test_back_on_the_broker_it_evaluates_the_retained_model_the_controller_waits_for():
     memory = ModelStore()
     f = Follower("me", memory)
     # the retained model comes first; the heartbeat then says round 4 of term 2 is being evaluated
-    actions = f.on_retained_model(Aggregation(2, "c", 4, ("p2",), W))
+    actions = f.on_retained_model(Aggregation(2, "c", 4, ("p2",), W), "c")
     assert kinds(actions) == ["AdoptModel"]
     memory.offer(4, 2, W)
     assert f.on_controller(Heartbeat(2, "c", 4, "training", "0" * 16)) == []  # not evaluating that round
@@ -202,13 +241,27 @@ def test_back_on_the_broker_it_evaluates_the_retained_model_the_controller_waits
     # the other way round: the heartbeat first, then the retained model
     g = Follower("me", ModelStore())
     assert g.on_controller(Heartbeat(3, "c", 5, "evaluating", "0" * 16)) == []
-    assert kinds(g.on_retained_model(Aggregation(3, "c", 5, (), W)))[-1] == "StartJob"
+    assert kinds(g.on_retained_model(Aggregation(3, "c", 5, (), W), "c"))[-1] == "StartJob"
 
 
 def test_a_retained_model_is_not_evaluated_by_a_peer_not_asked_or_when_it_is_another_round():
     f = Follower("me", ModelStore())
     f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
-    assert kinds(f.on_retained_model(Aggregation(2, "c", 4, (), W, ("p2", "p3")))) == ["AdoptModel"]
+    assert kinds(f.on_retained_model(Aggregation(2, "c", 4, (), W, ("p2", "p3")), "c")) == ["AdoptModel"]
     g = Follower("me", ModelStore())
     g.on_controller(Heartbeat(2, "c", 5, "evaluating", "0" * 16))
-    assert kinds(g.on_retained_model(Aggregation(2, "c", 4, (), W))) == ["AdoptModel"]  # an older round's model
+    assert kinds(g.on_retained_model(Aggregation(2, "c", 4, (), W), "c")) == ["AdoptModel"]  # an older round's model
+
+
+def test_a_retained_model_set_aside_until_its_publisher_is_followed_is_evaluated_if_the_controller_waits_for_it():
+    # A peer back on the broker before it follows anyone: the retained model waits aside (it might be a member's
+    # planted one); once its publisher is followed it is held, and evaluated when the heartbeat says it is due.
+    f = Follower("me", ModelStore())
+    assert f.on_retained_model(Aggregation(2, "c", 4, (), W)) == []
+    assert kinds(f.on_follow("c")) == ["AdoptModel"]
+    log, job = f.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert isinstance(job, StartJob) and (job.kind, job.term, job.round) == ("evaluate", 2, 4)
+    # a planted model of a member that is not followed is never evaluated, whatever the heartbeat says
+    g = Follower("me", ModelStore())
+    g.on_controller(Heartbeat(2, "c", 4, "evaluating", "0" * 16))
+    assert g.on_retained_model(Aggregation(2, "x", 4, (), W), "c") == []

@@ -425,3 +425,39 @@ def test_finishing_a_round_again_replaces_its_summary():
     store.finish_round(summary(1, accuracy=0.2))
     store.finish_round(summary(1, term=2, accuracy=0.4))
     assert store.finished[1].accuracy == 0.4 and len(store.finished) == 1
+
+
+# --- a stop nobody decides alone, members heard but not awaited ---------------------------------------------------------
+
+
+def test_the_median_accuracy_is_each_peer_one_voice_and_no_minority_moves_it():
+    c = EvaluationCollector(1, 3, {"a", "b", "c", "d"}, deadline=10.0)
+    for peer, accuracy in (("a", 0.4), ("b", 0.45), ("c", 0.5), ("d", 1.0)):
+        c.offer(1, 3, peer, accuracy, 1.0, 10**12 if peer == "d" else 100)
+    assert c.median_accuracy() == 0.45  # the lower median: the liar's 1.0 (and its count) do not reach it
+    two = EvaluationCollector(1, 3, {"a", "d"}, deadline=10.0)
+    two.offer(1, 3, "a", 0.4, 1.0, 100)
+    two.offer(1, 3, "d", 1.0, 1.0, 100)
+    assert two.median_accuracy() == 0.4  # of two, the lower one
+    assert EvaluationCollector(1, 3, {"a"}, 10.0).median_accuracy() is None
+
+
+def test_an_optional_member_is_heard_but_not_awaited():
+    c = EvaluationCollector(1, 3, {"a"}, deadline=10.0, optional={"a", "z"})
+    assert c.optional == {"z"}
+    assert c.offer(1, 3, "z", 0.5, 1.0, 10) is None and c.done(0.0) is False
+    assert c.offer(1, 3, "a", 0.5, 1.0, 10) is None and c.done(0.0) and c.missing == set()
+    assert c.offer(1, 3, "q", 0.5, 1.0, 10) == "q is not a member this round waits for"
+
+
+def test_a_finish_is_implausible_before_the_last_round_or_below_the_published_target():
+    from peer.roles.rounds import implausible_finish
+
+    finished = {2: RoundSummary(2, 1, 0.8, 1.0, 10)}
+    assert implausible_finish("max-rounds", 2, finished, 5, 0.9) == "round 2 is not the last (5)"
+    assert implausible_finish("max-rounds", 5, finished, 5, 0.9) is None
+    assert "below the target" in implausible_finish("target-accuracy", 2, finished, 5, 0.9)
+    assert "unknown" in implausible_finish("target-accuracy", 3, finished, 5, 0.5)
+    assert implausible_finish("target-accuracy", 2, finished, 5, 0.8) is None
+    for give_up in ("too-few-peers", "no-solutions", "no-evaluations", "forged-finish"):
+        assert implausible_finish(give_up, 1, {}, 5, 0.9) is None

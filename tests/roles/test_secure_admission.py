@@ -39,7 +39,7 @@ def test_keys_masked_vectors_and_reveals_reach_only_the_controller_of_their_term
 def test_the_controllers_requests_reach_its_followers_in_its_term_only():
     for message in FROM_CONTROLLER:
         assert admit(message, False, FOLLOWER) is Route.FROM_CONTROLLER
-        assert entitled(message, FOLLOWER) is None
+        assert entitled(message, FOLLOWER) is Route.FROM_CONTROLLER
         assert isinstance(entitled(message, View("me", 3, Role.FOLLOWER, "other")), Refused)
         assert isinstance(admit(message, False, View("me", 4, Role.FOLLOWER, "c")), Refused)  # stale term
         assert isinstance(admit(message, True, FOLLOWER), Refused)

@@ -14,7 +14,7 @@ from peer.wire.chunks import Pending
 from peer.wire.envelope import Seal, Stamp, Stamper, sealed_size
 from peer.wire.errors import Refused
 from peer.wire.messages import Aggregation, Heartbeat, Init, Solution, encode
-from peer.wire.session import MAX_AGE_S, Delivered, Inbox, Outbox, ReplayGuard
+from peer.wire.session import MAX_AGE_S, Delivered, Inbox, OffClock, Outbox, ReplayGuard
 from peer.wire.topics import Topics
 
 # --- the replay guard ---------------------------------------------------------------------------------------------------
@@ -222,3 +222,34 @@ def test_a_solution_and_its_weights_survive_the_round_trip_in_float16():
     verdict = inbox.receive(frame.topic, frame.payload, False, time.time())
     assert np.array_equal(verdict.message.weights[0], message.weights[0])
     assert verdict.size == outbox.cost(message) < sealed_size(len(encode(message)), True)
+
+
+# --- entitlement before content: chunks only from those who send models, a wrong clock told from a replay ---------------
+
+
+def test_chunks_of_a_sender_the_node_does_not_entitle_are_refused_before_they_cost_anything():
+    outbox, _ = sides(max_message_bytes=65536)
+    asked = []
+
+    def gate(kind, sender, retained):
+        asked.append((kind, sender, retained))
+        return None if sender == "ctl" else Refused(f"not the controller: {sender}", "warning")
+
+    inbox = Inbox("me", TOPICS, Seal(SECRET), may_chunk=gate)
+    frames = list(outbox.frames(Aggregation(1, "c", 1, (), model(60_000))).frames)
+    verdicts = deliver(inbox, frames)
+    assert all(isinstance(v, Refused) and "not the controller: c" in v.reason for v in verdicts)
+    assert inbox.reassembler.buffered_bytes == 0 and asked[0] == ("aggregation", "c", False)
+
+
+def test_a_message_of_a_sender_whose_clock_is_off_is_told_from_a_replay():
+    guard = ReplayGuard("me")
+    assert guard.check("heartbeat", "c", stamp(seq=5), False, 1000.0) is None
+    ahead = guard.check("heartbeat", "c", stamp(seq=6, sent_at=1300.0), False, 1000.0)  # its newest: its clock
+    assert isinstance(ahead, OffClock) and ahead.sender == "c" and ahead.offset == 300.0 and ahead.kind == "clock"
+    replayed = guard.check("heartbeat", "c", stamp(seq=4, sent_at=800.0), False, 1000.0)  # older than the latest
+    assert isinstance(replayed, Refused) and not isinstance(replayed, OffClock)
+    earlier_life = guard.check("init", "c", stamp(incarnation=50, seq=9, sent_at=700.0), False, 1000.0)
+    assert not isinstance(earlier_life, OffClock)  # a capture of an earlier life says nothing of c's clock now
+    stranger = guard.check("init", "s", stamp(incarnation=1, seq=1, sent_at=1300.0), False, 1000.0)
+    assert isinstance(stranger, OffClock)  # the first word of a peer never heard: its clock (or ours) is off
