@@ -107,12 +107,15 @@ def service(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "peer.learning.service", "--socket", str(path), "--threads", "1"], cwd=ROOT
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # against a hang only: it listens at once
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield path, proc
-    proc.terminate()
-    proc.wait(10)
+    try:
+        assert path.exists(), "the learning service did not listen within 60 s"
+        yield path, proc
+    finally:  # even when it never listened: no service outlives its test
+        proc.terminate()
+        proc.wait(10)
 
 
 def learner(path, spec=SPEC, model="cnn-small", peer="peer-2") -> RemoteLearner:
