@@ -30,7 +30,8 @@ def _main(argv: list[str] | None) -> int:
     from peer.learning.data import DatasetError, load_shard
     from peer.learning.link import LinkError
     from peer.learning.models import ModelError
-    from peer.learning.remote import RemoteLearner, ServiceHandle
+    from peer.learning.remote import ServiceHandle
+    from peer.node.jobs import remote_learner
     from peer.node.logs import configure_logging
     from peer.node.loop import Peer
     from peer.records.run_dir import RunRecorder
@@ -67,19 +68,8 @@ def _main(argv: list[str] | None) -> int:
             return _error(str(err), settings)
         recorder.data(labels.describe(spec, settings.peer_id))
         service = ServiceHandle(settings.learning_service)
-        learner = RemoteLearner(
-            service,
-            settings.peer_id,
-            spec,
-            labels,
-            settings.model,
-            settings.seed,
-            settings.epochs,
-            settings.batch_size,
-            settings.fit_options(),
-        )
         try:
-            learner.prepare()
+            learner = remote_learner(settings, service, labels)
         except (ModelError, DatasetError, LinkError) as err:
             service.close()
             return _error(str(err), settings)

@@ -155,7 +155,8 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
     from peer.learning.data import DatasetError, load_shard
     from peer.learning.link import LinkError
     from peer.learning.models import ModelError
-    from peer.learning.remote import RemoteLearner, ServiceHandle
+    from peer.learning.remote import ServiceHandle
+    from peer.node.jobs import remote_learner
     from peer.node.loop import Peer
     from peer.records.events import record_exit
     from peer.records.run_dir import RunRecorder
@@ -187,19 +188,8 @@ def _run(base, hosted: list[tuple[str, int, int]], logins: dict[str, tuple[str, 
                 service.close()
                 return _error(f"{peer_id}: {err}", base.run_dir, ids)
             recorder.data(labels.describe(settings.shard_spec, settings.peer_id))
-            learner = RemoteLearner(
-                service,
-                peer_id,
-                settings.shard_spec,
-                labels,
-                settings.model,
-                settings.seed,
-                settings.epochs,
-                settings.batch_size,
-                settings.fit_options(),
-            )
             try:
-                learner.prepare()
+                learner = remote_learner(settings, service, labels)
             except (ModelError, DatasetError, LinkError) as err:
                 service.close()
                 return _error(f"{peer_id}: {err}", base.run_dir, ids)

@@ -16,6 +16,9 @@ from typing import Protocol
 
 import numpy as np
 
+from peer.config import Settings
+from peer.learning.data import Shard
+from peer.learning.remote import RemoteLearner, ServiceHandle
 from peer.roles.actions import JobDone, StartJob
 
 
@@ -30,6 +33,24 @@ class Learning(Protocol):
     def fit(self, weights: list[np.ndarray]) -> tuple[list[np.ndarray], int, float]: ...
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float, int]: ...
     def save(self, weights: list[np.ndarray], path: Path) -> None: ...
+
+
+def remote_learner(settings: Settings, service: ServiceHandle, labels: Shard) -> RemoteLearner:
+    """The learning of the peer `settings` describe (its shard's `labels` read here, its images the service's),
+    prepared: ModelError, DatasetError or LinkError saying why it cannot learn."""
+    learner = RemoteLearner(
+        service,
+        settings.peer_id,
+        settings.shard_spec,
+        labels,
+        settings.model,
+        settings.seed,
+        settings.epochs,
+        settings.batch_size,
+        settings.fit_options(),
+    )
+    learner.prepare()
+    return learner
 
 
 class JobRunner:
