@@ -205,6 +205,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def end_process(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within `grace_s`; waited for either way."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     """Whether something listens on the loopback `port` within `timeout` (False at once if `proc` exits)."""
     deadline = time.monotonic() + timeout
@@ -372,12 +384,7 @@ class Broker:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a stopped broker cannot die of SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, 5)
         self.proc = None
 
     def restart(self, pause: float = 0.5) -> None:
@@ -497,13 +504,7 @@ class LearningService:
         return self  # not waited for: a peer waits for the socket when it first needs the service
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, 10)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

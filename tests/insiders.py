@@ -272,9 +272,9 @@ class ContainerBroker:
         return {"FL_USERNAME": values["FL_USERNAME"], "FL_PASSWORD": values["FL_PASSWORD"]}
 
     def start(self) -> ContainerBroker:
-        from scripts.localnet import wait_for_port
+        from scripts.localnet import find_mosquitto, wait_for_port
 
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        binary = find_mosquitto() or "mosquitto"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
         if not wait_for_port(self.port, 10):
@@ -283,13 +283,9 @@ class ContainerBroker:
         return self
 
     def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from scripts.localnet import end_process
+
+        end_process(self.proc, 5)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):
