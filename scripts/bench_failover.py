@@ -145,6 +145,16 @@ def wait_for(predicate, timeout: float):
     return None
 
 
+def summarize(*series: tuple[str, list[float]]) -> None:
+    """One line per named series of seconds that has any: n, median, mean, max, min."""
+    for name, values in series:
+        if values:
+            print(
+                f"{name}: n={len(values)}  median {statistics.median(values):.2f} s  "
+                f"mean {statistics.mean(values):.2f} s  max {max(values):.2f} s  min {min(values):.2f} s"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     with StopSignals():  # SIGTERM ends the run like Ctrl-C: the network is stopped on the way out
         return _main(argv)
@@ -240,15 +250,10 @@ def _main(argv: list[str] | None) -> int:
             )
 
     print()
-    for name, values in (
+    summarize(
         ("election (kill -> new controller in office)", elections),
         ("failover (kill -> next training order)", failovers),
-    ):
-        if values:
-            print(
-                f"{name}: n={len(values)}  median {statistics.median(values):.2f} s  "
-                f"mean {statistics.mean(values):.2f} s  max {max(values):.2f} s  min {min(values):.2f} s"
-            )
+    )
     return 0
 
 
@@ -304,15 +309,7 @@ def broker_kills(args: argparse.Namespace, extra: list[str]) -> int:
     failovers = [k.failover_s for k in kills if k.failover_s is not None]
     moves = [t - k.killed_at for k in kills for t in k.moved.values()]
     print()
-    for name, values in (
-        ("next training order (broker kill -> order)", failovers),
-        ("peer moved to another broker", moves),
-    ):
-        if values:
-            print(
-                f"{name}: n={len(values)}  median {statistics.median(values):.2f} s  "
-                f"mean {statistics.mean(values):.2f} s  max {max(values):.2f} s  min {min(values):.2f} s"
-            )
+    summarize(("next training order (broker kill -> order)", failovers), ("peer moved to another broker", moves))
     print()
     short, long = BYTES_ROUNDS
     for brokers in (1, args.brokers):

@@ -104,7 +104,11 @@ class PeakPss:
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             pids = tree(list(self.roots())) - self.exclude()
+            self.sampled(pids)
             self.peak_kb = max(self.peak_kb, sum(pss_kb(pid) for pid in pids))
+
+    def sampled(self, pids: set[int]) -> None:
+        """Each sample's processes, for a subclass that keeps more than the peak."""
 
 
 # --- the floor: one process, the same work in turn --------------------------------------------------------------------
@@ -267,7 +271,7 @@ def run_federation(model: str, per_process: int, rounds: int, extra: list[str]) 
     )
 
 
-def _f(value, digits=1) -> str:
+def format_figure(value, digits=1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -278,9 +282,9 @@ def table(results: list[tuple[Figures, Figures | None]]) -> str:
         ratio = f"{figures.round_s / base.round_s:.2f}x" if base and figures.round_s and base.round_s else "-"
         wall = f"{figures.wall_s / base.wall_s:.2f}x" if base else "-"
         lines.append(
-            f"| {figures.what} | {_f(figures.wall_s)} | {_f(figures.round_s, 2)} | {_f(figures.startup_s)} | "
-            f"{figures.pss_mb / 1024:.2f} | {_f(figures.accuracy, 4)} | {ratio if base else '-'} | "
-            f"{wall if base else '-'} |"
+            f"| {figures.what} | {format_figure(figures.wall_s)} | {format_figure(figures.round_s, 2)} | "
+            f"{format_figure(figures.startup_s)} | {figures.pss_mb / 1024:.2f} | {format_figure(figures.accuracy, 4)} | "
+            f"{ratio if base else '-'} | {wall if base else '-'} |"
         )
     return "\n".join(lines)
 
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append((figures, base))
                 print(
                     f"pass {number}: {figures.what}: wall {figures.wall_s:.1f} s, median round "
-                    f"{_f(figures.round_s, 2)} s, start-up {_f(figures.startup_s)} s, rounds "
+                    f"{format_figure(figures.round_s, 2)} s, start-up {format_figure(figures.startup_s)} s, rounds "
                     f"{' '.join(f'{d:.2f}' for d in figures.rounds)}",
                     flush=True,
                 )

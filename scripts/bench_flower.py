@@ -71,13 +71,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.bench_floor import pss_kb, tree
+from scripts.bench_floor import PeakPss, format_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET, INPUT_SHAPE, NUM_CLASSES, SEED = "fashion-mnist", (28, 28, 1), 10, 42
@@ -283,30 +282,17 @@ def _started_at(pid: int) -> str | None:
         return None
 
 
-class TreeWatch:
+class TreeWatch(PeakPss):
     """The peak sum of PSS over a process tree, sampled every 0.2 s, and every process seen in it (Ray's included),
     so that none is left running after the run."""
 
     def __init__(self, root: int):
-        self.root, self.peak_kb = root, 0
+        super().__init__(lambda: [root])
         self.seen: dict[int, str | None] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> TreeWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            pids = tree([self.root])
-            for pid in pids:
-                self.seen.setdefault(pid, _started_at(pid))
-            self.peak_kb = max(self.peak_kb, sum(pss_kb(pid) for pid in pids))
+    def sampled(self, pids: set[int]) -> None:
+        for pid in pids:
+            self.seen.setdefault(pid, _started_at(pid))
 
     def leftovers(self) -> list[int]:
         return [pid for pid, started in self.seen.items() if started and _started_at(pid) == started]
@@ -399,10 +385,6 @@ def run(model: str, work: Work, workers: int) -> Figures:
     )
 
 
-def _f(value, digits=1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def table(results: list[Figures]) -> str:
     lines = [
         "| run | wall s | median round s | start-up s | PSS GB | final accuracy |",
@@ -411,8 +393,8 @@ def table(results: list[Figures]) -> str:
     for figures in results:
         final = figures.accuracy[-1] if figures.accuracy else None
         lines.append(
-            f"| {figures.what} | {_f(figures.wall_s)} | {_f(figures.round_s, 2)} | {_f(figures.startup_s)} | "
-            f"{figures.pss_mb / 1024:.2f} | {_f(final, 4)} |"
+            f"| {figures.what} | {format_figure(figures.wall_s)} | {format_figure(figures.round_s, 2)} | "
+            f"{format_figure(figures.startup_s)} | {figures.pss_mb / 1024:.2f} | {format_figure(final, 4)} |"
         )
     return "\n".join(lines)
 
@@ -491,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         figures = run(model, work, args.workers)
         results.append(figures)
         print(
-            f"{figures.what}: wall {figures.wall_s:.1f} s, start-up {_f(figures.startup_s)} s, median round "
-            f"{_f(figures.round_s, 2)} s, rounds {' '.join(f'{d:.2f}' for d in figures.rounds)}; accuracy after each "
-            f"round (0: the initial model) {' '.join(f'{a:.4f}' for a in figures.accuracy)}",
+            f"{figures.what}: wall {figures.wall_s:.1f} s, start-up {format_figure(figures.startup_s)} s, median round "
+            f"{format_figure(figures.round_s, 2)} s, rounds {' '.join(f'{d:.2f}' for d in figures.rounds)}; "
+            f"accuracy after each round (0: the initial model) {' '.join(f'{a:.4f}' for a in figures.accuracy)}",
             flush=True,
         )
     print()
