@@ -210,7 +210,8 @@ class ProcessWorker(Worker):
     def run_job(self, job: Job) -> tuple[dict, list | None]:
         digest = job.header.get("digest")
         request = {"session": job.session.hello, "op": job.op, "header": job.header}
-        for attempt in (1, 2):  # a worker process that died is started again, once per job
+        why = "it did not start"
+        for _ in (1, 2):  # a worker process that died is started again, once per job
             if self.conn is None:
                 self._start_child()
             if self.conn is None:
@@ -222,9 +223,8 @@ class ProcessWorker(Worker):
                 return link.receive(self.conn)
             except link.LinkError as err:
                 self.stop()
-                if attempt == 2:
-                    return {"ok": False, "error": f"the learning worker process died ({err})", "kind": "job"}, None
-        raise AssertionError("unreachable")
+                why = str(err)
+        return {"ok": False, "error": f"the learning worker process died ({why})", "kind": "job"}, None
 
     def stop(self) -> None:
         if self.conn is not None:
@@ -350,7 +350,8 @@ class Service:
                 op = header.get("op")
                 if op == "hello":
                     try:
-                        session = _session(header)
+                        # the images are the worker processes' to load: here only what checks and names the shard
+                        session = _session(header, images=not self.processes)
                     except (DatasetError, ValueError, KeyError, TypeError) as err:
                         link.send(conn, {"ok": False, "error": str(err), "kind": "DatasetError"})
                         continue
@@ -380,7 +381,7 @@ class Service:
                     self.idle.set()
 
 
-def _session(header: dict) -> Session:
+def _session(header: dict, images: bool = True) -> Session:
     spec = ShardSpec(
         **{
             **header["shard"],
@@ -394,7 +395,7 @@ def _session(header: dict) -> Session:
         int(header["seed"]),
         int(header["epochs"]),
         int(header["batch_size"]),
-        load_shard(spec),
+        load_shard(spec, images=images),
         *_fit_options(header),
         {k: v for k, v in header.items() if k != "op"},
     )
