@@ -159,6 +159,7 @@ class Election:
     confirm_by: float = 0.0
     strikes: int = 0  # campaigns begun because the last came to nothing, less rounds since
     asked_at: float = float("-inf")  # when this peer last announced itself to learn where the others are
+    left: tuple[int, str] | None = None  # the last term this peer had a controller in, and who (it may go back)
     _last_note: str = ""
 
     def __post_init__(self):
@@ -295,7 +296,9 @@ class Election:
 
     def on_controller_seen(self, term: int, controller: str, now: float) -> list[Action]:
         """A live message from a controller (heartbeat, training order, aggregation, metrics, finish)."""
-        if term < self.term or term == 0:
+        if term < self.term and term > 0:
+            return self._go_back(term, controller, now)
+        if term == 0:
             return []
         if controller == self.me and self.role is not Role.CONTROLLER:
             return []  # an echo of an earlier life of this id (restarted peer): not ours to act on
@@ -318,6 +321,37 @@ class Election:
         if self.role is Role.VOTING and self.controller is None:
             return self._decide_known(now)
         return []  # not the controller of this term: its messages are not obeyed
+
+    def _go_back(self, term: int, controller: str, now: float) -> list[Action]:
+        """A controller of an earlier term speaks while this peer is in a term that came to nothing: it entered it by
+        the votes of a majority, but nobody claimed or led it, because the others heard their controller again first
+        and went back to it (a broker restart: every Will, then every peer reconnecting; only this peer got the
+        votes in time). If most of the other peers stand in that earlier term and it is the term's leader, the
+        federation went on without this peer's term: it goes back and follows that controller (else it would call
+        elections nobody joins, for ever). Its term's votes and the others' calls for later terms are forgotten:
+        they came to nothing, and would pull it straight back."""
+        if (
+            self.role is not Role.VOTING
+            or self.claims.get(self.term)
+            or self.sightings.get(self.term)
+            or self.stood_term() != term
+            or self.left != (term, controller)
+        ):
+            return []
+        self.term, self.campaign, self.controller, self.last_heard = term, term, controller, now
+        self.role, self.caught_up, self.patient_until = Role.FOLLOWER, False, 0.0
+        self.live.add(controller)
+        self.silent.pop(controller, None)
+        for store in (self.ballots, self.claims, self.sightings, self.retained_claims, self.reasons):
+            for later in [t for t in store if t > term]:
+                del store[later]
+        self.called = {peer: min(called, term) for peer, called in self.called.items()}
+        return [
+            Log(
+                f"{controller}, controller of term {term}, is followed by the others: back to it from a term that came to nothing"
+            ),
+            FollowController(term, controller),
+        ]
 
     def thawed(self, now: float) -> list[Action]:
         """This peer's loop was frozen for longer than a heartbeat timeout (SIGSTOP, a swapped-out host): what it
@@ -541,6 +575,8 @@ class Election:
         # those votes), and never follows a mere sighting.
         voters = set(self.ballots.get(term, {}))
         caught_up = caught_up and len(voters & self.live) < self.majority
+        if self.controller is not None:
+            self.left = (self.term, self.controller)
         self.term, self.controller, self.claimed, self.caught_up = term, None, False, caught_up
         self.patient_until = 0.0  # an announced model was of the term before
         if self.campaign != term:

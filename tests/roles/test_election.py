@@ -601,3 +601,38 @@ def test_a_waiting_peer_that_sees_a_later_term_led_asks_where_the_others_are_onc
     assert not any(isinstance(a, Announce) for a in e.tick(LISTENED + 1.0))
     e.on_init("b", 1, LISTENED + 1.5), e.on_init("c", 1, LISTENED + 1.5)  # the fresh answers
     assert (e.term, e.controller, e.role) == (1, "b", Role.FOLLOWER)
+
+
+def test_a_peer_alone_in_a_term_that_came_to_nothing_goes_back_to_the_controller_the_others_follow():
+    """A broker restart: the controller's Last Will reaches everyone and all vote for term 2; this peer alone gets
+    the votes of a majority before it hears the controller again (the others heard it first and went back to it).
+    Nobody claims term 2, and this peer's calls for term 3 move nobody. When the controller of term 1, whom the
+    others still follow, is heard, this peer goes back to it; the dead term's votes do not pull it back again."""
+    e = following("d", 1, others=("b", "c", "d", "e"))
+    [vote] = [a for a in e.peer_down("d", 10) if isinstance(a, CastVote)]
+    assert vote.term == 2
+    e.on_vote(2, "b", 0.4, 0, "controller-lost", 10.1)
+    e.on_vote(2, "e", 0.9, 0, "controller-lost", 10.1)
+    assert e.term == 2 and e.role is Role.VOTING  # three of {a, b, c, e}: it entered term 2
+    assert e.on_controller_seen(1, "c", 10.5) == [], "only the controller it followed in term 1"
+    [vote] = [a for a in e.tick(10.1 + T.window + T.claim_timeout) if isinstance(a, CastVote)]
+    assert vote.term == 3 and vote.reason == "no-claim"  # e, the best voter, went back to d: no claim
+    for peer in ("b", "c", "e"):
+        e.on_init(peer, 1, 15)  # they answer its announcement: they stand in term 1
+    log, follow = e.on_controller_seen(1, "d", 15.5)
+    assert follow == FollowController(1, "d") and "came to nothing" in log.text
+    assert (e.term, e.role, e.controller) == (1, Role.FOLLOWER, "d")
+    assert e.on_init("b", 1, 16) == [] and e.term == 1
+    e.on_controller_seen(1, "d", 17)
+    assert [a for a in e.tick(18) if isinstance(a, CastVote)] == []
+
+
+def test_a_peer_in_a_term_that_others_stand_in_does_not_go_back():
+    """The same, but the others went on to term 2 (they stand in it): a message of term 1 is stale."""
+    e = following("d", 1, others=("b", "c", "d", "e"))
+    e.peer_down("d", 10)
+    e.on_vote(2, "b", 0.4, 0, "controller-lost", 10.1)
+    e.on_vote(2, "e", 0.9, 0, "controller-lost", 10.1)
+    for peer in ("b", "c", "e"):
+        e.on_init(peer, 2, 11)
+    assert e.on_controller_seen(1, "d", 11.5) == [] and e.term == 2
