@@ -449,12 +449,25 @@ def bridged_brokers(
     brokers = []
     for index, port in enumerate(ports, start=1):
         name = broker_name(index)
-        parents = () if index == 1 else tuple(addresses[: min(index - 1, 2)])
+        parents = tuple(addresses[parent - 1] for parent in uplink_parents(index))
         uplink = Uplink(f"bridge-{name}", parents, prefix) if parents else None
         log = broker_log(run_dir, name) if run_dir is not None else None
         tls = broker_tls(certs, name) if certs is not None else None
         brokers.append(Broker(port, log_path=log, name=name, uplink=uplink, login=login, tls=tls))
     return brokers
+
+
+def uplink_parents(index: int) -> tuple[int, ...]:
+    """The brokers (indices from 1) broker `index` bridges up to, in the order its bridge tries them: none for the
+    root (broker-1), broker-1 for broker-2, and broker-1 then its stand-in broker-2 for every other."""
+    return () if index == 1 else tuple(range(1, min(index - 1, 2) + 1))
+
+
+def home_broker(peer_id: str, count: int) -> int:
+    """The broker (index from 0) of `count` a launched peer connects to first: peer-K's is (K-1) mod count (the
+    first for an id of another form)."""
+    number = peer_id.rsplit("-", 1)[-1]
+    return (int(number) - 1) % count if number.isdigit() and int(number) > 0 else 0
 
 
 def broker_order(own: int, count: int) -> list[int]:
@@ -629,15 +642,10 @@ class LocalNetwork:
     def record_brokers(self) -> None:
         write_brokers(self.run_dir, [broker.record() for broker in self.brokers])
 
-    def home_broker(self, peer_id: str) -> int:
-        """The broker (index from 0) a launched peer connects to first: peer-K's is (K-1) mod B (the first for an id
-        of another form)."""
-        number = peer_id.rsplit("-", 1)[-1]
-        return (int(number) - 1) % len(self.brokers) if number.isdigit() and int(number) > 0 else 0
-
     def broker_list(self, peer_id: str) -> str:
-        """--broker of a launched peer: every broker of the network, its own first."""
-        return ",".join(self.brokers[i].address for i in broker_order(self.home_broker(peer_id), len(self.brokers)))
+        """--broker of a launched peer: every broker of the network, its own (home_broker) first."""
+        own = home_broker(peer_id, len(self.brokers))
+        return ",".join(self.brokers[i].address for i in broker_order(own, len(self.brokers)))
 
     def _common_args(self, peer_id: str) -> list[str]:
         assert self.broker is not None, "start() first"

@@ -36,11 +36,7 @@ def cmd_run(args, peer_flags: list[str]) -> int:
         say(f"going on with run {net.run_id} from its checkpoint in {net.run_dir}")
     if args.local:
         return local.run_local(net)
-    if net.brokers > 1 and args.docker:
-        raise UpError("--brokers B runs local networks for now: ./up.sh --local --brokers B", 2)
-    problem = containers.docker_problem(docker_timeout()) or (
-        "several bridged brokers run as local processes for now" if net.brokers > 1 else None
-    )
+    problem = containers.docker_problem(docker_timeout())
     if problem:
         if args.docker or args.join:
             raise UpError(f"no Docker engine reachable ({problem})")
@@ -81,6 +77,10 @@ def settings_python() -> list[str] | None:
 
 def cmd_broker(args) -> int:
     """Only the broker, published for peers on other machines, left running (./up.sh down takes it away)."""
+    if args.bridge_to and not (args.tls and args.login):
+        raise UpError("--bridge-to crosses machines: it needs --tls and --login (a copy of that machine's logins)", 2)
+    if args.login and not args.bridge_to:
+        raise UpError("--login goes with --bridge-to: a broker alone makes its own logins", 2)
     containers.check_docker()
     if args.peers < 2:
         raise UpError("--peers: the federation needs at least 2 peers", 2)
@@ -94,14 +94,21 @@ def cmd_broker(args) -> int:
         publish=publish,
         topic_prefix=os.environ.get("FL_TOPIC_PREFIX") or "sd",
         tls=args.tls,
+        bridge_to=args.bridge_to,
     )
-    login, address = containers.broker_alone(net, args.base, ca_bundle(args), args.tls_host)
+    copied = abs_path(args.login) if args.login else None
+    login, address = containers.broker_alone(net, args.base, ca_bundle(args), args.tls_host, copied)
     run_id = login.run_id_file.read_text().strip()
     say(
         f"logins for peer-1..peer-{args.peers} and the id of its run ({run_id}): {login.folder} (copy it to the "
         "peers' machines, privately)"
     )
-    if net.tls:
+    if net.bridge_to:
+        say(
+            f"bridged to {net.bridge_to} over TLS: one federation. The login folder's {CA_FILE} now holds both "
+            "brokers' CA certificates: peers on either machine join with a copy of it (--join THIS:PORT,THAT:PORT)"
+        )
+    elif net.tls:
         say(
             f"TLS only on {address}: its certificate ({net.state / 'tls' / 'broker.pem'}) is signed by the network's "
             f"CA, whose certificate is in the login folder ({CA_FILE}): the joining peers trust it (FL_TLS_CA)"
@@ -166,10 +173,10 @@ def cmd_kill(args) -> int:
         raise UpError("kill takes one target: controller, random, peer ID, or broker [N]", 2)
     info = locate(args)
     run_dir = Path(info["run_dir"]) if info.get("run_dir") else None
-    if broker is not None:
-        if info["mode"] != "local":
-            raise UpError("kill broker acts on local networks (./up.sh --local) for now", 2)
+    if broker is not None and info["mode"] == "local":
         say(local.kill_broker(run_dir or Path("."), broker or None, sig))
+    elif broker is not None:
+        say(containers.kill_broker(info["project"], run_dir, broker or None, sig))
     elif info["mode"] == "local":
         say(local.kill(run_dir or Path("."), target, sig))
     else:
@@ -275,7 +282,7 @@ USAGE = """\
   ./up.sh status              [--run-dir DIR | --project NAME]
   ./up.sh kill controller     [--signal KILL|TERM|STOP|CONT] [--run-dir DIR | --project NAME]
   ./up.sh kill random | peer ID   [--signal ...]
-  ./up.sh kill broker [N]     [--signal ...]   (the controller's broker, or broker-N; local networks)
+  ./up.sh kill broker [N]     [--signal ...]   (the controller's broker, or broker-N)
   ./up.sh down                [--run-dir DIR | --project NAME]
   ./up.sh broker --publish ADDR --peers T   (several hosts: the broker alone; peers join with --join)
   ./up.sh --join HOST:PORT --login DIR --peers N [--first K] [--total T] [-- PEER_FLAGS...]
@@ -357,8 +364,7 @@ def run_parser(prog: str = "./up.sh") -> argparse.ArgumentParser:
         default=int(os.environ.get("UP_BROKERS") or 1),
         metavar="B",
         help="B Mosquitto brokers bridged into one federation (MQTT v5 bridges, a tree: docs/PROTOCOL.md), the "
-        "peers spread over them, each given every broker, its own first, to fail over to (default 1; local "
-        "networks for now)",
+        "peers spread over them, each given every broker, its own first, to fail over to (default 1)",
     )
     p.add_argument(
         "--data-dir",
@@ -410,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "kill":
             p = Parser(
                 prog="./up.sh kill",
-                description="signal a peer, or a broker of a local network (broker: the controller's; broker N: "
-                "broker-N): KILL (default), TERM, STOP (freeze its container or process) or CONT (thaw it); every "
+                description="signal a peer, or a broker (broker: the controller's; broker N: broker-N): KILL (default), TERM, STOP (freeze its container or process) or CONT (thaw it); every "
                 "signal is recorded in the run's chaos.csv",
             )
             p.add_argument("target", nargs="+", metavar="controller|random|peer ID|broker [N]")
@@ -452,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
                 metavar="NAME",
                 help="a host name or address peers reach the broker by, for its certificate (this machine's are in)",
             )
+            p.add_argument(
+                "--bridge-to",
+                metavar="HOST:PORT",
+                help="with --tls and --login: bridge this broker to another machine's (started there with ./up.sh "
+                "broker --tls), one federation over both; its peers fail over to this one",
+            )
+            p.add_argument("--login", metavar="DIR", help="with --bridge-to: a copy of that machine's login folder")
             add_images(p)
             return cmd_broker(p.parse_args(rest))
         if command == "credentials":

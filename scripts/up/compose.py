@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.up import bridges
 from scripts.up.common import ROOT, write_file
 from scripts.up.images import BROKER_IMAGE, IMAGES, MOSQUITTO_VOLUMES, PEER_IMAGE
 from scripts.up.logins import ACL, CA_FILE, HEALTH_ENV, OBSERVER_LOGIN, PASSWD, SECRET, peer_env
@@ -108,35 +109,45 @@ def compose_config(net: Network) -> dict:
     labels = {LABEL_RUN_DIR: var("SDFL_RUN_DIR")}
     user = f"{var('SDFL_UID')}:{var('SDFL_GID')}"
     services: dict[str, dict] = {}
-    if not net.join:
+    brokers = [] if net.join else bridges.services(net)
+    for index, name in enumerate(brokers):
         health = (
             'mosquitto_sub -h 127.0.0.1 -p 1883 -u health -P "$MQTT_HEALTH_PASSWORD" '
             "-t '$SYS/broker/uptime' -C 1 -W 5 > /dev/null"
         )
-        services["broker"] = {
+        service = {
             "image": BROKER_IMAGE,
             "build": build("mosquitto"),
             "pull_policy": "never",
-            "hostname": "broker",
+            "hostname": name,
             "labels": labels,
             "env_file": [f"{logins}/{HEALTH_ENV}"],
             # Read-only, and outside /mosquitto: no container ever writes to (or re-owns) a file of the host.
-            "volumes": [bind(f"{logins}/{name}", f"/etc/sdfl/login/{name}") for name in (PASSWD, ACL)],
+            "volumes": [bind(f"{logins}/{file}", f"/etc/sdfl/login/{file}") for file in (PASSWD, ACL)],
             # The base image's VOLUMEs would each leave an anonymous volume behind: tmpfs instead.
             "tmpfs": MOSQUITTO_VOLUMES,
-            "ports": [net.publish],
+            # The first broker where --publish says; the others on this machine's loopback, a free port each.
+            "ports": [net.publish if index == 0 else "127.0.0.1::1883"],
             "healthcheck": {"test": ["CMD-SHELL", dollar(health)], "interval": "2s", "timeout": "6s", "retries": 30},
             "restart": "no",
         }
         if net.tls:  # the certificates beside the login folder (.up/<project>/tls: never copied to peers)
-            services["broker"]["volumes"] += [bind(f"{logins}/../tls/{name}", f"{MOUNT}/{name}") for name in FILES]
-            services["broker"]["command"] = ["mosquitto", "-c", f"{MOUNT}/{CONF_FILE}"]
-    broker = net.join or "broker:1883"
+            service["volumes"] += [bind(f"{logins}/../tls/{file}", f"{MOUNT}/{file}") for file in FILES]
+            service["command"] = ["mosquitto", "-c", f"{MOUNT}/{CONF_FILE}"]
+        if bridges.bridged(net):  # its own configuration, the bridge up the tree in it (.up/<project>/brokers)
+            if net.bridge_to:
+                service["volumes"].append(
+                    bind(f"{logins}/../tls/{bridges.UPSTREAM_CA}", f"{MOUNT}/{bridges.UPSTREAM_CA}")
+                )
+            service["volumes"].append(bind(f"{logins}/../brokers/{name}.conf", bridges.CONF_MOUNT))
+            service["command"] = ["mosquitto", "-c", bridges.CONF_MOUNT]
+        services[name] = service
+    healthy = {name: {"condition": "service_healthy"} for name in brokers}
     data_dirs, data_env = data_mounts(net)
     settings = {k: v for k, v in net.env.items() if k != "FL_RUN_ID"}  # the run's id is a variable
     for name, peers in net.containers().items():
         env = {
-            "FL_BROKER": broker,
+            "FL_BROKER": net.join or bridges.addresses(net, peers[0]),
             "FL_RUN_DIR": "/run-dir",
             "FL_RUN_ID": var("SDFL_RUN_ID"),
             "FL_MIN_PEERS": str(net.total),
@@ -185,8 +196,8 @@ def compose_config(net: Network) -> dict:
             service["entrypoint"] = ["python", "-m", "peer.host"]
         if command:
             service["command"] = command
-        if not net.join:
-            service["depends_on"] = {"broker": {"condition": "service_healthy"}}
+        if healthy:
+            service["depends_on"] = healthy
         services[name] = service
     if not net.join:
         # The live page: an observer in the peer image, logged in read-only; the federation does not depend on it.
@@ -201,7 +212,7 @@ def compose_config(net: Network) -> dict:
             "entrypoint": ["python", "-m", "graphs.live"],
             "command": [
                 "--broker",
-                broker,
+                ",".join(f"{broker}:{bridges.PORT}" for broker in brokers),
                 "--run-id",
                 var("SDFL_RUN_ID"),
                 "--bind",
@@ -214,7 +225,7 @@ def compose_config(net: Network) -> dict:
             "env_file": [f"{logins}/{OBSERVER_LOGIN}"],
             "volumes": [secret],
             "ports": [f"127.0.0.1::{DASHBOARD_PORT}"],
-            "depends_on": {"broker": {"condition": "service_healthy"}},
+            "depends_on": healthy,
             "stop_grace_period": "1s",
             "restart": "no",
         }
@@ -241,8 +252,14 @@ def header(net: Network) -> list[str]:
         "./up.sh runs this same file with its own values of the variables, and follows the run (README: Running it).",
         "",
     ]
-    if not net.join:
+    if not net.join and net.brokers == 1:
         lines.append("broker     Mosquitto; published on 127.0.0.1, a free port (docker compose port broker 1883)")
+    elif not net.join:
+        lines += [
+            f"broker-1..broker-{net.brokers}  Mosquitto, bridged into a tree: broker-1 the root, broker-2 bridged to it,",
+            "           every other to broker-1 with broker-2 as its stand-in (docs/PROTOCOL.md); each peer tries",
+            "           its own broker first, then the others",
+        ]
     for name, peers in net.containers().items():
         shards = ", ".join(f"{peer} on shard {net.shard(peer)}" for peer in peers)
         lines.append(f"{name:<10} {shards}" if name not in peers else f"{name:<10} shard {net.shard(name)}")

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from peer.node.signals import StopSignals, exit_status
-from peer.records.run_dir import BROKER_LOG_FILE, host_log, peer_log
+from peer.records.run_dir import BROKER_LOG_FILE, broker_log, host_log, peer_log, write_brokers
 from peer.wire.ids import new_run_id
 from scripts import chaos
 from scripts.certs import CertError
 from scripts.localnet import split_host_log
-from scripts.up.common import ROOT, UpError, run, say, state_dir, write_file
+from scripts.up import bridges
+from scripts.up.common import ROOT, UpError, private_dir, run, say, state_dir, write_file
 from scripts.up.compose import (
     DASHBOARD,
     DASHBOARD_PORT,
@@ -31,10 +32,11 @@ from scripts.up.compose import (
     container_cpus,
 )
 from scripts.up.images import PEER_IMAGE, ensure_images
-from scripts.up.logins import Login, login_for
+from scripts.up.logins import CA_FILE, Login, login_for, make_credentials
 from scripts.up.network import Network, launcher_alive, preflight, remember
 from scripts.up.progress import Progress, report_end, spans, verdict
 from scripts.up.tls import TLS_PORT, broker_hosts, make_broker_tls
+from scripts.up.tls import folder as tls_folder
 
 SIGNALS = {"KILL": "kill", "TERM": "kill", "STOP": "stop", "CONT": "cont"}  # signal -> chaos.csv action
 
@@ -102,6 +104,12 @@ def peer_containers(project: str) -> dict[str, dict]:
     }
 
 
+def is_broker(container: dict) -> bool:
+    """A broker of the network: `broker`, or broker-K of several."""
+    service = service_of(container)
+    return service == "broker" or (service.startswith("broker-") and service[7:].isdigit())
+
+
 def hosted_with(container: dict) -> list[str]:
     """The peers a container runs (one, a host's several, or none: the broker, the live page)."""
     return [peer for peer in container["Config"]["Labels"].get(LABEL_PEER, "").split(",") if peer]
@@ -120,6 +128,8 @@ def save_logs(net: Network, found: list[dict]) -> None:
             path = peer_log(net.run_dir, hosted[0])
         elif service == "broker":
             path = net.run_dir / BROKER_LOG_FILE
+        elif is_broker(container):
+            path = broker_log(net.run_dir, service)
         else:
             continue  # the live page: it only watches, as a local one (whose output is not kept either)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,32 +174,48 @@ def take_down(project: str, compose: Compose | None, net: Network | None = None)
 
 
 def start_broker(net: Network, compose: Compose) -> str:
-    """Start the broker and wait until its healthcheck logs in; returns where it is published on the host."""
+    """Start the network's brokers (one, or B bridged into a tree) and wait until each one's healthcheck logs in;
+    returns where the first is published on the host. brokers.json in the run dir names them (status, kill)."""
     started = time.monotonic()
+    names = bridges.services(net)
+    if bridges.bridged(net):
+        bridges.write_confs(net, Login(net.state / "login"))
     run(
-        compose.command("up", "-d", "--no-build", "--force-recreate", "--remove-orphans", "broker"),
+        compose.command("up", "-d", "--no-build", "--force-recreate", "--remove-orphans", *names),
         timeout=120,
         env=compose.env(),
     )
     deadline = started + 90
-    while True:
-        found = containers(**{LABEL_PROJECT: net.project, "com.docker.compose.service": "broker"})
+    waiting = list(names)
+    while waiting:
+        found = containers(**{LABEL_PROJECT: net.project, "com.docker.compose.service": waiting[0]})
         state = found[0]["State"] if found else {}
         health = state.get("Health", {}).get("Status")
         if health == "healthy":
-            break
+            waiting.pop(0)
+            continue
         if not state.get("Running") or health == "unhealthy" or time.monotonic() > deadline:
             logs = run(["docker", "logs", "--tail", "15", found[0]["Id"]], check=False) if found else None
             tail = "".join(f"\n  | {line}" for line in ((logs.stdout + logs.stderr) if logs else "").splitlines())
             raise UpError(
-                f"the broker did not become healthy (state {state.get('Status')}, health {health});"
+                f"the broker {waiting[0]} did not become healthy (state {state.get('Status')}, health {health});"
                 f" its last words:{tail}"
             )
         time.sleep(0.3)
     inside = str(TLS_PORT) if net.tls else "1883"
-    port = run(compose.command("port", "broker", inside), check=False, env=compose.env()).stdout.strip() or net.publish
+    port = run(compose.command("port", names[0], inside), check=False, env=compose.env()).stdout.strip()
+    port = port or net.publish
+    if net.brokers > 1:
+        write_brokers(
+            net.run_dir,
+            [
+                {"name": name, "address": f"{name}:{bridges.PORT}", "pid": None, "uplink": parents}
+                for name, parents in zip(names, bridges.uplinks(net), strict=True)
+            ],
+        )
+    brokers = f"{len(names)} brokers" if len(names) > 1 else "broker"
     say(
-        f"broker healthy in {time.monotonic() - started:.1f} s (published at {port}; "
+        f"{brokers} healthy in {time.monotonic() - started:.1f} s (published at {port}; "
         f"{len(Login(net.state / 'login').peers())} peer logins)"
     )
     return port
@@ -301,18 +327,27 @@ def run_containers(net: Network, login: Login) -> int:
 
 
 def broker_alone(
-    net: Network, base: str, ca_bundle: Path | None, tls_hosts: list[str] | None = None
+    net: Network,
+    base: str,
+    ca_bundle: Path | None,
+    tls_hosts: list[str] | None = None,
+    copied_login: Path | None = None,
 ) -> tuple[Login, str]:
     """Only the broker of `net`, started and left running for peers on other machines (`./up.sh down` takes it
     away); its login folder (with the id of its run, and with `net.tls` the CA certificate) and where it is
-    published."""
+    published. With `net.bridge_to`, the broker bridges to another machine's, whose login folder `copied_login`
+    is: the same logins and run, and a CA file that trusts both brokers."""
     ensure_images(base, ca_bundle)
-    login = login_for(net, None)
+    login = bridged_login(net, copied_login) if copied_login else login_for(net, None)
     if net.tls:
+        upstream = (login.folder / CA_FILE).read_bytes() if net.bridge_to else b""
         try:
             make_broker_tls(net, login.folder, broker_hosts(net.publish, tls_hosts or []))
         except CertError as err:
             raise UpError(str(err)) from None
+        if upstream:  # the bridge checks the other broker against its CA; the peers trust both
+            write_file(tls_folder(net) / bridges.UPSTREAM_CA, upstream.decode(), 0o644)
+            write_file(login.folder / CA_FILE, (login.folder / CA_FILE).read_text() + upstream.decode(), 0o644)
     compose = compose_for(net, login)
     try:
         address = start_broker(net, compose)
@@ -320,8 +355,27 @@ def broker_alone(
         take_down(net.project, compose)
         raise
     remember(mode="broker", project=net.project, run_dir=None, pid=None, peers=[])
-    write_file(login.run_id_file, new_run_id(time.time()) + "\n")
+    if not net.bridge_to:  # a bridged broker's run is the one it bridges to
+        write_file(login.run_id_file, new_run_id(time.time()) + "\n")
     return login, address
+
+
+def bridged_login(net: Network, copied: Path) -> Login:
+    """The network's login folder made from a copy of another machine's: every file of it (the same logins, ACL,
+    secret and run), checked to be one."""
+    source = Login(copied)
+    if not (source.passwd.is_file() and source.secret.is_file() and (copied / CA_FILE).is_file()):
+        raise UpError(
+            f"--login {copied}: not a copy of a TLS broker's login folder (passwd, {source.secret.name} and "
+            f"{CA_FILE} expected: ./up.sh broker --tls makes them)",
+            2,
+        )
+    own = private_dir(net.state / "login")
+    for path in copied.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, own / path.name)
+            (own / path.name).chmod(path.stat().st_mode & 0o644)
+    return make_credentials(own, [], net.topic_prefix)
 
 
 def project_of(run_dir: str) -> str | None:
@@ -341,18 +395,29 @@ def status(project: str, run_dir: Path | None) -> str | None:
         run_dir = Path(labels[0]) if labels and labels[0] else None
     peers = peer_containers(project)
     hosts = {c["Id"] for c in found if len(hosted_with(c)) > 1}
-    broker = [c for c in found if service_of(c) == "broker"]
+    brokers = sorted((c for c in found if is_broker(c)), key=lambda c: (len(service_of(c)), service_of(c)))
     lines = [
         f"network {project}: {len({c['Id'] for c in peers.values()})} peer containers"
         + (f" ({len(peers)} peers)" if hosts else "")
         + (f", records in {run_dir}" if run_dir else "")
     ]
-    if broker:
-        b = broker[0]
+    on: dict[str, list[str]] = {}  # broker service -> the running peers connected to it
+    for peer, c in peers.items():
+        address = chaos.connected_to(run_dir, peer) if run_dir and state_of(c) == "running" else None
+        if address:
+            on.setdefault(address.rsplit(":", 1)[0], []).append(peer)
+    for b in brokers:
         health = b["State"].get("Health", {}).get("Status", "no healthcheck")
-        ports = b["NetworkSettings"].get("Ports", {}).get("1883/tcp") or []
+        ports = [
+            p for port in ("1883/tcp", f"{TLS_PORT}/tcp") for p in b["NetworkSettings"].get("Ports", {}).get(port) or []
+        ]
         where = ", ".join(f"{p['HostIp']}:{p['HostPort']}" for p in ports)
-        lines.append(f"broker: {state_of(b)}, {health}" + (f", published at {where}" if where else ""))
+        connected = sorted(on.get(service_of(b), []), key=lambda p: (len(p), p))
+        lines.append(
+            f"{service_of(b)}: {state_of(b)}, {health}"
+            + (f", published at {where}" if where else "")
+            + (f", peers: {', '.join(connected)}" if len(brokers) > 1 else "")
+        )
     statuses = chaos.read_statuses(run_dir) if run_dir else {}
     live = {p: statuses[p] for p, c in peers.items() if state_of(c) == "running" and p in statuses}
     controller = chaos.current_controller({p: s for p, s in live.items() if s.get("role") != "finished"})
@@ -376,6 +441,46 @@ def status(project: str, run_dir: Path | None) -> str | None:
             f"{s.get('round', '-'):>5}{host}{note}"
         )
     return "\n".join(lines)
+
+
+def kill_broker(project: str, run_dir: Path | None, target: str | None, sig: str) -> str:
+    """Signal a broker of the project (None: its only one, or of several the one the controller is connected to;
+    else broker-N, N, or `broker`) as `kill` does a peer; recorded in chaos.csv (by the broker's name), if the run dir is known."""
+    found = {service_of(c): c for c in containers(**{LABEL_PROJECT: project}) if is_broker(c)}
+    if not found:
+        raise UpError(f"nothing to act on: network {project} has no broker container")
+    peers = peer_containers(project)
+    if run_dir is None and peers:
+        run_dir = Path(next(iter(peers.values()))["Config"]["Labels"][LABEL_RUN_DIR])
+    if target is None and len(found) == 1:  # the network's one broker: the controller's, whoever it is
+        name = next(iter(found))
+    elif target is None:
+        statuses = chaos.read_statuses(run_dir) if run_dir else {}
+        live = {p: s for p, s in statuses.items() if p in peers and s.get("role") != "finished"}
+        controller = chaos.current_controller(live)
+        address = chaos.connected_to(run_dir, controller) if run_dir and controller else None
+        if address is None:
+            raise UpError("nothing to act on: no controller is connected to a broker of this network right now")
+        name = address.rsplit(":", 1)[0]
+        if name not in found:
+            raise UpError(f"nothing to act on: the controller {controller} is connected to {address}, not here")
+    else:
+        name = f"broker-{target}" if target.isdigit() else target
+        if name not in found and list(found) == ["broker"] and name in ("broker-1", "1"):
+            name = "broker"
+        if name not in found:
+            raise UpError(f"no broker {target!r} in network {project}; its brokers: {', '.join(sorted(found))}")
+    cid = found[name]["Id"]
+    sent = time.time()
+    if sig == "STOP":
+        run(["docker", "pause", cid])
+    elif sig == "CONT":
+        run(["docker", "unpause", cid])
+    else:
+        run(["docker", "kill", "-s", f"SIG{sig}", cid])
+    if run_dir is not None:
+        chaos.record(run_dir, SIGNALS[sig], name, sig, at=sent)
+    return f"sent SIG{sig} to {name} of network {project}" + ("" if run_dir else " (no run dir here: not recorded)")
 
 
 def kill(project: str, run_dir: Path | None, target: str, sig: str) -> str:

@@ -53,8 +53,9 @@ class Network:
     run_id: str = ""  # the run (FL_RUN_ID); empty: a new one, or with --join the broker's
     resume: bool = False  # go on from run_dir's checkpoint (run_id is the checkpoint's)
     per_process: int = 1  # peers per process (local) or per container (python -m peer.host)
-    brokers: int = 1  # brokers bridged into one federation (local networks), the peers spread over them
+    brokers: int = 1  # brokers bridged into one federation, the peers spread over them
     tls: bool = False  # the broker's listener for other machines is TLS (./up.sh broker --tls); peers trust its CA
+    bridge_to: str | None = None  # HOST:PORT of another machine's broker this one bridges to (./up.sh broker)
 
     @property
     def state(self) -> Path:

@@ -39,10 +39,24 @@ def broker_hosts(publish: str, extra: Sequence[str] = ()) -> list[str]:
         hosts += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
     except OSError:
         pass
+    outbound = outbound_address()
+    if outbound:
+        hosts.append(outbound)
     published = publish.split(":")[0] if publish.count(":") >= 2 else ""
     if published and published not in ("0.0.0.0", "::"):
         hosts.append(published)
     return list(dict.fromkeys(h for h in hosts if h))
+
+
+def outbound_address() -> str | None:
+    """The address this machine's traffic to other machines leaves from (its host name may resolve to 127.0.0.1
+    only): the source address the kernel picks for a route out. A UDP socket's connect sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never reached, only routed
+            return probe.getsockname()[0]
+        except OSError:
+            return None
 
 
 def tls_conf(base: str) -> str:

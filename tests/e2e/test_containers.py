@@ -24,9 +24,13 @@ import urllib.request
 
 import pytest
 
+from peer.records.events import read_events
+from peer.records.run_dir import read_evaluations, read_rounds
 from scripts.localnet import free_port
 from scripts.up import compose as compose_labels
 from scripts.up import containers, images
+from scripts.up.common import read_env_file
+from scripts.up.tls import outbound_address
 from tests.netutil import FASHION, ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
 
 UP = str(ROOT / "up.sh")
@@ -325,6 +329,47 @@ def test_containers_hosting_three_peers_each_lose_one_with_the_controller_and_fi
     assert leftovers(project) == NOTHING
 
 
+def test_three_bridged_brokers_in_containers_lose_the_controller_s_and_the_run_finishes(env, tmp_path):
+    """`--brokers 3`: broker-1..broker-3 bridged into a tree on the project's network, each bridge with its own
+    login, six peers two to a container spread over them, every peer given every broker. `kill broker` takes the
+    controller's: its peers move to another broker and the run finishes, every round once."""
+    project, run_dir = "sdfl-test-brokers", tmp_path / "run"
+    flags = [*FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", "4"]
+    proc = start(env, "--peers", "6", "--peers-per-process", "2", "--brokers", "3", "--run-dir", str(run_dir),
+                 "--project", project, "--", *flags)  # fmt: skip
+    try:
+        wait_until(lambda: rounds(run_dir), 300, "round 1 to finish")
+        shown = upsh(env, "status", "--project", project)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        for name in ("broker-1", "broker-2", "broker-3"):
+            assert re.search(rf"^{name}: running, healthy", shown.stdout, re.M), shown.stdout
+        killed = upsh(env, "kill", "broker", "--project", project)
+        assert killed.returncode == 0, killed.stdout + killed.stderr
+        victim = re.search(r"sent SIGKILL to (broker-\d)", killed.stdout).group(1)
+        output = finish(proc, 400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        upsh(env, "down", "--project", project)
+    assert proc.returncode == 0, output[-4000:]
+    assert_rounds_complete(run_dir, 4)
+    chaos = read_csv(run_dir / "chaos.csv")
+    assert [(c["action"], c["peer"], c["signal"]) for c in chaos] == [("kill", victim, "KILL")]
+    moved = []
+    for k in range(1, 7):
+        links = read_events(run_dir, f"peer-{k}", {"connected", "disconnected"})
+        lost = [i for i, e in enumerate(links) if e["event"] == "disconnected" and e["broker"] == f"{victim}:1883"]
+        if lost:
+            moved.append(k)
+            assert any(e["event"] == "connected" and e["broker"] != f"{victim}:1883" for e in links[lost[0] :])
+    assert moved, "the controller's broker had the controller on it, at least"
+    # Every broker held every login to the ACL; the bridges logged in to the root as themselves.
+    root = (run_dir / "brokers" / "broker-1.log").read_text()
+    for bridge in ("bridge-broker-2", "bridge-broker-3"):
+        assert re.search(rf"New client connected from \S+ as {bridge} ", root), root[-3000:]
+    assert leftovers(project) == NOTHING
+
+
 SLOW = [*FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", "1000"]
 
 
@@ -417,6 +462,90 @@ def test_two_hosts_one_publishes_the_broker_the_other_joins_by_address(env, tmp_
         upsh(host_b, "down", "--project", "sdfl-test-host-b")
     assert down.returncode == 0, down.stderr
     assert leftovers("sdfl-test-host-a") == NOTHING
+
+
+def test_two_hosts_each_with_its_broker_bridged_over_tls_lose_one_and_the_recorder_has_the_run(env, tmp_path):
+    """Two hosts, each with its own broker and peers (four compose projects, two a host, as a user runs them): host
+    A's broker (TLS only), host B's bridged to it over TLS with a copy of A's logins. Every peer has both brokers,
+    its own host's first. Mid-run host A's broker is killed: A's peers move to B's and the run finishes, every round
+    once; a recorder on the wire (python -m graphs.record, B's broker first) has the whole run and it draws."""
+    address = outbound_address()
+    assert address, "no route out of this machine: the hosts could not reach each other"
+    port_a, port_b = free_port(), free_port()
+    broker_a, broker_b = f"{address}:{port_a}", f"{address}:{port_b}"
+    host_a = {**env, "UP_STATE_DIR": str(tmp_path / "host-a")}
+    host_b = {**env, "UP_STATE_DIR": str(tmp_path / "host-b")}
+    projects = {"a": "sdfl-test-tls-a", "b": "sdfl-test-tls-b", "a-peers": "sdfl-test-tls-a-peers"}
+    projects["b-peers"] = "sdfl-test-tls-b-peers"
+    rounds_ = 3
+    launchers: list[subprocess.Popen] = []
+    recorder = None
+    try:
+        made = upsh(host_a, "broker", "--project", projects["a"], "--peers", "6", "--tls",
+                    "--publish", f"0.0.0.0:{port_a}:8883", timeout=300)  # fmt: skip
+        assert made.returncode == 0, made.stdout + made.stderr
+        copy_a = tmp_path / "login-from-a"
+        shutil.copytree(tmp_path / "host-a" / projects["a"] / "login", copy_a)
+        made = upsh(host_b, "broker", "--project", projects["b"], "--peers", "6", "--tls", "--publish",
+                    f"0.0.0.0:{port_b}:8883", "--bridge-to", broker_a, "--login", str(copy_a), timeout=300)  # fmt: skip
+        assert made.returncode == 0, made.stdout + made.stderr
+        assert f"bridged to {broker_a} over TLS" in made.stdout
+        # B's login folder (A's logins, A's run, both CAs): what the peers of both hosts get a copy of.
+        login = tmp_path / "login"
+        shutil.copytree(tmp_path / "host-b" / projects["b"] / "login", login)
+        assert (login / "ca.pem").read_text().count("BEGIN CERTIFICATE") == 2
+        run_id = (login / "run-id").read_text().strip()
+        assert run_id == (copy_a / "run-id").read_text().strip(), "B's broker takes part in A's run"
+
+        recorded = tmp_path / "recorded"
+        observer = read_env_file(login / "observer.login")
+        recorder = subprocess.Popen(
+            [sys.executable, "-m", "graphs.record", "--broker", f"{broker_b},{broker_a}", "--run-id", run_id,
+             "--run-dir", str(recorded), "--secret-file", str(login / "federation.secret"), "--tls-ca",
+             str(login / "ca.pem"), "--timeout", "600"],
+            cwd=ROOT, env={**env, "FL_USERNAME": observer["FL_USERNAME"], "FL_PASSWORD": observer["FL_PASSWORD"]},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        run_dirs = {"a": tmp_path / "run-a", "b": tmp_path / "run-b"}
+        flags = ["--", *FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", str(rounds_)]
+        for host, environ, first, brokers in (("a", host_a, "1", f"{broker_a},{broker_b}"),
+                                              ("b", host_b, "4", f"{broker_b},{broker_a}")):  # fmt: skip
+            launchers.append(
+                start(environ, "--join", brokers, "--login", str(login), "--project", projects[f"{host}-peers"],
+                      "--peers", "3", "--first", first, "--total", "6", "--run-dir", str(run_dirs[host]), *flags)
+            )  # fmt: skip
+        wait_until(lambda: (recorded / "rounds.csv").is_file(), 400, "round 1 on the recorder's wire")
+        killed = upsh(host_a, "kill", "broker", "--project", projects["a"])
+        assert killed.returncode == 0 and "sent SIGKILL to broker" in killed.stdout, killed.stdout + killed.stderr
+        outputs = [finish(launcher, 500) for launcher in launchers]
+        assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
+        said, _ = recorder.communicate(timeout=120)  # it stops at the run's finish
+        assert recorder.returncode == 0, said
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.send_signal(signal.SIGINT)
+                launcher.communicate(timeout=60)
+        if recorder is not None and recorder.poll() is None:
+            recorder.kill()
+            recorder.communicate()
+        downs = [upsh(host, "down", "--project", projects[name], timeout=120)
+                 for name, host in (("a-peers", host_a), ("b-peers", host_b), ("a", host_a), ("b", host_b))]  # fmt: skip
+    assert all(down.returncode == 0 for down in downs), [d.stderr for d in downs]
+    assert all(leftovers(project) == NOTHING for project in projects.values())
+    # Host A's peers lost their broker and went on through B's.
+    for k in (1, 2, 3):
+        links = read_events(run_dirs["a"], f"peer-{k}", {"connected", "disconnected"})
+        lost = next(i for i, e in enumerate(links) if e["event"] == "disconnected" and e["broker"] == broker_a)
+        assert any(e["event"] == "connected" and e["broker"] == broker_b for e in links[lost:]), links
+    # One run, one set of records: the recorder's has every round once, and every peer's evaluations as it wrote them.
+    assert [r.round for r in read_rounds(recorded)] == list(range(1, rounds_ + 1))
+    for host, ks in (("a", (1, 2, 3)), ("b", (4, 5, 6))):
+        for k in ks:
+            own = [(e.round, e.term, e.accuracy) for e in read_evaluations(run_dirs[host], f"peer-{k}")]
+            assert [(e.round, e.term, e.accuracy) for e in read_evaluations(recorded, f"peer-{k}")] == own
+    drawn = subprocess.run([sys.executable, "-m", "graphs", str(recorded)], cwd=ROOT, capture_output=True, text=True)
+    assert drawn.returncode == 0 and list((recorded / "graphs").glob("*.png")), drawn.stdout + drawn.stderr
 
 
 def test_a_failed_build_leaves_nothing_behind(engine, tmp_path):

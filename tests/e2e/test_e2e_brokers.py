@@ -15,7 +15,7 @@ from peer.records.events import read_events
 from peer.records.run_dir import read_brokers, read_chaos, read_elections, read_evaluations, read_rounds
 from peer.wire.ids import launched_peer_id
 from scripts.certs import authority
-from scripts.localnet import LocalNetwork
+from scripts.localnet import LocalNetwork, home_broker
 from scripts.up.common import read_env_file
 from scripts.up.logins import OBSERVER, make_credentials
 from tests.netutil import ROOT, SMALL, assert_all_exited_zero, assert_rounds_complete, rounds, wait_until
@@ -86,7 +86,7 @@ def test_the_controller_s_broker_killed_mid_round_its_peers_move_on_and_every_ro
     assert [(c.action, c.peer, c.signal) for c in read_chaos(run_dir)] == [("kill", victim, "KILL")]
     # The dead broker's peers (the controller among them) moved on to another broker of their list and said so.
     address = next(b["address"] for b in read_brokers(run_dir) if b["name"] == victim)
-    homed = [p for p in net.procs if net.brokers[net.home_broker(p)].name == victim]
+    homed = [p for p in net.procs if net.brokers[home_broker(p, len(net.brokers))].name == victim]
     assert homed
     for peer in homed:
         links = read_events(run_dir, peer, {"connected", "disconnected"})

@@ -171,7 +171,7 @@ def test_peers_spread_over_the_brokers_each_given_every_broker_its_own_first(tmp
     net = localnet.LocalNetwork(tmp_path, 6, brokers=3, learning_workers=0, secret=False)
     net.brokers = localnet.bridged_brokers(3)  # (not started: only their addresses are used)
     a, b, c = (broker.address for broker in net.brokers)
-    assert [net.home_broker(f"peer-{k}") for k in range(1, 7)] == [0, 1, 2, 0, 1, 2]
+    assert [localnet.home_broker(f"peer-{k}", 3) for k in range(1, 7)] == [0, 1, 2, 0, 1, 2]
     assert net.broker_list("peer-1") == f"{a},{b},{c}"
     assert net.broker_list("peer-5") == f"{b},{c},{a}"
     assert net.broker_list("peer-3") == f"{c},{a},{b}"
