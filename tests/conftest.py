@@ -20,7 +20,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(items):
-    """The markers of pyproject.toml by where a test lives (`-m "not e2e"`: the fast suite, seconds to minutes)."""
+    """The markers of pyproject.toml by where a test lives (`-m "not e2e"`: the fast suite, seconds to minutes); and
+    the longest first: the container tests (one file, one xdist worker: they share an engine and its images), then
+    the other end-to-end tests, so that with `-n 2 --dist loadfile` (.ci/run) no long file starts last."""
     for item in items:
         path = Path(str(item.fspath))
         if "e2e" in path.parts:
@@ -29,3 +31,4 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.docker)
         if "chromium" in item.name:
             item.add_marker(pytest.mark.browser)
+    items.sort(key=lambda item: 0 if item.get_closest_marker("docker") else 1 if item.get_closest_marker("e2e") else 2)
