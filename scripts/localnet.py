@@ -48,12 +48,13 @@ from peer.records.run_dir import (
     write_brokers,
 )
 from peer.wire.ids import launched_peer_id, new_run_id
-from scripts.certs import authority, certificate
+from scripts.certs import Certificate, authority, certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = ROOT / "broker" / "mosquitto.local.conf"
 _PEER_FIELD = re.compile(rb" peer=(\S+) ")
 BRIDGE_IDENTITY = "bridge"  # the bridges' login, and the common name of their certificate under mutual TLS
+OBSERVER_IDENTITY = "observer"  # the live page's login (read-only), and its certificate's common name
 MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
@@ -434,6 +435,7 @@ def bridged_brokers(
     prefix: str = "sd",
     login: BrokerLogin | None = None,
     certs: Path | None = None,
+    clients_certified: bool = False,
 ) -> list[Broker]:
     """`count` brokers bridged into one tree (not started). broker-1 is the root; broker-2 bridges up to it; every
     other broker bridges up to broker-1, with broker-2 as its stand-in. Each broker has one uplink at a time, so the
@@ -441,7 +443,8 @@ def bridged_brokers(
     broker killed takes only its own bridges down, and when the root is lost, the others join up under broker-2.
     (A broker and its peers cut off from every parent are cut off: peers fail over to another broker of their list
     only when theirs is lost.) With `certs`, a folder for the network's CA and certificates, every broker takes TLS
-    only and every bridge checks its parent's certificate."""
+    only and every bridge checks its parent's certificate; with `clients_certified` too, every client must present
+    a certificate of that CA, whose common name is its login (mutual TLS)."""
     if count < 1:
         raise ValueError(f"a network needs at least one broker, not {count}")
     ports = [free_port() for _ in range(count)]
@@ -452,7 +455,7 @@ def bridged_brokers(
         parents = tuple(addresses[parent - 1] for parent in uplink_parents(index))
         uplink = Uplink(f"bridge-{name}", parents, prefix) if parents else None
         log = broker_log(run_dir, name) if run_dir is not None else None
-        tls = broker_tls(certs, name) if certs is not None else None
+        tls = broker_tls(certs, name, clients_certified) if certs is not None else None
         brokers.append(Broker(port, log_path=log, name=name, uplink=uplink, login=login, tls=tls))
     return brokers
 
@@ -545,6 +548,7 @@ class LocalNetwork:
         topic_prefix: str | None = None,
         login_dir: Path | None = None,
         tls: bool = False,
+        mutual_tls: bool = False,
     ):
         """Every network is a run of its own (`run_id`, new by default) and, unless `secret=False`, has its own
         federation secret, in a file only this user can read, removed when the network stops. With
@@ -553,7 +557,12 @@ class LocalNetwork:
         broker (K-1) mod B, given every broker, its own first (`broker_order`). With `broker_login` the brokers
         refuse anonymous clients; each peer then logs in with its login from `login_dir/<id>.env`. With `tls` every
         broker takes TLS only, with a certificate of the network's own CA (made in a private folder, removed when
-        the network stops), which the peers and bridges check (--tls-ca)."""
+        the network stops), which the peers and bridges check (--tls-ca). With `mutual_tls` too, every client
+        presents a certificate of that CA naming its login (the broker takes its identity from it: require_certificate,
+        use_identity_as_username): each peer its own (--tls-cert, --tls-key), the bridges theirs, observers
+        `client_certificate(name)`; one peer to a process (peer.host has one certificate for all its peers)."""
+        if mutual_tls and (not tls or peers_per_process > 1):
+            raise ValueError("mutual TLS needs tls, and one peer to a process (a certificate is a peer's)")
         if peers_per_process < 1:
             raise ValueError(f"peers_per_process must be at least 1, not {peers_per_process}")
         if brokers < 1 or (brokers > 1 and broker is not None):
@@ -575,6 +584,7 @@ class LocalNetwork:
         self.topic_prefix = topic_prefix or peers_topic_prefix(self.peer_args, {**os.environ, **(env or {})})
         self.brokers: list[Broker] = [broker] if broker is not None else []
         self.certs = Path(tempfile.mkdtemp(prefix="fl-certs-")) if tls else None
+        self.mutual_tls = mutual_tls
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
         self.peer_env = dict(peer_env or {})  # per peer id: variables of its own (e.g. its broker login)
@@ -628,11 +638,11 @@ class LocalNetwork:
         it listening); brokers.json names them for `./up.sh status` and `kill broker`."""
         if self.broker_count == 1:
             log, name = self.run_dir / BROKER_LOG_FILE, broker_name(1)
-            tls = broker_tls(self.certs, name) if self.certs else None
+            tls = broker_tls(self.certs, name, self.mutual_tls) if self.certs else None
             self.brokers = [Broker(self.broker_port, log_path=log, name=name, login=self.broker_login, tls=tls)]
         else:
             self.brokers = bridged_brokers(
-                self.broker_count, self.run_dir, self.topic_prefix, self.broker_login, self.certs
+                self.broker_count, self.run_dir, self.topic_prefix, self.broker_login, self.certs, self.mutual_tls
             )
         for broker in self.brokers:
             broker.start()
@@ -652,9 +662,23 @@ class LocalNetwork:
         run = ["--run-id", self.run_id] + (["--secret-file", str(self.secret_file)] if self.secret_file else [])
         if self.learning is not None:
             run += ["--learning-service", str(self.learning.socket)]
-        if self.certs is not None:
-            run += ["--tls-ca", str(authority(self.certs).ca)]
+        run += self.tls_args(peer_id)
         return ["--broker", self.broker_list(peer_id), *run, "--run-dir", str(self.run_dir)]
+
+    def client_certificate(self, name: str) -> Certificate | None:
+        """Under mutual TLS, the certificate of the client `name` (a peer, an observer), made with the network's CA
+        (its common name is the login the brokers take from it); else None."""
+        return certificate(authority(self.certs), name) if self.mutual_tls and self.certs else None
+
+    def tls_args(self, client: str) -> list[str]:
+        """The TLS flags of a client of this network (a peer, the live page, a recorder): the CA, and under mutual TLS
+        its own certificate."""
+        if self.certs is None:
+            return []
+        own = self.client_certificate(client)
+        return ["--tls-ca", str(authority(self.certs).ca)] + (
+            ["--tls-cert", str(own.cert), "--tls-key", str(own.key)] if own else []
+        )
 
     def start_peer(
         self, peer_id: str, shard: str, extra_args: Iterable[str] = (), module: str = "peer"
@@ -794,8 +818,7 @@ def start_dashboard(net: LocalNetwork, port: int, login: dict[str, str] | None =
     cmd = [net.python, "-m", "graphs.live", "--broker", brokers, "--run-id", net.run_id, "--port", str(port)]
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
-    if net.certs is not None:
-        cmd += ["--tls-ca", str(authority(net.certs).ca)]
+    cmd += net.tls_args(OBSERVER_IDENTITY)
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -830,6 +853,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--tls", action="store_true", help="brokers take TLS only, with certificates of the network's own CA"
+    )
+    parser.add_argument(
+        "--mutual-tls",
+        action="store_true",
+        help="with --tls: every client presents a certificate of that CA naming its login (one peer to a process)",
     )
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the peers' logs")
@@ -886,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
         run_id=run_id,
         peers_per_process=args.peers_per_process,
         brokers=args.brokers,
-        tls=args.tls,
+        tls=args.tls or args.mutual_tls,
+        mutual_tls=args.mutual_tls,
     )
     with StopSignals():  # SIGTERM stops every process it started, as Ctrl-C does
         return _run(net, args)

@@ -367,6 +367,12 @@ def run_parser(prog: str = "./up.sh") -> argparse.ArgumentParser:
         "peers spread over them, each given every broker, its own first, to fail over to (default 1)",
     )
     p.add_argument(
+        "--mutual-tls",
+        action="store_true",
+        help="with --local --brokers B: every client presents a certificate of the network's CA naming its login "
+        "(require_certificate, use_identity_as_username), each peer its own",
+    )
+    p.add_argument(
         "--data-dir",
         metavar="DIR",
         help="a host folder of dataset files, mounted read-only "

@@ -93,9 +93,11 @@ def run_local(net: Network) -> int:
         login_dir=login.folder if login else None,
         topic_prefix=net.topic_prefix,
         tls=net.brokers > 1,
+        mutual_tls=net.mutual_tls,
     )
     page_port = free_port()
-    brokers = f"{net.brokers} bridged brokers (TLS, a login per peer)" if net.brokers > 1 else "the broker"
+    tls = "mutual TLS, a certificate per peer" if net.mutual_tls else "TLS, a login per peer"
+    brokers = f"{net.brokers} bridged brokers ({tls})" if net.brokers > 1 else "the broker"
     say(f"starting {brokers} and {len(net.peers)} peers as local processes; records in {net.run_dir}")
     progress = Progress(net, time.time())
     interrupted: KeyboardInterrupt | None = None

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peer.wire.ids import launched_peer_id
-from scripts.localnet import BrokerLogin, broker_name
+from scripts.localnet import BRIDGE_IDENTITY, OBSERVER_IDENTITY, BrokerLogin, broker_name
 from scripts.up.common import UpError, abs_path, private_dir, read_env_file, write_file
 from scripts.up.network import Network
 
-OBSERVER = "observer"  # the live page's read-only broker login
-BRIDGE = "bridge"  # the login the brokers' bridges use, on both ends of each
+OBSERVER = OBSERVER_IDENTITY  # the live page's read-only broker login
+BRIDGE = BRIDGE_IDENTITY  # the login the brokers' bridges use, on both ends of each
 # The login folder's files (Login names them in a folder; the compose file, in the folder its variable names).
 HEALTH_ENV = "health.env"
 OBSERVER_LOGIN = f"{OBSERVER}.login"

@@ -56,6 +56,7 @@ class Network:
     brokers: int = 1  # brokers bridged into one federation, the peers spread over them
     tls: bool = False  # the broker's listener for other machines is TLS (./up.sh broker --tls); peers trust its CA
     bridge_to: str | None = None  # HOST:PORT of another machine's broker this one bridges to (./up.sh broker)
+    mutual_tls: bool = False  # every client presents a certificate naming its login (local, several brokers)
 
     @property
     def state(self) -> Path:
@@ -125,6 +126,12 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         raise UpError(f"--brokers must be at least 1, not {args.brokers}", 2)
     if args.brokers > 1 and args.join:
         raise UpError("--brokers makes the brokers of a network here; --join uses a broker elsewhere: not both", 2)
+    if getattr(args, "mutual_tls", False) and not (args.local and args.brokers > 1 and args.peers_per_process == 1):
+        raise UpError(
+            "--mutual-tls is for the TLS of a local network's bridged brokers, a certificate per peer: "
+            "--local --brokers B (B >= 2), one peer to a process",
+            2,
+        )
     if args.peers_per_process > 1 and args.resume:
         raise UpError("--resume needs one peer per process: leave --peers-per-process out", 2)
     total = args.total or args.first - 1 + args.peers
@@ -168,6 +175,7 @@ def network_from_args(args, peer_flags: list[str]) -> Network:
         resume=bool(args.resume),
         per_process=args.peers_per_process,
         brokers=args.brokers,
+        mutual_tls=getattr(args, "mutual_tls", False),
     )
 
 

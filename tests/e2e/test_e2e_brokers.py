@@ -1,5 +1,6 @@
-"""Kill the broker too: three bridged brokers (a tree of MQTT v5 bridges, scripts.localnet.bridged_brokers), TLS only,
-each with the network's logins and per-peer ACL, six real peers spread over them. The controller's broker is SIGKILLed
+"""Kill the broker too: three bridged brokers (a tree of MQTT v5 bridges, scripts.localnet.bridged_brokers), mutual TLS
+only (every peer, bridge and the recorder presents a certificate of the network's CA naming its login), each with the
+network's per-peer ACL, six real peers spread over them. The controller's broker is SIGKILLed
 mid-round through the users' command; its peers move to the next broker of their list, and the run finishes with
 every round once. A recorder (python -m graphs.record, the observer's read-only login) follows the run from the wire
 over the same brokers, and its records equal the peers' own."""
@@ -14,9 +15,7 @@ from graphs import draw_all
 from peer.records.events import read_events
 from peer.records.run_dir import read_brokers, read_chaos, read_elections, read_evaluations, read_rounds
 from peer.wire.ids import launched_peer_id
-from scripts.certs import authority
 from scripts.localnet import LocalNetwork, home_broker
-from scripts.up.common import read_env_file
 from scripts.up.logins import OBSERVER, make_credentials
 from tests.netutil import ROOT, SMALL, assert_all_exited_zero, assert_rounds_complete, rounds, wait_until
 
@@ -28,17 +27,14 @@ def training_order_sent(run_dir, round_: int) -> bool:
     return any(e.get("kind") == "training" and e.get("round") == round_ for e in read_events(run_dir, kinds={"sent"}))
 
 
-def start_recorder(net: LocalNetwork, login, recorded) -> subprocess.Popen:
-    """python -m graphs.record on every broker (the last first), with the observer's login, over TLS."""
+def start_recorder(net: LocalNetwork, recorded) -> subprocess.Popen:
+    """python -m graphs.record on every broker (the last first), as the observer: its certificate names it (no
+    password), over TLS."""
     assert net.certs is not None and net.secret_file is not None
     brokers = ",".join(b.address for b in reversed(net.brokers))
     cmd = [sys.executable, "-m", "graphs.record", "--broker", brokers, "--run-id", net.run_id, "--run-dir",
-           str(recorded), "--secret-file", str(net.secret_file), "--tls-ca", str(authority(net.certs).ca),
-           "--timeout", "400"]  # fmt: skip
-    observer = {"FL_USERNAME": OBSERVER, "FL_PASSWORD": read_env_file(login.observer_env)["FL_PASSWORD"]}
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env={**net.env, **observer}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+           str(recorded), "--secret-file", str(net.secret_file), *net.tls_args(OBSERVER), "--timeout", "400"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=net.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_the_controller_s_broker_killed_mid_round_its_peers_move_on_and_every_round_is_done_once(tmp_path):
@@ -50,15 +46,15 @@ def test_the_controller_s_broker_killed_mid_round_its_peers_move_on_and_every_ro
         PEERS,
         [*peer_args, "--epochs", "2"],
         brokers=3,
-        broker_login=login.broker_login(),
-        login_dir=login.folder,
-        tls=True,
+        broker_login=login.broker_login(),  # their password file and ACL; no peer is given a password:
+        tls=True,  # under mutual TLS a client's certificate is its login
+        mutual_tls=True,
     )
     recorder = None
     try:
         run_dir.mkdir(parents=True)
         net.start_brokers()  # the brokers first, so that the recorder hears the run from its start
-        recorder = start_recorder(net, login, recorded)
+        recorder = start_recorder(net, recorded)
         net.start()
         wait_until(lambda: rounds(run_dir), 240, "round 1 to finish", net)
         wait_until(lambda: training_order_sent(run_dir, 2), 120, "round 2's training order", net, interval=0.02)
@@ -108,3 +104,8 @@ def test_the_controller_s_broker_killed_mid_round_its_peers_move_on_and_every_ro
         own = [(e.round, e.term, e.accuracy, e.loss, e.samples) for e in read_evaluations(run_dir, peer)]
         assert [(e.round, e.term, e.accuracy, e.loss, e.samples) for e in read_evaluations(recorded, peer)] == own
     assert draw_all(recorded)  # and the graphs are drawn from its records alone
+    # Mutual TLS: each peer was known to the brokers by its certificate's name (it sent no login), the bridges by theirs.
+    logs = "".join(path.read_text() for path in (run_dir / "brokers").glob("*.log"))
+    for k in range(1, PEERS + 1):
+        assert f"u'peer-{k}'" in logs, logs[-2000:]
+    assert "u'bridge'" in logs

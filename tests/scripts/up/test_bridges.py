@@ -115,3 +115,18 @@ def test_a_broker_bridged_to_another_machine_takes_tls_only_and_checks_the_other
 def test_bridge_to_without_what_it_needs_is_refused_in_one_line_before_any_engine(tmp_path, no_docker, args, says):
     result = upsh(tmp_path, "broker", "--peers", "3", *args, PATH=no_docker)
     assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--local", "--mutual-tls"],
+        ["--mutual-tls", "--brokers", "2"],
+        ["--local", "--mutual-tls", "--brokers", "2", "--peers-per-process", "2"],
+    ],
+)
+def test_mutual_tls_is_for_a_local_network_s_bridged_brokers_one_peer_to_a_process(tmp_path, no_docker, args):
+    result = upsh(tmp_path, "--peers", "4", *args, PATH=no_docker)
+    assert (
+        result.returncode == 2 and "--mutual-tls is for the TLS of a local network's bridged brokers" in result.stderr
+    )
