@@ -55,6 +55,11 @@ class LiveState:
             entry["live"], entry["last_seen"] = True, now
         return entry
 
+    def signalled(self, chaos) -> None:
+        """A signal the launcher sent and chaos.csv recorded (a peer or a broker killed, stopped or thawed): the
+        wire does not carry it, the run dir does (`peer.records.run_dir.ChaosRecord`)."""
+        self._event(chaos.time, "kill", f"{chaos.action} {chaos.peer} ({chaos.signal})")
+
     def _event(self, now: float, kind: str, text: str) -> None:
         self.timeline.append({"t": now, "kind": kind, "text": text})
         del self.timeline[:-TIMELINE_KEPT]
@@ -181,7 +186,7 @@ def state_from_records(run_dir: Path) -> dict:
         )
         state.term, state.controller, state.reason = election.term, election.controller, election.reason
     for chaos in history.chaos:
-        state._event(chaos.time, "kill", f"{chaos.action} {chaos.peer} ({chaos.signal})")
+        state.signalled(chaos)
     for row in history.rounds:
         state.rounds[row.round] = {
             "round": row.round,
@@ -325,6 +330,32 @@ class Observer:
             if shown is state:
                 self.board.publish(state.snapshot())
 
+    def take_signals(self, records: list) -> None:
+        """Signals chaos.csv recorded since the last call (ChaosTail.new): into the state the page shows."""
+        with self.lock:
+            shown = self.states.get(self.run_id) if self.run_id else None
+            if shown is None and not self.run_id and self.states:
+                shown = max(self.states.values(), key=lambda s: s.last_heard)
+            if shown is None or not records:
+                return
+            for record in records:
+                shown.signalled(record)
+            self.board.publish(shown.snapshot())
+
+
+class ChaosTail:
+    """The rows a run dir's chaos.csv gains (the launchers' `kill` of peers and brokers), as they come."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.seen = run_dir, 0
+
+    def new(self) -> list:
+        from peer.records.run_dir import read_chaos
+
+        rows = read_chaos(self.run_dir)
+        fresh, self.seen = rows[self.seen :], max(self.seen, len(rows))
+        return fresh
+
 
 class _Handler(BaseHTTPRequestHandler):
     board: Board
@@ -390,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     source.add_argument("--run-dir", type=Path, help="show a finished run from its records")
     parser.add_argument("--run-id", help="the run to show (default: the run heard most recently)")
+    parser.add_argument(
+        "--signals-from",
+        type=Path,
+        metavar="RUN_DIR",
+        help="with --broker: the run dir whose chaos.csv the page also shows as it grows (the peers and brokers "
+        "./up.sh kill signals: the wire does not carry those)",
+    )
     parser.add_argument("--topic-prefix", default="sd")
     parser.add_argument("--secret-file", type=Path, help="the federation secret (or FL_SECRET): to verify messages")
     parser.add_argument("--username", help="broker login (a read-only one is enough)")
@@ -437,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             more,
         )
         observer.start()
+    signals = ChaosTail(args.signals_from) if observer and args.signals_from else None
     try:
         server = serve(board, args.port, args.bind)
     except OSError as err:
@@ -444,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"graphs.live: http://{args.bind}:{server.server_address[1]}/", flush=True)
     try:
         while True:
-            time.sleep(3600)
+            time.sleep(0.5 if signals else 3600)
+            if observer and signals:
+                observer.take_signals(signals.new())
     except KeyboardInterrupt:
         pass
     finally:

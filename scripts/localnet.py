@@ -819,6 +819,7 @@ def start_dashboard(net: LocalNetwork, port: int, login: dict[str, str] | None =
     if net.secret_file:
         cmd += ["--secret-file", str(net.secret_file)]
     cmd += net.tls_args(OBSERVER_IDENTITY)
+    cmd += ["--signals-from", str(net.run_dir)]  # the kills chaos.csv records: the wire does not carry them
     return subprocess.Popen(
         cmd,
         cwd=ROOT,

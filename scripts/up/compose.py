@@ -221,9 +221,12 @@ def compose_config(net: Network) -> dict:
                 str(DASHBOARD_PORT),
                 "--secret-file",
                 "/run/secrets/federation",
+                # The kills chaos.csv records (./up.sh kill): the wire does not carry them.
+                "--signals-from",
+                "/run-dir",
             ],
             "env_file": [f"{logins}/{OBSERVER_LOGIN}"],
-            "volumes": [secret],
+            "volumes": [secret, bind(var("SDFL_RUN_DIR"), "/run-dir")],
             "ports": [f"127.0.0.1::{DASHBOARD_PORT}"],
             "depends_on": healthy,
             "stop_grace_period": "1s",

@@ -17,7 +17,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from graphs.live import Board, LiveState, Observer, serve, state_from_records
+from graphs.live import Board, ChaosTail, LiveState, Observer, serve, state_from_records
+from peer.records.run_dir import record_chaos
 from peer.wire.envelope import Seal
 from peer.wire.messages import (
     Aggregation,
@@ -132,6 +133,25 @@ def test_the_observer_shows_only_what_a_peer_would_accept():
     version = board.version
     observer.take(topics.of(later), copy, False, time.time())  # a replay
     assert board.version == version
+
+
+def test_the_page_shows_the_kills_chaos_csv_records_as_they_come(tmp_path):
+    """The wire does not carry `./up.sh kill` (of a peer or a broker); the run dir's chaos.csv does: with
+    --signals-from the page adds each new row to the timeline of the run it shows, once."""
+    topics, board = Topics("sd", "run-1"), Board()
+    observer = Observer(board, "127.0.0.1", 1, run_id="run-1", secret=SECRET)
+    tail = ChaosTail(tmp_path)
+    assert tail.new() == []  # no chaos.csv yet
+    observer.take_signals(tail.new())
+    claim = Claim(1, "p2", 0.9, 0, "start", ("p1", "p2"))
+    sealed = Seal(SECRET).seal(topics.of(claim), encode(claim), fresh_stamper().next())
+    observer.take(topics.of(claim), sealed, False, time.time())
+    record_chaos(tmp_path, "kill", "broker-2", "KILL", at=10.0)
+    record_chaos(tmp_path, "stop", "peer-3", "STOP", at=11.0)
+    observer.take_signals(tail.new())
+    observer.take_signals(tail.new())  # nothing new: nothing twice
+    kills = [e for e in board.snapshot["timeline"] if e["kind"] == "kill"]
+    assert [(e["t"], e["text"]) for e in kills] == [(10.0, "kill broker-2 (KILL)"), (11.0, "stop peer-3 (STOP)")]
 
 
 def test_the_server_gives_the_page_the_state_and_a_stream_of_it(tmp_path):
