@@ -443,6 +443,20 @@ def status(project: str, run_dir: Path | None) -> str | None:
     return "\n".join(lines)
 
 
+def signal_container(cid: str, sig: str) -> float:
+    """docker kill the container, or pause/unpause it for STOP/CONT (the cgroup freezer, as SIGSTOP/SIGCONT would
+    its process); returns when the signal went (chaos.csv has that, not when docker came back: failover counts
+    from it)."""
+    sent = time.time()
+    if sig == "STOP":
+        run(["docker", "pause", cid])
+    elif sig == "CONT":
+        run(["docker", "unpause", cid])
+    else:
+        run(["docker", "kill", "-s", f"SIG{sig}", cid])
+    return sent
+
+
 def kill_broker(project: str, run_dir: Path | None, target: str | None, sig: str) -> str:
     """Signal a broker of the project (None: its only one, or of several the one the controller is connected to;
     else broker-N, N, or `broker`) as `kill` does a peer; recorded in chaos.csv (by the broker's name), if the run dir is known."""
@@ -470,14 +484,7 @@ def kill_broker(project: str, run_dir: Path | None, target: str | None, sig: str
             name = "broker"
         if name not in found:
             raise UpError(f"no broker {target!r} in network {project}; its brokers: {', '.join(sorted(found))}")
-    cid = found[name]["Id"]
-    sent = time.time()
-    if sig == "STOP":
-        run(["docker", "pause", cid])
-    elif sig == "CONT":
-        run(["docker", "unpause", cid])
-    else:
-        run(["docker", "kill", "-s", f"SIG{sig}", cid])
+    sent = signal_container(found[name]["Id"], sig)
     if run_dir is not None:
         chaos.record(run_dir, SIGNALS[sig], name, sig, at=sent)
     return f"sent SIG{sig} to {name} of network {project}" + ("" if run_dir else " (no run dir here: not recorded)")
@@ -515,14 +522,7 @@ def kill(project: str, run_dir: Path | None, target: str, sig: str) -> str:
             raise UpError(f"no peer {peer!r} in network {project}; its peers: {', '.join(sorted(peers))}")
         if peer not in candidates:
             raise UpError(f"nothing to act on: {peer} is {states[peer]}, and {sig} needs it {' or '.join(able)}")
-    cid = peers[peer]["Id"]
-    sent = time.time()  # chaos.csv has when the signal went, not when docker came back: failover counts from it
-    if sig == "STOP":
-        run(["docker", "pause", cid])
-    elif sig == "CONT":
-        run(["docker", "unpause", cid])
-    else:
-        run(["docker", "kill", "-s", f"SIG{sig}", cid])
+    sent = signal_container(peers[peer]["Id"], sig)
     chaos.record(run_dir, SIGNALS[sig], peer, sig, at=sent)
     role = statuses.get(peer, {})
     what = f" (controller of term {role.get('term')})" if target == "controller" else ""
