@@ -60,7 +60,7 @@ from peer.roles.actions import (
 )
 from peer.roles.admission import Route, View, admit, entitled, may_chunk
 from peer.roles.controller import Controller
-from peer.roles.election import Election, ElectionTimings
+from peer.roles.election import Election, ElectionTimings, Role
 from peer.roles.follower import Follower
 from peer.roles.rounds import ModelStore
 from peer.wire.chunks import Pending
@@ -125,6 +125,10 @@ class Peer:
         self.fingerprint = learner.fingerprint()
         self.misfits: set[str] = set()  # peers that announced another model: not part of this run
         self.skewed: set[str] = set()  # peers whose clock is off ours by more than the replay window: not counted
+        # A live model of a controller this peer did not follow yet (it was in its join grace, or still voting): kept,
+        # the latest one, and taken if this peer then follows that controller in that term. Its retained copy would
+        # come too late: the replay guard has seen it, and refuses it as a copy.
+        self.early_model: tuple[Aggregation, int] | None = None
         self._told_clock = False  # whether this peer said its own clock is the odd one out
         self.last_fetch = float("-inf")
         self.follower = Follower(
@@ -504,6 +508,8 @@ class Peer:
             self.election.expect_model(message.term, message.controller, now + 1.5 * self.settings.keepalive)
         verdict = entitled(message, self._view())
         if isinstance(verdict, Refused):
+            if isinstance(message, Aggregation) and self.election.role is not Role.CONTROLLER:
+                self.early_model = (message, size)
             self._refused(verdict, "admission")
         elif verdict is Route.RUN_OTHER_MODEL and isinstance(message, Heartbeat):
             self._run_other_model(message, size, now)
@@ -724,6 +730,12 @@ class Peer:
         self.log.info("term %d: controller is %s", action.term, action.controller)
         self._event("follow", term=action.term, controller=action.controller)
         self.carry_out(self.follower.on_follow(action.controller), now)
+        early, self.early_model = self.early_model, None
+        if early is not None and (early[0].term, early[0].controller) == (action.term, action.controller):
+            self.log.info(
+                "round %d: taking the model %s sent before this peer followed it", early[0].round, action.controller
+            )
+            self._from_controller(early[0], early[1], now)
 
     def _step_down(self, action: StepDown, now: float) -> None:
         self.log.warning("stepping down as controller of term %d: %s", action.term, action.reason)

@@ -921,3 +921,33 @@ def test_a_retained_presence_counts_only_until_the_peer_fails_to_answer(tmp_path
     deliver(peer, Init("p2", 0, 0, 7, 10, 10, True, FP), clock.now)  # p2 answers; p3 (its clock off, say) never
     run_until(peer, clock, lambda: "p3" not in peer.election.live, seconds=4 * peer.settings.heartbeat * 3)
     assert "p2" in peer.election.live
+
+
+def test_a_model_heard_before_following_its_controller_is_taken_when_it_follows(tmp_path, lines):
+    """A newcomer in its join grace hears the controller's heartbeat and then its live model of round 3 (it follows
+    nobody yet: the model is refused); when its grace is over it follows that controller, and takes the model it
+    heard, instead of waiting for a copy the broker kept (which its replay guard would refuse as a copy)."""
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    deliver(peer, Presence("c", "online"), clock.now)
+    deliver(peer, Heartbeat(1, "c", 3, "evaluating", FP), clock.now)
+    deliver(peer, Aggregation(1, "c", 3, ("p2",), weights(3)), clock.now)
+    assert peer.store.latest is None and peer.election.controller is None  # still listening
+    listen(peer, clock)
+    deliver(peer, Heartbeat(1, "c", 3, "evaluating", FP), clock.now)
+    assert (peer.election.term, peer.election.controller) == (1, "c")
+    assert peer.store.latest is not None and peer.store.latest.round == 3
+    assert runner.jobs[-1].kind == "evaluate" and runner.jobs[-1].round == 3
+    assert lines.having("round 3: taking the model c sent before this peer followed it")
+
+
+def test_a_model_of_another_controller_heard_before_following_is_not_taken(tmp_path, lines):
+    """The model kept is taken only from the controller this peer then follows, in that term."""
+    peer, transport, runner, _ = make_peer(tmp_path)
+    clock = Clock(peer)
+    deliver(peer, Presence("c", "online"), clock.now)
+    deliver(peer, Aggregation(1, "x", 3, ("p2",), weights(9)), clock.now)  # a member acting as a controller
+    listen(peer, clock)
+    deliver(peer, Claim(1, "c", 0.9, 0, "start", ("c", "p1")), clock.now)  # the term's first claim: c leads
+    assert (peer.election.term, peer.election.controller) == (1, "c")
+    assert peer.store.latest is None and not lines.having("taking the model")
