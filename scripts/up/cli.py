@@ -284,8 +284,10 @@ USAGE = """\
   ./up.sh kill random | peer ID   [--signal ...]
   ./up.sh kill broker [N]     [--signal ...]   (the controller's broker, or broker-N)
   ./up.sh down                [--run-dir DIR | --project NAME]
-  ./up.sh broker --publish ADDR --peers T   (several hosts: the broker alone; peers join with --join)
-  ./up.sh --join HOST:PORT --login DIR --peers N [--first K] [--total T] [-- PEER_FLAGS...]
+  ./up.sh [--brokers B] [--local [--mutual-tls]] ...   (B brokers bridged into one federation)
+  ./up.sh broker --publish ADDR --peers T [--tls]   (several hosts: the broker alone; peers join with --join)
+  ./up.sh broker --tls --bridge-to HOST:PORT --login DIR   (another host's broker, bridged to that one over TLS)
+  ./up.sh --join HOST:PORT[,HOST:PORT...] --login DIR --peers N [--first K] [--total T] [-- PEER_FLAGS...]
   ./up.sh images | credentials | compose-file"""
 
 
