@@ -69,6 +69,7 @@ from peer.wire.errors import Refused
 from peer.wire.messages import (
     Aggregation,
     Claim,
+    Evaluation,
     Finish,
     Heartbeat,
     Init,
@@ -77,6 +78,7 @@ from peer.wire.messages import (
     Presence,
     ServerState,
     Shares,
+    Solution,
     Training,
     Vote,
 )
@@ -416,6 +418,8 @@ class Peer:
                 self.log.info("%s's clock agrees with this peer's again: it counts again", message.sender)
         verdict = admit(message, retained, self._view())
         if isinstance(verdict, Refused):
+            if isinstance(message, (Solution, Evaluation)) and not retained:  # an answer to a later term's controller
+                self.carry_out(self.election.on_answer(message.peer, message.term, now), now)
             return self._refused(verdict, "admission")
         ROUTES[verdict](self, message, delivered.size, now)
 

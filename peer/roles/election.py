@@ -294,6 +294,17 @@ class Election:
             return []  # the term is decided: the first claim won, this one came second
         return self._agreement(now)
 
+    def on_answer(self, peer: str, term: int, now: float) -> list[Action]:
+        """A member's answer to a controller (a solution or an evaluation) of a later term than ours: it stands in
+        that term. What a controller whose term was replaced while it was cut off (a broker restart: the others
+        elected a new controller while it was away) learns from: its followers answer the new controller, on the
+        topics it still reads. Once most of the others stand in that term it catches up (and steps down). One
+        member alone moves nobody, as with an announcement."""
+        if term <= self.term or term == 0 or peer == self.me:
+            return []
+        self._stand(peer, term)
+        return self._agreement(now)
+
     def on_controller_seen(self, term: int, controller: str, now: float) -> list[Action]:
         """A live message from a controller (heartbeat, training order, aggregation, metrics, finish)."""
         if term < self.term and term > 0:

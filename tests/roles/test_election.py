@@ -636,3 +636,23 @@ def test_a_peer_in_a_term_that_others_stand_in_does_not_go_back():
     for peer in ("b", "c", "e"):
         e.on_init(peer, 2, 11)
     assert e.on_controller_seen(1, "d", 11.5) == [] and e.term == 2
+
+
+def test_a_controller_replaced_while_cut_off_steps_down_when_most_members_answer_the_new_one():
+    """A broker restart: the others elected b in term 2 while this controller (term 1) was away; b's claim alone
+    moves nobody, but once most members are heard answering the controller of term 2 (their solutions and
+    evaluations come on topics this controller still reads), it steps down and follows b."""
+    e = leading(1, others=("b", "c", "d", "e"))
+    assert e.on_claim(2, "b", "controller-lost", ("b", "c", "d"), 5) == []
+    assert e.on_answer("c", 2, 5.1) == [] and e.role is Role.CONTROLLER  # b and c: two of four others
+    assert e.on_answer("c", 1, 5.1) == [] and e.on_answer("a", 3, 5.1) == []  # its own term, and itself
+    step_down, follow = e.on_answer("d", 2, 5.2)
+    assert isinstance(step_down, StepDown) and follow == FollowController(2, "b")
+    assert (e.term, e.role, e.controller) == (2, Role.FOLLOWER, "b")
+
+
+def test_one_member_answering_a_later_term_moves_nobody():
+    e = leading(1, others=("b", "c", "d", "e"))
+    for term in (2, 3, 1_000):
+        assert e.on_answer("b", term, 5) == []
+    assert (e.term, e.role) == (1, Role.CONTROLLER)
