@@ -32,11 +32,13 @@ How a term is decided (Raft's PreVote and leader stickiness, over a broker inste
 - Catching up. A peer that missed terms (it just started, reconnected, or thawed) adopts a later term only when a
   majority of the other peers it hears, at least two, stand in it (by their announcements, claims and heartbeats; a
   peer that has followed nobody yet, with one other peer only, takes that one's term if it is at most MAX_TERM_STEP
-  past its own). It then follows the term's first claim if it saw it, else the peer acting as its controller whose
+  past its own; a controller also by its members' answers, solutions and evaluations, of a later term: one cut off
+  while the others elected anew steps down so). It then follows the term's first claim if it saw it, else the peer acting as its controller whose
   claim the broker kept, else (if it watched none of that term's election) the first peer heard acting as its
   controller among those that voted in it; it never claims a term it caught up to. A new life listens for its join
   grace before it moves at all. The same rules hold from term 0 as later: a retained claim of term 2^31 - 2 moves
-  nobody.
+  nobody. A peer in a term nobody claimed or led (it got the votes; the others heard their controller again first)
+  goes back to the controller it followed before, when it speaks and most others still stand in that term.
 - No claim within `window + claim_timeout` (the best voter died): campaign for the next term. A controller message
   of our term from anyone but our controller is not obeyed (only the first claim decides who leads a term).
 - The top of the term range is a refusal: no peer campaigns for a term past MAX_TERM - 1 (it says so in one line).
