@@ -1,8 +1,11 @@
 """Secure aggregation end to end: real broker, real peers, a real SIGKILL. Six peers, four trainers, three rounds
 with --secure-aggregation; in round 2 the first trainer whose masked update reached the controller is killed before
 the controller asks for the shares, so the sum is unmasked without its answer. The run finishes every round, the
-controller never receives a plain solution, and the final accuracy is within 0.01 of the same run without secure
-aggregation (the same kill: the first trainer whose solution arrived in round 2)."""
+controller never receives a plain solution, and the final accuracy is close to the same run's without secure
+aggregation (the same kill: the first trainer whose solution arrived in round 2). That an unmasked sum is exactly
+FedAvg is the unit tests' (tests/roles/test_secure.py); here two runs that differ in their controller, trainers and
+victim are compared, so the margin is wide: one CI run measured 0.772 against 0.786. A mask left in, or a share
+missed, gives a model at chance (about 0.1), far outside it."""
 
 from __future__ import annotations
 
@@ -88,4 +91,5 @@ def test_secure_aggregation_survives_a_trainer_killed_after_masking_and_matches_
     plain_rows = assert_rounds_complete(plain_dir, 3)
     assert plain_victim in plain_rows[1]["trainers"].split(";")
     plain_accuracy = run_json(plain_dir)["outcome"]["final_accuracy"]
-    assert abs(secure_accuracy - plain_accuracy) <= 0.01, (secure_accuracy, plain_accuracy)
+    assert secure_accuracy > 0.5, secure_accuracy
+    assert abs(secure_accuracy - plain_accuracy) <= 0.05, (secure_accuracy, plain_accuracy)
