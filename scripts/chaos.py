@@ -104,9 +104,14 @@ def connected_to(run_dir: Path, peer: str) -> str | None:
     return events[-1].get("broker") if events and events[-1]["event"] == "connected" else None
 
 
+def broker_name(target: str) -> str:
+    """The name a user's `target` means: broker-K, given as such or as K alone (local and container networks)."""
+    return f"broker-{target}" if target.isdigit() else target
+
+
 def broker_named(brokers: list[dict], target: str) -> dict:
     """The broker `target` names: broker-K, or K alone."""
-    name = f"broker-{target}" if target.isdigit() else target
+    name = broker_name(target)
     for broker in brokers:
         if broker["name"] == name:
             return broker

@@ -479,7 +479,7 @@ def kill_broker(project: str, run_dir: Path | None, target: str | None, sig: str
         if name not in found:
             raise UpError(f"nothing to act on: the controller {controller} is connected to {address}, not here")
     else:
-        name = f"broker-{target}" if target.isdigit() else target
+        name = chaos.broker_name(target)
         if name not in found and list(found) == ["broker"] and name in ("broker-1", "1"):
             name = "broker"
         if name not in found:
