@@ -42,10 +42,16 @@ def test_the_rounds_to_each_accuracy_and_the_last_come_from_the_records(tmp_path
     assert a.accuracy[0] == (0, 0.1) and a.rounds_to(0.8) == 2 and a.rounds_to(0.85) == 4 and a.last == (5, 0.84)
     assert b.rounds_to(0.8) is None and b.epsilon == 4.5 and b.reason == "max-rounds"
     text = table([a, b])
-    assert "| iid | FedAvg | 2 | 4 | 84.00% (round 5) | – |" in text
-    assert "| pathological | DP-FedAvg | not reached | not reached | 40.00% (round 2) | 4.5 |" in text
+    assert a.best == (4, 0.86) and a.mean_of_last(3) == (3, 5, pytest.approx((0.79 + 0.86 + 0.84) / 3))
+    assert "| iid | FedAvg | 2 | 4 | 84.00% (round 5) | 86.00% (round 4) | 76.00% (rounds 1-5) | – |" in text
+    assert (
+        "| pathological | DP-FedAvg | not reached | not reached | 40.00% (round 2) | 40.00% (round 2) | "
+        "35.00% (rounds 1-2) | 4.5 |" in text
+    )
     gone = read_outcome(Outcome("iid", "fedadam", str(tmp_path / "never-ran")))
-    assert gone.accuracy == [] and "no round" in table([gone]) and "did not finish" in table([gone])
+    assert gone.best is None and gone.mean_of_last(10) is None
+    assert gone.accuracy == [] and "| no round | no round | no round |" in table([gone])
+    assert "did not finish" in table([gone])
 
 
 def test_the_results_are_made_again_from_the_records_of_an_interrupted_benchmark(tmp_path, capsys):
@@ -57,10 +63,14 @@ def test_the_results_are_made_again_from_the_records_of_an_interrupted_benchmark
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("20 peers, 600 training samples each, 10 trainers a round, E=5, B=10, --model fedavg-cnn")
     assert "not measured" in text and text in capsys.readouterr().out
-    assert "| iid | FedAvg | 2 | 3 | 86.00% (round 3) | – | 210 s, max-rounds |" in text
+    assert (
+        "| iid | FedAvg | 2 | 3 | 86.00% (round 3) | 86.00% (round 3) | 82.00% (rounds 1-3) | – | 210 s, max-rounds |"
+        in text
+    )
     # the unfinished run: the rounds it recorded, its seconds from their span (round 1's start to round 2's end)
     assert (
-        "| iid | DP-FedAvg | not reached | not reached | 77.00% (round 2) | 1.1e+04 | 120 s, did not finish |" in text
+        "| iid | DP-FedAvg | not reached | not reached | 77.00% (round 2) | 77.00% (round 2) | 73.00% (rounds 1-2) | "
+        "1.1e+04 | 120 s, did not finish |" in text
     )
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [(r["strategy"], r["load"]) for r in runs] == [("fedavg", None), ("dp-fedavg", None)]
