@@ -63,8 +63,13 @@ class Outcome:
     seconds: float = 0.0
     load: tuple[float, float] | None = None  # the 1-minute load average at its start and at its end, if measured
 
+    @property
+    def rounds(self) -> list[tuple[int, float]]:
+        """The points of the rounds run: round 0 (the initial model) left out."""
+        return [(r, a) for r, a in self.accuracy if r > 0]
+
     def rounds_to(self, threshold: float) -> int | None:
-        return next((r for r, a in self.accuracy if r > 0 and a >= threshold), None)
+        return next((r for r, a in self.rounds if a >= threshold), None)
 
     @property
     def last(self) -> tuple[int, float] | None:
@@ -73,13 +78,13 @@ class Outcome:
     @property
     def best(self) -> tuple[int, float] | None:
         """The round of the highest global accuracy (the first, of equals) and that accuracy."""
-        rounds = [(r, a) for r, a in self.accuracy if r > 0]
+        rounds = self.rounds
         return max(rounds, key=lambda point: point[1]) if rounds else None
 
     def mean_of_last(self, count: int) -> tuple[int, int, float] | None:
         """(first round, last round, mean accuracy) of the last `count` rounds: on a non-IID split one round's
         accuracy swings with the round's trainers, so a single round says less than their mean."""
-        tail = [(r, a) for r, a in self.accuracy if r > 0][-count:]
+        tail = self.rounds[-count:]
         return (tail[0][0], tail[-1][0], sum(a for _, a in tail) / len(tail)) if tail else None
 
 
