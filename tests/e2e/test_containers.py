@@ -343,7 +343,13 @@ def test_three_bridged_brokers_in_containers_lose_the_controller_s_and_the_run_f
         assert shown.returncode == 0, shown.stdout + shown.stderr
         for name in ("broker-1", "broker-2", "broker-3"):
             assert re.search(rf"^{name}: running, healthy", shown.stdout, re.M), shown.stdout
-        killed = upsh(env, "kill", "broker", "--project", project)
+
+        def kill_the_controller_s_broker():
+            # a busy machine may not have the controller's broker in the statuses yet: the launcher says so, try again
+            killed = upsh(env, "kill", "broker", "--project", project)
+            return None if "no controller is connected" in killed.stderr else killed
+
+        killed = wait_until(kill_the_controller_s_broker, 120, "the controller connected to a broker")
         assert killed.returncode == 0, killed.stdout + killed.stderr
         victim = re.search(r"sent SIGKILL to (broker-\d)", killed.stdout).group(1)
         output = finish(proc, 400)
