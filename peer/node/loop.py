@@ -418,8 +418,6 @@ class Peer:
                 self.log.info("%s's clock agrees with this peer's again: it counts again", message.sender)
         verdict = admit(message, retained, self._view())
         if isinstance(verdict, Refused):
-            if isinstance(message, (Solution, Evaluation)) and not retained:  # an answer to a later term's controller
-                self.carry_out(self.election.on_answer(message.peer, message.term, now), now)
             return self._refused(verdict, "admission")
         ROUTES[verdict](self, message, delivered.size, now)
 
@@ -519,6 +517,18 @@ class Peer:
             self._run_other_model(message, size, now)
         else:
             self.carry_out(self.follower.on_controller(message), now)
+
+    def _earlier_controller(
+        self, message: Heartbeat | Training | Aggregation | Metrics | Finish, size: int, now: float
+    ) -> None:
+        self.log.debug("ignored a %s of stale term %d from %s", message.TYPE, message.term, message.controller)
+        self.carry_out(self.election.on_controller_seen(message.term, message.controller, now), now)
+
+    def _later_answer(self, message: Solution | Evaluation, size: int, now: float) -> None:
+        self.log.debug(
+            "ignored a %s of term %d from %s: not the controller of that term", message.TYPE, message.term, message.peer
+        )
+        self.carry_out(self.election.on_answer(message.peer, message.term, now), now)
 
     def _to_controller(self, message: Message, size: int, now: float) -> None:
         if self.controller:
@@ -875,6 +885,8 @@ ROUTES: dict[Route, Callable[..., None]] = {
     Route.RETAINED_MODEL: Peer._retained_model,
     Route.RUN_FINISHED: Peer._run_finished,
     Route.FROM_CONTROLLER: Peer._from_controller,
+    Route.EARLIER_CONTROLLER: Peer._earlier_controller,
+    Route.LATER_ANSWER: Peer._later_answer,
     Route.TO_CONTROLLER: Peer._to_controller,
     Route.SHARES: Peer._shares,
     Route.SERVER_STATE: Peer._server_state,

@@ -21,13 +21,15 @@ The rules, in the order they apply:
 5. retained messages are history, not orders: a retained claim or heartbeat says who led a term, a retained
    aggregation is the model a late joiner starts from, and a retained finish says this run is over (topics are per
    run, so it is this run's);
-6. a controller's message of a term older than ours is stale; one that names this peer as its controller is our own
-   echo (or an earlier life of this id, restarted): the controller acts on what it decides, not on what comes back;
+6. a controller's message that names this peer as its controller is our own echo (or an earlier life of this id,
+   restarted): the controller acts on what it decides, not on what comes back; one of a term older than ours is
+   stale: nobody acts on it, only the election hears who sent it (`Route.EARLIER_CONTROLLER`);
 7. solutions and evaluations are for the controller of their term, and only it hears them (and so are secure
    aggregation's keys, masked vectors and reveals); a trainer's encrypted shares (secure aggregation) are for the
    peers of its term: the controller and the attempt's trainers; a server state (retained or live) is history for a
    controller to go on from: only a controller takes it, never its own, and it never moves a term (the controller
-   checks it belongs to the model it holds);
+   checks it belongs to the model it holds); a solution or evaluation of a term later than ours is for no one here,
+   but the election hears that its sender stands in that term (`Route.LATER_ANSWER`);
 8. after the election has seen a controller's message (`entitled`): only a follower of that very controller in that
    very term acts on it, and only then is what it says looked at (a heartbeat naming another model than ours tells
    this peer the run is not for it; the same heartbeat from anyone else is ignored).
@@ -82,6 +84,12 @@ class Route(str, enum.Enum):
     RETAINED_LEADER = "retained-leader"  # a retained claim or heartbeat: election
     RETAINED_MODEL = "retained-model"  # a retained aggregation: follower (the model to start from)
     FROM_CONTROLLER = "from-controller"  # heartbeat, training, aggregation, metrics, finish: election, then follower
+    # A controller's message of a term older than ours: stale, nobody acts on it, but the election hears who sent it
+    # (a peer alone in a term that came to nothing goes back to the controller the others still follow).
+    EARLIER_CONTROLLER = "earlier-controller"
+    # A solution or evaluation of a term later than ours: not for this peer, but the election hears that its sender
+    # stands in that term (a controller cut off while the others elected anew learns so).
+    LATER_ANSWER = "later-answer"
     PEER_OTHER_MODEL = "peer-other-model"  # an init of a peer whose model is not ours: it is not counted
     RUN_OTHER_MODEL = "run-other-model"  # a controller's heartbeat naming another model: this peer cannot take part
     TO_CONTROLLER = "to-controller"  # solution, evaluation (and secure aggregation's): the controller of that term
@@ -135,13 +143,13 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
     if isinstance(message, Finish) and retained:
         return Route.RUN_FINISHED
     if isinstance(message, CONTROLLER_MESSAGES):
-        if message.term < view.term:
-            return Refused(f"ignored a {message.TYPE} of stale term {message.term} from {message.controller}")
         if message.controller == view.me:
             return Refused(
                 f"ignored a {message.TYPE} naming this peer as controller of term {message.term} "
                 "(our own echo, or an earlier life of this id)"
             )
+        if message.term < view.term:
+            return Route.EARLIER_CONTROLLER
         return Route.FROM_CONTROLLER
     if isinstance(message, ServerState):
         if view.role is not Role.CONTROLLER:
@@ -149,6 +157,8 @@ def admit(message: Message, retained: bool, view: View) -> Route | Refused:
         if message.controller == view.me:
             return Refused("ignored a server state naming this peer as its controller (our own, from the broker)")
         return Route.SERVER_STATE
+    if isinstance(message, (Solution, Evaluation)) and message.term > view.term:
+        return Route.LATER_ANSWER
     if isinstance(message, TO_CONTROLLER_MESSAGES):
         if view.role is not Role.CONTROLLER or message.term != view.term:
             return Refused(

@@ -27,18 +27,22 @@ How a term is decided (Raft's PreVote and leader stickiness, over a broker inste
   that term's votes of live peers. If its own is the best by (latest global round, vote, peer id), it sends a claim.
   The first claim of a term that arrives decides the term; later claims of that term are ignored. Votes and claims
   share one MQTT topic, and the broker delivers messages to every subscriber in one order, so every peer sees the
-  same first claim. A claimer takes office only when its own claim comes back as that first claim: it never acts on
-  a term it might not have won.
+  same first claim. (A peer that subscribed after the claims went by gets them retained, in no order: a live claim of
+  that term that comes after is a late one, not the first.) A claimer takes office only when its own claim comes back
+  as that first claim: it never acts on a term it might not have won.
 - Catching up. A peer that missed terms (it just started, reconnected, or thawed) adopts a later term only when a
   majority of the other peers it hears, at least two, stand in it (by their announcements, claims and heartbeats; a
   peer that has followed nobody yet, with one other peer only, takes that one's term if it is at most MAX_TERM_STEP
   past its own; a controller also by its members' answers, solutions and evaluations, of a later term: one cut off
-  while the others elected anew steps down so). It then follows the term's first claim if it saw it, else the peer acting as its controller whose
-  claim the broker kept, else (if it watched none of that term's election) the first peer heard acting as its
-  controller among those that voted in it; it never claims a term it caught up to. A new life listens for its join
-  grace before it moves at all. The same rules hold from term 0 as later: a retained claim of term 2^31 - 2 moves
-  nobody. A peer in a term nobody claimed or led (it got the votes; the others heard their controller again first)
-  goes back to the controller it followed before, when it speaks and most others still stand in that term.
+  while the others elected anew steps down so), or when most others voted for it and its claim came, live or retained
+  (after a broker restart a peer that voted for a term, then heard its old controller again first, goes on to the
+  term most others voted for once it learns it was claimed). It then follows the term's first claim if it saw it,
+  else the peer acting as its controller whose claim the broker kept, else (if it watched none of that term's
+  election) the first peer heard acting as its controller among those that voted in it; it never claims a term it
+  caught up to. A new life listens for its join grace before it moves at all. The same rules hold from term 0 as
+  later: a retained claim of term 2^31 - 2 moves nobody. A peer in a term nobody claimed or led (it got the votes;
+  the others heard their controller again first) goes back to the controller it followed before, when it speaks and
+  most others still stand in that term.
 - No claim within `window + claim_timeout` (the best voter died): campaign for the next term. A controller message
   of our term from anyone but our controller is not obeyed (only the first claim decides who leads a term).
 - The top of the term range is a refusal: no peer campaigns for a term past MAX_TERM - 1 (it says so in one line).
@@ -146,6 +150,9 @@ class Election:
     claims: dict[int, list[tuple[str, tuple[str, ...]]]] = field(default_factory=dict)  # term -> (claimer, members)
     sightings: dict[int, list[str]] = field(default_factory=dict)  # term -> peers heard acting as its controller
     retained_claims: dict[int, list[str]] = field(default_factory=dict)  # term -> peers whose retained claim names it
+    # Terms whose first claim went by before this peer subscribed (their claims came retained, before any live one):
+    # a live claim of such a term came after those, so it is a late claim, not the one that decided the term.
+    missed_claims: set[int] = field(default_factory=set)
     reasons: dict[int, str] = field(default_factory=dict)  # term -> why it began (its first vote's reason)
     stood: dict[str, int] = field(default_factory=dict)  # peer -> the latest term it stood in (init, claim, led)
     called: dict[str, int] = field(default_factory=dict)  # peer -> the latest term it voted for
@@ -233,6 +240,8 @@ class Election:
             return []  # an earlier life of this id stood in that term: this one will campaign past it
         if claim:
             self._add_to(self.retained_claims, term, leader)
+            if leader in self.retained_claims.get(term, []) and not self.claims.get(term):
+                self.missed_claims = {t for t in self.missed_claims if t in self.retained_claims} | {term}
         else:
             self._add_sighting(term, leader)
         if term == self.term and self.role is Role.VOTING and self.controller is None:
@@ -308,8 +317,9 @@ class Election:
         return self._agreement(now)
 
     def on_controller_seen(self, term: int, controller: str, now: float) -> list[Action]:
-        """A live message from a controller (heartbeat, training order, aggregation, metrics, finish)."""
-        if term < self.term and term > 0:
+        """A live message from a controller (heartbeat, training order, aggregation, metrics, finish). One of an earlier
+        term than ours is stale, and moves this peer only back from a term that came to nothing (`_go_back`)."""
+        if 0 < term < self.term:
             return self._go_back(term, controller, now)
         if term == 0:
             return []
@@ -345,6 +355,7 @@ class Election:
         they came to nothing, and would pull it straight back."""
         if (
             self.role is not Role.VOTING
+            or controller == self.me
             or self.claims.get(self.term)
             or self.sightings.get(self.term)
             or self.stood_term() != term
@@ -358,6 +369,7 @@ class Election:
         for store in (self.ballots, self.claims, self.sightings, self.retained_claims, self.reasons):
             for later in [t for t in store if t > term]:
                 del store[later]
+        self.missed_claims = {t for t in self.missed_claims if t <= term}
         self.called = {peer: min(called, term) for peer, called in self.called.items()}
         return [
             Log(
@@ -540,7 +552,9 @@ class Election:
             return self._enter(stood, now, caught_up=True) + self._agreement(now)
         wanted = self.next_term()
         called = min(self.called_term(), wanted + MAX_TERM_STEP, MAX_TERM - 1)  # (one voice moves it no further)
-        if called > self.term and self.claims.get(called):  # most others voted for it, and its claim came: decided
+        if called > self.term and (self.claims.get(called) or self.retained_claims.get(called)):
+            # Most others voted for it, and its claim came (live, or kept by the broker for a peer that reconnected
+            # after it went by): decided. (This peer may have voted for it too, then heard its old controller again.)
             return self._enter(called, now, caught_up=True)
         ready = self.role is not Role.WAITING or len(self.live) >= self.min_peers
         if called >= wanted and called > self.campaign and ready:  # most others want a new term: so does this peer
@@ -605,16 +619,19 @@ class Election:
         for store in (self.ballots, self.claims, self.sightings, self.retained_claims, self.reasons):
             for old in [t for t in store if t < term]:
                 del store[old]
+        self.missed_claims = {t for t in self.missed_claims if t >= term}
 
     def _decide_known(self, now: float) -> list[Action]:
         """Follow this term's leader if it is known: its first claim; else (this peer missed the claim: it subscribed
         after) the first peer heard acting as its controller whose claim of the term the broker kept; else, if this
         peer caught up to the term (it did not watch its election), the first peer heard acting as its controller
-        among those that voted in it (if it saw any vote of it), or at all (if it saw none)."""
+        among those that voted in it (if it saw any vote of it), or at all (if it saw none). A live claim of a term
+        whose claims this peer got retained is not its first claim (that one went by before this peer subscribed:
+        after a broker restart two peers may each have claimed the term, and the first one decided it)."""
         if self.term == 0:
             return []
         claims = self.claims.get(self.term, [])
-        if claims:
+        if claims and self.term not in self.missed_claims:
             return self._decide(*claims[0], now)
         seen = self.sightings.get(self.term, [])
         leaders = [p for p in seen if p in self.retained_claims.get(self.term, [])]

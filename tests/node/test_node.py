@@ -21,6 +21,7 @@ from peer.config import Settings
 from peer.node.loop import Peer
 from peer.node.transport import Inbound
 from peer.roles.actions import JobDone, StartJob
+from peer.roles.election import Role
 from peer.wire.envelope import Seal, Stamper
 from peer.wire.errors import ProtocolError
 from peer.wire.messages import (
@@ -386,6 +387,52 @@ def test_failover_the_controller_is_lost_and_this_peer_resumes_from_the_model_it
     assert (training.term, training.round, training.trainers) == (2, 3, ("p2",))  # round 2 was finished: go on
     assert training.digest == digest(weights(2))
     assert "c" not in peer.controller.live
+
+
+def test_a_peer_alone_in_a_term_that_came_to_nothing_goes_back_to_the_controller_the_others_follow(tmp_path, lines):
+    """A broker restart, as a CI run had it: every Will comes, all vote for term 2; the others hear their controller
+    again first and go back to it, while their votes, queued during the restart, put this peer alone in term 2. The
+    controller's messages are of a term older than this peer's: stale, but the election must hear them, or this peer
+    calls elections nobody joins until the run ends without it."""
+    peer, transport, runner, _ = make_peer(tmp_path, max_rounds=5)
+    clock = Clock(peer)
+    follow(peer, clock)
+    for other in ("p2", "p3", "p4"):
+        deliver(peer, Presence(other, "online"), clock.now)
+    deliver(peer, Presence("c", "offline"), clock.now)
+    assert transport.messages(Vote)[-1].term == 2
+    deliver(peer, Vote(2, "p2", 0.999, 0, "controller-lost"), clock.now)
+    deliver(peer, Vote(2, "p3", 0.5, 0, "controller-lost"), clock.now)
+    assert peer.election.term == 2 and peer.election.controller is None  # three of four live: it entered term 2
+    deliver(peer, Init("c", 1, 0, 5, 10, 10, False, FP), clock.now)
+    for other in ("p2", "p3", "p4"):
+        deliver(peer, Init(other, 1, 0, 5, 10, 10, True, FP), clock.now)  # they answer: they stand in term 1
+    deliver(peer, Heartbeat(1, "c", 0, "training", FP), clock.now)
+    assert (peer.election.term, peer.election.controller, peer.election.role) == (1, "c", Role.FOLLOWER)
+    assert lines.having("back to it from a term that came to nothing")
+    deliver(peer, Training(1, "c", 1, 1, ("p1",), digest(weights(0))), clock.now)
+    assert runner.jobs, "it trains for the controller of term 1 again"
+
+
+def test_a_controller_hears_its_members_answer_a_later_term_and_follows_it(tmp_path, lines):
+    """The split brain a broker restart left (the others elected p2 in term 2 while this controller was away):
+    solutions and evaluations of term 2 reach it on the topics it reads; once most members are heard in term 2 it
+    steps down and follows p2."""
+    peer, transport, runner, _ = make_peer(tmp_path, me="c", min_peers=4, max_rounds=5)
+    clock = Clock(peer)
+    for other in ("p1", "p2", "p3"):
+        deliver(peer, Presence(other, "online"), clock.now)
+    listen(peer, clock)
+    run_until(peer, clock, lambda: transport.messages(Vote))
+    for other in ("p1", "p2", "p3"):
+        deliver(peer, Vote(1, other, 0.0, 0, "start"), clock.now)
+    run_until(peer, clock, lambda: peer.controller is not None)
+    deliver(peer, Claim(2, "p2", 0.9, 0, "controller-lost", ("p1", "p2", "p3")), clock.now)
+    assert peer.controller is not None  # one claim moves nobody
+    deliver(peer, Evaluation(2, 1, "p1", 0.5, 1.0, 10), clock.now)
+    deliver(peer, Solution(2, 1, 1, "p3", 10, 0.1, weights(1)), clock.now)
+    assert peer.controller is None and (peer.election.term, peer.election.controller) == (2, "p2")
+    assert lines.having("stepping down as controller of term 1")
 
 
 def test_a_controller_steps_down_when_a_higher_term_is_claimed(tmp_path, lines):

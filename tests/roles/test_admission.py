@@ -106,7 +106,8 @@ def test_a_retained_message_of_a_kind_no_peer_retains_is_refused():
         assert isinstance(refused, Refused) and refused.level == "warning" and "retained" in refused.reason
 
 
-def test_a_controller_message_of_an_older_term_is_stale():
+def test_a_controller_message_of_an_older_term_is_stale_and_only_the_election_hears_it():
+    # (a peer alone in a term that came to nothing goes back to the controller the others still follow)
     for message in (
         Heartbeat(2, "c", 1, "x", FP),
         Training(2, "c", 1, 1, ("me",), D),
@@ -114,8 +115,9 @@ def test_a_controller_message_of_an_older_term_is_stale():
         Metrics(2, "c", 1, 0.5, 1.0, 1, (), 0.0, 0, 0.0),
         Finish(2, "c", 1, "max-rounds", 0.5),
     ):
-        refused = verdict(message)
-        assert isinstance(refused, Refused) and "stale term 2" in refused.reason
+        assert verdict(message) is Route.EARLIER_CONTROLLER
+        assert verdict(message, CONTROLLER) is Route.EARLIER_CONTROLLER
+    assert isinstance(verdict(Heartbeat(2, "me", 1, "x", FP)), Refused)  # an earlier life of this id: not even that
 
 
 def test_a_controller_message_naming_this_peer_is_its_own_echo():
@@ -136,7 +138,9 @@ def test_solutions_and_evaluations_are_only_for_the_controller_of_their_term():
     assert verdict(evaluation, CONTROLLER) is Route.TO_CONTROLLER
     assert isinstance(verdict(solution, FOLLOWER), Refused)
     assert isinstance(verdict(Solution(2, 1, 1, "p2", 10, 0.1, W), CONTROLLER), Refused)
-    assert isinstance(verdict(Evaluation(4, 1, "p2", 0.5, 1.0, 10), CONTROLLER), Refused)
+    # One of a later term is for no one here; the election hears that its sender stands in that term.
+    assert verdict(Evaluation(4, 1, "p2", 0.5, 1.0, 10), CONTROLLER) is Route.LATER_ANSWER
+    assert verdict(Solution(4, 1, 1, "p2", 10, 0.1, W), FOLLOWER) is Route.LATER_ANSWER
 
 
 def test_a_server_state_is_for_a_controller_only_never_its_own_and_may_come_retained():

@@ -656,3 +656,52 @@ def test_one_member_answering_a_later_term_moves_nobody():
     for term in (2, 3, 1_000):
         assert e.on_answer("b", term, 5) == []
     assert (e.term, e.role) == (1, Role.CONTROLLER)
+
+
+def test_a_live_claim_of_a_term_whose_claims_came_retained_is_a_late_one_not_its_decision():
+    """A broker restart: b and e both claimed term 2 (they saw different votes). e's claim came first and decided the
+    term, while this controller was still reconnecting: it gets e's claim retained, when it subscribes, and b's live,
+    after. b's is a late claim: this peer must follow e, who leads term 2 (its heartbeats), not b, who follows e
+    (else it judges b silent, and calls elections nobody joins, for ever)."""
+    e = leading(1, others=("b", "c", "d", "e"))
+    assert e.on_retained(2, "e", 5) == []
+    actions = []
+    for peer in ("b", "c"):  # their votes, queued while the broker was down: most others want term 2, e claimed it
+        actions += e.on_vote(2, peer, 0.5, 1, "controller-lost", 5)
+    assert [type(a) for a in actions] == [StepDown] and e.term == 2 and e.controller is None
+    assert e.on_claim(2, "b", "controller-lost", ("b", "c", "e"), 5.2) == []
+    [follow] = e.on_controller_seen(2, "e", 5.4)
+    assert follow == FollowController(2, "e") and e.role is Role.FOLLOWER
+
+
+def test_a_claim_seen_go_by_live_still_decides_its_term_when_retained_ones_come_after():
+    # This peer watched the claim of term 2 go by, then reconnected: the retained claims that come then say nothing
+    # new (the term was decided by the live one it saw first).
+    e = following("b", 1, others=("b", "c", "d"))
+    for peer in ("c", "d"):
+        e.on_vote(2, peer, 0.5, 0, "controller-lost", 5)
+    e.peer_down("b", 5)
+    [follow] = [
+        a for a in e.on_claim(2, "c", "controller-lost", ("a", "c", "d"), 5.1) if isinstance(a, FollowController)
+    ]
+    assert follow == FollowController(2, "c")
+    e.on_retained(2, "d", 5.2)
+    assert (e.term, e.controller, e.role) == (2, "c", Role.FOLLOWER)
+
+
+def test_a_peer_that_went_back_to_its_controller_joins_the_term_most_others_voted_for_once_it_was_claimed():
+    """A broker restart: every follower voted for term 2 when the controller's Will came. d and e reconnected first,
+    d claimed term 2 and e follows it; this peer and b reconnected after, heard c (term 1) again and went back to
+    it. d's claim comes to them retained (it went by before they subscribed): most others voted for term 2 and it
+    was claimed, so this peer goes there and follows d (else two controllers run the rounds side by side)."""
+    e = following("c", 1, others=("b", "c", "d", "e"))
+    [vote] = [a for a in e.peer_down("c", 5) if isinstance(a, CastVote)]
+    assert vote.term == 2
+    e.on_vote(2, "b", 0.3, 1, "controller-lost", 5.1)
+    e.on_init("c", 1, 5.2)
+    e.on_controller_seen(1, "c", 5.2)
+    assert (e.term, e.controller, e.role) == (1, "c", Role.FOLLOWER)
+    assert e.on_retained(2, "d", 5.3) == []  # d stands in term 2; b voted for it: two of four others
+    [follow] = [a for a in e.on_init("e", 2, 5.4) if isinstance(a, FollowController)] or [None]
+    assert follow is None and e.term == 2 and e.role is Role.VOTING  # three of four: term 2 it is
+    assert e.on_controller_seen(2, "d", 5.5) == [FollowController(2, "d")]
