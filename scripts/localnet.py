@@ -200,7 +200,27 @@ def read_login(login_dir: Path, peer_id: str) -> dict[str, str]:
     return {name: login[name] for name in ("FL_USERNAME", "FL_PASSWORD") if name in login}
 
 
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10_000  # below this, ports are registered services' (and not worth a collision with one)
+
+
 def free_port() -> int:
+    """A port nothing listens on, below the kernel's range of ephemeral ports where there is room: a broker that
+    restarts must get its port back, and an ephemeral one may meanwhile be taken by any outgoing connection (a
+    peer reconnecting to 127.0.0.1 may even be handed the broker's own port as its local one: it connects to
+    itself)."""
+    try:
+        low = int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    for _ in range(50 if low - LOWEST_PORT >= 1000 else 0):
+        port = LOWEST_PORT + secrets.randbelow(low - LOWEST_PORT)  # (not `random`: a test may have seeded it)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

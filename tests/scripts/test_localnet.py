@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -189,3 +190,34 @@ def test_brokers_option_reaches_the_network(tmp_path, monkeypatch):
     monkeypatch.setattr(localnet, "LocalNetwork", FakeNetwork)
     assert localnet.main(["--run-dir", str(tmp_path), "--quiet", "--brokers", "3"]) == 0
     assert FakeNetwork.options["brokers"] == 3
+
+
+# --- ports --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_free_port_is_below_the_ephemeral_range_and_nothing_listens_there():
+    # (a broker that restarts must get its port back; an outgoing connection may meanwhile take an ephemeral one)
+    low = int(localnet.EPHEMERAL_PORTS.read_text().split()[0])
+    for _ in range(20):
+        port = localnet.free_port()
+        assert localnet.LOWEST_PORT <= port < low
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_without_room_below_the_ephemeral_range_the_kernel_picks_the_port(tmp_path, monkeypatch):
+    monkeypatch.setattr(localnet, "EPHEMERAL_PORTS", tmp_path / "range")
+    assert 0 < localnet.free_port() < 65536  # no such file (not Linux)
+    for text in ("1024\t60999\n", "garbage", ""):
+        (tmp_path / "range").write_text(text)
+        assert 0 < localnet.free_port() < 65536
+
+
+def test_a_port_taken_below_the_ephemeral_range_is_passed_over(tmp_path, monkeypatch):
+    (tmp_path / "range").write_text("65000\t65535\n")
+    monkeypatch.setattr(localnet, "EPHEMERAL_PORTS", tmp_path / "range")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        offsets = iter([taken.getsockname()[1] - localnet.LOWEST_PORT, 7])
+        monkeypatch.setattr(localnet.secrets, "randbelow", lambda n: next(offsets))
+        assert localnet.free_port() == localnet.LOWEST_PORT + 7
