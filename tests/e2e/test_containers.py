@@ -34,6 +34,9 @@ from scripts.up.tls import outbound_address
 from tests.netutil import FASHION, ROOT, assert_rounds_complete, elections, read_csv, rounds, statuses, wait_until
 
 UP = str(ROOT / "up.sh")
+# Rounds of a run that a test disturbs after its first: enough that the disturbance comes before the finish on a busy
+# machine (a round of six peers on 300 samples each takes 0.7 s, and a docker command under load several seconds).
+MANY_ROUNDS = 24
 FAST = [
     "--dataset",
     "fashion-mnist",
@@ -170,7 +173,7 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
         "--epochs",
         "2",
         "--max-rounds",
-        "4",
+        "8",  # rounds enough that the kill, the new term, the stop and the thaw come before the finish, under load
     )
     try:
         wait_until(lambda: rounds(run_dir), 300, "round 1 to finish")
@@ -223,14 +226,14 @@ def test_five_peers_elect_train_survive_kills_and_finish(env, tmp_path):
         "broker healthy",
         "peers joined 5/5",
         "term 1: ",
-        "round 1/4: accuracy",
+        "round 1/8: accuracy",
         "finished (max-rounds)",
         f"records: {run_dir}",
         f"-m graphs {run_dir}",
         "no container or network left",
     ):
         assert line in output, (line, output)
-    assert_rounds_complete(run_dir, 4)
+    assert_rounds_complete(run_dir, 8)
     chaos_rows = [(r["action"], r["peer"], r["signal"]) for r in read_csv(run_dir / "chaos.csv")]
     assert chaos_rows == [("kill", first, "KILL"), ("stop", trainer, "STOP"), ("cont", trainer, "CONT")]
     assert all("." in r["time"] for r in read_csv(run_dir / "chaos.csv")), "chaos times are not whole seconds"
@@ -281,7 +284,7 @@ def test_containers_hosting_three_peers_each_lose_one_with_the_controller_and_fi
         "--test-samples",
         "100",
         "--max-rounds",
-        "4",
+        str(MANY_ROUNDS),
     )
     try:
         wait_until(lambda: rounds(run_dir), 300, "round 1 to finish")
@@ -316,7 +319,7 @@ def test_containers_hosting_three_peers_each_lose_one_with_the_controller_and_fi
         "host-peer-4: peer-4..peer-6)" in output
     ), output
     assert "finished (max-rounds)" in output and "no container or network left" in output
-    assert_rounds_complete(run_dir, 4)
+    assert_rounds_complete(run_dir, MANY_ROUNDS)
     # Each peer connected with its own login (the broker's client id is the login), and its log holds its own lines.
     broker_log = (run_dir / "broker.log").read_text()
     for k in range(1, 7):
@@ -334,7 +337,7 @@ def test_three_bridged_brokers_in_containers_lose_the_controller_s_and_the_run_f
     login, six peers two to a container spread over them, every peer given every broker. `kill broker` takes the
     controller's: its peers move to another broker and the run finishes, every round once."""
     project, run_dir = "sdfl-test-brokers", tmp_path / "run"
-    flags = [*FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", "4"]
+    flags = [*FAST, "--train-samples", "300", "--test-samples", "100", "--max-rounds", str(MANY_ROUNDS)]
     proc = start(env, "--peers", "6", "--peers-per-process", "2", "--brokers", "3", "--run-dir", str(run_dir),
                  "--project", project, "--", *flags)  # fmt: skip
     try:
@@ -350,6 +353,7 @@ def test_three_bridged_brokers_in_containers_lose_the_controller_s_and_the_run_f
             return None if "no controller is connected" in killed.stderr else killed
 
         killed = wait_until(kill_the_controller_s_broker, 120, "the controller connected to a broker")
+        killed_at = time.time()
         assert killed.returncode == 0, killed.stdout + killed.stderr
         victim = re.search(r"sent SIGKILL to (broker-\d)", killed.stdout).group(1)
         output = finish(proc, 400)
@@ -358,7 +362,8 @@ def test_three_bridged_brokers_in_containers_lose_the_controller_s_and_the_run_f
             proc.kill()
         upsh(env, "down", "--project", project)
     assert proc.returncode == 0, output[-4000:]
-    assert_rounds_complete(run_dir, 4)
+    assert_rounds_complete(run_dir, MANY_ROUNDS)
+    assert float(rounds(run_dir)[-1]["finished_at"]) > killed_at, "the broker was killed after the run, not in it"
     chaos = read_csv(run_dir / "chaos.csv")
     assert [(c["action"], c["peer"], c["signal"]) for c in chaos] == [("kill", victim, "KILL")]
     moved = []
