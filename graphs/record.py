@@ -1,6 +1,7 @@
 """One run, one set of records: a recorder writes the whole run from the wire, on whichever machine runs it.
 
-    python -m graphs.record --broker HOST:PORT[,HOST:PORT...] --run-id ID --run-dir D [--secret-file F] [--tls-ca CA]
+    python -m graphs.record --broker HOST:PORT[,HOST:PORT...] [--every-broker] --run-id ID --run-dir D
+                            [--secret-file F] [--tls-ca CA]
     python -m graphs D            # draws it, however many machines the peers ran on
 
 It subscribes to the run's topics (a read-only login is enough: the observer's) and passes every publication
@@ -11,6 +12,11 @@ claim of each term: the one every peer follows), `peers/<id>/evaluations.csv` (e
 finish, `run.json`'s outcome. Times are the senders' (the envelope's `sent_at`). It follows the brokers of its list
 as a peer does, and stops at the run's finish (or Ctrl-C).
 
+Bridged brokers form a tree: when one is lost, the others are cut apart until their bridges form again (a second or
+two), and what is published meanwhile does not cross. The peers' protocol makes up for it (orders and answers are
+sent again), but a recorder on one broker would miss those messages for good. With `--every-broker` it listens on
+every broker of its list at once: a copy of every message comes from each, and the wire session drops the copies.
+
 What only the peers' machines know (their logs, data.json, status.json, chaos.csv, the checkpoint) stays there.
 """
 
@@ -19,13 +25,19 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import ssl
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peer.wire.envelope import Stamp
 from peer.wire.messages import Claim, Evaluation, Finish, Message, Metrics, Training
+
+if TYPE_CHECKING:
+    from peer.node.transport import MqttTransport
 
 FINISH_GRACE_S = 2.0  # after the finish, the last evaluations still on their way
 
@@ -105,9 +117,9 @@ def write(run_dir: Path, kind: str, row: dict) -> None:
         write_json(run_dir / RUN_FILE, row)
 
 
-def record(transport, inbox, run_dir: Path, stop_after: float | None = None) -> int:
-    """Write the run from `transport`'s publications until its finish (and FINISH_GRACE_S more) or `stop_after`
-    seconds; the number of rows written."""
+def record(events: queue.Queue, inbox, run_dir: Path, stop_after: float | None = None) -> int:
+    """Write the run from the publications its transports put on `events` until its finish (and FINISH_GRACE_S
+    more) or `stop_after` seconds; the number of rows written."""
     from peer.node.transport import BrokerRefused, Inbound
     from peer.wire.session import Delivered
 
@@ -116,7 +128,7 @@ def record(transport, inbox, run_dir: Path, stop_after: float | None = None) -> 
     deadline = None if stop_after is None else time.monotonic() + stop_after
     while (finish_at is None or time.monotonic() < finish_at) and (deadline is None or time.monotonic() < deadline):
         try:
-            event = transport.events.get(timeout=0.1)
+            event = events.get(timeout=0.1)
         except queue.Empty:
             continue
         if isinstance(event, BrokerRefused) and event.fatal:
@@ -133,6 +145,35 @@ def record(transport, inbox, run_dir: Path, stop_after: float | None = None) -> 
     return written
 
 
+def listeners(
+    brokers: Sequence[tuple[str, int]],
+    every_broker: bool,
+    subscription: str,
+    events: queue.Queue,
+    username: str | None = None,
+    password: str | None = None,
+    tls: Callable[[], ssl.SSLContext | None] = lambda: None,
+) -> list[MqttTransport]:
+    """The recorder's connections, all putting what they hear on `events`: one that follows `brokers` as a peer does,
+    or (`every_broker`) one on each broker (client ids told apart by a suffix; each its own TLS context)."""
+    from peer.node.transport import MqttTransport
+
+    name = f"recorder-{time.time_ns() & 0xFFFFFF:06x}"
+    lists = [[broker] for broker in brokers] if every_broker else [list(brokers)]
+    return [
+        MqttTransport(
+            listed,
+            f"{name}-{k}" if every_broker else name,
+            [(subscription, False)],
+            events,
+            username=username,
+            password=password,
+            tls=tls(),
+        )
+        for k, listed in enumerate(lists, 1)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m graphs.record", description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", required=True, metavar="HOST:PORT[,HOST:PORT...]")
@@ -146,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument(
+        "--every-broker",
+        action="store_true",
+        help="listen on every broker of the list at once, not on the first that answers: nothing published while "
+        "the bridges form again after a broker's loss is missed (a copy of every message from each broker)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=None, help="stop after this many seconds (default: the finish)"
     )
     args = parser.parse_args(argv)
 
     from peer.config import SettingsError, parse_brokers, read_secret_file, tls_context
-    from peer.node.transport import MqttTransport
     from peer.wire.envelope import Seal
     from peer.wire.session import Inbox
     from peer.wire.topics import Topics
@@ -159,30 +205,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         brokers = parse_brokers(args.broker)
         ca = args.tls_ca or (Path(os.environ["FL_TLS_CA"]) if os.environ.get("FL_TLS_CA") else None)
-        tls = tls_context(ca, args.tls_cert, args.tls_key)
+        tls_context(ca, args.tls_cert, args.tls_key)  # (checked here; each transport gets a context of its own)
         topics = Topics(args.topic_prefix, args.run_id)
         secret = read_secret_file(args.secret_file) if args.secret_file else os.environ.get("FL_SECRET", "").encode()
     except (SettingsError, ValueError) as err:
         parser.error(str(err))
     events: queue.Queue = queue.Queue()
-    transport = MqttTransport(
+    transports = listeners(
         brokers,
-        f"recorder-{time.time_ns() & 0xFFFFFF:06x}",
-        [(topics.subscription, False)],
+        args.every_broker,
+        topics.subscription,
         events,
         username=args.username or os.environ.get("FL_USERNAME"),
         password=args.password or os.environ.get("FL_PASSWORD"),
-        tls=tls,
+        tls=lambda: tls_context(ca, args.tls_cert, args.tls_key),
     )
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    transport.start(None)  # no Last Will: it is no peer (and its login may publish nothing)
-    print(f"graphs.record: recording run {args.run_id} into {args.run_dir}", flush=True)
+    for transport in transports:
+        transport.start(None)  # no Last Will: it is no peer (and its login may publish nothing)
+    on = f" on {len(brokers)} brokers at once" if args.every_broker else ""
+    print(f"graphs.record: recording run {args.run_id} into {args.run_dir}{on}", flush=True)
     try:
-        written = record(transport, Inbox("", topics, Seal(secret or None)), args.run_dir, args.timeout)
+        written = record(events, Inbox("", topics, Seal(secret or None)), args.run_dir, args.timeout)
     except KeyboardInterrupt:
         written = -1
     finally:
-        transport.close()
+        for transport in transports:
+            transport.close()
     done = "stopped" if written < 0 else f"{written} records written"
     print(f"graphs.record: {done}; draw them: python -m graphs {args.run_dir}", flush=True)
     return 0

@@ -516,9 +516,9 @@ def test_two_hosts_each_with_its_broker_bridged_over_tls_lose_one_and_the_record
         recorded = tmp_path / "recorded"
         observer = read_env_file(login / "observer.login")
         recorder = subprocess.Popen(
-            [sys.executable, "-m", "graphs.record", "--broker", f"{broker_b},{broker_a}", "--run-id", run_id,
-             "--run-dir", str(recorded), "--secret-file", str(login / "federation.secret"), "--tls-ca",
-             str(login / "ca.pem"), "--timeout", "600"],
+            [sys.executable, "-m", "graphs.record", "--broker", f"{broker_b},{broker_a}", "--every-broker",
+             "--run-id", run_id, "--run-dir", str(recorded), "--secret-file", str(login / "federation.secret"),
+             "--tls-ca", str(login / "ca.pem"), "--timeout", "600"],
             cwd=ROOT, env={**env, "FL_USERNAME": observer["FL_USERNAME"], "FL_PASSWORD": observer["FL_PASSWORD"]},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip

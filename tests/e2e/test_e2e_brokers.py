@@ -28,12 +28,13 @@ def training_order_sent(run_dir, round_: int) -> bool:
 
 
 def start_recorder(net: LocalNetwork, recorded) -> subprocess.Popen:
-    """python -m graphs.record on every broker (the last first), as the observer: its certificate names it (no
-    password), over TLS."""
+    """python -m graphs.record on every broker at once, as the observer: its certificate names it (no password), over
+    TLS. (On one broker it would miss what crosses no bridge while the bridges form again after the kill.)"""
     assert net.certs is not None and net.secret_file is not None
     brokers = ",".join(b.address for b in reversed(net.brokers))
-    cmd = [sys.executable, "-m", "graphs.record", "--broker", brokers, "--run-id", net.run_id, "--run-dir",
-           str(recorded), "--secret-file", str(net.secret_file), *net.tls_args(OBSERVER), "--timeout", "400"]  # fmt: skip
+    cmd = [sys.executable, "-m", "graphs.record", "--broker", brokers, "--every-broker", "--run-id", net.run_id,
+           "--run-dir", str(recorded), "--secret-file", str(net.secret_file), *net.tls_args(OBSERVER),
+           "--timeout", "400"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=net.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

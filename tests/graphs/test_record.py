@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from graphs.record import Transcript, record
+from graphs.record import Transcript, listeners, record
 from peer.node.transport import Connected, MqttTransport
 from peer.records.run_dir import read_elections, read_evaluations, read_rounds
 from peer.wire.envelope import Seal, Stamp
@@ -79,7 +79,7 @@ def test_the_recorder_writes_the_run_it_hears_and_ignores_what_a_peer_would(tmp_
             assert isinstance(sender_events.get(timeout=30), Connected)
             done: list[int] = []
             thread = threading.Thread(
-                target=lambda: done.append(record(listening, Inbox("", topics, Seal(SECRET)), tmp_path / "rec", 60))
+                target=lambda: done.append(record(events, Inbox("", topics, Seal(SECRET)), tmp_path / "rec", 60))
             )
             thread.start()
             outboxes = {}  # one process (incarnation) per sender, as peers are
@@ -102,3 +102,49 @@ def test_the_recorder_writes_the_run_it_hears_and_ignores_what_a_peer_would(tmp_
     assert [(e.term, e.controller, e.reason) for e in read_elections(tmp_path / "rec")] == [(1, "peer-2", "start")]
     assert [(e.round, e.accuracy, e.samples) for e in read_evaluations(tmp_path / "rec", "peer-3")] == [(1, 0.7, 200)]
     assert json.loads((tmp_path / "rec" / "run.json").read_text())["outcome"]["reason"] == "max-rounds"
+
+
+def test_on_every_broker_the_recorder_misses_nothing_that_crossed_no_bridge_and_records_copies_once(tmp_path):
+    """Two brokers not bridged at all (as two bridged ones are while their bridge forms again after a broker's loss):
+    each message reaches one of them only. On every broker the recorder hears both; a message published on both (a
+    copy, as a bridge delivers) is recorded once. On the first broker alone it misses half the run."""
+    topics = Topics("sd", "run-1")
+    with Broker() as first, Broker() as second:
+        ports = (first.port, second.port)
+        sender_events: queue.Queue = queue.Queue()
+        senders = [MqttTransport([("127.0.0.1", p)], f"sender-{p}", [], sender_events) for p in ports]
+        events: queue.Queue = queue.Queue()
+        every = listeners([("127.0.0.1", p) for p in ports], True, topics.subscription, events)
+        lone_events: queue.Queue = queue.Queue()
+        [lone] = listeners([("127.0.0.1", p) for p in ports], False, topics.subscription, lone_events)
+        try:
+            for transport in [*senders, *every, lone]:
+                transport.start(None)
+            for got in (sender_events, sender_events, events, events, lone_events):
+                assert isinstance(got.get(timeout=30), Connected)
+            done: dict[str, int] = {}
+            threads = [
+                threading.Thread(target=lambda: done.setdefault("every", record(events, Inbox("", topics, Seal(SECRET)), tmp_path / "every", 60))),
+                threading.Thread(target=lambda: done.setdefault("lone", record(lone_events, Inbox("", topics, Seal(SECRET)), tmp_path / "lone", 60))),
+            ]  # fmt: skip
+            for thread in threads:
+                thread.start()
+            outboxes = {}
+            for k, (message, _) in enumerate(messages()):
+                outbox = outboxes.setdefault(message.sender, Outbox(topics, Seal(SECRET), fresh_stamper()))
+                on = senders if isinstance(message, (Claim, Finish)) else [senders[k % 2]]
+                for frame in outbox.frames(message).frames:
+                    for sender in on:  # claims and the finish on both: the copy is dropped
+                        sender.publish(frame.topic, frame.payload).wait_for_publish(30)
+            for thread in threads:
+                thread.join(90)
+        finally:
+            for transport in [*senders, *every, lone]:
+                transport.close()
+    assert done["every"] == 5
+    assert [(e.term, e.controller) for e in read_elections(tmp_path / "every")] == [(1, "peer-2")]
+    assert [(r.round, r.accuracy) for r in read_rounds(tmp_path / "every")] == [(1, 0.6333)]
+    assert [(e.round, e.samples) for e in read_evaluations(tmp_path / "every", "peer-1")] == [(1, 100)]
+    assert [(e.round, e.samples) for e in read_evaluations(tmp_path / "every", "peer-3")] == [(1, 200)]
+    assert done["lone"] < 5  # (the evaluation of peer-3 went by on the second broker only)
+    assert read_evaluations(tmp_path / "lone", "peer-3") == []
