@@ -9,6 +9,7 @@ import pytest
 
 from peer.node.transport import Connected, Disconnected, Inbound, MqttTransport
 from scripts.localnet import Broker, find_mosquitto, free_port
+from tests.netutil import wait_until
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="needs the mosquitto broker")
 
@@ -31,13 +32,15 @@ def next_event(events: queue.Queue, kind: type, timeout: float = WAIT_S):
 
 def said_until_heard(sender: MqttTransport, topic: str, payload: bytes, events: queue.Queue) -> Inbound:
     """`sender` publishes `payload` every half second until an Inbound reaches `events` (which it returns)."""
-    for _ in range(int(WAIT_S / 0.5)):
+
+    def said_and_heard() -> Inbound | None:
         sender.publish(topic, payload)
         try:
             return next_event(events, Inbound, timeout=0.5)
         except AssertionError:
-            continue
-    raise AssertionError(f"nothing published on {topic} was heard within {WAIT_S} s")
+            return None
+
+    return wait_until(said_and_heard, WAIT_S, f"a publication on {topic} to be heard", interval=0)
 
 
 def transport(name: str, brokers: list[Broker | int]) -> tuple[MqttTransport, queue.Queue]:
